@@ -1,0 +1,80 @@
+"""The unpruned model every policy starts from: the user's weights, or one trained here.
+
+Without ``--weights`` the tool trains the baseline itself on the training split and caches
+the checkpoint under ``studies/cache/``, keyed by model, data, epochs and seed, so later runs
+(and resumed studies) reuse it instead of training again.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from search.data import Dataset
+from search.finetune import TrainSettings, train
+from search.models import build_model, load_weights, save_checkpoint
+from search.progress import NullReporter, Reporter
+
+__all__ = ["Baseline", "baseline_cache_path", "prepare_baseline"]
+
+
+@dataclass
+class Baseline:
+    model: nn.Module
+    model_name: str
+    weights: str
+    """The file the weights came from (or ``imagenet``)."""
+    sha256: str | None
+    """Hash of that file; ``export`` refuses to rebuild from a baseline that changed."""
+    trained_here: bool
+
+
+def baseline_cache_path(cache_dir: Path, model_name: str, data: Dataset, epochs: int, seed: int) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name)
+    return cache_dir / f"baseline-{safe}-{data.name}-{data.fingerprint}-e{epochs}-s{seed}.pt"
+
+
+def prepare_baseline(
+    model_name: str,
+    weights: str | None,
+    data: Dataset,
+    *,
+    cache_dir: Path,
+    epochs: int,
+    seed: int = 0,
+    reporter: Reporter | None = None,
+) -> Baseline:
+    """Build the baseline model with the given weights, or train (or reuse) one here."""
+    reporter = reporter or NullReporter()
+    model = build_model(model_name, data.num_classes)
+    if weights is not None:
+        loaded = load_weights(model, weights, model_name=model_name)
+        model.eval()
+        return Baseline(model, model_name, weights, loaded.sha256, trained_here=False)
+    path = baseline_cache_path(cache_dir, model_name, data, epochs, seed)
+    if path.exists():
+        loaded = load_weights(model, str(path), model_name=model_name)
+        reporter.info(f"Baseline: reusing {path} (trained earlier on this data)")
+        model.eval()
+        return Baseline(model, model_name, str(path), loaded.sha256, trained_here=True)
+    batch_size = 32
+    steps = epochs * math.ceil(len(data.train) / batch_size)
+    reporter.info(
+        f"Baseline: no --weights given, training {model_name} from scratch for {epochs} epochs "
+        f"({steps} steps) on {len(data.train)} {data.name} images"
+    )
+    settings = TrainSettings(steps=steps, batch_size=batch_size, lr=0.05, seed=seed, warmup_fraction=0.15)
+    result = train(model, data, settings, reporter=reporter, description="train baseline")
+    sha = save_checkpoint(
+        path, model, model_name=model_name, num_classes=data.num_classes,
+        meta={"epochs": epochs, "seed": seed, "data": data.name, "data_fingerprint": data.fingerprint,
+              "seconds": round(result.seconds, 1), "final_loss": result.final_loss},
+    )
+    reporter.info(f"Baseline: trained in {result.seconds:.0f} s, saved to {path}")
+    model.eval()
+    return Baseline(model, model_name, str(path), sha, trained_here=True)
+

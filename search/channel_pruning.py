@@ -1,0 +1,214 @@
+"""Apply a :class:`~search.policy.Policy` to a model: remove channels with torch-pruning.
+
+(Optuna "prunes" trials; here "pruning" always means removing channels.)
+
+torch-pruning's dependency graph groups every set of coupled channels: a conv's outputs with
+the BatchNorm after it and the inputs of the convs that read them, and for residual networks
+all the convs whose outputs meet in an addition. Each group is assigned to a stage of the
+space (by module-name prefix) and classified as *stream* (channels coupled across several
+convs by additions) or *inner* (a block's own channels); the policy's ratio for that stage
+and kind says how many channels go, its criterion says which. The classifier's outputs are
+never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from search.errors import UsageError
+from search.policy import Policy
+from search.space import SearchSpace, StageSpace
+
+__all__ = ["PrunedModel", "apply_policy", "architecture", "architecture_hash", "layer_channels"]
+
+
+@dataclass
+class PrunedModel:
+    model: nn.Module
+    channels: dict[str, int]
+    """Output channels (features for linear layers) of every conv and linear layer, by name."""
+    arch_hash: str
+    """Hash of the layer shapes: equal hashes mean equal latency, whatever the weights."""
+    history: list[Any]
+    """torch-pruning's pruning history (root layer, out-channels?, removed indices)."""
+    removed: dict[str, int]
+    """Channels removed per stage and kind, e.g. ``{"layer1.stream": 16}``."""
+
+
+def apply_policy(
+    model: nn.Module,
+    policy: Policy,
+    space: SearchSpace,
+    example_input: torch.Tensor,
+    *,
+    taylor_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> PrunedModel:
+    """Remove channels from ``model`` in place as ``policy`` says, and describe the result."""
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    names = {module: name for name, module in model.named_modules()}
+    _check_stages_match(space, names.values())
+    classifier = _last_linear(model)
+    if _uses(policy, "taylor"):
+        _accumulate_gradients(model, taylor_batches)
+    generator = torch.Generator().manual_seed(policy.seed)
+    removed: Counter[str] = Counter()
+    for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]):
+        outputs = _out_channel_layers(graph, group, names)
+        stage = _stage_of(outputs, space.stages)
+        if stage is None:
+            continue
+        kind = "stream" if sum(not _is_depthwise(m) for _, m in outputs) >= 2 else "inner"
+        choice = policy.stages.get(stage.name)
+        ratio = 0.0 if choice is None else getattr(choice, kind)
+        total = len(group[0].idxs)
+        keep = _channels_to_keep(total, ratio, policy.round_to)
+        if keep >= total:
+            continue
+        scores = _importance(choice.criterion, group, total, generator)
+        drop = torch.argsort(scores)[: total - keep].tolist()
+        group.prune(idxs=sorted(drop))
+        removed[f"{stage.name}.{kind}"] += total - keep
+    model.zero_grad(set_to_none=True)
+    channels = layer_channels(model)
+    return PrunedModel(
+        model=model,
+        channels=channels,
+        arch_hash=architecture_hash(model, tuple(example_input.shape[1:])),
+        history=graph.pruning_history(),
+        removed=dict(removed),
+    )
+
+
+def _channels_to_keep(total: int, ratio: float, round_to: int) -> int:
+    if ratio <= 0.0 or total <= round_to:
+        return total
+    keep = total - int(round(total * ratio))
+    keep = int(math.ceil(keep / round_to) * round_to)
+    return max(round_to, min(total, keep))
+
+
+_IMPORTANCE = {
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1, normalizer=None),
+    "l2": lambda: tp.importance.MagnitudeImportance(p=2, normalizer=None),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(normalizer=None),
+    "taylor": lambda: tp.importance.TaylorImportance(normalizer=None),
+}
+
+
+def _importance(criterion: str, group: Any, total: int, generator: torch.Generator) -> torch.Tensor:
+    if criterion == "random":
+        return torch.rand(total, generator=generator)
+    scores = _IMPORTANCE[criterion]()(group)
+    if scores is None:  # e.g. bn_scale on a group without BatchNorm: fall back to L1
+        scores = _IMPORTANCE["l1"]()(group)
+    return scores.detach().float().cpu()
+
+
+def _uses(policy: Policy, criterion: str) -> bool:
+    return any(
+        s.criterion == criterion and (s.stream > 0 or s.inner > 0) for s in policy.stages.values()
+    )
+
+
+def _accumulate_gradients(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None
+) -> None:
+    if batches is None:
+        raise ValueError("the taylor criterion needs training batches to compute gradients")
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        seen += 1
+    if seen == 0:
+        raise ValueError("the taylor criterion got no training batches")
+
+
+def _out_channel_layers(graph: Any, group: Any, names: dict[nn.Module, str]) -> list[tuple[str, nn.Module]]:
+    layers = []
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and graph.is_out_channel_pruning_fn(dep.handler):
+            layers.append((names.get(module, ""), module))
+    return layers
+
+
+def _in_stage(name: str, stage: StageSpace) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in stage.modules)
+
+
+def _stage_of(layers: list[tuple[str, nn.Module]], stages: tuple[StageSpace, ...]) -> StageSpace | None:
+    """The stage most of the group's output layers belong to (first one on a tie)."""
+    votes: Counter[str] = Counter()
+    for name, _ in layers:
+        for stage in stages:
+            if _in_stage(name, stage):
+                votes[stage.name] += 1
+                break
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(s for s in stages if votes.get(s.name) == best)
+
+
+def _check_stages_match(space: SearchSpace, names: Iterable[str]) -> None:
+    names = list(names)
+    for stage in space.stages:
+        if not any(_in_stage(n, stage) for n in names if n):
+            raise UsageError(
+                f"stage {stage.name!r} of space {space.path} matches no module of the model "
+                f"(prefixes {list(stage.modules)}); use a space written for this model (--space)"
+            )
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _last_linear(model: nn.Module) -> nn.Module | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def layer_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels of every conv and linear layer, by qualified name."""
+    channels = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            channels[name] = module.out_channels
+        elif isinstance(module, nn.Linear):
+            channels[name] = module.out_features
+    return channels
+
+
+def architecture(model: nn.Module) -> list[list[Any]]:
+    """Every layer with weights, as plain values that fix the model's cost."""
+    layers: list[list[Any]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            layers.append(
+                [name, "conv", module.in_channels, module.out_channels, list(module.kernel_size),
+                 list(module.stride), module.groups]
+            )
+        elif isinstance(module, nn.Linear):
+            layers.append([name, "linear", module.in_features, module.out_features])
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            layers.append([name, "bn", module.num_features])
+    return layers
+
+
+def architecture_hash(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    blob = json.dumps({"input": list(input_shape), "layers": architecture(model)})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

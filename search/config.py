@@ -1,0 +1,67 @@
+"""The resolved settings of a search, as typed values (the CLI builds them; nothing reads argv)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search.data import DataSpec
+
+__all__ = ["SearchConfig"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    budget_ms: float
+    """The CPU latency budget in milliseconds (batch 1, ``threads`` intra-op threads)."""
+    model: str = "resnet18"
+    """A torchvision architecture name (see ``search.models.KNOWN_MODELS``) or ``module:function``."""
+    weights: str | None = None
+    """A state_dict file, this tool's checkpoint, ``imagenet``, or None to train a baseline here."""
+    data: DataSpec = field(default_factory=lambda: DataSpec("digits"))
+    space: str | None = None
+    """A space file; None picks ``spaces/<family>.toml``."""
+    study: str | None = None
+    """Study name; None derives ``<model>-<data>-<budget>ms``."""
+    storage: str | None = None
+    """A SQLAlchemy URL; None is ``sqlite:///studies/<study>.db``."""
+    trials: int = 12
+    """Finished trials the study should have; a rerun resumes until there are this many."""
+    timeout: float | None = None
+    """Stop starting new trials after this many seconds."""
+    seed: int = 0
+    threads: int = 1
+    """ONNX Runtime intra-op threads for latency measurements."""
+    finetune_steps: int = 20
+    finetune_batch: int = 32
+    finetune_lr: float = 0.01
+    distill: float = 0.0
+    """Weight of distillation from the unpruned model in the brief fine-tune (0 = off)."""
+    bn_batches: int = 8
+    """Training batches used to recalibrate BatchNorm statistics after pruning."""
+    baseline_epochs: int = 2
+    """Epochs to train a baseline when no ``weights`` are given."""
+    precision: str = "auto"
+    """Training arithmetic: auto (bf16 where the CPU has it natively), bf16 or fp32."""
+    studies_dir: str = "studies"
+
+    def __post_init__(self) -> None:
+        if not self.budget_ms > 0:
+            raise ValueError("budget_ms must be positive")
+
+    @property
+    def study_name(self) -> str:
+        if self.study:
+            return self.study
+        data = self.data.source.split(":", 1)[0]
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
+        return f"{model}-{data}-{self.budget_ms:g}ms"
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.studies_dir) / self.study_name}.db"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,167 @@
+"""Training loops: BatchNorm recalibration, brief fine-tuning (optionally distilled), baselines.
+
+All training uses channels_last, and bf16 autocast only where the CPU computes bf16 natively
+(elsewhere it is emulated and an order of magnitude slower).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.data import Dataset
+from search.hardware import supports_bf16
+from search.progress import NullReporter, Reporter
+
+__all__ = ["FinetuneResult", "TrainSettings", "recalibrate_batchnorm", "train"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    """Optimizer steps."""
+    batch_size: int = 32
+    lr: float = 0.01
+    """Peak learning rate (SGD, Nesterov momentum 0.9); warm-up then cosine decay to zero."""
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.1
+    distill: float = 0.0
+    """Weight of distillation from the unpruned model (0 = cross-entropy only, 1 = only KD)."""
+    temperature: float = 4.0
+    precision: str = "auto"
+    """``auto`` (bf16 autocast where the CPU has native bf16), ``bf16`` or ``fp32``."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError("distill must be in [0, 1]")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError("precision must be auto, bf16 or fp32")
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and supports_bf16())
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    steps: int
+    seconds: float
+    images_per_second: float
+    final_loss: float
+
+
+def _forever(data: Dataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for epoch in itertools.count():
+        yield from data.batches("train", batch_size, shuffle=True, augment=True, seed=seed + epoch)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, data: Dataset, *, batches: int = 8, batch_size: int = 32, seed: int = 0
+) -> None:
+    """Re-estimate BatchNorm running statistics on training batches (no weight changes).
+
+    After channels are removed, the statistics the remaining BatchNorms saw no longer match
+    their inputs; a few forward passes in train mode with cumulative averaging fix that.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches below
+    model.train()
+    model = model.to(memory_format=torch.channels_last)
+    stream = data.batches("train", batch_size, shuffle=True, augment=False, seed=seed)
+    for x, _ in itertools.islice(stream, batches):
+        model(x.contiguous(memory_format=torch.channels_last))
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    settings: TrainSettings,
+    *,
+    teacher: nn.Module | None = None,
+    reporter: Reporter | None = None,
+    description: str = "fine-tune",
+) -> FinetuneResult:
+    """Train ``model`` for ``settings.steps`` SGD steps on the training split."""
+    reporter = reporter or NullReporter()
+    if settings.steps == 0:
+        return FinetuneResult(0, 0.0, 0.0, float("nan"))
+    torch.manual_seed(settings.seed)
+    model.train()
+    model = model.to(memory_format=torch.channels_last)
+    if teacher is not None and settings.distill > 0:
+        teacher.eval()
+        teacher = teacher.to(memory_format=torch.channels_last)
+    else:
+        teacher = None
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, momentum=0.9, nesterov=True,
+    )
+    warmup = max(1, int(settings.steps * settings.warmup_fraction))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, settings.steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    stream = _forever(data, settings.batch_size, settings.seed)
+    start = time.perf_counter()
+    images = 0
+    loss_value = float("nan")
+    with reporter.task(description, settings.steps) as task:
+        for _ in range(settings.steps):
+            x, y = next(stream)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.use_bf16):
+                logits = model(x)
+                loss = _loss(logits, y, x, teacher, settings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            images += len(y)
+            loss_value = float(loss.detach())
+            elapsed = time.perf_counter() - start
+            task.advance(1, loss=loss_value, img_s=images / max(elapsed, 1e-9))
+    model.eval()
+    seconds = time.perf_counter() - start
+    return FinetuneResult(settings.steps, seconds, images / max(seconds, 1e-9), loss_value)
+
+
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher: nn.Module | None, settings: TrainSettings
+) -> torch.Tensor:
+    hard = F.cross_entropy(logits.float(), y, label_smoothing=0.1 if teacher is None else 0.0)
+    if teacher is None:
+        return hard
+    with torch.no_grad():
+        target = teacher(x).float()
+    t = settings.temperature
+    soft = F.kl_div(
+        F.log_softmax(logits.float() / t, dim=1), F.softmax(target / t, dim=1), reduction="batchmean"
+    ) * (t * t)
+    return settings.distill * soft + (1.0 - settings.distill) * hard

@@ -1,0 +1,148 @@
+"""Measured CPU latency in ONNX Runtime: batch 1, a fixed number of intra-op threads.
+
+Latency is always measured, never estimated. Timing follows the usual discipline: export,
+warm up, then time in rounds until the median stops moving (or a time cap is reached), and
+report median and p90. Because this kind of machine drifts by 10-15% between runs minutes
+apart, a candidate can be timed *interleaved* with a reference model (the unpruned baseline):
+one run of each in turn, so both see the same machine state, and their ratio is what the
+budget is judged on.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+__all__ = ["Latency", "LatencySettings", "export_onnx", "measure", "open_session"]
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    threads: int = 1
+    """ONNX Runtime intra-op threads (the deployment target's, usually 1 on edge CPUs)."""
+    warmup: int = 10
+    """Untimed runs per model before timing starts."""
+    round_size: int = 10
+    """Timed runs per model in one round; rounds repeat until the median is stable."""
+    min_rounds: int = 3
+    tolerance: float = 0.02
+    """The median is stable when a new round moves it by less than this fraction."""
+    max_seconds: float = 30.0
+    """Stop adding rounds after this long, stable or not (the result says which)."""
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p90_ms: float
+    runs: int
+    stable: bool
+    reference_median_ms: float | None = None
+    """The reference model's median, timed interleaved with this one."""
+    reference_p90_ms: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """This model's median over the interleaved reference's median (drift cancels out)."""
+        if self.reference_median_ms is None:
+            return None
+        return self.median_ms / self.reference_median_ms
+
+
+def export_onnx(
+    model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = False
+) -> bytes:
+    """The model as an ONNX file's bytes (opset 17, input ``input``, output ``logits``)."""
+    model = model.eval()
+    buffer = io.BytesIO()
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example_input,),
+            buffer,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def open_session(onnx_model: bytes | str, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads and full graph optimisation."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+
+
+def _runner(session: ort.InferenceSession, shape: tuple[int, ...]):  # noqa: ANN202
+    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+
+    def run() -> float:
+        start = time.perf_counter()
+        session.run(None, feed)
+        return (time.perf_counter() - start) * 1000.0
+
+    return run
+
+
+def measure(
+    onnx_model: bytes | str,
+    input_shape: tuple[int, ...],
+    settings: LatencySettings,
+    *,
+    reference: bytes | str | None = None,
+) -> Latency:
+    """Time ``onnx_model`` (and, interleaved, ``reference``) on inputs of ``input_shape``."""
+    candidate = _runner(open_session(onnx_model, settings.threads), input_shape)
+    ref = _runner(open_session(reference, settings.threads), input_shape) if reference is not None else None
+    for _ in range(settings.warmup):
+        candidate()
+        if ref is not None:
+            ref()
+    times: list[float] = []
+    ref_times: list[float] = []
+    medians: list[float] = []
+    stable = False
+    start = time.perf_counter()
+    while True:
+        for _ in range(settings.round_size):
+            times.append(candidate())
+            if ref is not None:
+                ref_times.append(ref())
+        value = statistics.median(times)
+        if ref is not None:
+            value /= statistics.median(ref_times)
+        medians.append(value)
+        if len(medians) >= settings.min_rounds:
+            recent = medians[-2:]
+            stable = abs(recent[1] - recent[0]) <= settings.tolerance * recent[0]
+            if stable or time.perf_counter() - start > settings.max_seconds:
+                break
+    return Latency(
+        median_ms=statistics.median(times),
+        p90_ms=float(np.percentile(times, 90)),
+        runs=len(times),
+        stable=stable,
+        reference_median_ms=statistics.median(ref_times) if ref_times else None,
+        reference_p90_ms=float(np.percentile(ref_times, 90)) if ref_times else None,
+    )

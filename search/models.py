@@ -1,0 +1,625 @@
+"""Build the models a study searches over, and load the weights users bring for them.
+
+A model is named either by a key of :data:`KNOWN_MODELS` (torchvision architectures, plus
+``*_cifar`` small-input variants of the ResNets with a 3×3 stride-1 ``conv1`` and no max-pool)
+or as ``package.module:function``, an importable factory returning an ``nn.Module``.
+
+Weights come from a file (a plain state_dict, the same saved from ``nn.DataParallel``, the
+``{"state_dict": ...}`` wrappers of common training scripts, or this tool's own checkpoint,
+see :func:`save_checkpoint`) or are torchvision's published ImageNet weights (``"imagenet"``),
+which must already be in the torch hub cache: nothing is downloaded. Every file is read with
+``torch.load(weights_only=True)``, and weights that don't fit the model are refused with a
+:class:`~search.errors.UsageError` naming the mismatching layers and their shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+import pickle
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from search.errors import UsageError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "KNOWN_MODELS",
+    "LoadedWeights",
+    "ModelSpec",
+    "build_model",
+    "classifier_name",
+    "file_sha256",
+    "load_weights",
+    "model_family",
+    "read_checkpoint_meta",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "prune-search/checkpoint"
+CHECKPOINT_VERSION = 1
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+"""Keys under which training scripts commonly store the state_dict in a checkpoint dict."""
+
+_STRIPPABLE_PREFIXES = ("module.", "_orig_mod.")
+"""Prefixes added by ``nn.DataParallel``/``DistributedDataParallel`` and ``torch.compile``."""
+
+_MAX_LISTED = 3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A known model: the torchvision architecture and whether it gets the small-input stem."""
+
+    arch: str
+    small_input: bool = False
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    "resnet18": ModelSpec("resnet18"),
+    "resnet34": ModelSpec("resnet34"),
+    "resnet50": ModelSpec("resnet50"),
+    "mobilenet_v2": ModelSpec("mobilenet_v2"),
+    "resnet18_cifar": ModelSpec("resnet18", small_input=True),
+    "resnet34_cifar": ModelSpec("resnet34", small_input=True),
+    "resnet50_cifar": ModelSpec("resnet50", small_input=True),
+}
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """Where the weights loaded into a model came from."""
+
+    source: str
+    """The path as given, or ``"imagenet"``."""
+    kind: str
+    """``"state_dict"`` (including training-script wrappers), ``"checkpoint"`` or ``"imagenet"``."""
+    sha256: str | None
+    """SHA-256 of the file read (for ``"imagenet"``, of the file in the torch hub cache)."""
+    stripped_prefix: str | None
+    """The key prefix removed from every key (``"module."`` for DataParallel), if any."""
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model ``name`` with ``num_classes`` outputs."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    spec = KNOWN_MODELS.get(name)
+    if spec is not None:
+        return _build_known(spec, num_classes)
+    if ":" in name:
+        return _build_custom(name, num_classes)
+    raise UsageError(
+        f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}, "
+        "or give a factory as package.module:function"
+    )
+
+
+def model_family(name: str) -> str | None:
+    """The torchvision architecture behind ``name`` (``resnet18_cifar`` → ``resnet18``)."""
+    spec = KNOWN_MODELS.get(name)
+    return spec.arch if spec is not None else None
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Qualified name of the model's final ``nn.Linear`` (``"fc"``, ``"classifier.1"``)."""
+    name = _find_classifier(model)
+    if name is None:
+        raise UsageError(
+            f"the model ({type(model).__name__}) has no nn.Linear layer; "
+            "its classifier must be an nn.Linear"
+        )
+    return name
+
+
+def _find_classifier(model: nn.Module) -> str | None:
+    """Name of the last registered ``nn.Linear``, or None when there is none."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = name
+    return found
+
+
+def _build_known(spec: ModelSpec, num_classes: int) -> nn.Module:
+    """A torchvision model, with the small-input stem when the spec asks for it."""
+    model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes)
+    if spec.small_input:
+        _use_small_input_stem(model)
+    return model
+
+
+def _use_small_input_stem(model: nn.Module) -> None:
+    """Replace a ResNet's 7×7 stride-2 conv1 and max-pool for 32×32 inputs."""
+    conv = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1 = conv
+    model.maxpool = nn.Identity()
+
+
+def _build_custom(name: str, num_classes: int) -> nn.Module:
+    """Import ``package.module:function`` and call it to get the model."""
+    factory = _import_factory(name)
+    if _accepts_num_classes(factory):
+        model = factory(num_classes=num_classes)
+    else:
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _import_factory(name: str) -> Callable[..., Any]:
+    """The callable named by ``package.module:function`` (dotted attributes allowed)."""
+    module_name, _, attr_path = name.partition(":")
+    if not module_name or not attr_path or ":" in attr_path:
+        raise UsageError(f"model {name!r} is not of the form package.module:function")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(
+            f"cannot import module {module_name!r} for model {name}: "
+            f"{type(error).__name__}: {error}{_import_hint(module_name, error)}"
+        ) from error
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError as error:
+            raise UsageError(
+                f"cannot find {attr_path!r} in module {module_name!r} for model {name}: "
+                f"AttributeError: {error}"
+            ) from error
+    if not callable(target):
+        raise UsageError(f"{name} is a {type(target).__name__}, not a function returning a model")
+    return target
+
+
+def _import_hint(module_name: str, error: ImportError) -> str:
+    """A hint for the usual reasons a user's model module does not import."""
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        return " (give the module's import name, e.g. mypkg.models:net, not a file path)"
+    if isinstance(error, ModuleNotFoundError) and error.name == module_name.split(".")[0]:
+        return " (is its directory on PYTHONPATH?)"
+    return ""
+
+
+def _accepts_num_classes(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory(num_classes=...)`` is a valid call."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return True
+        if parameter.name == "num_classes" and parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_weights(model: nn.Module, source: str, *, model_name: str) -> LoadedWeights:
+    """Load ``source`` (a weights file or ``"imagenet"``) into ``model`` after checking the fit."""
+    if source == "imagenet":
+        return _load_imagenet(model, model_name)
+    path = _existing_file(source)
+    obj = _torch_load(path, source)
+    state, kind, saved_for = _unwrap(obj, source)
+    state, prefix = _strip_prefix(state, model)
+    _check_fits(model, state, f"weights {source}", model_name, saved_for)
+    _load_strict(model, state, f"weights {source}")
+    return LoadedWeights(
+        source=source, kind=kind, sha256=file_sha256(path), stripped_prefix=prefix
+    )
+
+
+def _load_imagenet(model: nn.Module, model_name: str) -> LoadedWeights:
+    """Load torchvision's published weights for ``model_name`` from the torch hub cache."""
+    weights = _imagenet_weights(model_name)
+    arch = model_family(model_name)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.isfile(cached):
+        raise UsageError(
+            f"torchvision's ImageNet weights for {arch} are not in the torch hub cache "
+            f"({cached}) and cannot be downloaded here; copy the file there or pass --weights PATH"
+        )
+    described = f"torchvision's ImageNet weights for {arch} ({cached})"
+    try:
+        state = weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged cache file is the user's to replace
+        raise UsageError(
+            f"cannot read {described}: {_reason(error)}; replace the file or pass --weights PATH"
+        ) from error
+    state = _as_state_dict(state, described)
+    _check_fits(model, state, described, model_name, None)
+    _load_strict(model, state, described)
+    return LoadedWeights(
+        source="imagenet", kind="imagenet", sha256=file_sha256(cached), stripped_prefix=None
+    )
+
+
+def _imagenet_weights(model_name: str) -> Any:
+    """torchvision's default weights enum member for a known, full-size model."""
+    spec = KNOWN_MODELS.get(model_name)
+    if spec is None:
+        plain = ", ".join(name for name, s in KNOWN_MODELS.items() if not s.small_input)
+        raise UsageError(
+            f"ImageNet weights exist only for torchvision models ({plain}), not {model_name}; "
+            "pass --weights PATH"
+        )
+    if spec.small_input:
+        raise UsageError(
+            f"torchvision's ImageNet weights are for {spec.arch}'s 7×7 stem and do not fit "
+            f"{model_name}'s 3×3 small-input stem; use --model {spec.arch} or pass --weights PATH"
+        )
+    return torchvision.models.get_model_weights(spec.arch).DEFAULT
+
+
+def _existing_file(source: str) -> Path:
+    """``source`` as a path to an existing regular file, or a UsageError."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UsageError(f"weights file {source} does not exist")
+    if not path.is_file():
+        raise UsageError(f"weights {source} is not a file")
+    return path
+
+
+def _torch_load(path: Path, source: str) -> Any:
+    """``torch.load(weights_only=True)`` with failures explained in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" in str(error).lower():
+            raise UsageError(_not_weights_only_message(source, str(error))) from error
+        raise UsageError(_unreadable_message(source, error)) from error
+    except Exception as error:  # whatever a damaged or foreign file makes torch.load raise
+        raise UsageError(_unreadable_message(source, error)) from error
+
+
+def _not_weights_only_message(source: str, detail: str) -> str:
+    """Why a pickle that needs ``weights_only=False`` is refused, and what to save instead."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
+    holding = f" (it holds {found.group(1)})" if found else ""
+    return (
+        f"weights {source} are a pickle that can only be read with weights_only=False{holding}; "
+        "only state_dicts (torch.save(model.state_dict(), path)), the usual "
+        "{'state_dict': ...} checkpoint dicts and this tool's checkpoints are accepted"
+    )
+
+
+def _unreadable_message(source: str, error: Exception) -> str:
+    """A one-line explanation that torch.load could not read the file."""
+    reason = _reason(error)
+    return f"weights {source} cannot be read by torch.load ({reason}); is it a PyTorch file?"
+
+
+def _reason(error: BaseException) -> str:
+    """``Type: first line of the message``, short enough for one line."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > 200:
+        first = first[:200] + "…"
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _unwrap(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], str, str | None]:
+    """The state_dict inside a loaded file, its kind, and the model name it was saved for."""
+    if not isinstance(obj, Mapping):
+        raise UsageError(
+            f"weights {source} hold a {type(obj).__name__}, not a state_dict or checkpoint dict"
+        )
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        return _unwrap_checkpoint(obj, source)
+    if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
+        return _as_state_dict(obj, f"weights {source}"), "state_dict", None
+    for key in _WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner:
+            return _as_state_dict(inner, f"weights {source}[{key!r}]"), "state_dict", None
+    keys = ", ".join(repr(key) for key in list(obj)[:5]) or "none"
+    raise UsageError(
+        f"weights {source} are a dict (keys: {keys}) that is neither a state_dict nor a "
+        f"checkpoint with a {' / '.join(repr(k) for k in _WRAPPER_KEYS)} entry"
+    )
+
+
+def _unwrap_checkpoint(
+    obj: Mapping[str, Any], source: str
+) -> tuple[dict[str, torch.Tensor], str, str | None]:
+    """The state_dict of this tool's checkpoint, after checking its version."""
+    version = obj.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise UsageError(
+            f"checkpoint {source} has format version {version!r}, but this tool reads version "
+            f"{CHECKPOINT_VERSION}; it was written by a newer version of the tool"
+        )
+    state = _as_state_dict(obj.get("state_dict"), f"checkpoint {source}")
+    saved_for = obj.get("model_name")
+    return state, "checkpoint", saved_for if isinstance(saved_for, str) else None
+
+
+def _as_state_dict(obj: Any, described: str) -> dict[str, torch.Tensor]:
+    """``obj`` if it is a non-empty mapping of names to tensors, else a UsageError."""
+    if not isinstance(obj, Mapping) or not obj:
+        raise UsageError(f"{described} hold no state_dict (found {type(obj).__name__})")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UsageError(
+                f"{described} are not a state_dict: entry {key!r} is a {type(value).__name__}, "
+                "not a tensor"
+            )
+    return obj if isinstance(obj, dict) else dict(obj)
+
+
+def _strip_prefix(
+    state: dict[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Remove DataParallel's ``module.`` (or torch.compile's) prefix when every key has it."""
+    model_keys = model.state_dict().keys()
+    stripped = ""
+    for prefix in _STRIPPABLE_PREFIXES:
+        if all(key.startswith(prefix) for key in state) and not all(
+            key.startswith(prefix) for key in model_keys
+        ):
+            state = OrderedDict((key[len(prefix) :], value) for key, value in state.items())
+            stripped += prefix
+    return state, stripped or None
+
+
+def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], described: str) -> None:
+    """``load_state_dict(strict=True)``; the checks before it should make this never fail."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UsageError(f"{described} cannot be loaded: {_reason(error)}") from error
+
+
+# --------------------------------------------------------------------------- fit checks
+
+
+@dataclass
+class _Mismatch:
+    """How a state_dict differs from a model's: shapes, missing and unexpected keys."""
+
+    shapes: list[tuple[str, torch.Size, torch.Size]]
+    missing: list[tuple[str, torch.Size]]
+    unexpected: list[tuple[str, torch.Size]]
+
+    def __bool__(self) -> bool:
+        return bool(self.shapes or self.missing or self.unexpected)
+
+
+def _compare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> _Mismatch:
+    """Differences between the file's tensors and the model's expected shapes."""
+    shapes = [
+        (key, state[key].shape, shape)
+        for key, shape in expected.items()
+        if key in state and state[key].shape != shape
+    ]
+    missing = [
+        (key, shape)
+        for key, shape in expected.items()
+        if key not in state and not key.endswith("num_batches_tracked")
+    ]
+    unexpected = [(key, value.shape) for key, value in state.items() if key not in expected]
+    return _Mismatch(shapes, missing, unexpected)
+
+
+def _check_fits(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    described: str,
+    model_name: str,
+    saved_for: str | None,
+) -> None:
+    """Raise a UsageError naming how ``state`` does not fit ``model``; fill BN counters."""
+    model_state = model.state_dict()
+    expected = {key: value.shape for key, value in model_state.items()}
+    mismatch = _compare(state, expected)
+    classes = _class_counts(model, state)
+    if classes is not None:
+        in_file, in_model = classes
+        clf = _find_classifier(model)
+        others = _without_prefix(mismatch, f"{clf}.")
+        besides = f" (they don't fit {model_name} otherwise either: {_describe(others)})"
+        raise UsageError(
+            f"{described} have {in_file} output classes but the data has {in_model} classes; "
+            f"pass weights trained for these {in_model} classes{besides if others else ''}"
+        )
+    if mismatch:
+        raise UsageError(
+            f"{described} don't fit {model_name}: {_describe(mismatch, model_name)}"
+            + _guess_hint(state, mismatch, model_name, saved_for)
+        )
+    for key, value in model_state.items():
+        if key not in state:  # only BatchNorm's num_batches_tracked gets here
+            state[key] = value
+
+
+def _class_counts(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(classes in the file, classes of the model) when the classifier's outputs differ."""
+    clf = _find_classifier(model)
+    if clf is None:
+        return None
+    key = f"{clf}.weight"
+    weight = state.get(key)
+    own = model.state_dict()[key]
+    if weight is None or weight.dim() != 2 or weight.shape[0] == own.shape[0]:
+        return None
+    return int(weight.shape[0]), int(own.shape[0])
+
+
+def _without_prefix(mismatch: _Mismatch, prefix: str) -> _Mismatch:
+    """The mismatch without entries under ``prefix`` (the classifier, reported apart)."""
+    return _Mismatch(
+        [entry for entry in mismatch.shapes if not entry[0].startswith(prefix)],
+        [entry for entry in mismatch.missing if not entry[0].startswith(prefix)],
+        [entry for entry in mismatch.unexpected if not entry[0].startswith(prefix)],
+    )
+
+
+def _describe(mismatch: _Mismatch, model_name: str | None = None) -> str:
+    """``conv1.weight is [..] in the file but [..] in the model (hint); missing: ...``."""
+    parts = []
+    if mismatch.shapes:
+        parts.append(", ".join(
+            f"{key} is {_shape(found)} in the file but {_shape(wanted)} in the model"
+            + _stem_hint(key, found, wanted, model_name)
+            for key, found, wanted in mismatch.shapes[:_MAX_LISTED]
+        ) + _more(mismatch.shapes))
+    for label, entries in (("missing", mismatch.missing), ("unexpected", mismatch.unexpected)):
+        if entries:
+            listed = ", ".join(f"{key} {_shape(shape)}" for key, shape in entries[:_MAX_LISTED])
+            parts.append(f"{label}: {listed}{_more(entries)}")
+    return "; ".join(parts)
+
+
+def _more(entries: Sequence[Any]) -> str:
+    """`` (and N more)`` when a list was cut short."""
+    extra = len(entries) - _MAX_LISTED
+    return f" (and {extra} more)" if extra > 0 else ""
+
+
+def _shape(shape: torch.Size) -> str:
+    """``[64,3,7,7]``."""
+    return "[" + ",".join(str(size) for size in shape) + "]"
+
+
+def _stem_hint(key: str, found: torch.Size, wanted: torch.Size, model_name: str | None) -> str:
+    """Point at the other stem when a ResNet's conv1 is 3×3 in one and 7×7 in the other."""
+    family = model_family(model_name) if model_name else None
+    if key != "conv1.weight" or family is None or len(found) != 4 or len(wanted) != 4:
+        return ""
+    cifar = f"{family}_cifar"
+    if tuple(found[2:]) == (3, 3) and tuple(wanted[2:]) == (7, 7) and cifar in KNOWN_MODELS:
+        return f" (a small-input variant? try --model {cifar})"
+    if tuple(found[2:]) == (7, 7) and tuple(wanted[2:]) == (3, 3):
+        return f" (ImageNet-style 7×7 stem? try --model {family})"
+    return ""
+
+
+def _guess_hint(
+    state: Mapping[str, torch.Tensor], mismatch: _Mismatch, model_name: str, saved_for: str | None
+) -> str:
+    """``; they look like resnet34 weights: try --model resnet34`` when that is clear."""
+    if any(_stem_hint(key, found, wanted, model_name) for key, found, wanted in mismatch.shapes):
+        return ""
+    guess = saved_for if saved_for and saved_for != model_name else _matching_known_model(state)
+    if guess is None or guess == model_name:
+        return ""
+    return f"; they look like {guess} weights: try --model {guess}"
+
+
+def _matching_known_model(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The known model whose layers ``state`` fits exactly (any class count), if one does."""
+    for name in KNOWN_MODELS:
+        with torch.device("meta"):
+            candidate = build_model(name, 1)
+        clf = _find_classifier(candidate)
+        weight = state.get(f"{clf}.weight")
+        if weight is None or weight.dim() != 2:
+            continue
+        expected = {key: value.shape for key, value in candidate.state_dict().items()}
+        for key in (f"{clf}.weight", f"{clf}.bias"):
+            if key in expected:
+                expected[key] = torch.Size((weight.shape[0], *expected[key][1:]))
+        if not _compare(state, expected):
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module, *, model_name: str, num_classes: int, meta: dict
+) -> str:
+    """Write this tool's checkpoint atomically; return the file's SHA-256.
+
+    ``meta`` must hold only str/int/float/bool/None in dicts (str keys), lists and tuples,
+    so that :func:`read_checkpoint_meta` can read it back with ``weights_only=True``.
+    """
+    _check_plain(meta, "meta")
+    state = OrderedDict((key, value.detach().cpu()) for key, value in model.state_dict().items())
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_name": model_name,
+        "num_classes": num_classes,
+        "state_dict": state,
+        "meta": meta,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "xb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        digest = file_sha256(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` is plain data that ``weights_only`` loading accepts."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a non-string key {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; checkpoint meta must be plain data")
+
+
+def read_checkpoint_meta(path: str | Path) -> dict | None:
+    """The ``meta`` of this tool's checkpoint, or None when the file is anything else."""
+    source = str(path)
+    obj = _torch_load(_existing_file(source), source)
+    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
+        return None
+    meta = obj.get("meta")
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

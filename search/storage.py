@@ -1,0 +1,51 @@
+"""Opening study storage from a SQLAlchemy URL, with one-line errors for unusable URLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+from search.errors import UsageError
+
+__all__ = ["default_storage_url", "load_existing", "open_storage"]
+
+HEARTBEAT_SECONDS = 60
+"""A running trial whose worker has not sent a heartbeat for 2x this long is marked failed."""
+
+
+def default_storage_url(studies_dir: Path, study: str) -> str:
+    return f"sqlite:///{studies_dir / study}.db"
+
+
+def open_storage(url: str) -> RDBStorage:
+    """An Optuna RDB storage for ``url``, with heartbeats so a killed worker's trial is retried once."""
+    if "://" not in url:
+        raise UsageError(f"storage {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/name.db")
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if str(path) and path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=2 * HEARTBEAT_SECONDS,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        )
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"storage {url!r} needs the database driver {exc.name!r}; pip install it") from None
+    except Exception as exc:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot open storage {url!r}: {reason}") from None
+
+
+def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
+    """The study called ``name`` if it exists in ``storage``, else None."""
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name not in names:
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+

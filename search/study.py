@@ -1,0 +1,311 @@
+"""The search: an Optuna study over pruning policies, created once and resumed by reruns.
+
+Creating a study measures the unpruned model's latency (the study's reference for every
+drift-corrected latency), checks that the budget is reachable at all, and enqueues the
+unpruned model and the space's uniform recipes so every study contains them. Rerunning the
+same command finds the study in its storage and goes on until it has ``trials`` trials.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.baseline import Baseline, prepare_baseline
+from search.channel_pruning import apply_policy
+from search.config import SearchConfig
+from search.data import Dataset, load_dataset
+from search.errors import UsageError
+from search.evaluate import top1
+from search.finetune import TrainSettings
+from search.hardware import fingerprint, git_revision, package_versions
+from search.latency import LatencySettings, export_onnx, measure
+from search.models import model_family
+from search.progress import NullReporter, Reporter
+from search.space import SearchSpace, default_space_path, load_space
+from search.storage import load_existing, open_storage
+from search.trial import TrialContext, run_trial
+
+__all__ = ["SearchResult", "run_search", "settings_that_must_match"]
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported through the Reporter
+warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    budget_ms: float
+    baseline_latency_ms: float
+    baseline_accuracy: float
+    ran: int
+    """Trials run by this invocation."""
+    interrupted: bool = False
+
+
+def settings_that_must_match(config: SearchConfig, data: Dataset, space: SearchSpace, baseline: Baseline) -> dict[str, Any]:
+    """What a resumed study must share with the run that created it, or its numbers mix."""
+    return {
+        "budget_ms": config.budget_ms,
+        "model": config.model,
+        "baseline_sha256": baseline.sha256,
+        "data_fingerprint": data.fingerprint,
+        "input_size": data.input_size,
+        "space_sha256": hashlib.sha256(Path(space.path).read_bytes()).hexdigest()[:16],
+        "threads": config.threads,
+        "finetune_steps": config.finetune_steps,
+        "finetune_batch": config.finetune_batch,
+        "finetune_lr": config.finetune_lr,
+        "distill": config.distill,
+        "bn_batches": config.bn_batches,
+    }
+
+
+_FLAGS = {
+    "budget_ms": "--budget-ms", "model": "--model", "baseline_sha256": "--weights",
+    "data_fingerprint": "--data", "input_size": "--input-size", "space_sha256": "--space (its contents)",
+    "threads": "--threads", "finetune_steps": "--finetune-steps", "finetune_batch": "--finetune-batch",
+    "finetune_lr": "--finetune-lr", "distill": "--distill", "bn_batches": "--bn-batches",
+}
+
+
+def run_search(config: SearchConfig, reporter: Reporter | None = None) -> SearchResult:
+    """Create or resume the study ``config`` names and run trials until it has enough."""
+    reporter = reporter or NullReporter()
+    storage = open_storage(config.storage_url)
+    data = load_dataset(config.data, reporter)
+    space = load_space(config.space or default_space_path(model_family(config.model)))
+    studies_dir = Path(config.studies_dir)
+    baseline = prepare_baseline(
+        config.model, config.weights, data, cache_dir=studies_dir / "cache",
+        epochs=config.baseline_epochs, seed=config.seed, reporter=reporter,
+    )
+    latency = LatencySettings(threads=config.threads)
+    hardware = fingerprint(config.threads)
+    settings = settings_that_must_match(config, data, space, baseline)
+    baseline_onnx = export_onnx(baseline.model, data.example_input())
+    study = load_existing(storage, config.study_name)
+    if study is None:
+        study = _create_study(config, storage, data, space, baseline, baseline_onnx, latency, settings, hardware, reporter)
+    else:
+        _check_resumable(study, settings, config)
+        reporter.info(f"Resuming study {config.study_name!r} ({len(study.trials)} trials so far)")
+    study.sampler = _sampler(config, space)
+    attrs = study.user_attrs
+    ctx = TrialContext(
+        baseline=baseline.model,
+        baseline_onnx=baseline_onnx,
+        baseline_latency_ms=attrs["baseline_latency_ms"],
+        baseline_accuracy=attrs["baseline_accuracy"],
+        data=data,
+        space=space,
+        budget_ms=config.budget_ms,
+        latency=latency,
+        finetune=TrainSettings(
+            steps=config.finetune_steps, batch_size=config.finetune_batch, lr=config.finetune_lr,
+            distill=config.distill, precision=config.precision,
+        ),
+        bn_batches=config.bn_batches,
+        hardware=hardware,
+        reporter=reporter,
+    )
+    ran, interrupted = _run_trials(study, ctx, config, reporter)
+    return SearchResult(
+        study=study,
+        budget_ms=config.budget_ms,
+        baseline_latency_ms=attrs["baseline_latency_ms"],
+        baseline_accuracy=attrs["baseline_accuracy"],
+        ran=ran,
+        interrupted=interrupted,
+    )
+
+
+def _create_study(
+    config: SearchConfig,
+    storage: optuna.storages.BaseStorage,
+    data: Dataset,
+    space: SearchSpace,
+    baseline: Baseline,
+    baseline_onnx: bytes,
+    latency: LatencySettings,
+    settings: dict[str, Any],
+    hardware: dict[str, Any],
+    reporter: Reporter,
+) -> optuna.Study:
+    shape = tuple(data.example_input().shape)
+    reporter.phase("measure the baseline")
+    base = measure(baseline_onnx, shape, latency)
+    reporter.info(
+        f"Baseline latency: {base.median_ms:.2f} ms median, {base.p90_ms:.2f} ms p90 "
+        f"(ONNX Runtime, {config.threads} thread{'s' if config.threads > 1 else ''}, batch 1, "
+        f"{data.input_size}x{data.input_size})"
+    )
+    fastest_ms = _fastest_reachable(space, baseline, data, baseline_onnx, latency, base.median_ms, reporter)
+    if config.budget_ms < fastest_ms:
+        raise UsageError(
+            f"budget {config.budget_ms:g} ms is below the fastest policy space {Path(space.path).name} "
+            f"reaches ({fastest_ms:.2f} ms; unpruned {base.median_ms:.2f} ms); raise --budget-ms or "
+            f"widen the space's ratio ranges"
+        )
+    if base.median_ms <= config.budget_ms:
+        reporter.warn(
+            f"the unpruned model already meets the budget ({base.median_ms:.2f} <= {config.budget_ms:g} ms): "
+            f"the search can only trade accuracy for more speed"
+        )
+    reporter.phase("evaluate the baseline")
+    accuracy = top1(baseline.model, data, "val", reporter=reporter)
+    reporter.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
+    study = optuna.create_study(
+        study_name=config.study_name, storage=storage, directions=["maximize", "minimize"],
+        sampler=_sampler(config, space),
+    )
+    study.set_metric_names(["accuracy", "latency_ms"])
+    for key, value in {
+        "baseline_latency_ms": base.median_ms,
+        "baseline_latency_p90_ms": base.p90_ms,
+        "baseline_accuracy": accuracy,
+        "fastest_policy_ms": fastest_ms,
+        "budget_ms": config.budget_ms,
+        "settings": settings,
+        "config": config.to_dict(),
+        "baseline": {"model": baseline.model_name, "weights": baseline.weights, "sha256": baseline.sha256,
+                     "trained_here": baseline.trained_here},
+        "data": {"name": data.name, "classes": data.classes, "input_size": data.input_size,
+                 "mean": list(data.mean), "std": list(data.std), "train": len(data.train), "val": len(data.val),
+                 "test": len(data.test) if data.test is not None else 0},
+        "space": {"path": space.path, "text": Path(space.path).read_text()},
+        "hardware": hardware,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }.items():
+        study.set_user_attr(key, value)
+    recipes = [("unpruned", space.unpruned())] + [
+        (f"uniform {r:g} {space.uniform_criterion}", space.uniform(r)) for r in space.uniform_ratios
+    ]
+    for label, policy in recipes:
+        study.enqueue_trial(space.params_for(policy), user_attrs={"recipe": label}, skip_if_exists=True)
+    reporter.info(f"Created study {config.study_name!r} in {config.storage_url}; enqueued {len(recipes)} recipes")
+    return study
+
+
+def _fastest_reachable(
+    space: SearchSpace,
+    baseline: Baseline,
+    data: Dataset,
+    baseline_onnx: bytes,
+    latency: LatencySettings,
+    baseline_ms: float,
+    reporter: Reporter,
+) -> float:
+    """Measured latency of the most aggressive policies the space allows (one per rounding)."""
+    reporter.phase("measure the fastest policy the space allows")
+    best = float("inf")
+    for policy in space.fastest_policies():
+        model = copy.deepcopy(baseline.model)
+        taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
+        apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
+        measured = measure(export_onnx(model, data.example_input()), tuple(data.example_input().shape), latency,
+                           reference=baseline_onnx)
+        assert measured.ratio is not None
+        best = min(best, measured.ratio * baseline_ms)
+    reporter.info(f"Fastest policy in the space: {best:.2f} ms")
+    return best
+
+
+def _check_resumable(study: optuna.Study, settings: dict[str, Any], config: SearchConfig) -> None:
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        raise UsageError(f"study {config.study_name!r} in {config.storage_url} was not made by this tool; "
+                         f"pick another --study name")
+    for key, value in settings.items():
+        if key in stored and stored[key] != value:
+            raise UsageError(
+                f"study {config.study_name!r} was created with a different {_FLAGS.get(key, key)} "
+                f"({stored[key]!r}, now {value!r}); rerun with the same settings to resume, or pass --study NEW"
+            )
+
+
+def _sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """Multi-objective TPE; it honours the latency constraint each trial sets (``Trial.set_constraint``)."""
+    recipes = 1 + len(space.uniform_ratios)
+    return optuna.samplers.TPESampler(
+        seed=config.seed,
+        multivariate=True,
+        n_startup_trials=recipes + 3,
+    )
+
+
+def _finished(study: optuna.Study) -> int:
+    return sum(
+        1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if not t.user_attrs.get("interrupted")
+    )
+
+
+def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, reporter: Reporter) -> tuple[int, bool]:
+    """Run trials one at a time through ``study.optimize`` (which keeps the storage heartbeat)."""
+    started = time.monotonic()
+    ran = 0
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        reporter.phase(f"trial {trial.number}")
+        try:
+            outcome = run_trial(trial, ctx)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Exception as exc:  # recorded on the trial; optuna marks it FAIL and the study goes on
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            trial.set_user_attr("error", message)
+            reporter.warn(f"trial {trial.number} failed: {message}")
+            raise
+        return outcome.accuracy, outcome.latency_ms
+
+    with reporter.task("trials", config.trials) as progress:
+        progress.advance(min(_finished(study), config.trials))
+        while _finished(study) < config.trials:
+            if config.timeout is not None and time.monotonic() - started > config.timeout:
+                reporter.info(f"Timeout of {config.timeout:g} s reached; rerun the command to go on")
+                break
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            except KeyboardInterrupt:
+                last = study.trials[-1]
+                if last.user_attrs.get("interrupted"):
+                    study.enqueue_trial(last.params, user_attrs=_recipe_of(last))
+                return ran, True
+            last = study.trials[-1]
+            if last.state == TrialState.COMPLETE:
+                reporter.info(_trial_line(last))
+            ran += 1
+            progress.advance(1)
+    return ran, False
+
+
+def _recipe_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    recipe = trial.user_attrs.get("recipe")
+    return {"recipe": recipe} if recipe else {}
+
+
+def _trial_line(t: optuna.trial.FrozenTrial) -> str:
+    number = t.number
+    attrs = t.user_attrs
+    latency = attrs["latency"]
+    status = "within budget" if attrs["feasible"] else "over budget, not fine-tuned"
+    evaluated = attrs.get("fine_tuned") or attrs.get("recipe") == "unpruned"
+    accuracy = f"top-1 {attrs['accuracy']:.4f}" if evaluated else "top-1 -"
+    if attrs.get("fine_tuned"):
+        accuracy += f" (before fine-tune {attrs['accuracy_before']:.4f})"
+    recipe = f" [{attrs['recipe']}]" if attrs.get("recipe") else ""
+    took = sum(attrs.get("seconds", {}).values())
+    return (f"Trial {number}{recipe}: {latency['corrected_ms']:.2f} ms ({latency['ratio']:.0%} of baseline), "
+            f"{accuracy}, {status}, {took:.0f} s")

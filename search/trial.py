@@ -1,0 +1,194 @@
+"""One trial: policy -> pruned model -> measured latency -> (if within budget) brief fine-tune.
+
+The order matters: latency is measured first, with nothing else running, and a policy over
+the budget is recorded as infeasible without spending any training on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from torch import nn
+
+from search.channel_pruning import apply_policy
+from search.complexity import macs_and_params
+from search.data import Dataset
+from search.evaluate import top1
+from search.finetune import TrainSettings, recalibrate_batchnorm, train
+from search.latency import LatencySettings, export_onnx, measure
+from search.policy import Policy
+from search.progress import NullReporter, Reporter
+from search.space import SearchSpace
+
+__all__ = ["INFEASIBLE_ACCURACY", "LATENCY_CONSTRAINT", "TrialContext", "TrialOutcome", "run_trial"]
+
+LATENCY_CONSTRAINT = "latency_over_budget_ms"
+"""The Optuna constraint each trial sets: drift-corrected latency minus the budget."""
+
+INFEASIBLE_ACCURACY = 0.0
+"""Objective value stored for policies over the budget: they are never fine-tuned or evaluated."""
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial needs, prepared once per search."""
+
+    baseline: nn.Module
+    baseline_onnx: bytes
+    baseline_latency_ms: float
+    """The study's reference latency for the unpruned model (measured when it was created)."""
+    baseline_accuracy: float
+    data: Dataset
+    space: SearchSpace
+    budget_ms: float
+    latency: LatencySettings
+    finetune: TrainSettings
+    bn_batches: int
+    hardware: dict[str, Any]
+    reporter: Reporter = field(default_factory=NullReporter)
+
+
+@dataclass
+class TrialOutcome:
+    accuracy: float
+    latency_ms: float
+    feasible: bool
+
+
+def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
+    """Run one trial and record everything about it as user attributes on ``trial``."""
+    reporter = ctx.reporter
+    seconds: dict[str, float] = {}
+    policy = ctx.space.suggest(trial)
+    policy = Policy(stages=policy.stages, round_to=policy.round_to, seed=trial.number)
+    trial.set_user_attr("policy", policy.to_dict())
+    trial.set_user_attr("policy_key", _without_seed(policy))
+    trial.set_user_attr("hardware", ctx.hardware)
+
+    earlier = _same_policy(trial, policy)
+    if earlier is not None:
+        return _copy_outcome(trial, earlier, reporter)
+
+    reporter.phase("prune channels")
+    started = time.perf_counter()
+    model = copy.deepcopy(ctx.baseline)
+    taylor = ctx.data.batches("train", 32, shuffle=True, augment=False, seed=trial.number, limit=64)
+    pruned = apply_policy(model, policy, ctx.space, ctx.data.example_input(), taylor_batches=taylor)
+    macs, params = macs_and_params(pruned.model, ctx.data.input_size)
+    seconds["prune"] = time.perf_counter() - started
+    trial.set_user_attr("channels", pruned.channels)
+    trial.set_user_attr("removed", pruned.removed)
+    trial.set_user_attr("arch_hash", pruned.arch_hash)
+    trial.set_user_attr("macs", macs)
+    trial.set_user_attr("params", params)
+
+    reporter.phase("latency")
+    started = time.perf_counter()
+    latency = _latency(trial, ctx, pruned.model, pruned.arch_hash)
+    seconds["latency"] = time.perf_counter() - started
+    latency_ms = latency["corrected_ms"]
+    feasible = latency_ms <= ctx.budget_ms
+    trial.set_user_attr("budget_violation_ms", latency_ms - ctx.budget_ms)
+    trial.set_constraint(LATENCY_CONSTRAINT, latency_ms - ctx.budget_ms)  # <= 0 is feasible
+    trial.set_user_attr("feasible", feasible)
+
+    if policy.is_unpruned:
+        accuracy = ctx.baseline_accuracy
+        trial.set_user_attr("accuracy_before", accuracy)
+        trial.set_user_attr("fine_tuned", False)
+    elif not feasible:
+        accuracy = INFEASIBLE_ACCURACY
+        trial.set_user_attr("fine_tuned", False)
+    else:
+        accuracy = _finetune_and_score(trial, ctx, pruned.model, seconds)
+    trial.set_user_attr("accuracy", accuracy)
+    trial.set_user_attr("seconds", {k: round(v, 2) for k, v in seconds.items()})
+    return TrialOutcome(accuracy=accuracy, latency_ms=latency_ms, feasible=feasible)
+
+
+def _finetune_and_score(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds: dict[str, float]) -> float:
+    reporter = ctx.reporter
+    reporter.phase("recalibrate BatchNorm")
+    started = time.perf_counter()
+    recalibrate_batchnorm(model, ctx.data, batches=ctx.bn_batches, seed=trial.number)
+    seconds["bn_recalibration"] = time.perf_counter() - started
+    reporter.phase("evaluate")
+    started = time.perf_counter()
+    before = top1(model, ctx.data, "val")
+    seconds["evaluate"] = time.perf_counter() - started
+    trial.set_user_attr("accuracy_before", before)
+
+    reporter.phase("fine-tune")
+    settings = dataclasses.replace(ctx.finetune, seed=trial.number)
+    result = train(model, ctx.data, settings, teacher=ctx.baseline, reporter=reporter, description="fine-tune")
+    seconds["finetune"] = result.seconds
+    trial.set_user_attr("finetune", {"steps": result.steps, "images_per_second": round(result.images_per_second, 1),
+                                     "final_loss": result.final_loss, "distill": settings.distill})
+    trial.set_user_attr("fine_tuned", True)
+
+    reporter.phase("evaluate")
+    started = time.perf_counter()
+    after = top1(model, ctx.data, "val")
+    seconds["evaluate"] += time.perf_counter() - started
+    return after
+
+
+def _latency(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, arch_hash: str) -> dict[str, Any]:
+    """Measure (or reuse, for an architecture measured before) and store the latency record."""
+    for other in _completed(trial):
+        if other.user_attrs.get("arch_hash") == arch_hash and "latency" in other.user_attrs:
+            record = dict(other.user_attrs["latency"])
+            record["reused_from_trial"] = other.number
+            trial.set_user_attr("latency", record)
+            return record
+    onnx_model = export_onnx(model, ctx.data.example_input())
+    shape = tuple(ctx.data.example_input().shape)
+    measured = measure(onnx_model, shape, ctx.latency, reference=ctx.baseline_onnx)
+    assert measured.ratio is not None
+    record = {
+        "median_ms": round(measured.median_ms, 4),
+        "p90_ms": round(measured.p90_ms, 4),
+        "baseline_median_ms": round(measured.reference_median_ms or 0.0, 4),
+        "ratio": round(measured.ratio, 5),
+        "corrected_ms": round(measured.ratio * ctx.baseline_latency_ms, 4),
+        "runs": measured.runs,
+        "stable": measured.stable,
+        "threads": ctx.latency.threads,
+    }
+    trial.set_user_attr("latency", record)
+    return record
+
+
+def _completed(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
+    return trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def _without_seed(policy: Policy) -> str:
+    return Policy(stages=policy.stages, round_to=policy.round_to, seed=0).key()
+
+
+def _same_policy(trial: optuna.Trial, policy: Policy) -> optuna.trial.FrozenTrial | None:
+    """A completed trial with the same policy, unless it used the seeded random criterion."""
+    if any(s.criterion == "random" for s in policy.stages.values()):
+        return None
+    key = _without_seed(policy)
+    return next((t for t in _completed(trial) if t.user_attrs.get("policy_key") == key), None)
+
+
+def _copy_outcome(trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, reporter: Reporter) -> TrialOutcome:
+    skip = {"policy", "policy_key", "hardware"}
+    for key, value in earlier.user_attrs.items():
+        if key not in skip:
+            trial.set_user_attr(key, value)
+    trial.set_user_attr("duplicate_of", earlier.number)
+    trial.set_constraint(LATENCY_CONSTRAINT, float(earlier.user_attrs["budget_violation_ms"]))
+    trial.set_user_attr("seconds", {})
+    reporter.phase(f"same policy as trial {earlier.number}: reusing its result")
+    accuracy, latency_ms = earlier.values
+    return TrialOutcome(accuracy=accuracy, latency_ms=latency_ms, feasible=bool(earlier.user_attrs.get("feasible")))
+

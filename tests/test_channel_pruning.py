@@ -1,0 +1,87 @@
+"""Policies applied with torch-pruning on real torchvision architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from search.channel_pruning import apply_policy
+from search.errors import UsageError
+from search.policy import Policy, StagePolicy
+from search.space import load_space
+
+X = torch.randn(2, 3, 64, 64)
+
+
+def _resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def test_uniform_policy_removes_the_expected_channels_and_keeps_the_classifier() -> None:
+    space = load_space("spaces/resnet18.toml")
+    pruned = apply_policy(_resnet18(), space.uniform(0.5), space, X[:1])
+    ch = pruned.channels
+    # 64 channels at ratio 0.5 keep 32; 512 keep 256 (multiples of round_to=8).
+    assert ch["conv1"] == 32 and ch["layer1.0.conv1"] == 32
+    assert ch["layer4.0.conv1"] == 256 and ch["layer4.1.conv2"] == 256
+    assert ch["fc"] == 10, "the classifier's outputs are never pruned"
+    assert pruned.model(X).shape == (2, 10)
+    assert sum(p.numel() for p in pruned.model.parameters()) < 0.3 * 11.2e6
+
+
+def test_residual_coupled_channels_are_pruned_together() -> None:
+    space = load_space("spaces/resnet18.toml")
+    policy = Policy(stages={name: StagePolicy(stream=0.25 if name == "layer2" else 0.0) for name in
+                            ("layer1", "layer2", "layer3", "layer4")})
+    ch = apply_policy(_resnet18(), policy, space, X[:1]).channels
+    assert ch["layer2.0.conv2"] == ch["layer2.0.downsample.0"] == ch["layer2.1.conv2"] == 96
+    assert ch["layer2.0.conv1"] == 128 and ch["layer2.1.conv1"] == 128, "inner channels untouched"
+    assert ch["layer1.0.conv2"] == 64 and ch["layer3.0.conv2"] == 256, "other stages untouched"
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_kept_channels_are_multiples_of_round_to(round_to: int) -> None:
+    space = load_space("spaces/resnet18.toml")
+    policy = space.uniform(0.35)
+    policy = Policy(stages=policy.stages, round_to=round_to)
+    ch = apply_policy(_resnet18(), policy, space, X[:1]).channels
+    assert all(c % round_to == 0 for name, c in ch.items() if name != "fc")
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor", "random"])
+def test_every_criterion_prunes_and_criteria_choose_differently(criterion: str) -> None:
+    space = load_space("spaces/resnet18.toml")
+    model = _resnet18()
+    batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))]
+    pruned = apply_policy(model, space.uniform(0.35, criterion), space, X[:1], taylor_batches=batches)
+    assert pruned.model(X).shape == (2, 10)
+    assert pruned.history, "the pruning history records which channels went"
+    assert all(p.grad is None for p in pruned.model.parameters())
+
+
+def test_same_shapes_give_the_same_architecture_hash_whatever_the_criterion() -> None:
+    space = load_space("spaces/resnet18.toml")
+    a = apply_policy(_resnet18(), space.uniform(0.35, "l1"), space, X[:1])
+    b = apply_policy(_resnet18(), space.uniform(0.35, "random"), space, X[:1])
+    c = apply_policy(_resnet18(), space.uniform(0.5, "l1"), space, X[:1])
+    assert a.arch_hash == b.arch_hash != c.arch_hash
+
+
+@pytest.mark.parametrize("arch,space_file", [("resnet50", "resnet50"), ("mobilenet_v2", "mobilenet_v2"),
+                                             ("resnet34", "resnet34")])
+def test_other_families_prune_and_still_run(arch: str, space_file: str) -> None:
+    space = load_space(f"spaces/{space_file}.toml")
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    before = sum(p.numel() for p in model.parameters())
+    pruned = apply_policy(model, space.fastest_policies()[0], space, X[:1])
+    assert pruned.model(X).shape == (2, 10)
+    assert sum(p.numel() for p in pruned.model.parameters()) < 0.6 * before
+    assert pruned.removed
+
+
+def test_a_space_for_another_model_is_a_usage_error() -> None:
+    space = load_space("spaces/mobilenet_v2.toml")
+    with pytest.raises(UsageError, match="matches no module"):
+        apply_policy(_resnet18(), space.uniform(0.2), space, X[:1])

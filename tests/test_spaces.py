@@ -1,0 +1,70 @@
+"""Every space file turns a trial into a policy that round-trips through JSON and enqueue params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.errors import UsageError
+from search.policy import Policy
+from search.space import SPACES_DIR, default_space_path, load_space
+
+SPACE_FILES = sorted(SPACES_DIR.glob("*.toml"))
+
+
+def test_spaces_folder_has_one_file_per_family() -> None:
+    names = {p.stem for p in SPACE_FILES}
+    assert {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "generic"} <= names
+
+
+@pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
+def test_space_file_turns_a_fixed_trial_into_a_policy(path: Path) -> None:
+    space = load_space(path)
+    for ratio in (0.0, *space.uniform_ratios):
+        policy = space.uniform(ratio)
+        params = space.params_for(policy)
+        # Only the space calls suggest_*: FixedTrial replays exactly the enqueued parameters.
+        suggested = space.suggest(optuna.trial.FixedTrial(params))
+        assert suggested == policy
+        assert Policy.from_json(suggested.to_json()) == suggested
+
+
+@pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
+def test_space_samples_within_its_ranges(path: Path) -> None:
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(5):
+        trial = study.ask()
+        policy = space.suggest(trial)
+        for stage in space.stages:
+            chosen = policy.stages[stage.name]
+            assert stage.stream.low <= chosen.stream <= stage.stream.high
+            assert stage.inner.low <= chosen.inner <= stage.inner.high
+            assert chosen.criterion in stage.criteria
+        assert policy.round_to in space.round_to
+        study.tell(trial, 0.0)
+
+
+def test_default_space_for_families() -> None:
+    assert default_space_path("resnet18").name == "resnet18.toml"
+    assert default_space_path(None).name == "generic.toml"
+
+
+def test_bad_space_files_are_one_line_errors(tmp_path: Path) -> None:
+    cases = {
+        "nostages.toml": 'family = "x"\n',
+        "badrange.toml": "[stages.layer1]\nstream = [0.5, 0.2]\n",
+        "badcrit.toml": '[stages.layer1]\ncriteria = ["l3"]\n',
+        "unknown.toml": "[stages.layer1]\nratio = 0.3\n",
+        "syntax.toml": "[stages.layer1\n",
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(UsageError) as err:
+            load_space(path)
+        assert name in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_space(tmp_path / "missing.toml")
