@@ -70,11 +70,19 @@ def prepare_baseline(
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=0.05, seed=seed, warmup_fraction=0.15)
     result = train(model, data, settings, reporter=reporter, description="train baseline")
     sha = save_checkpoint(
-        path, model, model_name=model_name, num_classes=data.num_classes,
-        meta={"epochs": epochs, "seed": seed, "data": data.name, "data_fingerprint": data.fingerprint,
-              "seconds": round(result.seconds, 1), "final_loss": result.final_loss},
+        path,
+        model,
+        model_name=model_name,
+        num_classes=data.num_classes,
+        meta={
+            "epochs": epochs,
+            "seed": seed,
+            "data": data.name,
+            "data_fingerprint": data.fingerprint,
+            "seconds": round(result.seconds, 1),
+            "final_loss": result.final_loss,
+        },
     )
     reporter.info(f"Baseline: trained in {result.seconds:.0f} s, saved to {path}")
     model.eval()
     return Baseline(model, model_name, str(path), sha, trained_here=True)
-

@@ -93,7 +93,7 @@ def apply_policy(
 def _channels_to_keep(total: int, ratio: float, round_to: int) -> int:
     if ratio <= 0.0 or total <= round_to:
         return total
-    keep = total - int(round(total * ratio))
+    keep = total - round(total * ratio)
     keep = int(math.ceil(keep / round_to) * round_to)
     return max(round_to, min(total, keep))
 
@@ -116,14 +116,10 @@ def _importance(criterion: str, group: Any, total: int, generator: torch.Generat
 
 
 def _uses(policy: Policy, criterion: str) -> bool:
-    return any(
-        s.criterion == criterion and (s.stream > 0 or s.inner > 0) for s in policy.stages.values()
-    )
+    return any(s.criterion == criterion and (s.stream > 0 or s.inner > 0) for s in policy.stages.values())
 
 
-def _accumulate_gradients(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None
-) -> None:
+def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
     if batches is None:
         raise ValueError("the taylor criterion needs training batches to compute gradients")
     model.zero_grad(set_to_none=True)
@@ -199,8 +195,15 @@ def architecture(model: nn.Module) -> list[list[Any]]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             layers.append(
-                [name, "conv", module.in_channels, module.out_channels, list(module.kernel_size),
-                 list(module.stride), module.groups]
+                [
+                    name,
+                    "conv",
+                    module.in_channels,
+                    module.out_channels,
+                    list(module.kernel_size),
+                    list(module.stride),
+                    module.groups,
+                ]
             )
         elif isinstance(module, nn.Linear):
             layers.append([name, "linear", module.in_features, module.out_features])

@@ -92,37 +92,72 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("search", help="search pruning policies under a latency budget (creates or resumes a study)")
-    s.add_argument("--budget-ms", type=_positive_float, required=True,
-                   help="latency budget in ms (batch 1, ONNX Runtime on this CPU, --threads threads)")
-    s.add_argument("--model", default="resnet18",
-                   help="torchvision architecture (resnet18, resnet34, resnet50, mobilenet_v2; resnet*_cifar for "
-                        "small inputs) or module:function returning an nn.Module (default: resnet18)")
-    s.add_argument("--weights", help="state_dict file, this tool's checkpoint, or 'imagenet'; "
-                                     "omit to train a baseline here (cached)")
-    s.add_argument("--data", default="digits",
-                   help="digits (built in), imagefolder:PATH, or cifar10:PATH (default: digits)")
+    s.add_argument(
+        "--budget-ms",
+        type=_positive_float,
+        required=True,
+        help="latency budget in ms (batch 1, ONNX Runtime on this CPU, --threads threads)",
+    )
+    s.add_argument(
+        "--model",
+        default="resnet18",
+        help="torchvision architecture (resnet18, resnet34, resnet50, mobilenet_v2; resnet*_cifar for "
+        "small inputs) or module:function returning an nn.Module (default: resnet18)",
+    )
+    s.add_argument(
+        "--weights",
+        help="state_dict file, this tool's checkpoint, or 'imagenet'; omit to train a baseline here (cached)",
+    )
+    s.add_argument(
+        "--data", default="digits", help="digits (built in), imagefolder:PATH, or cifar10:PATH (default: digits)"
+    )
     s.add_argument("--input-size", type=_positive_int, help="input resolution (default: per dataset)")
     s.add_argument("--mean", type=_triple, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: per dataset)")
     s.add_argument("--std", type=_triple, help="normalisation std (default: per dataset)")
     s.add_argument("--space", help="search-space file (default: spaces/<model family>.toml)")
-    s.add_argument("--trials", type=_positive_int, default=12,
-                   help="finished trials the study should have; rerunning resumes until then (default: 12)")
+    s.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=12,
+        help="finished trials the study should have; rerunning resumes until then (default: 12)",
+    )
     s.add_argument("--timeout", type=_positive_float, help="stop starting new trials after this many seconds")
     s.add_argument("--seed", type=int, default=0, help="sampler and training seed (default: 0)")
-    s.add_argument("--threads", type=_positive_int, default=1,
-                   help="ONNX Runtime intra-op threads for latency (default: 1)")
-    s.add_argument("--finetune-steps", type=_non_negative_int, default=20,
-                   help="SGD steps of brief fine-tuning per trial (default: 20)")
+    s.add_argument(
+        "--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads for latency (default: 1)"
+    )
+    s.add_argument(
+        "--finetune-steps",
+        type=_non_negative_int,
+        default=20,
+        help="SGD steps of brief fine-tuning per trial (default: 20)",
+    )
     s.add_argument("--finetune-batch", type=_positive_int, default=32, help="fine-tune batch size (default: 32)")
     s.add_argument("--finetune-lr", type=_positive_float, default=0.01, help="fine-tune peak learning rate")
-    s.add_argument("--distill", type=_fraction, default=0.0,
-                   help="weight of distillation from the unpruned model in the brief fine-tune, 0..1 (default: 0)")
-    s.add_argument("--bn-batches", type=_non_negative_int, default=8,
-                   help="training batches for BatchNorm recalibration after pruning (default: 8)")
-    s.add_argument("--baseline-epochs", type=_positive_int, default=2,
-                   help="epochs to train a baseline when --weights is omitted (default: 2)")
-    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="training arithmetic; auto uses bf16 only where the CPU has it natively")
+    s.add_argument(
+        "--distill",
+        type=_fraction,
+        default=0.0,
+        help="weight of distillation from the unpruned model in the brief fine-tune, 0..1 (default: 0)",
+    )
+    s.add_argument(
+        "--bn-batches",
+        type=_non_negative_int,
+        default=8,
+        help="training batches for BatchNorm recalibration after pruning (default: 8)",
+    )
+    s.add_argument(
+        "--baseline-epochs",
+        type=_positive_int,
+        default=2,
+        help="epochs to train a baseline when --weights is omitted (default: 2)",
+    )
+    s.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="training arithmetic; auto uses bf16 only where the CPU has it natively",
+    )
     _add_study_options(s)
 
     p = sub.add_parser("pareto", help="show a study's Pareto front as a table (or JSON) and write its plot")
@@ -137,12 +172,25 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     from search.study import run_search
 
     config = SearchConfig(
-        budget_ms=args.budget_ms, model=args.model, weights=args.weights,
+        budget_ms=args.budget_ms,
+        model=args.model,
+        weights=args.weights,
         data=DataSpec(source=args.data, input_size=args.input_size, mean=args.mean, std=args.std, seed=args.seed),
-        space=args.space, study=args.study, storage=args.storage, trials=args.trials, timeout=args.timeout,
-        seed=args.seed, threads=args.threads, finetune_steps=args.finetune_steps, finetune_batch=args.finetune_batch,
-        finetune_lr=args.finetune_lr, distill=args.distill, bn_batches=args.bn_batches,
-        baseline_epochs=args.baseline_epochs, precision=args.precision, studies_dir=args.studies_dir,
+        space=args.space,
+        study=args.study,
+        storage=args.storage,
+        trials=args.trials,
+        timeout=args.timeout,
+        seed=args.seed,
+        threads=args.threads,
+        finetune_steps=args.finetune_steps,
+        finetune_batch=args.finetune_batch,
+        finetune_lr=args.finetune_lr,
+        distill=args.distill,
+        bn_batches=args.bn_batches,
+        baseline_epochs=args.baseline_epochs,
+        precision=args.precision,
+        studies_dir=args.studies_dir,
     )
     with RichReporter(console, verbose=not args.quiet) as reporter:
         result = run_search(config, reporter)
@@ -153,8 +201,9 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _print_front(console: Console, study: object, name: str, url: str, studies_dir: Path,
-                 plot_path: Path | None = None) -> None:
+def _print_front(
+    console: Console, study: object, name: str, url: str, studies_dir: Path, plot_path: Path | None = None
+) -> None:
     import optuna
 
     assert isinstance(study, optuna.Study)
@@ -166,16 +215,28 @@ def _print_front(console: Console, study: object, name: str, url: str, studies_d
     shown = sorted(front + comparison, key=lambda r: r.latency_ms)
     base_ms = float(study.user_attrs["baseline_latency_ms"])
     console.print()
-    console.print(front_table(
-        f"Pareto front of study {name!r} (budget {budget:g} ms, baseline {base_ms:.2f} ms; "
-        f"recipes shown for comparison)", shown, budget_ms=budget, recommended=best))
+    console.print(
+        front_table(
+            f"Pareto front of study {name!r} (budget {budget:g} ms, baseline {base_ms:.2f} ms; "
+            f"recipes shown for comparison)",
+            shown,
+            budget_ms=budget,
+            recommended=best,
+        )
+    )
     if best is None:
         console.print("[red]No policy within the budget yet.[/] Run more trials (--trials) or widen the space.")
     else:
-        console.print(f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%} at {best.latency_ms:.2f} ms "
-                      f"({best.ratio:.0%} of the baseline): {best.policy.describe()}")
-    plot = plot_front(all_rows, budget, plot_path or studies_dir / name / "pareto.png",
-                      title=f"{name}: accuracy vs latency (budget {budget:g} ms)")
+        console.print(
+            f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%} at {best.latency_ms:.2f} ms "
+            f"({best.ratio:.0%} of the baseline): {best.policy.describe()}"
+        )
+    plot = plot_front(
+        all_rows,
+        budget,
+        plot_path or studies_dir / name / "pareto.png",
+        title=f"{name}: accuracy vs latency (budget {budget:g} ms)",
+    )
     console.print(f"Plot: {plot}")
     console.print(f"Inspect the study: [bold]optuna-dashboard {url}[/]")
 
@@ -188,7 +249,7 @@ def _pareto(args: argparse.Namespace, console: Console) -> int:
     if not args.study:
         raise UsageError("pareto needs --study NAME (the name search printed, e.g. resnet18-digits-30ms)")
     url = args.storage or f"sqlite:///{Path(args.studies_dir) / args.study}.db"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         raise UsageError(f"no study database at {url}; check --study and --storage")
     study = load_existing(open_storage(url), args.study)
     if study is None:
@@ -197,14 +258,19 @@ def _pareto(args: argparse.Namespace, console: Console) -> int:
     if args.format == "json":
         all_rows = rows(study)
         best = recommended(all_rows)
-        console.print_json(json.dumps({
-            "study": args.study, "budget_ms": study.user_attrs["budget_ms"],
-            "baseline_latency_ms": study.user_attrs["baseline_latency_ms"],
-            "baseline_accuracy": study.user_attrs["baseline_accuracy"],
-            "recommended": best.number if best else None,
-            "front": [r.to_dict() for r in pareto_front(all_rows)],
-            "recipes": [r.to_dict() for r in all_rows if r.recipe],
-        }))
+        console.print_json(
+            json.dumps(
+                {
+                    "study": args.study,
+                    "budget_ms": study.user_attrs["budget_ms"],
+                    "baseline_latency_ms": study.user_attrs["baseline_latency_ms"],
+                    "baseline_accuracy": study.user_attrs["baseline_accuracy"],
+                    "recommended": best.number if best else None,
+                    "front": [r.to_dict() for r in pareto_front(all_rows)],
+                    "recipes": [r.to_dict() for r in all_rows if r.recipe],
+                }
+            )
+        )
         return 0
     _print_front(console, study, args.study, url, Path(args.studies_dir), Path(args.plot) if args.plot else None)
     return 0

@@ -18,8 +18,12 @@ def macs_and_params(model: nn.Module, input_size: int) -> tuple[int, int]:
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         warnings.simplefilter("ignore")
         macs, params = get_model_complexity_info(
-            model, (3, input_size, input_size), as_strings=False, print_per_layer_stat=False,
-            verbose=False, backend="pytorch",
+            model,
+            (3, input_size, input_size),
+            as_strings=False,
+            print_per_layer_stat=False,
+            verbose=False,
+            backend="pytorch",
         )
     counted = sum(p.numel() for p in model.parameters())
     return int(macs or 0), int(params or counted)

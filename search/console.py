@@ -94,9 +94,18 @@ def _percent(value: float | None) -> str:
 
 def front_table(title: str, shown: list[Row], *, budget_ms: float, recommended: Row | None) -> Table:
     table = Table(title=title, title_justify="left", show_lines=False)
-    for name, justify in [("trial", "right"), ("top-1", "right"), ("before FT", "right"), ("latency ms", "right"),
-                          ("of base", "right"), ("p90 ms", "right"), ("MMACs", "right"), ("params M", "right"),
-                          ("budget", "center"), ("policy", "left")]:
+    for name, justify in [
+        ("trial", "right"),
+        ("top-1", "right"),
+        ("before FT", "right"),
+        ("latency ms", "right"),
+        ("of base", "right"),
+        ("p90 ms", "right"),
+        ("MMACs", "right"),
+        ("params M", "right"),
+        ("budget", "center"),
+        ("policy", "left"),
+    ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in shown:
         mark = "[green]meets[/]" if r.latency_ms <= budget_ms else "[red]over[/]"
@@ -104,7 +113,16 @@ def front_table(title: str, shown: list[Row], *, budget_ms: float, recommended: 
         number = f"{r.number}"
         if recommended is not None and r.number == recommended.number:
             number = f"[bold green]*{r.number}[/]"
-        table.add_row(number, _percent(r.accuracy), _percent(r.accuracy_before), f"{r.latency_ms:.2f}",
-                      f"{r.ratio:.0%}", f"{r.p90_ms:.2f}", f"{r.macs / 1e6:.0f}", f"{r.params / 1e6:.2f}", mark,
-                      Text(label))
+        table.add_row(
+            number,
+            _percent(r.accuracy),
+            _percent(r.accuracy_before),
+            f"{r.latency_ms:.2f}",
+            f"{r.ratio:.0%}",
+            f"{r.p90_ms:.2f}",
+            f"{r.macs / 1e6:.0f}",
+            f"{r.params / 1e6:.2f}",
+            mark,
+            Text(label),
+        )
     return table

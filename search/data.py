@@ -62,9 +62,7 @@ IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 CIFAR10_MEAN: Triple = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: Triple = (0.2470, 0.2435, 0.2616)
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 """File extensions (lower case) that ``imagefolder:`` decodes; matched case-insensitively."""
 
 MAX_MEMORY_BYTES = 4 * 1024**3
@@ -146,8 +144,7 @@ class Dataset:
         chosen = getattr(self, name)
         if chosen is None:
             raise UsageError(
-                f"data set {self.name} has no {name} split; evaluate on val instead or provide "
-                f"a {name}/ folder"
+                f"data set {self.name} has no {name} split; evaluate on val instead or provide a {name}/ folder"
             )
         return chosen
 
@@ -249,15 +246,12 @@ def _check_spec(spec: DataSpec) -> None:
     for name, value in (("mean", spec.mean), ("std", spec.std)):
         if value is not None and len(value) != 3:
             raise UsageError(
-                f"{name} needs 3 values (one per RGB channel), got {len(value)}; "
-                f"pass e.g. --{name} 0.5,0.5,0.5"
+                f"{name} needs 3 values (one per RGB channel), got {len(value)}; pass e.g. --{name} 0.5,0.5,0.5"
             )
     if spec.std is not None and any(not s > 0 for s in spec.std):
         raise UsageError(f"std values must be positive, got {tuple(spec.std)}")
     if not 0 < spec.val_fraction < 1:
-        raise UsageError(
-            f"val fraction must be between 0 and 1 (exclusive), got {spec.val_fraction}"
-        )
+        raise UsageError(f"val fraction must be between 0 and 1 (exclusive), got {spec.val_fraction}")
 
 
 def _normalisation(spec: DataSpec, mean: Triple, std: Triple) -> tuple[Triple, Triple]:
@@ -316,9 +310,7 @@ def _to_input(images: torch.Tensor, size: int) -> torch.Tensor:
     height, width = x.shape[-2:]
     if (height, width) != (size, size):
         shrink = height > size or width > size
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
-        )
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
     return x
 
 
@@ -329,12 +321,7 @@ def _augment(x: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.T
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).tolist()
-        x = torch.stack(
-            [
-                padded[i, :, top : top + size, left : left + size]
-                for i, (top, left) in enumerate(offsets)
-            ]
-        )
+        x = torch.stack([padded[i, :, top : top + size, left : left + size] for i, (top, left) in enumerate(offsets)])
     if flip:
         mirror = torch.rand(count, generator=generator) < 0.5
         x[mirror] = x[mirror].flip(-1)
@@ -344,9 +331,7 @@ def _augment(x: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.T
 # --------------------------------------------------------------------------- splitting
 
 
-def _stratified_split(
-    labels: np.ndarray, fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
+def _stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Indices of [rest, part 1, part 2, ...], each part taking ``fraction`` of every class.
 
     Within a class the order is the given index order, permuted by a generator seeded with
@@ -402,9 +387,7 @@ def _load_digits(spec: DataSpec) -> Dataset:
     mean, std = _normalisation(spec, *_channel_stats(train.images))
     size = _input_size(spec, "digits")
     classes = [str(d) for d in range(10)]
-    payload = _base_payload(
-        "digits", classes, {"train": train, "val": val, "test": test}, size, mean, std
-    )
+    payload = _base_payload("digits", classes, {"train": train, "val": val, "test": test}, size, mean, std)
     payload["seed"] = spec.seed
     return Dataset(
         "digits",
@@ -453,9 +436,7 @@ def _load_cifar10(path_text: str, spec: DataSpec) -> Dataset:
     test = Split(*_cifar_batch(folder / "test_batch", len(classes)))
     mean, std = _normalisation(spec, CIFAR10_MEAN, CIFAR10_STD)
     size = _input_size(spec, "cifar10")
-    payload = _base_payload(
-        "cifar10", classes, {"train": train, "val": val, "test": test}, size, mean, std
-    )
+    payload = _base_payload("cifar10", classes, {"train": train, "val": val, "test": test}, size, mean, std)
     payload["path"] = str(folder)
     payload["files"] = {n: (folder / n).stat().st_size for n in _CIFAR10_FILES}
     return Dataset(
@@ -491,9 +472,7 @@ def _read_pickle(path: Path) -> dict[Any, Any]:
         ImportError,
         IndexError,
     ) as error:
-        raise UsageError(
-            f"cannot read CIFAR-10 file {path}: {error}; re-extract the archive"
-        ) from error
+        raise UsageError(f"cannot read CIFAR-10 file {path}: {error}; re-extract the archive") from error
     if not isinstance(content, dict):
         raise UsageError(f"CIFAR-10 file {path} does not hold a dict; re-extract the archive")
     return content
@@ -521,9 +500,7 @@ def _cifar_batch(path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tens
             "labels, expected N×3072 and N labels; re-extract the archive"
         )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise UsageError(
-            f"CIFAR-10 file {path} has labels outside 0..{num_classes - 1}; re-extract the archive"
-        )
+        raise UsageError(f"CIFAR-10 file {path} has labels outside 0..{num_classes - 1}; re-extract the archive")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels)
 
@@ -576,8 +553,7 @@ def _load_imagefolder(path_text: str, spec: DataSpec, reporter: Reporter) -> Dat
     payload = _base_payload("imagefolder", classes, splits, size, mean, std)
     payload["path"] = str(root)
     payload["files"] = {
-        name: [[rel, nbytes] for rel, nbytes in zip(f.files, f.sizes, strict=True)]
-        for name, f in lists.items()
+        name: [[rel, nbytes] for rel, nbytes in zip(f.files, f.sizes, strict=True)] for name, f in lists.items()
     }
     if "val" not in _split_folders(root):
         payload["seed"] = spec.seed
@@ -611,23 +587,18 @@ def _split_folders(root: Path) -> set[str]:
     return {name for name in _SPLITS if (root / name).is_dir()}
 
 
-def _imagefolder_lists(
-    root: Path, spec: DataSpec, reporter: Reporter
-) -> tuple[list[str], dict[str, _FileList]]:
+def _imagefolder_lists(root: Path, spec: DataSpec, reporter: Reporter) -> tuple[list[str], dict[str, _FileList]]:
     """Class names and per-split file lists for either supported layout."""
     if not any(not entry.name.startswith(".") for entry in os.scandir(root)):
         raise UsageError(
-            f"data folder {root} is empty; expected {root}/<class>/<image> or "
-            f"{root}/train/<class>/<image>"
+            f"data folder {root} is empty; expected {root}/<class>/<image> or {root}/train/<class>/<image>"
         )
     present = _split_folders(root)
     if not present & {"train", "val"}:
         classes, single = _scan_classes(root, root)
         return classes, _holdout(single, spec)
     if "train" not in present:
-        raise UsageError(
-            f"{root} has a val/ folder but no train/ folder; add {root}/train/<class>/<image>"
-        )
+        raise UsageError(f"{root} has a val/ folder but no train/ folder; add {root}/train/<class>/<image>")
     classes, train = _scan_classes(root / "train", root)
     lists = {"train": train}
     if "val" not in present:
@@ -654,11 +625,7 @@ def _same_classes(train: list[str], other: list[str], name: str) -> None:
 
 def _scan_classes(folder: Path, root: Path) -> tuple[list[str], _FileList]:
     """Sorted class folder names under ``folder`` and their image files (sorted per class)."""
-    class_dirs = sorted(
-        entry.name
-        for entry in os.scandir(folder)
-        if entry.is_dir() and not entry.name.startswith(".")
-    )
+    class_dirs = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
     files: list[str] = []
     labels: list[int] = []
     sizes: list[int] = []
@@ -673,8 +640,7 @@ def _scan_classes(folder: Path, root: Path) -> tuple[list[str], _FileList]:
             sizes.append(size)
     if not files:
         raise UsageError(
-            f"no images found under {folder}; expected {root}/<class>/<image> or "
-            f"{root}/train/<class>/<image>"
+            f"no images found under {folder}; expected {root}/<class>/<image> or {root}/train/<class>/<image>"
         )
     if empty:
         raise UsageError(
@@ -683,8 +649,7 @@ def _scan_classes(folder: Path, root: Path) -> tuple[list[str], _FileList]:
         )
     if len(class_dirs) < 2:
         raise UsageError(
-            f"{folder} has only 1 class folder ({class_dirs[0]}); "
-            "a classifier needs at least 2 class folders"
+            f"{folder} has only 1 class folder ({class_dirs[0]}); a classifier needs at least 2 class folders"
         )
     label_text = f"{folder.relative_to(root).as_posix()}/" if folder != root else f"{folder}/"
     return class_dirs, _FileList(label_text, root, files, labels, sizes)

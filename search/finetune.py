@@ -117,7 +117,9 @@ def train(
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, momentum=0.9, nesterov=True,
+        lr=settings.lr,
+        momentum=0.9,
+        nesterov=True,
     )
     warmup = max(1, int(settings.steps * settings.warmup_fraction))
 
@@ -161,7 +163,7 @@ def _loss(
     with torch.no_grad():
         target = teacher(x).float()
     t = settings.temperature
-    soft = F.kl_div(
-        F.log_softmax(logits.float() / t, dim=1), F.softmax(target / t, dim=1), reduction="batchmean"
-    ) * (t * t)
+    soft = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.softmax(target / t, dim=1), reduction="batchmean") * (
+        t * t
+    )
     return settings.distill * soft + (1.0 - settings.distill) * hard

@@ -79,9 +79,7 @@ def fingerprint_id(print_: dict[str, Any]) -> str:
 def git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

@@ -61,9 +61,7 @@ class Latency:
         return self.median_ms / self.reference_median_ms
 
 
-def export_onnx(
-    model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = False
-) -> bytes:
+def export_onnx(model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = False) -> bytes:
     """The model as an ONNX file's bytes (opset 17, input ``input``, output ``logits``)."""
     model = model.eval()
     buffer = io.BytesIO()
@@ -94,7 +92,7 @@ def open_session(onnx_model: bytes | str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
 
 
-def _runner(session: ort.InferenceSession, shape: tuple[int, ...]):  # noqa: ANN202
+def _runner(session: ort.InferenceSession, shape: tuple[int, ...]):
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
 
     def run() -> float:

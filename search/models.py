@@ -106,8 +106,7 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if ":" in name:
         return _build_custom(name, num_classes)
     raise UsageError(
-        f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}, "
-        "or give a factory as package.module:function"
+        f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}, or give a factory as package.module:function"
     )
 
 
@@ -122,8 +121,7 @@ def classifier_name(model: nn.Module) -> str:
     name = _find_classifier(model)
     if name is None:
         raise UsageError(
-            f"the model ({type(model).__name__}) has no nn.Linear layer; "
-            "its classifier must be an nn.Linear"
+            f"the model ({type(model).__name__}) has no nn.Linear layer; its classifier must be an nn.Linear"
         )
     return name
 
@@ -161,9 +159,7 @@ def _build_custom(name: str, num_classes: int) -> nn.Module:
     else:
         model = factory()
     if not isinstance(model, nn.Module):
-        raise UsageError(
-            f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise UsageError(f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -184,8 +180,7 @@ def _import_factory(name: str) -> Callable[..., Any]:
             target = getattr(target, attr)
         except AttributeError as error:
             raise UsageError(
-                f"cannot find {attr_path!r} in module {module_name!r} for model {name}: "
-                f"AttributeError: {error}"
+                f"cannot find {attr_path!r} in module {module_name!r} for model {name}: AttributeError: {error}"
             ) from error
     if not callable(target):
         raise UsageError(f"{name} is a {type(target).__name__}, not a function returning a model")
@@ -231,9 +226,7 @@ def load_weights(model: nn.Module, source: str, *, model_name: str) -> LoadedWei
     state, prefix = _strip_prefix(state, model)
     _check_fits(model, state, f"weights {source}", model_name, saved_for)
     _load_strict(model, state, f"weights {source}")
-    return LoadedWeights(
-        source=source, kind=kind, sha256=file_sha256(path), stripped_prefix=prefix
-    )
+    return LoadedWeights(source=source, kind=kind, sha256=file_sha256(path), stripped_prefix=prefix)
 
 
 def _load_imagenet(model: nn.Module, model_name: str) -> LoadedWeights:
@@ -256,9 +249,7 @@ def _load_imagenet(model: nn.Module, model_name: str) -> LoadedWeights:
     state = _as_state_dict(state, described)
     _check_fits(model, state, described, model_name, None)
     _load_strict(model, state, described)
-    return LoadedWeights(
-        source="imagenet", kind="imagenet", sha256=file_sha256(cached), stripped_prefix=None
-    )
+    return LoadedWeights(source="imagenet", kind="imagenet", sha256=file_sha256(cached), stripped_prefix=None)
 
 
 def _imagenet_weights(model_name: str) -> Any:
@@ -267,8 +258,7 @@ def _imagenet_weights(model_name: str) -> Any:
     if spec is None:
         plain = ", ".join(name for name, s in KNOWN_MODELS.items() if not s.small_input)
         raise UsageError(
-            f"ImageNet weights exist only for torchvision models ({plain}), not {model_name}; "
-            "pass --weights PATH"
+            f"ImageNet weights exist only for torchvision models ({plain}), not {model_name}; pass --weights PATH"
         )
     if spec.small_input:
         raise UsageError(
@@ -329,9 +319,7 @@ def _reason(error: BaseException) -> str:
 def _unwrap(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], str, str | None]:
     """The state_dict inside a loaded file, its kind, and the model name it was saved for."""
     if not isinstance(obj, Mapping):
-        raise UsageError(
-            f"weights {source} hold a {type(obj).__name__}, not a state_dict or checkpoint dict"
-        )
+        raise UsageError(f"weights {source} hold a {type(obj).__name__}, not a state_dict or checkpoint dict")
     if obj.get("format") == CHECKPOINT_FORMAT:
         return _unwrap_checkpoint(obj, source)
     if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
@@ -347,9 +335,7 @@ def _unwrap(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], str, str | 
     )
 
 
-def _unwrap_checkpoint(
-    obj: Mapping[str, Any], source: str
-) -> tuple[dict[str, torch.Tensor], str, str | None]:
+def _unwrap_checkpoint(obj: Mapping[str, Any], source: str) -> tuple[dict[str, torch.Tensor], str, str | None]:
     """The state_dict of this tool's checkpoint, after checking its version."""
     version = obj.get("version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
@@ -369,22 +355,17 @@ def _as_state_dict(obj: Any, described: str) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise UsageError(
-                f"{described} are not a state_dict: entry {key!r} is a {type(value).__name__}, "
-                "not a tensor"
+                f"{described} are not a state_dict: entry {key!r} is a {type(value).__name__}, not a tensor"
             )
     return obj if isinstance(obj, dict) else dict(obj)
 
 
-def _strip_prefix(
-    state: dict[str, torch.Tensor], model: nn.Module
-) -> tuple[dict[str, torch.Tensor], str | None]:
+def _strip_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], str | None]:
     """Remove DataParallel's ``module.`` (or torch.compile's) prefix when every key has it."""
     model_keys = model.state_dict().keys()
     stripped = ""
     for prefix in _STRIPPABLE_PREFIXES:
-        if all(key.startswith(prefix) for key in state) and not all(
-            key.startswith(prefix) for key in model_keys
-        ):
+        if all(key.startswith(prefix) for key in state) and not all(key.startswith(prefix) for key in model_keys):
             state = OrderedDict((key[len(prefix) :], value) for key, value in state.items())
             stripped += prefix
     return state, stripped or None
@@ -416,14 +397,10 @@ class _Mismatch:
 def _compare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> _Mismatch:
     """Differences between the file's tensors and the model's expected shapes."""
     shapes = [
-        (key, state[key].shape, shape)
-        for key, shape in expected.items()
-        if key in state and state[key].shape != shape
+        (key, state[key].shape, shape) for key, shape in expected.items() if key in state and state[key].shape != shape
     ]
     missing = [
-        (key, shape)
-        for key, shape in expected.items()
-        if key not in state and not key.endswith("num_batches_tracked")
+        (key, shape) for key, shape in expected.items() if key not in state and not key.endswith("num_batches_tracked")
     ]
     unexpected = [(key, value.shape) for key, value in state.items() if key not in expected]
     return _Mismatch(shapes, missing, unexpected)
@@ -486,11 +463,14 @@ def _describe(mismatch: _Mismatch, model_name: str | None = None) -> str:
     """``conv1.weight is [..] in the file but [..] in the model (hint); missing: ...``."""
     parts = []
     if mismatch.shapes:
-        parts.append(", ".join(
-            f"{key} is {_shape(found)} in the file but {_shape(wanted)} in the model"
-            + _stem_hint(key, found, wanted, model_name)
-            for key, found, wanted in mismatch.shapes[:_MAX_LISTED]
-        ) + _more(mismatch.shapes))
+        parts.append(
+            ", ".join(
+                f"{key} is {_shape(found)} in the file but {_shape(wanted)} in the model"
+                + _stem_hint(key, found, wanted, model_name)
+                for key, found, wanted in mismatch.shapes[:_MAX_LISTED]
+            )
+            + _more(mismatch.shapes)
+        )
     for label, entries in (("missing", mismatch.missing), ("unexpected", mismatch.unexpected)):
         if entries:
             listed = ", ".join(f"{key} {_shape(shape)}" for key, shape in entries[:_MAX_LISTED])
@@ -522,9 +502,7 @@ def _stem_hint(key: str, found: torch.Size, wanted: torch.Size, model_name: str 
     return ""
 
 
-def _guess_hint(
-    state: Mapping[str, torch.Tensor], mismatch: _Mismatch, model_name: str, saved_for: str | None
-) -> str:
+def _guess_hint(state: Mapping[str, torch.Tensor], mismatch: _Mismatch, model_name: str, saved_for: str | None) -> str:
     """``; they look like resnet34 weights: try --model resnet34`` when that is clear."""
     if any(_stem_hint(key, found, wanted, model_name) for key, found, wanted in mismatch.shapes):
         return ""
@@ -555,9 +533,7 @@ def _matching_known_model(state: Mapping[str, torch.Tensor]) -> str | None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(
-    path: str | Path, model: nn.Module, *, model_name: str, num_classes: int, meta: dict
-) -> str:
+def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int, meta: dict) -> str:
     """Write this tool's checkpoint atomically; return the file's SHA-256.
 
     ``meta`` must hold only str/int/float/bool/None in dicts (str keys), lists and tuples,

@@ -34,9 +34,16 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "trial": self.number, "accuracy": self.accuracy, "accuracy_before": self.accuracy_before,
-            "latency_ms": self.latency_ms, "latency_ratio": self.ratio, "p90_ms": self.p90_ms,
-            "macs": self.macs, "params": self.params, "feasible": self.feasible, "recipe": self.recipe,
+            "trial": self.number,
+            "accuracy": self.accuracy,
+            "accuracy_before": self.accuracy_before,
+            "latency_ms": self.latency_ms,
+            "latency_ratio": self.ratio,
+            "p90_ms": self.p90_ms,
+            "macs": self.macs,
+            "params": self.params,
+            "feasible": self.feasible,
+            "recipe": self.recipe,
             "policy": self.policy.to_dict(),
         }
 
@@ -54,7 +61,9 @@ def rows(study: optuna.Study) -> list[Row]:
                 accuracy_before=a.get("accuracy_before"),
                 latency_ms=float(t.values[1]),
                 ratio=float(a["latency"]["ratio"]),
-                p90_ms=float(a["latency"]["p90_ms"]) * float(a["latency"]["corrected_ms"]) / float(a["latency"]["median_ms"]),
+                p90_ms=float(a["latency"]["p90_ms"])
+                * float(a["latency"]["corrected_ms"])
+                / float(a["latency"]["median_ms"]),
                 macs=int(a.get("macs", 0)),
                 params=int(a.get("params", 0)),
                 feasible=bool(a.get("feasible")),
@@ -71,7 +80,8 @@ def pareto_front(all_rows: list[Row], *, feasible_only: bool = True) -> list[Row
     front = []
     for r in candidates:
         dominated = any(
-            o.accuracy >= r.accuracy and o.latency_ms <= r.latency_ms  # type: ignore[operator]
+            o.accuracy >= r.accuracy
+            and o.latency_ms <= r.latency_ms  # type: ignore[operator]
             and (o.accuracy > r.accuracy or o.latency_ms < r.latency_ms)  # type: ignore[operator]
             for o in candidates
         )
@@ -99,22 +109,37 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
     shown = [r for r in all_rows if r.accuracy is not None]
     infeasible = [r for r in shown if not r.feasible]
     feasible = [r for r in shown if r.feasible]
-    ax.scatter([r.latency_ms for r in feasible], [r.accuracy for r in feasible], s=22, color="tab:blue",
-               label="within budget")
-    ax.scatter([r.latency_ms for r in infeasible], [r.accuracy for r in infeasible], s=22, color="0.7",
-               label="over budget")
+    ax.scatter(
+        [r.latency_ms for r in feasible], [r.accuracy for r in feasible], s=22, color="tab:blue", label="within budget"
+    )
+    ax.scatter(
+        [r.latency_ms for r in infeasible], [r.accuracy for r in infeasible], s=22, color="0.7", label="over budget"
+    )
     front = pareto_front(all_rows)
     if front:
-        ax.plot([r.latency_ms for r in front], [r.accuracy for r in front], "-o", color="tab:orange", ms=4,
-                label="Pareto front")
+        ax.plot(
+            [r.latency_ms for r in front],
+            [r.accuracy for r in front],
+            "-o",
+            color="tab:orange",
+            ms=4,
+            label="Pareto front",
+        )
     ax.axvline(budget_ms, color="tab:red", ls="--", lw=1, label=f"budget {budget_ms:g} ms")
     for r in shown:
         if r.recipe:
             ax.annotate(r.recipe, (r.latency_ms, r.accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points")
     best = recommended(all_rows)
     if best is not None:
-        ax.scatter([best.latency_ms], [best.accuracy], s=90, facecolors="none", edgecolors="tab:green", lw=2,
-                   label=f"recommended (trial {best.number})")
+        ax.scatter(
+            [best.latency_ms],
+            [best.accuracy],
+            s=90,
+            facecolors="none",
+            edgecolors="tab:green",
+            lw=2,
+            label=f"recommended (trial {best.number})",
+        )
     ax.set_xlabel("latency, ms (ONNX Runtime, batch 1, drift-corrected median)")
     ax.set_ylabel("top-1 accuracy (validation)")
     ax.set_title(title, fontsize=10)

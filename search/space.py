@@ -136,8 +136,7 @@ class SearchSpace:
         lose to it), so the fastest reachable latency is the minimum measured over these.
         """
         stages = {
-            s.name: StagePolicy(stream=s.stream.high, inner=s.inner.high, criterion=s.criteria[0])
-            for s in self.stages
+            s.name: StagePolicy(stream=s.stream.high, inner=s.inner.high, criterion=s.criteria[0]) for s in self.stages
         }
         return [Policy(stages=stages, round_to=r) for r in self.round_to]
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UsageError
 
@@ -24,17 +25,19 @@ def open_storage(url: str) -> RDBStorage:
     if "://" not in url:
         raise UsageError(f"storage {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/name.db")
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
+        path = Path(url[len("sqlite:///") :])
         if str(path) and path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=2 * HEARTBEAT_SECONDS,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=2 * HEARTBEAT_SECONDS,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
     except ModuleNotFoundError as exc:
         raise UsageError(f"storage {url!r} needs the database driver {exc.name!r}; pip install it") from None
     except Exception as exc:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
@@ -48,4 +51,3 @@ def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
     if name not in names:
         return None
     return optuna.load_study(study_name=name, storage=storage)
-

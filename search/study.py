@@ -51,7 +51,9 @@ class SearchResult:
     interrupted: bool = False
 
 
-def settings_that_must_match(config: SearchConfig, data: Dataset, space: SearchSpace, baseline: Baseline) -> dict[str, Any]:
+def settings_that_must_match(
+    config: SearchConfig, data: Dataset, space: SearchSpace, baseline: Baseline
+) -> dict[str, Any]:
     """What a resumed study must share with the run that created it, or its numbers mix."""
     return {
         "budget_ms": config.budget_ms,
@@ -70,10 +72,18 @@ def settings_that_must_match(config: SearchConfig, data: Dataset, space: SearchS
 
 
 _FLAGS = {
-    "budget_ms": "--budget-ms", "model": "--model", "baseline_sha256": "--weights",
-    "data_fingerprint": "--data", "input_size": "--input-size", "space_sha256": "--space (its contents)",
-    "threads": "--threads", "finetune_steps": "--finetune-steps", "finetune_batch": "--finetune-batch",
-    "finetune_lr": "--finetune-lr", "distill": "--distill", "bn_batches": "--bn-batches",
+    "budget_ms": "--budget-ms",
+    "model": "--model",
+    "baseline_sha256": "--weights",
+    "data_fingerprint": "--data",
+    "input_size": "--input-size",
+    "space_sha256": "--space (its contents)",
+    "threads": "--threads",
+    "finetune_steps": "--finetune-steps",
+    "finetune_batch": "--finetune-batch",
+    "finetune_lr": "--finetune-lr",
+    "distill": "--distill",
+    "bn_batches": "--bn-batches",
 }
 
 
@@ -85,8 +95,13 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
     space = load_space(config.space or default_space_path(model_family(config.model)))
     studies_dir = Path(config.studies_dir)
     baseline = prepare_baseline(
-        config.model, config.weights, data, cache_dir=studies_dir / "cache",
-        epochs=config.baseline_epochs, seed=config.seed, reporter=reporter,
+        config.model,
+        config.weights,
+        data,
+        cache_dir=studies_dir / "cache",
+        epochs=config.baseline_epochs,
+        seed=config.seed,
+        reporter=reporter,
     )
     latency = LatencySettings(threads=config.threads)
     hardware = fingerprint(config.threads)
@@ -94,7 +109,9 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
     baseline_onnx = export_onnx(baseline.model, data.example_input())
     study = load_existing(storage, config.study_name)
     if study is None:
-        study = _create_study(config, storage, data, space, baseline, baseline_onnx, latency, settings, hardware, reporter)
+        study = _create_study(
+            config, storage, data, space, baseline, baseline_onnx, latency, settings, hardware, reporter
+        )
     else:
         _check_resumable(study, settings, config)
         reporter.info(f"Resuming study {config.study_name!r} ({len(study.trials)} trials so far)")
@@ -110,8 +127,11 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         budget_ms=config.budget_ms,
         latency=latency,
         finetune=TrainSettings(
-            steps=config.finetune_steps, batch_size=config.finetune_batch, lr=config.finetune_lr,
-            distill=config.distill, precision=config.precision,
+            steps=config.finetune_steps,
+            batch_size=config.finetune_batch,
+            lr=config.finetune_lr,
+            distill=config.distill,
+            precision=config.precision,
         ),
         bn_batches=config.bn_batches,
         hardware=hardware,
@@ -164,10 +184,14 @@ def _create_study(
     accuracy = top1(baseline.model, data, "val", reporter=reporter)
     reporter.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
     study = optuna.create_study(
-        study_name=config.study_name, storage=storage, directions=["maximize", "minimize"],
+        study_name=config.study_name,
+        storage=storage,
+        directions=["maximize", "minimize"],
         sampler=_sampler(config, space),
     )
-    study.set_metric_names(["accuracy", "latency_ms"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["accuracy", "latency_ms"])
     for key, value in {
         "baseline_latency_ms": base.median_ms,
         "baseline_latency_p90_ms": base.p90_ms,
@@ -176,11 +200,22 @@ def _create_study(
         "budget_ms": config.budget_ms,
         "settings": settings,
         "config": config.to_dict(),
-        "baseline": {"model": baseline.model_name, "weights": baseline.weights, "sha256": baseline.sha256,
-                     "trained_here": baseline.trained_here},
-        "data": {"name": data.name, "classes": data.classes, "input_size": data.input_size,
-                 "mean": list(data.mean), "std": list(data.std), "train": len(data.train), "val": len(data.val),
-                 "test": len(data.test) if data.test is not None else 0},
+        "baseline": {
+            "model": baseline.model_name,
+            "weights": baseline.weights,
+            "sha256": baseline.sha256,
+            "trained_here": baseline.trained_here,
+        },
+        "data": {
+            "name": data.name,
+            "classes": data.classes,
+            "input_size": data.input_size,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "train": len(data.train),
+            "val": len(data.val),
+            "test": len(data.test) if data.test is not None else 0,
+        },
         "space": {"path": space.path, "text": Path(space.path).read_text()},
         "hardware": hardware,
         "versions": package_versions(),
@@ -213,8 +248,12 @@ def _fastest_reachable(
         model = copy.deepcopy(baseline.model)
         taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
         apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
-        measured = measure(export_onnx(model, data.example_input()), tuple(data.example_input().shape), latency,
-                           reference=baseline_onnx)
+        measured = measure(
+            export_onnx(model, data.example_input()),
+            tuple(data.example_input().shape),
+            latency,
+            reference=baseline_onnx,
+        )
         assert measured.ratio is not None
         best = min(best, measured.ratio * baseline_ms)
     reporter.info(f"Fastest policy in the space: {best:.2f} ms")
@@ -224,8 +263,9 @@ def _fastest_reachable(
 def _check_resumable(study: optuna.Study, settings: dict[str, Any], config: SearchConfig) -> None:
     stored = study.user_attrs.get("settings")
     if stored is None:
-        raise UsageError(f"study {config.study_name!r} in {config.storage_url} was not made by this tool; "
-                         f"pick another --study name")
+        raise UsageError(
+            f"study {config.study_name!r} in {config.storage_url} was not made by this tool; pick another --study name"
+        )
     for key, value in settings.items():
         if key in stored and stored[key] != value:
             raise UsageError(
@@ -246,7 +286,8 @@ def _sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSa
 
 def _finished(study: optuna.Study) -> int:
     return sum(
-        1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        1
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
         if not t.user_attrs.get("interrupted")
     )
 
@@ -261,7 +302,10 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
         try:
             outcome = run_trial(trial, ctx)
         except KeyboardInterrupt:
+            # The trial is marked FAIL by optuna; its policy goes back in the queue for the next run.
             trial.set_user_attr("interrupted", True)
+            recipe = trial.user_attrs.get("recipe")
+            trial.study.enqueue_trial(trial.params, user_attrs={"recipe": recipe} if recipe else None)
             raise
         except Exception as exc:  # recorded on the trial; optuna marks it FAIL and the study goes on
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -279,9 +323,6 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
             try:
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
             except KeyboardInterrupt:
-                last = study.trials[-1]
-                if last.user_attrs.get("interrupted"):
-                    study.enqueue_trial(last.params, user_attrs=_recipe_of(last))
                 return ran, True
             last = study.trials[-1]
             if last.state == TrialState.COMPLETE:
@@ -289,11 +330,6 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
             ran += 1
             progress.advance(1)
     return ran, False
-
-
-def _recipe_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    recipe = trial.user_attrs.get("recipe")
-    return {"recipe": recipe} if recipe else {}
 
 
 def _trial_line(t: optuna.trial.FrozenTrial) -> str:
@@ -307,5 +343,7 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
         accuracy += f" (before fine-tune {attrs['accuracy_before']:.4f})"
     recipe = f" [{attrs['recipe']}]" if attrs.get("recipe") else ""
     took = sum(attrs.get("seconds", {}).values())
-    return (f"Trial {number}{recipe}: {latency['corrected_ms']:.2f} ms ({latency['ratio']:.0%} of baseline), "
-            f"{accuracy}, {status}, {took:.0f} s")
+    return (
+        f"Trial {number}{recipe}: {latency['corrected_ms']:.2f} ms ({latency['ratio']:.0%} of baseline), "
+        f"{accuracy}, {status}, {took:.0f} s"
+    )

@@ -127,8 +127,15 @@ def _finetune_and_score(trial: optuna.Trial, ctx: TrialContext, model: nn.Module
     settings = dataclasses.replace(ctx.finetune, seed=trial.number)
     result = train(model, ctx.data, settings, teacher=ctx.baseline, reporter=reporter, description="fine-tune")
     seconds["finetune"] = result.seconds
-    trial.set_user_attr("finetune", {"steps": result.steps, "images_per_second": round(result.images_per_second, 1),
-                                     "final_loss": result.final_loss, "distill": settings.distill})
+    trial.set_user_attr(
+        "finetune",
+        {
+            "steps": result.steps,
+            "images_per_second": round(result.images_per_second, 1),
+            "final_loss": result.final_loss,
+            "distill": settings.distill,
+        },
+    )
     trial.set_user_attr("fine_tuned", True)
 
     reporter.phase("evaluate")
@@ -191,4 +198,3 @@ def _copy_outcome(trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, report
     reporter.phase(f"same policy as trial {earlier.number}: reusing its result")
     accuracy, latency_ms = earlier.values
     return TrialOutcome(accuracy=accuracy, latency_ms=latency_ms, feasible=bool(earlier.user_attrs.get("feasible")))
-

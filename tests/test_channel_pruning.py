@@ -33,8 +33,12 @@ def test_uniform_policy_removes_the_expected_channels_and_keeps_the_classifier()
 
 def test_residual_coupled_channels_are_pruned_together() -> None:
     space = load_space("spaces/resnet18.toml")
-    policy = Policy(stages={name: StagePolicy(stream=0.25 if name == "layer2" else 0.0) for name in
-                            ("layer1", "layer2", "layer3", "layer4")})
+    policy = Policy(
+        stages={
+            name: StagePolicy(stream=0.25 if name == "layer2" else 0.0)
+            for name in ("layer1", "layer2", "layer3", "layer4")
+        }
+    )
     ch = apply_policy(_resnet18(), policy, space, X[:1]).channels
     assert ch["layer2.0.conv2"] == ch["layer2.0.downsample.0"] == ch["layer2.1.conv2"] == 96
     assert ch["layer2.0.conv1"] == 128 and ch["layer2.1.conv1"] == 128, "inner channels untouched"
@@ -69,8 +73,9 @@ def test_same_shapes_give_the_same_architecture_hash_whatever_the_criterion() ->
     assert a.arch_hash == b.arch_hash != c.arch_hash
 
 
-@pytest.mark.parametrize("arch,space_file", [("resnet50", "resnet50"), ("mobilenet_v2", "mobilenet_v2"),
-                                             ("resnet34", "resnet34")])
+@pytest.mark.parametrize(
+    "arch,space_file", [("resnet50", "resnet50"), ("mobilenet_v2", "mobilenet_v2"), ("resnet34", "resnet34")]
+)
 def test_other_families_prune_and_still_run(arch: str, space_file: str) -> None:
     space = load_space(f"spaces/{space_file}.toml")
     model = getattr(torchvision.models, arch)(num_classes=10).eval()

@@ -43,9 +43,7 @@ def _identity(split: torch.Tensor) -> set[bytes]:
     return {bytes(image.numpy().tobytes()) for image in split}
 
 
-def _write_cifar(
-    folder: Path, per_batch: int = 12, names: tuple[str, ...] = ("a", "b", "c")
-) -> None:
+def _write_cifar(folder: Path, per_batch: int = 12, names: tuple[str, ...] = ("a", "b", "c")) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -88,9 +86,7 @@ def test_digits_split_is_deterministic_per_seed(digits: Dataset) -> None:
     assert torch.equal(again.val.images, digits.val.images)
     assert again.fingerprint == digits.fingerprint
     other = load_dataset(DataSpec("digits", input_size=32, seed=1))
-    assert not torch.equal(other.val.labels, digits.val.labels) or not torch.equal(
-        other.val.images, digits.val.images
-    )
+    assert not torch.equal(other.val.labels, digits.val.labels) or not torch.equal(other.val.images, digits.val.images)
     assert other.fingerprint != digits.fingerprint
 
 
@@ -140,9 +136,7 @@ def test_imagefolder_train_val_layout(tmp_path: Path) -> None:
         next(data.batches("test", 4, shuffle=False, augment=False))
     again = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=16))
     assert again.fingerprint == data.fingerprint
-    assert load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=8)).fingerprint != (
-        data.fingerprint
-    )
+    assert load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=8)).fingerprint != (data.fingerprint)
 
 
 def test_imagefolder_optional_test_split(tmp_path: Path) -> None:
@@ -171,9 +165,7 @@ def test_imagefolder_decodes_mixed_formats(tmp_path: Path) -> None:
     Image.new("P", (9, 9), 3).save(tmp_path / "rgba" / "b.bmp")
     (tmp_path / "rgba" / "notes.txt").write_text("ignored: not an image extension")
     reporter = RecordingReporter()
-    data = load_dataset(
-        DataSpec(f"imagefolder:{tmp_path}", input_size=9, val_fraction=0.5), reporter
-    )
+    data = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=9, val_fraction=0.5), reporter)
     assert len(data.train) + len(data.val) == 4
     assert not reporter.warnings
 
@@ -188,9 +180,7 @@ def test_imagefolder_single_folder_is_split_per_class(tmp_path: Path) -> None:
     again = load_dataset(spec)
     assert torch.equal(again.val.images, data.val.images)
     assert again.fingerprint == data.fingerprint
-    assert load_dataset(
-        DataSpec(spec.source, input_size=8, val_fraction=0.2, seed=5)
-    ).fingerprint != (data.fingerprint)
+    assert load_dataset(DataSpec(spec.source, input_size=8, val_fraction=0.2, seed=5)).fingerprint != (data.fingerprint)
 
 
 def test_imagefolder_resizes_shorter_side_then_centre_crops(tmp_path: Path) -> None:

@@ -99,7 +99,8 @@ def test_unknown_model_lists_known_names_and_factory_form() -> None:
 def custom_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """An importable module with a tiny CNN and a few factories; returns its name."""
     name = f"tiny_nets_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         class TinyNet(nn.Module):
@@ -120,7 +121,8 @@ def custom_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
         def not_a_model(num_classes=10):
             return "a string"
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     sys.modules.pop(name, None)
@@ -148,8 +150,7 @@ def test_bad_custom_factory_names_module_and_reason(custom_module: str) -> None:
 
 def test_imagenet_refused_for_custom_and_small_input_models(custom_module: str) -> None:
     with pytest.raises(UsageError, match="--weights PATH"):
-        load_weights(build_model(f"{custom_module}:tiny", 3), "imagenet",
-                     model_name=f"{custom_module}:tiny")
+        load_weights(build_model(f"{custom_module}:tiny", 3), "imagenet", model_name=f"{custom_module}:tiny")
     with pytest.raises(UsageError, match="--model resnet18"):
         load_weights(build_model("resnet18_cifar", 1000), "imagenet", model_name="resnet18_cifar")
 
@@ -210,8 +211,9 @@ def test_meta_of_plain_state_dict_is_none(trained_file: str) -> None:
 
 def test_checkpoint_meta_must_be_plain_data(tmp_path: Path, trained: nn.Module) -> None:
     with pytest.raises(TypeError, match="meta"):
-        save_checkpoint(tmp_path / "c.pt", trained, model_name="resnet18_cifar", num_classes=10,
-                        meta={"path": Path("x")})
+        save_checkpoint(
+            tmp_path / "c.pt", trained, model_name="resnet18_cifar", num_classes=10, meta={"path": Path("x")}
+        )
     assert not (tmp_path / "c.pt").exists()
 
 
@@ -270,9 +272,7 @@ def _hub_file(hub: Path, arch: str) -> Path:
     return hub / "checkpoints" / os.path.basename(url)
 
 
-def test_imagenet_without_hub_cache_names_expected_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_imagenet_without_hub_cache_names_expected_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(UsageError) as raised:
         load_weights(build_model("resnet18", 1000), "imagenet", model_name="resnet18")
@@ -298,8 +298,7 @@ def test_imagenet_loads_from_hub_cache(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.skipif(not SHARED_BASELINE.exists(), reason=f"{SHARED_BASELINE} is absent")
 def test_shared_cifar10_baseline_loads_into_resnet18_cifar() -> None:
-    loaded = load_weights(build_model("resnet18_cifar", 10), str(SHARED_BASELINE),
-                          model_name="resnet18_cifar")
+    loaded = load_weights(build_model("resnet18_cifar", 10), str(SHARED_BASELINE), model_name="resnet18_cifar")
     assert loaded.kind == "state_dict"
     with pytest.raises(UsageError, match="try --model resnet18_cifar"):
         load_weights(build_model("resnet18", 10), str(SHARED_BASELINE), model_name="resnet18")

@@ -1,0 +1,135 @@
+"""The CLI end to end on a tiny setting, and every bad input as a one-line error with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) -> dict[str, str]:
+    """A finished tiny study made through the CLI, which the bad-input tests must leave intact."""
+    studies = tmp_path_factory.mktemp("cli") / "studies"
+    common = [
+        "--weights",
+        str(trained_weights),
+        "--input-size",
+        "32",
+        "--studies-dir",
+        str(studies),
+        "--study",
+        "cli-tiny",
+        "--finetune-steps",
+        "2",
+        "--bn-batches",
+        "2",
+    ]
+    first = run_cli("search", "--budget-ms", "1000", "--trials", "5", *common)
+    return {
+        "studies": str(studies),
+        "first_out": first.stdout,
+        "first_err": first.stderr,
+        "first_code": str(first.returncode),
+        "common": "\x00".join(common),
+    }
+
+
+def _trials(tiny: dict[str, str]) -> int:
+    url = f"sqlite:///{tiny['studies']}/cli-tiny.db"
+    return len(optuna.load_study(study_name="cli-tiny", storage=url).trials)
+
+
+@pytest.mark.slow
+def test_search_end_to_end_prints_front_plot_and_dashboard_command(tiny_study: dict[str, str]) -> None:
+    out = tiny_study["first_out"]
+    assert tiny_study["first_code"] == "0", tiny_study["first_err"]
+    assert "Baseline latency:" in out and "Created study 'cli-tiny'" in out
+    assert "Pareto front of study 'cli-tiny'" in out
+    assert "Recommended: trial" in out
+    assert f"optuna-dashboard sqlite:///{tiny_study['studies']}/cli-tiny.db" in out
+    assert (Path(tiny_study["studies"]) / "cli-tiny" / "pareto.png").stat().st_size > 10_000
+    assert "already meets the budget" in tiny_study["first_err"] + out  # 1000 ms: the unpruned model fits
+    assert _trials(tiny_study) == 5
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_pareto_command_reads_the_study(tiny_study: dict[str, str]) -> None:
+    common = tiny_study["common"].split("\x00")
+    again = run_cli("search", "--budget-ms", "1000", "--trials", "6", *common)
+    assert again.returncode == 0, again.stderr
+    assert "Resuming study 'cli-tiny' (5 trials so far)" in again.stdout
+    assert _trials(tiny_study) == 6
+    shown = run_cli("pareto", "--study", "cli-tiny", "--studies-dir", tiny_study["studies"], "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    assert '"recommended"' in shown.stdout and '"front"' in shown.stdout
+
+
+def _bad(tiny: dict[str, str], *override: str) -> subprocess.CompletedProcess[str]:
+    """Run search against the tiny study with some options replaced, and check the study is intact."""
+    before = _trials(tiny)
+    args = dict(zip(tiny["common"].split("\x00")[::2], tiny["common"].split("\x00")[1::2], strict=True))
+    args.update(dict(zip(override[::2], override[1::2], strict=True)))
+    args.setdefault("--budget-ms", "1000")
+    flat = [item for pair in args.items() for item in pair if item != ""]
+    result = run_cli("search", "--trials", "50", *flat)
+    assert _trials(tiny) == before, "a bad input must not change the study"
+    return result
+
+
+@pytest.mark.slow
+def test_bad_data_inputs(tiny_study: dict[str, str], tmp_path: Path) -> None:
+    assert_usage_error(_bad(tiny_study, "--data", f"imagefolder:{tmp_path / 'nope'}"), "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(_bad(tiny_study, "--data", f"imagefolder:{empty}"), str(empty))
+    broken = tmp_path / "broken"
+    for cls in ("a", "b"):
+        (broken / cls).mkdir(parents=True)
+        (broken / cls / "x.jpg").write_bytes(b"not an image")
+    assert_usage_error(_bad(tiny_study, "--data", f"imagefolder:{broken}"), "unreadable")
+    assert_usage_error(_bad(tiny_study, "--data", "mnist"), "mnist")
+
+
+@pytest.mark.slow
+def test_bad_model_and_weights(tiny_study: dict[str, str], tmp_path: Path) -> None:
+    assert_usage_error(_bad(tiny_study, "--model", "resnet19"), "resnet19")
+    assert_usage_error(_bad(tiny_study, "--model", "resnet34", "--study", "other"), "layer", "[")
+    from search.models import build_model
+
+    three = tmp_path / "three_classes.pth"
+    torch.save(build_model("resnet18", 3).state_dict(), three)
+    assert_usage_error(_bad(tiny_study, "--weights", str(three)), "3", "10 classes")
+    assert_usage_error(_bad(tiny_study, "--weights", str(tmp_path / "missing.pth")), "missing.pth")
+
+
+@pytest.mark.slow
+def test_bad_budget_and_storage(tiny_study: dict[str, str]) -> None:
+    for budget in ("0", "-5", "fast"):
+        result = _bad(tiny_study, "--budget-ms", budget)
+        assert result.returncode == 2 and "--budget-ms" in result.stderr and "Traceback" not in result.stderr
+    assert_usage_error(
+        _bad(tiny_study, "--budget-ms", "0.0001", "--study", "too-fast"), "below the fastest policy", "ms"
+    )
+    assert_usage_error(_bad(tiny_study, "--storage", "notaurl"), "SQLAlchemy URL")
+    assert_usage_error(_bad(tiny_study, "--storage", "postgresql+nodriver://x@localhost/db"), "storage")
+    assert_usage_error(_bad(tiny_study, "--budget-ms", "900"), "different --budget-ms")

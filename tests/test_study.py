@@ -1,0 +1,159 @@
+"""A real SQLite study on tiny settings: recipes first, trials recorded, resumed, faults survived."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search import trial as trial_module
+from search.config import SearchConfig
+from search.data import DataSpec
+from search.errors import UsageError
+from search.progress import RecordingReporter
+from search.report import pareto_front, recommended, rows
+from search.study import run_search
+
+
+@pytest.fixture()
+def config(tmp_path: Path, trained_weights: Path) -> SearchConfig:
+    return SearchConfig(
+        budget_ms=1e6,  # replaced per test with a budget relative to the measured baseline
+        model="resnet18",
+        weights=str(trained_weights),
+        data=DataSpec("digits", input_size=32),
+        study="tiny",
+        trials=6,
+        finetune_steps=2,
+        bn_batches=2,
+        studies_dir=str(tmp_path / "studies"),
+    )
+
+
+def _baseline_ms(config: SearchConfig) -> float:
+    """The unpruned model's latency, measured as the study will measure it."""
+    import torch
+
+    from search.latency import LatencySettings, export_onnx, measure
+    from search.models import build_model
+
+    model = build_model(config.model, 10)
+    model.load_state_dict(torch.load(config.weights, weights_only=True))
+    x = torch.zeros(1, 3, 32, 32)
+    return measure(export_onnx(model, x), tuple(x.shape), LatencySettings()).median_ms
+
+
+@pytest.mark.slow
+def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
+    budget = round(0.8 * _baseline_ms(config), 3)
+    config = replace(config, budget_ms=budget)
+    reporter = RecordingReporter()
+    result = run_search(config, reporter)
+    study = result.study
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 6
+    recipes = [t.user_attrs.get("recipe") for t in trials[:4]]
+    assert recipes == ["unpruned", "uniform 0.2 l1", "uniform 0.35 l1", "uniform 0.5 l1"]
+
+    unpruned = trials[0]
+    assert unpruned.user_attrs["feasible"] is False, "the unpruned model is over a budget of 80% of itself"
+    assert unpruned.user_attrs["fine_tuned"] is False
+    assert unpruned.values[0] == pytest.approx(study.user_attrs["baseline_accuracy"])
+    half = trials[3]
+    assert half.user_attrs["feasible"] is True and half.user_attrs["fine_tuned"] is True
+    for key in (
+        "policy",
+        "channels",
+        "latency",
+        "macs",
+        "params",
+        "accuracy_before",
+        "accuracy",
+        "seconds",
+        "hardware",
+    ):
+        assert key in half.user_attrs, key
+    assert half.user_attrs["channels"]["layer4.0.conv1"] == 256
+    assert set(half.user_attrs["latency"]) >= {"median_ms", "p90_ms", "ratio", "corrected_ms", "baseline_median_ms"}
+    assert half.values[1] == pytest.approx(
+        half.user_attrs["latency"]["ratio"] * study.user_attrs["baseline_latency_ms"], rel=1e-3
+    )
+    assert half.constraints["latency_over_budget_ms"] <= 0 < unpruned.constraints["latency_over_budget_ms"]
+    assert set(half.user_attrs["seconds"]) >= {"prune", "latency", "bn_recalibration", "finetune", "evaluate"}
+    for key in ("baseline_latency_ms", "budget_ms", "settings", "versions", "hardware", "space"):
+        assert key in study.user_attrs, key
+    assert any("Trial 3" in line for line in reporter.infos)
+
+    best = recommended(rows(study))
+    assert best is not None and best.latency_ms <= budget
+    assert best in pareto_front(rows(study))
+
+    # Running the same search again with a larger --trials resumes the study.
+    resumed = run_search(replace(config, trials=8))
+    assert resumed.study.study_name == "tiny"
+    assert len(resumed.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
+    assert resumed.ran == 2
+
+    with pytest.raises(UsageError, match="different --budget-ms"):
+        run_search(replace(config, budget_ms=budget / 2, trials=9))
+    assert len(optuna.load_study(study_name="tiny", storage=config.storage_url).trials) == 8, "study left intact"
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(
+    config: SearchConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = trial_module.apply_policy
+
+    def flaky(model, policy, *args, **kwargs):
+        if policy.stages["layer1"].stream == 0.35:
+            raise RuntimeError("simulated crash in channel pruning")
+        return real(model, policy, *args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "apply_policy", flaky)
+    reporter = RecordingReporter()
+    study = run_search(replace(config, trials=5), reporter).study
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 1
+    assert failed[0].user_attrs["error"] == "RuntimeError: simulated crash in channel pruning"
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    assert any("simulated crash" in w for w in reporter.warnings)
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_study_that_resumes_the_interrupted_policy(
+    config: SearchConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = trial_module.train
+    calls = {"n": 0}
+
+    def interrupted_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "train", interrupted_once)
+    first = run_search(replace(config, trials=5))
+    assert first.interrupted
+    stopped = next(t for t in first.study.trials if t.user_attrs.get("interrupted"))
+    assert stopped.state == optuna.trial.TrialState.FAIL
+    assert stopped.user_attrs["interrupted"] is True
+    assert stopped.user_attrs["recipe"] == "uniform 0.35 l1"
+
+    second = run_search(replace(config, trials=5))
+    assert not second.interrupted
+    done = second.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 5
+    assert [t.user_attrs.get("recipe") for t in done].count("uniform 0.35 l1") == 1, "retried after resume"
+
+
+@pytest.mark.slow
+def test_budget_below_the_fastest_policy_is_refused_before_any_study_exists(config: SearchConfig) -> None:
+    with pytest.raises(UsageError, match="below the fastest policy") as err:
+        run_search(replace(config, budget_ms=0.001))
+    assert "ms" in str(err.value)
+    storage = optuna.storages.RDBStorage(config.storage_url)
+    assert "tiny" not in {s.study_name for s in optuna.get_all_study_summaries(storage)}
