@@ -23,6 +23,9 @@ from search.report import pareto_front, plot_front, recommended, rows
 
 __all__ = ["main"]
 
+DEFAULTS = SearchConfig(budget_ms=1.0)
+"""Where the CLI's defaults come from, so the flags and the library cannot disagree."""
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -118,8 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--trials",
         type=_positive_int,
-        default=12,
-        help="finished trials the study should have; rerunning resumes until then (default: 12)",
+        default=DEFAULTS.trials,
+        help=f"finished trials the study should have; rerunning resumes until then (default: {DEFAULTS.trials})",
     )
     s.add_argument("--timeout", type=_positive_float, help="stop starting new trials after this many seconds")
     s.add_argument("--seed", type=int, default=0, help="sampler and training seed (default: 0)")
@@ -129,8 +132,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--finetune-steps",
         type=_non_negative_int,
-        default=20,
-        help="SGD steps of brief fine-tuning per trial (default: 20)",
+        default=DEFAULTS.finetune_steps,
+        help=f"SGD steps of brief fine-tuning per trial (default: {DEFAULTS.finetune_steps})",
     )
     s.add_argument("--finetune-batch", type=_positive_int, default=32, help="fine-tune batch size (default: 32)")
     s.add_argument("--finetune-lr", type=_positive_float, default=0.01, help="fine-tune peak learning rate")
@@ -143,14 +146,14 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--bn-batches",
         type=_non_negative_int,
-        default=8,
-        help="training batches for BatchNorm recalibration after pruning (default: 8)",
+        default=DEFAULTS.bn_batches,
+        help=f"training batches for BatchNorm recalibration after pruning (default: {DEFAULTS.bn_batches})",
     )
     s.add_argument(
         "--baseline-epochs",
         type=_positive_int,
-        default=2,
-        help="epochs to train a baseline when --weights is omitted (default: 2)",
+        default=DEFAULTS.baseline_epochs,
+        help=f"epochs to train a baseline when --weights is omitted (default: {DEFAULTS.baseline_epochs})",
     )
     s.add_argument(
         "--precision",

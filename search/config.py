@@ -27,7 +27,7 @@ class SearchConfig:
     """Study name; None derives ``<model>-<data>-<budget>ms``."""
     storage: str | None = None
     """A SQLAlchemy URL; None is ``sqlite:///studies/<study>.db``."""
-    trials: int = 12
+    trials: int = 10
     """Finished trials the study should have; a rerun resumes until there are this many."""
     timeout: float | None = None
     """Stop starting new trials after this many seconds."""
@@ -39,9 +39,9 @@ class SearchConfig:
     finetune_lr: float = 0.01
     distill: float = 0.0
     """Weight of distillation from the unpruned model in the brief fine-tune (0 = off)."""
-    bn_batches: int = 8
+    bn_batches: int = 4
     """Training batches used to recalibrate BatchNorm statistics after pruning."""
-    baseline_epochs: int = 2
+    baseline_epochs: int = 3
     """Epochs to train a baseline when no ``weights`` are given."""
     precision: str = "auto"
     """Training arithmetic: auto (bf16 where the CPU has it natively), bf16 or fp32."""

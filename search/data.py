@@ -125,6 +125,9 @@ class Dataset:
     """Whether a horizontal flip is a valid augmentation (False for digits)."""
     fingerprint: str
     """Short sha256 hex of source contents, splits, size and normalisation; stable across runs."""
+    upsample: str = "bilinear"
+    """How stored images are enlarged to ``input_size``: ``nearest`` keeps the sharp pixel edges
+    of tiny images (digits are 8x8), ``bilinear`` suits photos."""
     _mean_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
     _std_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -176,7 +179,7 @@ class Dataset:
             order = torch.arange(count)
         for start in range(0, count, batch_size):
             index = order[start : start + batch_size]
-            x = _to_input(data.images[index], self.input_size)
+            x = _to_input(data.images[index], self.input_size, self.upsample)
             if augment:
                 x = _augment(x, self.flip, generator)
             yield (x - self._mean_tensor) / self._std_tensor, data.labels[index]
@@ -304,13 +307,16 @@ def _base_payload(
 # --------------------------------------------------------------------------- batches
 
 
-def _to_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 N×3×h×w → float32 N×3×size×size in 0..1, bilinear (antialiased when shrinking)."""
+def _to_input(images: torch.Tensor, size: int, upsample: str = "bilinear") -> torch.Tensor:
+    """uint8 N×3×h×w → float32 N×3×size×size in 0..1 (bilinear antialiased when shrinking)."""
     x = images.float().div_(255.0)
     height, width = x.shape[-2:]
     if (height, width) != (size, size):
         shrink = height > size or width > size
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        if upsample == "nearest" and not shrink:
+            x = F.interpolate(x, size=(size, size), mode="nearest-exact")
+        else:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
     return x
 
 
@@ -389,6 +395,7 @@ def _load_digits(spec: DataSpec) -> Dataset:
     classes = [str(d) for d in range(10)]
     payload = _base_payload("digits", classes, {"train": train, "val": val, "test": test}, size, mean, std)
     payload["seed"] = spec.seed
+    payload["upsample"] = "nearest"
     return Dataset(
         "digits",
         classes,
@@ -399,6 +406,7 @@ def _load_digits(spec: DataSpec) -> Dataset:
         mean,
         std,
         flip=False,
+        upsample="nearest",
         fingerprint=_fingerprint(payload),
     )
 
