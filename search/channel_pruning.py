@@ -85,7 +85,7 @@ def apply_policy(
         model=model,
         channels=channels,
         arch_hash=architecture_hash(model, tuple(example_input.shape[1:])),
-        history=graph.pruning_history(),
+        history=[[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in graph.pruning_history()],
         removed=dict(removed),
     )
 

@@ -156,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"epochs to train a baseline when --weights is omitted (default: {DEFAULTS.baseline_epochs})",
     )
     s.add_argument(
-        "--precision",
+        "--train-dtype",
         choices=["auto", "bf16", "fp32"],
         default="auto",
         help="training arithmetic; auto uses bf16 only where the CPU has it natively",
@@ -192,7 +192,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
         distill=args.distill,
         bn_batches=args.bn_batches,
         baseline_epochs=args.baseline_epochs,
-        precision=args.precision,
+        train_dtype=args.train_dtype,
         studies_dir=args.studies_dir,
     )
     with RichReporter(console, verbose=not args.quiet) as reporter:

@@ -43,7 +43,7 @@ class SearchConfig:
     """Training batches used to recalibrate BatchNorm statistics after pruning."""
     baseline_epochs: int = 3
     """Epochs to train a baseline when no ``weights`` are given."""
-    precision: str = "auto"
+    train_dtype: str = "auto"
     """Training arithmetic: auto (bf16 where the CPU has it natively), bf16 or fp32."""
     studies_dir: str = "studies"
 

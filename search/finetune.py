@@ -35,7 +35,7 @@ class TrainSettings:
     distill: float = 0.0
     """Weight of distillation from the unpruned model (0 = cross-entropy only, 1 = only KD)."""
     temperature: float = 4.0
-    precision: str = "auto"
+    train_dtype: str = "auto"
     """``auto`` (bf16 autocast where the CPU has native bf16), ``bf16`` or ``fp32``."""
     seed: int = 0
 
@@ -44,12 +44,12 @@ class TrainSettings:
             raise ValueError("steps must be >= 0")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError("distill must be in [0, 1]")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError("precision must be auto, bf16 or fp32")
+        if self.train_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError("train_dtype must be auto, bf16 or fp32")
 
     @property
     def use_bf16(self) -> bool:
-        return self.precision == "bf16" or (self.precision == "auto" and supports_bf16())
+        return self.train_dtype == "bf16" or (self.train_dtype == "auto" and supports_bf16())
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
             batch_size=config.finetune_batch,
             lr=config.finetune_lr,
             distill=config.distill,
-            precision=config.precision,
+            train_dtype=config.train_dtype,
         ),
         bn_batches=config.bn_batches,
         hardware=hardware,

@@ -84,6 +84,8 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     trial.set_user_attr("channels", pruned.channels)
     trial.set_user_attr("removed", pruned.removed)
     trial.set_user_attr("arch_hash", pruned.arch_hash)
+    # Which channels went, so export rebuilds exactly this model (whatever the criterion).
+    trial.set_user_attr("pruning_history", pruned.history)
     trial.set_user_attr("macs", macs)
     trial.set_user_attr("params", params)
 
