@@ -77,7 +77,7 @@ def apply_policy(
             continue
         scores = _importance(choice.criterion, group, total, generator)
         drop = torch.argsort(scores)[: total - keep].tolist()
-        group.prune(idxs=sorted(drop))
+        group.prune(idxs=sorted(drop), record_history=False)  # the inner group records the history
         removed[f"{stage.name}.{kind}"] += total - keep
     model.zero_grad(set_to_none=True)
     channels = layer_channels(model)

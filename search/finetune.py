@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +58,16 @@ class TrainSettings:
 @dataclass(frozen=True)
 class FinetuneResult:
     steps: int
+    """Steps run by this call (fewer than asked when it resumed from a checkpoint)."""
     seconds: float
     images_per_second: float
     final_loss: float
 
 
-def _forever(data: Dataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for epoch in itertools.count():
+def _forever(
+    data: Dataset, batch_size: int, seed: int, first_epoch: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for epoch in itertools.count(first_epoch):
         yield from data.batches("train", batch_size, shuffle=True, augment=True, seed=seed + epoch)
 
 
@@ -99,8 +105,15 @@ def train(
     teacher: nn.Module | None = None,
     reporter: Reporter | None = None,
     description: str = "fine-tune",
+    steps_per_epoch: int | None = None,
+    checkpoint: Path | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` for ``settings.steps`` SGD steps on the training split."""
+    """Train ``model`` for ``settings.steps`` SGD steps on the training split.
+
+    With ``checkpoint`` and ``steps_per_epoch``, the model, optimizer and schedule are saved at
+    the end of every epoch, and a later call with the same arguments resumes after the last
+    saved epoch instead of starting again.
+    """
     reporter = reporter or NullReporter()
     if settings.steps == 0:
         return FinetuneResult(0, 0.0, 0.0, float("nan"))
@@ -130,12 +143,21 @@ def train(
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    stream = _forever(data, settings.batch_size, settings.seed)
+    done = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        done = int(state["step"])
+    epoch_length = steps_per_epoch or settings.steps
+    stream = _forever(data, settings.batch_size, settings.seed, first_epoch=done // epoch_length)
     start = time.perf_counter()
     images = 0
     loss_value = float("nan")
     with reporter.task(description, settings.steps) as task:
-        for _ in range(settings.steps):
+        task.advance(done)
+        for step in range(done, settings.steps):
             x, y = next(stream)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.use_bf16):
@@ -149,9 +171,19 @@ def train(
             loss_value = float(loss.detach())
             elapsed = time.perf_counter() - start
             task.advance(1, loss=loss_value, img_s=images / max(elapsed, 1e-9))
+            if checkpoint is not None and steps_per_epoch and (step + 1) % steps_per_epoch == 0:
+                _save_state(checkpoint, model, optimizer, scheduler, step + 1)
     model.eval()
     seconds = time.perf_counter() - start
-    return FinetuneResult(settings.steps, seconds, images / max(seconds, 1e-9), loss_value)
+    return FinetuneResult(settings.steps - done, seconds, images / max(seconds, 1e-9), loss_value)
+
+
+def _save_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save({**state, "step": step}, partial)
+    os.replace(partial, path)
 
 
 def _loss(

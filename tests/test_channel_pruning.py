@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from search.channel_pruning import apply_policy
+from search.channel_pruning import apply_policy, layer_channels
 from search.errors import UsageError
 from search.policy import Policy, StagePolicy
 from search.space import load_space
@@ -90,3 +90,20 @@ def test_a_space_for_another_model_is_a_usage_error() -> None:
     space = load_space("spaces/mobilenet_v2.toml")
     with pytest.raises(UsageError, match="matches no module"):
         apply_policy(_resnet18(), space.uniform(0.2), space, X[:1])
+
+
+@pytest.mark.parametrize("criterion", ["l1", "random"])
+def test_pruning_history_rebuilds_exactly_the_same_model(criterion: str) -> None:
+    from search.export import _replay
+
+    space = load_space("spaces/resnet18.toml")
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=10).eval()
+    import copy
+
+    pruned = apply_policy(copy.deepcopy(base), space.uniform(0.35, criterion), space, X[:1])
+    rebuilt = copy.deepcopy(base)
+    _replay(rebuilt, pruned.history, X[:1])
+    assert layer_channels(rebuilt) == pruned.channels
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(X), pruned.model(X))

@@ -1,0 +1,193 @@
+"""Export a tiny study end to end: parity of ONNX with PyTorch, the card, reloadable models, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from search.config import SearchConfig
+from search.data import DataSpec
+from search.errors import UsageError
+from search.export import (
+    ExportSettings,
+    check_parity,
+    export_trial,
+    load_pruned,
+    load_study_baseline,
+    pick_best,
+)
+from search.finetune import TrainSettings, train
+from search.models import build_model
+from search.study import run_search
+from tests.conftest import ROOT
+
+QUICK = ExportSettings(steps=6, parity_images=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) -> SearchConfig:
+    """A finished 4-trial study (the unpruned model and three uniform recipes) on a copy of the weights."""
+    root = tmp_path_factory.mktemp("export")
+    weights = root / "baseline.pth"
+    shutil.copyfile(trained_weights, weights)
+    config = SearchConfig(
+        budget_ms=1e6,
+        weights=str(weights),
+        data=DataSpec("digits", input_size=32),
+        study="tiny",
+        trials=4,
+        finetune_steps=2,
+        bn_batches=2,
+        studies_dir=str(root / "studies"),
+    )
+    run_search(config)
+    return config
+
+
+def _study(config: SearchConfig):
+    import optuna
+
+    return optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+
+
+@pytest.mark.slow
+def test_export_writes_checked_onnx_reloadable_models_and_a_card(tiny: SearchConfig, tmp_path: Path) -> None:
+    base = load_study_baseline(_study(tiny))
+    out = tmp_path / "trial-3"
+    card = export_trial(base, 3, QUICK, out, command="python cli.py export --trial 3")
+
+    for name in ("model.onnx", "model.pt", "model.torchscript.pt", "card.json", "card.md"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "card.json").read_text())
+    assert saved == json.loads(json.dumps(card))
+    for key in (
+        "policy",
+        "channels",
+        "accuracy",
+        "latency",
+        "macs",
+        "params",
+        "files",
+        "data",
+        "command",
+        "versions",
+        "hardware",
+        "onnx_check",
+    ):
+        assert key in saved, key
+    assert saved["recipe"] == "uniform 0.5 l1" and saved["channels"]["layer4.0.conv1"] == 256
+    assert saved["accuracy"]["split"] == "test"
+    assert {"before_finetune", "after_finetune", "baseline", "search_brief_finetune_val"} <= set(saved["accuracy"])
+    assert saved["latency"]["threads"] == 1 and 0 < saved["latency"]["median_ms"] <= saved["latency"]["p90_ms"]
+    assert saved["latency"]["ratio"] < 1.0, "half the channels must time faster than the unpruned model"
+    assert saved["onnx_check"]["max_abs_diff"] <= QUICK.max_abs_diff
+    assert saved["onnx_check"]["top1_agreement"] >= QUICK.min_agreement
+    assert "python cli.py export --trial 3" in (out / "card.md").read_text()
+
+    # The three files give the same predictions on real images.
+    x, _ = next(base.data.batches("test", 16, shuffle=False, augment=False))
+    onnx_out = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        rebuilt = load_pruned(out / "model.pt")(x).numpy()
+        scripted = torch.jit.load(str(out / "model.torchscript.pt"))(x).numpy()
+    np.testing.assert_allclose(rebuilt, onnx_out, atol=1e-4)
+    np.testing.assert_allclose(scripted, onnx_out, atol=1e-4)
+
+    with pytest.raises(UsageError, match="already holds an export"):
+        export_trial(base, 3, QUICK, out, command="again")
+
+
+def test_parity_check_fails_loudly_on_a_different_model(digits32) -> None:
+    from search.latency import export_onnx
+
+    a, b = build_model("resnet18", 10).eval(), build_model("resnet18", 10).eval()
+    with pytest.raises(RuntimeError, match="disagrees"):
+        check_parity(
+            a,
+            export_onnx(b, digits32.example_input(), dynamic_batch=True),
+            digits32,
+            "val",
+            ExportSettings(parity_images=32),
+            threads=1,
+        )
+
+
+@pytest.mark.slow
+def test_bad_export_requests_are_one_line_errors(tiny: SearchConfig, tmp_path: Path) -> None:
+    study = _study(tiny)
+    base = load_study_baseline(study)
+    with pytest.raises(UsageError, match="has no trial 99"):
+        export_trial(base, 99, QUICK, tmp_path / "x", command="")
+    # A baseline that changed since the search is refused (checked by hash).
+    changed = tmp_path / "changed.pth"
+    model = build_model("resnet18", 10)
+    train(model, base.data, TrainSettings(steps=1))
+    torch.save(model.state_dict(), changed)
+    with pytest.raises(UsageError, match="changed since the search"):
+        load_study_baseline(study, weights=str(changed))
+    with pytest.raises(UsageError, match="missing"):
+        load_study_baseline(study, weights=str(tmp_path / "gone.pth"))
+
+
+@pytest.mark.slow
+def test_best_with_nothing_within_budget_names_the_nearest(tiny: SearchConfig, tmp_path: Path) -> None:
+    # A space that enqueues no uniform recipe, a budget of half the unpruned latency, one trial:
+    # the study holds only the unpruned model, over the budget, so --best has nothing to export.
+    space = tmp_path / "no_recipes.toml"
+    text = (ROOT / "spaces" / "resnet18.toml").read_text()
+    space.write_text(text.replace("uniform_ratios = [0.2, 0.35, 0.5]", "uniform_ratios = []"))
+    half = float(_study(tiny).user_attrs["baseline_latency_ms"]) / 2
+    tight = replace(tiny, budget_ms=round(half, 4), study="tight", trials=1, space=str(space))
+    run_search(tight)
+    with pytest.raises(UsageError, match=r"no trial .* within its") as err:
+        pick_best(_study(tight))
+    assert "trial 0 at" in str(err.value)
+
+
+@pytest.mark.slow
+def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) -> None:
+    common = ["--study", "tiny", "--studies-dir", tiny.studies_dir]
+    done = subprocess.run(
+        [sys.executable, "cli.py", "export", *common, "--trial", "2", "--epochs", "1", "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Exported trial 2" in done.stdout
+    onnx = tmp_path / "out" / "trial-2" / "model.onnx"
+    bench = subprocess.run(
+        [sys.executable, "cli.py", "bench", str(onnx), "--threads", "1", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout)["median_ms"] > 0
+    show = subprocess.run(
+        [sys.executable, "cli.py", "show", *common, "--trial", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert show.returncode == 0 and "stage layer1" in show.stdout and "latency" in show.stdout
+    for args, words in [
+        (["export", *common, "--trial", "2", "--out", str(tmp_path / "out")], "already holds an export"),
+        (["export", "--study", "nope", "--studies-dir", tiny.studies_dir, "--best"], "no study database"),
+        (["show", *common, "--trial", "42"], "has no trial 42"),
+        (["bench", str(tmp_path / "missing.onnx")], "does not exist"),
+    ]:
+        bad = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
