@@ -45,11 +45,22 @@ class SearchConfig:
     """Epochs to train a baseline when no ``weights`` are given."""
     train_dtype: str = "auto"
     """Training arithmetic: auto (bf16 where the CPU has it natively), bf16 or fp32."""
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    """Deployment precisions the search may choose; int8 is dropped where this CPU does not run it faster."""
+    calibration_method: str = "minmax"
+    """INT8 activation-range calibration: minmax, entropy or percentile (ONNX Runtime's calibrators)."""
+    calibration_images: int = 256
+    """Training images that calibrate each INT8 model."""
     studies_dir: str = "studies"
+    heartbeat_seconds: int | None = None
+    """Heartbeat interval of a new study (a trial silent for twice this is failed and retried once);
+    None: 60 s for a new study, the study's own value when joining one."""
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
             raise ValueError("budget_ms must be positive")
+        if not self.precisions or any(p not in ("fp32", "int8") for p in self.precisions):
+            raise ValueError(f"precisions must be some of fp32, int8; got {self.precisions!r}")
 
     @property
     def study_name(self) -> str:

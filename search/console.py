@@ -22,7 +22,7 @@ from rich.text import Text
 
 from search.report import Row
 
-__all__ = ["RichReporter", "front_table"]
+__all__ = ["RichReporter", "export_summary", "front_table", "show_trial"]
 
 
 class _RichTask:
@@ -126,3 +126,61 @@ def front_table(title: str, shown: list[Row], *, budget_ms: float, recommended: 
             Text(label),
         )
     return table
+
+
+def show_trial(trial: Any, budget_ms: float) -> Table:
+    """One trial as a two-column table: policy, measurements, phase times, channels."""
+    a = trial.user_attrs
+    table = Table(title=f"Trial {trial.number}", title_justify="left", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    lat = a.get("latency", {})
+    evaluated = a.get("fine_tuned") or a.get("recipe") == "unpruned"
+    table.add_row("recipe", Text(str(a.get("recipe") or "sampled")))
+    table.add_row("within budget", f"{'yes' if a.get('feasible') else 'no'} (budget {budget_ms:g} ms)")
+    table.add_row("top-1 (val)", f"{a['accuracy']:.4f}" if evaluated else "- (not fine-tuned)")
+    if a.get("accuracy_before") is not None:
+        table.add_row("top-1 before fine-tune", f"{a['accuracy_before']:.4f}")
+    table.add_row(
+        "latency",
+        f"{lat.get('corrected_ms', 0):.3f} ms drift-corrected; measured median {lat.get('median_ms', 0):.3f} ms, "
+        f"p90 {lat.get('p90_ms', 0):.3f} ms, {lat.get('ratio', 0):.3f} of the interleaved baseline "
+        f"({lat.get('baseline_median_ms', 0):.3f} ms), {lat.get('threads', 1)} thread(s)"
+        + (f", reused from trial {lat['reused_from_trial']}" if "reused_from_trial" in lat else ""),
+    )
+    table.add_row("MACs / params", f"{a.get('macs', 0) / 1e6:.1f} M / {a.get('params', 0) / 1e6:.3f} M")
+    seconds = a.get("seconds", {})
+    table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "-")
+    policy = a.get("policy", {})
+    for name, stage in policy.get("stages", {}).items():
+        table.add_row(
+            f"stage {name}", f"stream {stage['stream']:.2f}, inner {stage['inner']:.2f}, {stage['criterion']}"
+        )
+    table.add_row("round_to", str(policy.get("round_to")))
+    channels = a.get("channels", {})
+    table.add_row("channels", Text(", ".join(f"{k} {v}" for k, v in channels.items())))
+    hw = a.get("hardware", {})
+    table.add_row(
+        "hardware", Text(f"{hw.get('cpu')}, {hw.get('threads')} thread(s), onnxruntime {hw.get('onnxruntime')}")
+    )
+    if a.get("error"):
+        table.add_row("error", Text(a["error"]))
+    return table
+
+
+def export_summary(card: dict[str, Any], out_dir: Any) -> Text:
+    acc, lat = card["accuracy"], card["latency"]
+    return Text(
+        f"Exported trial {card['trial']} to {out_dir}: top-1 on {acc['split']} {acc['after_finetune']:.4f} "
+        f"(before fine-tune {acc['before_finetune']:.4f}, baseline {acc['baseline']:.4f}); "
+        f"latency {lat['median_ms']:.2f} ms median, {lat['p90_ms']:.2f} ms p90 "
+        f"({lat['ratio']:.0%} of the baseline's {lat['baseline_median_ms']:.2f} ms in the same run); "
+        f"ONNX check: max abs diff {card['onnx_check']['max_abs_diff']:.1e}, "
+        f"top-1 agreement {card['onnx_check']['top1_agreement']:.3f}"
+        + (
+            f"; INT8 model.int8.onnx: top-1 {card['int8']['top1']:.4f}, agreement with FP32 "
+            f"{card['int8']['top1_agreement_with_fp32']:.3f} (FP32 export {card['int8']['fp32_latency_ms']:.2f} ms)"
+            if card.get("int8")
+            else ""
+        )
+    )

@@ -35,6 +35,7 @@ from search.hardware import fingerprint, git_revision, package_versions
 from search.latency import LatencySettings, export_onnx, measure, open_session
 from search.models import build_model, file_sha256, load_weights
 from search.progress import NullReporter, Reporter
+from search.quantize import QuantizeSettings, calibration_batches, compare_top1, fix_batch, quantize_onnx
 from search.report import recommended, rows
 
 __all__ = [
@@ -70,6 +71,8 @@ class ExportSettings:
     min_agreement: float = 0.99
     """...and must agree on the top-1 class for at least this fraction of checked images."""
     parity_images: int = 128
+    min_int8_agreement: float = 0.95
+    """An INT8 export must predict the FP32 export's top-1 class on at least this fraction of images."""
     steps: int | None = None
     """Fine-tune for this many steps instead of ``epochs`` (for quick checks)."""
 
@@ -246,11 +249,27 @@ def export_trial(
     parity = check_parity(model, onnx_model, data, split, settings, base.threads)
     seconds["export"] = time.perf_counter() - t
 
+    int8 = None
+    shipped = onnx_model
+    if trial.user_attrs.get("precision") == "int8":
+        reporter.phase(f"trial {number}: quantize to INT8 and check it")
+        t = time.perf_counter()
+        int8 = _quantize_and_check(model, onnx_model, data, split, settings, trial, base.threads, reporter)
+        (out_dir / "model.int8.onnx").write_bytes(int8.pop("onnx"))
+        shipped = fix_batch((out_dir / "model.int8.onnx").read_bytes())
+        seconds["quantize"] = time.perf_counter() - t
+
     reporter.phase(f"trial {number}: latency")
     t = time.perf_counter()
     baseline_onnx = export_onnx(base.model, data.example_input())
     shape = tuple(data.example_input().shape)
-    measured = measure(onnx_model, shape, LatencySettings(threads=base.threads), reference=baseline_onnx)
+    timing = LatencySettings(threads=base.threads)
+    measured = measure(shipped, shape, timing, reference=baseline_onnx)
+    if int8 is not None:  # the FP32 export too, so the card can show what INT8 gained
+        fp32_measured = measure(fix_batch(onnx_model), shape, timing, reference=baseline_onnx)
+        int8["fp32_latency_ms"] = round(fp32_measured.median_ms, 4)
+        int8["fp32_ratio"] = round(fp32_measured.ratio or 0.0, 5)
+        int8["fp32_after_finetune"] = after
     seconds["latency"] = time.perf_counter() - t
     study_base_ms = float(base.study.user_attrs["baseline_latency_ms"])
 
@@ -290,9 +309,15 @@ def export_trial(
             "runtime": "onnxruntime CPUExecutionProvider",
         },
         "onnx_check": parity,
+        "precision": "int8" if int8 is not None else "fp32",
+        "int8": int8,
         "macs": macs,
         "params": params,
-        "files": {name: (out_dir / name).stat().st_size for name in ("model.onnx", "model.pt", "model.torchscript.pt")},
+        "files": {
+            name: (out_dir / name).stat().st_size
+            for name in ("model.onnx", "model.int8.onnx", "model.pt", "model.torchscript.pt")
+            if (out_dir / name).exists()
+        },
         "data": {
             "source": base.study.user_attrs["config"]["data"]["source"],
             "input_size": data.input_size,
@@ -312,6 +337,38 @@ def export_trial(
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "card.md").write_text(card_markdown(card))
     return card
+
+
+def _quantize_and_check(
+    model: nn.Module,
+    fp32_onnx: bytes,
+    data: Dataset,
+    split: str,
+    settings: ExportSettings,
+    trial: optuna.trial.FrozenTrial,
+    threads: int,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """The INT8 model as the search made it (same calibration settings), checked against FP32."""
+    recorded = trial.user_attrs.get("quantization", {})
+    quantize = QuantizeSettings.from_dict(recorded)
+    int8_onnx = quantize_onnx(fp32_onnx, calibration_batches(data, quantize), quantize)
+    agreement = compare_top1(fp32_onnx, int8_onnx, data, split, threads=threads, reporter=reporter)
+    result: dict[str, Any] = {
+        "onnx": int8_onnx,
+        "quantization": quantize.to_dict(),
+        "top1": agreement.top1_b,
+        "fp32_top1_onnxruntime": agreement.top1_a,
+        "top1_agreement_with_fp32": agreement.agreement,
+        "images": agreement.images,
+        "min_agreement": settings.min_int8_agreement,
+    }
+    if agreement.agreement < settings.min_int8_agreement:
+        raise RuntimeError(
+            f"the INT8 model agrees with the FP32 model on only {agreement.agreement:.1%} of {split} images "
+            f"(needs {settings.min_int8_agreement:.0%}); try --calibration-method entropy in the search"
+        )
+    return result
 
 
 def check_parity(
@@ -392,6 +449,18 @@ def attach_artifacts(study: optuna.Study, number: int, out_dir: Path, store_dir:
             named.unlink(missing_ok=True)
 
 
+def _int8_rows(card: dict[str, Any]) -> list[str]:
+    q = card.get("int8")
+    if not q:
+        return []
+    return [
+        f"| INT8 (ONNX Runtime, QDQ) | top-1 {q['top1']:.4f}, agreement with FP32 {q['top1_agreement_with_fp32']:.3f} "
+        f"on {q['images']} images; FP32 top-1 {q['fp32_top1_onnxruntime']:.4f} |",
+        f"| FP32 export latency, same run | {q['fp32_latency_ms']:.2f} ms (ratio {q['fp32_ratio']:.3f}); "
+        f"the INT8 model above is what ships (`model.int8.onnx`) |",
+    ]
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     acc, lat = card["accuracy"], card["latency"]
     mb = {k: v / 1e6 for k, v in card["files"].items()}
@@ -416,6 +485,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
         f"| fine-tune | {card['finetune']['epochs']} epochs, distill {card['finetune']['distill']}, "
         f"{card['finetune']['seconds']} s |",
+        *_int8_rows(card),
         f"| data | {card['data']['source']} at {card['data']['input_size']}px |",
         f"| hardware | {card['hardware']['cpu']}, onnxruntime {card['hardware']['onnxruntime']} |",
         "",

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CRITERIA", "Policy", "StagePolicy"]
+__all__ = ["CRITERIA", "PRECISIONS", "Policy", "StagePolicy"]
 
 # Channel-importance criteria (names used in space files and stored on trials).
 CRITERIA: dict[str, str] = {
@@ -21,6 +21,12 @@ CRITERIA: dict[str, str] = {
     "bn_scale": "absolute BatchNorm scale (gamma) of each channel",
     "taylor": "first-order Taylor estimate |w * dL/dw| on a few training batches",
     "random": "uniformly random channels (a control for the other criteria)",
+}
+
+# Numeric precisions a pruned model can be deployed in (see ``search.quantize``).
+PRECISIONS: dict[str, str] = {
+    "fp32": "the pruned model as it is, in FP32",
+    "int8": "the pruned model statically quantized by ONNX Runtime (QDQ, per-channel INT8 weights)",
 }
 
 
@@ -54,10 +60,14 @@ class Policy:
     """Channels kept per group are rounded up to a multiple of this (odd counts run slower)."""
     seed: int = 0
     """Seed for the random criterion and for the batches the Taylor criterion sees."""
+    precision: str = "fp32"
+    """How the pruned model runs: one of :data:`PRECISIONS` (``int8`` is quantized after fine-tuning)."""
 
     def __post_init__(self) -> None:
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
 
     @property
     def is_unpruned(self) -> bool:
@@ -71,12 +81,18 @@ class Policy:
             },
             "round_to": self.round_to,
             "seed": self.seed,
+            "precision": self.precision,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
         stages = {name: StagePolicy(**values) for name, values in data["stages"].items()}
-        return cls(stages=stages, round_to=int(data["round_to"]), seed=int(data.get("seed", 0)))
+        return cls(
+            stages=stages,
+            round_to=int(data["round_to"]),
+            seed=int(data.get("seed", 0)),
+            precision=str(data.get("precision", "fp32")),  # studies from before INT8 hold FP32 policies
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -87,11 +103,18 @@ class Policy:
 
     def key(self) -> str:
         """A short stable hash of the policy, to spot duplicates."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+        values = self.to_dict()
+        if self.precision == "fp32":  # FP32 policies keep the keys they had before precision existed
+            del values["precision"]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
-        """A compact one-line summary: ``stage stream%/inner% criterion``, e.g. ``layer1 20/35 l1, ...``."""
+        """A compact one-line summary: ``stage stream%/inner% criterion``, e.g. ``layer1 20/35 l1, ...``.
+
+        A policy in another precision than FP32 ends with it, e.g. ``..., round 8, int8``.
+        """
+        suffix = "" if self.precision == "fp32" else f", {self.precision}"
         if self.is_unpruned:
-            return "unpruned"
+            return "unpruned" + suffix
         parts = [f"{name} {s.stream * 100:.0f}/{s.inner * 100:.0f} {s.criterion}" for name, s in self.stages.items()]
-        return ", ".join(parts) + f", round {self.round_to}"
+        return ", ".join(parts) + f", round {self.round_to}" + suffix

@@ -32,6 +32,11 @@ class Row:
     recipe: str | None
     policy: Policy
 
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``int8`` (the policy's; latency and accuracy were measured in it)."""
+        return self.policy.precision
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "trial": self.number,
@@ -44,6 +49,7 @@ class Row:
             "params": self.params,
             "feasible": self.feasible,
             "recipe": self.recipe,
+            "precision": self.precision,
             "policy": self.policy.to_dict(),
         }
 
@@ -53,7 +59,7 @@ def rows(study: optuna.Study) -> list[Row]:
     result = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
-        evaluated = a.get("fine_tuned") or a.get("recipe") == "unpruned"
+        evaluated = a.get("fine_tuned") or Policy.from_dict(a["policy"]).is_unpruned  # unpruned: FP32 or INT8 baseline
         result.append(
             Row(
                 number=t.number,
@@ -115,6 +121,17 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
     ax.scatter(
         [r.latency_ms for r in infeasible], [r.accuracy for r in infeasible], s=22, color="0.7", label="over budget"
     )
+    int8 = [r for r in shown if r.precision == "int8"]
+    if int8:
+        ax.scatter(
+            [r.latency_ms for r in int8],
+            [r.accuracy for r in int8],
+            s=60,
+            marker="^",
+            facecolors="none",
+            edgecolors="tab:purple",
+            label="INT8 (ONNX Runtime)",
+        )
     front = pareto_front(all_rows)
     if front:
         ax.plot(
@@ -142,6 +159,18 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
         )
     ax.set_xlabel("latency, ms (ONNX Runtime, batch 1, drift-corrected median)")
     ax.set_ylabel("top-1 accuracy (validation)")
+    unevaluated = [r for r in all_rows if r.accuracy is None]
+    if unevaluated:  # over budget, never fine-tuned: shown on the floor of the plot at their latency
+        floor = ax.get_ylim()[0]
+        ax.scatter(
+            [r.latency_ms for r in unevaluated],
+            [floor] * len(unevaluated),
+            marker="x",
+            s=28,
+            color="0.6",
+            clip_on=False,
+            label="over budget, not fine-tuned",
+        )
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

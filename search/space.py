@@ -12,6 +12,7 @@ File format (see ``spaces/resnet18.toml`` for a commented example)::
     ratio_step = 0.05                # ratios are sampled on this grid
     uniform_ratios = [0.2, 0.35]     # enqueued first as the usual uniform recipe
     uniform_criterion = "l1"
+    precision = ["fp32", "int8"]     # optional (default both); the study keeps what this CPU runs faster
 
     [stages.layer1]
     modules = ["conv1", "layer1"]    # module-name prefixes in the stage (default: the stage name)
@@ -22,6 +23,7 @@ File format (see ``spaces/resnet18.toml`` for a commented example)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass
@@ -31,13 +33,13 @@ from typing import Any
 import optuna
 
 from search.errors import UsageError
-from search.policy import CRITERIA, Policy, StagePolicy
+from search.policy import CRITERIA, PRECISIONS, Policy, StagePolicy
 
 __all__ = ["SPACES_DIR", "RatioRange", "SearchSpace", "StageSpace", "default_space_path", "load_space"]
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 
-_TOP_KEYS = {"family", "criteria", "round_to", "ratio_step", "uniform_ratios", "uniform_criterion"}
+_TOP_KEYS = {"family", "criteria", "round_to", "ratio_step", "uniform_ratios", "uniform_criterion", "precision"}
 _STAGE_KEYS = {"modules", "stream", "inner", "criteria"}
 
 
@@ -75,6 +77,18 @@ class SearchSpace:
     ratio_step: float
     uniform_ratios: tuple[float, ...]
     uniform_criterion: str
+    precisions: tuple[str, ...] = tuple(PRECISIONS)
+    """Precisions a policy may use; a study narrows them (:meth:`with_precisions`) to what it searches."""
+
+    def with_precisions(self, allowed: tuple[str, ...] | list[str]) -> SearchSpace:
+        """This space limited to the precisions in ``allowed`` (in this space's order)."""
+        kept = tuple(p for p in self.precisions if p in allowed)
+        if not kept:
+            raise UsageError(
+                f"space file {self.path} allows precision {', '.join(self.precisions)} but the search allows "
+                f"{', '.join(allowed)}; change --precision or the space's precision list"
+            )
+        return dataclasses.replace(self, precisions=kept)
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> Policy:
         """Sample a policy for ``trial`` (the only place that calls ``trial.suggest_*``)."""
@@ -91,7 +105,11 @@ class SearchSpace:
             round_to = self.round_to[0]
         else:
             round_to = int(trial.suggest_categorical("round_to", list(self.round_to)))
-        return Policy(stages=stages, round_to=round_to)
+        if len(self.precisions) == 1:
+            precision = self.precisions[0]
+        else:
+            precision = str(trial.suggest_categorical("precision", list(self.precisions)))
+        return Policy(stages=stages, round_to=round_to, precision=precision)
 
     def _suggest_ratio(self, trial: optuna.trial.BaseTrial, name: str, rng: RatioRange) -> float:
         if rng.fixed:
@@ -112,9 +130,16 @@ class SearchSpace:
                 params[f"{stage.name}.criterion"] = chosen.criterion
         if len(self.round_to) > 1:
             params["round_to"] = policy.round_to
+        if len(self.precisions) > 1:
+            params["precision"] = policy.precision
         return params
 
-    def uniform(self, ratio: float, criterion: str | None = None) -> Policy:
+    @property
+    def default_precision(self) -> str:
+        """The precision of the recipes: FP32 when the space allows it."""
+        return "fp32" if "fp32" in self.precisions else self.precisions[0]
+
+    def uniform(self, ratio: float, criterion: str | None = None, precision: str | None = None) -> Policy:
         """Every stage at ``ratio`` (clipped to its range and snapped to the grid): the usual recipe."""
         criterion = criterion or self.uniform_criterion
         stages = {}
@@ -124,10 +149,10 @@ class SearchSpace:
                 inner=self._snap(stage.inner, ratio),
                 criterion=criterion if criterion in stage.criteria else stage.criteria[0],
             )
-        return Policy(stages=stages, round_to=min(self.round_to))
+        return Policy(stages=stages, round_to=min(self.round_to), precision=precision or self.default_precision)
 
-    def unpruned(self) -> Policy:
-        return self.uniform(0.0)
+    def unpruned(self, precision: str | None = None) -> Policy:
+        return self.uniform(0.0, precision=precision)
 
     def fastest_policies(self) -> list[Policy]:
         """The policies that remove the most channels the space allows, one per rounding choice.
@@ -138,7 +163,7 @@ class SearchSpace:
         stages = {
             s.name: StagePolicy(stream=s.stream.high, inner=s.inner.high, criterion=s.criteria[0]) for s in self.stages
         }
-        return [Policy(stages=stages, round_to=r) for r in self.round_to]
+        return [Policy(stages=stages, round_to=r, precision=self.default_precision) for r in self.round_to]
 
     def _snap(self, rng: RatioRange, ratio: float) -> float:
         if rng.fixed:
@@ -189,6 +214,7 @@ def load_space(path: str | Path) -> SearchSpace:
         ratio_step=step,
         uniform_ratios=uniform_ratios,
         uniform_criterion=uniform_criterion,
+        precisions=_precisions(raw.get("precision", list(PRECISIONS)), where),
     )
 
 
@@ -230,6 +256,14 @@ def _criteria(values: Any, where: str) -> tuple[str, ...]:
     if unknown or not values:
         raise UsageError(f"{where}: unknown criteria {unknown}; choose from {', '.join(CRITERIA)}")
     return tuple(values)
+
+
+def _precisions(values: Any, where: str) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list) or not values or any(v not in PRECISIONS for v in values):
+        raise UsageError(f"{where}: precision must list some of {', '.join(PRECISIONS)}, got {values!r}")
+    return tuple(dict.fromkeys(values))
 
 
 def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -10,17 +10,19 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UsageError
 
-__all__ = ["default_storage_url", "load_existing", "open_storage"]
+__all__ = ["default_storage_url", "load_existing", "open_storage", "open_study"]
 
 HEARTBEAT_SECONDS = 60
-"""A running trial whose worker has not sent a heartbeat for 2x this long is marked failed."""
+"""Default heartbeat: a running trial whose worker has been silent for 2x this long is marked failed.
+
+A study keeps the value it was created with (``--heartbeat``); see ``search.coordination``."""
 
 
 def default_storage_url(studies_dir: Path, study: str) -> str:
     return f"sqlite:///{studies_dir / study}.db"
 
 
-def open_storage(url: str) -> RDBStorage:
+def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBStorage:
     """An Optuna RDB storage for ``url``, with heartbeats so a killed worker's trial is retried once."""
     if "://" not in url:
         raise UsageError(f"storage {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/name.db")
@@ -34,12 +36,13 @@ def open_storage(url: str) -> RDBStorage:
             return RDBStorage(
                 url,
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=2 * HEARTBEAT_SECONDS,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=2 * heartbeat_seconds,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except ModuleNotFoundError as exc:
-        raise UsageError(f"storage {url!r} needs the database driver {exc.name!r}; pip install it") from None
+        hint = "pip install -e '.[postgres]'" if exc.name and exc.name.startswith("psycopg") else "pip install it"
+        raise UsageError(f"storage {url!r} needs the database driver {exc.name!r}; {hint}") from None
     except Exception as exc:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot open storage {url!r}: {reason}") from None
@@ -51,3 +54,13 @@ def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
     if name not in names:
         return None
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def open_study(name: str, url: str) -> optuna.Study:
+    """An existing study, or a one-line error saying what was looked for where."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+        raise UsageError(f"no study database at {url}; check --study, --studies-dir and --storage")
+    study = load_existing(open_storage(url), name)
+    if study is None:
+        raise UsageError(f"no study named {name!r} in {url}; check --study and --storage")
+    return study

@@ -20,8 +20,19 @@ import optuna
 from optuna.trial import TrialState
 
 from search.baseline import Baseline, prepare_baseline
+from search.baseline_store import adopt_baseline, publish_baseline
 from search.channel_pruning import apply_policy
 from search.config import SearchConfig
+from search.coordination import (
+    TrialSeededSampler,
+    check_same_hardware,
+    mark_ready,
+    next_step,
+    use_study_heartbeat,
+    wait_until_ready,
+    worker_identity,
+)
+from search.coordination import progress as study_progress
 from search.data import Dataset, load_dataset
 from search.errors import UsageError
 from search.evaluate import top1
@@ -29,9 +40,11 @@ from search.finetune import TrainSettings
 from search.hardware import fingerprint, git_revision, package_versions
 from search.latency import LatencySettings, export_onnx, measure
 from search.models import model_family
+from search.policy import Policy
 from search.progress import NullReporter, Reporter
+from search.quantize import QuantizeSettings, choose_precisions, int8_latency_model
 from search.space import SearchSpace, default_space_path, load_space
-from search.storage import load_existing, open_storage
+from search.storage import HEARTBEAT_SECONDS, load_existing, open_storage
 from search.trial import TrialContext, run_trial
 
 __all__ = ["SearchResult", "run_search", "settings_that_must_match"]
@@ -68,6 +81,9 @@ def settings_that_must_match(
         "finetune_lr": config.finetune_lr,
         "distill": config.distill,
         "bn_batches": config.bn_batches,
+        "precisions": list(config.precisions),
+        "calibration_method": config.calibration_method,
+        "calibration_images": config.calibration_images,
     }
 
 
@@ -84,16 +100,21 @@ _FLAGS = {
     "finetune_lr": "--finetune-lr",
     "distill": "--distill",
     "bn_batches": "--bn-batches",
+    "precisions": "--precision",
+    "calibration_method": "--calibration-method",
+    "calibration_images": "--calibration-images",
 }
 
 
 def run_search(config: SearchConfig, reporter: Reporter | None = None) -> SearchResult:
     """Create or resume the study ``config`` names and run trials until it has enough."""
     reporter = reporter or NullReporter()
-    storage = open_storage(config.storage_url)
+    storage = open_storage(config.storage_url, config.heartbeat_seconds or HEARTBEAT_SECONDS)
     data = load_dataset(config.data, reporter)
     space = load_space(config.space or default_space_path(model_family(config.model)))
+    space = space.with_precisions(config.precisions)
     studies_dir = Path(config.studies_dir)
+    adopt_baseline(storage, config, data, studies_dir / "cache", reporter)  # a worker joining from another machine
     baseline = prepare_baseline(
         config.model,
         config.weights,
@@ -108,13 +129,27 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
     settings = settings_that_must_match(config, data, space, baseline)
     baseline_onnx = export_onnx(baseline.model, data.example_input())
     study = load_existing(storage, config.study_name)
+    created = False
     if study is None:
-        study = _create_study(
-            config, storage, data, space, baseline, baseline_onnx, latency, settings, hardware, reporter
-        )
-    else:
+        try:
+            study = _create_study(
+                config, storage, data, space, baseline, baseline_onnx, latency, settings, hardware, reporter
+            )
+            publish_baseline(storage, study, baseline)
+            mark_ready(study, config.heartbeat_seconds or HEARTBEAT_SECONDS)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it meanwhile: join it
+            reporter.info(f"Another worker created study {config.study_name!r} first; joining it")
+    if not created:
+        study = wait_until_ready(storage, config.study_name, reporter)
+        stored_sha = (study.user_attrs.get("settings") or {}).get("baseline_sha256")
+        if baseline.sha256 != stored_sha and adopt_baseline(storage, config, data, studies_dir / "cache", reporter):
+            return run_search(config, reporter)  # lost the creation race with a baseline trained here: use the study's
         _check_resumable(study, settings, config)
+        check_same_hardware(study, hardware, config.study_name)
+        use_study_heartbeat(storage, study, config.heartbeat_seconds)
         reporter.info(f"Resuming study {config.study_name!r} ({len(study.trials)} trials so far)")
+    space = space.with_precisions(study.user_attrs.get("precisions", ["fp32"]))  # what the study decided to search
     study.sampler = _sampler(config, space)
     attrs = study.user_attrs
     ctx = TrialContext(
@@ -136,6 +171,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         bn_batches=config.bn_batches,
         hardware=hardware,
         reporter=reporter,
+        quantize=_quantize_settings(config),
     )
     ran, interrupted = _run_trials(study, ctx, config, reporter)
     return SearchResult(
@@ -168,7 +204,13 @@ def _create_study(
         f"(ONNX Runtime, {config.threads} thread{'s' if config.threads > 1 else ''}, batch 1, "
         f"{data.input_size}x{data.input_size})"
     )
-    fastest_ms = _fastest_reachable(space, baseline, data, baseline_onnx, latency, base.median_ms, reporter)
+    precisions, int8_check = choose_precisions(
+        space.precisions, baseline.model, baseline_onnx, data, _quantize_settings(config), latency, reporter
+    )
+    space = space.with_precisions(precisions)
+    fastest_ms = _fastest_reachable(
+        space, baseline, data, baseline_onnx, latency, base.median_ms, reporter, _quantize_settings(config)
+    )
     if config.budget_ms < fastest_ms:
         raise UsageError(
             f"budget {config.budget_ms:g} ms is below the fastest policy space {Path(space.path).name} "
@@ -197,6 +239,8 @@ def _create_study(
         "baseline_latency_p90_ms": base.p90_ms,
         "baseline_accuracy": accuracy,
         "fastest_policy_ms": fastest_ms,
+        "precisions": list(space.precisions),
+        "int8_check": None if int8_check is None else int8_check.to_dict(),
         "budget_ms": config.budget_ms,
         "settings": settings,
         "config": config.to_dict(),
@@ -226,6 +270,8 @@ def _create_study(
     recipes = [("unpruned", space.unpruned())] + [
         (f"uniform {r:g} {space.uniform_criterion}", space.uniform(r)) for r in space.uniform_ratios
     ]
+    if set(space.precisions) == {"fp32", "int8"}:  # what "just quantize" gives, beside the FP32 baseline
+        recipes.append(("unpruned int8", space.unpruned("int8")))
     for label, policy in recipes:
         study.enqueue_trial(space.params_for(policy), user_attrs={"recipe": label}, skip_if_exists=True)
     reporter.info(f"Created study {config.study_name!r} in {config.storage_url}; enqueued {len(recipes)} recipes")
@@ -240,22 +286,22 @@ def _fastest_reachable(
     latency: LatencySettings,
     baseline_ms: float,
     reporter: Reporter,
+    quantize: QuantizeSettings | None = None,
 ) -> float:
-    """Measured latency of the most aggressive policies the space allows (one per rounding)."""
+    """Measured latency of the most aggressive policies the space allows (one per rounding and precision)."""
     reporter.phase("measure the fastest policy the space allows")
     best = float("inf")
     for policy in space.fastest_policies():
         model = copy.deepcopy(baseline.model)
         taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
         apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
-        measured = measure(
-            export_onnx(model, data.example_input()),
-            tuple(data.example_input().shape),
-            latency,
-            reference=baseline_onnx,
-        )
-        assert measured.ratio is not None
-        best = min(best, measured.ratio * baseline_ms)
+        candidates = [export_onnx(model, data.example_input())]
+        if "int8" in space.precisions:
+            candidates.append(int8_latency_model(model, data, quantize or QuantizeSettings()))
+        for candidate in candidates:
+            measured = measure(candidate, tuple(data.example_input().shape), latency, reference=baseline_onnx)
+            assert measured.ratio is not None
+            best = min(best, measured.ratio * baseline_ms)
     reporter.info(f"Fastest policy in the space: {best:.2f} ms")
     return best
 
@@ -276,20 +322,17 @@ def _check_resumable(study: optuna.Study, settings: dict[str, Any], config: Sear
 
 def _sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """Multi-objective TPE; it honours the latency constraint each trial sets (``Trial.set_constraint``)."""
-    recipes = 1 + len(space.uniform_ratios)
-    return optuna.samplers.TPESampler(
-        seed=config.seed,
-        multivariate=True,
-        n_startup_trials=recipes + 3,
-    )
+    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0)
+    return TrialSeededSampler(seed=config.seed, n_startup_trials=recipes + 3)
+
+
+def _quantize_settings(config: SearchConfig) -> QuantizeSettings:
+    return QuantizeSettings(calibration_method=config.calibration_method, calibration_images=config.calibration_images)
 
 
 def _finished(study: optuna.Study) -> int:
-    return sum(
-        1
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-        if not t.user_attrs.get("interrupted")
-    )
+    """Finished trials that count towards ``--trials`` (not interrupted, not stale and retried)."""
+    return study_progress(study).finished
 
 
 def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, reporter: Reporter) -> tuple[int, bool]:
@@ -299,6 +342,7 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         reporter.phase(f"trial {trial.number}")
+        trial.set_user_attr("worker", worker_identity())
         try:
             outcome = run_trial(trial, ctx)
         except KeyboardInterrupt:
@@ -315,20 +359,38 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
         return outcome.accuracy, outcome.latency_ms
 
     with reporter.task("trials", config.trials) as progress:
-        progress.advance(min(_finished(study), config.trials))
-        while _finished(study) < config.trials:
+        shown = min(_finished(study), config.trials)
+        progress.advance(shown)
+        # Other workers may share the study: start a trial only while finished + running trials are
+        # short of the total, and wait for (or fail, once their heartbeat stops) other workers' trials.
+        mine: list[optuna.trial.FrozenTrial] = []  # the trial this worker just ran
+        while (step := next_step(study, config.trials))[0] != "done":
             if config.timeout is not None and time.monotonic() - started > config.timeout:
                 reporter.info(f"Timeout of {config.timeout:g} s reached; rerun the command to go on")
                 break
+            mine.clear()
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+                if step[0] == "wait":
+                    reporter.phase(f"waiting for {step[1].running} trial(s) running on other workers")
+                    time.sleep(2.0)
+                else:
+                    study.optimize(
+                        objective,
+                        n_trials=1,
+                        catch=(Exception,),
+                        gc_after_trial=False,
+                        callbacks=[lambda _study, trial: mine.append(trial)],
+                    )
+                    ran += 1
             except KeyboardInterrupt:
                 return ran, True
-            last = study.trials[-1]
-            if last.state == TrialState.COMPLETE:
-                reporter.info(_trial_line(last))
-            ran += 1
-            progress.advance(1)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it: its heartbeat was late
+                reporter.warn("another worker marked this worker's trial as stale while it ran; its policy is retried")
+            if mine and mine[0].state == TrialState.COMPLETE:
+                reporter.info(_trial_line(mine[0]))
+            done = min(_finished(study), config.trials)
+            progress.advance(done - shown)
+            shown = done
     return ran, False
 
 
@@ -337,10 +399,14 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
     attrs = t.user_attrs
     latency = attrs["latency"]
     status = "within budget" if attrs["feasible"] else "over budget, not fine-tuned"
-    evaluated = attrs.get("fine_tuned") or attrs.get("recipe") == "unpruned"
+    evaluated = attrs.get("fine_tuned") or Policy.from_dict(attrs["policy"]).is_unpruned
     accuracy = f"top-1 {attrs['accuracy']:.4f}" if evaluated else "top-1 -"
     if attrs.get("fine_tuned"):
         accuracy += f" (before fine-tune {attrs['accuracy_before']:.4f})"
+    if attrs.get("precision") == "int8":  # accuracy run in ONNX Runtime; before/after fine-tune are FP32
+        accuracy = f"INT8 {accuracy}" if evaluated else "INT8, top-1 -"
+        if "accuracy_fp32" in attrs:
+            accuracy = accuracy[:-1] + f", FP32 after {attrs['accuracy_fp32']:.4f})"
     recipe = f" [{attrs['recipe']}]" if attrs.get("recipe") else ""
     took = sum(attrs.get("seconds", {}).values())
     return (

@@ -23,6 +23,7 @@ from search.finetune import TrainSettings, recalibrate_batchnorm, train
 from search.latency import LatencySettings, export_onnx, measure
 from search.policy import Policy
 from search.progress import NullReporter, Reporter
+from search.quantize import QuantizeSettings, int8_latency_model, onnx_top1, quantize_model
 from search.space import SearchSpace
 
 __all__ = ["INFEASIBLE_ACCURACY", "LATENCY_CONSTRAINT", "TrialContext", "TrialOutcome", "run_trial"]
@@ -51,6 +52,8 @@ class TrialContext:
     bn_batches: int
     hardware: dict[str, Any]
     reporter: Reporter = field(default_factory=NullReporter)
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
+    """How ``int8`` policies are quantized (calibration method and images)."""
 
 
 @dataclass
@@ -65,8 +68,11 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     reporter = ctx.reporter
     seconds: dict[str, float] = {}
     policy = ctx.space.suggest(trial)
-    policy = Policy(stages=policy.stages, round_to=policy.round_to, seed=trial.number)
+    policy = dataclasses.replace(policy, seed=trial.number)
     trial.set_user_attr("policy", policy.to_dict())
+    trial.set_user_attr("precision", policy.precision)
+    if policy.precision == "int8":
+        trial.set_user_attr("quantization", {**ctx.quantize.to_dict(), "format": "QDQ", "per_channel": True})
     trial.set_user_attr("policy_key", _without_seed(policy))
     trial.set_user_attr("hardware", ctx.hardware)
 
@@ -91,8 +97,8 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
 
     reporter.phase("latency")
     started = time.perf_counter()
-    latency = _latency(trial, ctx, pruned.model, pruned.arch_hash)
-    seconds["latency"] = time.perf_counter() - started
+    latency = _latency(trial, ctx, pruned.model, pruned.arch_hash, policy.precision, seconds)
+    seconds["latency"] = time.perf_counter() - started - seconds.get("quantize", 0.0)
     latency_ms = latency["corrected_ms"]
     feasible = latency_ms <= ctx.budget_ms
     trial.set_user_attr("budget_violation_ms", latency_ms - ctx.budget_ms)
@@ -100,20 +106,27 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     trial.set_user_attr("feasible", feasible)
 
     if policy.is_unpruned:
-        accuracy = ctx.baseline_accuracy
+        # The baseline's own top-1; quantized, it is measured in ONNX Runtime (never fine-tuned).
+        if policy.precision == "fp32":
+            accuracy = ctx.baseline_accuracy
+        else:
+            accuracy = _int8_top1(trial, ctx, pruned.model, seconds)
         trial.set_user_attr("accuracy_before", accuracy)
         trial.set_user_attr("fine_tuned", False)
     elif not feasible:
         accuracy = INFEASIBLE_ACCURACY
         trial.set_user_attr("fine_tuned", False)
     else:
-        accuracy = _finetune_and_score(trial, ctx, pruned.model, seconds)
+        accuracy = _finetune_and_score(trial, ctx, pruned.model, seconds, precision=policy.precision)
     trial.set_user_attr("accuracy", accuracy)
     trial.set_user_attr("seconds", {k: round(v, 2) for k, v in seconds.items()})
     return TrialOutcome(accuracy=accuracy, latency_ms=latency_ms, feasible=feasible)
 
 
-def _finetune_and_score(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds: dict[str, float]) -> float:
+def _finetune_and_score(
+    trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds: dict[str, float], *, precision: str = "fp32"
+) -> float:
+    """BatchNorm recalibration, top-1, fine-tune in FP32, top-1 again (of the INT8 model for ``int8``)."""
     reporter = ctx.reporter
     reporter.phase("recalibrate BatchNorm")
     started = time.perf_counter()
@@ -144,18 +157,51 @@ def _finetune_and_score(trial: optuna.Trial, ctx: TrialContext, model: nn.Module
     started = time.perf_counter()
     after = top1(model, ctx.data, "val")
     seconds["evaluate"] += time.perf_counter() - started
+    if precision == "int8":
+        trial.set_user_attr("accuracy_fp32", after)
+        after = _int8_top1(trial, ctx, model, seconds)
     return after
 
 
-def _latency(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, arch_hash: str) -> dict[str, Any]:
-    """Measure (or reuse, for an architecture measured before) and store the latency record."""
+def _int8_top1(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds: dict[str, float]) -> float:
+    """Quantize ``model`` (fully calibrated) and measure the INT8 model's top-1 in ONNX Runtime."""
+    ctx.reporter.phase("quantize")
+    quantized = quantize_model(model, ctx.data, ctx.quantize)
+    seconds["quantize"] = seconds.get("quantize", 0.0) + quantized.seconds
+    ctx.reporter.phase("evaluate INT8 in ONNX Runtime")
+    started = time.perf_counter()
+    accuracy = onnx_top1(quantized.int8_onnx, ctx.data, "val")
+    seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - started
+    record = {**trial.user_attrs.get("quantization", {}), "evaluated_in": "onnxruntime"}
+    trial.set_user_attr("quantization", {**record, "seconds": round(quantized.seconds, 2)})
+    return accuracy
+
+
+def _latency(
+    trial: optuna.Trial,
+    ctx: TrialContext,
+    model: nn.Module,
+    arch_hash: str,
+    precision: str = "fp32",
+    seconds: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Measure (or reuse, for an architecture measured before in the same precision) and store the latency record."""
     for other in _completed(trial):
-        if other.user_attrs.get("arch_hash") == arch_hash and "latency" in other.user_attrs:
+        same_arch = other.user_attrs.get("arch_hash") == arch_hash
+        if same_arch and other.user_attrs.get("precision", "fp32") == precision and "latency" in other.user_attrs:
             record = dict(other.user_attrs["latency"])
             record["reused_from_trial"] = other.number
             trial.set_user_attr("latency", record)
             return record
-    onnx_model = export_onnx(model, ctx.data.example_input())
+    if precision == "int8":
+        ctx.reporter.phase("quantize")
+        started = time.perf_counter()
+        onnx_model = int8_latency_model(model, ctx.data, ctx.quantize)
+        if seconds is not None:
+            seconds["quantize"] = seconds.get("quantize", 0.0) + time.perf_counter() - started
+        ctx.reporter.phase("latency")
+    else:
+        onnx_model = export_onnx(model, ctx.data.example_input())
     shape = tuple(ctx.data.example_input().shape)
     measured = measure(onnx_model, shape, ctx.latency, reference=ctx.baseline_onnx)
     assert measured.ratio is not None
@@ -168,6 +214,7 @@ def _latency(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, arch_hash
         "runs": measured.runs,
         "stable": measured.stable,
         "threads": ctx.latency.threads,
+        "precision": precision,
     }
     trial.set_user_attr("latency", record)
     return record
@@ -178,7 +225,7 @@ def _completed(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
 
 
 def _without_seed(policy: Policy) -> str:
-    return Policy(stages=policy.stages, round_to=policy.round_to, seed=0).key()
+    return dataclasses.replace(policy, seed=0).key()
 
 
 def _same_policy(trial: optuna.Trial, policy: Policy) -> optuna.trial.FrozenTrial | None:

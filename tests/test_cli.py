@@ -106,7 +106,7 @@ def test_bad_data_inputs(tiny_study: dict[str, str], tmp_path: Path) -> None:
     for cls in ("a", "b"):
         (broken / cls).mkdir(parents=True)
         (broken / cls / "x.jpg").write_bytes(b"not an image")
-    assert_usage_error(_bad(tiny_study, "--data", f"imagefolder:{broken}"), "unreadable")
+    assert_usage_error(_bad(tiny_study, "--data", f"imagefolder:{broken}"), "could be decoded")
     assert_usage_error(_bad(tiny_study, "--data", "mnist"), "mnist")
 
 

@@ -35,7 +35,7 @@ QUICK = ExportSettings(steps=6, parity_images=64)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) -> SearchConfig:
-    """A finished 4-trial study (the unpruned model and three uniform recipes) on a copy of the weights."""
+    """A finished study of the recipes (unpruned, three uniform ratios, unpruned INT8 where INT8 pays)."""
     root = tmp_path_factory.mktemp("export")
     weights = root / "baseline.pth"
     shutil.copyfile(trained_weights, weights)
@@ -44,7 +44,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) -> Sea
         weights=str(weights),
         data=DataSpec("digits", input_size=32),
         study="tiny",
-        trials=4,
+        trials=5,
         finetune_steps=2,
         bn_batches=2,
         studies_dir=str(root / "studies"),
@@ -191,3 +191,62 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
     ]:
         bad = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_dashboard_serves_the_study_on_localhost(tiny: SearchConfig) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "cli.py",
+            "dashboard",
+            "--study",
+            "tiny",
+            "--studies-dir",
+            tiny.studies_dir,
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert f"http://127.0.0.1:{port}/" in (proc.stdout.readline() if proc.stdout else "")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as page:
+                    assert "tiny" in page.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer within 60 s"
+                time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_int8_export_writes_both_models_and_checks_their_agreement(tiny: SearchConfig, tmp_path: Path) -> None:
+    study = _study(tiny)
+    int8 = [t for t in study.trials if t.user_attrs.get("recipe") == "unpruned int8"]
+    if not int8:
+        pytest.skip(f"INT8 is not searched on this machine: {study.user_attrs.get('int8_check')}")
+    base = load_study_baseline(study)
+    card = export_trial(base, int8[0].number, QUICK, tmp_path / "int8", command="python cli.py export")
+    assert card["precision"] == "int8"
+    assert (tmp_path / "int8" / "model.onnx").exists() and (tmp_path / "int8" / "model.int8.onnx").exists()
+    assert card["int8"]["top1_agreement_with_fp32"] >= QUICK.min_int8_agreement
+    assert {"top1", "fp32_top1_onnxruntime", "fp32_latency_ms", "quantization"} <= set(card["int8"])
+    x, _ = next(base.data.batches("test", 8, shuffle=False, augment=False))
+    logits = ort.InferenceSession(str(tmp_path / "int8" / "model.int8.onnx")).run(None, {"input": x.numpy()})[0]
+    assert logits.shape == (8, 10)

@@ -1,0 +1,256 @@
+"""How several workers share one study: who creates it, who may join, and when the study is done.
+
+Any number of processes, on one machine or many, may run ``cli.py search`` against the same
+storage URL and study name. This module holds the rules they follow, all through the storage:
+
+* **Creation.** A worker that finds no study measures the baseline and then creates the study;
+  the storage's unique study name makes exactly one creator win. The winner records its
+  settings, enqueues the recipes and finally sets the ``ready`` attribute. Everyone else waits
+  for ``ready`` before reading the study (:func:`wait_until_ready`).
+* **Joining.** A worker joins only if its hardware fingerprint equals the study's
+  (:func:`check_same_hardware`): latency measured on other hardware is not comparable.
+* **Heartbeat.** The study fixes its heartbeat interval when it is created; every worker uses that
+  value (:func:`use_study_heartbeat`), so they agree on when a silent trial is stale. A stale trial
+  is failed and its policy enqueued once more (Optuna's ``RetryHeartbeatStaleTrialCallback``).
+* **Counting.** The study is done when it has ``trials`` finished trials, not counting trials that
+  were interrupted or went stale and were retried. A worker starts a trial only while finished plus
+  running trials are below the target (:func:`next_step`), so several workers overshoot the total
+  only when they start trials in the same instant (by at most one trial per extra worker).
+* **Sampling.** :class:`TrialSeededSampler` seeds TPE from the study seed and the trial number,
+  so two workers sampling at the same moment do not propose the same random policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from search.errors import UsageError
+from search.hardware import fingerprint_id
+from search.progress import NullReporter, Reporter
+from search.storage import HEARTBEAT_SECONDS, load_existing
+
+__all__ = [
+    "READY_ATTR",
+    "StudyProgress",
+    "TrialSeededSampler",
+    "check_same_hardware",
+    "is_ready",
+    "mark_ready",
+    "next_step",
+    "progress",
+    "use_study_heartbeat",
+    "wait_until_ready",
+    "worker_identity",
+]
+
+READY_ATTR = "ready"
+"""Study user attribute the creating worker sets last: the study is complete and may be joined."""
+
+HEARTBEAT_ATTR = "heartbeat_seconds"
+
+CREATION_TIMEOUT_SECONDS = 60.0
+"""How long a joining worker waits for the creator to finish setting the study up."""
+
+LEGACY_AGE = timedelta(minutes=2)
+"""Studies made before ``ready`` existed count as ready once they are this old."""
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host, process and the CPUs it may use (recorded on every trial)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0))}
+
+
+# --------------------------------------------------------------------------- creation and joining
+
+
+def is_ready(study: optuna.Study) -> bool:
+    """True once the creating worker has finished setting the study up."""
+    attrs = study.user_attrs
+    if attrs.get(READY_ATTR):
+        return True
+    created = attrs.get("created")
+    if "settings" not in attrs or not created:
+        return False
+    try:
+        when = datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return False
+    return datetime.now(when.tzinfo) - when > LEGACY_AGE
+
+
+def mark_ready(study: optuna.Study, heartbeat_seconds: int) -> None:
+    """Called by the creating worker once everything else is recorded and enqueued."""
+    study.set_user_attr(HEARTBEAT_ATTR, heartbeat_seconds)
+    study.set_user_attr(READY_ATTR, True)
+
+
+def wait_until_ready(
+    storage: RDBStorage,
+    name: str,
+    reporter: Reporter | None = None,
+    *,
+    timeout: float = CREATION_TIMEOUT_SECONDS,
+    poll: float = 0.5,
+) -> optuna.Study:
+    """The study ``name`` once its creator has marked it ready (another worker may be creating it)."""
+    reporter = reporter or NullReporter()
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        study = load_existing(storage, name)
+        if study is not None and is_ready(study):
+            return study
+        if time.monotonic() > deadline:
+            raise UsageError(
+                f"study {name!r} exists but the worker that created it never finished setting it up "
+                f"(it was probably stopped); delete it with `optuna delete-study --study-name {name} "
+                f"--storage URL` or pass --study NEW"
+            )
+        if not waited:
+            reporter.phase(f"waiting for another worker to finish creating study {name!r}")
+            waited = True
+        time.sleep(poll)
+
+
+def check_same_hardware(study: optuna.Study, hardware: dict[str, Any], name: str) -> None:
+    """Refuse to join a study whose latencies were measured on different hardware."""
+    stored = study.user_attrs.get("hardware")
+    if not stored or stored == hardware:
+        return
+    differ = sorted(k for k in set(stored) | set(hardware) if stored.get(k) != hardware.get(k))
+    detail = "; ".join(f"{k}: {stored.get(k)!r} in the study, {hardware.get(k)!r} here" for k in differ)
+    raise UsageError(
+        f"this machine's hardware fingerprint {fingerprint_id(hardware)} differs from the one study {name!r} "
+        f"was measured on ({fingerprint_id(stored)}; {detail}), so its latencies would not be comparable and "
+        f"this worker does not join; run it on a machine like the study's, or start a separate study with --study NEW"
+    )
+
+
+def use_study_heartbeat(storage: RDBStorage, study: optuna.Study, requested: int | None) -> int:
+    """Make this worker use the heartbeat the study was created with; return it in seconds."""
+    value = int(study.user_attrs.get(HEARTBEAT_ATTR, HEARTBEAT_SECONDS))
+    if requested is not None and requested != value:
+        raise UsageError(
+            f"study {study.study_name!r} uses a heartbeat of {value} s (fixed when it was created, so all "
+            f"its workers agree when a trial is stale); omit --heartbeat or pass --heartbeat {value}"
+        )
+    storage.heartbeat_interval = value
+    storage.grace_period = 2 * value
+    return value
+
+
+# --------------------------------------------------------------------------- counting trials
+
+
+@dataclass(frozen=True)
+class StudyProgress:
+    finished: int
+    """COMPLETE trials plus FAIL trials that count (not interrupted, not retried after going stale)."""
+    running: int
+    waiting: int
+
+
+def progress(study: optuna.Study) -> StudyProgress:
+    """How far the study is, as every worker counts it."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    finished = running = waiting = 0
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            finished += 1
+        elif t.state == TrialState.FAIL:
+            finished += not t.user_attrs.get("interrupted") and t.number not in retried
+        elif t.state == TrialState.RUNNING:
+            running += 1
+        elif t.state == TrialState.WAITING:
+            waiting += 1
+    return StudyProgress(finished=finished, running=running, waiting=waiting)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail trials whose worker stopped sending heartbeats (their policies are enqueued once more)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def next_step(study: optuna.Study, target: int) -> tuple[Literal["run", "wait", "done"], StudyProgress]:
+    """Whether this worker should start a trial, wait for running ones, or stop."""
+    fail_stale_trials(study)
+    now = progress(study)
+    if now.finished >= target:
+        return "done", now
+    if now.finished + now.running >= target:
+        return "wait", now
+    return "run", now
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _trial_seed(seed: int, number: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{number}".encode()).digest()[:4], "little")
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Multi-objective TPE whose random state depends on the study seed and the trial number.
+
+    One TPE sampler per process with the same seed would make workers that sample at the same
+    time propose the same policy. Seeding from the trial number (which the storage hands out
+    uniquely) keeps a single worker's run reproducible and gives concurrent workers different
+    proposals; ``constant_liar`` additionally steers TPE away from policies that are still running.
+    """
+
+    def __init__(self, seed: int, n_startup_trials: int) -> None:
+        self._seed = seed
+        self._n_startup_trials = n_startup_trials
+        self._tpe = self._make(0)
+
+    def _make(self, number: int) -> optuna.samplers.TPESampler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=_trial_seed(self._seed, number),
+                multivariate=True,
+                n_startup_trials=self._n_startup_trials,
+                constant_liar=True,
+            )
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._tpe = self._make(trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()

@@ -1,0 +1,203 @@
+"""Several workers on one study in a real PostgreSQL server (the storage meant for them).
+
+The server comes from ``PRUNE_SEARCH_TEST_POSTGRES`` (``.ci/run`` starts one with
+``.ci/postgres.sh``), or, when that is unset, these tests start one themselves with the same
+script if PostgreSQL is installed; otherwise they skip, saying so. Each test session gets a
+fresh database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from search.coordination import progress
+from search.models import file_sha256
+from search.storage import open_storage
+from tests.conftest import ROOT
+
+ENV = "PRUNE_SEARCH_TEST_POSTGRES"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server() -> tuple[str, Path]:
+    """Start a private server with .ci/postgres.sh (never installing anything); skip if impossible."""
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.skip(
+            f"no PostgreSQL server: set {ENV}=postgresql+psycopg2://USER@HOST:PORT/DB or install Debian's "
+            f'postgresql package (`eval "$(bash .ci/postgres.sh)"` does both)'
+        )
+    folder = Path(tempfile.mkdtemp(prefix="prune-search-pg-"))
+    env = dict(
+        os.environ,
+        PRUNE_SEARCH_PG_DIR=str(folder),
+        PRUNE_SEARCH_PG_PORT=str(_free_port()),
+        PRUNE_SEARCH_PG_NO_INSTALL="1",
+    )
+    out = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "postgres.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
+    if out.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"PostgreSQL is installed but no server could be started with .ci/postgres.sh: {reason}")
+    return out.stdout.strip().split("=", 1)[1], folder
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A URL of a fresh, empty database on a PostgreSQL server."""
+    url = os.environ.get(ENV)
+    folder = None
+    if not url:
+        url, folder = _start_server()
+    server = sqlalchemy.make_url(url)
+    name = f"prune_search_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        if folder is not None:
+            env = dict(os.environ, PRUNE_SEARCH_PG_DIR=str(folder), PRUNE_SEARCH_PG_NO_INSTALL="1")
+            subprocess.run(
+                ["bash", str(ROOT / ".ci" / "postgres.sh"), "stop"], env=env, capture_output=True, timeout=60
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    handle = open(log, "wb")  # the child keeps its own copy of the descriptor
+    try:
+        return subprocess.Popen(
+            [sys.executable, "cli.py", *args],
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        handle.close()
+
+
+def _tiny(url: str, study: str, studies: Path, *extra: str) -> list[str]:
+    return [
+        "search",
+        "--budget-ms",
+        "1000",
+        "--input-size",
+        "32",
+        "--finetune-steps",
+        "2",
+        "--bn-batches",
+        "2",
+        "--storage",
+        url,
+        "--study",
+        study,
+        "--studies-dir",
+        str(studies),
+        *extra,
+    ]
+
+
+def _finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> str:
+    code = process.wait(timeout=timeout)
+    text = log.read_text(errors="replace")
+    assert code == 0, text
+    return text
+
+
+def test_two_workers_on_two_machines_create_and_share_one_study(postgres_url: str, tmp_path: Path) -> None:
+    """Two workers started at once, each with its own cache folder (as on two machines), no --weights."""
+    machines = [tmp_path / "machine-a", tmp_path / "machine-b"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    workers = [
+        _cli(*_tiny(postgres_url, "shared", m, "--trials", "8", "--baseline-epochs", "1", "--cpus", str(i)), log=log)
+        for i, (m, log) in enumerate(zip(machines, logs, strict=True))
+    ]
+    outputs = [_finish(w, log) for w, log in zip(workers, logs, strict=True)]
+    assert sum("Created study 'shared'" in out for out in outputs) == 1, "exactly one worker creates the study"
+
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    assert 8 <= progress(study).finished <= 9, "the total is met, overshooting by at most one trial per extra worker"
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.number for t in trials}) == len(trials)
+    policies = [t.user_attrs["policy_key"] for t in trials]
+    assert len(set(policies)) == len(policies), "no policy was run twice"
+    by_cpu = {tuple(t.user_attrs["worker"]["cpus"]) for t in trials}
+    assert by_cpu == {(0,), (1,)}, "both workers ran trials"
+    assert [t.user_attrs.get("recipe") for t in trials].count("unpruned") == 1
+
+    # One baseline, the same bytes on both "machines", checked by hash.
+    sha = study.user_attrs["settings"]["baseline_sha256"]
+    assert study.user_attrs["baseline_file"]["sha256"] == sha
+    for machine in machines:
+        cached = list((machine / "cache").glob("baseline-*.pt"))
+        assert [file_sha256(p) for p in cached] == [sha]
+
+
+def test_a_worker_killed_mid_trial_is_recovered_by_others(
+    postgres_url: str, tmp_path: Path, trained_weights: Path
+) -> None:
+    common = _tiny(postgres_url, "killed", tmp_path, "--weights", str(trained_weights), "--trials", "6")
+    victim = _cli(*common, "--heartbeat", "2", "--cpus", "0", log=tmp_path / "victim.log")
+    storage = open_storage(postgres_url)
+    deadline = time.monotonic() + 120
+    killed = None
+    while killed is None and time.monotonic() < deadline and victim.poll() is None:
+        try:
+            study = optuna.load_study(study_name="killed", storage=storage)
+        except KeyError:
+            time.sleep(0.2)
+            continue
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "policy" in t.user_attrs]
+        if running and study.user_attrs.get("ready"):
+            victim.send_signal(signal.SIGKILL)  # mid-trial: its policy is recorded, its results are not
+            victim.wait()
+            killed = running[0]
+        time.sleep(0.1)
+    assert killed is not None, (tmp_path / "victim.log").read_text()
+
+    rescue = subprocess.run(
+        [sys.executable, "cli.py", *common, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert rescue.returncode == 0, rescue.stdout + rescue.stderr
+    assert "each pinned to its own cores" in rescue.stdout
+    assert "worker 1: CPU 0" in rescue.stdout and "worker 2: CPU 1" in rescue.stdout
+    logs = sorted((tmp_path / "killed" / "workers").glob("worker-*.log"))
+    assert [("pinned to CPU" in p.read_text()) for p in logs] == [True, True]
+
+    study = optuna.load_study(study_name="killed", storage=postgres_url)
+    assert study.trials[killed.number].state == TrialState.FAIL, "the stale trial was marked failed"
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1, "its policy was retried once"
+    assert retries[0].state == TrialState.COMPLETE and retries[0].params == killed.params
+    assert progress(study).finished in (6, 7), "the killed trial does not count; the study is complete"
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.trials), "nothing left running"

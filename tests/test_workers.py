@@ -1,0 +1,196 @@
+"""Multi-worker rules that need no database server: core plans, trial counting, stale trials,
+sampling, joining checks, and the single-worker SQLite path with pinning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from search.cli import main
+from search.coordination import (
+    TrialSeededSampler,
+    check_same_hardware,
+    is_ready,
+    mark_ready,
+    next_step,
+    progress,
+    use_study_heartbeat,
+    wait_until_ready,
+)
+from search.errors import UsageError
+from search.hardware import fingerprint
+from search.storage import open_storage
+from search.workers import parse_cpus, plan_cpus, worker_argv
+from tests.conftest import ROOT
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cpu_lists_and_core_plans() -> None:
+    assert parse_cpus("0") == (0,)
+    assert parse_cpus("3,0-1") == (0, 1, 3)
+    for bad in ("", "a", "2-1", "0,,1"):
+        with pytest.raises(ValueError, match="CPU numbers"):
+            parse_cpus(bad)
+    assert plan_cpus(2, 1, [0, 1]) == [(0,), (1,)]
+    assert plan_cpus(2, 2, [0, 1, 2, 3, 4]) == [(0, 1), (2, 3)], "equal shares; a spare core stays idle"
+    with pytest.raises(UsageError, match="--workers 3 needs 3 cores"):
+        plan_cpus(3, 1, [0, 1])
+    with pytest.raises(UsageError, match="--threads 2 needs 2 cores per worker"):
+        plan_cpus(2, 2, [0, 1])
+
+
+def test_worker_command_line_drops_workers_and_pins() -> None:
+    argv = ["search", "--workers", "2", "--budget-ms", "5", "--cpus=0-1", "--workers=2", "--trials", "3"]
+    assert worker_argv(argv, (1,)) == ["search", "--budget-ms", "5", "--trials", "3", "--cpus", "1"]
+
+
+def _study(tmp_path: Path, heartbeat: int = 60) -> optuna.Study:
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat)
+    return optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"])
+
+
+def test_counting_skips_interrupted_and_retried_trials_and_waits_for_running_ones(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    dist = {"x": FloatDistribution(0, 1)}
+    study.add_trial(optuna.create_trial(params={"x": 0.1}, distributions=dist, values=[1, 1]))
+    study.add_trial(optuna.create_trial(params={"x": 0.2}, distributions=dist, state=TrialState.FAIL))
+    study.add_trial(
+        optuna.create_trial(
+            params={"x": 0.3}, distributions=dist, state=TrialState.FAIL, user_attrs={"interrupted": True}
+        )
+    )
+    study.add_trial(optuna.create_trial(params={"x": 0.4}, distributions=dist, state=TrialState.FAIL))  # went stale
+    study.add_trial(
+        optuna.create_trial(
+            params={"x": 0.4},
+            distributions=dist,
+            state=TrialState.WAITING,
+            system_attrs={"failed_trial": 3, "retry_history": [3]},
+        )
+    )
+    assert progress(study).finished == 2, "the complete trial and the genuine failure"
+    assert progress(study).waiting == 1
+    running = study.ask()  # pops the retry
+    assert running.params == {"x": 0.4}
+    assert next_step(study, 3)[0] == "wait", "2 finished + 1 running reach 3: wait, do not overshoot"
+    assert next_step(study, 4)[0] == "run"
+    study.tell(running, [1, 1])
+    assert next_step(study, 3)[0] == "done"
+
+
+def test_a_trial_whose_worker_went_silent_is_failed_and_retried_once(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat=1)
+    trial = study.ask({"x": FloatDistribution(0, 1)})
+    study._storage.record_heartbeat(trial._trial_id)  # what optimize's heartbeat thread does, then the worker dies
+    time.sleep(3.2)  # > grace period of 2 heartbeats
+    step, now = next_step(study, 5)
+    assert step == "run"
+    assert study.trials[0].state == TrialState.FAIL
+    retry = study.trials[1]
+    assert retry.state == TrialState.WAITING and retry.params == trial.params
+    assert retry.system_attrs["failed_trial"] == 0
+    assert now.finished == 0 and now.waiting == 1, "a stale, retried trial does not count as finished"
+    # The retry going stale too is a genuine failure: no third attempt, and it counts.
+    again = study.ask()
+    study._storage.record_heartbeat(again._trial_id)
+    time.sleep(3.2)
+    step, now = next_step(study, 5)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert now.finished == 1
+
+
+def test_sampler_depends_on_seed_and_trial_number_only() -> None:
+    def sample(seed: int, number: int) -> float:
+        study = optuna.create_study(sampler=TrialSeededSampler(seed, n_startup_trials=10))
+        for _ in range(number):
+            study.enqueue_trial({"x": 0.5})
+            study.ask({"x": FloatDistribution(0, 1)})
+        return study.ask({"x": FloatDistribution(0, 1)}).params["x"]
+
+    assert sample(0, 3) == sample(0, 3)
+    assert sample(0, 3) != sample(0, 4), "two workers sampling trials 3 and 4 at once get different policies"
+    assert sample(0, 3) != sample(1, 3)
+
+
+def test_joining_checks(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    assert not is_ready(study)
+    with pytest.raises(UsageError, match="never finished setting it up"):
+        wait_until_ready(storage, "s", timeout=0.3, poll=0.1)
+    here = fingerprint(1)
+    study.set_user_attr("hardware", here)
+    mark_ready(study, 7)
+    assert wait_until_ready(storage, "s").study_name == "s"
+    check_same_hardware(study, here, "s")
+    elsewhere = dict(here, cpu="Some Other CPU", logical_cpus=64)
+    with pytest.raises(
+        UsageError, match=r"hardware fingerprint .* cpu: '.*' in the study, 'Some Other CPU' here"
+    ) as err:
+        check_same_hardware(study, elsewhere, "s")
+    assert "logical_cpus" in str(err.value) and "--study NEW" in str(err.value)
+    assert use_study_heartbeat(storage, study, None) == 7
+    assert (storage.heartbeat_interval, storage.grace_period) == (7, 14), "the study's heartbeat wins"
+    with pytest.raises(UsageError, match="heartbeat of 7 s"):
+        use_study_heartbeat(storage, study, 60)
+
+
+def test_workers_flag_needs_a_server_and_enough_cores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["search", "--budget-ms", "5", "--studies-dir", str(tmp_path)]
+    assert main([*common, "--workers", "2"]) == 2
+    assert "error: --workers 2 needs a database server" in capsys.readouterr().err
+    many = len(os.sched_getaffinity(0))
+    assert main([*common, "--workers", str(many + 1), "--storage", "postgresql+psycopg2://x@127.0.0.1:9/db"]) == 2
+    assert f"--workers {many + 1} needs {many + 1} cores" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*common, "--cpus", "zero"])
+    assert exit_.value.code == 2 and "CPU numbers" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing was started"
+
+
+@pytest.mark.slow
+def test_single_pinned_worker_on_sqlite_and_refusal_of_other_hardware(tmp_path: Path, trained_weights: Path) -> None:
+    common = [
+        "--budget-ms",
+        "1000",
+        "--weights",
+        str(trained_weights),
+        "--input-size",
+        "32",
+        "--finetune-steps",
+        "2",
+        "--bn-batches",
+        "2",
+        "--studies-dir",
+        str(tmp_path),
+        "--study",
+        "pinned",
+    ]
+    first = run_cli("search", *common, "--trials", "4", "--cpus", "0")
+    assert first.returncode == 0, first.stderr
+    assert "pinned to CPU 0" in first.stdout
+    storage = open_storage(f"sqlite:///{tmp_path / 'pinned.db'}")
+    study = optuna.load_study(study_name="pinned", storage=storage)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 4
+    assert all(t.user_attrs["worker"]["cpus"] == [0] for t in done)
+    assert study.user_attrs["ready"] is True and study.user_attrs["heartbeat_seconds"] == 60
+    assert "baseline_file" not in study.user_attrs, "a SQLite study keeps no copy of the baseline"
+
+    before = len(study.trials)
+    study.set_user_attr("hardware", dict(study.user_attrs["hardware"], cpu="Some Other CPU"))
+    refused = run_cli("search", *common, "--trials", "5")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "hardware fingerprint" in refused.stderr and "Some Other CPU" in refused.stderr
+    assert len(optuna.load_study(study_name="pinned", storage=storage).trials) == before, "nothing ran"
