@@ -24,6 +24,11 @@ STUDY = "resnet18-digits-30ms"
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=5, help="full fine-tune epochs (export's default: 5)")
+    args = parser.parse_args()
     if not (STUDIES / f"{STUDY}.db").exists():
         sys.exit(f"no default study in {STUDIES}: run benchmarks/default_run.py first")
     out = STUDIES / STUDY / "export"
@@ -39,6 +44,8 @@ def main() -> None:
         "--out",
         str(out),
         "--force",
+        "--epochs",
+        str(args.epochs),
     ]
     started = time.perf_counter()
     log = ROOT / "benchmarks" / "export_default.log"
