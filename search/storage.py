@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -31,15 +32,7 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBSto
         if str(path) and path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
+        return _rdb_storage(url, heartbeat_seconds)
     except ModuleNotFoundError as exc:
         hint = "pip install -e '.[postgres]'" if exc.name and exc.name.startswith("psycopg") else "pip install it"
         raise UsageError(f"storage {url!r} needs the database driver {exc.name!r}; {hint}") from None
@@ -64,3 +57,25 @@ def open_study(name: str, url: str) -> optuna.Study:
     if study is None:
         raise UsageError(f"no study named {name!r} in {url}; check --study and --storage")
     return study
+
+
+def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
+    """RDBStorage, retried when workers starting together race to create Optuna's tables."""
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=2 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except sqlalchemy.exc.IntegrityError:  # another worker created the same table a moment earlier
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
