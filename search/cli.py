@@ -52,6 +52,7 @@ _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive num
 _positive_int = _number(int, lambda v: v >= 1, "a positive whole number")
 _non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 _fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+_speed_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1], e.g. 0.5 for half the latency")
 
 
 def _precisions(text: str) -> tuple[str, ...]:
@@ -115,11 +116,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("search", help="search pruning policies under a latency budget (creates or resumes a study)")
-    s.add_argument(
+    budget = s.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
         "--budget-ms",
         type=_positive_float,
-        required=True,
         help="latency budget in ms (batch 1, ONNX Runtime on this CPU, --threads threads)",
+    )
+    budget.add_argument(
+        "--budget-fraction",
+        type=_speed_fraction,
+        help="latency budget as a fraction of the unpruned model's latency, measured when the study is "
+        "created (e.g. 0.5); the study stores the resulting ms",
     )
     s.add_argument(
         "--model",
@@ -256,6 +263,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
 
     config = SearchConfig(
         budget_ms=args.budget_ms,
+        budget_fraction=args.budget_fraction,
         model=args.model,
         weights=args.weights,
         data=DataSpec(source=args.data, input_size=args.input_size, mean=args.mean, std=args.std, seed=args.seed),

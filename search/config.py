@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,11 @@ __all__ = ["SearchConfig"]
 
 @dataclass(frozen=True)
 class SearchConfig:
-    budget_ms: float
+    budget_ms: float | None = None
     """The CPU latency budget in milliseconds (batch 1, ``threads`` intra-op threads)."""
+    budget_fraction: float | None = None
+    """Instead of ``budget_ms``: the budget as a fraction of the unpruned model's latency, measured
+    when the study is created (the study stores the resolved milliseconds)."""
     model: str = "resnet18"
     """A torchvision architecture name (see ``search.models.KNOWN_MODELS``) or ``module:function``."""
     weights: str | None = None
@@ -57,8 +60,12 @@ class SearchConfig:
     None: 60 s for a new study, the study's own value when joining one."""
 
     def __post_init__(self) -> None:
-        if not self.budget_ms > 0:
+        if (self.budget_ms is None) == (self.budget_fraction is None):
+            raise ValueError("give exactly one of budget_ms and budget_fraction")
+        if self.budget_ms is not None and not self.budget_ms > 0:
             raise ValueError("budget_ms must be positive")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ValueError("budget_fraction must be in (0, 1]")
         if not self.precisions or any(p not in ("fp32", "int8") for p in self.precisions):
             raise ValueError(f"precisions must be some of fp32, int8; got {self.precisions!r}")
 
@@ -68,11 +75,18 @@ class SearchConfig:
             return self.study
         data = self.data.source.split(":", 1)[0]
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
-        return f"{model}-{data}-{self.budget_ms:g}ms"
+        budget = f"{self.budget_ms:g}ms" if self.budget_ms is not None else f"{self.budget_fraction:g}x"
+        return f"{model}-{data}-{budget}"
 
     @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.studies_dir) / self.study_name}.db"
+
+    def with_budget_ms(self, budget_ms: float) -> SearchConfig:
+        """This config with its budget resolved to milliseconds, keeping the study name and storage it had."""
+        return replace(
+            self, budget_ms=budget_ms, budget_fraction=None, study=self.study_name, storage=self.storage_url
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

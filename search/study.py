@@ -69,7 +69,7 @@ def settings_that_must_match(
 ) -> dict[str, Any]:
     """What a resumed study must share with the run that created it, or its numbers mix."""
     return {
-        "budget_ms": config.budget_ms,
+        "budget": config.budget_ms if config.budget_ms is not None else f"{config.budget_fraction:g}x",
         "model": config.model,
         "baseline_sha256": baseline.sha256,
         "data_fingerprint": data.fingerprint,
@@ -88,7 +88,7 @@ def settings_that_must_match(
 
 
 _FLAGS = {
-    "budget_ms": "--budget-ms",
+    "budget": "--budget-ms/--budget-fraction",
     "model": "--model",
     "baseline_sha256": "--weights",
     "data_fingerprint": "--data",
@@ -150,6 +150,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         use_study_heartbeat(storage, study, config.heartbeat_seconds)
         reporter.info(f"Resuming study {config.study_name!r} ({len(study.trials)} trials so far)")
     space = space.with_precisions(study.user_attrs.get("precisions", ["fp32"]))  # what the study decided to search
+    config = config.with_budget_ms(float(study.user_attrs["budget_ms"]))
     study.sampler = _sampler(config, space)
     attrs = study.user_attrs
     ctx = TrialContext(
@@ -204,6 +205,9 @@ def _create_study(
         f"(ONNX Runtime, {config.threads} thread{'s' if config.threads > 1 else ''}, batch 1, "
         f"{data.input_size}x{data.input_size})"
     )
+    if config.budget_fraction is not None:
+        config = config.with_budget_ms(round(config.budget_fraction * base.median_ms, 4))
+        reporter.info(f"Budget: {config.budget_ms:g} ms ({settings['budget']} of the unpruned model)")
     precisions, int8_check = choose_precisions(
         space.precisions, baseline.model, baseline_onnx, data, _quantize_settings(config), latency, reporter
     )

@@ -127,6 +127,11 @@ def test_bad_budget_and_storage(tiny_study: dict[str, str]) -> None:
     for budget in ("0", "-5", "fast"):
         result = _bad(tiny_study, "--budget-ms", budget)
         assert result.returncode == 2 and "--budget-ms" in result.stderr and "Traceback" not in result.stderr
+    for fraction in ("0", "1.5"):
+        result = _bad(tiny_study, "--budget-fraction", fraction)
+        assert result.returncode == 2 and "--budget-fraction" in result.stderr and "(0, 1]" in result.stderr
+    both = _bad(tiny_study, "--budget-fraction", "0.5")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
     assert_usage_error(
         _bad(tiny_study, "--budget-ms", "0.0001", "--study", "too-fast"), "below the fastest policy", "ms"
     )

@@ -32,26 +32,17 @@ def config(tmp_path: Path, trained_weights: Path) -> SearchConfig:
     )
 
 
-def _baseline_ms(config: SearchConfig) -> float:
-    """The unpruned model's latency, measured as the study will measure it."""
-    import torch
-
-    from search.latency import LatencySettings, export_onnx, measure
-    from search.models import build_model
-
-    model = build_model(config.model, 10)
-    model.load_state_dict(torch.load(config.weights, weights_only=True))
-    x = torch.zeros(1, 3, 32, 32)
-    return measure(export_onnx(model, x), tuple(x.shape), LatencySettings()).median_ms
-
-
 @pytest.mark.slow
 def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
-    budget = round(0.8 * _baseline_ms(config), 3)
-    config = replace(config, budget_ms=budget)
+    # A budget relative to the unpruned model the study itself measures: immune to drift between runs.
+    config = replace(config, budget_ms=None, budget_fraction=0.8, study=None)
+    assert config.study_name == "resnet18-digits-0.8x"
     reporter = RecordingReporter()
     result = run_search(config, reporter)
     study = result.study
+    budget = result.budget_ms
+    assert budget == pytest.approx(0.8 * study.user_attrs["baseline_latency_ms"], rel=1e-3)
+    assert study.user_attrs["budget_ms"] == budget
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 6
     recipes = [t.user_attrs.get("recipe") for t in trials[:4]]
@@ -92,13 +83,16 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
 
     # Running the same search again with a larger --trials resumes the study.
     resumed = run_search(replace(config, trials=8))
-    assert resumed.study.study_name == "tiny"
+    assert resumed.study.study_name == "resnet18-digits-0.8x"
+    assert resumed.budget_ms == budget, "a resumed study keeps the budget it resolved when it was created"
     assert len(resumed.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
     assert resumed.ran == 2
 
-    with pytest.raises(UsageError, match="different --budget-ms"):
-        run_search(replace(config, budget_ms=budget / 2, trials=9))
-    assert len(optuna.load_study(study_name="tiny", storage=config.storage_url).trials) == 8, "study left intact"
+    with pytest.raises(UsageError, match="different --budget-ms/--budget-fraction"):
+        run_search(replace(config, budget_fraction=0.4, trials=9, study=config.study_name))
+    assert len(optuna.load_study(study_name=config.study_name, storage=config.storage_url).trials) == 8, (
+        "study left intact"
+    )
 
 
 @pytest.mark.slow
