@@ -51,6 +51,7 @@ def _number(kind: type, ok: Callable[[float], bool], meaning: str) -> Callable[[
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 _positive_int = _number(int, lambda v: v >= 1, "a positive whole number")
 _non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 _speed_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1], e.g. 0.5 for half the latency")
 
@@ -232,10 +233,11 @@ def _build_parser() -> argparse.ArgumentParser:
     which.add_argument("--best", action="store_true", help="the most accurate trial within the budget")
     e.add_argument(
         "--epochs",
-        type=_non_negative_int,
+        type=_non_negative_float,
         default=EXPORT_DEFAULTS.epochs,
-        help=f"full fine-tune epochs (default: {EXPORT_DEFAULTS.epochs})",
+        help=f"full fine-tune epochs; a fraction trains part of one (default: {EXPORT_DEFAULTS.epochs:g})",
     )
+    e.add_argument("--seed", type=_non_negative_int, default=EXPORT_DEFAULTS.seed, help="fine-tune seed")
     e.add_argument("--lr", type=_positive_float, default=EXPORT_DEFAULTS.lr, help="peak learning rate")
     e.add_argument("--batch", type=_positive_int, default=EXPORT_DEFAULTS.batch_size, help="batch size")
     e.add_argument(
@@ -443,7 +445,12 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
     study, _ = _study_of(args)
     settings = ExportSettings(
-        epochs=args.epochs, batch_size=args.batch, lr=args.lr, distill=args.distill, train_dtype=args.train_dtype
+        epochs=args.epochs,
+        batch_size=args.batch,
+        lr=args.lr,
+        distill=args.distill,
+        train_dtype=args.train_dtype,
+        seed=args.seed,
     )
     out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
     command = "python cli.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -58,8 +58,8 @@ PRUNED_FORMAT = "prune-search/pruned-model"
 
 @dataclass(frozen=True)
 class ExportSettings:
-    epochs: int = 5
-    """Full fine-tune epochs over the training split."""
+    epochs: float = 5
+    """Full fine-tune epochs over the training split (a fraction fine-tunes part of an epoch)."""
     batch_size: int = 32
     lr: float = 0.01
     distill: float = 0.5
@@ -221,7 +221,7 @@ def export_trial(
     before = top1(model, data, split, reporter=reporter)
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     train_settings = TrainSettings(
-        steps=settings.steps if settings.steps is not None else settings.epochs * steps_per_epoch,
+        steps=settings.steps if settings.steps is not None else max(1, round(settings.epochs * steps_per_epoch)),
         batch_size=settings.batch_size,
         lr=settings.lr,
         distill=settings.distill,
@@ -234,7 +234,7 @@ def export_trial(
         train_settings,
         teacher=base.model,
         reporter=reporter,
-        description=f"fine-tune trial {number} ({settings.epochs} epochs)",
+        description=f"fine-tune trial {number} ({settings.epochs:g} epochs, seed {settings.seed})",
         steps_per_epoch=steps_per_epoch,
         checkpoint=state,
     )
@@ -462,7 +462,7 @@ def _int8_rows(card: dict[str, Any]) -> list[str]:
 
 
 def card_markdown(card: dict[str, Any]) -> str:
-    acc, lat = card["accuracy"], card["latency"]
+    acc, lat, ft = card["accuracy"], card["latency"], card["finetune"]
     mb = {k: v / 1e6 for k, v in card["files"].items()}
     lines = [
         f"# {card['baseline']['model']} pruned: study {card['study']}, trial {card['trial']}",
@@ -483,8 +483,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"model.torchscript.pt {mb['model.torchscript.pt']:.1f} MB |",
         f"| ONNX check | max abs diff {card['onnx_check']['max_abs_diff']:.2e}, top-1 agreement "
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
-        f"| fine-tune | {card['finetune']['epochs']} epochs, distill {card['finetune']['distill']}, "
-        f"{card['finetune']['seconds']} s |",
+        f"| fine-tune | {ft['epochs']:g} epochs ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, "
+        f"{ft['seconds']} s |",
         *_int8_rows(card),
         f"| data | {card['data']['source']} at {card['data']['input_size']}px |",
         f"| hardware | {card['hardware']['cpu']}, onnxruntime {card['hardware']['onnxruntime']} |",

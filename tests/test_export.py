@@ -156,8 +156,9 @@ def test_best_with_nothing_within_budget_names_the_nearest(tiny: SearchConfig, t
 @pytest.mark.slow
 def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) -> None:
     common = ["--study", "tiny", "--studies-dir", tiny.studies_dir]
+    export = ["export", *common, "--trial", "2", "--epochs", "0.5", "--seed", "1", "--out", str(tmp_path / "out")]
     done = subprocess.run(
-        [sys.executable, "cli.py", "export", *common, "--trial", "2", "--epochs", "1", "--out", str(tmp_path / "out")],
+        [sys.executable, "cli.py", *export],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -165,6 +166,8 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stderr
     assert "Exported trial 2" in done.stdout
+    card = json.loads((tmp_path / "out" / "trial-2" / "card.json").read_text())
+    assert card["finetune"]["seed"] == 1 and card["finetune"]["epochs"] == 0.5
     onnx = tmp_path / "out" / "trial-2" / "model.onnx"
     bench = subprocess.run(
         [sys.executable, "cli.py", "bench", str(onnx), "--threads", "1", "--format", "json"],
