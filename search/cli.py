@@ -178,6 +178,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"training batches for BatchNorm recalibration after pruning (default: {DEFAULTS.bn_batches})",
     )
     s.add_argument(
+        "--val-images",
+        type=_positive_int,
+        help="evaluate trials on a fixed random subset of this many validation images (default: all)",
+    )
+    s.add_argument(
         "--baseline-epochs",
         type=_positive_int,
         default=DEFAULTS.baseline_epochs,
@@ -281,6 +286,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
         finetune_lr=args.finetune_lr,
         distill=args.distill,
         bn_batches=args.bn_batches,
+        val_images=args.val_images,
         baseline_epochs=args.baseline_epochs,
         train_dtype=args.train_dtype,
         precisions=args.precision,

@@ -44,6 +44,8 @@ class SearchConfig:
     """Weight of distillation from the unpruned model in the brief fine-tune (0 = off)."""
     bn_batches: int = 4
     """Training batches used to recalibrate BatchNorm statistics after pruning."""
+    val_images: int | None = None
+    """Evaluate trials on a fixed random subset of this many validation images (None: all)."""
     baseline_epochs: int = 3
     """Epochs to train a baseline when no ``weights`` are given."""
     train_dtype: str = "auto"
@@ -66,6 +68,8 @@ class SearchConfig:
             raise ValueError("budget_ms must be positive")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
             raise ValueError("budget_fraction must be in (0, 1]")
+        if self.val_images is not None and self.val_images < 1:
+            raise ValueError("val_images must be >= 1")
         if not self.precisions or any(p not in ("fp32", "int8") for p in self.precisions):
             raise ValueError(f"precisions must be some of fp32, int8; got {self.precisions!r}")
 

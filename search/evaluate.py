@@ -21,7 +21,11 @@ def top1(
     limit: int | None = None,
     reporter: Reporter | None = None,
 ) -> float:
-    """Fraction of images in ``split`` whose highest logit is the true class (FP32, eval mode)."""
+    """Fraction of images in ``split`` whose highest logit is the true class (FP32, eval mode).
+
+    ``limit`` evaluates a fixed random subset of that many images (the same one on every call), so
+    a class-sorted split still gives every class its share.
+    """
     reporter = reporter or NullReporter()
     model.eval()
     model = model.to(memory_format=torch.channels_last)
@@ -30,7 +34,7 @@ def top1(
         total = min(total, limit)
     correct = seen = 0
     with reporter.task(f"top-1 on {split}", total) as task:
-        for x, y in data.batches(split, batch_size, shuffle=False, augment=False, limit=limit):
+        for x, y in data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit):
             logits = model(x.contiguous(memory_format=torch.channels_last))
             correct += int((logits.argmax(dim=1) == y).sum())
             seen += len(y)

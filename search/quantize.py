@@ -431,7 +431,7 @@ def _logits(
     names = [s.get_inputs()[0].name for s in sessions]
     total = len(data.split(split)) if limit is None else min(limit, len(data.split(split)))
     with reporter.task(f"ONNX Runtime top-1 on {split}", total) as task:
-        for x, y in data.batches(split, batch_size, shuffle=False, augment=False, limit=limit):
+        for x, y in data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit):
             feed = x.numpy()
             outputs = []
             for session, name in zip(sessions, names, strict=True):

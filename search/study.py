@@ -81,6 +81,7 @@ def settings_that_must_match(
         "finetune_lr": config.finetune_lr,
         "distill": config.distill,
         "bn_batches": config.bn_batches,
+        "val_images": config.val_images,
         "precisions": list(config.precisions),
         "calibration_method": config.calibration_method,
         "calibration_images": config.calibration_images,
@@ -100,6 +101,7 @@ _FLAGS = {
     "finetune_lr": "--finetune-lr",
     "distill": "--distill",
     "bn_batches": "--bn-batches",
+    "val_images": "--val-images",
     "precisions": "--precision",
     "calibration_method": "--calibration-method",
     "calibration_images": "--calibration-images",
@@ -173,6 +175,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         hardware=hardware,
         reporter=reporter,
         quantize=_quantize_settings(config),
+        val_images=config.val_images,
     )
     ran, interrupted = _run_trials(study, ctx, config, reporter)
     return SearchResult(
@@ -227,7 +230,7 @@ def _create_study(
             f"the search can only trade accuracy for more speed"
         )
     reporter.phase("evaluate the baseline")
-    accuracy = top1(baseline.model, data, "val", reporter=reporter)
+    accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=reporter)
     reporter.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
     study = optuna.create_study(
         study_name=config.study_name,

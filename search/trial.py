@@ -54,6 +54,8 @@ class TrialContext:
     reporter: Reporter = field(default_factory=NullReporter)
     quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
     """How ``int8`` policies are quantized (calibration method and images)."""
+    val_images: int | None = None
+    """Evaluate on a fixed random subset of this many validation images (None: all of them)."""
 
 
 @dataclass
@@ -134,7 +136,7 @@ def _finetune_and_score(
     seconds["bn_recalibration"] = time.perf_counter() - started
     reporter.phase("evaluate")
     started = time.perf_counter()
-    before = top1(model, ctx.data, "val")
+    before = top1(model, ctx.data, "val", limit=ctx.val_images)
     seconds["evaluate"] = time.perf_counter() - started
     trial.set_user_attr("accuracy_before", before)
 
@@ -155,7 +157,7 @@ def _finetune_and_score(
 
     reporter.phase("evaluate")
     started = time.perf_counter()
-    after = top1(model, ctx.data, "val")
+    after = top1(model, ctx.data, "val", limit=ctx.val_images)
     seconds["evaluate"] += time.perf_counter() - started
     if precision == "int8":
         trial.set_user_attr("accuracy_fp32", after)
@@ -170,7 +172,7 @@ def _int8_top1(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds
     seconds["quantize"] = seconds.get("quantize", 0.0) + quantized.seconds
     ctx.reporter.phase("evaluate INT8 in ONNX Runtime")
     started = time.perf_counter()
-    accuracy = onnx_top1(quantized.int8_onnx, ctx.data, "val")
+    accuracy = onnx_top1(quantized.int8_onnx, ctx.data, "val", limit=ctx.val_images)
     seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - started
     record = {**trial.user_attrs.get("quantization", {}), "evaluated_in": "onnxruntime"}
     trial.set_user_attr("quantization", {**record, "seconds": round(quantized.seconds, 2)})
