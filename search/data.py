@@ -74,6 +74,9 @@ _DIGITS_HOLDOUT = (0.15, 0.15)  # val, test fractions of each digit class
 _CIFAR10_VAL_FRACTION = 0.1  # last 10% of each class (by index order) of data_batch_*
 _CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 _DECODE_CHUNK = 256  # images decoded between progress updates
+DECODED_CACHE_ENV = "PRUNE_SEARCH_CACHE"
+"""Environment variable naming the folder for decoded ``imagefolder:`` data (default
+``~/.cache/prune-search``; set it to an empty string to turn the cache off)."""
 _SPLITS = ("train", "val", "test")
 
 
@@ -554,9 +557,18 @@ def _load_imagefolder(path_text: str, spec: DataSpec, reporter: Reporter) -> Dat
             f"memory (limit {MAX_MEMORY_BYTES // 1024**3} GiB); pass a smaller --input-size"
         )
     splits: dict[str, Split | None] = {"train": None, "val": None, "test": None}
-    with reporter.task("decode images", total) as task:
-        for name, file_list in lists.items():
-            splits[name] = _decode_split(file_list, size, task, reporter)
+    cache = _decoded_cache_path(root, size, lists)
+    cached = _read_decoded(cache)
+    if cached is not None:
+        splits.update(cached)
+    else:
+        failures = 0
+        with reporter.task("decode images", total) as task:
+            for name, file_list in lists.items():
+                splits[name] = _decode_split(file_list, size, task, reporter)
+                failures += len(file_list.files) - len(splits[name])  # type: ignore[arg-type]
+        if not failures:  # a set with unreadable files is decoded again, so its warning is seen again
+            _write_decoded(cache, {k: v for k, v in splits.items() if v is not None})
     mean, std = _normalisation(spec, IMAGENET_MEAN, IMAGENET_STD)
     payload = _base_payload("imagefolder", classes, splits, size, mean, std)
     payload["path"] = str(root)
@@ -580,6 +592,38 @@ def _load_imagefolder(path_text: str, spec: DataSpec, reporter: Reporter) -> Dat
         flip=True,
         fingerprint=_fingerprint(payload),
     )
+
+
+def _decoded_cache_path(root: Path, size: int, lists: dict[str, _FileList]) -> Path | None:
+    """Where the decoded images of exactly these files at this size are kept between runs."""
+    folder = os.environ.get(DECODED_CACHE_ENV, str(Path.home() / ".cache" / "prune-search"))
+    if not folder:
+        return None
+    listing = {name: [f.files, f.sizes, f.labels] for name, f in lists.items()}
+    key = hashlib.sha256(json.dumps([1, str(root), size, listing]).encode()).hexdigest()[:24]
+    return Path(folder) / "decoded" / f"{key}.pt"
+
+
+def _read_decoded(path: Path | None) -> dict[str, Split] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, weights_only=True)
+        return {name: Split(images, labels) for name, (images, labels) in stored.items()}
+    except Exception:  # a damaged or foreign file: decode again (and overwrite it)
+        return None
+
+
+def _write_decoded(path: Path | None, splits: dict[str, Split]) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        torch.save({name: (s.images, s.labels) for name, s in splits.items()}, partial)
+        os.replace(partial, path)
+    except OSError:  # a read-only or full disk only costs the next run a decode
+        pass
 
 
 def _existing_folder(path_text: str) -> Path:

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Decoded images go to a folder of this test session, never to the user's cache."""
+    from search.data import DECODED_CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("decoded-cache")
+    saved = os.environ.get(DECODED_CACHE_ENV)
+    os.environ[DECODED_CACHE_ENV] = str(folder)  # also for the CLI subprocesses tests start
+    yield folder
+    if saved is None:
+        os.environ.pop(DECODED_CACHE_ENV, None)
+    else:
+        os.environ[DECODED_CACHE_ENV] = saved
 
 
 @pytest.fixture(scope="session")

@@ -134,8 +134,15 @@ def test_imagefolder_train_val_layout(tmp_path: Path) -> None:
     assert x.shape == (4, 3, 16, 16)
     with pytest.raises(UsageError, match="no test split"):
         next(data.batches("test", 4, shuffle=False, augment=False))
-    again = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=16))
+    cached = RecordingReporter()
+    again = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=16), cached)
     assert again.fingerprint == data.fingerprint
+    assert "decode images" not in cached.steps, "a second load reads the decoded images kept by the first"
+    assert torch.equal(again.train.images, data.train.images) and torch.equal(again.val.labels, data.val.labels)
+    _make_folder(tmp_path / "val", {"zebra": 2}, "jpg")  # a file added: decoded again
+    changed = RecordingReporter()
+    assert len(load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=16), changed).val) == 4
+    assert changed.steps["decode images"] == 11
     assert load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=8)).fingerprint != (data.fingerprint)
 
 
