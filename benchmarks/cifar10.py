@@ -85,6 +85,7 @@ class Plan:
     trial_steps: int
     trial_batch: int
     bn_batches: int
+    val_images: int
     epochs: float
     seeds: tuple[int, ...]
     fidelity: int
@@ -92,7 +93,7 @@ class Plan:
     @staticmethod
     def of(args: argparse.Namespace) -> Plan:
         if args.quick:
-            return Plan((0.5,), (0.15,), 6, 5, 32, 2, 0.01, (0, 1), 3)
+            return Plan((0.5,), (0.15,), 6, 5, 32, 2, 200, 0.01, (0, 1), 3)
         return Plan(
             tuple(args.pruning_budgets),
             tuple(args.joint_budgets),
@@ -100,6 +101,7 @@ class Plan:
             args.trial_steps,
             args.trial_batch,
             args.bn_batches,
+            args.val_images,
             args.epochs,
             tuple(args.seeds),
             args.fidelity,
@@ -171,6 +173,7 @@ class Bench:
                 *("--precision", "fp32" if track == "pruning" else "fp32,int8"),
                 *("--trials", str(self.plan.trials), "--finetune-steps", str(self.plan.trial_steps)),
                 *("--finetune-batch", str(self.plan.trial_batch), "--bn-batches", str(self.plan.bn_batches)),
+                *("--val-images", str(self.plan.val_images)),
                 *("--distill", "0.5", "--study", name, "--studies-dir", str(self.studies), "--quiet"),
             )
             return {"seconds": time.perf_counter() - started}
@@ -399,10 +402,11 @@ def main() -> None:
     parser.add_argument("--pruning-budgets", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--joint-budgets", type=float, nargs="+", default=[0.15, 0.08])
     parser.add_argument("--trials", type=int, default=10, help="trials per study")
-    parser.add_argument("--trial-steps", type=int, default=40, help="brief fine-tune steps per trial")
+    parser.add_argument("--trial-steps", type=int, default=30, help="brief fine-tune steps per trial")
     parser.add_argument("--trial-batch", type=int, default=64)
     parser.add_argument("--bn-batches", type=int, default=8)
-    parser.add_argument("--epochs", type=float, default=0.2, help="final fine-tune epochs of every row")
+    parser.add_argument("--val-images", type=int, default=2000, help="val images each trial is evaluated on")
+    parser.add_argument("--epochs", type=float, default=0.1, help="final fine-tune epochs of every row")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fidelity", type=int, default=6, help="policies in the fidelity check")
     args = parser.parse_args()
@@ -480,7 +484,8 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
         f"the unpruned baseline; the fraction is of that interleaved baseline. Trials: "
         f"{result['plan']['trials']} per study, brief fine-tune {result['plan']['trial_steps']} steps of batch "
         f"{result['plan']['trial_batch']} (distillation 0.5) after BatchNorm recalibration on "
-        f"{result['plan']['bn_batches']} batches, accuracy on val.",
+        f"{result['plan']['bn_batches']} batches, accuracy on a fixed random {result['plan']['val_images']} of the "
+        f"5,000 val images.",
         "",
     ]
     for t in result["tracks"]:

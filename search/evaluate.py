@@ -11,7 +11,7 @@ from search.progress import NullReporter, Reporter
 __all__ = ["top1"]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the channels_last copy of the weights must stay trainable
 def top1(
     model: nn.Module,
     data: Dataset,

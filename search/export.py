@@ -211,7 +211,7 @@ def export_trial(
     model = rebuild_pruned(base, trial)
     split = "test" if data.test is not None else "val"
     reporter.phase(f"trial {number}: baseline top-1 on {split}")
-    baseline_top1 = top1(base.model, data, split, reporter=reporter)
+    baseline_top1 = _baseline_top1(base, split, reporter)
 
     reporter.phase(f"trial {number}: fine-tune")
     t = time.perf_counter()
@@ -337,6 +337,17 @@ def export_trial(
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "card.md").write_text(card_markdown(card))
     return card
+
+
+def _baseline_top1(base: StudyBaseline, split: str, reporter: Reporter) -> float:
+    """The baseline's top-1 on ``split``, measured by the first export and kept in the study."""
+    key = f"baseline_top1_{split}"
+    stored = base.study.user_attrs.get(key)
+    if stored is not None and stored.get("sha256") == base.sha256:
+        return float(stored["top1"])
+    value = top1(base.model, base.data, split, reporter=reporter)
+    base.study.set_user_attr(key, {"top1": value, "sha256": base.sha256})
+    return value
 
 
 def _quantize_and_check(

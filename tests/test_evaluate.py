@@ -40,3 +40,12 @@ def test_a_limited_evaluation_samples_every_class_and_is_the_same_each_time(digi
         _AlwaysClass(int(sorted_split.labels[0]), digits32.num_classes), digits32.example_input(), dynamic_batch=True
     )
     assert onnx_top1(onnx_model, digits32, "val", limit=60) == first
+
+
+def test_a_model_evaluated_first_can_still_be_trained(digits32) -> None:
+    from search.finetune import TrainSettings, train
+    from search.models import build_model
+
+    model = build_model("resnet18", digits32.num_classes)
+    top1(model, digits32, "val", limit=8)  # converts the weights to channels_last; they must stay trainable
+    train(model, digits32, TrainSettings(steps=1, batch_size=4, train_dtype="fp32"))
