@@ -127,6 +127,7 @@ class Bench:
         self.plan = plan
         self.work = work
         self.studies = work / "studies"
+        work.mkdir(parents=True, exist_ok=True)
         self.cache_path = work / "results.json"
         self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         self.data: Dataset = load_dataset(
@@ -332,6 +333,11 @@ def run_track(bench: Bench, track: str, fraction: float) -> dict[str, Any]:
     result["study_baseline_ms"] = float(study.user_attrs["baseline_latency_ms"])
     result["search_seconds"] = search["seconds"]
     result["trials"] = len(study.trials)
+    trained = [t for t in study.trials if t.user_attrs.get("fine_tuned")]
+    result["fine_tuned_trials"] = len(trained)
+    result["seconds_per_fine_tuned_trial"] = (
+        statistics.fmean(sum(t.user_attrs["seconds"].values()) for t in trained) if trained else None
+    )
     if best is None:
         log(f"{name}: no policy within the budget")
     else:
@@ -466,9 +472,6 @@ def main() -> None:
 
 
 def render(result: dict[str, Any], plots: list[Path]) -> str:
-    def pct(v: float) -> str:
-        return f"{100 * v:.2f}"
-
     base = next(r for r in result["reference_rows"] if r["kind"] == "baseline")
     alone = next(r for r in result["reference_rows"] if r["kind"] == "int8 alone")
     seeds = ", ".join(str(s) for s in result["plan"]["seeds"])
@@ -508,7 +511,13 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
                 f"| {r.get('latency_fraction', float('nan')):.3f} | {r['macs'] / 1e6:.1f} | {r['params'] / 1e6:.2f} "
                 f"| {search_s} | {r.get('finetune_seconds', 0):.0f} |"
             )
-        lines += ["", verdict(t, base, alone), ""]
+        per_trial = t.get("seconds_per_fine_tuned_trial")
+        lines += [
+            "",
+            f"Search: {t['trials']} trials ({t['fine_tuned_trials']} within the budget and fine-tuned, "
+            f"{per_trial or 0:.0f} s each), {t['search_seconds'] / 60:.1f} min in all. " + verdict(t, base, alone),
+            "",
+        ]
     fid = result["fidelity"]
     lines += [
         "### Fidelity of the trials' brief accuracy",
@@ -524,7 +533,14 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
         "",
         *[f"![{p.stem}](benchmarks/cifar10/{p.name})" for p in plots],
     ]
+    notes = ROOT / "benchmarks" / "cifar10_notes.md"  # the reading of the numbers, written by a person
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     return "\n".join(lines)
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.2f}"
 
 
 def verdict(track: dict[str, Any], base: dict[str, Any], alone: dict[str, Any]) -> str:
@@ -540,6 +556,11 @@ def verdict(track: dict[str, Any], base: dict[str, Any], alone: dict[str, Any]) 
         f"Searched − best recipe ({best['row']}): **{gain:+.2f} pp** (target ≥ +{target:g} pp; "
         f"seed spread up to {noise:.2f} pp): {'met' if gain >= target and gain > noise else 'missed'}."
     ]
+    if track["track"] == "joint":
+        parts.append(
+            f"INT8 alone runs at {alone.get('latency_fraction', float('nan')):.2f} of the FP32 baseline here, "
+            f"at {pct(alone['mean'])}% top-1."
+        )
     if track["track"] == "pruning" and track["fraction"] == 0.5:
         loss = 100 * (base["mean"] - searched["mean"])
         parts.append(
