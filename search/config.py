@@ -88,9 +88,7 @@ class SearchConfig:
 
     def with_budget_ms(self, budget_ms: float) -> SearchConfig:
         """This config with its budget resolved to milliseconds, keeping the study name and storage it had."""
-        return replace(
-            self, budget_ms=budget_ms, budget_fraction=None, study=self.study_name, storage=self.storage_url
-        )
+        return replace(self, budget_ms=budget_ms, budget_fraction=None, study=self.study_name, storage=self.storage_url)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

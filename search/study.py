@@ -8,7 +8,7 @@ same command finds the study in its storage and goes on until it has ``trials`` 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import time
 import warnings
@@ -21,7 +21,6 @@ from optuna.trial import TrialState
 
 from search.baseline import Baseline, prepare_baseline
 from search.baseline_store import adopt_baseline, publish_baseline
-from search.channel_pruning import apply_policy
 from search.config import SearchConfig
 from search.coordination import (
     TrialSeededSampler,
@@ -42,7 +41,8 @@ from search.latency import LatencySettings, export_onnx, measure
 from search.models import model_family
 from search.policy import Policy
 from search.progress import NullReporter, Reporter
-from search.quantize import QuantizeSettings, choose_precisions, int8_latency_model
+from search.quantize import QuantizeSettings, choose_precisions
+from search.recipes import latency_ratio, study_recipes
 from search.space import SearchSpace, default_space_path, load_space
 from search.storage import HEARTBEAT_SECONDS, load_existing, open_storage
 from search.trial import TrialContext, run_trial
@@ -274,11 +274,12 @@ def _create_study(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }.items():
         study.set_user_attr(key, value)
-    recipes = [("unpruned", space.unpruned())] + [
-        (f"uniform {r:g} {space.uniform_criterion}", space.uniform(r)) for r in space.uniform_ratios
-    ]
-    if set(space.precisions) == {"fp32", "int8"}:  # what "just quantize" gives, beside the FP32 baseline
-        recipes.append(("unpruned int8", space.unpruned("int8")))
+    quantize = _quantize_settings(config)
+
+    def ratio_of(policy: Policy) -> float:
+        return latency_ratio(policy, space, baseline.model, data, baseline_onnx, latency, quantize)
+
+    recipes = study_recipes(space, config.budget_ms, base.median_ms, ratio_of, reporter)
     for label, policy in recipes:
         study.enqueue_trial(space.params_for(policy), user_attrs={"recipe": label}, skip_if_exists=True)
     reporter.info(f"Created study {config.study_name!r} in {config.storage_url}; enqueued {len(recipes)} recipes")
@@ -299,16 +300,12 @@ def _fastest_reachable(
     reporter.phase("measure the fastest policy the space allows")
     best = float("inf")
     for policy in space.fastest_policies():
-        model = copy.deepcopy(baseline.model)
-        taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
-        apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
-        candidates = [export_onnx(model, data.example_input())]
-        if "int8" in space.precisions:
-            candidates.append(int8_latency_model(model, data, quantize or QuantizeSettings()))
-        for candidate in candidates:
-            measured = measure(candidate, tuple(data.example_input().shape), latency, reference=baseline_onnx)
-            assert measured.ratio is not None
-            best = min(best, measured.ratio * baseline_ms)
+        for precision in space.precisions:
+            policy = dataclasses.replace(policy, precision=precision)
+            ratio = latency_ratio(
+                policy, space, baseline.model, data, baseline_onnx, latency, quantize or QuantizeSettings()
+            )
+            best = min(best, ratio * baseline_ms)
     reporter.info(f"Fastest policy in the space: {best:.2f} ms")
     return best
 
@@ -329,7 +326,7 @@ def _check_resumable(study: optuna.Study, settings: dict[str, Any], config: Sear
 
 def _sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """Multi-objective TPE; it honours the latency constraint each trial sets (``Trial.set_constraint``)."""
-    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0)
+    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0) + len(space.precisions)
     return TrialSeededSampler(seed=config.seed, n_startup_trials=recipes + 3)
 
 

@@ -68,3 +68,20 @@ def test_bad_space_files_are_one_line_errors(tmp_path: Path) -> None:
         assert name in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UsageError, match="does not exist"):
         load_space(tmp_path / "missing.toml")
+
+
+def test_budget_matched_uniform_finds_the_least_pruned_ratio_within_the_budget() -> None:
+    from search.recipes import budget_matched_uniform
+
+    space = load_space(SPACES_DIR / "resnet18.toml")
+    measured: list[float] = []
+
+    def ratio_of(policy):  # latency falling with the pruned fraction, with an uneven step at 0.4
+        r = policy.stages["layer2"].stream
+        measured.append(r)
+        return 1.0 - r if r < 0.4 else 0.45 - (r - 0.4)
+
+    policy, ratio = budget_matched_uniform(space, "fp32", 0.5, ratio_of)
+    assert policy.stages["layer2"].stream == 0.4 and ratio == 0.45
+    assert len(measured) <= 5, "bisection, not a scan of the whole grid"
+    assert budget_matched_uniform(space, "fp32", 0.01, ratio_of) is None, "even the most pruned uniform is too slow"

@@ -48,6 +48,8 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
     recipes = [t.user_attrs.get("recipe") for t in trials[:4]]
     assert recipes == ["unpruned", "uniform 0.2 l1", "uniform 0.35 l1", "uniform 0.5 l1"]
 
+    at_budget = [t for t in trials if (t.user_attrs.get("recipe") or "").endswith("at the budget")]
+    assert all(t.user_attrs["feasible"] for t in at_budget), "the budget-matched uniform recipe meets the budget"
     unpruned = trials[0]
     assert unpruned.user_attrs["feasible"] is False, "the unpruned model is over a budget of 80% of itself"
     assert unpruned.user_attrs["fine_tuned"] is False
