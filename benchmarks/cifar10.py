@@ -510,8 +510,11 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
             f"### {t['track'].capitalize()} track, budget {100 * t['fraction']:g}% "
             f"({t['budget_ms']:.2f} ms of the study's {t['study_baseline_ms']:.2f} ms)",
             *(
-                ["", f"(Searched in `spaces/resnet18.toml` with every ratio range widened to 0.85: the default "
-                 f"space's fastest policy, INT8 at ratio 0.7, is about 8.3% of the baseline here.)"]
+                [
+                    "",
+                    "(Searched in `spaces/resnet18.toml` with every ratio range widened to 0.85: the default "
+                    "space's fastest policy, INT8 at ratio 0.7, is about 8.3% of the baseline here.)",
+                ]
                 if t["fraction"] < WIDE_SPACE_BELOW
                 else []
             ),
