@@ -22,7 +22,7 @@ from search.progress import Reporter
 from search.quantize import QuantizeSettings, int8_latency_model
 from search.space import SearchSpace
 
-__all__ = ["budget_matched_uniform", "latency_ratio", "study_recipes"]
+__all__ = ["budget_matched_uniform", "latency_ratio", "latency_ratios", "study_recipes"]
 
 
 def latency_ratio(
@@ -35,16 +35,35 @@ def latency_ratio(
     quantize: QuantizeSettings,
 ) -> float:
     """The pruned (and, for ``int8``, quantized) model's median latency over the interleaved baseline's."""
+    return latency_ratios(policy, (policy.precision,), space, baseline, data, baseline_onnx, latency, quantize)[
+        policy.precision
+    ]
+
+
+def latency_ratios(
+    policy: Policy,
+    precisions: tuple[str, ...] | list[str],
+    space: SearchSpace,
+    baseline: nn.Module,
+    data: Dataset,
+    baseline_onnx: bytes,
+    latency: LatencySettings,
+    quantize: QuantizeSettings,
+) -> dict[str, float]:
+    """``policy``'s pruned model timed in each of ``precisions`` (pruned once), as ratios to the baseline."""
     model = copy.deepcopy(baseline)
     taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
     apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
-    if policy.precision == "int8":
-        candidate = int8_latency_model(model, data, quantize)
-    else:
-        candidate = export_onnx(model, data.example_input())
-    measured = measure(candidate, tuple(data.example_input().shape), latency, reference=baseline_onnx)
-    assert measured.ratio is not None
-    return measured.ratio
+    ratios = {}
+    for precision in precisions:
+        if precision == "int8":
+            candidate = int8_latency_model(model, data, quantize)
+        else:
+            candidate = export_onnx(model, data.example_input())
+        measured = measure(candidate, tuple(data.example_input().shape), latency, reference=baseline_onnx)
+        assert measured.ratio is not None
+        ratios[precision] = measured.ratio
+    return ratios
 
 
 def budget_matched_uniform(

@@ -8,7 +8,6 @@ same command finds the study in its storage and goes on until it has ``trials`` 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 import warnings
@@ -42,7 +41,7 @@ from search.models import model_family
 from search.policy import Policy
 from search.progress import NullReporter, Reporter
 from search.quantize import QuantizeSettings, choose_precisions
-from search.recipes import latency_ratio, study_recipes
+from search.recipes import latency_ratio, latency_ratios, study_recipes
 from search.space import SearchSpace, default_space_path, load_space
 from search.storage import HEARTBEAT_SECONDS, load_existing, open_storage
 from search.trial import TrialContext, run_trial
@@ -300,12 +299,17 @@ def _fastest_reachable(
     reporter.phase("measure the fastest policy the space allows")
     best = float("inf")
     for policy in space.fastest_policies():
-        for precision in space.precisions:
-            policy = dataclasses.replace(policy, precision=precision)
-            ratio = latency_ratio(
-                policy, space, baseline.model, data, baseline_onnx, latency, quantize or QuantizeSettings()
-            )
-            best = min(best, ratio * baseline_ms)
+        ratios = latency_ratios(
+            policy,
+            space.precisions,
+            space,
+            baseline.model,
+            data,
+            baseline_onnx,
+            latency,
+            quantize or QuantizeSettings(),
+        )
+        best = min(best, min(ratios.values()) * baseline_ms)
     reporter.info(f"Fastest policy in the space: {best:.2f} ms")
     return best
 
