@@ -15,6 +15,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -59,6 +60,27 @@ class Latency:
         if self.reference_median_ms is None:
             return None
         return self.median_ms / self.reference_median_ms
+
+    def record(self, baseline_latency_ms: float, threads: int, precision: str) -> dict[str, Any]:
+        """What a trial stores: this measurement, its ratio, and the drift-corrected latency.
+
+        The corrected figure (ratio times the study's ``baseline_latency_ms``) is what a budget
+        is judged on. Needs an interleaved reference.
+        """
+        ratio = self.ratio
+        if ratio is None:
+            raise ValueError("a latency record needs a measurement interleaved with the baseline")
+        return {
+            "median_ms": round(self.median_ms, 4),
+            "p90_ms": round(self.p90_ms, 4),
+            "baseline_median_ms": round(self.reference_median_ms or 0.0, 4),
+            "ratio": round(ratio, 5),
+            "corrected_ms": round(ratio * baseline_latency_ms, 4),
+            "runs": self.runs,
+            "stable": self.stable,
+            "threads": threads,
+            "precision": precision,
+        }
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = False) -> bytes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -22,48 +24,57 @@ from search.progress import Reporter
 from search.quantize import QuantizeSettings, int8_latency_model
 from search.space import SearchSpace
 
-__all__ = ["budget_matched_uniform", "latency_ratio", "latency_ratios", "study_recipes"]
+__all__ = ["Recipe", "budget_matched_uniform", "latency_record", "latency_records", "study_recipes"]
 
 
-def latency_ratio(
+@dataclass(frozen=True)
+class Recipe:
+    label: str
+    policy: Policy
+    latency: dict[str, Any] | None = None
+    """Its latency record (with ``arch_hash``) when the study measured it to choose it."""
+
+
+def latency_record(
     policy: Policy,
     space: SearchSpace,
     baseline: nn.Module,
     data: Dataset,
     baseline_onnx: bytes,
+    baseline_ms: float,
     latency: LatencySettings,
     quantize: QuantizeSettings,
-) -> float:
-    """The pruned (and, for ``int8``, quantized) model's median latency over the interleaved baseline's."""
-    return latency_ratios(policy, (policy.precision,), space, baseline, data, baseline_onnx, latency, quantize)[
-        policy.precision
-    ]
+) -> dict[str, Any]:
+    """The pruned (and, for ``int8``, quantized) model timed interleaved with the baseline, as a trial records it."""
+    return latency_records(
+        policy, (policy.precision,), space, baseline, data, baseline_onnx, baseline_ms, latency, quantize
+    )[policy.precision]
 
 
-def latency_ratios(
+def latency_records(
     policy: Policy,
     precisions: tuple[str, ...] | list[str],
     space: SearchSpace,
     baseline: nn.Module,
     data: Dataset,
     baseline_onnx: bytes,
+    baseline_ms: float,
     latency: LatencySettings,
     quantize: QuantizeSettings,
-) -> dict[str, float]:
-    """``policy``'s pruned model timed in each of ``precisions`` (pruned once), as ratios to the baseline."""
+) -> dict[str, dict[str, Any]]:
+    """``policy``'s pruned model timed in each of ``precisions`` (pruned once): latency records with ``arch_hash``."""
     model = copy.deepcopy(baseline)
     taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
-    apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
-    ratios = {}
+    pruned = apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
+    records = {}
     for precision in precisions:
         if precision == "int8":
             candidate = int8_latency_model(model, data, quantize)
         else:
             candidate = export_onnx(model, data.example_input())
         measured = measure(candidate, tuple(data.example_input().shape), latency, reference=baseline_onnx)
-        assert measured.ratio is not None
-        ratios[precision] = measured.ratio
-    return ratios
+        records[precision] = {**measured.record(baseline_ms, latency.threads, precision), "arch_hash": pruned.arch_hash}
+    return records
 
 
 def budget_matched_uniform(
@@ -103,18 +114,29 @@ def study_recipes(
     space: SearchSpace,
     budget_ms: float,
     baseline_ms: float,
-    ratio_of: Callable[[Policy], float],
+    record_of: Callable[[Policy], dict[str, Any]],
     reporter: Reporter,
-) -> list[tuple[str, Policy]]:
-    """Labelled recipe policies for a new study, in the order they should run."""
-    recipes = [("unpruned", space.unpruned())] + [
-        (f"uniform {r:g} {space.uniform_criterion}", space.uniform(r)) for r in space.uniform_ratios
+) -> list[Recipe]:
+    """Labelled recipe policies for a new study, in the order they should run.
+
+    ``record_of`` measures a policy's latency record (see :func:`latency_record`); the
+    budget-matched recipes carry the record that chose them, for their trial to reuse.
+    """
+    recipes = [Recipe("unpruned", space.unpruned())] + [
+        Recipe(f"uniform {r:g} {space.uniform_criterion}", space.uniform(r)) for r in space.uniform_ratios
     ]
     if set(space.precisions) == {"fp32", "int8"}:  # what "just quantize" gives, beside the FP32 baseline
-        recipes.append(("unpruned int8", space.unpruned("int8")))
+        recipes.append(Recipe("unpruned int8", space.unpruned("int8")))
     if baseline_ms <= budget_ms:
         return recipes
     reporter.phase("find the uniform ratio that meets the budget")
+    records: dict[str, dict[str, Any]] = {}
+
+    def ratio_of(policy: Policy) -> float:
+        # The drift-corrected latency over the study's baseline: exactly the trial's budget test.
+        records[policy.key()] = record_of(policy)
+        return records[policy.key()]["corrected_ms"] / baseline_ms
+
     for precision in space.precisions:
         found = budget_matched_uniform(space, precision, budget_ms / baseline_ms, ratio_of)
         if found is None:
@@ -123,5 +145,6 @@ def study_recipes(
         r = next(iter(policy.stages.values())).stream
         suffix = " int8" if precision == "int8" else ""
         reporter.info(f"Uniform {r:g}{suffix} meets the budget ({ratio:.0%} of the baseline); enqueued as a recipe")
-        recipes.append((f"uniform {r:g} {space.uniform_criterion}{suffix} at the budget", policy))
+        label = f"uniform {r:g} {space.uniform_criterion}{suffix} at the budget"
+        recipes.append(Recipe(label, policy, records[policy.key()]))
     return recipes

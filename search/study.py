@@ -41,10 +41,10 @@ from search.models import model_family
 from search.policy import Policy
 from search.progress import NullReporter, Reporter
 from search.quantize import QuantizeSettings, choose_precisions
-from search.recipes import latency_ratio, latency_ratios, study_recipes
+from search.recipes import latency_record, latency_records, study_recipes
 from search.space import SearchSpace, default_space_path, load_space
 from search.storage import HEARTBEAT_SECONDS, load_existing, open_storage
-from search.trial import TrialContext, run_trial
+from search.trial import LATENCY_AT_CREATION, TrialContext, run_trial
 
 __all__ = ["SearchResult", "run_search", "settings_that_must_match"]
 
@@ -275,12 +275,15 @@ def _create_study(
         study.set_user_attr(key, value)
     quantize = _quantize_settings(config)
 
-    def ratio_of(policy: Policy) -> float:
-        return latency_ratio(policy, space, baseline.model, data, baseline_onnx, latency, quantize)
+    def record_of(policy: Policy) -> dict[str, Any]:
+        return latency_record(policy, space, baseline.model, data, baseline_onnx, base.median_ms, latency, quantize)
 
-    recipes = study_recipes(space, config.budget_ms, base.median_ms, ratio_of, reporter)
-    for label, policy in recipes:
-        study.enqueue_trial(space.params_for(policy), user_attrs={"recipe": label}, skip_if_exists=True)
+    recipes = study_recipes(space, config.budget_ms, base.median_ms, record_of, reporter)
+    for recipe in recipes:
+        attrs: dict[str, Any] = {"recipe": recipe.label}
+        if recipe.latency is not None:
+            attrs[LATENCY_AT_CREATION] = recipe.latency
+        study.enqueue_trial(space.params_for(recipe.policy), user_attrs=attrs, skip_if_exists=True)
     reporter.info(f"Created study {config.study_name!r} in {config.storage_url}; enqueued {len(recipes)} recipes")
     return study
 
@@ -299,17 +302,18 @@ def _fastest_reachable(
     reporter.phase("measure the fastest policy the space allows")
     best = float("inf")
     for policy in space.fastest_policies():
-        ratios = latency_ratios(
+        records = latency_records(
             policy,
             space.precisions,
             space,
             baseline.model,
             data,
             baseline_onnx,
+            baseline_ms,
             latency,
             quantize or QuantizeSettings(),
         )
-        best = min(best, min(ratios.values()) * baseline_ms)
+        best = min(best, min(r["corrected_ms"] for r in records.values()))
     reporter.info(f"Fastest policy in the space: {best:.2f} ms")
     return best
 
@@ -356,8 +360,8 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
         except KeyboardInterrupt:
             # The trial is marked FAIL by optuna; its policy goes back in the queue for the next run.
             trial.set_user_attr("interrupted", True)
-            recipe = trial.user_attrs.get("recipe")
-            trial.study.enqueue_trial(trial.params, user_attrs={"recipe": recipe} if recipe else None)
+            kept = {k: trial.user_attrs[k] for k in ("recipe", LATENCY_AT_CREATION) if k in trial.user_attrs}
+            trial.study.enqueue_trial(trial.params, user_attrs=kept or None)
             raise
         except Exception as exc:  # recorded on the trial; optuna marks it FAIL and the study goes on
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]

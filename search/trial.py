@@ -26,10 +26,20 @@ from search.progress import NullReporter, Reporter
 from search.quantize import QuantizeSettings, int8_latency_model, onnx_top1, quantize_model
 from search.space import SearchSpace
 
-__all__ = ["INFEASIBLE_ACCURACY", "LATENCY_CONSTRAINT", "TrialContext", "TrialOutcome", "run_trial"]
+__all__ = [
+    "INFEASIBLE_ACCURACY",
+    "LATENCY_AT_CREATION",
+    "LATENCY_CONSTRAINT",
+    "TrialContext",
+    "TrialOutcome",
+    "run_trial",
+]
 
 LATENCY_CONSTRAINT = "latency_over_budget_ms"
 """The Optuna constraint each trial sets: drift-corrected latency minus the budget."""
+
+LATENCY_AT_CREATION = "latency_at_creation"
+"""User attribute of an enqueued recipe: its latency record as measured when the study chose it."""
 
 INFEASIBLE_ACCURACY = 0.0
 """Objective value stored for policies over the budget: they are never fine-tuned or evaluated."""
@@ -187,7 +197,18 @@ def _latency(
     precision: str = "fp32",
     seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Measure (or reuse, for an architecture measured before in the same precision) and store the latency record."""
+    """Measure and store the latency record, or reuse one of this very architecture in the same precision.
+
+    Reused are the measurement of an earlier trial, or the one the study made when it chose this
+    recipe (the budget-matched uniform ratio): a recipe picked because it met the budget is judged
+    by the measurement that picked it, not by a second one that drift may put on the other side.
+    """
+    at_creation = trial.user_attrs.get(LATENCY_AT_CREATION)
+    if at_creation and at_creation.get("arch_hash") == arch_hash and at_creation.get("precision") == precision:
+        record = {k: v for k, v in at_creation.items() if k != "arch_hash"}
+        record["measured_at"] = "study creation"
+        trial.set_user_attr("latency", record)
+        return record
     for other in _completed(trial):
         same_arch = other.user_attrs.get("arch_hash") == arch_hash
         if same_arch and other.user_attrs.get("precision", "fp32") == precision and "latency" in other.user_attrs:
@@ -206,18 +227,7 @@ def _latency(
         onnx_model = export_onnx(model, ctx.data.example_input())
     shape = tuple(ctx.data.example_input().shape)
     measured = measure(onnx_model, shape, ctx.latency, reference=ctx.baseline_onnx)
-    assert measured.ratio is not None
-    record = {
-        "median_ms": round(measured.median_ms, 4),
-        "p90_ms": round(measured.p90_ms, 4),
-        "baseline_median_ms": round(measured.reference_median_ms or 0.0, 4),
-        "ratio": round(measured.ratio, 5),
-        "corrected_ms": round(measured.ratio * ctx.baseline_latency_ms, 4),
-        "runs": measured.runs,
-        "stable": measured.stable,
-        "threads": ctx.latency.threads,
-        "precision": precision,
-    }
+    record = measured.record(ctx.baseline_latency_ms, ctx.latency.threads, precision)
     trial.set_user_attr("latency", record)
     return record
 
