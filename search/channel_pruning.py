@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,14 @@ from search.errors import UsageError
 from search.policy import Policy
 from search.space import SearchSpace, StageSpace
 
-__all__ = ["PrunedModel", "apply_policy", "architecture", "architecture_hash", "layer_channels"]
+__all__ = [
+    "PrunedModel",
+    "apply_policy",
+    "architecture",
+    "architecture_hash",
+    "global_magnitude_allocation",
+    "layer_channels",
+]
 
 
 @dataclass
@@ -56,19 +64,11 @@ def apply_policy(
     """Remove channels from ``model`` in place as ``policy`` says, and describe the result."""
     model.eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    names = {module: name for name, module in model.named_modules()}
-    _check_stages_match(space, names.values())
-    classifier = _last_linear(model)
     if _uses(policy, "taylor"):
         _accumulate_gradients(model, taylor_batches)
     generator = torch.Generator().manual_seed(policy.seed)
     removed: Counter[str] = Counter()
-    for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]):
-        outputs = _out_channel_layers(graph, group, names)
-        stage = _stage_of(outputs, space.stages)
-        if stage is None:
-            continue
-        kind = "stream" if sum(not _is_depthwise(m) for _, m in outputs) >= 2 else "inner"
+    for stage, kind, group in _stage_groups(model, graph, space):
         choice = policy.stages.get(stage.name)
         ratio = 0.0 if choice is None else getattr(choice, kind)
         total = len(group[0].idxs)
@@ -88,6 +88,63 @@ def apply_policy(
         history=[[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in graph.pruning_history()],
         removed=dict(removed),
     )
+
+
+def global_magnitude_allocation(
+    model: nn.Module,
+    space: SearchSpace,
+    example_input: torch.Tensor,
+    ratios: Iterable[float],
+    *,
+    max_ratio: float = 0.9,
+) -> list[dict[str, tuple[float, float]]]:
+    """Per ratio, per stage, the (stream, inner) fractions that global magnitude pruning would remove.
+
+    This is torch-pruning's global magnitude recipe (``MagnitudePruner(global_pruning=True)``):
+    each group's channels are scored by the L2 norm of their weights, normalised by the group's
+    mean, and the ``ratio`` lowest-scoring channels of the whole network go, at most
+    ``max_ratio`` of any group. A stage's inner fraction is the mean over its blocks. The model is
+    not changed.
+    """
+    graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
+    importance = tp.importance.MagnitudeImportance(p=2, normalizer="mean")
+    scored = [
+        (stage.name, kind, importance(group).detach().float())
+        for stage, kind, group in _stage_groups(model, graph, space)
+    ]
+    every = torch.cat([scores for _, _, scores in scored]) if scored else torch.zeros(0)
+    allocations = []
+    for ratio in ratios:
+        drop = int(len(every) * ratio)
+        threshold = torch.kthvalue(every, drop).values.item() if drop > 0 else -math.inf
+        fractions: dict[tuple[str, str], list[float]] = {}
+        for name, kind, scores in scored:
+            fraction = min(float((scores <= threshold).float().mean()), max_ratio)
+            fractions.setdefault((name, kind), []).append(fraction)
+        allocations.append(
+            {
+                stage.name: (
+                    statistics.fmean(fractions.get((stage.name, "stream"), [0.0])),
+                    statistics.fmean(fractions.get((stage.name, "inner"), [0.0])),
+                )
+                for stage in space.stages
+            }
+        )
+    return allocations
+
+
+def _stage_groups(model: nn.Module, graph: Any, space: SearchSpace) -> Iterator[tuple[StageSpace, str, Any]]:
+    """Every prunable group of coupled channels, with the stage it belongs to and its kind (stream or inner)."""
+    names = {module: name for name, module in model.named_modules()}
+    _check_stages_match(space, names.values())
+    classifier = _last_linear(model)
+    for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]):
+        outputs = _out_channel_layers(graph, group, names)
+        stage = _stage_of(outputs, space.stages)
+        if stage is None:
+            continue
+        kind = "stream" if sum(not _is_depthwise(m) for _, m in outputs) >= 2 else "inner"
+        yield stage, kind, group
 
 
 def _channels_to_keep(total: int, ratio: float, round_to: int) -> int:

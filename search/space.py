@@ -151,6 +151,20 @@ class SearchSpace:
             )
         return Policy(stages=stages, round_to=min(self.round_to), precision=precision or self.default_precision)
 
+    def allocated(
+        self, fractions: dict[str, tuple[float, float]], criterion: str, precision: str | None = None
+    ) -> Policy:
+        """Each stage at its own (stream, inner) fractions, clipped to its ranges and snapped to the grid."""
+        stages = {}
+        for stage in self.stages:
+            stream, inner = fractions.get(stage.name, (0.0, 0.0))
+            stages[stage.name] = StagePolicy(
+                stream=self._snap(stage.stream, stream),
+                inner=self._snap(stage.inner, inner),
+                criterion=criterion if criterion in stage.criteria else stage.criteria[0],
+            )
+        return Policy(stages=stages, round_to=min(self.round_to), precision=precision or self.default_precision)
+
     def unpruned(self, precision: str | None = None) -> Policy:
         return self.uniform(0.0, precision=precision)
 

@@ -41,7 +41,7 @@ from search.models import model_family
 from search.policy import Policy
 from search.progress import NullReporter, Reporter
 from search.quantize import QuantizeSettings, choose_precisions
-from search.recipes import latency_record, latency_records, study_recipes
+from search.recipes import global_grid, latency_record, latency_records, study_recipes
 from search.space import SearchSpace, default_space_path, load_space
 from search.storage import HEARTBEAT_SECONDS, load_existing, open_storage
 from search.trial import LATENCY_AT_CREATION, TrialContext, run_trial
@@ -278,13 +278,22 @@ def _create_study(
     def record_of(policy: Policy) -> dict[str, Any]:
         return latency_record(policy, space, baseline.model, data, baseline_onnx, base.median_ms, latency, quantize)
 
-    recipes = study_recipes(space, config.budget_ms, base.median_ms, record_of, reporter)
+    def global_grid_of(precision: str) -> list[tuple[float, Policy]]:
+        return global_grid(space, baseline.model, data.example_input(), precision)
+
+    recipes = study_recipes(
+        space, config.budget_ms, base.median_ms, record_of, reporter, global_grid_of, seed=config.seed
+    )
     for recipe in recipes:
-        attrs: dict[str, Any] = {"recipe": recipe.label}
+        attrs: dict[str, Any] = {"recipe": recipe.label} if recipe.label else {"start": "near the budget"}
         if recipe.latency is not None:
             attrs[LATENCY_AT_CREATION] = recipe.latency
         study.enqueue_trial(space.params_for(recipe.policy), user_attrs=attrs, skip_if_exists=True)
-    reporter.info(f"Created study {config.study_name!r} in {config.storage_url}; enqueued {len(recipes)} recipes")
+    labelled = sum(1 for r in recipes if r.label)
+    reporter.info(
+        f"Created study {config.study_name!r} in {config.storage_url}; enqueued {labelled} recipes"
+        f" and {len(recipes) - labelled} start-up policies near the budget"
+    )
     return study
 
 
@@ -334,7 +343,7 @@ def _check_resumable(study: optuna.Study, settings: dict[str, Any], config: Sear
 
 def _sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """Multi-objective TPE; it honours the latency constraint each trial sets (``Trial.set_constraint``)."""
-    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0) + len(space.precisions)
+    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0) + 2 * len(space.precisions)
     return TrialSeededSampler(seed=config.seed, n_startup_trials=recipes + 3)
 
 
@@ -360,7 +369,7 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
         except KeyboardInterrupt:
             # The trial is marked FAIL by optuna; its policy goes back in the queue for the next run.
             trial.set_user_attr("interrupted", True)
-            kept = {k: trial.user_attrs[k] for k in ("recipe", LATENCY_AT_CREATION) if k in trial.user_attrs}
+            kept = {k: trial.user_attrs[k] for k in ("recipe", "start", LATENCY_AT_CREATION) if k in trial.user_attrs}
             trial.study.enqueue_trial(trial.params, user_attrs=kept or None)
             raise
         except Exception as exc:  # recorded on the trial; optuna marks it FAIL and the study goes on
@@ -419,7 +428,8 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
         accuracy = f"INT8 {accuracy}" if evaluated else "INT8, top-1 -"
         if "accuracy_fp32" in attrs:
             accuracy = accuracy[:-1] + f", FP32 after {attrs['accuracy_fp32']:.4f})"
-    recipe = f" [{attrs['recipe']}]" if attrs.get("recipe") else ""
+    label = attrs.get("recipe") or (f"start-up, {attrs['start']}" if attrs.get("start") else None)
+    recipe = f" [{label}]" if label else ""
     took = sum(attrs.get("seconds", {}).values())
     return (
         f"Trial {number}{recipe}: {latency['corrected_ms']:.2f} ms ({latency['ratio']:.0%} of baseline), "

@@ -107,3 +107,43 @@ def test_pruning_history_rebuilds_exactly_the_same_model(criterion: str) -> None
     assert layer_channels(rebuilt) == pruned.channels
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(X), pruned.model(X))
+
+
+def test_global_magnitude_allocation_matches_torch_prunings_global_recipe() -> None:
+    import copy
+
+    import torch_pruning as tp
+
+    from search.channel_pruning import global_magnitude_allocation
+
+    space = load_space("spaces/resnet18.toml")
+    model = _resnet18()
+    with torch.no_grad():  # half of one block's channels nearly dead: the global recipe should take them
+        model.layer3[1].conv1.weight[:128] *= 0.01
+    before = layer_channels(model)
+    half, none = global_magnitude_allocation(model, space, X[:1], [0.3, 0.0])
+    assert layer_channels(model) == before, "the model is left as it was"
+    assert all(f == (0.0, 0.0) for f in none.values())
+
+    reference = copy.deepcopy(model)
+    tp.pruner.MagnitudePruner(
+        reference,
+        X[:1],
+        importance=tp.importance.MagnitudeImportance(p=2),
+        global_pruning=True,
+        pruning_ratio=0.3,
+        max_pruning_ratio=0.9,
+        ignored_layers=[reference.fc],
+    ).step()
+    after = layer_channels(reference)
+    removed = {name: 1 - after[name] / before[name] for name in before}
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        stream, inner = half[stage]
+        assert stream == pytest.approx(removed[f"{stage}.0.conv2"], abs=0.02), stage
+        expected_inner = (removed[f"{stage}.0.conv1"] + removed[f"{stage}.1.conv1"]) / 2
+        assert inner == pytest.approx(expected_inner, abs=0.02), stage
+    assert half["layer3"][1] > max(half[s][1] for s in ("layer1", "layer2", "layer4")), "the dead channels go first"
+
+    policy = space.allocated(half, "l2")
+    assert policy.stages["layer3"].inner == pytest.approx(round(half["layer3"][1] / 0.05) * 0.05)
+    assert {s.criterion for s in policy.stages.values()} == {"l2"}

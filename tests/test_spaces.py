@@ -71,7 +71,7 @@ def test_bad_space_files_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_budget_matched_uniform_finds_the_least_pruned_ratio_within_the_budget() -> None:
-    from search.recipes import budget_matched_uniform
+    from search.recipes import budget_matched, uniform_grid
 
     space = load_space(SPACES_DIR / "resnet18.toml")
     measured: list[float] = []
@@ -81,7 +81,29 @@ def test_budget_matched_uniform_finds_the_least_pruned_ratio_within_the_budget()
         measured.append(r)
         return 1.0 - r if r < 0.4 else 0.45 - (r - 0.4)
 
-    policy, ratio = budget_matched_uniform(space, "fp32", 0.5, ratio_of)
-    assert policy.stages["layer2"].stream == 0.4 and ratio == 0.45
+    grid = uniform_grid(space, "fp32")
+    r, policy, ratio = budget_matched(grid, 0.5, ratio_of)
+    assert r == pytest.approx(0.4) and policy.stages["layer2"].stream == 0.4 and ratio == 0.45
     assert len(measured) <= 5, "bisection, not a scan of the whole grid"
-    assert budget_matched_uniform(space, "fp32", 0.01, ratio_of) is None, "even the most pruned uniform is too slow"
+    assert budget_matched(grid, 0.01, ratio_of) is None, "even the most pruned uniform is too slow"
+
+
+def test_start_up_samples_near_the_budget_use_most_of_it_and_vary_the_anchor() -> None:
+    from search.recipes import NEAR_BUDGET_ATTEMPTS, NEAR_BUDGET_FLOOR, near_budget
+
+    space = load_space(SPACES_DIR / "resnet18.toml")
+    anchor = space.uniform(0.4)
+    calls: list[float] = []
+
+    def ratio_of(policy):  # latency falling with the mean prune ratio
+        mean = sum(s.stream + s.inner for s in policy.stages.values()) / (2 * len(policy.stages))
+        calls.append(mean)
+        return 1.0 - 1.2 * mean
+
+    found = near_budget(space, [anchor], 0.5, ratio_of, seed=1)
+    assert 1 <= len(found) <= 3 and len(calls) <= NEAR_BUDGET_ATTEMPTS
+    for policy in found:
+        assert NEAR_BUDGET_FLOOR * 0.5 <= ratio_of(policy) <= 0.5
+        assert policy != anchor and "random" not in {s.criterion for s in policy.stages.values()}
+    assert found == near_budget(space, [anchor], 0.5, ratio_of, seed=1), "reproducible from the seed"
+    assert near_budget(space, [], 0.5, ratio_of, seed=1) == []
