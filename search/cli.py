@@ -18,9 +18,9 @@ from rich.text import Text
 
 from search.config import SearchConfig
 from search.console import RichReporter, export_summary, front_table, show_trial
-from search.data import DataSpec
+from search.data_spec import DataSpec
 from search.errors import UsageError
-from search.export import ExportSettings
+from search.export_settings import ExportSettings
 from search.report import pareto_front, plot_front, recommended, rows
 
 __all__ = ["main"]

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from search.data import DataSpec
+from search.data_spec import DataSpec
 
 __all__ = ["SearchConfig"]
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from search.data_spec import DataSpec, Triple
 from search.errors import UsageError
 from search.progress import NullReporter, Reporter
 
@@ -55,7 +56,6 @@ __all__ = [
     "load_dataset",
 ]
 
-Triple = tuple[float, float, float]
 
 IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
 IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
@@ -81,24 +81,6 @@ _SPLITS = ("train", "val", "test")
 
 
 # --------------------------------------------------------------------------- public types
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What the user asked for; :func:`load_dataset` turns it into a :class:`Dataset`."""
-
-    source: str
-    """``"digits"``, ``"imagefolder:PATH"`` or ``"cifar10:PATH"``."""
-    input_size: int | None = None
-    """Side of the square model input; ``None`` means the source's default."""
-    mean: Triple | None = None
-    """Per-channel normalisation mean (0..1 scale); ``None`` means the source's default."""
-    std: Triple | None = None
-    """Per-channel normalisation std (0..1 scale); ``None`` means the source's default."""
-    val_fraction: float = 0.1
-    """Share of each class held out for validation when the source has no val split."""
-    seed: int = 0
-    """Seed of the deterministic splits."""
 
 
 @dataclass

@@ -30,6 +30,7 @@ from search.complexity import macs_and_params
 from search.data import Dataset, DataSpec, load_dataset
 from search.errors import UsageError
 from search.evaluate import top1
+from search.export_settings import ExportSettings
 from search.finetune import TrainSettings, recalibrate_batchnorm, train
 from search.hardware import fingerprint, git_revision, package_versions
 from search.latency import LatencySettings, export_onnx, measure, open_session
@@ -54,31 +55,6 @@ __all__ = [
 ]
 
 PRUNED_FORMAT = "prune-search/pruned-model"
-
-
-@dataclass(frozen=True)
-class ExportSettings:
-    epochs: float = 5
-    """Full fine-tune epochs over the training split (a fraction fine-tunes part of an epoch)."""
-    batch_size: int = 32
-    lr: float = 0.01
-    distill: float = 0.5
-    """Weight of distillation from the unpruned model (0 turns it off)."""
-    train_dtype: str = "auto"
-    seed: int = 0
-    max_abs_diff: float = 1e-3
-    """ONNX Runtime and PyTorch logits may differ by at most this much."""
-    min_agreement: float = 0.99
-    """...and must agree on the top-1 class for at least this fraction of checked images."""
-    parity_images: int = 128
-    min_int8_agreement: float = 0.95
-    """An INT8 export must predict the FP32 export's top-1 class on at least this fraction of images."""
-    steps: int | None = None
-    """Fine-tune for this many steps instead of ``epochs`` (for quick checks)."""
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
 
 
 @dataclass

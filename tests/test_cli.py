@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,19 @@ from tests.conftest import ROOT
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess[str]:
+    """``cli.py`` in this process (no second torch import): exit status, stdout and stderr as a run would give."""
+    from search.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(["cli.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -84,14 +99,14 @@ def test_rerun_resumes_and_pareto_command_reads_the_study(tiny_study: dict[str, 
     assert '"recommended"' in shown.stdout and '"front"' in shown.stdout
 
 
-def _bad(tiny: dict[str, str], *override: str) -> subprocess.CompletedProcess[str]:
+def _bad(tiny: dict[str, str], *override: str, separate_process: bool = False) -> subprocess.CompletedProcess[str]:
     """Run search against the tiny study with some options replaced, and check the study is intact."""
     before = _trials(tiny)
     args = dict(zip(tiny["common"].split("\x00")[::2], tiny["common"].split("\x00")[1::2], strict=True))
     args.update(dict(zip(override[::2], override[1::2], strict=True)))
     args.setdefault("--budget-ms", "1000")
     flat = [item for pair in args.items() for item in pair if item != ""]
-    result = run_cli("search", "--trials", "50", *flat)
+    result = (run_cli if separate_process else run_main)("search", "--trials", "50", *flat)
     assert _trials(tiny) == before, "a bad input must not change the study"
     return result
 
@@ -112,7 +127,7 @@ def test_bad_data_inputs(tiny_study: dict[str, str], tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bad_model_and_weights(tiny_study: dict[str, str], tmp_path: Path) -> None:
-    assert_usage_error(_bad(tiny_study, "--model", "resnet19"), "resnet19")
+    assert_usage_error(_bad(tiny_study, "--model", "resnet19", separate_process=True), "resnet19")
     assert_usage_error(_bad(tiny_study, "--model", "resnet34", "--study", "other"), "layer", "[")
     from search.models import build_model
 
@@ -125,7 +140,7 @@ def test_bad_model_and_weights(tiny_study: dict[str, str], tmp_path: Path) -> No
 @pytest.mark.slow
 def test_bad_budget_and_storage(tiny_study: dict[str, str]) -> None:
     for budget in ("0", "-5", "fast"):
-        result = _bad(tiny_study, "--budget-ms", budget)
+        result = _bad(tiny_study, "--budget-ms", budget, separate_process=budget == "0")
         assert result.returncode == 2 and "--budget-ms" in result.stderr and "Traceback" not in result.stderr
     for fraction in ("0", "1.5"):
         result = _bad(tiny_study, "--budget-fraction", fraction)

@@ -1,0 +1,32 @@
+"""How ``export`` fine-tunes and checks a model (light to import: the CLI takes its defaults from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ExportSettings"]
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    epochs: float = 5
+    """Full fine-tune epochs over the training split (a fraction fine-tunes part of an epoch)."""
+    batch_size: int = 32
+    lr: float = 0.01
+    distill: float = 0.5
+    """Weight of distillation from the unpruned model (0 turns it off)."""
+    train_dtype: str = "auto"
+    seed: int = 0
+    max_abs_diff: float = 1e-3
+    """ONNX Runtime and PyTorch logits may differ by at most this much."""
+    min_agreement: float = 0.99
+    """...and must agree on the top-1 class for at least this fraction of checked images."""
+    parity_images: int = 128
+    min_int8_agreement: float = 0.95
+    """An INT8 export must predict the FP32 export's top-1 class on at least this fraction of images."""
+    steps: int | None = None
+    """Fine-tune for this many steps instead of ``epochs`` (for quick checks)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
