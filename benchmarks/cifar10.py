@@ -418,7 +418,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".cifar10"), help="working folder (resumable)")
     parser.add_argument("--pruning-budgets", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--joint-budgets", type=float, nargs="+", default=[0.15, 0.08])
-    parser.add_argument("--trials", type=int, default=12, help="trials per study")
+    parser.add_argument("--trials", type=int, default=16, help="trials per study")
     parser.add_argument("--trial-steps", type=int, default=30, help="brief fine-tune steps per trial")
     parser.add_argument("--trial-batch", type=int, default=64)
     parser.add_argument("--bn-batches", type=int, default=8)
