@@ -91,11 +91,17 @@ class Plan:
     epochs: float
     seeds: tuple[int, ...]
     fidelity: int
+    test_images: int | None = None
+    """Score every row on a fixed random subset of the test split (``--quick``); None: all 10,000."""
+
+    @property
+    def test_key(self) -> str:
+        return f" test {self.test_images}" if self.test_images else ""
 
     @staticmethod
     def of(args: argparse.Namespace) -> Plan:
         if args.quick:
-            return Plan((0.5,), (0.15,), 6, 5, 32, 2, 200, 0.01, (0, 1), 3)
+            return Plan((0.5,), (0.15,), 6, 5, 32, 2, 200, 0.01, (0, 1), 3, test_images=500)
         return Plan(
             tuple(args.pruning_budgets),
             tuple(args.joint_budgets),
@@ -202,6 +208,7 @@ class Bench:
                 "export",
                 *("--study", name, "--studies-dir", str(self.studies), "--trial", str(number)),
                 *("--epochs", f"{self.plan.epochs:g}", "--seed", str(seed), "--out", str(out), "--force", "--quiet"),
+                *(("--test-images", str(self.plan.test_images)) if self.plan.test_images else ()),
             )
             card = json.loads((out / f"trial-{number}" / "card.json").read_text())
             int8 = card.get("int8")
@@ -275,7 +282,7 @@ class Bench:
                 seed=seed,
             )
             result = train(model, self.data, settings, teacher=self.baseline, description=f"{kind} {ratio:g}")
-            fp32_top1 = top1(model, self.data, "test")
+            fp32_top1 = top1(model, self.data, "test", limit=self.plan.test_images)
             macs, params = macs_and_params(model, self.data.input_size)
             path = self.work / "recipes" / f"{kind}-{ratio:g}-{precision}-seed{seed}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +290,7 @@ class Bench:
             if precision == "int8":
                 quantized = quantize_model(model, self.data, QuantizeSettings())
                 path.write_bytes(fix_batch(quantized.int8_onnx))
-                shipped = onnx_top1(quantized.int8_onnx, self.data, "test")
+                shipped = onnx_top1(quantized.int8_onnx, self.data, "test", limit=self.plan.test_images)
             else:
                 path.write_bytes(export_onnx(model, self.example))
             log(f"{kind} {ratio:g} {precision} seed {seed}: test top-1 {shipped:.4f} ({result.seconds:.0f} s)")
@@ -297,7 +304,8 @@ class Bench:
                 "precision": precision,
             }
 
-        return self.cached(f"recipe {kind} {ratio:g} {precision} seed {seed} epochs {self.plan.epochs:g}", run)
+        key = f"recipe {kind} {ratio:g} {precision} seed {seed} epochs {self.plan.epochs:g}{self.plan.test_key}"
+        return self.cached(key, run)
 
     def int8_alone(self) -> dict[str, Any]:
         def run() -> dict[str, Any]:
@@ -306,13 +314,16 @@ class Bench:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(fix_batch(quantized.int8_onnx))
             macs, params = macs_and_params(self.baseline, self.data.input_size)
-            top = onnx_top1(quantized.int8_onnx, self.data, "test")
+            top = onnx_top1(quantized.int8_onnx, self.data, "test", limit=self.plan.test_images)
             return {"top1": top, "macs": macs, "params": params, "onnx": str(path), "precision": "int8"}
 
-        return self.cached("int8 alone", run)
+        return self.cached("int8 alone" + self.plan.test_key, run)
 
     def baseline_test(self) -> float:
-        return self.cached("baseline test top-1", lambda: top1(self.baseline, self.data, "test"))
+        return self.cached(
+            "baseline test top-1" + self.plan.test_key,
+            lambda: top1(self.baseline, self.data, "test", limit=self.plan.test_images),
+        )
 
 
 # ---- the run -------------------------------------------------------------------------------

@@ -243,6 +243,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"full fine-tune epochs; a fraction trains part of one (default: {EXPORT_DEFAULTS.epochs:g})",
     )
     e.add_argument("--seed", type=_non_negative_int, default=EXPORT_DEFAULTS.seed, help="fine-tune seed")
+    e.add_argument(
+        "--test-images",
+        type=_positive_int,
+        help="score top-1 on a fixed random subset of this many held-out images (quick checks; default: all)",
+    )
     e.add_argument("--lr", type=_positive_float, default=EXPORT_DEFAULTS.lr, help="peak learning rate")
     e.add_argument("--batch", type=_positive_int, default=EXPORT_DEFAULTS.batch_size, help="batch size")
     e.add_argument(
@@ -452,6 +457,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     study, _ = _study_of(args)
     settings = ExportSettings(
         epochs=args.epochs,
+        test_images=args.test_images,
         batch_size=args.batch,
         lr=args.lr,
         distill=args.distill,

@@ -187,14 +187,14 @@ def export_trial(
     model = rebuild_pruned(base, trial)
     split = "test" if data.test is not None else "val"
     reporter.phase(f"trial {number}: baseline top-1 on {split}")
-    baseline_top1 = _baseline_top1(base, split, reporter)
+    baseline_top1 = _baseline_top1(base, split, settings.test_images, reporter)
 
     reporter.phase(f"trial {number}: fine-tune")
     t = time.perf_counter()
     state = out_dir / "finetune-state.pt"
     if not state.exists():
         recalibrate_batchnorm(model, data, batches=8, seed=settings.seed)
-    before = top1(model, data, split, reporter=reporter)
+    before = top1(model, data, split, limit=settings.test_images, reporter=reporter)
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     train_settings = TrainSettings(
         steps=settings.steps if settings.steps is not None else max(1, round(settings.epochs * steps_per_epoch)),
@@ -215,7 +215,7 @@ def export_trial(
         checkpoint=state,
     )
     seconds["finetune"] = time.perf_counter() - t
-    after = top1(model, data, split, reporter=reporter)
+    after = top1(model, data, split, limit=settings.test_images, reporter=reporter)
 
     reporter.phase(f"trial {number}: export and check ONNX")
     t = time.perf_counter()
@@ -262,6 +262,7 @@ def export_trial(
         "channels": layer_channels(model),
         "accuracy": {
             "split": split,
+            "images": min(len(data.split(split)), settings.test_images or len(data.split(split))),
             "search_brief_finetune_val": row.accuracy,
             "before_finetune": before,
             "after_finetune": after,
@@ -315,13 +316,13 @@ def export_trial(
     return card
 
 
-def _baseline_top1(base: StudyBaseline, split: str, reporter: Reporter) -> float:
-    """The baseline's top-1 on ``split``, measured by the first export and kept in the study."""
-    key = f"baseline_top1_{split}"
+def _baseline_top1(base: StudyBaseline, split: str, limit: int | None, reporter: Reporter) -> float:
+    """The baseline's top-1 on ``split`` (or its random subset of ``limit`` images), measured once per study."""
+    key = f"baseline_top1_{split}" + (f"_{limit}" if limit else "")
     stored = base.study.user_attrs.get(key)
     if stored is not None and stored.get("sha256") == base.sha256:
         return float(stored["top1"])
-    value = top1(base.model, base.data, split, reporter=reporter)
+    value = top1(base.model, base.data, split, limit=limit, reporter=reporter)
     base.study.set_user_attr(key, {"top1": value, "sha256": base.sha256})
     return value
 
@@ -340,7 +341,9 @@ def _quantize_and_check(
     recorded = trial.user_attrs.get("quantization", {})
     quantize = QuantizeSettings.from_dict(recorded)
     int8_onnx = quantize_onnx(fp32_onnx, calibration_batches(data, quantize), quantize)
-    agreement = compare_top1(fp32_onnx, int8_onnx, data, split, threads=threads, reporter=reporter)
+    agreement = compare_top1(
+        fp32_onnx, int8_onnx, data, split, threads=threads, limit=settings.test_images, reporter=reporter
+    )
     result: dict[str, Any] = {
         "onnx": int8_onnx,
         "quantization": quantize.to_dict(),
@@ -451,6 +454,7 @@ def _int8_rows(card: dict[str, Any]) -> list[str]:
 def card_markdown(card: dict[str, Any]) -> str:
     acc, lat, ft = card["accuracy"], card["latency"], card["finetune"]
     mb = {k: v / 1e6 for k, v in card["files"].items()}
+    on = f"{acc['split']} ({acc['images']} images)" if "images" in acc else acc["split"]
     lines = [
         f"# {card['baseline']['model']} pruned: study {card['study']}, trial {card['trial']}",
         "",
@@ -458,9 +462,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "| | value |",
         "| --- | --- |",
-        f"| top-1 on {acc['split']} after fine-tune | {acc['after_finetune']:.4f} |",
-        f"| top-1 on {acc['split']} before fine-tune | {acc['before_finetune']:.4f} |",
-        f"| baseline top-1 on {acc['split']} | {acc['baseline']:.4f} |",
+        f"| top-1 on {on} after fine-tune | {acc['after_finetune']:.4f} |",
+        f"| top-1 on {on} before fine-tune | {acc['before_finetune']:.4f} |",
+        f"| baseline top-1 on {on} | {acc['baseline']:.4f} |",
         f"| latency median / p90 | {lat['median_ms']:.2f} / {lat['p90_ms']:.2f} ms "
         f"(batch 1, {lat['threads']} thread(s)) |",
         f"| baseline latency, same run | {lat['baseline_median_ms']:.2f} ms (ratio {lat['ratio']:.3f}) |",

@@ -24,6 +24,8 @@ class ExportSettings:
     parity_images: int = 128
     min_int8_agreement: float = 0.95
     """An INT8 export must predict the FP32 export's top-1 class on at least this fraction of images."""
+    test_images: int | None = None
+    """Score top-1 on a fixed random subset of this many held-out images (None: all; quick checks)."""
     steps: int | None = None
     """Fine-tune for this many steps instead of ``epochs`` (for quick checks)."""
 

@@ -157,6 +157,7 @@ def test_best_with_nothing_within_budget_names_the_nearest(tiny: SearchConfig, t
 def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) -> None:
     common = ["--study", "tiny", "--studies-dir", tiny.studies_dir]
     export = ["export", *common, "--trial", "2", "--epochs", "0.5", "--seed", "1", "--out", str(tmp_path / "out")]
+    export += ["--test-images", "100"]
     done = subprocess.run(
         [sys.executable, "cli.py", *export],
         cwd=ROOT,
@@ -168,6 +169,8 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
     assert "Exported trial 2" in done.stdout
     card = json.loads((tmp_path / "out" / "trial-2" / "card.json").read_text())
     assert card["finetune"]["seed"] == 1 and card["finetune"]["epochs"] == 0.5
+    assert card["accuracy"]["images"] == 100 and card["accuracy"]["split"] == "test", "a quick score on 100 images"
+    assert "test (100 images)" in (tmp_path / "out" / "trial-2" / "card.md").read_text()
     onnx = tmp_path / "out" / "trial-2" / "model.onnx"
     bench = subprocess.run(
         [sys.executable, "cli.py", "bench", str(onnx), "--threads", "1", "--format", "json"],
