@@ -32,7 +32,6 @@ __all__ = [
     "Recipe",
     "budget_matched",
     "global_grid",
-    "latency_record",
     "latency_records",
     "study_recipes",
     "uniform_grid",
@@ -59,22 +58,6 @@ NEAR_BUDGET_SPREAD = 0.2
 
 NEAR_BUDGET_FLOOR = 0.8
 """A start-up sample must use at least this fraction of the budget (a much faster one wastes accuracy)."""
-
-
-def latency_record(
-    policy: Policy,
-    space: SearchSpace,
-    baseline: nn.Module,
-    data: Dataset,
-    baseline_onnx: bytes,
-    baseline_ms: float,
-    latency: LatencySettings,
-    quantize: QuantizeSettings,
-) -> dict[str, Any]:
-    """The pruned (and, for ``int8``, quantized) model timed interleaved with the baseline, as a trial records it."""
-    return latency_records(
-        policy, (policy.precision,), space, baseline, data, baseline_onnx, baseline_ms, latency, quantize
-    )[policy.precision]
 
 
 def latency_records(
@@ -170,7 +153,7 @@ def study_recipes(
 ) -> list[Recipe]:
     """The policies a new study runs first, in order: recipes, then start-up samples near the budget.
 
-    ``record_of`` measures a policy's latency record (see :func:`latency_record`); what was
+    ``record_of`` measures a policy's latency record (see :func:`latency_records`); what was
     chosen by measurement (the budget-matched recipes, the samples near the budget) carries the
     record that chose it, for its trial to reuse. ``global_grid_of(precision)`` gives the global
     magnitude grid (:func:`global_grid`), if wanted; ``seed`` fixes the samples near the budget.

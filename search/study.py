@@ -41,7 +41,7 @@ from search.models import model_family
 from search.policy import Policy
 from search.progress import NullReporter, Reporter
 from search.quantize import QuantizeSettings, choose_precisions
-from search.recipes import global_grid, latency_record, latency_records, study_recipes
+from search.recipes import global_grid, latency_records, study_recipes
 from search.space import SearchSpace, default_space_path, load_space
 from search.storage import HEARTBEAT_SECONDS, load_existing, open_storage
 from search.trial import LATENCY_AT_CREATION, TrialContext, run_trial
@@ -276,7 +276,9 @@ def _create_study(
     quantize = _quantize_settings(config)
 
     def record_of(policy: Policy) -> dict[str, Any]:
-        return latency_record(policy, space, baseline.model, data, baseline_onnx, base.median_ms, latency, quantize)
+        return latency_records(
+            policy, (policy.precision,), space, baseline.model, data, baseline_onnx, base.median_ms, latency, quantize
+        )[policy.precision]
 
     def global_grid_of(precision: str) -> list[tuple[float, Policy]]:
         return global_grid(space, baseline.model, data.example_input(), precision)
