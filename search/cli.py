@@ -150,7 +150,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--trials",
         type=_positive_int,
         default=DEFAULTS.trials,
-        help=f"finished trials the study should have; rerunning resumes until then (default: {DEFAULTS.trials})",
+        help="finished trials the study should have, not counting sampled policies measured over the budget "
+        f"(seconds each, never fine-tuned); rerunning resumes until then (default: {DEFAULTS.trials})",
     )
     s.add_argument("--timeout", type=_positive_float, help="stop starting new trials after this many seconds")
     s.add_argument("--seed", type=int, default=0, help="sampler and training seed (default: 0)")

@@ -31,7 +31,10 @@ class SearchConfig:
     storage: str | None = None
     """A SQLAlchemy URL; None is ``sqlite:///studies/<study>.db``."""
     trials: int = 10
-    """Finished trials the study should have; a rerun resumes until there are this many."""
+    """Finished trials the study should have; a rerun resumes until there are this many.
+
+    Sampled policies measured over the budget are recorded but do not count (see
+    :mod:`search.coordination`): trials are spent on the recipes and on policies that get fine-tuned."""
     timeout: float | None = None
     """Stop starting new trials after this many seconds."""
     seed: int = 0

@@ -13,7 +13,9 @@ storage URL and study name. This module holds the rules they follow, all through
   value (:func:`use_study_heartbeat`), so they agree on when a silent trial is stale. A stale trial
   is failed and its policy enqueued once more (Optuna's ``RetryHeartbeatStaleTrialCallback``).
 * **Counting.** The study is done when it has ``trials`` finished trials, not counting trials that
-  were interrupted or went stale and were retried. A worker starts a trial only while finished plus
+  were interrupted or went stale and were retried, nor sampled policies that were measured over
+  the budget (they cost seconds, not a fine-tune; at most ``OVER_BUDGET_FACTOR`` times ``trials``
+  of them before the study stops anyway). A worker starts a trial only while finished plus
   running trials are below the target (:func:`next_step`), so several workers overshoot the total
   only when they start trials in the same instant (by at most one trial per extra worker).
 * **Sampling.** :class:`TrialSeededSampler` seeds TPE from the study seed and the trial number,
@@ -43,6 +45,7 @@ from search.progress import NullReporter, Reporter
 from search.storage import HEARTBEAT_SECONDS, load_existing
 
 __all__ = [
+    "OVER_BUDGET_FACTOR",
     "READY_ATTR",
     "StudyProgress",
     "TrialSeededSampler",
@@ -155,12 +158,23 @@ def use_study_heartbeat(storage: RDBStorage, study: optuna.Study, requested: int
 # --------------------------------------------------------------------------- counting trials
 
 
+OVER_BUDGET_FACTOR = 3
+"""A study stops after this many times ``trials`` sampled policies over the budget (none of which count)."""
+
+
 @dataclass(frozen=True)
 class StudyProgress:
     finished: int
-    """COMPLETE trials plus FAIL trials that count (not interrupted, not retried after going stale)."""
+    """COMPLETE trials plus FAIL trials that count (not interrupted, not retried after going stale),
+    less the sampled policies over the budget."""
     running: int
     waiting: int
+    over_budget: int = 0
+    """Sampled (not enqueued) policies measured over the budget: recorded, not fine-tuned, not counted."""
+
+    def gave_up(self, target: int) -> bool:
+        """Whether the sampler has proposed so many policies over the budget that the study should stop."""
+        return self.over_budget >= OVER_BUDGET_FACTOR * target
 
 
 def progress(study: optuna.Study) -> StudyProgress:
@@ -168,9 +182,11 @@ def progress(study: optuna.Study) -> StudyProgress:
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    finished = running = waiting = 0
+    finished = running = waiting = over_budget = 0
     for t in trials:
-        if t.state == TrialState.COMPLETE:
+        if t.state == TrialState.COMPLETE and _sampled_over_budget(t):
+            over_budget += 1
+        elif t.state == TrialState.COMPLETE:
             finished += 1
         elif t.state == TrialState.FAIL:
             finished += not t.user_attrs.get("interrupted") and t.number not in retried
@@ -178,7 +194,12 @@ def progress(study: optuna.Study) -> StudyProgress:
             running += 1
         elif t.state == TrialState.WAITING:
             waiting += 1
-    return StudyProgress(finished=finished, running=running, waiting=waiting)
+    return StudyProgress(finished=finished, running=running, waiting=waiting, over_budget=over_budget)
+
+
+def _sampled_over_budget(trial: FrozenTrial) -> bool:
+    attrs = trial.user_attrs
+    return attrs.get("feasible") is False and not attrs.get("recipe") and not attrs.get("start")
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -192,7 +213,7 @@ def next_step(study: optuna.Study, target: int) -> tuple[Literal["run", "wait", 
     """Whether this worker should start a trial, wait for running ones, or stop."""
     fail_stale_trials(study)
     now = progress(study)
-    if now.finished >= target:
+    if now.finished >= target or now.gave_up(target):
         return "done", now
     if now.finished + now.running >= target:
         return "wait", now

@@ -22,6 +22,7 @@ from search.baseline import Baseline, prepare_baseline
 from search.baseline_store import adopt_baseline, publish_baseline
 from search.config import SearchConfig
 from search.coordination import (
+    OVER_BUDGET_FACTOR,
     TrialSeededSampler,
     check_same_hardware,
     mark_ready,
@@ -414,6 +415,17 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
             done = min(_finished(study), config.trials)
             progress.advance(done - shown)
             shown = done
+    now = study_progress(study)
+    if now.over_budget:
+        reporter.info(
+            f"{now.over_budget} sampled policies were over the budget: measured and recorded, "
+            "not fine-tuned, not counted towards --trials"
+        )
+    if now.gave_up(config.trials) and now.finished < config.trials:
+        reporter.warn(
+            f"stopped after {now.over_budget} sampled policies over the budget ({OVER_BUDGET_FACTOR}x --trials) "
+            f"with {now.finished} of {config.trials} trials; narrow the space's ranges towards the budget (--space)"
+        )
     return ran, False
 
 
@@ -422,6 +434,8 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
     attrs = t.user_attrs
     latency = attrs["latency"]
     status = "within budget" if attrs["feasible"] else "over budget, not fine-tuned"
+    if not attrs["feasible"] and not attrs.get("recipe") and not attrs.get("start"):
+        status += ", not counted"
     evaluated = attrs.get("fine_tuned") or Policy.from_dict(attrs["policy"]).is_unpruned
     accuracy = f"top-1 {attrs['accuracy']:.4f}" if evaluated else "top-1 -"
     if attrs.get("fine_tuned"):

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from search.cli import main
 from search.coordination import (
+    OVER_BUDGET_FACTOR,
     TrialSeededSampler,
     check_same_hardware,
     is_ready,
@@ -87,6 +88,25 @@ def test_counting_skips_interrupted_and_retried_trials_and_waits_for_running_one
     assert next_step(study, 4)[0] == "run"
     study.tell(running, [1, 1])
     assert next_step(study, 3)[0] == "done"
+
+
+def test_sampled_policies_over_the_budget_do_not_count_but_cannot_run_forever(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    dist = {"x": FloatDistribution(0, 1)}
+
+    def add(x: float, **attrs: object) -> None:
+        study.add_trial(optuna.create_trial(params={"x": x}, distributions=dist, values=[0, 1], user_attrs=attrs))
+
+    add(0.0, feasible=False, recipe="unpruned")  # a recipe over the budget still counts
+    add(0.1, feasible=False, start="near the budget")
+    add(0.2, feasible=True)
+    add(0.3, feasible=False)  # sampled and over the budget: cheap, recorded, not counted
+    now = progress(study)
+    assert (now.finished, now.over_budget) == (3, 1)
+    assert next_step(study, 4)[0] == "run"
+    for i in range(OVER_BUDGET_FACTOR * 4 - 1):
+        add(0.5 + i / 100, feasible=False)
+    assert next_step(study, 4)[0] == "done", "the sampler keeps missing the budget: stop rather than loop"
 
 
 def test_a_trial_whose_worker_went_silent_is_failed_and_retried_once(tmp_path: Path) -> None:
