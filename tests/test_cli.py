@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 
-from tests.conftest import ROOT
-
-
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def run_main(*args: str) -> subprocess.CompletedProcess[str]:
-    """``cli.py`` in this process (no second torch import): exit status, stdout and stderr as a run would give."""
-    from search.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:  # argparse
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return subprocess.CompletedProcess(["cli.py", *args], code, out.getvalue(), err.getvalue())
+from tests.conftest import run_cli, run_main
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -94,7 +74,7 @@ def test_rerun_resumes_and_pareto_command_reads_the_study(tiny_study: dict[str, 
     assert again.returncode == 0, again.stderr
     assert "Resuming study 'cli-tiny' (5 trials so far)" in again.stdout
     assert _trials(tiny_study) == 6
-    shown = run_cli("pareto", "--study", "cli-tiny", "--studies-dir", tiny_study["studies"], "--format", "json")
+    shown = run_main("pareto", "--study", "cli-tiny", "--studies-dir", tiny_study["studies"], "--format", "json")
     assert shown.returncode == 0, shown.stderr
     assert '"recommended"' in shown.stdout and '"front"' in shown.stdout
 

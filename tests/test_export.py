@@ -28,7 +28,7 @@ from search.export import (
 from search.finetune import TrainSettings, train
 from search.models import build_model
 from search.study import run_search
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_main
 
 QUICK = ExportSettings(steps=6, parity_images=64)
 
@@ -181,13 +181,7 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
     )
     assert bench.returncode == 0, bench.stderr
     assert json.loads(bench.stdout)["median_ms"] > 0
-    show = subprocess.run(
-        [sys.executable, "cli.py", "show", *common, "--trial", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    show = run_main("show", *common, "--trial", "2")
     assert show.returncode == 0 and "stage layer1" in show.stdout and "latency" in show.stdout
     for args, words in [
         (["export", *common, "--trial", "2", "--out", str(tmp_path / "out")], "already holds an export"),
@@ -195,7 +189,7 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
         (["show", *common, "--trial", "42"], "has no trial 42"),
         (["bench", str(tmp_path / "missing.onnx")], "does not exist"),
     ]:
-        bad = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        bad = run_main(*args)
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 

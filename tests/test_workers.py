@@ -4,8 +4,6 @@ sampling, joining checks, and the single-worker SQLite path with pinning."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,11 +28,7 @@ from search.errors import UsageError
 from search.hardware import fingerprint
 from search.storage import open_storage
 from search.workers import parse_cpus, plan_cpus, worker_argv
-from tests.conftest import ROOT
-
-
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+from tests.conftest import run_cli, run_main
 
 
 def test_cpu_lists_and_core_plans() -> None:
@@ -210,7 +204,7 @@ def test_single_pinned_worker_on_sqlite_and_refusal_of_other_hardware(tmp_path: 
 
     before = len(study.trials)
     study.set_user_attr("hardware", dict(study.user_attrs["hardware"], cpu="Some Other CPU"))
-    refused = run_cli("search", *common, "--trials", "5")
+    refused = run_main("search", *common, "--trials", "5")
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "hardware fingerprint" in refused.stderr and "Some Other CPU" in refused.stderr
     assert len(optuna.load_study(study_name="pinned", storage=storage).trials) == before, "nothing ran"
