@@ -30,8 +30,11 @@ class SearchConfig:
     """Study name; None derives ``<model>-<data>-<budget>ms``."""
     storage: str | None = None
     """A SQLAlchemy URL; None is ``sqlite:///studies/<study>.db``."""
-    trials: int = 10
+    trials: int = 8
     """Finished trials the study should have; a rerun resumes until there are this many.
+
+    The default keeps the built-in default run (``search --budget-ms 30``) within 15 minutes on a
+    2-core CPU, baseline training included; a real search wants more (``--trials 40``).
 
     Sampled policies measured over the budget are recorded but do not count (see
     :mod:`search.coordination`): trials are spent on the recipes and on policies that get fine-tuned."""
