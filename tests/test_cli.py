@@ -25,7 +25,9 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) ->
 def tiny_study(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) -> dict[str, str]:
     """A finished tiny study made through the CLI, which the bad-input tests must leave intact."""
     studies = tmp_path_factory.mktemp("cli") / "studies"
-    common = [
+    common = [  # FP32 only: INT8 in a search is tested in test_quantize.py
+        "--precision",
+        "fp32",
         "--weights",
         str(trained_weights),
         "--input-size",

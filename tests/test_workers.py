@@ -178,6 +178,8 @@ def test_single_pinned_worker_on_sqlite_and_refusal_of_other_hardware(tmp_path: 
     common = [
         "--budget-ms",
         "1000",
+        "--precision",
+        "fp32",
         "--weights",
         str(trained_weights),
         "--input-size",
