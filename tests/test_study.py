@@ -129,7 +129,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
 
     monkeypatch.setattr(trial_module, "apply_policy", flaky)
     reporter = RecordingReporter()
-    study = run_search(replace(config, trials=5), reporter).study
+    study = run_search(replace(config, trials=5, precisions=("fp32",)), reporter).study
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(failed) == 1
     assert failed[0].user_attrs["error"] == "RuntimeError: simulated crash in channel pruning"
@@ -151,14 +151,14 @@ def test_ctrl_c_leaves_a_study_that_resumes_the_interrupted_policy(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trial_module, "train", interrupted_once)
-    first = run_search(replace(config, trials=5))
+    first = run_search(replace(config, trials=5, precisions=("fp32",)))
     assert first.interrupted
     stopped = next(t for t in first.study.trials if t.user_attrs.get("interrupted"))
     assert stopped.state == optuna.trial.TrialState.FAIL
     assert stopped.user_attrs["interrupted"] is True
     assert stopped.user_attrs["recipe"] == "uniform 0.35 l1"
 
-    second = run_search(replace(config, trials=5))
+    second = run_search(replace(config, trials=5, precisions=("fp32",)))
     assert not second.interrupted
     done = second.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) == 5
