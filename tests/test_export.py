@@ -28,7 +28,7 @@ from search.export import (
 from search.finetune import TrainSettings, train
 from search.models import build_model
 from search.study import run_search
-from tests.conftest import ROOT, run_main
+from tests.conftest import ROOT, run_cli, run_main
 
 QUICK = ExportSettings(steps=6, parity_images=64)
 
@@ -159,13 +159,7 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
     common = ["--study", "tiny", "--studies-dir", tiny.studies_dir]
     export = ["export", *common, "--trial", "2", "--epochs", "0.5", "--seed", "1", "--out", str(tmp_path / "out")]
     export += ["--test-images", "100"]
-    done = subprocess.run(
-        [sys.executable, "cli.py", *export],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_cli(*export)  # a separate process, as a user runs it
     assert done.returncode == 0, done.stderr
     assert "Exported trial 2" in done.stdout
     card = json.loads((tmp_path / "out" / "trial-2" / "card.json").read_text())
@@ -173,13 +167,7 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
     assert card["accuracy"]["images"] == 100 and card["accuracy"]["split"] == "test", "a quick score on 100 images"
     assert "test (100 images)" in (tmp_path / "out" / "trial-2" / "card.md").read_text()
     onnx = tmp_path / "out" / "trial-2" / "model.onnx"
-    bench = subprocess.run(
-        [sys.executable, "cli.py", "bench", str(onnx), "--threads", "1", "--format", "json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bench = run_cli("bench", str(onnx), "--threads", "1", "--format", "json", timeout=300)
     assert bench.returncode == 0, bench.stderr
     assert json.loads(bench.stdout)["median_ms"] > 0
     show = run_main("show", *common, "--trial", "2")

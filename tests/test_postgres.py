@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from search.coordination import progress
 from search.models import file_sha256
 from search.storage import open_storage
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 ENV = "PRUNE_SEARCH_TEST_POSTGRES"
 
@@ -185,9 +185,7 @@ def test_a_worker_killed_mid_trial_is_recovered_by_others(
         time.sleep(0.1)
     assert killed is not None, (tmp_path / "victim.log").read_text()
 
-    rescue = subprocess.run(
-        [sys.executable, "cli.py", *common, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=240
-    )
+    rescue = run_cli(*common, "--workers", "2", timeout=240)
     assert rescue.returncode == 0, rescue.stdout + rescue.stderr
     assert "each pinned to its own cores" in rescue.stdout
     assert "worker 1: CPU 0" in rescue.stdout and "worker 2: CPU 1" in rescue.stdout

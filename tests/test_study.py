@@ -151,14 +151,15 @@ def test_ctrl_c_leaves_a_study_that_resumes_the_interrupted_policy(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trial_module, "train", interrupted_once)
-    first = run_search(replace(config, trials=5, precisions=("fp32",)))
+    config = replace(config, trials=5, precisions=("fp32",))
+    first = run_search(config)
     assert first.interrupted
     stopped = next(t for t in first.study.trials if t.user_attrs.get("interrupted"))
     assert stopped.state == optuna.trial.TrialState.FAIL
     assert stopped.user_attrs["interrupted"] is True
     assert stopped.user_attrs["recipe"] == "uniform 0.35 l1"
 
-    second = run_search(replace(config, trials=5, precisions=("fp32",)))
+    second = run_search(config)
     assert not second.interrupted
     done = second.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(done) == 5
