@@ -184,6 +184,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="evaluate trials on a fixed random subset of this many validation images (default: all)",
     )
     s.add_argument(
+        "--fit-budget",
+        action="store_true",
+        help="fit every sampled policy to the budget: keep its per-stage shape, choose its strength by "
+        "bisection on measured latency (a few extra measurements per trial; recipes run as they are)",
+    )
+    s.add_argument(
         "--baseline-epochs",
         type=_positive_int,
         default=DEFAULTS.baseline_epochs,
@@ -293,6 +299,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
         distill=args.distill,
         bn_batches=args.bn_batches,
         val_images=args.val_images,
+        fit_budget=args.fit_budget,
         baseline_epochs=args.baseline_epochs,
         train_dtype=args.train_dtype,
         precisions=args.precision,

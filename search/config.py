@@ -52,6 +52,9 @@ class SearchConfig:
     """Training batches used to recalibrate BatchNorm statistics after pruning."""
     val_images: int | None = None
     """Evaluate trials on a fixed random subset of this many validation images (None: all)."""
+    fit_budget: bool = False
+    """Fit each sampled policy to the budget: its shape kept, its strength found by measured bisection
+    (:mod:`search.budget_fit`), so no trial is spent over the budget or far below it."""
     baseline_epochs: int = 3
     """Epochs to train a baseline when no ``weights`` are given."""
     train_dtype: str = "auto"

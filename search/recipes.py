@@ -35,6 +35,7 @@ from search.space import SearchSpace
 __all__ = [
     "Recipe",
     "budget_matched",
+    "distinct",
     "global_grid",
     "latency_records",
     "near_budget",
@@ -94,7 +95,7 @@ def latency_records(
 def uniform_grid(space: SearchSpace, precision: str) -> list[tuple[float, Policy]]:
     """Uniform policies at every ratio of the space's grid (distinct ones only), least pruned first."""
     ratios = [k * space.ratio_step for k in range(1, round(1 / space.ratio_step))]
-    return _distinct(space, [(r, space.uniform(r, precision=precision)) for r in ratios])
+    return distinct(space, [(r, space.uniform(r, precision=precision)) for r in ratios])
 
 
 def global_grid(
@@ -108,10 +109,11 @@ def global_grid(
     ratios = [k * space.ratio_step for k in range(1, round(1 / space.ratio_step))]
     allocations = global_magnitude_allocation(copy.deepcopy(baseline), space, example_input, ratios)
     policies = [(r, space.allocated(a, "l2", precision)) for r, a in zip(ratios, allocations, strict=True)]
-    return _distinct(space, [(r, p) for r, p in policies if not p.is_unpruned])
+    return distinct(space, [(r, p) for r, p in policies if not p.is_unpruned])
 
 
-def _distinct(space: SearchSpace, grid: list[tuple[float, Policy]]) -> list[tuple[float, Policy]]:
+def distinct(space: SearchSpace, grid: list[tuple[float, Policy]]) -> list[tuple[float, Policy]]:
+    """``grid`` without policies equal to the one before them (snapping to the grid makes neighbours coincide)."""
     kept: list[tuple[float, Policy]] = []
     for ratio, policy in grid:
         if not kept or space.params_for(policy) != space.params_for(kept[-1][1]):

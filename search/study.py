@@ -176,6 +176,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         reporter=reporter,
         quantize=_quantize_settings(config),
         val_images=config.val_images,
+        fit_budget=config.fit_budget,
     )
     ran, interrupted = _run_trials(study, ctx, config, reporter)
     return SearchResult(
@@ -445,6 +446,8 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
         if "accuracy_fp32" in attrs:
             accuracy = accuracy[:-1] + f", FP32 after {attrs['accuracy_fp32']:.4f})"
     label = attrs.get("recipe") or (f"start-up, {attrs['start']}" if attrs.get("start") else None)
+    if "budget_fit" in attrs:
+        label = f"fitted to the budget, strength {attrs['budget_fit']['strength']:.2f}"
     recipe = f" [{label}]" if label else ""
     took = sum(attrs.get("seconds", {}).values())
     return (

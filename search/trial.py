@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from search.budget_fit import fit_to_budget
 from search.channel_pruning import apply_policy
 from search.complexity import macs_and_params
 from search.data import Dataset
@@ -24,6 +25,7 @@ from search.latency import LatencySettings, export_onnx, measure
 from search.policy import Policy
 from search.progress import NullReporter, Reporter
 from search.quantize import QuantizeSettings, int8_latency_model, onnx_top1, quantize_model
+from search.recipes import latency_records
 from search.space import SearchSpace
 
 __all__ = [
@@ -66,6 +68,8 @@ class TrialContext:
     """How ``int8`` policies are quantized (calibration method and images)."""
     val_images: int | None = None
     """Evaluate on a fixed random subset of this many validation images (None: all of them)."""
+    fit_budget: bool = False
+    """Fit each sampled policy's strength to the budget (:mod:`search.budget_fit`); enqueued ones run as they are."""
 
 
 @dataclass
@@ -81,6 +85,13 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     seconds: dict[str, float] = {}
     policy = ctx.space.suggest(trial)
     policy = dataclasses.replace(policy, seed=trial.number)
+    fitted_latency = None
+    if ctx.fit_budget and not (trial.user_attrs.get("recipe") or trial.user_attrs.get("start")):
+        reporter.phase("fit to the budget")
+        fit = fit_to_budget(policy, ctx.space, ctx.budget_ms, ctx.baseline_latency_ms, lambda p: _record_of(ctx, p))
+        if fit is not None:
+            trial.set_user_attr("budget_fit", fit.summary(policy))
+            policy, fitted_latency = fit.policy, fit.latency
     trial.set_user_attr("policy", policy.to_dict())
     trial.set_user_attr("precision", policy.precision)
     if policy.precision == "int8":
@@ -109,7 +120,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
 
     reporter.phase("latency")
     started = time.perf_counter()
-    latency = _latency(trial, ctx, pruned.model, pruned.arch_hash, policy.precision, seconds)
+    latency = _latency(trial, ctx, pruned.model, pruned.arch_hash, policy.precision, seconds, fitted_latency)
     seconds["latency"] = time.perf_counter() - started - seconds.get("quantize", 0.0)
     latency_ms = latency["corrected_ms"]
     feasible = latency_ms <= ctx.budget_ms
@@ -196,19 +207,21 @@ def _latency(
     arch_hash: str,
     precision: str = "fp32",
     seconds: dict[str, float] | None = None,
+    fitted: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure and store the latency record, or reuse one of this very architecture in the same precision.
 
-    Reused are the measurement of an earlier trial, or the one the study made when it chose this
-    recipe (the budget-matched uniform ratio): a recipe picked because it met the budget is judged
-    by the measurement that picked it, not by a second one that drift may put on the other side.
+    Reused are the measurement of an earlier trial, the one the study made when it chose this
+    recipe (the budget-matched uniform ratio), or the one that fitted this policy to the budget
+    (``fitted``): a policy picked because it met the budget is judged by the measurement that
+    picked it, not by a second one that drift may put on the other side.
     """
-    at_creation = trial.user_attrs.get(LATENCY_AT_CREATION)
-    if at_creation and at_creation.get("arch_hash") == arch_hash and at_creation.get("precision") == precision:
-        record = {k: v for k, v in at_creation.items() if k != "arch_hash"}
-        record["measured_at"] = "study creation"
-        trial.set_user_attr("latency", record)
-        return record
+    for chosen, where in ((trial.user_attrs.get(LATENCY_AT_CREATION), "study creation"), (fitted, "budget fit")):
+        if chosen and chosen.get("arch_hash") == arch_hash and chosen.get("precision") == precision:
+            record = {k: v for k, v in chosen.items() if k != "arch_hash"}
+            record["measured_at"] = where
+            trial.set_user_attr("latency", record)
+            return record
     for other in _completed(trial):
         same_arch = other.user_attrs.get("arch_hash") == arch_hash
         if same_arch and other.user_attrs.get("precision", "fp32") == precision and "latency" in other.user_attrs:
@@ -230,6 +243,21 @@ def _latency(
     record = measured.record(ctx.baseline_latency_ms, ctx.latency.threads, precision)
     trial.set_user_attr("latency", record)
     return record
+
+
+def _record_of(ctx: TrialContext, policy: Policy) -> dict[str, Any]:
+    """``policy``'s latency record (with ``arch_hash``), measured as a trial measures it."""
+    return latency_records(
+        policy,
+        (policy.precision,),
+        ctx.space,
+        ctx.baseline,
+        ctx.data,
+        ctx.baseline_onnx,
+        ctx.baseline_latency_ms,
+        ctx.latency,
+        ctx.quantize,
+    )[policy.precision]
 
 
 def _completed(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
