@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.policy import Policy
-from search.recipes import budget_matched, distinct
+from search.recipes import Measured, budget_matched, distinct
 from search.space import SearchSpace
 
 __all__ = ["STRENGTHS", "Fit", "fit_to_budget", "strength_grid"]
@@ -79,14 +79,12 @@ def fit_to_budget(
     if policy.is_unpruned:
         return None
     grid = strength_grid(space, policy)
-    records: dict[str, dict[str, Any]] = {}
+    measurements = Measured(record_of, baseline_ms)
     measured: list[dict[str, float]] = []
     strength_of = {p.key(): s for s, p in grid}
 
     def ratio_of(candidate: Policy) -> float:
-        record = record_of(candidate)
-        records[candidate.key()] = record
-        ratio = record["corrected_ms"] / baseline_ms
+        ratio = measurements.ratio(candidate)
         measured.append({"strength": round(strength_of[candidate.key()], 4), "ratio": round(ratio, 4)})
         return ratio
 
@@ -94,4 +92,4 @@ def fit_to_budget(
     if found is None:
         return None
     strength, fitted, _ = found
-    return Fit(policy=fitted, strength=strength, latency=records[fitted.key()], measured=measured)
+    return Fit(policy=fitted, strength=strength, latency=measurements.record(fitted), measured=measured)

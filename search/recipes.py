@@ -33,6 +33,7 @@ from search.quantize import QuantizeSettings, int8_latency_model
 from search.space import SearchSpace
 
 __all__ = [
+    "Measured",
     "Recipe",
     "budget_matched",
     "distinct",
@@ -173,7 +174,7 @@ def study_recipes(
     if baseline_ms <= budget_ms:
         return recipes
     reporter.phase("find the recipes that just meet the budget")
-    measured = _Measured(record_of, baseline_ms)
+    measured = Measured(record_of, baseline_ms)
     matched: list[Recipe] = []
     for precision in space.precisions:
         suffix = " int8" if precision == "int8" else ""
@@ -207,7 +208,7 @@ def study_recipes(
     return recipes + matched + [Recipe(None, p, measured.record(p)) for p in nearby]
 
 
-class _Measured:
+class Measured:
     """Latency records by policy, each policy measured once."""
 
     def __init__(self, record_of: Callable[[Policy], dict[str, Any]], baseline_ms: float) -> None:

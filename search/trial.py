@@ -88,10 +88,12 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     fitted_latency = None
     if ctx.fit_budget and not (trial.user_attrs.get("recipe") or trial.user_attrs.get("start")):
         reporter.phase("fit to the budget")
+        started = time.perf_counter()
         fit = fit_to_budget(policy, ctx.space, ctx.budget_ms, ctx.baseline_latency_ms, lambda p: _record_of(ctx, p))
         if fit is not None:
             trial.set_user_attr("budget_fit", fit.summary(policy))
             policy, fitted_latency = fit.policy, fit.latency
+        seconds["budget_fit"] = time.perf_counter() - started
     trial.set_user_attr("policy", policy.to_dict())
     trial.set_user_attr("precision", policy.precision)
     if policy.precision == "int8":
