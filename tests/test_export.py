@@ -231,11 +231,22 @@ def test_int8_export_writes_both_models_and_checks_their_agreement(tiny: SearchC
     if not int8:
         pytest.skip(f"INT8 is not searched on this machine: {study.user_attrs.get('int8_check')}")
     base = load_study_baseline(study)
-    card = export_trial(base, int8[0].number, QUICK, tmp_path / "int8", command="python cli.py export")
+    # The tiny model is trained for a few dozen steps, so its logits have small margins and
+    # INT8 flips more of its argmaxes than it would on a trained model: judge it by a loose
+    # bar here and check below that the bar is enforced.
+    loose = replace(QUICK, min_int8_agreement=0.5)
+    card = export_trial(base, int8[0].number, loose, tmp_path / "int8", command="python cli.py export")
     assert card["precision"] == "int8"
     assert (tmp_path / "int8" / "model.onnx").exists() and (tmp_path / "int8" / "model.int8.onnx").exists()
-    assert card["int8"]["top1_agreement_with_fp32"] >= QUICK.min_int8_agreement
+    agreement = card["int8"]["top1_agreement_with_fp32"]
+    assert 0.5 <= agreement <= 1.0
     assert {"top1", "fp32_top1_onnxruntime", "fp32_latency_ms", "quantization"} <= set(card["int8"])
     x, _ = next(base.data.batches("test", 8, shuffle=False, augment=False))
     logits = ort.InferenceSession(str(tmp_path / "int8" / "model.int8.onnx")).run(None, {"input": x.numpy()})[0]
     assert logits.shape == (8, 10)
+
+    # The same export (same seed, same calibration) against a bar above what it reached is refused.
+    if agreement < 0.99:
+        strict = replace(loose, min_int8_agreement=min(1.0, agreement + 0.05))
+        with pytest.raises(RuntimeError, match="agrees with the FP32 model on only"):
+            export_trial(base, int8[0].number, strict, tmp_path / "strict", command="python cli.py export")
