@@ -191,7 +191,7 @@ class Bench:
                 *("--precision", "fp32" if track == "pruning" else "fp32,int8"),
                 *("--trials", str(self.plan.trials), "--finetune-steps", str(self.plan.trial_steps)),
                 *("--finetune-batch", str(self.plan.trial_batch), "--bn-batches", str(self.plan.bn_batches)),
-                *("--val-images", str(self.plan.val_images)),
+                *("--val-images", str(self.plan.val_images), "--fit-budget"),
                 *("--distill", "0.5", "--study", name, "--studies-dir", str(self.studies), "--quiet"),
             )
             return {"seconds": time.perf_counter() - started}
@@ -433,7 +433,7 @@ def main() -> None:
     parser.add_argument("--trial-steps", type=int, default=30, help="brief fine-tune steps per trial")
     parser.add_argument("--trial-batch", type=int, default=64)
     parser.add_argument("--bn-batches", type=int, default=8)
-    parser.add_argument("--val-images", type=int, default=2000, help="val images each trial is evaluated on")
+    parser.add_argument("--val-images", type=int, default=5000, help="val images each trial is evaluated on")
     parser.add_argument("--epochs", type=float, default=0.1, help="final fine-tune epochs of every row")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fidelity", type=int, default=6, help="policies in the fidelity check")

@@ -17,7 +17,8 @@ storage URL and study name. This module holds the rules they follow, all through
   the budget (they cost seconds, not a fine-tune; at most ``OVER_BUDGET_FACTOR`` times ``trials``
   of them before the study stops anyway). A worker starts a trial only while finished plus
   running trials are below the target (:func:`next_step`), so several workers overshoot the total
-  only when they start trials in the same instant (by at most one trial per extra worker).
+  only when they start trials in the same instant (by at most one trial per extra worker), or
+  when a retry is still owed once the count is reached (it runs: its policy is never dropped).
 * **Sampling.** :class:`TrialSeededSampler` seeds TPE from the study seed and the trial number,
   so two workers sampling at the same moment do not propose the same random policy.
 """
@@ -171,6 +172,8 @@ class StudyProgress:
     waiting: int
     over_budget: int = 0
     """Sampled (not enqueued) policies measured over the budget: recorded, not fine-tuned, not counted."""
+    retries_waiting: int = 0
+    """Waiting trials that retry a trial whose worker went silent: owed work, run even past the target."""
 
     def gave_up(self, target: int) -> bool:
         """Whether the sampler has proposed so many policies over the budget that the study should stop."""
@@ -182,7 +185,7 @@ def progress(study: optuna.Study) -> StudyProgress:
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    finished = running = waiting = over_budget = 0
+    finished = running = waiting = over_budget = retries_waiting = 0
     for t in trials:
         if t.state == TrialState.COMPLETE and _sampled_over_budget(t):
             over_budget += 1
@@ -194,7 +197,10 @@ def progress(study: optuna.Study) -> StudyProgress:
             running += 1
         elif t.state == TrialState.WAITING:
             waiting += 1
-    return StudyProgress(finished=finished, running=running, waiting=waiting, over_budget=over_budget)
+            retries_waiting += "failed_trial" in t.system_attrs
+    return StudyProgress(
+        finished=finished, running=running, waiting=waiting, over_budget=over_budget, retries_waiting=retries_waiting
+    )
 
 
 def _sampled_over_budget(trial: FrozenTrial) -> bool:
@@ -210,9 +216,16 @@ def fail_stale_trials(study: optuna.Study) -> None:
 
 
 def next_step(study: optuna.Study, target: int) -> tuple[Literal["run", "wait", "done"], StudyProgress]:
-    """Whether this worker should start a trial, wait for running ones, or stop."""
+    """Whether this worker should start a trial, wait for running ones, or stop.
+
+    A retried trial still waiting is owed: another worker may have filled the count while the
+    stale trial was being failed, and the retry then runs anyway (Optuna starts waiting trials
+    before sampling), so a killed trial's policy is never silently dropped.
+    """
     fail_stale_trials(study)
     now = progress(study)
+    if now.retries_waiting and not now.gave_up(target):
+        return "run", now
     if now.finished >= target or now.gave_up(target):
         return "done", now
     if now.finished + now.running >= target:

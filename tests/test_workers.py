@@ -84,6 +84,24 @@ def test_counting_skips_interrupted_and_retried_trials_and_waits_for_running_one
     assert next_step(study, 3)[0] == "done"
 
 
+def test_a_retry_still_waiting_runs_even_when_other_workers_filled_the_count(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    dist = {"x": FloatDistribution(0, 1)}
+    for x in (0.1, 0.2):
+        study.add_trial(optuna.create_trial(params={"x": x}, distributions=dist, values=[1, 1]))
+    study.add_trial(optuna.create_trial(params={"x": 0.3}, distributions=dist, state=TrialState.FAIL))  # went stale
+    study.add_trial(
+        optuna.create_trial(
+            params={"x": 0.3}, distributions=dist, state=TrialState.WAITING, system_attrs={"failed_trial": 2}
+        )
+    )
+    step, now = next_step(study, 2)
+    assert (step, now.finished, now.retries_waiting) == ("run", 2, 1), "the killed trial's policy is owed a run"
+    study.tell(study.ask(), [1, 1])  # the worker starts the waiting retry first
+    assert study.trials[3].state == TrialState.COMPLETE
+    assert next_step(study, 2)[0] == "done"
+
+
 def test_sampled_policies_over_the_budget_do_not_count_but_cannot_run_forever(tmp_path: Path) -> None:
     study = _study(tmp_path)
     dist = {"x": FloatDistribution(0, 1)}
