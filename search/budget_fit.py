@@ -54,12 +54,9 @@ def strength_grid(space: SearchSpace, policy: Policy) -> list[tuple[float, Polic
         fractions = {
             name: (1 - (1 - stage.stream) ** s, 1 - (1 - stage.inner) ** s) for name, stage in policy.stages.items()
         }
-        scaled = space.allocated(fractions, space.uniform_criterion, policy.precision)
-        stages = {
-            name: dataclasses.replace(stage, criterion=policy.stages[name].criterion)
-            for name, stage in scaled.stages.items()
-        }
-        grid.append((s, dataclasses.replace(scaled, stages=stages, round_to=policy.round_to, seed=policy.seed)))
+        criteria = {name: stage.criterion for name, stage in policy.stages.items()}
+        scaled = space.allocated(fractions, criteria, policy.precision, policy.round_to)
+        grid.append((s, dataclasses.replace(scaled, seed=policy.seed)))
     return distinct(space, [(s, p) for s, p in grid if not p.is_unpruned])
 
 

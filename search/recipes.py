@@ -15,7 +15,6 @@ Whatever was chosen by measuring it carries that latency record, and its trial r
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,12 +247,8 @@ def near_budget(
         fractions = {
             name: (_nearby(rng, choice.stream), _nearby(rng, choice.inner)) for name, choice in anchor.stages.items()
         }
-        policy = space.allocated(fractions, "l1", anchor.precision)
-        policy = dataclasses.replace(
-            policy,
-            stages={n: dataclasses.replace(c, criterion=rng.choice(criteria[n])) for n, c in policy.stages.items()},
-            round_to=rng.choice(space.round_to),
-        )
+        chosen = {s.name: rng.choice(criteria[s.name]) for s in space.stages}
+        policy = space.allocated(fractions, chosen, anchor.precision, rng.choice(space.round_to))
         if policy.is_unpruned or policy.key() in tried or any(policy.key() == a.key() for a in anchors):
             continue
         tried.add(policy.key())

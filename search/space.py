@@ -152,18 +152,31 @@ class SearchSpace:
         return Policy(stages=stages, round_to=min(self.round_to), precision=precision or self.default_precision)
 
     def allocated(
-        self, fractions: dict[str, tuple[float, float]], criterion: str, precision: str | None = None
+        self,
+        fractions: dict[str, tuple[float, float]],
+        criterion: str | dict[str, str],
+        precision: str | None = None,
+        round_to: int | None = None,
     ) -> Policy:
-        """Each stage at its own (stream, inner) fractions, clipped to its ranges and snapped to the grid."""
+        """Each stage at its own (stream, inner) fractions, clipped to its ranges and snapped to the grid.
+
+        ``criterion`` is one for every stage or one per stage name; a stage that does not allow it
+        uses its first. ``round_to`` defaults to the space's finest rounding.
+        """
         stages = {}
         for stage in self.stages:
             stream, inner = fractions.get(stage.name, (0.0, 0.0))
+            wanted = criterion.get(stage.name, "") if isinstance(criterion, dict) else criterion
             stages[stage.name] = StagePolicy(
                 stream=self._snap(stage.stream, stream),
                 inner=self._snap(stage.inner, inner),
-                criterion=criterion if criterion in stage.criteria else stage.criteria[0],
+                criterion=wanted if wanted in stage.criteria else stage.criteria[0],
             )
-        return Policy(stages=stages, round_to=min(self.round_to), precision=precision or self.default_precision)
+        return Policy(
+            stages=stages,
+            round_to=min(self.round_to) if round_to is None else round_to,
+            precision=precision or self.default_precision,
+        )
 
     def unpruned(self, precision: str | None = None) -> Policy:
         return self.uniform(0.0, precision=precision)
