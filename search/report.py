@@ -104,6 +104,30 @@ def recommended(all_rows: list[Row]) -> Row | None:
     return max(feasible, key=lambda r: (r.accuracy, -r.latency_ms))
 
 
+LABEL_STEP_POINTS = 9
+"""Vertical distance, in points, between stacked labels of points that sit close together."""
+
+
+def _label_offsets(ax: Any, points: list[tuple[float, float]]) -> list[float]:
+    """A vertical text offset (points) per labelled point, so labels of nearby points do not overlap.
+
+    Recipes at the budget often land within a pixel of each other (uniform and global at the
+    same latency); each label is stacked above the previous ones it would otherwise cover.
+    """
+    ax.autoscale_view()
+    pixels = ax.transData.transform(points) if points else []
+    scale = ax.figure.dpi / 72  # pixels per point
+    placed: list[tuple[float, float]] = []  # label anchors in pixels
+    offsets = []
+    for x, y in pixels:
+        dy = 4.0
+        while any(abs(x - px) < 120 and abs(y + dy * scale - py) < LABEL_STEP_POINTS * scale for px, py in placed):
+            dy += LABEL_STEP_POINTS
+        placed.append((x, y + dy * scale))
+        offsets.append(dy)
+    return offsets
+
+
 def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str) -> Path:
     """Accuracy against latency: every trial, infeasible ones grey, the front joined, the budget a line."""
     import matplotlib
@@ -143,9 +167,9 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
             label="Pareto front",
         )
     ax.axvline(budget_ms, color="tab:red", ls="--", lw=1, label=f"budget {budget_ms:g} ms")
-    for r in shown:
-        if r.recipe:
-            ax.annotate(r.recipe, (r.latency_ms, r.accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    labelled = [r for r in shown if r.recipe]
+    for r, dy in zip(labelled, _label_offsets(ax, [(r.latency_ms, r.accuracy) for r in labelled]), strict=True):
+        ax.annotate(r.recipe, (r.latency_ms, r.accuracy), fontsize=7, xytext=(4, dy), textcoords="offset points")
     best = recommended(all_rows)
     if best is not None:
         ax.scatter(
