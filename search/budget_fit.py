@@ -49,12 +49,12 @@ class Fit:
 
 def strength_grid(space: SearchSpace, policy: Policy) -> list[tuple[float, Policy]]:
     """``policy``'s shape at every strength of :data:`STRENGTHS`, least pruned first (distinct, never unpruned)."""
+    criteria = {name: stage.criterion for name, stage in policy.stages.items()}
     grid = []
     for s in STRENGTHS:
         fractions = {
             name: (1 - (1 - stage.stream) ** s, 1 - (1 - stage.inner) ** s) for name, stage in policy.stages.items()
         }
-        criteria = {name: stage.criterion for name, stage in policy.stages.items()}
         scaled = space.allocated(fractions, criteria, policy.precision, policy.round_to)
         grid.append((s, dataclasses.replace(scaled, seed=policy.seed)))
     return distinct(space, [(s, p) for s, p in grid if not p.is_unpruned])

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from search.report import Row
+from search.trial_origin import origin
 
 __all__ = ["RichReporter", "export_summary", "front_table", "show_trial"]
 
@@ -136,8 +137,7 @@ def show_trial(trial: Any, budget_ms: float) -> Table:
     table.add_column("value")
     lat = a.get("latency", {})
     evaluated = a.get("fine_tuned") or a.get("recipe") == "unpruned"
-    origin = a.get("recipe") or (f"start-up sample {a['start']}" if a.get("start") else "sampled by TPE")
-    table.add_row("recipe", Text(str(origin)))
+    table.add_row("recipe", Text(origin(a) or "sampled by TPE"))
     table.add_row("within budget", f"{'yes' if a.get('feasible') else 'no'} (budget {budget_ms:g} ms)")
     table.add_row("top-1 (val)", f"{a['accuracy']:.4f}" if evaluated else "- (not fine-tuned)")
     if a.get("accuracy_before") is not None:

@@ -44,6 +44,7 @@ from search.errors import UsageError
 from search.hardware import fingerprint_id
 from search.progress import NullReporter, Reporter
 from search.storage import HEARTBEAT_SECONDS, load_existing
+from search.trial_origin import is_enqueued
 
 __all__ = [
     "OVER_BUDGET_FACTOR",
@@ -205,7 +206,7 @@ def progress(study: optuna.Study) -> StudyProgress:
 
 def _sampled_over_budget(trial: FrozenTrial) -> bool:
     attrs = trial.user_attrs
-    return attrs.get("feasible") is False and not attrs.get("recipe") and not attrs.get("start")
+    return attrs.get("feasible") is False and not is_enqueued(attrs)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -46,6 +46,7 @@ from search.recipes import global_grid, latency_records, study_recipes
 from search.space import SearchSpace, default_space_path, load_space
 from search.storage import HEARTBEAT_SECONDS, load_existing, open_storage
 from search.trial import LATENCY_AT_CREATION, TrialContext, run_trial
+from search.trial_origin import is_enqueued, origin
 
 __all__ = ["SearchResult", "run_search", "settings_that_must_match"]
 
@@ -435,7 +436,7 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
     attrs = t.user_attrs
     latency = attrs["latency"]
     status = "within budget" if attrs["feasible"] else "over budget, not fine-tuned"
-    if not attrs["feasible"] and not attrs.get("recipe") and not attrs.get("start"):
+    if not attrs["feasible"] and not is_enqueued(attrs):
         status += ", not counted"
     evaluated = attrs.get("fine_tuned") or Policy.from_dict(attrs["policy"]).is_unpruned
     accuracy = f"top-1 {attrs['accuracy']:.4f}" if evaluated else "top-1 -"
@@ -445,9 +446,7 @@ def _trial_line(t: optuna.trial.FrozenTrial) -> str:
         accuracy = f"INT8 {accuracy}" if evaluated else "INT8, top-1 -"
         if "accuracy_fp32" in attrs:
             accuracy = accuracy[:-1] + f", FP32 after {attrs['accuracy_fp32']:.4f})"
-    label = attrs.get("recipe") or (f"start-up, {attrs['start']}" if attrs.get("start") else None)
-    if "budget_fit" in attrs:
-        label = f"fitted to the budget, strength {attrs['budget_fit']['strength']:.2f}"
+    label = origin(attrs)
     recipe = f" [{label}]" if label else ""
     took = sum(attrs.get("seconds", {}).values())
     return (

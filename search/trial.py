@@ -27,6 +27,7 @@ from search.progress import NullReporter, Reporter
 from search.quantize import QuantizeSettings, int8_latency_model, onnx_top1, quantize_model
 from search.recipes import latency_records
 from search.space import SearchSpace
+from search.trial_origin import is_enqueued
 
 __all__ = [
     "INFEASIBLE_ACCURACY",
@@ -86,7 +87,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     policy = ctx.space.suggest(trial)
     policy = dataclasses.replace(policy, seed=trial.number)
     fitted_latency = None
-    if ctx.fit_budget and not (trial.user_attrs.get("recipe") or trial.user_attrs.get("start")):
+    if ctx.fit_budget and not is_enqueued(trial.user_attrs):
         reporter.phase("fit to the budget")
         started = time.perf_counter()
         fit = fit_to_budget(policy, ctx.space, ctx.budget_ms, ctx.baseline_latency_ms, lambda p: _record_of(ctx, p))

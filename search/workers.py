@@ -28,6 +28,7 @@ from search.coordination import is_ready, progress
 from search.errors import UsageError
 from search.progress import NullReporter, Reporter
 from search.storage import load_existing, open_storage
+from search.trial_origin import origin
 
 __all__ = [
     "LaunchResult",
@@ -175,7 +176,7 @@ def _trial_summary(t: optuna.trial.FrozenTrial, pids: dict[int, int]) -> str:
     latency = attrs.get("latency", {})
     evaluated = attrs.get("fine_tuned") or attrs.get("recipe") == "unpruned"
     accuracy = f"top-1 {attrs.get('accuracy', 0.0):.4f}" if evaluated else "top-1 -"
-    label = attrs.get("recipe") or (f"start-up, {attrs['start']}" if attrs.get("start") else None)
+    label = origin(attrs)
     recipe = f" [{label}]" if label else ""
     budget = "within budget" if attrs.get("feasible") else "over budget"
     return f"Trial {t.number}{recipe} ({who}): {latency.get('corrected_ms', float('nan')):.2f} ms, {accuracy}, {budget}"

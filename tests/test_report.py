@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from search.report import LABEL_STEP_POINTS, Row, plot_front
 from search.space import load_space
 from tests.conftest import ROOT
@@ -27,7 +29,9 @@ def _row(number: int, latency_ms: float, accuracy: float, recipe: str) -> Row:
     )
 
 
-def test_labels_of_recipes_at_the_same_point_are_stacked_not_overlapping(tmp_path: Path) -> None:
+def test_labels_of_recipes_at_the_same_point_are_stacked_not_overlapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import matplotlib.pyplot as plt
 
     rows = [
@@ -43,11 +47,8 @@ def test_labels_of_recipes_at_the_same_point_are_stacked_not_overlapping(tmp_pat
         captured["boxes"] = {t.get_text(): t.get_window_extent() for t in fig.axes[0].texts}
         return save(fig, *args, **kwargs)
 
-    plt.Figure.savefig = keep
-    try:
-        path = plot_front(rows, 5.0, tmp_path / "front.png", title="t")
-    finally:
-        plt.Figure.savefig = save
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    path = plot_front(rows, 5.0, tmp_path / "front.png", title="t")
     assert path.stat().st_size > 0
     boxes = captured["boxes"]
     uniform, global_ = boxes["uniform 0.6 l1 at the budget"], boxes["global 0.6 l2 at the budget"]
