@@ -15,6 +15,9 @@ Tracks (budgets are fractions of the unpruned model's latency, which every study
 * joint (FP32 or INT8): budgets 15% and 8%; the recipes are INT8 models of the uniform and global
   recipes at the ratio whose INT8 latency meets the budget; INT8 of the unpruned baseline is
   reported beside them.
+* INT8-alone check: a joint search at the budget where INT8 alone just fits (30% where INT8 runs
+  at about 30% of FP32 as the issue assumes; else the next 5% step above INT8 alone's measured
+  latency plus 10%), its recommended policy exported, compared with INT8 alone.
 * fidelity: at least six feasible policies of the pruning studies, spanning their fronts, fully
   fine-tuned: Kendall tau between each trial's brief accuracy (val) and its final accuracy (test).
 
@@ -93,6 +96,8 @@ class Plan:
     fidelity: int
     test_images: int | None = None
     """Score every row on a fixed random subset of the test split (``--quick``); None: all 10,000."""
+    int8_check: bool = True
+    """Also search at the budget where INT8 alone just fits, and compare with INT8 alone."""
 
     @property
     def test_key(self) -> str:
@@ -101,7 +106,7 @@ class Plan:
     @staticmethod
     def of(args: argparse.Namespace) -> Plan:
         if args.quick:
-            return Plan((0.5,), (0.15,), 6, 5, 32, 2, 200, 0.01, (0, 1), 3, test_images=500)
+            return Plan((0.5,), (0.15,), 6, 5, 32, 2, 200, 0.01, (0, 1), 3, test_images=500, int8_check=False)
         return Plan(
             tuple(args.pruning_budgets),
             tuple(args.joint_budgets),
@@ -138,6 +143,10 @@ class Bench:
         work.mkdir(parents=True, exist_ok=True)
         self.cache_path = work / "results.json"
         self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        self.computed: list[str] = []
+        """Cache keys computed in this run."""
+        self.reused: list[str] = []
+        """Cache keys this run read from an earlier run's cache."""
         self.data: Dataset = load_dataset(
             DataSpec(
                 f"imagefolder:{DATA}",
@@ -165,7 +174,10 @@ class Bench:
     def cached(self, key: str, compute: Any) -> Any:
         if key not in self.cache:
             self.cache[key] = compute()
+            self.computed.append(key)
             self.save()
+        elif key not in self.computed and key not in self.reused:
+            self.reused.append(key)
         return self.cache[key]
 
     # ---- searches and exports, through the CLI -------------------------------------------
@@ -226,8 +238,11 @@ class Bench:
         return self.cached(f"export {name} {number} seed {seed}", run)
 
     # ---- recipes, built here with the same fine-tune as the export ---------------------------
-    def pruned(self, kind: str, ratio: float) -> nn.Module:
+    def pruned(self, kind: str, ratio: float, drop: tuple[str, ...] = ()) -> nn.Module:
+        """The baseline pruned by a recipe; ``drop`` names stages whose second block is removed first."""
         model = copy.deepcopy(self.baseline)
+        for stage in drop:  # the block after the stage's first is residual: removing it leaves an identity
+            getattr(model, stage)[1] = nn.Identity()
         if kind == "uniform":
             apply_policy(model, self.space.uniform(ratio, "l1"), self.space, self.example)
         elif kind == "global":
@@ -246,11 +261,11 @@ class Bench:
             raise ValueError(kind)
         return model.eval()
 
-    def ratio_latency(self, kind: str, ratio: float, precision: str) -> float:
+    def ratio_latency(self, kind: str, ratio: float, precision: str, drop: tuple[str, ...] = ()) -> float:
         """The recipe's latency as a fraction of the interleaved baseline (cached per run)."""
 
         def run() -> float:
-            model = self.pruned(kind, ratio)
+            model = self.pruned(kind, ratio, drop)
             onnx_model = (
                 export_onnx(model, self.example)
                 if precision == "fp32"
@@ -258,7 +273,7 @@ class Bench:
             )
             return float(measure(onnx_model, self.shape, self.latency, reference=self.baseline_onnx).ratio)
 
-        return self.cached(f"latency {kind} {ratio:g} {precision}", run)
+        return self.cached(f"latency {kind} {ratio:g} {precision}{dropped_key(drop)}", run)
 
     def ratio_meeting(self, kind: str, fraction: float, precision: str) -> float | None:
         for ratio in RATIO_GRID:
@@ -268,9 +283,9 @@ class Bench:
                 return ratio
         return None
 
-    def recipe(self, kind: str, ratio: float, precision: str, seed: int) -> dict[str, Any]:
+    def recipe(self, kind: str, ratio: float, precision: str, seed: int, drop: tuple[str, ...] = ()) -> dict[str, Any]:
         def run() -> dict[str, Any]:
-            model = self.pruned(kind, ratio)
+            model = self.pruned(kind, ratio, drop)
             if kind != "unpruned":
                 recalibrate_batchnorm(model, self.data, batches=8, seed=seed)
             defaults = ExportSettings()
@@ -281,10 +296,11 @@ class Bench:
                 distill=defaults.distill,
                 seed=seed,
             )
-            result = train(model, self.data, settings, teacher=self.baseline, description=f"{kind} {ratio:g}")
+            described = f"{kind} {ratio:g}{dropped_key(drop)}"
+            result = train(model, self.data, settings, teacher=self.baseline, description=described)
             fp32_top1 = top1(model, self.data, "test", limit=self.plan.test_images)
             macs, params = macs_and_params(model, self.data.input_size)
-            path = self.work / "recipes" / f"{kind}-{ratio:g}-{precision}-seed{seed}.onnx"
+            path = self.work / "recipes" / f"{kind}-{ratio:g}-{precision}{dropped_key(drop, '-')}-seed{seed}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
             shipped = fp32_top1
             if precision == "int8":
@@ -293,7 +309,7 @@ class Bench:
                 shipped = onnx_top1(quantized.int8_onnx, self.data, "test", limit=self.plan.test_images)
             else:
                 path.write_bytes(export_onnx(model, self.example))
-            log(f"{kind} {ratio:g} {precision} seed {seed}: test top-1 {shipped:.4f} ({result.seconds:.0f} s)")
+            log(f"{described} {precision} seed {seed}: test top-1 {shipped:.4f} ({result.seconds:.0f} s)")
             return {
                 "top1": shipped,
                 "fp32_top1": fp32_top1,
@@ -304,7 +320,8 @@ class Bench:
                 "precision": precision,
             }
 
-        key = f"recipe {kind} {ratio:g} {precision} seed {seed} epochs {self.plan.epochs:g}{self.plan.test_key}"
+        key = f"recipe {kind} {ratio:g} {precision}{dropped_key(drop)} seed {seed} epochs {self.plan.epochs:g}"
+        key += self.plan.test_key
         return self.cached(key, run)
 
     def int8_alone(self) -> dict[str, Any]:
@@ -326,6 +343,11 @@ class Bench:
         )
 
 
+def dropped_key(drop: tuple[str, ...], sep: str = " ") -> str:
+    """How removed blocks show in cache keys and file names ("" when none, so older keys still match)."""
+    return f"{sep}drop {'+'.join(drop)}".replace(" ", sep) if drop else ""
+
+
 # ---- the run -------------------------------------------------------------------------------
 def row(name: str, runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     tops = [r["top1"] for r in runs]
@@ -341,6 +363,20 @@ def row(name: str, runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "finetune_seconds": statistics.fmean(r.get("finetune_seconds", 0.0) for r in runs),
         **extra,
     }
+
+
+def int8_check_fraction(bench: Bench) -> float:
+    """The budget of the INT8-alone check: 30% as the issue has it, where INT8 alone fits in 30% with 10% to spare.
+
+    The issue assumes INT8 alone runs at about 30% of FP32, as on CPUs with VNNI. Where it runs slower
+    (0.48 on this AVX2-only machine), a 30% budget cannot hold INT8 alone, and the question the check
+    asks (when quantizing alone meets the budget, does the search do at least as well?) moves to the
+    smallest 5% step that holds INT8 alone's measured latency with 10% to spare.
+    """
+    alone = bench.ratio_latency("unpruned", 0.0, "int8")
+    if alone * 1.1 <= 0.3:
+        return 0.3
+    return round(math.ceil(alone * 1.1 / 0.05 - 1e-9) * 0.05, 2)
 
 
 def run_track(bench: Bench, track: str, fraction: float) -> dict[str, Any]:
@@ -374,6 +410,9 @@ def run_track(bench: Bench, track: str, fraction: float) -> dict[str, Any]:
                 search_seconds=search["seconds"],
             )
         )
+    if track == "int8-check":  # compared with INT8 alone only (reported beside the tracks)
+        result["int8_alone_fraction"] = bench.ratio_latency("unpruned", 0.0, "int8")
+        return result
     for kind, label in (("uniform", "uniform L1"), ("global", "global magnitude (torch-pruning)")):
         ratio = bench.ratio_meeting(kind, fraction, precision)
         if ratio is None:
@@ -468,6 +507,8 @@ def main() -> None:
         }
     )
     tracks += [run_track(bench, "joint", f) for f in plan.joint_budgets]
+    if plan.int8_check:
+        tracks.append(run_track(bench, "int8-check", int8_check_fraction(bench)))
     fid = fidelity(bench, [t["study"] for t in tracks if t["track"] == "pruning"])
     measure_latencies(bench, tracks, extra)
     plots = []
@@ -485,6 +526,8 @@ def main() -> None:
         "reference_rows": extra,
         "fidelity": fid,
         "seconds": time.perf_counter() - started,
+        "computed": bench.computed,
+        "reused": bench.reused,
         "date": time.strftime("%Y-%m-%d"),
         "git_revision": git_revision(),
         "hardware": fingerprint(1),
@@ -506,7 +549,7 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
     lines = [
         f"`python benchmarks/cifar10.py` on {result['date']}, commit `{result['git_revision']}`, "
         f"{hw.get('cpu')} ({hw.get('logical_cpus', '?')} logical CPUs), one ONNX Runtime thread, batch 1; whole run "
-        f"{result.get('total_minutes', result['seconds'] / 60):.0f} min. Baseline: the shared ResNet-18 (CIFAR stem), test top-1 "
+        f"{result['seconds'] / 60:.0f} min{reuse_note(result)}. Baseline: the shared ResNet-18 (CIFAR stem), test top-1 "
         f"{pct(result['baseline_test_top1'])}% as shipped. Every final row is fine-tuned "
         f"{result['plan']['epochs']:g} epochs ({result['finetune_steps']} SGD steps of batch 32, distillation 0.5 "
         f"from the unpruned model) once per seed ({seeds}); top-1 is on the 10,000 test images (mean ± spread = "
@@ -519,9 +562,21 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
         "",
     ]
     for t in result["tracks"]:
+        title = "INT8-alone check" if t["track"] == "int8-check" else f"{t['track'].capitalize()} track"
         lines += [
-            f"### {t['track'].capitalize()} track, budget {100 * t['fraction']:g}% "
+            f"### {title}, budget {100 * t['fraction']:g}% "
             f"({t['budget_ms']:.2f} ms of the study's {t['study_baseline_ms']:.2f} ms)",
+            *(
+                [
+                    "",
+                    "(The issue asks for this check at 30%, where it expects INT8 alone to run. Here INT8 alone "
+                    f"ran at {t['int8_alone_fraction']:.3f} of FP32 when this budget was chosen, so the check runs "
+                    "at the smallest 5% step that holds it with 10% to spare: a joint search, FP32 and INT8 "
+                    "allowed, compared with INT8 alone.)",
+                ]
+                if t["track"] == "int8-check" and t["fraction"] != 0.3
+                else []
+            ),
             *(
                 [
                     "",
@@ -575,12 +630,34 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def reuse_note(result: dict[str, Any]) -> str:
+    """What a resumed run took from the cache, so its wall time is read right."""
+    reused = [k for k in result.get("reused", []) if not k.startswith("latency ")]
+    if not reused:
+        return ""
+    searches = sum(k.startswith("search ") for k in reused)
+    fine_tunes = sum(k.startswith(("export ", "recipe ")) for k in reused)
+    return (
+        f", resuming an earlier run's cache ({searches} searches and {fine_tunes} final fine-tunes reused, "
+        f"{sum(not k.startswith('latency ') for k in result['computed'])} results computed in this run; "
+        "every latency in the tables was measured again in this run)"
+    )
+
+
 def pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
 def verdict(track: dict[str, Any], base: dict[str, Any], alone: dict[str, Any]) -> str:
     searched = next((r for r in track["rows"] if r.get("kind") == "searched"), None)
+    if track["track"] == "int8-check":
+        if searched is None:
+            return "No comparison: the search found nothing within the budget."
+        diff = 100 * (searched["mean"] - alone["mean"])
+        return (
+            f"Searched − INT8 alone: **{diff:+.2f} pp** (target: within 0.2 pp, i.e. ≥ −0.2 pp): "
+            f"{'met' if diff >= -0.2 else 'missed'}."
+        )
     recipes = [r for r in track["rows"] if r.get("kind") in ("uniform", "global") and "mean" in r]
     if searched is None or not recipes:
         return "No comparison: the search or the recipes found nothing within the budget."
