@@ -80,6 +80,8 @@ SECTION = "CIFAR-10"
 WIDE_SPACE_BELOW = 0.1
 """Budgets below this fraction search spaces/resnet18.toml with every range widened from 0.7 to 0.85."""
 RATIO_GRID = [round(0.05 * i, 2) for i in range(1, 19)]
+RECIPES = (("uniform", "uniform L1"), ("global", "global magnitude (torch-pruning)"))
+"""The usual recipes every budget is compared with: (kind for ``Bench.pruned``, label)."""
 
 
 @dataclass(frozen=True)
@@ -275,10 +277,14 @@ class Bench:
 
         return self.cached(f"latency {kind} {ratio:g} {precision}{dropped_key(drop)}", run)
 
-    def ratio_meeting(self, kind: str, fraction: float, precision: str) -> float | None:
-        for ratio in RATIO_GRID:
-            got = self.ratio_latency(kind, ratio, precision)
-            log(f"{kind} {precision} ratio {ratio:g}: {got:.3f} of the baseline (budget {fraction:g})")
+    def ratio_meeting(self, kind: str, fraction: float, precision: str, drop: tuple[str, ...] = ()) -> float | None:
+        """The smallest ratio of the grid whose latency meets ``fraction`` (None: none up to 0.9)."""
+        grid = [0.0, *RATIO_GRID] if drop else RATIO_GRID  # with blocks removed, no channel pruning may do
+        for ratio in grid:
+            got = self.ratio_latency(kind, ratio, precision, drop)
+            log(
+                f"{kind}{dropped_key(drop)} {precision} ratio {ratio:g}: {got:.3f} of the baseline (budget {fraction:g})"
+            )
             if got <= fraction:
                 return ratio
         return None
@@ -345,7 +351,7 @@ class Bench:
 
 def dropped_key(drop: tuple[str, ...], sep: str = " ") -> str:
     """How removed blocks show in cache keys and file names ("" when none, so older keys still match)."""
-    return f"{sep}drop {'+'.join(drop)}".replace(" ", sep) if drop else ""
+    return f"{sep}drop{sep}{'+'.join(drop)}" if drop else ""
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -413,7 +419,7 @@ def run_track(bench: Bench, track: str, fraction: float) -> dict[str, Any]:
     if track == "int8-check":  # compared with INT8 alone only (reported beside the tracks)
         result["int8_alone_fraction"] = bench.ratio_latency("unpruned", 0.0, "int8")
         return result
-    for kind, label in (("uniform", "uniform L1"), ("global", "global magnitude (torch-pruning)")):
+    for kind, label in RECIPES:
         ratio = bench.ratio_meeting(kind, fraction, precision)
         if ratio is None:
             result["rows"].append({"row": f"{label}: no ratio up to 0.9 meets the budget", "kind": kind})

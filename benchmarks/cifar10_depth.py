@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cifar10 import DATA, RATIO_GRID, WEIGHTS, Bench, Plan, log, pct, row  # noqa: E402
+from benchmarks.cifar10 import DATA, RECIPES, WEIGHTS, Bench, Plan, log, pct, row  # noqa: E402
 from benchmarks.sections import write_section  # noqa: E402
 from search.hardware import fingerprint, git_revision  # noqa: E402
 from search.latency import measure  # noqa: E402
@@ -43,15 +43,6 @@ DROPS: tuple[tuple[str, ...], ...] = (
     ("layer2", "layer3", "layer4"),
     ("layer1", "layer2", "layer3", "layer4"),
 )
-
-
-def smallest_meeting(bench: Bench, drop: tuple[str, ...], fraction: float) -> float | None:
-    for ratio in [0.0, *RATIO_GRID]:
-        got = bench.ratio_latency("uniform", ratio, "fp32", drop)
-        log(f"drop {'+'.join(drop)}, uniform {ratio:g}: {got:.3f} of the baseline (budget {fraction:g})")
-        if got <= fraction:
-            return ratio
-    return None
 
 
 def main() -> None:
@@ -73,13 +64,13 @@ def main() -> None:
     budgets = []
     for fraction in args.budgets:
         rows: list[dict[str, Any]] = []
-        for kind, label in (("uniform", "uniform L1"), ("global", "global magnitude (torch-pruning)")):
+        for kind, label in RECIPES:
             ratio = bench.ratio_meeting(kind, fraction, "fp32")
             if ratio is not None:
                 runs = [bench.recipe(kind, ratio, "fp32", seed) for seed in plan.seeds]
                 rows.append(row(f"{label} r={ratio:g}", runs, kind="recipe"))
         for drop in DROPS:
-            ratio = smallest_meeting(bench, drop, fraction)
+            ratio = bench.ratio_meeting("uniform", fraction, "fp32", drop)
             if ratio is None:
                 continue
             runs = [bench.recipe("uniform", ratio, "fp32", seed, drop) for seed in plan.seeds]
