@@ -154,6 +154,7 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
             marker="^",
             facecolors="none",
             edgecolors="tab:purple",
+            zorder=3,  # above the front's line and dots, which would otherwise hide it
             label="INT8 (ONNX Runtime)",
         )
     front = pareto_front(all_rows)
@@ -175,10 +176,11 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
         ax.scatter(
             [best.latency_ms],
             [best.accuracy],
-            s=90,
+            s=160,
             facecolors="none",
             edgecolors="tab:green",
             lw=2,
+            zorder=4,
             label=f"recommended (trial {best.number})",
         )
     ax.set_xlabel("latency, ms (ONNX Runtime, batch 1, drift-corrected median)")
