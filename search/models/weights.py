@@ -1,30 +1,19 @@
-"""Build the models a study searches over, and load the weights users bring for them.
-
-A model is named either by a key of :data:`KNOWN_MODELS` (torchvision architectures, plus
-``*_cifar`` small-input variants of the ResNets with a 3×3 stride-1 ``conv1`` and no max-pool)
-or as ``package.module:function``, an importable factory returning an ``nn.Module``.
+"""Load the weights users bring into a model built by :mod:`search.models.build`.
 
 Weights come from a file (a plain state_dict, the same saved from ``nn.DataParallel``, the
 ``{"state_dict": ...}`` wrappers of common training scripts, or this tool's own checkpoint,
-see :func:`save_checkpoint`) or are torchvision's published ImageNet weights (``"imagenet"``),
-which must already be in the torch hub cache: nothing is downloaded. Every file is read with
-``torch.load(weights_only=True)``, and weights that don't fit the model are refused with a
-:class:`~search.errors.UsageError` naming the mismatching layers and their shapes.
+see :func:`~search.models.checkpoint.save_checkpoint`) or are torchvision's published ImageNet
+weights (``"imagenet"``), which must already be in the torch hub cache: nothing is downloaded.
+Every file is read with ``torch.load(weights_only=True)``, and weights that don't fit the model
+are refused with a :class:`~search.errors.UsageError` naming the mismatching layers and their shapes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import inspect
 import os
-import pickle
-import re
-import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,24 +21,20 @@ import torchvision
 from torch import nn
 
 from search.errors import UsageError
+from search.models.build import KNOWN_MODELS, _find_classifier, build_model, model_family
+from search.models.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    _existing_file,
+    _reason,
+    _torch_load,
+    file_sha256,
+)
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "CHECKPOINT_VERSION",
-    "KNOWN_MODELS",
     "LoadedWeights",
-    "ModelSpec",
-    "build_model",
-    "classifier_name",
-    "file_sha256",
     "load_weights",
-    "model_family",
-    "read_checkpoint_meta",
-    "save_checkpoint",
 ]
-
-CHECKPOINT_FORMAT = "prune-search/checkpoint"
-CHECKPOINT_VERSION = 1
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 """Keys under which training scripts commonly store the state_dict in a checkpoint dict."""
@@ -58,25 +43,6 @@ _STRIPPABLE_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes added by ``nn.DataParallel``/``DistributedDataParallel`` and ``torch.compile``."""
 
 _MAX_LISTED = 3
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A known model: the torchvision architecture and whether it gets the small-input stem."""
-
-    arch: str
-    small_input: bool = False
-
-
-KNOWN_MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec("resnet18"),
-    "resnet34": ModelSpec("resnet34"),
-    "resnet50": ModelSpec("resnet50"),
-    "mobilenet_v2": ModelSpec("mobilenet_v2"),
-    "resnet18_cifar": ModelSpec("resnet18", small_input=True),
-    "resnet34_cifar": ModelSpec("resnet34", small_input=True),
-    "resnet50_cifar": ModelSpec("resnet50", small_input=True),
-}
 
 
 @dataclass(frozen=True)
@@ -91,126 +57,6 @@ class LoadedWeights:
     """SHA-256 of the file read (for ``"imagenet"``, of the file in the torch hub cache)."""
     stripped_prefix: str | None
     """The key prefix removed from every key (``"module."`` for DataParallel), if any."""
-
-
-# --------------------------------------------------------------------------- building
-
-
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised model ``name`` with ``num_classes`` outputs."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    spec = KNOWN_MODELS.get(name)
-    if spec is not None:
-        return _build_known(spec, num_classes)
-    if ":" in name:
-        return _build_custom(name, num_classes)
-    raise UsageError(
-        f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}, or give a factory as package.module:function"
-    )
-
-
-def model_family(name: str) -> str | None:
-    """The torchvision architecture behind ``name`` (``resnet18_cifar`` → ``resnet18``)."""
-    spec = KNOWN_MODELS.get(name)
-    return spec.arch if spec is not None else None
-
-
-def classifier_name(model: nn.Module) -> str:
-    """Qualified name of the model's final ``nn.Linear`` (``"fc"``, ``"classifier.1"``)."""
-    name = _find_classifier(model)
-    if name is None:
-        raise UsageError(
-            f"the model ({type(model).__name__}) has no nn.Linear layer; its classifier must be an nn.Linear"
-        )
-    return name
-
-
-def _find_classifier(model: nn.Module) -> str | None:
-    """Name of the last registered ``nn.Linear``, or None when there is none."""
-    found = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            found = name
-    return found
-
-
-def _build_known(spec: ModelSpec, num_classes: int) -> nn.Module:
-    """A torchvision model, with the small-input stem when the spec asks for it."""
-    model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes)
-    if spec.small_input:
-        _use_small_input_stem(model)
-    return model
-
-
-def _use_small_input_stem(model: nn.Module) -> None:
-    """Replace a ResNet's 7×7 stride-2 conv1 and max-pool for 32×32 inputs."""
-    conv = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    model.conv1 = conv
-    model.maxpool = nn.Identity()
-
-
-def _build_custom(name: str, num_classes: int) -> nn.Module:
-    """Import ``package.module:function`` and call it to get the model."""
-    factory = _import_factory(name)
-    if _accepts_num_classes(factory):
-        model = factory(num_classes=num_classes)
-    else:
-        model = factory()
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _import_factory(name: str) -> Callable[..., Any]:
-    """The callable named by ``package.module:function`` (dotted attributes allowed)."""
-    module_name, _, attr_path = name.partition(":")
-    if not module_name or not attr_path or ":" in attr_path:
-        raise UsageError(f"model {name!r} is not of the form package.module:function")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise UsageError(
-            f"cannot import module {module_name!r} for model {name}: "
-            f"{type(error).__name__}: {error}{_import_hint(module_name, error)}"
-        ) from error
-    for attr in attr_path.split("."):
-        try:
-            target = getattr(target, attr)
-        except AttributeError as error:
-            raise UsageError(
-                f"cannot find {attr_path!r} in module {module_name!r} for model {name}: AttributeError: {error}"
-            ) from error
-    if not callable(target):
-        raise UsageError(f"{name} is a {type(target).__name__}, not a function returning a model")
-    return target
-
-
-def _import_hint(module_name: str, error: ImportError) -> str:
-    """A hint for the usual reasons a user's model module does not import."""
-    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
-        return " (give the module's import name, e.g. mypkg.models:net, not a file path)"
-    if isinstance(error, ModuleNotFoundError) and error.name == module_name.split(".")[0]:
-        return " (is its directory on PYTHONPATH?)"
-    return ""
-
-
-def _accepts_num_classes(factory: Callable[..., Any]) -> bool:
-    """Whether ``factory(num_classes=...)`` is a valid call."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    for parameter in parameters:
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            return True
-        if parameter.name == "num_classes" and parameter.kind in (
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            inspect.Parameter.KEYWORD_ONLY,
-        ):
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------- loading
@@ -266,54 +112,6 @@ def _imagenet_weights(model_name: str) -> Any:
             f"{model_name}'s 3×3 small-input stem; use --model {spec.arch} or pass --weights PATH"
         )
     return torchvision.models.get_model_weights(spec.arch).DEFAULT
-
-
-def _existing_file(source: str) -> Path:
-    """``source`` as a path to an existing regular file, or a UsageError."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise UsageError(f"weights file {source} does not exist")
-    if not path.is_file():
-        raise UsageError(f"weights {source} is not a file")
-    return path
-
-
-def _torch_load(path: Path, source: str) -> Any:
-    """``torch.load(weights_only=True)`` with failures explained in one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only load failed" in str(error).lower():
-            raise UsageError(_not_weights_only_message(source, str(error))) from error
-        raise UsageError(_unreadable_message(source, error)) from error
-    except Exception as error:  # whatever a damaged or foreign file makes torch.load raise
-        raise UsageError(_unreadable_message(source, error)) from error
-
-
-def _not_weights_only_message(source: str, detail: str) -> str:
-    """Why a pickle that needs ``weights_only=False`` is refused, and what to save instead."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
-    holding = f" (it holds {found.group(1)})" if found else ""
-    return (
-        f"weights {source} are a pickle that can only be read with weights_only=False{holding}; "
-        "only state_dicts (torch.save(model.state_dict(), path)), the usual "
-        "{'state_dict': ...} checkpoint dicts and this tool's checkpoints are accepted"
-    )
-
-
-def _unreadable_message(source: str, error: Exception) -> str:
-    """A one-line explanation that torch.load could not read the file."""
-    reason = _reason(error)
-    return f"weights {source} cannot be read by torch.load ({reason}); is it a PyTorch file?"
-
-
-def _reason(error: BaseException) -> str:
-    """``Type: first line of the message``, short enough for one line."""
-    lines = str(error).strip().splitlines()
-    first = lines[0] if lines else ""
-    if len(first) > 200:
-        first = first[:200] + "…"
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _unwrap(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], str, str | None]:
@@ -528,74 +326,3 @@ def _matching_known_model(state: Mapping[str, torch.Tensor]) -> str | None:
         if not _compare(state, expected):
             return name
     return None
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int, meta: dict) -> str:
-    """Write this tool's checkpoint atomically; return the file's SHA-256.
-
-    ``meta`` must hold only str/int/float/bool/None in dicts (str keys), lists and tuples,
-    so that :func:`read_checkpoint_meta` can read it back with ``weights_only=True``.
-    """
-    _check_plain(meta, "meta")
-    state = OrderedDict((key, value.detach().cpu()) for key, value in model.state_dict().items())
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model_name": model_name,
-        "num_classes": num_classes,
-        "state_dict": state,
-        "meta": meta,
-    }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        digest = file_sha256(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return digest
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """Raise TypeError unless ``value`` is plain data that ``weights_only`` loading accepts."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where} has a non-string key {key!r}")
-            _check_plain(item, f"{where}[{key!r}]")
-        return
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
-        return
-    raise TypeError(f"{where} is a {type(value).__name__}; checkpoint meta must be plain data")
-
-
-def read_checkpoint_meta(path: str | Path) -> dict | None:
-    """The ``meta`` of this tool's checkpoint, or None when the file is anything else."""
-    source = str(path)
-    obj = _torch_load(_existing_file(source), source)
-    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
-        return None
-    meta = obj.get("meta")
-    return dict(meta) if isinstance(meta, Mapping) else {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

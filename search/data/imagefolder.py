@@ -1,0 +1,256 @@
+"""``imagefolder:PATH``: torchvision's ImageFolder layout, held in memory as uint8.
+
+``PATH/train/<class>/<image>`` and ``PATH/val/...`` (optional ``PATH/test/...``), or
+``PATH/<class>/<image>`` split per class into train/val. Images are decoded once with PIL, resized
+(shorter side) and centre-cropped to the input size and kept in memory as uint8; the decoded
+images are kept on disk too (see :mod:`search.data.cache`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from search.data.cache import decoded_cache_path, read_decoded, write_decoded
+from search.data.dataset import SPLIT_NAMES, Dataset, Split
+from search.data.fingerprint import base_payload, fingerprint
+from search.data.spec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, input_size, normalisation
+from search.data.splits import stratified_split
+from search.errors import UsageError
+from search.progress import Reporter
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_MEMORY_BYTES", "load_imagefolder"]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+"""File extensions (lower case) that ``imagefolder:`` decodes; matched case-insensitively."""
+
+MAX_MEMORY_BYTES = 4 * 1024**3
+"""Largest decoded ``imagefolder:`` data set (uint8, all splits) that is held in memory."""
+
+_DECODE_CHUNK = 256  # images decoded between progress updates
+
+
+@dataclass
+class _FileList:
+    """Image files of one split before decoding: paths, labels and how messages name it."""
+
+    label: str
+    root: Path
+    files: list[str]
+    """Paths relative to ``root`` (posix separators on posix systems)."""
+    labels: list[int]
+    sizes: list[int]
+
+
+def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
+    """ImageFolder layout (train/ + val/ [+ test/], or class folders split by val_fraction).
+
+    ``root`` is an existing folder, resolved to an absolute path.
+    """
+    classes, lists = _imagefolder_lists(root, spec, reporter)
+    size = input_size(spec, "imagefolder")
+    total = sum(len(f.files) for f in lists.values())
+    needed = total * 3 * size * size
+    if needed > MAX_MEMORY_BYTES:
+        raise UsageError(
+            f"decoding {total} images at input size {size} needs {needed / 1024**3:.1f} GiB of "
+            f"memory (limit {MAX_MEMORY_BYTES // 1024**3} GiB); pass a smaller --input-size"
+        )
+    splits: dict[str, Split | None] = {"train": None, "val": None, "test": None}
+    cache = decoded_cache_path(root, size, lists)
+    cached = read_decoded(cache)
+    if cached is not None:
+        splits.update(cached)
+    else:
+        failures = 0
+        with reporter.task("decode images", total) as task:
+            for name, file_list in lists.items():
+                splits[name] = _decode_split(file_list, size, task, reporter)
+                failures += len(file_list.files) - len(splits[name])  # type: ignore[arg-type]
+        if not failures:  # a set with unreadable files is decoded again, so its warning is seen again
+            write_decoded(cache, {k: v for k, v in splits.items() if v is not None})
+    mean, std = normalisation(spec, IMAGENET_MEAN, IMAGENET_STD)
+    payload = base_payload("imagefolder", classes, splits, size, mean, std)
+    payload["path"] = str(root)
+    payload["files"] = {
+        name: [[rel, nbytes] for rel, nbytes in zip(f.files, f.sizes, strict=True)] for name, f in lists.items()
+    }
+    if "val" not in _split_folders(root):
+        payload["seed"] = spec.seed
+        payload["val_fraction"] = spec.val_fraction
+    train, val = splits["train"], splits["val"]
+    assert train is not None and val is not None
+    return Dataset(
+        "imagefolder", classes, train, val, splits["test"], size, mean, std, flip=True, fingerprint=fingerprint(payload)
+    )
+
+
+def _split_folders(root: Path) -> set[str]:
+    return {name for name in SPLIT_NAMES if (root / name).is_dir()}
+
+
+def _imagefolder_lists(root: Path, spec: DataSpec, reporter: Reporter) -> tuple[list[str], dict[str, _FileList]]:
+    """Class names and per-split file lists for either supported layout."""
+    if not any(not entry.name.startswith(".") for entry in os.scandir(root)):
+        raise UsageError(
+            f"data folder {root} is empty; expected {root}/<class>/<image> or {root}/train/<class>/<image>"
+        )
+    present = _split_folders(root)
+    if not present & {"train", "val"}:
+        classes, single = _scan_classes(root, root)
+        return classes, _holdout(single, spec)
+    if "train" not in present:
+        raise UsageError(f"{root} has a val/ folder but no train/ folder; add {root}/train/<class>/<image>")
+    classes, train = _scan_classes(root / "train", root)
+    lists = {"train": train}
+    if "val" not in present:
+        reporter.info(f"{root} has no val/ folder; holding out {spec.val_fraction:.0%} of train/")
+        lists = _holdout(train, spec)
+    for name in ("val", "test"):
+        if name in present:
+            other_classes, lists[name] = _scan_classes(root / name, root)
+            _same_classes(classes, other_classes, name)
+    return classes, lists
+
+
+def _same_classes(train: list[str], other: list[str], name: str) -> None:
+    if train == other:
+        return
+    only_train = sorted(set(train) - set(other)) or ["none"]
+    only_other = sorted(set(other) - set(train)) or ["none"]
+    raise UsageError(
+        f"train/ and {name}/ have different class folders (only in train/: "
+        f"{', '.join(only_train[:5])}; only in {name}/: {', '.join(only_other[:5])}); "
+        "every split needs the same class folders"
+    )
+
+
+def _scan_classes(folder: Path, root: Path) -> tuple[list[str], _FileList]:
+    """Sorted class folder names under ``folder`` and their image files (sorted per class)."""
+    class_dirs = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    files: list[str] = []
+    labels: list[int] = []
+    sizes: list[int] = []
+    empty: list[str] = []
+    for label, name in enumerate(class_dirs):
+        found = _walk_images(folder / name, root)
+        if not found:
+            empty.append(name)
+        for path, size in found:
+            files.append(path)
+            labels.append(label)
+            sizes.append(size)
+    if not files:
+        raise UsageError(
+            f"no images found under {folder}; expected {root}/<class>/<image> or {root}/train/<class>/<image>"
+        )
+    if empty:
+        raise UsageError(
+            f"class folder {folder / empty[0]} holds no images ({len(empty)} such folders); "
+            "add images or remove the folder"
+        )
+    if len(class_dirs) < 2:
+        raise UsageError(
+            f"{folder} has only 1 class folder ({class_dirs[0]}); a classifier needs at least 2 class folders"
+        )
+    label_text = f"{folder.relative_to(root).as_posix()}/" if folder != root else f"{folder}/"
+    return class_dirs, _FileList(label_text, root, files, labels, sizes)
+
+
+def _walk_images(folder: Path, root: Path) -> list[tuple[str, int]]:
+    """Image files under ``folder`` (recursively, hidden entries skipped) as paths relative to
+    ``root`` with their byte sizes, sorted by relative path."""
+    found: list[tuple[str, int]] = []
+    skip = len(str(root)) + 1
+    for current, dirs, names in os.walk(str(folder), followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(current, name)
+            found.append((path[skip:], os.stat(path).st_size))
+    found.sort()
+    return found
+
+
+def _holdout(files: _FileList, spec: DataSpec) -> dict[str, _FileList]:
+    """Split one file list into train/val per class: ``val_fraction``, seeded, by sorted name."""
+    train_i, val_i = stratified_split(np.asarray(files.labels), (spec.val_fraction,), spec.seed)
+
+    def pick(index: np.ndarray, name: str) -> _FileList:
+        return _FileList(
+            f"{files.label} ({name} part)",
+            files.root,
+            [files.files[i] for i in index],
+            [files.labels[i] for i in index],
+            [files.sizes[i] for i in index],
+        )
+
+    return {"train": pick(train_i, "train"), "val": pick(val_i, "val")}
+
+
+def _decode_split(files: _FileList, size: int, task: Any, reporter: Reporter) -> Split:
+    """Decode every file of ``files`` to uint8 3×size×size; unreadable files are skipped."""
+    images = torch.empty((len(files.files), 3, size, size), dtype=torch.uint8)
+    buffer = images.numpy()
+    kept: list[int] = []
+    failures: list[tuple[str, str]] = []
+    root = str(files.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's palette/EXIF/decompression-bomb chatter
+        for start in range(0, len(files.files), _DECODE_CHUNK):
+            chunk = files.files[start : start + _DECODE_CHUNK]
+            for offset, relative in enumerate(chunk):
+                path = os.path.join(root, relative)
+                index = start + offset
+                try:
+                    buffer[len(kept)] = _decode_image(path, size).transpose(2, 0, 1)
+                except Exception as error:  # any decoder failure means the file is unreadable
+                    failures.append((path, _reason(error)))
+                    continue
+                kept.append(index)
+            task.advance(len(chunk))
+    if failures:
+        path, reason = failures[0]
+        reporter.warn(
+            f"skipped {len(failures)} unreadable image{'s' if len(failures) > 1 else ''} "
+            f"in {files.label}, e.g. {path}: {reason}"
+        )
+    if not kept:
+        raise UsageError(
+            f"none of the {len(files.files)} images in {files.label} could be decoded "
+            f"(e.g. {failures[0][0]}: {failures[0][1]}); check the files"
+        )
+    labels = torch.tensor([files.labels[i] for i in kept], dtype=torch.int64)
+    if len(kept) < len(files.files):
+        images = images[: len(kept)].clone()
+    return Split(images, labels)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _decode_image(path: str, size: int) -> np.ndarray:
+    """RGB uint8 size×size×3: shorter side resized to ``size``, then centre-cropped."""
+    with Image.open(path) as opened:
+        opened.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size (fast)
+        image = opened.convert("RGB")
+    width, height = image.size
+    if (width, height) != (size, size):
+        scale = size / min(width, height)
+        new_w = max(size, round(width * scale))
+        new_h = max(size, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)

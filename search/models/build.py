@@ -1,0 +1,164 @@
+"""Build the models a study searches over.
+
+A model is named either by a key of :data:`KNOWN_MODELS` (torchvision architectures, plus
+``*_cifar`` small-input variants of the ResNets with a 3×3 stride-1 ``conv1`` and no max-pool)
+or as ``package.module:function``, an importable factory returning an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from search.errors import UsageError
+
+__all__ = [
+    "KNOWN_MODELS",
+    "ModelSpec",
+    "build_model",
+    "classifier_name",
+    "model_family",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A known model: the torchvision architecture and whether it gets the small-input stem."""
+
+    arch: str
+    small_input: bool = False
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    "resnet18": ModelSpec("resnet18"),
+    "resnet34": ModelSpec("resnet34"),
+    "resnet50": ModelSpec("resnet50"),
+    "mobilenet_v2": ModelSpec("mobilenet_v2"),
+    "resnet18_cifar": ModelSpec("resnet18", small_input=True),
+    "resnet34_cifar": ModelSpec("resnet34", small_input=True),
+    "resnet50_cifar": ModelSpec("resnet50", small_input=True),
+}
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model ``name`` with ``num_classes`` outputs."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    spec = KNOWN_MODELS.get(name)
+    if spec is not None:
+        return _build_known(spec, num_classes)
+    if ":" in name:
+        return _build_custom(name, num_classes)
+    raise UsageError(
+        f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}, or give a factory as package.module:function"
+    )
+
+
+def model_family(name: str) -> str | None:
+    """The torchvision architecture behind ``name`` (``resnet18_cifar`` → ``resnet18``)."""
+    spec = KNOWN_MODELS.get(name)
+    return spec.arch if spec is not None else None
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Qualified name of the model's final ``nn.Linear`` (``"fc"``, ``"classifier.1"``)."""
+    name = _find_classifier(model)
+    if name is None:
+        raise UsageError(
+            f"the model ({type(model).__name__}) has no nn.Linear layer; its classifier must be an nn.Linear"
+        )
+    return name
+
+
+def _find_classifier(model: nn.Module) -> str | None:
+    """Name of the last registered ``nn.Linear``, or None when there is none."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = name
+    return found
+
+
+def _build_known(spec: ModelSpec, num_classes: int) -> nn.Module:
+    """A torchvision model, with the small-input stem when the spec asks for it."""
+    model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes)
+    if spec.small_input:
+        _use_small_input_stem(model)
+    return model
+
+
+def _use_small_input_stem(model: nn.Module) -> None:
+    """Replace a ResNet's 7×7 stride-2 conv1 and max-pool for 32×32 inputs."""
+    conv = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1 = conv
+    model.maxpool = nn.Identity()
+
+
+def _build_custom(name: str, num_classes: int) -> nn.Module:
+    """Import ``package.module:function`` and call it to get the model."""
+    factory = _import_factory(name)
+    if _accepts_num_classes(factory):
+        model = factory(num_classes=num_classes)
+    else:
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_factory(name: str) -> Callable[..., Any]:
+    """The callable named by ``package.module:function`` (dotted attributes allowed)."""
+    module_name, _, attr_path = name.partition(":")
+    if not module_name or not attr_path or ":" in attr_path:
+        raise UsageError(f"model {name!r} is not of the form package.module:function")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(
+            f"cannot import module {module_name!r} for model {name}: "
+            f"{type(error).__name__}: {error}{_import_hint(module_name, error)}"
+        ) from error
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError as error:
+            raise UsageError(
+                f"cannot find {attr_path!r} in module {module_name!r} for model {name}: AttributeError: {error}"
+            ) from error
+    if not callable(target):
+        raise UsageError(f"{name} is a {type(target).__name__}, not a function returning a model")
+    return target
+
+
+def _import_hint(module_name: str, error: ImportError) -> str:
+    """A hint for the usual reasons a user's model module does not import."""
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        return " (give the module's import name, e.g. mypkg.models:net, not a file path)"
+    if isinstance(error, ModuleNotFoundError) and error.name == module_name.split(".")[0]:
+        return " (is its directory on PYTHONPATH?)"
+    return ""
+
+
+def _accepts_num_classes(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory(num_classes=...)`` is a valid call."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return True
+        if parameter.name == "num_classes" and parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            return True
+    return False
