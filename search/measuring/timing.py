@@ -6,23 +6,22 @@ report median and p90. Because this kind of machine drifts by 10-15% between run
 apart, a candidate can be timed *interleaved* with a reference model (the unpruned baseline):
 one run of each in turn, so both see the same machine state, and their ratio is what the
 budget is judged on.
+
+This module needs only onnxruntime and numpy (no torch), so the same timing runs on a device
+where PyTorch is not installed. Callers time candidates through :mod:`search.measuring.candidate`.
 """
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
-from torch import nn
 
-__all__ = ["Latency", "LatencySettings", "export_onnx", "measure", "open_session"]
+__all__ = ["Latency", "LatencySettings", "measure", "open_session"]
 
 
 @dataclass(frozen=True)
@@ -81,26 +80,6 @@ class Latency:
             "threads": threads,
             "precision": precision,
         }
-
-
-def export_onnx(model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = False) -> bytes:
-    """The model as an ONNX file's bytes (opset 17, input ``input``, output ``logits``)."""
-    model = model.eval()
-    buffer = io.BytesIO()
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example_input,),
-            buffer,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
-    return buffer.getvalue()
 
 
 def open_session(onnx_model: bytes | str, threads: int) -> ort.InferenceSession:

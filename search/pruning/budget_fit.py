@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from search.policy import Policy
-from search.recipes import Measured, budget_matched, distinct
-from search.space import SearchSpace
+from search.pruning.policy import Policy
+from search.pruning.recipes import Measured, budget_matched, distinct
+from search.pruning.space import SearchSpace
 
 __all__ = ["STRENGTHS", "Fit", "fit_to_budget", "strength_grid"]
 
@@ -69,7 +69,7 @@ def fit_to_budget(
 ) -> Fit | None:
     """The least pruned policy of ``policy``'s shape whose drift-corrected latency meets ``budget_ms``.
 
-    ``record_of`` measures a policy's latency record (:func:`search.recipes.latency_records`).
+    ``record_of`` measures a policy's latency record (:meth:`search.measuring.candidate.CandidateMeter.record`).
     None when no strength meets the budget (the trial then runs the sample as it is) or when the
     sample prunes nothing (it has no shape to scale).
     """

@@ -33,11 +33,11 @@ from typing import Any
 import optuna
 
 from search.errors import UsageError
-from search.policy import CRITERIA, PRECISIONS, Policy, StagePolicy
+from search.pruning.policy import CRITERIA, PRECISIONS, Policy, StagePolicy
 
 __all__ = ["SPACES_DIR", "RatioRange", "SearchSpace", "StageSpace", "default_space_path", "load_space"]
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 
 _TOP_KEYS = {"family", "criteria", "round_to", "ratio_step", "uniform_ratios", "uniform_criterion", "precision"}
 _STAGE_KEYS = {"modules", "stream", "inner", "criteria"}

@@ -27,8 +27,8 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import UsageError
-from search.policy import Policy
-from search.space import SearchSpace, StageSpace
+from search.pruning.policy import Policy
+from search.pruning.space import SearchSpace, StageSpace
 
 __all__ = [
     "PrunedModel",

@@ -23,13 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from search.channel_pruning import apply_policy, global_magnitude_allocation
-from search.data import Dataset
-from search.latency import LatencySettings, export_onnx, measure
-from search.policy import Policy
 from search.progress import Reporter
-from search.quantize import QuantizeSettings, int8_latency_model
-from search.space import SearchSpace
+from search.pruning.channels import global_magnitude_allocation
+from search.pruning.policy import Policy
+from search.pruning.space import SearchSpace
 
 __all__ = [
     "Measured",
@@ -37,7 +34,6 @@ __all__ = [
     "budget_matched",
     "distinct",
     "global_grid",
-    "latency_records",
     "near_budget",
     "study_recipes",
     "uniform_grid",
@@ -64,32 +60,6 @@ NEAR_BUDGET_SPREAD = 0.2
 
 NEAR_BUDGET_FLOOR = 0.8
 """A start-up sample must use at least this fraction of the budget (a much faster one wastes accuracy)."""
-
-
-def latency_records(
-    policy: Policy,
-    precisions: tuple[str, ...] | list[str],
-    space: SearchSpace,
-    baseline: nn.Module,
-    data: Dataset,
-    baseline_onnx: bytes,
-    baseline_ms: float,
-    latency: LatencySettings,
-    quantize: QuantizeSettings,
-) -> dict[str, dict[str, Any]]:
-    """``policy``'s pruned model timed in each of ``precisions`` (pruned once): latency records with ``arch_hash``."""
-    model = copy.deepcopy(baseline)
-    taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
-    pruned = apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
-    records = {}
-    for precision in precisions:
-        if precision == "int8":
-            candidate = int8_latency_model(model, data, quantize)
-        else:
-            candidate = export_onnx(model, data.example_input())
-        measured = measure(candidate, tuple(data.example_input().shape), latency, reference=baseline_onnx)
-        records[precision] = {**measured.record(baseline_ms, latency.threads, precision), "arch_hash": pruned.arch_hash}
-    return records
 
 
 def uniform_grid(space: SearchSpace, precision: str) -> list[tuple[float, Policy]]:
@@ -160,9 +130,10 @@ def study_recipes(
 ) -> list[Recipe]:
     """The policies a new study runs first, in order: recipes, then start-up samples near the budget.
 
-    ``record_of`` measures a policy's latency record (see :func:`latency_records`); what was
-    chosen by measurement (the budget-matched recipes, the samples near the budget) carries the
-    record that chose it, for its trial to reuse. ``global_grid_of(precision)`` gives the global
+    ``record_of`` measures a policy's latency record
+    (:meth:`search.measuring.candidate.CandidateMeter.record`); what was chosen by measurement (the
+    budget-matched recipes, the samples near the budget) carries the record that chose it, for its
+    trial to reuse. ``global_grid_of(precision)`` gives the global
     magnitude grid (:func:`global_grid`), if wanted; ``seed`` fixes the samples near the budget.
     """
     recipes = [Recipe("unpruned", space.unpruned())] + [

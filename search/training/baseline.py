@@ -14,10 +14,12 @@ from pathlib import Path
 
 from torch import nn
 
-from search.data import Dataset
-from search.finetune import TrainSettings, train
-from search.models import build_model, load_weights, save_checkpoint
+from search.data.dataset import Dataset
+from search.models.build import build_model
+from search.models.checkpoint import save_checkpoint
+from search.models.weights import load_weights
 from search.progress import NullReporter, Reporter
+from search.training.finetune import TrainSettings, train
 
 __all__ = ["Baseline", "baseline_cache_path", "prepare_baseline"]
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.data import Dataset
-from search.hardware import supports_bf16
+from search.data.dataset import Dataset
+from search.measuring.hardware import supports_bf16
 from search.progress import NullReporter, Reporter
 
 __all__ = ["FinetuneResult", "TrainSettings", "recalibrate_batchnorm", "train"]

@@ -2,7 +2,7 @@
 
 A policy is what a search-space turns an Optuna trial into, what the study stores, and what
 ``export`` rebuilds a model from. It holds no torch-pruning objects: those are built only when
-the policy is applied (``search.prune``), so a policy round-trips through JSON and SQL storage.
+the policy is applied (:mod:`search.pruning.channels`), so a policy round-trips through JSON and SQL storage.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ CRITERIA: dict[str, str] = {
     "random": "uniformly random channels (a control for the other criteria)",
 }
 
-# Numeric precisions a pruned model can be deployed in (see ``search.quantize``).
+# Numeric precisions a pruned model can be deployed in (see ``search.measuring.quantize``).
 PRECISIONS: dict[str, str] = {
     "fp32": "the pruned model as it is, in FP32",
     "int8": "the pruned model statically quantized by ONNX Runtime (QDQ, per-channel INT8 weights)",

@@ -1,0 +1,202 @@
+"""Measuring a candidate: the one place the tool times a model.
+
+policy -> pruned model -> ONNX (FP32, or INT8 when the policy says so) -> a latency record,
+timed interleaved with the unpruned model so machine drift cancels, with a record reused for an
+identical architecture instead of timing it again.
+
+Two layers:
+
+* a :class:`Timer` times ONNX models, one against a reference, on one machine. :class:`LocalTimer`
+  does it here with :func:`search.measuring.timing.measure`; a remote latency service on the
+  target device is another implementation of the same protocol.
+* a :class:`CandidateMeter` is what everything else calls: study creation (the baseline, the INT8
+  check, the fastest policy, the recipes), budget fitting, trials, export and ``bench``. It owns the
+  study's reference (the baseline's ONNX and its latency) and turns timings into the records that
+  trials store (:meth:`search.measuring.timing.Latency.record`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from search.data.dataset import Dataset
+from search.measuring.onnx_export import export_onnx
+from search.measuring.quantize import QuantizeSettings, int8_latency_model
+from search.measuring.timing import Latency, LatencySettings, measure
+from search.progress import NullReporter, Reporter
+from search.pruning.channels import apply_policy
+from search.pruning.policy import Policy
+from search.pruning.space import SearchSpace
+
+__all__ = ["CandidateMeter", "Known", "LocalTimer", "Timed", "Timer"]
+
+
+class Timer(Protocol):
+    """Times ONNX models at batch 1 on one machine, exactly as :func:`search.measuring.timing.measure` does."""
+
+    threads: int
+    """ONNX Runtime intra-op threads the timings use."""
+
+    def time(
+        self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | str | None = None
+    ) -> Latency:
+        """Time ``onnx_model`` (and, interleaved with it, ``reference``) on inputs of ``input_shape``."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalTimer:
+    """ONNX Runtime on this machine's CPU."""
+
+    settings: LatencySettings
+
+    @property
+    def threads(self) -> int:
+        return self.settings.threads
+
+    def time(
+        self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | str | None = None
+    ) -> Latency:
+        return measure(onnx_model, input_shape, self.settings, reference=reference)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A candidate's latency record and the seconds spent quantizing it on the way (INT8 only)."""
+
+    record: dict[str, Any]
+    quantize_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Known:
+    """A latency record measured before, usable for a model of the same architecture and precision."""
+
+    arch_hash: str | None
+    precision: str
+    record: dict[str, Any]
+    """The record as stored (without ``arch_hash``)."""
+    note: dict[str, Any]
+    """What a reusing trial adds to it: where it was measured (``measured_at``) or ``reused_from_trial``."""
+
+
+class CandidateMeter:
+    """Latency records of candidates, each timed interleaved with the unpruned model's ONNX.
+
+    ``baseline_ms`` is the study's reference latency for the unpruned model (measured alone when
+    the study was created, :meth:`time_baseline`): a record's ``corrected_ms`` is the candidate's
+    ratio to the interleaved baseline times it, and that is what a budget is judged on.
+    """
+
+    def __init__(
+        self,
+        baseline: nn.Module,
+        data: Dataset,
+        *,
+        space: SearchSpace | None = None,
+        timer: Timer | None = None,
+        quantize: QuantizeSettings | None = None,
+        baseline_ms: float | None = None,
+        baseline_onnx: bytes | None = None,
+    ) -> None:
+        self.baseline = baseline
+        self.data = data
+        self.space = space
+        self.timer: Timer = timer or LocalTimer(LatencySettings())
+        self.quantize = quantize or QuantizeSettings()
+        self.baseline_onnx = baseline_onnx if baseline_onnx is not None else export_onnx(baseline, data.example_input())
+        self.baseline_ms = baseline_ms
+
+    @property
+    def threads(self) -> int:
+        return self.timer.threads
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.example_input().shape)
+
+    # -- timing ONNX models ------------------------------------------------------------------
+
+    def time_baseline(self) -> Latency:
+        """The unpruned model alone: the study's reference latency."""
+        return self.timer.time(self.baseline_onnx, self.input_shape)
+
+    def time_onnx(self, onnx_model: bytes | str) -> Latency:
+        """An ONNX model of the study's input, timed interleaved with the unpruned model."""
+        return self.timer.time(onnx_model, self.input_shape, reference=self.baseline_onnx)
+
+    def record_of(self, latency: Latency, precision: str) -> dict[str, Any]:
+        """What a trial stores about ``latency`` (see :meth:`Latency.record`)."""
+        if self.baseline_ms is None:
+            raise ValueError("the study's baseline latency is not known yet: call time_baseline first")
+        return latency.record(self.baseline_ms, self.threads, precision)
+
+    # -- timing PyTorch models ---------------------------------------------------------------
+
+    def candidate_onnx(self, model: nn.Module, precision: str) -> bytes:
+        """The ONNX model that is timed for ``model`` in ``precision`` (batch 1; INT8 quantized for timing)."""
+        if precision == "int8":
+            return int8_latency_model(model, self.data, self.quantize)
+        return export_onnx(model, self.data.example_input())
+
+    def time_model(self, model: nn.Module, precision: str, reporter: Reporter | None = None) -> Timed:
+        """``model`` exported (quantized for ``int8``) and timed: its latency record."""
+        reporter = reporter or NullReporter()
+        quantize_seconds = 0.0
+        if precision == "int8":
+            reporter.phase("quantize")
+            started = time.perf_counter()
+            onnx_model = self.candidate_onnx(model, precision)
+            quantize_seconds = time.perf_counter() - started
+            reporter.phase("latency")
+        else:
+            onnx_model = self.candidate_onnx(model, precision)
+        return Timed(self.record_of(self.time_onnx(onnx_model), precision), quantize_seconds)
+
+    def time_pruned(
+        self,
+        model: nn.Module,
+        arch_hash: str,
+        precision: str,
+        known: Iterable[Known] = (),
+        reporter: Reporter | None = None,
+    ) -> Timed:
+        """A pruned model's record: the first of ``known`` with its architecture and precision, or a new timing.
+
+        A policy picked because a measurement said it meets the budget is judged by that
+        measurement (``known`` lists it first), not by a second one that drift may put on the
+        other side; an architecture timed before is not timed again.
+        """
+        for candidate in known:
+            if candidate.arch_hash == arch_hash and candidate.precision == precision:
+                record = {k: v for k, v in candidate.record.items() if k != "arch_hash"}
+                return Timed({**record, **candidate.note})
+        return self.time_model(model, precision, reporter)
+
+    # -- timing policies ---------------------------------------------------------------------
+
+    def records(self, policy: Policy, precisions: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """``policy`` applied to a copy of the baseline (pruned once), timed in each of ``precisions``.
+
+        Each record carries the pruned model's ``arch_hash``, so a trial of that architecture can
+        reuse it.
+        """
+        if self.space is None:
+            raise ValueError("timing a policy needs the search space it was drawn from")
+        model = copy.deepcopy(self.baseline)
+        taylor = self.data.batches("train", 32, shuffle=True, augment=False, limit=64)
+        pruned = apply_policy(model, policy, self.space, self.data.example_input(), taylor_batches=taylor)
+        return {
+            precision: {**self.time_model(model, precision).record, "arch_hash": pruned.arch_hash}
+            for precision in precisions
+        }
+
+    def record(self, policy: Policy) -> dict[str, Any]:
+        """``policy``'s latency record in its own precision (with ``arch_hash``)."""
+        return self.records(policy, (policy.precision,))[policy.precision]

@@ -1,0 +1,146 @@
+"""Top-1 accuracy on a split of a dataset: of a PyTorch model, or of ONNX models run in ONNX Runtime.
+
+INT8 models are scored by running them in ONNX Runtime (never by the FP32 PyTorch model), and
+export compares an INT8 model with its FP32 export image by image (:func:`compare_top1`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from search.data.dataset import Dataset
+from search.measuring.onnx_export import fixed_batch
+from search.measuring.timing import open_session
+from search.progress import NullReporter, Reporter
+
+__all__ = ["Agreement", "compare_top1", "onnx_top1", "top1", "top1_agreement"]
+
+
+@torch.no_grad()  # not inference_mode: the channels_last copy of the weights must stay trainable
+def top1(
+    model: nn.Module,
+    data: Dataset,
+    split: str = "val",
+    *,
+    batch_size: int = 64,
+    limit: int | None = None,
+    reporter: Reporter | None = None,
+) -> float:
+    """Fraction of images in ``split`` whose highest logit is the true class (FP32, eval mode).
+
+    ``limit`` evaluates a fixed random subset of that many images (the same one on every call), so
+    a class-sorted split still gives every class its share.
+    """
+    reporter = reporter or NullReporter()
+    model.eval()
+    model = model.to(memory_format=torch.channels_last)
+    total = len(getattr(data, split))
+    if limit is not None:
+        total = min(total, limit)
+    correct = seen = 0
+    with reporter.task(f"top-1 on {split}", total) as task:
+        for x, y in data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            seen += len(y)
+            task.advance(len(y))
+    if seen == 0:
+        raise ValueError(f"split {split!r} is empty")
+    return correct / seen
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Two ONNX models run on the same images: each one's top-1 and how often their top-1 agree."""
+
+    top1_a: float
+    top1_b: float
+    agreement: float
+    """Fraction of images on which both models predict the same class."""
+    images: int
+
+
+def onnx_top1(
+    onnx_model: bytes,
+    data: Dataset,
+    split: str = "val",
+    *,
+    threads: int | None = None,
+    batch_size: int = 64,
+    limit: int | None = None,
+    reporter: Reporter | None = None,
+) -> float:
+    """Fraction of images in ``split`` whose highest logit is the true class, run in ONNX Runtime."""
+    correct = seen = 0
+    for logits, labels in _logits([onnx_model], data, split, threads, batch_size, limit, reporter):
+        correct += int((logits[0].argmax(axis=1) == labels).sum())
+        seen += len(labels)
+    if seen == 0:
+        raise ValueError(f"split {split!r} is empty")
+    return correct / seen
+
+
+def compare_top1(
+    onnx_a: bytes,
+    onnx_b: bytes,
+    data: Dataset,
+    split: str = "val",
+    *,
+    threads: int | None = None,
+    batch_size: int = 64,
+    limit: int | None = None,
+    reporter: Reporter | None = None,
+) -> Agreement:
+    """Both models on the same images in one pass: each top-1, and how often their predictions agree."""
+    correct_a = correct_b = same = seen = 0
+    for (logits_a, logits_b), labels in _logits([onnx_a, onnx_b], data, split, threads, batch_size, limit, reporter):
+        pred_a, pred_b = logits_a.argmax(axis=1), logits_b.argmax(axis=1)
+        correct_a += int((pred_a == labels).sum())
+        correct_b += int((pred_b == labels).sum())
+        same += int((pred_a == pred_b).sum())
+        seen += len(labels)
+    if seen == 0:
+        raise ValueError(f"split {split!r} is empty")
+    return Agreement(top1_a=correct_a / seen, top1_b=correct_b / seen, agreement=same / seen, images=seen)
+
+
+def top1_agreement(
+    onnx_a: bytes, onnx_b: bytes, data: Dataset, split: str = "val", *, threads: int | None = None
+) -> float:
+    """Fraction of ``split``'s images on which the two models' top-1 predictions are the same class."""
+    return compare_top1(onnx_a, onnx_b, data, split, threads=threads).agreement
+
+
+def _logits(
+    models: list[bytes],
+    data: Dataset,
+    split: str,
+    threads: int | None,
+    batch_size: int,
+    limit: int | None,
+    reporter: Reporter | None,
+) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """Each model's logits on every batch of ``split`` (models with a fixed batch of 1 get one image at a time)."""
+    reporter = reporter or NullReporter()
+    threads = threads or max(1, os.cpu_count() or 1)
+    parsed = [onnx.load_from_string(m) for m in models]
+    step = 1 if any(fixed_batch(p) == 1 for p in parsed) else batch_size
+    sessions = [open_session(m, threads) for m in models]
+    names = [s.get_inputs()[0].name for s in sessions]
+    total = len(data.split(split)) if limit is None else min(limit, len(data.split(split)))
+    with reporter.task(f"ONNX Runtime top-1 on {split}", total) as task:
+        for x, y in data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit):
+            feed = x.numpy()
+            outputs = []
+            for session, name in zip(sessions, names, strict=True):
+                parts = [session.run(None, {name: feed[i : i + step]})[0] for i in range(0, len(feed), step)]
+                outputs.append(np.concatenate(parts))
+            yield outputs, y.numpy()
+            task.advance(len(y))
