@@ -41,10 +41,10 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UsageError
-from search.hardware import fingerprint_id
+from search.measuring.hardware import fingerprint_id
 from search.progress import NullReporter, Reporter
-from search.storage import HEARTBEAT_SECONDS, load_existing
-from search.trial_origin import is_enqueued
+from search.study.origin import is_enqueued
+from search.study.storage import HEARTBEAT_SECONDS, load_existing
 
 __all__ = [
     "OVER_BUDGET_FACTOR",

@@ -16,7 +16,7 @@ __all__ = ["default_storage_url", "load_existing", "open_storage", "open_study"]
 HEARTBEAT_SECONDS = 60
 """Default heartbeat: a running trial whose worker has been silent for 2x this long is marked failed.
 
-A study keeps the value it was created with (``--heartbeat``); see ``search.coordination``."""
+A study keeps the value it was created with (``--heartbeat``); see ``search.study.coordination``."""
 
 
 def default_storage_url(studies_dir: Path, study: str) -> str:

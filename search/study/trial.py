@@ -9,25 +9,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from torch import nn
 
-from search.budget_fit import fit_to_budget
-from search.channel_pruning import apply_policy
-from search.complexity import macs_and_params
-from search.data import Dataset
-from search.evaluate import top1
-from search.finetune import TrainSettings, recalibrate_batchnorm, train
-from search.latency import LatencySettings, export_onnx, measure
-from search.policy import Policy
+from search.data.dataset import Dataset
+from search.measuring.candidate import CandidateMeter, Known
+from search.measuring.complexity import macs_and_params
+from search.measuring.quantize import QuantizeSettings, quantize_model
 from search.progress import NullReporter, Reporter
-from search.quantize import QuantizeSettings, int8_latency_model, onnx_top1, quantize_model
-from search.recipes import latency_records
-from search.space import SearchSpace
-from search.trial_origin import is_enqueued
+from search.pruning.budget_fit import fit_to_budget
+from search.pruning.channels import apply_policy
+from search.pruning.policy import Policy
+from search.pruning.space import SearchSpace
+from search.study.origin import is_enqueued
+from search.training.evaluate import onnx_top1, top1
+from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
 __all__ = [
     "INFEASIBLE_ACCURACY",
@@ -52,25 +52,30 @@ INFEASIBLE_ACCURACY = 0.0
 class TrialContext:
     """Everything a trial needs, prepared once per search."""
 
-    baseline: nn.Module
-    baseline_onnx: bytes
-    baseline_latency_ms: float
-    """The study's reference latency for the unpruned model (measured when it was created)."""
+    meter: CandidateMeter
+    """Times every candidate (and holds the baseline, its ONNX and the study's reference latency)."""
     baseline_accuracy: float
     data: Dataset
     space: SearchSpace
     budget_ms: float
-    latency: LatencySettings
     finetune: TrainSettings
     bn_batches: int
     hardware: dict[str, Any]
     reporter: Reporter = field(default_factory=NullReporter)
-    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
-    """How ``int8`` policies are quantized (calibration method and images)."""
     val_images: int | None = None
     """Evaluate on a fixed random subset of this many validation images (None: all of them)."""
     fit_budget: bool = False
-    """Fit each sampled policy's strength to the budget (:mod:`search.budget_fit`); enqueued ones run as they are."""
+    """Fit each sampled policy's strength to the budget (:mod:`search.pruning.budget_fit`); enqueued ones run as
+    they are."""
+
+    @property
+    def baseline(self) -> nn.Module:
+        return self.meter.baseline
+
+    @property
+    def quantize(self) -> QuantizeSettings:
+        """How ``int8`` policies are quantized (calibration method and images)."""
+        return self.meter.quantize
 
 
 @dataclass
@@ -90,7 +95,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     if ctx.fit_budget and not is_enqueued(trial.user_attrs):
         reporter.phase("fit to the budget")
         started = time.perf_counter()
-        fit = fit_to_budget(policy, ctx.space, ctx.budget_ms, ctx.baseline_latency_ms, lambda p: _record_of(ctx, p))
+        fit = fit_to_budget(policy, ctx.space, ctx.budget_ms, _baseline_ms(ctx), ctx.meter.record)
         if fit is not None:
             trial.set_user_attr("budget_fit", fit.summary(policy))
             policy, fitted_latency = fit.policy, fit.latency
@@ -214,53 +219,33 @@ def _latency(
 ) -> dict[str, Any]:
     """Measure and store the latency record, or reuse one of this very architecture in the same precision.
 
-    Reused are the measurement of an earlier trial, the one the study made when it chose this
-    recipe (the budget-matched uniform ratio), or the one that fitted this policy to the budget
-    (``fitted``): a policy picked because it met the budget is judged by the measurement that
+    Reused are the one the study made when it chose this recipe (the budget-matched uniform
+    ratio), the one that fitted this policy to the budget (``fitted``), or the measurement of an
+    earlier trial: a policy picked because it met the budget is judged by the measurement that
     picked it, not by a second one that drift may put on the other side.
     """
+    timed = ctx.meter.time_pruned(model, arch_hash, precision, _known(trial, fitted), ctx.reporter)
+    if seconds is not None and timed.quantize_seconds:
+        seconds["quantize"] = seconds.get("quantize", 0.0) + timed.quantize_seconds
+    trial.set_user_attr("latency", timed.record)
+    return timed.record
+
+
+def _known(trial: optuna.Trial, fitted: dict[str, Any] | None) -> Iterator[Known]:
+    """Latency records this trial may reuse, in order of preference (earlier trials read only if needed)."""
     for chosen, where in ((trial.user_attrs.get(LATENCY_AT_CREATION), "study creation"), (fitted, "budget fit")):
-        if chosen and chosen.get("arch_hash") == arch_hash and chosen.get("precision") == precision:
-            record = {k: v for k, v in chosen.items() if k != "arch_hash"}
-            record["measured_at"] = where
-            trial.set_user_attr("latency", record)
-            return record
+        if chosen:
+            yield Known(chosen.get("arch_hash"), chosen.get("precision", "fp32"), chosen, {"measured_at": where})
     for other in _completed(trial):
-        same_arch = other.user_attrs.get("arch_hash") == arch_hash
-        if same_arch and other.user_attrs.get("precision", "fp32") == precision and "latency" in other.user_attrs:
-            record = dict(other.user_attrs["latency"])
-            record["reused_from_trial"] = other.number
-            trial.set_user_attr("latency", record)
-            return record
-    if precision == "int8":
-        ctx.reporter.phase("quantize")
-        started = time.perf_counter()
-        onnx_model = int8_latency_model(model, ctx.data, ctx.quantize)
-        if seconds is not None:
-            seconds["quantize"] = seconds.get("quantize", 0.0) + time.perf_counter() - started
-        ctx.reporter.phase("latency")
-    else:
-        onnx_model = export_onnx(model, ctx.data.example_input())
-    shape = tuple(ctx.data.example_input().shape)
-    measured = measure(onnx_model, shape, ctx.latency, reference=ctx.baseline_onnx)
-    record = measured.record(ctx.baseline_latency_ms, ctx.latency.threads, precision)
-    trial.set_user_attr("latency", record)
-    return record
+        if "latency" in other.user_attrs:
+            attrs = other.user_attrs
+            note = {"reused_from_trial": other.number}
+            yield Known(attrs.get("arch_hash"), attrs.get("precision", "fp32"), attrs["latency"], note)
 
 
-def _record_of(ctx: TrialContext, policy: Policy) -> dict[str, Any]:
-    """``policy``'s latency record (with ``arch_hash``), measured as a trial measures it."""
-    return latency_records(
-        policy,
-        (policy.precision,),
-        ctx.space,
-        ctx.baseline,
-        ctx.data,
-        ctx.baseline_onnx,
-        ctx.baseline_latency_ms,
-        ctx.latency,
-        ctx.quantize,
-    )[policy.precision]
+def _baseline_ms(ctx: TrialContext) -> float:
+    assert ctx.meter.baseline_ms is not None, "the study's baseline latency is set when the study is opened"
+    return ctx.meter.baseline_ms
 
 
 def _completed(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:

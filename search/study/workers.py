@@ -23,12 +23,12 @@ from typing import IO, Any
 import optuna
 from optuna.trial import TrialState
 
-from search.config import SearchConfig
-from search.coordination import is_ready, progress
 from search.errors import UsageError
 from search.progress import NullReporter, Reporter
-from search.storage import load_existing, open_storage
-from search.trial_origin import origin
+from search.study.config import SearchConfig
+from search.study.coordination import is_ready, progress
+from search.study.origin import origin
+from search.study.storage import load_existing, open_storage
 
 __all__ = [
     "LaunchResult",

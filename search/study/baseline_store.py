@@ -25,12 +25,12 @@ import sqlalchemy
 from optuna.storages import RDBStorage
 from sqlalchemy.dialects import mysql
 
-from search.baseline import Baseline, baseline_cache_path
-from search.config import SearchConfig
-from search.data import Dataset
-from search.models import file_sha256
+from search.data.dataset import Dataset
+from search.models.checkpoint import file_sha256
 from search.progress import NullReporter, Reporter
-from search.storage import load_existing
+from search.study.config import SearchConfig
+from search.study.storage import load_existing
+from search.training.baseline import Baseline, baseline_cache_path
 
 __all__ = ["BASELINE_FILE_ATTR", "adopt_baseline", "fetch_file", "publish_baseline", "store_file"]
 

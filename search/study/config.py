@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from search.data_spec import DataSpec
+from search.data.spec import DataSpec
 
 __all__ = ["SearchConfig"]
 
@@ -20,7 +20,7 @@ class SearchConfig:
     """Instead of ``budget_ms``: the budget as a fraction of the unpruned model's latency, measured
     when the study is created (the study stores the resolved milliseconds)."""
     model: str = "resnet18"
-    """A torchvision architecture name (see ``search.models.KNOWN_MODELS``) or ``module:function``."""
+    """A torchvision architecture name (see ``search.models.build.KNOWN_MODELS``) or ``module:function``."""
     weights: str | None = None
     """A state_dict file, this tool's checkpoint, ``imagenet``, or None to train a baseline here."""
     data: DataSpec = field(default_factory=lambda: DataSpec("digits"))
@@ -37,7 +37,7 @@ class SearchConfig:
     2-core CPU, baseline training included; a real search wants more (``--trials 40``).
 
     Sampled policies measured over the budget are recorded but do not count (see
-    :mod:`search.coordination`): trials are spent on the recipes and on policies that get fine-tuned."""
+    :mod:`search.study.coordination`): trials are spent on the recipes and on policies that get fine-tuned."""
     timeout: float | None = None
     """Stop starting new trials after this many seconds."""
     seed: int = 0
@@ -54,7 +54,7 @@ class SearchConfig:
     """Evaluate trials on a fixed random subset of this many validation images (None: all)."""
     fit_budget: bool = False
     """Fit each sampled policy to the budget: its shape kept, its strength found by measured bisection
-    (:mod:`search.budget_fit`), so no trial is spent over the budget or far below it."""
+    (:mod:`search.pruning.budget_fit`), so no trial is spent over the budget or far below it."""
     baseline_epochs: int = 3
     """Epochs to train a baseline when no ``weights`` are given."""
     train_dtype: str = "auto"

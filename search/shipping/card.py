@@ -1,0 +1,84 @@
+"""The model card (``card.json`` and ``card.md``) and its copy on the study for optuna-dashboard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+__all__ = ["attach_artifacts", "card_markdown"]
+
+
+def attach_artifacts(study: optuna.Study, number: int, out_dir: Path, store_dir: Path) -> None:
+    """Attach an export's model card to the study as Optuna artifacts, so optuna-dashboard shows them.
+
+    (A finished trial cannot take artifacts in Optuna, so they go on the study, named by trial.)
+    """
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    store_dir.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(store_dir))
+    for name, mimetype in (("card.md", "text/markdown"), ("card.json", "application/json")):
+        named = out_dir / f"trial-{number}-{name}"
+        shutil.copyfile(out_dir / name, named)
+        try:
+            upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study, mimetype=mimetype)
+        finally:
+            named.unlink(missing_ok=True)
+
+
+def _int8_rows(card: dict[str, Any]) -> list[str]:
+    q = card.get("int8")
+    if not q:
+        return []
+    return [
+        f"| INT8 (ONNX Runtime, QDQ) | top-1 {q['top1']:.4f}, agreement with FP32 {q['top1_agreement_with_fp32']:.3f} "
+        f"on {q['images']} images; FP32 top-1 {q['fp32_top1_onnxruntime']:.4f} |",
+        f"| FP32 export latency, same run | {q['fp32_latency_ms']:.2f} ms (ratio {q['fp32_ratio']:.3f}); "
+        f"the INT8 model above is what ships (`model.int8.onnx`) |",
+    ]
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    acc, lat, ft = card["accuracy"], card["latency"], card["finetune"]
+    mb = {k: v / 1e6 for k, v in card["files"].items()}
+    on = f"{acc['split']} ({acc['images']} images)" if "images" in acc else acc["split"]
+    lines = [
+        f"# {card['baseline']['model']} pruned: study {card['study']}, trial {card['trial']}",
+        "",
+        f"Exported {card['created']} by `{card['command']}`.",
+        "",
+        "| | value |",
+        "| --- | --- |",
+        f"| top-1 on {on} after fine-tune | {acc['after_finetune']:.4f} |",
+        f"| top-1 on {on} before fine-tune | {acc['before_finetune']:.4f} |",
+        f"| baseline top-1 on {on} | {acc['baseline']:.4f} |",
+        f"| latency median / p90 | {lat['median_ms']:.2f} / {lat['p90_ms']:.2f} ms "
+        f"(batch 1, {lat['threads']} thread(s)) |",
+        f"| baseline latency, same run | {lat['baseline_median_ms']:.2f} ms (ratio {lat['ratio']:.3f}) |",
+        f"| budget | {card['budget_ms']} ms (drift-corrected: {lat['corrected_ms']:.2f} ms) |",
+        f"| MACs / params | {card['macs'] / 1e6:.1f} M / {card['params'] / 1e6:.2f} M |",
+        f"| files | model.onnx {mb['model.onnx']:.1f} MB, model.pt {mb['model.pt']:.1f} MB, "
+        f"model.torchscript.pt {mb['model.torchscript.pt']:.1f} MB |",
+        f"| ONNX check | max abs diff {card['onnx_check']['max_abs_diff']:.2e}, top-1 agreement "
+        f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
+        f"| fine-tune | {ft['epochs']:g} epochs ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, "
+        f"{ft['seconds']} s |",
+        *_int8_rows(card),
+        f"| data | {card['data']['source']} at {card['data']['input_size']}px |",
+        f"| hardware | {card['hardware']['cpu']}, onnxruntime {card['hardware']['onnxruntime']} |",
+        "",
+        "## Policy",
+        "",
+        "```json",
+        json.dumps(card["policy"], indent=2),
+        "```",
+        "",
+        "Load it: `onnxruntime.InferenceSession('model.onnx')`, `torch.jit.load('model.torchscript.pt')`, "
+        "or `search.shipping.model_file.load_pruned('model.pt')`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,285 @@
+"""Turn a searched policy into a shipped model: rebuild, fine-tune, check, write.
+
+For each chosen trial: rebuild the pruned model from the stored baseline and the trial's
+pruning history (:mod:`search.shipping.rebuild`), fine-tune it for whole epochs (resumable) and
+measure top-1 on the test split next to the baseline's, export ONNX with a dynamic batch axis
+and check ONNX Runtime against PyTorch (and INT8 against FP32, :mod:`search.shipping.checks`),
+re-measure latency the way the search did (:mod:`search.measuring.candidate`), and write the
+model files and card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from torch import nn
+
+from search.errors import UsageError
+from search.measuring.candidate import CandidateMeter, LocalTimer
+from search.measuring.complexity import macs_and_params
+from search.measuring.hardware import fingerprint, git_revision, package_versions
+from search.measuring.onnx_export import export_onnx, fix_batch
+from search.measuring.timing import Latency, LatencySettings
+from search.progress import NullReporter, Reporter
+from search.pruning.channels import layer_channels
+from search.shipping.card import card_markdown
+from search.shipping.checks import check_parity, quantize_and_check
+from search.shipping.model_file import save_pruned, save_torchscript
+from search.shipping.rebuild import StudyBaseline, rebuild_pruned
+from search.shipping.settings import ExportSettings
+from search.study.front import Row, finished_trial, rows
+from search.training.evaluate import top1
+from search.training.finetune import FinetuneResult, TrainSettings, recalibrate_batchnorm, train
+
+__all__ = ["export_trial"]
+
+
+@dataclass(frozen=True)
+class _FineTuned:
+    before: float
+    after: float
+    settings: TrainSettings
+    result: FinetuneResult
+
+
+@dataclass(frozen=True)
+class _Checked:
+    onnx: bytes
+    """The FP32 export (dynamic batch), as written to ``model.onnx``."""
+    parity: dict[str, Any]
+    int8: dict[str, Any] | None
+    """The INT8 check (its model bytes under ``"onnx"``) when the trial searched INT8."""
+
+
+def export_trial(
+    base: StudyBaseline,
+    number: int,
+    settings: ExportSettings,
+    out_dir: Path,
+    *,
+    command: str,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Export trial ``number`` into ``out_dir``; returns the model card."""
+    reporter = reporter or NullReporter()
+    trial = finished_trial(base.study, number)
+    _prepare(out_dir, force, reporter)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    row = next(r for r in rows(base.study) if r.number == number)
+    if not row.feasible:
+        reporter.warn(f"trial {number} is over the study's budget ({row.latency_ms:.2f} ms)")
+
+    reporter.phase(f"trial {number}: rebuild")
+    model = rebuild_pruned(base, trial)
+    split = "test" if base.data.test is not None else "val"
+    reporter.phase(f"trial {number}: baseline top-1 on {split}")
+    baseline_top1 = _baseline_top1(base, split, settings.test_images, reporter)
+
+    reporter.phase(f"trial {number}: fine-tune")
+    t = time.perf_counter()
+    tuned = _finetune(base, model, number, settings, split, out_dir / "finetune-state.pt", reporter)
+    seconds["finetune"] = time.perf_counter() - t
+
+    checked = _export_and_check(base, model, trial, settings, split, seconds, reporter)
+    (out_dir / "model.onnx").write_bytes(checked.onnx)
+    shipped = checked.onnx
+    if checked.int8 is not None:
+        (out_dir / "model.int8.onnx").write_bytes(checked.int8.pop("onnx"))
+        shipped = fix_batch((out_dir / "model.int8.onnx").read_bytes())
+
+    reporter.phase(f"trial {number}: latency")
+    t = time.perf_counter()
+    meter = CandidateMeter(base.model, base.data, timer=LocalTimer(LatencySettings(threads=base.threads)))
+    measured = meter.time_onnx(shipped)
+    if checked.int8 is not None:  # the FP32 export too, so the card can show what INT8 gained
+        fp32_measured = meter.time_onnx(fix_batch(checked.onnx))
+        checked.int8["fp32_latency_ms"] = round(fp32_measured.median_ms, 4)
+        checked.int8["fp32_ratio"] = round(fp32_measured.ratio or 0.0, 5)
+        checked.int8["fp32_after_finetune"] = tuned.after
+    seconds["latency"] = time.perf_counter() - t
+
+    save_pruned(out_dir / "model.pt", model, base, trial)
+    save_torchscript(out_dir / "model.torchscript.pt", model, base.data)
+    (out_dir / "finetune-state.pt").unlink(missing_ok=True)
+    seconds["total"] = time.perf_counter() - started
+    card = _card(base, trial, row, model, out_dir, settings, split, baseline_top1, tuned, checked, measured)
+    card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    card["command"] = command
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out_dir / "card.md").write_text(card_markdown(card))
+    return card
+
+
+def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> None:
+    """An empty ``out_dir``, or an unfinished export in it to resume; never a finished export overwritten."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if force:
+            shutil.rmtree(out_dir)
+        elif (out_dir / "card.json").exists():
+            raise UsageError(f"{out_dir} already holds an export; pass --force to replace it or --out elsewhere")
+        elif not (out_dir / "finetune-state.pt").exists():
+            raise UsageError(f"{out_dir} exists and is not an unfinished export; pass --force or --out elsewhere")
+        else:
+            reporter.info(f"Resuming the unfinished export in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _baseline_top1(base: StudyBaseline, split: str, limit: int | None, reporter: Reporter) -> float:
+    """The baseline's top-1 on ``split`` (or its random subset of ``limit`` images), measured once per study."""
+    key = f"baseline_top1_{split}" + (f"_{limit}" if limit else "")
+    stored = base.study.user_attrs.get(key)
+    if stored is not None and stored.get("sha256") == base.sha256:
+        return float(stored["top1"])
+    value = top1(base.model, base.data, split, limit=limit, reporter=reporter)
+    base.study.set_user_attr(key, {"top1": value, "sha256": base.sha256})
+    return value
+
+
+def _finetune(
+    base: StudyBaseline,
+    model: nn.Module,
+    number: int,
+    settings: ExportSettings,
+    split: str,
+    state: Path,
+    reporter: Reporter,
+) -> _FineTuned:
+    """BatchNorm recalibration (unless resuming), top-1, whole epochs of fine-tuning, top-1 again."""
+    data = base.data
+    if not state.exists():
+        recalibrate_batchnorm(model, data, batches=8, seed=settings.seed)
+    before = top1(model, data, split, limit=settings.test_images, reporter=reporter)
+    steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
+    train_settings = TrainSettings(
+        steps=settings.steps if settings.steps is not None else max(1, round(settings.epochs * steps_per_epoch)),
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        distill=settings.distill,
+        train_dtype=settings.train_dtype,
+        seed=settings.seed,
+    )
+    result = train(
+        model,
+        data,
+        train_settings,
+        teacher=base.model,
+        reporter=reporter,
+        description=f"fine-tune trial {number} ({settings.epochs:g} epochs, seed {settings.seed})",
+        steps_per_epoch=steps_per_epoch,
+        checkpoint=state,
+    )
+    after = top1(model, data, split, limit=settings.test_images, reporter=reporter)
+    return _FineTuned(before=before, after=after, settings=train_settings, result=result)
+
+
+def _export_and_check(
+    base: StudyBaseline,
+    model: nn.Module,
+    trial: optuna.trial.FrozenTrial,
+    settings: ExportSettings,
+    split: str,
+    seconds: dict[str, float],
+    reporter: Reporter,
+) -> _Checked:
+    """The FP32 ONNX export checked against PyTorch, and for an INT8 trial its INT8 model checked against it."""
+    reporter.phase(f"trial {trial.number}: export and check ONNX")
+    t = time.perf_counter()
+    model.eval()
+    onnx_model = export_onnx(model, base.data.example_input(), dynamic_batch=True)
+    parity = check_parity(model, onnx_model, base.data, split, settings, base.threads)
+    seconds["export"] = time.perf_counter() - t
+    int8 = None
+    if trial.user_attrs.get("precision") == "int8":
+        reporter.phase(f"trial {trial.number}: quantize to INT8 and check it")
+        t = time.perf_counter()
+        int8 = quantize_and_check(model, onnx_model, base.data, split, settings, trial, base.threads, reporter)
+        seconds["quantize"] = time.perf_counter() - t
+    return _Checked(onnx=onnx_model, parity=parity, int8=int8)
+
+
+def _card(
+    base: StudyBaseline,
+    trial: optuna.trial.FrozenTrial,
+    row: Row,
+    model: nn.Module,
+    out_dir: Path,
+    settings: ExportSettings,
+    split: str,
+    baseline_top1: float,
+    tuned: _FineTuned,
+    checked: _Checked,
+    measured: Latency,
+) -> dict[str, Any]:
+    """``card.json``: what was exported, how it scored and timed, and what it was made from.
+
+    ``seconds`` and ``command`` are left for the caller to fill in (their places are kept).
+    """
+    data = base.data
+    study_base_ms = float(base.study.user_attrs["baseline_latency_ms"])
+    macs, params = macs_and_params(model, data.input_size)
+    return {
+        "study": base.study.study_name,
+        "trial": trial.number,
+        "recipe": row.recipe,
+        "policy": trial.user_attrs["policy"],
+        "channels": layer_channels(model),
+        "accuracy": {
+            "split": split,
+            "images": min(len(data.split(split)), settings.test_images or len(data.split(split))),
+            "search_brief_finetune_val": row.accuracy,
+            "before_finetune": tuned.before,
+            "after_finetune": tuned.after,
+            "baseline": baseline_top1,
+        },
+        "finetune": {
+            **asdict(settings),
+            "steps": tuned.settings.steps,
+            "seconds": round(tuned.result.seconds, 1),
+            "images_per_second": round(tuned.result.images_per_second, 1),
+        },
+        "latency": {
+            "median_ms": round(measured.median_ms, 4),
+            "p90_ms": round(measured.p90_ms, 4),
+            "baseline_median_ms": round(measured.reference_median_ms or 0.0, 4),
+            "ratio": round(measured.ratio or 0.0, 5),
+            "corrected_ms": round((measured.ratio or 0.0) * study_base_ms, 4),
+            "search_ms": row.latency_ms,
+            "threads": base.threads,
+            "batch": 1,
+            "runtime": "onnxruntime CPUExecutionProvider",
+        },
+        "onnx_check": checked.parity,
+        "precision": "int8" if checked.int8 is not None else "fp32",
+        "int8": checked.int8,
+        "macs": macs,
+        "params": params,
+        "files": {
+            name: (out_dir / name).stat().st_size
+            for name in ("model.onnx", "model.int8.onnx", "model.pt", "model.torchscript.pt")
+            if (out_dir / name).exists()
+        },
+        "data": {
+            "source": base.study.user_attrs["config"]["data"]["source"],
+            "input_size": data.input_size,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "classes": data.classes,
+        },
+        "baseline": {"model": base.model_name, "weights": base.weights, "sha256": base.sha256},
+        "budget_ms": base.study.user_attrs["budget_ms"],
+        "seconds": {},
+        "command": "",
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "hardware": fingerprint(base.threads),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,208 @@
+"""Setting a new study up, as a short sequence of named steps.
+
+Time the unpruned model (the study's reference for every drift-corrected latency), resolve the
+budget, decide the precisions to search (INT8 only where it is measured faster), check that the
+budget is reachable at all, score the baseline, create the study with its provenance, and
+enqueue the recipes so every study contains them. Each step is a call into one room.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.data.dataset import Dataset
+from search.errors import UsageError
+from search.measuring.candidate import CandidateMeter
+from search.measuring.hardware import git_revision, package_versions
+from search.measuring.int8_check import Int8Check, choose_precisions
+from search.measuring.timing import Latency
+from search.progress import Reporter
+from search.pruning.policy import Policy
+from search.pruning.recipes import Recipe, global_grid, study_recipes
+from search.pruning.space import SearchSpace
+from search.study.config import SearchConfig
+from search.study.coordination import TrialSeededSampler
+from search.study.trial import LATENCY_AT_CREATION
+from search.training.baseline import Baseline
+from search.training.evaluate import top1
+
+__all__ = ["create_study", "fastest_reachable", "sampler"]
+
+
+def create_study(
+    config: SearchConfig,
+    storage: optuna.storages.BaseStorage,
+    data: Dataset,
+    space: SearchSpace,
+    baseline: Baseline,
+    meter: CandidateMeter,
+    settings: dict[str, Any],
+    hardware: dict[str, Any],
+    reporter: Reporter,
+) -> optuna.Study:
+    """Create study ``config.study_name`` in ``storage`` with its recipes enqueued (sets ``meter.baseline_ms``).
+
+    Raises :class:`UsageError` before anything is stored when the budget cannot be met.
+    Raises optuna's ``DuplicatedStudyError`` when another worker created the study meanwhile.
+    """
+    base = _time_baseline(meter, config, data, reporter)
+    config = _resolve_budget(config, base, settings, reporter)
+    precisions, int8_check = choose_precisions(space.precisions, meter, reporter)
+    space = space.with_precisions(precisions)
+    meter.space = space
+    fastest_ms = fastest_reachable(space, meter, reporter)
+    _check_budget(config, space, fastest_ms, base, reporter)
+    reporter.phase("evaluate the baseline")
+    accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=reporter)
+    reporter.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
+    study = optuna.create_study(
+        study_name=config.study_name,
+        storage=storage,
+        directions=["maximize", "minimize"],
+        sampler=sampler(config, space),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["accuracy", "latency_ms"])
+    provenance = _provenance(config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware)
+    for key, value in provenance.items():
+        study.set_user_attr(key, value)
+    recipes = _recipes(config, space, baseline, meter, reporter)
+    _enqueue(study, space, recipes)
+    labelled = sum(1 for r in recipes if r.label)
+    reporter.info(
+        f"Created study {config.study_name!r} in {config.storage_url}; enqueued {labelled} recipes"
+        f" and {len(recipes) - labelled} start-up policies near the budget"
+    )
+    return study
+
+
+def _time_baseline(meter: CandidateMeter, config: SearchConfig, data: Dataset, reporter: Reporter) -> Latency:
+    reporter.phase("measure the baseline")
+    base = meter.time_baseline()
+    meter.baseline_ms = base.median_ms
+    reporter.info(
+        f"Baseline latency: {base.median_ms:.2f} ms median, {base.p90_ms:.2f} ms p90 "
+        f"(ONNX Runtime, {config.threads} thread{'s' if config.threads > 1 else ''}, batch 1, "
+        f"{data.input_size}x{data.input_size})"
+    )
+    return base
+
+
+def _resolve_budget(config: SearchConfig, base: Latency, settings: dict[str, Any], reporter: Reporter) -> SearchConfig:
+    """``--budget-fraction`` in milliseconds of the baseline just measured (the study stores the ms)."""
+    if config.budget_fraction is None:
+        return config
+    config = config.with_budget_ms(round(config.budget_fraction * base.median_ms, 4))
+    reporter.info(f"Budget: {config.budget_ms:g} ms ({settings['budget']} of the unpruned model)")
+    return config
+
+
+def fastest_reachable(space: SearchSpace, meter: CandidateMeter, reporter: Reporter) -> float:
+    """Measured latency of the most aggressive policies the space allows (one per rounding and precision)."""
+    reporter.phase("measure the fastest policy the space allows")
+    best = float("inf")
+    for policy in space.fastest_policies():
+        records = meter.records(policy, space.precisions)
+        best = min(best, min(r["corrected_ms"] for r in records.values()))
+    reporter.info(f"Fastest policy in the space: {best:.2f} ms")
+    return best
+
+
+def _check_budget(
+    config: SearchConfig, space: SearchSpace, fastest_ms: float, base: Latency, reporter: Reporter
+) -> None:
+    """Refuse a budget no policy of the space meets; warn when the unpruned model meets it already."""
+    assert config.budget_ms is not None
+    if config.budget_ms < fastest_ms:
+        raise UsageError(
+            f"budget {config.budget_ms:g} ms is below the fastest policy space {Path(space.path).name} "
+            f"reaches ({fastest_ms:.2f} ms; unpruned {base.median_ms:.2f} ms); raise --budget-ms or "
+            f"widen the space's ratio ranges"
+        )
+    if base.median_ms <= config.budget_ms:
+        reporter.warn(
+            f"the unpruned model already meets the budget ({base.median_ms:.2f} <= {config.budget_ms:g} ms): "
+            f"the search can only trade accuracy for more speed"
+        )
+
+
+def _provenance(
+    config: SearchConfig,
+    data: Dataset,
+    space: SearchSpace,
+    baseline: Baseline,
+    base: Latency,
+    accuracy: float,
+    fastest_ms: float,
+    int8_check: Int8Check | None,
+    settings: dict[str, Any],
+    hardware: dict[str, Any],
+) -> dict[str, Any]:
+    """What the study records about how it was made (user attributes, shown by the dashboard)."""
+    return {
+        "baseline_latency_ms": base.median_ms,
+        "baseline_latency_p90_ms": base.p90_ms,
+        "baseline_accuracy": accuracy,
+        "fastest_policy_ms": fastest_ms,
+        "precisions": list(space.precisions),
+        "int8_check": None if int8_check is None else int8_check.to_dict(),
+        "budget_ms": config.budget_ms,
+        "settings": settings,
+        "config": config.to_dict(),
+        "baseline": {
+            "model": baseline.model_name,
+            "weights": baseline.weights,
+            "sha256": baseline.sha256,
+            "trained_here": baseline.trained_here,
+        },
+        "data": {
+            "name": data.name,
+            "classes": data.classes,
+            "input_size": data.input_size,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "train": len(data.train),
+            "val": len(data.val),
+            "test": len(data.test) if data.test is not None else 0,
+        },
+        "space": {"path": space.path, "text": Path(space.path).read_text()},
+        "hardware": hardware,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _recipes(
+    config: SearchConfig, space: SearchSpace, baseline: Baseline, meter: CandidateMeter, reporter: Reporter
+) -> list[Recipe]:
+    """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`)."""
+    assert config.budget_ms is not None and meter.baseline_ms is not None
+
+    def global_grid_of(precision: str) -> list[tuple[float, Policy]]:
+        return global_grid(space, baseline.model, meter.data.example_input(), precision)
+
+    return study_recipes(
+        space, config.budget_ms, meter.baseline_ms, meter.record, reporter, global_grid_of, seed=config.seed
+    )
+
+
+def _enqueue(study: optuna.Study, space: SearchSpace, recipes: list[Recipe]) -> None:
+    """Enqueue each recipe, labelled, with the latency record that chose it (its trial reuses it)."""
+    for recipe in recipes:
+        attrs: dict[str, Any] = {"recipe": recipe.label} if recipe.label else {"start": "near the budget"}
+        if recipe.latency is not None:
+            attrs[LATENCY_AT_CREATION] = recipe.latency
+        study.enqueue_trial(space.params_for(recipe.policy), user_attrs=attrs, skip_if_exists=True)
+
+
+def sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """Multi-objective TPE; it honours the latency constraint each trial sets (``Trial.set_constraint``)."""
+    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0) + 2 * len(space.precisions)
+    return TrialSeededSampler(seed=config.seed, n_startup_trials=recipes + 3)

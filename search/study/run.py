@@ -1,0 +1,255 @@
+"""The search: an Optuna study over pruning policies, created once and resumed by reruns.
+
+:func:`run_search` opens the storage, loads the data and the space, adopts or trains the
+baseline, then creates the study (:mod:`search.study.create`) or joins it (checking that it was
+made with the same settings on like hardware), and runs trials until the study has ``trials``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.data.dataset import Dataset
+from search.data.loading import load_dataset
+from search.measuring.candidate import CandidateMeter, LocalTimer
+from search.measuring.hardware import fingerprint
+from search.measuring.timing import LatencySettings
+from search.models.build import model_family
+from search.progress import NullReporter, Reporter
+from search.pruning.policy import Policy
+from search.pruning.space import SearchSpace, default_space_path, load_space
+from search.study.baseline_store import adopt_baseline, publish_baseline
+from search.study.config import SearchConfig
+from search.study.coordination import (
+    OVER_BUDGET_FACTOR,
+    check_same_hardware,
+    mark_ready,
+    next_step,
+    use_study_heartbeat,
+    wait_until_ready,
+    worker_identity,
+)
+from search.study.coordination import progress as study_progress
+from search.study.create import create_study, sampler
+from search.study.origin import is_enqueued, origin
+from search.study.settings import check_resumable, finetune_settings, quantize_settings, settings_that_must_match
+from search.study.storage import HEARTBEAT_SECONDS, load_existing, open_storage
+from search.study.trial import LATENCY_AT_CREATION, TrialContext, run_trial
+from search.training.baseline import Baseline, prepare_baseline
+
+__all__ = ["SearchResult", "run_search"]
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported through the Reporter
+warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    budget_ms: float
+    baseline_latency_ms: float
+    baseline_accuracy: float
+    ran: int
+    """Trials run by this invocation."""
+    interrupted: bool = False
+
+
+def run_search(config: SearchConfig, reporter: Reporter | None = None) -> SearchResult:
+    """Create or resume the study ``config`` names and run trials until it has enough."""
+    reporter = reporter or NullReporter()
+    storage = open_storage(config.storage_url, config.heartbeat_seconds or HEARTBEAT_SECONDS)
+    data, space = _data_and_space(config, reporter)
+    cache_dir = Path(config.studies_dir) / "cache"
+    adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
+    baseline = prepare_baseline(
+        config.model,
+        config.weights,
+        data,
+        cache_dir=cache_dir,
+        epochs=config.baseline_epochs,
+        seed=config.seed,
+        reporter=reporter,
+    )
+    hardware = fingerprint(config.threads)
+    settings = settings_that_must_match(config, data, space, baseline)
+    meter = CandidateMeter(
+        baseline.model,
+        data,
+        space=space,
+        timer=LocalTimer(LatencySettings(threads=config.threads)),
+        quantize=quantize_settings(config),
+    )
+    study = load_existing(storage, config.study_name)
+    created = False
+    if study is None:
+        try:
+            study = create_study(config, storage, data, space, baseline, meter, settings, hardware, reporter)
+            publish_baseline(storage, study, baseline)
+            mark_ready(study, config.heartbeat_seconds or HEARTBEAT_SECONDS)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it meanwhile: join it
+            reporter.info(f"Another worker created study {config.study_name!r} first; joining it")
+    if not created:
+        study = wait_until_ready(storage, config.study_name, reporter)
+        stored_sha = (study.user_attrs.get("settings") or {}).get("baseline_sha256")
+        if baseline.sha256 != stored_sha and adopt_baseline(storage, config, data, cache_dir, reporter):
+            return run_search(config, reporter)  # lost the creation race with a baseline trained here: use the study's
+        check_resumable(study, settings, config)
+        check_same_hardware(study, hardware, config.study_name)
+        use_study_heartbeat(storage, study, config.heartbeat_seconds)
+        reporter.info(f"Resuming study {config.study_name!r} ({len(study.trials)} trials so far)")
+    ctx, config = _trial_context(study, config, data, space, baseline, meter, hardware, reporter)
+    ran, interrupted = _run_trials(study, ctx, config, reporter)
+    return SearchResult(
+        study=study,
+        budget_ms=config.budget_ms,
+        baseline_latency_ms=study.user_attrs["baseline_latency_ms"],
+        baseline_accuracy=study.user_attrs["baseline_accuracy"],
+        ran=ran,
+        interrupted=interrupted,
+    )
+
+
+def _data_and_space(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, SearchSpace]:
+    data = load_dataset(config.data, reporter)
+    space = load_space(config.space or default_space_path(model_family(config.model)))
+    return data, space.with_precisions(config.precisions)
+
+
+def _trial_context(
+    study: optuna.Study,
+    config: SearchConfig,
+    data: Dataset,
+    space: SearchSpace,
+    baseline: Baseline,
+    meter: CandidateMeter,
+    hardware: dict[str, Any],
+    reporter: Reporter,
+) -> tuple[TrialContext, SearchConfig]:
+    """What every trial of this run needs, under what the study decided (precisions, budget, reference)."""
+    attrs = study.user_attrs
+    space = space.with_precisions(attrs.get("precisions", ["fp32"]))  # what the study decided to search
+    config = config.with_budget_ms(float(attrs["budget_ms"]))
+    study.sampler = sampler(config, space)
+    meter.space = space
+    meter.baseline_ms = attrs["baseline_latency_ms"]
+    ctx = TrialContext(
+        meter=meter,
+        baseline_accuracy=attrs["baseline_accuracy"],
+        data=data,
+        space=space,
+        budget_ms=config.budget_ms,
+        finetune=finetune_settings(config),
+        bn_batches=config.bn_batches,
+        hardware=hardware,
+        reporter=reporter,
+        val_images=config.val_images,
+        fit_budget=config.fit_budget,
+    )
+    return ctx, config
+
+
+def _finished(study: optuna.Study) -> int:
+    """Finished trials that count towards ``--trials`` (not interrupted, not stale and retried)."""
+    return study_progress(study).finished
+
+
+def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, reporter: Reporter) -> tuple[int, bool]:
+    """Run trials one at a time through ``study.optimize`` (which keeps the storage heartbeat)."""
+    started = time.monotonic()
+    ran = 0
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        reporter.phase(f"trial {trial.number}")
+        trial.set_user_attr("worker", worker_identity())
+        try:
+            outcome = run_trial(trial, ctx)
+        except KeyboardInterrupt:
+            # The trial is marked FAIL by optuna; its policy goes back in the queue for the next run.
+            trial.set_user_attr("interrupted", True)
+            kept = {k: trial.user_attrs[k] for k in ("recipe", "start", LATENCY_AT_CREATION) if k in trial.user_attrs}
+            trial.study.enqueue_trial(trial.params, user_attrs=kept or None)
+            raise
+        except Exception as exc:  # recorded on the trial; optuna marks it FAIL and the study goes on
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            trial.set_user_attr("error", message)
+            reporter.warn(f"trial {trial.number} failed: {message}")
+            raise
+        return outcome.accuracy, outcome.latency_ms
+
+    with reporter.task("trials", config.trials) as progress:
+        shown = min(_finished(study), config.trials)
+        progress.advance(shown)
+        # Other workers may share the study: start a trial only while finished + running trials are
+        # short of the total, and wait for (or fail, once their heartbeat stops) other workers' trials.
+        mine: list[optuna.trial.FrozenTrial] = []  # the trial this worker just ran
+        while (step := next_step(study, config.trials))[0] != "done":
+            if config.timeout is not None and time.monotonic() - started > config.timeout:
+                reporter.info(f"Timeout of {config.timeout:g} s reached; rerun the command to go on")
+                break
+            mine.clear()
+            try:
+                if step[0] == "wait":
+                    reporter.phase(f"waiting for {step[1].running} trial(s) running on other workers")
+                    time.sleep(2.0)
+                else:
+                    study.optimize(
+                        objective,
+                        n_trials=1,
+                        catch=(Exception,),
+                        gc_after_trial=False,
+                        callbacks=[lambda _study, trial: mine.append(trial)],
+                    )
+                    ran += 1
+            except KeyboardInterrupt:
+                return ran, True
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it: its heartbeat was late
+                reporter.warn("another worker marked this worker's trial as stale while it ran; its policy is retried")
+            if mine and mine[0].state == TrialState.COMPLETE:
+                reporter.info(_trial_line(mine[0]))
+            done = min(_finished(study), config.trials)
+            progress.advance(done - shown)
+            shown = done
+    now = study_progress(study)
+    if now.over_budget:
+        reporter.info(
+            f"{now.over_budget} sampled policies were over the budget: measured and recorded, "
+            "not fine-tuned, not counted towards --trials"
+        )
+    if now.gave_up(config.trials) and now.finished < config.trials:
+        reporter.warn(
+            f"stopped after {now.over_budget} sampled policies over the budget ({OVER_BUDGET_FACTOR}x --trials) "
+            f"with {now.finished} of {config.trials} trials; narrow the space's ranges towards the budget (--space)"
+        )
+    return ran, False
+
+
+def _trial_line(t: optuna.trial.FrozenTrial) -> str:
+    number = t.number
+    attrs = t.user_attrs
+    latency = attrs["latency"]
+    status = "within budget" if attrs["feasible"] else "over budget, not fine-tuned"
+    if not attrs["feasible"] and not is_enqueued(attrs):
+        status += ", not counted"
+    evaluated = attrs.get("fine_tuned") or Policy.from_dict(attrs["policy"]).is_unpruned
+    accuracy = f"top-1 {attrs['accuracy']:.4f}" if evaluated else "top-1 -"
+    if attrs.get("fine_tuned"):
+        accuracy += f" (before fine-tune {attrs['accuracy_before']:.4f})"
+    if attrs.get("precision") == "int8":  # accuracy run in ONNX Runtime; before/after fine-tune are FP32
+        accuracy = f"INT8 {accuracy}" if evaluated else "INT8, top-1 -"
+        if "accuracy_fp32" in attrs:
+            accuracy = accuracy[:-1] + f", FP32 after {attrs['accuracy_fp32']:.4f})"
+    label = origin(attrs)
+    recipe = f" [{label}]" if label else ""
+    took = sum(attrs.get("seconds", {}).values())
+    return (
+        f"Trial {number}{recipe}: {latency['corrected_ms']:.2f} ms ({latency['ratio']:.0%} of baseline), "
+        f"{accuracy}, {status}, {took:.0f} s"
+    )

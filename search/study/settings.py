@@ -1,0 +1,97 @@
+"""The search's settings, as the rooms take them, and what a resumed study must share with its creator.
+
+A study's numbers are comparable only under the settings that made them: a rerun (or a worker
+that joins) with a different budget, model, baseline, data, space, threads, fine-tune or
+precision is refused with the flag that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.data.dataset import Dataset
+from search.errors import UsageError
+from search.measuring.quantize import QuantizeSettings
+from search.pruning.space import SearchSpace
+from search.study.config import SearchConfig
+from search.training.baseline import Baseline
+from search.training.finetune import TrainSettings
+
+__all__ = ["check_resumable", "finetune_settings", "quantize_settings", "settings_that_must_match"]
+
+
+def settings_that_must_match(
+    config: SearchConfig, data: Dataset, space: SearchSpace, baseline: Baseline
+) -> dict[str, Any]:
+    """What a resumed study must share with the run that created it, or its numbers mix."""
+    return {
+        "budget": config.budget_ms if config.budget_ms is not None else f"{config.budget_fraction:g}x",
+        "model": config.model,
+        "baseline_sha256": baseline.sha256,
+        "data_fingerprint": data.fingerprint,
+        "input_size": data.input_size,
+        "space_sha256": hashlib.sha256(Path(space.path).read_bytes()).hexdigest()[:16],
+        "threads": config.threads,
+        "finetune_steps": config.finetune_steps,
+        "finetune_batch": config.finetune_batch,
+        "finetune_lr": config.finetune_lr,
+        "distill": config.distill,
+        "bn_batches": config.bn_batches,
+        "val_images": config.val_images,
+        "precisions": list(config.precisions),
+        "calibration_method": config.calibration_method,
+        "calibration_images": config.calibration_images,
+    }
+
+
+_FLAGS = {
+    "budget": "--budget-ms/--budget-fraction",
+    "model": "--model",
+    "baseline_sha256": "--weights",
+    "data_fingerprint": "--data",
+    "input_size": "--input-size",
+    "space_sha256": "--space (its contents)",
+    "threads": "--threads",
+    "finetune_steps": "--finetune-steps",
+    "finetune_batch": "--finetune-batch",
+    "finetune_lr": "--finetune-lr",
+    "distill": "--distill",
+    "bn_batches": "--bn-batches",
+    "val_images": "--val-images",
+    "precisions": "--precision",
+    "calibration_method": "--calibration-method",
+    "calibration_images": "--calibration-images",
+}
+
+
+def check_resumable(study: optuna.Study, settings: dict[str, Any], config: SearchConfig) -> None:
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        raise UsageError(
+            f"study {config.study_name!r} in {config.storage_url} was not made by this tool; pick another --study name"
+        )
+    for key, value in settings.items():
+        if key in stored and stored[key] != value:
+            raise UsageError(
+                f"study {config.study_name!r} was created with a different {_FLAGS.get(key, key)} "
+                f"({stored[key]!r}, now {value!r}); rerun with the same settings to resume, or pass --study NEW"
+            )
+
+
+def quantize_settings(config: SearchConfig) -> QuantizeSettings:
+    return QuantizeSettings(calibration_method=config.calibration_method, calibration_images=config.calibration_images)
+
+
+def finetune_settings(config: SearchConfig) -> TrainSettings:
+    """The brief fine-tune of every feasible trial."""
+    return TrainSettings(
+        steps=config.finetune_steps,
+        batch_size=config.finetune_batch,
+        lr=config.finetune_lr,
+        distill=config.distill,
+        train_dtype=config.train_dtype,
+    )
