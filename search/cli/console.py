@@ -20,8 +20,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from search.report import Row
-from search.trial_origin import origin
+from search.study.front import Row
+from search.study.origin import origin
 
 __all__ = ["RichReporter", "export_summary", "front_table", "show_trial"]
 

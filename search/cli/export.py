@@ -1,0 +1,94 @@
+"""``cli.py export``: fully fine-tune chosen trials and export each to ONNX with a model card."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from search.cli.console import RichReporter, export_summary
+from search.cli.options import (
+    add_study_options,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    study_of,
+)
+from search.shipping.settings import ExportSettings
+
+__all__ = ["EXPORT_DEFAULTS", "HELP", "add_arguments", "run"]
+
+EXPORT_DEFAULTS = ExportSettings()
+"""Where the flags' defaults come from, so the flags and the library cannot disagree."""
+
+HELP = "fully fine-tune chosen trials and export them to ONNX with a model card"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=non_negative_int, action="append", help="trial number (repeatable)")
+    which.add_argument("--best", action="store_true", help="the most accurate trial within the budget")
+    parser.add_argument(
+        "--epochs",
+        type=non_negative_float,
+        default=EXPORT_DEFAULTS.epochs,
+        help=f"full fine-tune epochs; a fraction trains part of one (default: {EXPORT_DEFAULTS.epochs:g})",
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=EXPORT_DEFAULTS.seed, help="fine-tune seed")
+    parser.add_argument(
+        "--test-images",
+        type=positive_int,
+        help="score top-1 on a fixed random subset of this many held-out images (quick checks; default: all)",
+    )
+    parser.add_argument("--lr", type=positive_float, default=EXPORT_DEFAULTS.lr, help="peak learning rate")
+    parser.add_argument("--batch", type=positive_int, default=EXPORT_DEFAULTS.batch_size, help="batch size")
+    parser.add_argument(
+        "--distill",
+        type=fraction,
+        default=EXPORT_DEFAULTS.distill,
+        help=f"distillation weight from the unpruned model (default: {EXPORT_DEFAULTS.distill})",
+    )
+    parser.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--out", help="output folder (default: studies/<study>/export)")
+    parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
+    parser.add_argument("--weights", help="a copy of the study's baseline file, if it moved (checked by hash)")
+    add_study_options(parser)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    import shlex
+
+    from search.shipping.card import attach_artifacts
+    from search.shipping.export import export_trial
+    from search.shipping.rebuild import load_study_baseline
+    from search.study.front import pick_best
+
+    study, _ = study_of(args)
+    settings = ExportSettings(
+        epochs=args.epochs,
+        test_images=args.test_images,
+        batch_size=args.batch,
+        lr=args.lr,
+        distill=args.distill,
+        train_dtype=args.train_dtype,
+        seed=args.seed,
+    )
+    out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
+    command = "python cli.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with RichReporter(console, verbose=not args.quiet) as reporter:
+        numbers = [pick_best(study)] if args.best else list(dict.fromkeys(args.trial))
+        base = load_study_baseline(study, weights=args.weights, reporter=reporter)
+        cards = []
+        for number in numbers:
+            card = export_trial(
+                base, number, settings, out / f"trial-{number}", command=command, force=args.force, reporter=reporter
+            )
+            attach_artifacts(study, number, out / f"trial-{number}", Path(args.studies_dir) / args.study / "artifacts")
+            cards.append(card)
+    for card in cards:
+        console.print(export_summary(card, out / f"trial-{card['trial']}"))
+    return 0

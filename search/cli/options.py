@@ -1,0 +1,127 @@
+"""What several commands share: the argparse value types, the study and worker options, the exit
+statuses and opening the study that ``--study`` names.
+
+The value types raise :class:`argparse.ArgumentTypeError`, so a bad value is argparse's own
+one-line ``error:`` with exit status 2, before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from search.errors import UsageError
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "add_study_options",
+    "add_worker_options",
+    "cpus",
+    "fraction",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "precisions",
+    "speed_fraction",
+    "study_of",
+    "triple",
+]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _number(kind: type, ok: Callable[[float], bool], meaning: str) -> Callable[[str], Any]:
+    """An argparse type: parse ``text`` as ``kind`` and accept it only when ``ok`` says so."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {meaning}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {meaning}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+positive_int = _number(int, lambda v: v >= 1, "a positive whole number")
+non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+speed_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1], e.g. 0.5 for half the latency")
+
+
+def precisions(text: str) -> tuple[str, ...]:
+    """``"int8, fp32"`` as ``("fp32", "int8")``: deployment precisions, each once, in one order."""
+    values = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
+    if not values or any(v not in ("fp32", "int8") for v in values):
+        raise argparse.ArgumentTypeError(f"must be fp32, int8 or fp32,int8, got {text!r}")
+    return tuple(p for p in ("fp32", "int8") if p in values)  # one order, so a resumed study's settings match
+
+
+def triple(text: str) -> tuple[float, float, float]:
+    """``"0.485,0.456,0.406"`` as three floats (a normalisation mean or std)."""
+    parts = text.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def cpus(text: str) -> tuple[int, ...]:
+    """``"0-3"`` or ``"0,2"`` as a sorted tuple of CPU numbers."""
+    from search.study.workers import parse_cpus
+
+    try:
+        return parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_study_options(parser: argparse.ArgumentParser) -> None:
+    """Which study, where it is stored, and how much to print: every command but ``bench``."""
+    parser.add_argument("--study", help="study name (default: <model>-<data>-<budget>ms)")
+    parser.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: sqlite:///studies/<study>.db)")
+    parser.add_argument("--studies-dir", default="studies", help="folder for study databases, caches and plots")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show more detail")
+    parser.add_argument("-q", "--quiet", action="store_true", help="show only errors, warnings and the result")
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """Several workers on one study: see README, 'Several workers and machines'."""
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="start this many worker processes here, each pinned to its own cores; needs a database "
+        "server as --storage (default: 1, this process)",
+    )
+    parser.add_argument(
+        "--cpus", type=cpus, help="pin this worker to these CPUs, e.g. 0 or 0-3 (with --workers: the CPUs to share)"
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=positive_int,
+        help="a new study's heartbeat in seconds: a trial whose worker is silent for twice this long is "
+        "failed and retried once (default: 60; workers joining a study use its value)",
+    )
+
+
+def study_of(args: argparse.Namespace) -> tuple[Any, str]:
+    """The study that ``--study`` names (in ``--storage``, or its SQLite file in ``--studies-dir``) and its URL."""
+    from search.study.storage import open_study
+
+    if not args.study:
+        raise UsageError(f"{args.command} needs --study NAME (the name search printed, e.g. resnet18-digits-30ms)")
+    url = args.storage or f"sqlite:///{Path(args.studies_dir) / args.study}.db"
+    return open_study(args.study, url), url

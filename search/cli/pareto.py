@@ -1,0 +1,92 @@
+"""``cli.py pareto``: a study's Pareto front as a table (or JSON), and its plot.
+
+:func:`print_front` is also what ``search`` prints when it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from search.cli.console import front_table
+from search.cli.options import add_study_options, study_of
+from search.cli.plot import plot_front
+from search.study.front import pareto_front, recommended, rows
+
+__all__ = ["HELP", "add_arguments", "print_front", "run"]
+
+HELP = "show a study's Pareto front as a table (or JSON) and write its plot"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["table", "json"], default="table")
+    parser.add_argument("--plot", help="where to write the PNG (default: studies/<study>/pareto.png)")
+    add_study_options(parser)
+    parser.set_defaults(require_study=True)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    study, url = study_of(args)
+    if args.format == "json":
+        all_rows = rows(study)
+        best = recommended(all_rows)
+        console.print_json(
+            json.dumps(
+                {
+                    "study": args.study,
+                    "budget_ms": study.user_attrs["budget_ms"],
+                    "baseline_latency_ms": study.user_attrs["baseline_latency_ms"],
+                    "baseline_accuracy": study.user_attrs["baseline_accuracy"],
+                    "recommended": best.number if best else None,
+                    "front": [r.to_dict() for r in pareto_front(all_rows)],
+                    "recipes": [r.to_dict() for r in all_rows if r.recipe],
+                }
+            )
+        )
+        return 0
+    print_front(console, study, args.study, url, Path(args.studies_dir), Path(args.plot) if args.plot else None)
+    return 0
+
+
+def print_front(
+    console: Console, study: object, name: str, url: str, studies_dir: Path, plot_path: Path | None = None
+) -> None:
+    """The front (with the recipes for comparison), the recommended trial, the plot and the dashboard command."""
+    import optuna
+
+    assert isinstance(study, optuna.Study)
+    budget = float(study.user_attrs["budget_ms"])
+    all_rows = rows(study)
+    front = pareto_front(all_rows)
+    best = recommended(all_rows)
+    comparison = [r for r in all_rows if r.recipe and r not in front]
+    shown = sorted(front + comparison, key=lambda r: r.latency_ms)
+    base_ms = float(study.user_attrs["baseline_latency_ms"])
+    console.print()
+    console.print(
+        front_table(
+            f"Pareto front of study {name!r} (budget {budget:g} ms, baseline {base_ms:.2f} ms; "
+            f"recipes shown for comparison)",
+            shown,
+            budget_ms=budget,
+            recommended=best,
+        )
+    )
+    if best is None:
+        console.print("[red]No policy within the budget yet.[/] Run more trials (--trials) or widen the space.")
+    else:
+        console.print(
+            f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%} at {best.latency_ms:.2f} ms "
+            f"({best.ratio:.0%} of the baseline): {best.policy.describe()}"
+        )
+    plot = plot_front(
+        all_rows,
+        budget,
+        plot_path or studies_dir / name / "pareto.png",
+        title=f"{name}: accuracy vs latency (budget {budget:g} ms)",
+    )
+    console.print(f"Plot: {plot}")
+    console.print(f"Inspect the study: [bold]optuna-dashboard {url}[/]")

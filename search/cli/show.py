@@ -1,0 +1,45 @@
+"""``cli.py show``: one trial's policy, channels, measurements and phase times (or its JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from search.cli.console import show_trial
+from search.cli.options import add_study_options, non_negative_int, study_of
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "one trial's policy, channels, measurements and phase times"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trial", type=non_negative_int, required=True, help="trial number")
+    parser.add_argument("--format", choices=["table", "json"], default="table")
+    add_study_options(parser)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from search.study.front import finished_trial
+
+    study, _ = study_of(args)
+    trial = finished_trial(study, args.trial)
+    attrs = dict(trial.user_attrs)
+    history = attrs.pop("pruning_history", None)
+    if args.format == "json":
+        console.print_json(
+            json.dumps(
+                {
+                    "trial": trial.number,
+                    "values": trial.values,
+                    "params": trial.params,
+                    **attrs,
+                    "pruning_history_entries": len(history or []),
+                }
+            )
+        )
+        return 0
+    console.print(show_trial(trial, float(study.user_attrs["budget_ms"])))
+    return 0
