@@ -58,18 +58,24 @@ from scipy.stats import kendalltau  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.sections import write_section  # noqa: E402
-from search.channel_pruning import apply_policy  # noqa: E402
-from search.complexity import macs_and_params  # noqa: E402
-from search.data import Dataset, DataSpec, load_dataset  # noqa: E402
-from search.evaluate import top1  # noqa: E402
-from search.export import ExportSettings  # noqa: E402
-from search.finetune import TrainSettings, recalibrate_batchnorm, train  # noqa: E402
-from search.hardware import fingerprint, git_revision, package_versions  # noqa: E402
-from search.latency import LatencySettings, export_onnx, measure  # noqa: E402
-from search.models import build_model, load_weights  # noqa: E402
-from search.quantize import QuantizeSettings, fix_batch, int8_latency_model, onnx_top1, quantize_model  # noqa: E402
-from search.report import plot_front, recommended, rows  # noqa: E402
-from search.space import load_space  # noqa: E402
+from search.cli.plot import plot_front  # noqa: E402
+from search.data.dataset import Dataset  # noqa: E402
+from search.data.loading import load_dataset  # noqa: E402
+from search.data.spec import DataSpec  # noqa: E402
+from search.measuring.candidate import CandidateMeter, LocalTimer  # noqa: E402
+from search.measuring.complexity import macs_and_params  # noqa: E402
+from search.measuring.hardware import fingerprint, git_revision, package_versions  # noqa: E402
+from search.measuring.onnx_export import export_onnx, fix_batch  # noqa: E402
+from search.measuring.quantize import QuantizeSettings, quantize_model  # noqa: E402
+from search.measuring.timing import LatencySettings  # noqa: E402
+from search.models.build import build_model  # noqa: E402
+from search.models.weights import load_weights  # noqa: E402
+from search.pruning.channels import apply_policy  # noqa: E402
+from search.pruning.space import load_space  # noqa: E402
+from search.shipping.settings import ExportSettings  # noqa: E402
+from search.study.front import recommended, rows  # noqa: E402
+from search.training.evaluate import onnx_top1, top1  # noqa: E402
+from search.training.finetune import TrainSettings, recalibrate_batchnorm, train  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "cifar10"
@@ -162,8 +168,7 @@ class Bench:
         self.baseline.eval()
         self.example = self.data.example_input()
         self.shape = tuple(self.example.shape)
-        self.baseline_onnx = export_onnx(self.baseline, self.example)
-        self.latency = LatencySettings(threads=1)
+        self.meter = CandidateMeter(self.baseline, self.data, timer=LocalTimer(LatencySettings(threads=1)))
         recipe_space = work / "resnet18-recipes.toml"  # the uniform recipe is not limited to the search's 0.7
         recipe_space.write_text((ROOT / "spaces" / "resnet18.toml").read_text().replace("[0.0, 0.7]", "[0.0, 0.9]"))
         self.space = load_space(recipe_space)
@@ -268,12 +273,7 @@ class Bench:
 
         def run() -> float:
             model = self.pruned(kind, ratio, drop)
-            onnx_model = (
-                export_onnx(model, self.example)
-                if precision == "fp32"
-                else int8_latency_model(model, self.data, QuantizeSettings())
-            )
-            return float(measure(onnx_model, self.shape, self.latency, reference=self.baseline_onnx).ratio)
+            return float(self.meter.time_onnx(self.meter.candidate_onnx(model, precision)).ratio)
 
         return self.cached(f"latency {kind} {ratio:g} {precision}{dropped_key(drop)}", run)
 
@@ -463,7 +463,7 @@ def measure_latencies(bench: Bench, tracks: list[dict[str, Any]], extra: list[di
     for r in [row for t in tracks for row in t["rows"]] + extra:
         if "onnx" not in r:
             continue
-        got = measure(r["onnx"], bench.shape, bench.latency, reference=bench.baseline_onnx)
+        got = bench.meter.time_onnx(r["onnx"])
         r["latency_ms"], r["latency_fraction"] = got.median_ms, got.ratio
         r["baseline_ms"] = got.reference_median_ms
 

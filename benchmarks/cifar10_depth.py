@@ -33,8 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cifar10 import DATA, RECIPES, WEIGHTS, Bench, Plan, log, pct, row  # noqa: E402
 from benchmarks.sections import write_section  # noqa: E402
-from search.hardware import fingerprint, git_revision  # noqa: E402
-from search.latency import measure  # noqa: E402
+from search.measuring.hardware import fingerprint, git_revision  # noqa: E402
 
 SECTION = "CIFAR-10: removing blocks"
 DROPS: tuple[tuple[str, ...], ...] = (
@@ -79,7 +78,7 @@ def main() -> None:
         budgets.append({"fraction": fraction, "rows": rows})
     log("measuring every row's latency side by side with the baseline")
     for r in [r for b in budgets for r in b["rows"]]:
-        got = measure(r["onnx"], bench.shape, bench.latency, reference=bench.baseline_onnx)
+        got = bench.meter.time_onnx(r["onnx"])
         r["latency_ms"], r["latency_fraction"] = got.median_ms, got.ratio
     result = {
         "budgets": budgets,

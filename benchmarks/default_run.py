@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sections import write_section  # noqa: E402
-from search.hardware import fingerprint, git_revision, package_versions  # noqa: E402
-from search.report import recommended, rows  # noqa: E402
+from search.measuring.hardware import fingerprint, git_revision, package_versions  # noqa: E402
+from search.study.front import recommended, rows  # noqa: E402
 
 STUDIES = ROOT / "benchmarks" / ".default-studies"
 """Kept after the run (git-ignored) so benchmarks/export_default.py can export its recommended policy."""

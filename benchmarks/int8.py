@@ -38,16 +38,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from search.baseline import prepare_baseline  # noqa: E402
-from search.config import SearchConfig  # noqa: E402
-from search.data import DataSpec, load_dataset  # noqa: E402
-from search.evaluate import top1  # noqa: E402
-from search.hardware import cpu_flags, fingerprint, git_revision, package_versions  # noqa: E402
-from search.latency import LatencySettings, export_onnx, measure  # noqa: E402
-from search.models import build_model  # noqa: E402
-from search.quantize import QuantizeSettings, compare_top1, fix_batch, quantize_model  # noqa: E402
-from search.report import pareto_front, recommended, rows  # noqa: E402
-from search.study import run_search  # noqa: E402
+from search.data.loading import load_dataset  # noqa: E402
+from search.data.spec import DataSpec  # noqa: E402
+from search.measuring.candidate import CandidateMeter, LocalTimer  # noqa: E402
+from search.measuring.hardware import cpu_flags, fingerprint, git_revision, package_versions  # noqa: E402
+from search.measuring.onnx_export import fix_batch  # noqa: E402
+from search.measuring.quantize import QuantizeSettings, quantize_model  # noqa: E402
+from search.measuring.timing import LatencySettings  # noqa: E402
+from search.models.build import build_model  # noqa: E402
+from search.study.config import SearchConfig  # noqa: E402
+from search.study.front import pareto_front, recommended, rows  # noqa: E402
+from search.study.run import run_search  # noqa: E402
+from search.training.baseline import prepare_baseline  # noqa: E402
+from search.training.evaluate import compare_top1, top1  # noqa: E402
 
 SECTION = "INT8"
 
@@ -82,9 +85,8 @@ class LogReporter:
 def baselines(model: torch.nn.Module, data: Any, settings: QuantizeSettings, reporter: LogReporter) -> dict[str, Any]:
     """FP32 and INT8 versions of ``model``: interleaved latency, top-1 (INT8 in ONNX Runtime), agreement."""
     quantized = quantize_model(model, data, settings)
-    fp32_static = export_onnx(model, data.example_input())
-    shape = tuple(data.example_input().shape)
-    timed = measure(fix_batch(quantized.int8_onnx, 1), shape, LatencySettings(threads=1), reference=fp32_static)
+    meter = CandidateMeter(model, data, timer=LocalTimer(LatencySettings(threads=1)))  # FP32 static export as reference
+    timed = meter.time_onnx(fix_batch(quantized.int8_onnx, 1))
     agreement = compare_top1(quantized.fp32_onnx, quantized.int8_onnx, data, "val")
     result = {
         "fp32": {

@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sections import write_section  # noqa: E402
-from search.baseline import prepare_baseline  # noqa: E402
-from search.data import DataSpec, load_dataset  # noqa: E402
-from search.hardware import fingerprint, git_revision, package_versions  # noqa: E402
+from search.data.loading import load_dataset  # noqa: E402
+from search.data.spec import DataSpec  # noqa: E402
+from search.measuring.hardware import fingerprint, git_revision, package_versions  # noqa: E402
+from search.training.baseline import prepare_baseline  # noqa: E402
 
 SIZES = {"trials": 12, "input_size": 64, "finetune_steps": 30}
 SMOKE = {"trials": 5, "input_size": 32, "finetune_steps": 2}

@@ -1,7 +1,7 @@
 """How library code reports progress without printing.
 
 Library code never writes to the console: it receives a :class:`Reporter` and calls it.
-The CLI passes a rich-backed reporter (``search.console``); tests and scripts use
+The CLI passes a rich-backed reporter (``search.cli.console``); tests and scripts use
 :class:`NullReporter` or :class:`RecordingReporter`.
 """
 

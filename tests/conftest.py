@@ -22,7 +22,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
 
 def run_main(*args: str) -> subprocess.CompletedProcess[str]:
     """``cli.py`` in this process (no second torch import): exit status, stdout and stderr as a run would give."""
-    from search.cli import main
+    from search.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -36,7 +36,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session", autouse=True)
 def decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Decoded images go to a folder of this test session, never to the user's cache."""
-    from search.data import DECODED_CACHE_ENV
+    from search.data.cache import DECODED_CACHE_ENV
 
     folder = tmp_path_factory.mktemp("decoded-cache")
     saved = os.environ.get(DECODED_CACHE_ENV)
@@ -51,7 +51,8 @@ def decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def digits32():
     """The built-in digits data at 32x32: real images, tiny compute."""
-    from search.data import DataSpec, load_dataset
+    from search.data.loading import load_dataset
+    from search.data.spec import DataSpec
 
     return load_dataset(DataSpec("digits", input_size=32))
 
@@ -61,8 +62,8 @@ def trained_weights(tmp_path_factory: pytest.TempPathFactory, digits32) -> Path:
     """A resnet18 state_dict trained briefly on digits at 32x32, as a user would bring it."""
     import torch
 
-    from search.finetune import TrainSettings, train
-    from search.models import build_model
+    from search.models.build import build_model
+    from search.training.finetune import TrainSettings, train
 
     model = build_model("resnet18", digits32.num_classes)
     train(model, digits32, TrainSettings(steps=40, batch_size=32, lr=0.05))

@@ -8,13 +8,15 @@ import optuna
 import pytest
 import torch
 
-from search.budget_fit import fit_to_budget, strength_grid
-from search.finetune import TrainSettings
-from search.latency import LatencySettings, export_onnx, measure
-from search.models import build_model
-from search.policy import Policy
-from search.space import SPACES_DIR, load_space
-from search.trial import TrialContext, run_trial
+from search.measuring.candidate import CandidateMeter, LocalTimer
+from search.measuring.onnx_export import export_onnx
+from search.measuring.timing import LatencySettings, measure
+from search.models.build import build_model
+from search.pruning.budget_fit import fit_to_budget, strength_grid
+from search.pruning.policy import Policy
+from search.pruning.space import SPACES_DIR, load_space
+from search.study.trial import TrialContext, run_trial
+from search.training.finetune import TrainSettings
 
 SPACE = load_space(SPACES_DIR / "resnet18.toml").with_precisions(("fp32",))
 
@@ -52,15 +54,16 @@ def test_sampled_policies_are_fitted_to_the_budget_and_recipes_are_not(digits32,
     settings = LatencySettings(threads=1)
     baseline_ms = measure(baseline_onnx, tuple(digits32.example_input().shape), settings).median_ms
     budget_ms = 0.5 * baseline_ms
+    timer = LocalTimer(settings)
+    meter = CandidateMeter(
+        baseline, digits32, space=SPACE, timer=timer, baseline_ms=baseline_ms, baseline_onnx=baseline_onnx
+    )
     ctx = TrialContext(
-        baseline=baseline,
-        baseline_onnx=baseline_onnx,
-        baseline_latency_ms=baseline_ms,
+        meter=meter,
         baseline_accuracy=0.9,
         data=digits32,
         space=SPACE,
         budget_ms=budget_ms,
-        latency=settings,
         finetune=TrainSettings(steps=1, batch_size=16),
         bn_batches=1,
         hardware={},

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from search.channel_pruning import apply_policy, layer_channels
 from search.errors import UsageError
-from search.policy import Policy, StagePolicy
-from search.space import load_space
+from search.pruning.channels import apply_policy, layer_channels
+from search.pruning.policy import Policy, StagePolicy
+from search.pruning.space import load_space
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -94,7 +94,7 @@ def test_a_space_for_another_model_is_a_usage_error() -> None:
 
 @pytest.mark.parametrize("criterion", ["l1", "random"])
 def test_pruning_history_rebuilds_exactly_the_same_model(criterion: str) -> None:
-    from search.export import _replay
+    from search.shipping.rebuild import replay_history as _replay
 
     space = load_space("spaces/resnet18.toml")
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def test_global_magnitude_allocation_matches_torch_prunings_global_recipe() -> N
 
     import torch_pruning as tp
 
-    from search.channel_pruning import global_magnitude_allocation
+    from search.pruning.channels import global_magnitude_allocation
 
     space = load_space("spaces/resnet18.toml")
     model = _resnet18()

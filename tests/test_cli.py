@@ -111,7 +111,7 @@ def test_bad_data_inputs(tiny_study: dict[str, str], tmp_path: Path) -> None:
 def test_bad_model_and_weights(tiny_study: dict[str, str], tmp_path: Path) -> None:
     assert_usage_error(_bad(tiny_study, "--model", "resnet19", separate_process=True), "resnet19")
     assert_usage_error(_bad(tiny_study, "--model", "resnet34", "--study", "other"), "layer", "[")
-    from search.models import build_model
+    from search.models.build import build_model
 
     three = tmp_path / "three_classes.pth"
     torch.save(build_model("resnet18", 3).state_dict(), three)

@@ -10,14 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from search.data import (
-    CIFAR10_MEAN,
-    IMAGENET_MEAN,
-    Dataset,
-    DataSpec,
-    default_input_size,
-    load_dataset,
-)
+from search.data.dataset import Dataset
+from search.data.loading import default_input_size, load_dataset
+from search.data.spec import CIFAR10_MEAN, IMAGENET_MEAN, DataSpec
 from search.errors import UsageError
 from search.progress import RecordingReporter
 

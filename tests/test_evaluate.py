@@ -7,10 +7,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from search.data import Split
-from search.evaluate import top1
-from search.latency import export_onnx
-from search.quantize import onnx_top1
+from search.data.dataset import Split
+from search.measuring.onnx_export import export_onnx
+from search.training.evaluate import onnx_top1, top1
 
 
 class _AlwaysClass(nn.Module):
@@ -43,8 +42,8 @@ def test_a_limited_evaluation_samples_every_class_and_is_the_same_each_time(digi
 
 
 def test_a_model_evaluated_first_can_still_be_trained(digits32) -> None:
-    from search.finetune import TrainSettings, train
-    from search.models import build_model
+    from search.models.build import build_model
+    from search.training.finetune import TrainSettings, train
 
     model = build_model("resnet18", digits32.num_classes)
     top1(model, digits32, "val", limit=8)  # converts the weights to channels_last; they must stay trainable

@@ -14,20 +14,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from search.config import SearchConfig
-from search.data import DataSpec
+from search.data.spec import DataSpec
 from search.errors import UsageError
-from search.export import (
-    ExportSettings,
-    check_parity,
-    export_trial,
-    load_pruned,
-    load_study_baseline,
-    pick_best,
-)
-from search.finetune import TrainSettings, train
-from search.models import build_model
-from search.study import run_search
+from search.models.build import build_model
+from search.shipping.checks import check_parity
+from search.shipping.export import export_trial
+from search.shipping.model_file import load_pruned
+from search.shipping.rebuild import load_study_baseline
+from search.shipping.settings import ExportSettings
+from search.study.config import SearchConfig
+from search.study.front import pick_best
+from search.study.run import run_search
+from search.training.finetune import TrainSettings, train
 from tests.conftest import ROOT, run_cli, run_main
 
 QUICK = ExportSettings(steps=6, parity_images=64)
@@ -107,7 +105,7 @@ def test_export_writes_checked_onnx_reloadable_models_and_a_card(tiny: SearchCon
 
 
 def test_parity_check_fails_loudly_on_a_different_model(digits32) -> None:
-    from search.latency import export_onnx
+    from search.measuring.onnx_export import export_onnx
 
     a, b = build_model("resnet18", 10).eval(), build_model("resnet18", 10).eval()
     with pytest.raises(RuntimeError, match="disagrees"):

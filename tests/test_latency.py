@@ -6,9 +6,10 @@ import numpy as np
 import torch
 import torchvision
 
-from search.channel_pruning import apply_policy
-from search.latency import LatencySettings, export_onnx, measure, open_session
-from search.space import load_space
+from search.measuring.onnx_export import export_onnx
+from search.measuring.timing import LatencySettings, measure, open_session
+from search.pruning.channels import apply_policy
+from search.pruning.space import load_space
 
 X = torch.randn(1, 3, 96, 96)
 FAST = LatencySettings(threads=1, warmup=3, round_size=5, min_rounds=2, max_seconds=5)

@@ -16,17 +16,9 @@ import torchvision
 from torch import nn
 
 from search.errors import UsageError
-from search.models import (
-    KNOWN_MODELS,
-    LoadedWeights,
-    build_model,
-    classifier_name,
-    file_sha256,
-    load_weights,
-    model_family,
-    read_checkpoint_meta,
-    save_checkpoint,
-)
+from search.models.build import KNOWN_MODELS, build_model, classifier_name, model_family
+from search.models.checkpoint import file_sha256, read_checkpoint_meta, save_checkpoint
+from search.models.weights import LoadedWeights, load_weights
 
 SHARED_BASELINE = Path(__file__).resolve().parents[1].parent / "shared/models/cifar10_resnet18.pth"
 

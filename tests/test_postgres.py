@@ -25,9 +25,9 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.coordination import progress
-from search.models import file_sha256
-from search.storage import open_storage
+from search.models.checkpoint import file_sha256
+from search.study.coordination import progress
+from search.study.storage import open_storage
 from tests.conftest import ROOT, run_cli
 
 ENV = "PRUNE_SEARCH_TEST_POSTGRES"

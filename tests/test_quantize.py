@@ -12,27 +12,22 @@ import optuna
 import pytest
 import torch
 
-from search import quantize
-from search.config import SearchConfig
-from search.data import DataSpec
+from search.data.spec import DataSpec
 from search.errors import UsageError
-from search.evaluate import top1
-from search.latency import LatencySettings, export_onnx, open_session
-from search.models import build_model
-from search.policy import Policy, StagePolicy
+from search.measuring import int8_check
+from search.measuring.candidate import CandidateMeter, LocalTimer
+from search.measuring.int8_check import choose_precisions
+from search.measuring.onnx_export import export_onnx, fix_batch
+from search.measuring.quantize import QuantizedModel, QuantizeSettings, calibration_batches, quantize_model
+from search.measuring.timing import LatencySettings, open_session
+from search.models.build import build_model
 from search.progress import RecordingReporter
-from search.quantize import (
-    QuantizeSettings,
-    calibration_batches,
-    choose_precisions,
-    compare_top1,
-    fix_batch,
-    onnx_top1,
-    quantize_model,
-)
-from search.report import rows
-from search.space import SPACES_DIR, load_space
-from search.study import run_search
+from search.pruning.policy import Policy, StagePolicy
+from search.pruning.space import SPACES_DIR, load_space
+from search.study.config import SearchConfig
+from search.study.front import rows
+from search.study.run import run_search
+from search.training.evaluate import compare_top1, onnx_top1, top1
 
 FAST = LatencySettings(threads=1, warmup=3, round_size=5, min_rounds=2, max_seconds=5)
 SMALL = QuantizeSettings(calibration_images=64)
@@ -46,7 +41,7 @@ def trained(trained_weights: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def quantized(trained: torch.nn.Module, digits32) -> quantize.QuantizedModel:
+def quantized(trained: torch.nn.Module, digits32) -> QuantizedModel:
     return quantize_model(trained, digits32, SMALL)
 
 
@@ -94,7 +89,7 @@ def test_space_suggests_precision_only_when_there_is_a_choice(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_quantized_model_is_qdq_per_channel_and_agrees_with_fp32(
-    quantized: quantize.QuantizedModel, digits32, capsys: pytest.CaptureFixture[str]
+    quantized: QuantizedModel, digits32, capsys: pytest.CaptureFixture[str]
 ) -> None:
     graph = onnx.load_from_string(quantized.int8_onnx).graph
     ops = [n.op_type for n in graph.node]
@@ -126,7 +121,7 @@ def test_onnx_runtime_top1_matches_pytorch_top1(trained: torch.nn.Module, quanti
     assert onnx_top1(static, digits32, "val", limit=40) == pytest.approx(top1(trained, digits32, "val", limit=40))
 
 
-def test_fix_batch_turns_a_dynamic_batch_into_batch_one(quantized: quantize.QuantizedModel) -> None:
+def test_fix_batch_turns_a_dynamic_batch_into_batch_one(quantized: QuantizedModel) -> None:
     fixed = fix_batch(quantized.int8_onnx, 1)
     dim = onnx.load_from_string(fixed).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim.dim_value == 1
@@ -138,23 +133,24 @@ def test_int8_is_timed_against_fp32_and_dropped_with_one_warning_where_not_faste
     trained: torch.nn.Module, digits32, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fp32 = export_onnx(trained, digits32.example_input())
-    check = quantize.check_int8(trained, fp32, digits32, SMALL, FAST)  # quantized and timed for real
+    meter = CandidateMeter(trained, digits32, timer=LocalTimer(FAST), quantize=SMALL, baseline_onnx=fp32)
+    check = int8_check.check_int8(meter)  # quantized and timed for real
     assert check.available and check.ratio is not None and 0.05 < check.ratio < 20
     assert check.int8_median_ms is not None and check.fp32_median_ms is not None
-    assert check.to_dict()["faster"] == (check.ratio <= quantize.MAX_INT8_RATIO)
+    assert check.to_dict()["faster"] == (check.ratio <= int8_check.MAX_INT8_RATIO)
 
-    monkeypatch.setattr(quantize, "check_int8", lambda *args: check)
-    monkeypatch.setattr(quantize, "MAX_INT8_RATIO", 0.0)  # as on a CPU where INT8 gains nothing
+    monkeypatch.setattr(int8_check, "check_int8", lambda *args: check)
+    monkeypatch.setattr(int8_check, "MAX_INT8_RATIO", 0.0)  # as on a CPU where INT8 gains nothing
     reporter = RecordingReporter()
-    kept, seen = choose_precisions(("fp32", "int8"), trained, fp32, digits32, SMALL, FAST, reporter)
+    kept, seen = choose_precisions(("fp32", "int8"), meter, reporter)
     assert kept == ("fp32",) and seen is check and not check.faster
     assert len(reporter.warnings) == 1 and "INT8 is not searched" in reporter.warnings[0]
     with pytest.raises(UsageError, match="--precision fp32"):
-        choose_precisions(("int8",), trained, fp32, digits32, SMALL, FAST, RecordingReporter())
-    assert choose_precisions(("fp32",), trained, fp32, digits32, SMALL, FAST, reporter) == (("fp32",), None)
+        choose_precisions(("int8",), meter, RecordingReporter())
+    assert choose_precisions(("fp32",), meter, reporter) == (("fp32",), None)
 
-    monkeypatch.setattr(quantize, "MAX_INT8_RATIO", 100.0)
-    assert choose_precisions(("fp32", "int8"), trained, fp32, digits32, SMALL, FAST, reporter)[0] == ("fp32", "int8")
+    monkeypatch.setattr(int8_check, "MAX_INT8_RATIO", 100.0)
+    assert choose_precisions(("fp32", "int8"), meter, reporter)[0] == ("fp32", "int8")
     assert len(reporter.warnings) == 1 and any("INT8 baseline" in line for line in reporter.infos)
 
 
@@ -162,7 +158,7 @@ def test_int8_is_timed_against_fp32_and_dropped_with_one_warning_where_not_faste
 def test_search_with_int8_records_the_quantized_candidates(
     tmp_path: Path, trained_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(quantize, "MAX_INT8_RATIO", 100.0)  # search INT8 whatever this CPU gains from it
+    monkeypatch.setattr(int8_check, "MAX_INT8_RATIO", 100.0)  # search INT8 whatever this CPU gains from it
     space = tmp_path / "space.toml"
     text = (SPACES_DIR / "resnet18.toml").read_text().replace("[0.2, 0.35, 0.5]", "[0.5]")
     space.write_text(text.replace("round_to = [8, 16]", "round_to = [8]"))  # fewer fastest-policy measurements
@@ -214,9 +210,9 @@ def test_search_with_int8_records_the_quantized_candidates(
 
 
 def test_precision_flag_parses_a_comma_list_in_one_order() -> None:
-    from search.cli import _build_parser
+    from search.cli.main import build_parser
 
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(["search", "--budget-ms", "5", "--precision", "int8, fp32"])
     assert args.precision == ("fp32", "int8")
     assert parser.parse_args(["search", "--budget-ms", "5"]).precision == SearchConfig(budget_ms=5).precisions

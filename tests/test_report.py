@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from search.report import LABEL_STEP_POINTS, Row, plot_front
-from search.space import load_space
+from search.cli.plot import LABEL_STEP_POINTS, plot_front
+from search.pruning.space import load_space
+from search.study.front import Row
 from tests.conftest import ROOT
 
 SPACE = load_space(ROOT / "spaces" / "resnet18.toml")

@@ -8,8 +8,8 @@ import optuna
 import pytest
 
 from search.errors import UsageError
-from search.policy import Policy
-from search.space import SPACES_DIR, default_space_path, load_space
+from search.pruning.policy import Policy
+from search.pruning.space import SPACES_DIR, default_space_path, load_space
 
 SPACE_FILES = sorted(SPACES_DIR.glob("*.toml"))
 
@@ -71,7 +71,7 @@ def test_bad_space_files_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_budget_matched_uniform_finds_the_least_pruned_ratio_within_the_budget() -> None:
-    from search.recipes import budget_matched, uniform_grid
+    from search.pruning.recipes import budget_matched, uniform_grid
 
     space = load_space(SPACES_DIR / "resnet18.toml")
     measured: list[float] = []
@@ -89,7 +89,7 @@ def test_budget_matched_uniform_finds_the_least_pruned_ratio_within_the_budget()
 
 
 def test_start_up_samples_near_the_budget_use_most_of_it_and_vary_the_anchor() -> None:
-    from search.recipes import NEAR_BUDGET_ATTEMPTS, NEAR_BUDGET_FLOOR, near_budget
+    from search.pruning.recipes import NEAR_BUDGET_ATTEMPTS, NEAR_BUDGET_FLOOR, near_budget
 
     space = load_space(SPACES_DIR / "resnet18.toml")
     anchor = space.uniform(0.4)

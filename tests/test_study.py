@@ -8,13 +8,13 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search import trial as trial_module
-from search.config import SearchConfig
-from search.data import DataSpec
+from search.data.spec import DataSpec
 from search.errors import UsageError
 from search.progress import RecordingReporter
-from search.report import pareto_front, recommended, rows
-from search.study import run_search
+from search.study import trial as trial_module
+from search.study.config import SearchConfig
+from search.study.front import pareto_front, recommended, rows
+from search.study.run import run_search
 
 
 @pytest.fixture()

@@ -12,8 +12,10 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search.cli import main
-from search.coordination import (
+from search.cli.main import main
+from search.errors import UsageError
+from search.measuring.hardware import fingerprint
+from search.study.coordination import (
     OVER_BUDGET_FACTOR,
     TrialSeededSampler,
     check_same_hardware,
@@ -24,10 +26,8 @@ from search.coordination import (
     use_study_heartbeat,
     wait_until_ready,
 )
-from search.errors import UsageError
-from search.hardware import fingerprint
-from search.storage import open_storage
-from search.workers import parse_cpus, plan_cpus, worker_argv
+from search.study.storage import open_storage
+from search.study.workers import parse_cpus, plan_cpus, worker_argv
 from tests.conftest import run_cli, run_main
 
 
