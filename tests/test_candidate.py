@@ -30,6 +30,13 @@ class CountingTimer:
     def threads(self) -> int:
         return self.inner.threads
 
+    @property
+    def where(self) -> str:
+        return "counted"
+
+    def fingerprint(self) -> dict:
+        return self.inner.fingerprint()
+
     def time(self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | None = None) -> Latency:
         self.calls.append(reference is not None)
         return self.inner.time(onnx_model, input_shape, reference=reference)
@@ -48,6 +55,7 @@ def test_policies_are_pruned_timed_against_the_baseline_and_judged_by_the_correc
     record = meter.record(SPACE.uniform(0.7))
     assert timer.calls == [False, True], "the baseline alone, then the candidate interleaved with it"
     assert record["arch_hash"] and record["precision"] == "fp32" and record["threads"] == 1
+    assert record["measured_on"] == "counted", "each record says where it was measured"
     assert record["ratio"] < 0.8, "removing 70% of the channels is measured faster"
     assert record["corrected_ms"] == pytest.approx(record["ratio"] * base.median_ms, rel=1e-3)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-from search.cli.options import positive_int
+from search.cli.options import add_target_options, positive_int, target_timer
 from search.errors import UsageError
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -26,10 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--reference", help="another .onnx to time interleaved with it (e.g. the unpruned model)")
     parser.add_argument("--format", choices=["table", "json"], default="table")
+    add_target_options(parser)
 
 
-def _measure(onnx: str, reference: str | None, threads: int) -> tuple[tuple[int, ...], Any]:
-    """The batch-1 input shape of ``onnx`` and its latency, timed interleaved with ``reference`` if given."""
+def _measure(onnx: str, reference: str | None, threads: int, timer: Any = None) -> tuple[tuple[int, ...], Any]:
+    """The batch-1 input shape of ``onnx`` and its latency, timed interleaved with ``reference`` if given.
+
+    ``timer`` is the latency target's (``--target``); by default the model is timed here.
+    """
     from search.measuring.candidate import LocalTimer
     from search.measuring.timing import LatencySettings, open_session
 
@@ -45,13 +49,18 @@ def _measure(onnx: str, reference: str | None, threads: int) -> tuple[tuple[int,
     shape = shape_of(onnx)
     if reference and shape_of(reference) != shape:
         raise UsageError(f"--reference takes input {shape_of(reference)}, but {onnx} takes {shape}")
-    return shape, LocalTimer(LatencySettings(threads=threads)).time(onnx, shape, reference=reference)
+    if timer is None:
+        timer = LocalTimer(LatencySettings(threads=threads))
+    elif timer.threads != threads:
+        raise UsageError(f"the latency target times with {timer.threads} thread(s); pass --threads {timer.threads}")
+    return shape, timer.time(onnx, shape, reference=reference)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    shape, result = _measure(args.onnx, args.reference, args.threads)
+    shape, result = _measure(args.onnx, args.reference, args.threads, target_timer(args))
     record = {
         "onnx": args.onnx,
+        "measured_on": args.target or "local",
         "input": list(shape),
         "threads": args.threads,
         "median_ms": result.median_ms,

@@ -11,12 +11,14 @@ from rich.console import Console
 from search.cli.console import RichReporter, export_summary
 from search.cli.options import (
     add_study_options,
+    add_target_options,
     fraction,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     study_of,
+    target_timer,
 )
 from search.shipping.settings import ExportSettings
 
@@ -56,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default: studies/<study>/export)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
     parser.add_argument("--weights", help="a copy of the study's baseline file, if it moved (checked by hash)")
+    add_target_options(parser)
     add_study_options(parser)
 
 
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from search.study.front import pick_best
 
     study, _ = study_of(args)
+    timer = target_timer(args)
     settings = ExportSettings(
         epochs=args.epochs,
         test_images=args.test_images,
@@ -85,7 +89,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         cards = []
         for number in numbers:
             card = export_trial(
-                base, number, settings, out / f"trial-{number}", command=command, force=args.force, reporter=reporter
+                base,
+                number,
+                settings,
+                out / f"trial-{number}",
+                command=command,
+                force=args.force,
+                reporter=reporter,
+                timer=timer,
             )
             attach_artifacts(study, number, out / f"trial-{number}", Path(args.studies_dir) / args.study / "artifacts")
             cards.append(card)

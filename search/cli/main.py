@@ -15,7 +15,7 @@ from typing import Protocol
 from rich.console import Console
 from rich.text import Text
 
-from search.cli import bench, dashboard, export, pareto, search, show
+from search.cli import bench, dashboard, export, pareto, search, show, target
 from search.cli.options import EXIT_INTERRUPTED, EXIT_USAGE
 from search.errors import UsageError
 
@@ -40,6 +40,7 @@ COMMANDS: dict[str, Command] = {
     "dashboard": dashboard,
     "export": export,
     "bench": bench,
+    "target": target,
 }
 """Each command's name and its module, in the order ``--help`` lists them."""
 

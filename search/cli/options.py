@@ -10,14 +10,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.errors import UsageError
 
+if TYPE_CHECKING:
+    from search.target.client import RemoteTimer
+
 __all__ = [
     "EXIT_INTERRUPTED",
+    "EXIT_TARGET_LOST",
     "EXIT_USAGE",
+    "TOKEN_ENV",
     "add_study_options",
+    "add_target_options",
     "add_worker_options",
     "cpus",
     "fraction",
@@ -28,11 +34,15 @@ __all__ = [
     "precisions",
     "speed_fraction",
     "study_of",
+    "target_timer",
     "triple",
 ]
 
 EXIT_USAGE = 2
+EXIT_TARGET_LOST = 3
 EXIT_INTERRUPTED = 130
+TOKEN_ENV = "PRUNE_SEARCH_TARGET_TOKEN"
+"""Environment variable with a latency target's token (read here, by the CLI, and nowhere else)."""
 
 
 def _number(kind: type, ok: Callable[[float], bool], meaning: str) -> Callable[[str], Any]:
@@ -125,3 +135,51 @@ def study_of(args: argparse.Namespace) -> tuple[Any, str]:
         raise UsageError(f"{args.command} needs --study NAME (the name search printed, e.g. resnet18-digits-30ms)")
     url = args.storage or f"sqlite:///{Path(args.studies_dir) / args.study}.db"
     return open_study(args.study, url), url
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    """Timing on the device that will run the model: see README, 'Time on the target device'."""
+    parser.add_argument(
+        "--target",
+        metavar="URL",
+        help="measure every latency on a latency target (`cli.py target` on the device), e.g. http://board:8765 "
+        "(default: this machine)",
+    )
+    parser.add_argument(
+        "--target-token-file",
+        metavar="FILE",
+        help=f"file holding the target's token (the file `cli.py target` printed); or set {TOKEN_ENV}",
+    )
+    parser.add_argument(
+        "--target-patience",
+        type=positive_float,
+        default=300.0,
+        help="seconds to keep retrying a target that stopped answering before the run stops cleanly (default: 300)",
+    )
+
+
+def target_timer(args: argparse.Namespace) -> RemoteTimer | None:
+    """The latency target ``--target`` names, connected (its fingerprint read), or None without ``--target``."""
+    import os
+
+    from search.target.client import RemoteTimer
+
+    if not args.target:
+        if args.target_token_file:
+            raise UsageError("--target-token-file goes with --target URL")
+        return None
+    if args.target_token_file:
+        path = Path(args.target_token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --target-token-file {path}: {exc.strerror or exc}") from None
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise UsageError(
+            f"--target needs its token: --target-token-file FILE (the file `cli.py target` printed) or {TOKEN_ENV}"
+        )
+    timer = RemoteTimer(args.target, token, patience_s=args.target_patience)
+    timer.connect()
+    return timer

@@ -15,8 +15,10 @@ from rich.console import Console
 from search.cli.console import RichReporter
 from search.cli.options import (
     EXIT_INTERRUPTED,
+    EXIT_TARGET_LOST,
     EXIT_USAGE,
     add_study_options,
+    add_target_options,
     add_worker_options,
     fraction,
     non_negative_int,
@@ -24,6 +26,7 @@ from search.cli.options import (
     positive_int,
     precisions,
     speed_fraction,
+    target_timer,
     triple,
 )
 from search.cli.pareto import print_front
@@ -43,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_budget_model_and_data(parser)
     _add_trial_options(parser)
     _add_precision_options(parser)
+    add_target_options(parser)
     add_worker_options(parser)
     add_study_options(parser)
 
@@ -200,13 +204,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
     if args.workers > 1:
         return _run_with_workers(args, config, console)
+    timer = target_timer(args)
     if args.cpus:
         from search.study.workers import pin_to_cpus
 
         console.print(pin_to_cpus(args.cpus, config.threads), highlight=False)
     with RichReporter(console, verbose=not args.quiet) as reporter:
-        result = run_search(config, reporter)
+        if timer is not None:
+            timer.reporter = reporter  # its waits and retries show in the progress line
+        result = run_search(config, reporter, timer=timer)
     print_front(console, result.study, config.study_name, config.storage_url, Path(config.studies_dir))
+    if result.stopped:
+        console.print(f"[yellow]Stopped:[/] {result.stopped}")
+        return EXIT_TARGET_LOST
     if result.interrupted:
         console.print("[yellow]Interrupted.[/] The study is saved; run the same command again to resume it.")
         return EXIT_INTERRUPTED

@@ -7,8 +7,9 @@ identical architecture instead of timing it again.
 Two layers:
 
 * a :class:`Timer` times ONNX models, one against a reference, on one machine. :class:`LocalTimer`
-  does it here with :func:`search.measuring.timing.measure`; a remote latency service on the
-  target device is another implementation of the same protocol.
+  does it here with :func:`search.measuring.timing.measure`;
+  :class:`search.target.client.RemoteTimer` does it on the device that will run the model,
+  through ``cli.py target`` there.
 * a :class:`CandidateMeter` is what everything else calls: study creation (the baseline, the INT8
   check, the fastest policy, the recipes), budget fitting, trials, export and ``bench``. It owns the
   study's reference (the baseline's ONNX and its latency) and turns timings into the records that
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from search.data.dataset import Dataset
+from search.measuring.hardware import fingerprint
 from search.measuring.onnx_export import export_onnx
 from search.measuring.quantize import QuantizeSettings, int8_latency_model
 from search.measuring.timing import Latency, LatencySettings, measure
@@ -40,8 +42,19 @@ __all__ = ["CandidateMeter", "Known", "LocalTimer", "Timed", "Timer"]
 class Timer(Protocol):
     """Times ONNX models at batch 1 on one machine, exactly as :func:`search.measuring.timing.measure` does."""
 
-    threads: int
-    """ONNX Runtime intra-op threads the timings use."""
+    @property
+    def threads(self) -> int:
+        """ONNX Runtime intra-op threads the timings use."""
+        ...
+
+    @property
+    def where(self) -> str:
+        """Where the timings are taken: ``local``, or the latency target's URL (each record says so)."""
+        ...
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The hardware fingerprint of the machine that times (a study's latencies share one)."""
+        ...
 
     def time(
         self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | str | None = None
@@ -59,6 +72,13 @@ class LocalTimer:
     @property
     def threads(self) -> int:
         return self.settings.threads
+
+    @property
+    def where(self) -> str:
+        return "local"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.settings.threads)
 
     def time(
         self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | str | None = None
@@ -132,10 +152,10 @@ class CandidateMeter:
         return self.timer.time(onnx_model, self.input_shape, reference=self.baseline_onnx)
 
     def record_of(self, latency: Latency, precision: str) -> dict[str, Any]:
-        """What a trial stores about ``latency`` (see :meth:`Latency.record`)."""
+        """What a trial stores about ``latency`` (see :meth:`Latency.record`), and where it was measured."""
         if self.baseline_ms is None:
             raise ValueError("the study's baseline latency is not known yet: call time_baseline first")
-        return latency.record(self.baseline_ms, self.threads, precision)
+        return {**latency.record(self.baseline_ms, self.threads, precision), "measured_on": self.timer.where}
 
     # -- timing PyTorch models ---------------------------------------------------------------
 

@@ -22,9 +22,9 @@ import optuna
 from torch import nn
 
 from search.errors import UsageError
-from search.measuring.candidate import CandidateMeter, LocalTimer
+from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
 from search.measuring.complexity import macs_and_params
-from search.measuring.hardware import fingerprint, git_revision, package_versions
+from search.measuring.hardware import git_revision, package_versions
 from search.measuring.onnx_export import export_onnx, fix_batch
 from search.measuring.timing import Latency, LatencySettings
 from search.progress import NullReporter, Reporter
@@ -67,10 +67,16 @@ def export_trial(
     command: str,
     force: bool = False,
     reporter: Reporter | None = None,
+    timer: Timer | None = None,
 ) -> dict[str, Any]:
-    """Export trial ``number`` into ``out_dir``; returns the model card."""
+    """Export trial ``number`` into ``out_dir``; returns the model card.
+
+    ``timer`` times the export (default: here, with the study's threads); a study whose latencies
+    were measured on a latency target must be exported with that target's timer.
+    """
     reporter = reporter or NullReporter()
     trial = finished_trial(base.study, number)
+    timer = _timer_for(base, timer)
     _prepare(out_dir, force, reporter)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -98,7 +104,7 @@ def export_trial(
 
     reporter.phase(f"trial {number}: latency")
     t = time.perf_counter()
-    meter = CandidateMeter(base.model, base.data, timer=LocalTimer(LatencySettings(threads=base.threads)))
+    meter = CandidateMeter(base.model, base.data, timer=timer)
     measured = meter.time_onnx(shipped)
     if checked.int8 is not None:  # the FP32 export too, so the card can show what INT8 gained
         fp32_measured = meter.time_onnx(fix_batch(checked.onnx))
@@ -111,12 +117,30 @@ def export_trial(
     save_torchscript(out_dir / "model.torchscript.pt", model, base.data)
     (out_dir / "finetune-state.pt").unlink(missing_ok=True)
     seconds["total"] = time.perf_counter() - started
-    card = _card(base, trial, row, model, out_dir, settings, split, baseline_top1, tuned, checked, measured)
+    card = _card(base, trial, row, model, out_dir, settings, split, baseline_top1, tuned, checked, measured, timer)
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["command"] = command
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "card.md").write_text(card_markdown(card))
     return card
+
+
+def _timer_for(base: StudyBaseline, timer: Timer | None) -> Timer:
+    """``timer``, or a local one; refused before any work when it cannot time like the search did."""
+    measured_on = base.study.user_attrs.get("latency_measured_on", "local")
+    if timer is None:
+        if measured_on != "local":
+            raise UsageError(
+                f"study {base.study.study_name!r} was timed on the latency target {measured_on}; pass --target "
+                f"{measured_on} (and its token) so the export is timed there too"
+            )
+        return LocalTimer(LatencySettings(threads=base.threads))
+    if timer.threads != base.threads:
+        raise UsageError(
+            f"the latency target {timer.where} times with {timer.threads} thread(s), but the study used "
+            f"{base.threads}; start it with --threads {base.threads}"
+        )
+    return timer
 
 
 def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> None:
@@ -218,6 +242,7 @@ def _card(
     tuned: _FineTuned,
     checked: _Checked,
     measured: Latency,
+    timer: Timer,
 ) -> dict[str, Any]:
     """``card.json``: what was exported, how it scored and timed, and what it was made from.
 
@@ -256,6 +281,7 @@ def _card(
             "threads": base.threads,
             "batch": 1,
             "runtime": "onnxruntime CPUExecutionProvider",
+            "measured_on": timer.where,
         },
         "onnx_check": checked.parity,
         "precision": "int8" if checked.int8 is not None else "fp32",
@@ -280,6 +306,6 @@ def _card(
         "command": "",
         "versions": package_versions(),
         "git_revision": git_revision(),
-        "hardware": fingerprint(base.threads),
+        "hardware": timer.fingerprint(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

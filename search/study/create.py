@@ -72,6 +72,7 @@ def create_study(
     provenance = _provenance(config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware)
     for key, value in provenance.items():
         study.set_user_attr(key, value)
+    study.set_user_attr("latency_measured_on", meter.timer.where)  # "local", or the latency target's URL
     recipes = _recipes(config, space, baseline, meter, reporter)
     _enqueue(study, space, recipes)
     labelled = sum(1 for r in recipes if r.label)

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 
 from search.data.dataset import Dataset
 from search.data.loading import load_dataset
-from search.measuring.candidate import CandidateMeter, LocalTimer
-from search.measuring.hardware import fingerprint
+from search.errors import UsageError
+from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
 from search.measuring.timing import LatencySettings
 from search.models.build import model_family
 from search.progress import NullReporter, Reporter
@@ -42,6 +42,7 @@ from search.study.origin import is_enqueued, origin
 from search.study.settings import check_resumable, finetune_settings, quantize_settings, settings_that_must_match
 from search.study.storage import HEARTBEAT_SECONDS, load_existing, open_storage
 from search.study.trial import LATENCY_AT_CREATION, TrialContext, run_trial
+from search.target.client import TargetLost
 from search.training.baseline import Baseline, prepare_baseline
 
 __all__ = ["SearchResult", "run_search"]
@@ -59,11 +60,24 @@ class SearchResult:
     ran: int
     """Trials run by this invocation."""
     interrupted: bool = False
+    stopped: str | None = None
+    """Why the run stopped early when it was not Ctrl-C (the latency target was lost)."""
 
 
-def run_search(config: SearchConfig, reporter: Reporter | None = None) -> SearchResult:
-    """Create or resume the study ``config`` names and run trials until it has enough."""
+def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer: Timer | None = None) -> SearchResult:
+    """Create or resume the study ``config`` names and run trials until it has enough.
+
+    ``timer`` times every candidate (default: ONNX Runtime here, ``config.threads`` threads); a
+    :class:`search.target.client.RemoteTimer` times them on the device that will run the model.
+    The study's hardware fingerprint is the timer's.
+    """
     reporter = reporter or NullReporter()
+    timer = timer or LocalTimer(LatencySettings(threads=config.threads))
+    if timer.threads != config.threads:
+        raise UsageError(
+            f"the latency target {timer.where} times with {timer.threads} thread(s), not --threads {config.threads}; "
+            f"pass --threads {timer.threads} or start the target with --threads {config.threads}"
+        )
     storage = open_storage(config.storage_url, config.heartbeat_seconds or HEARTBEAT_SECONDS)
     data, space = _data_and_space(config, reporter)
     cache_dir = Path(config.studies_dir) / "cache"
@@ -77,15 +91,9 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         seed=config.seed,
         reporter=reporter,
     )
-    hardware = fingerprint(config.threads)
+    hardware = timer.fingerprint()
     settings = settings_that_must_match(config, data, space, baseline)
-    meter = CandidateMeter(
-        baseline.model,
-        data,
-        space=space,
-        timer=LocalTimer(LatencySettings(threads=config.threads)),
-        quantize=quantize_settings(config),
-    )
+    meter = CandidateMeter(baseline.model, data, space=space, timer=timer, quantize=quantize_settings(config))
     study = load_existing(storage, config.study_name)
     created = False
     if study is None:
@@ -106,7 +114,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         use_study_heartbeat(storage, study, config.heartbeat_seconds)
         reporter.info(f"Resuming study {config.study_name!r} ({len(study.trials)} trials so far)")
     ctx, config = _trial_context(study, config, data, space, baseline, meter, hardware, reporter)
-    ran, interrupted = _run_trials(study, ctx, config, reporter)
+    ran, interrupted, stopped = _run_trials(study, ctx, config, reporter)
     return SearchResult(
         study=study,
         budget_ms=config.budget_ms,
@@ -114,6 +122,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None) -> Search
         baseline_accuracy=study.user_attrs["baseline_accuracy"],
         ran=ran,
         interrupted=interrupted,
+        stopped=stopped,
     )
 
 
@@ -161,10 +170,23 @@ def _finished(study: optuna.Study) -> int:
     return study_progress(study).finished
 
 
-def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, reporter: Reporter) -> tuple[int, bool]:
-    """Run trials one at a time through ``study.optimize`` (which keeps the storage heartbeat)."""
+def _put_back(trial: optuna.Trial) -> None:
+    """Mark ``trial`` interrupted (optuna marks it FAIL) and queue its policy again for the next run."""
+    trial.set_user_attr("interrupted", True)
+    kept = {k: trial.user_attrs[k] for k in ("recipe", "start", LATENCY_AT_CREATION) if k in trial.user_attrs}
+    trial.study.enqueue_trial(trial.params, user_attrs=kept or None)
+
+
+def _run_trials(
+    study: optuna.Study, ctx: TrialContext, config: SearchConfig, reporter: Reporter
+) -> tuple[int, bool, str | None]:
+    """Run trials one at a time through ``study.optimize`` (which keeps the storage heartbeat).
+
+    Returns the trials run, whether the run stopped early, and why when it was not Ctrl-C.
+    """
     started = time.monotonic()
     ran = 0
+    lost: list[TargetLost] = []
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         reporter.phase(f"trial {trial.number}")
@@ -172,10 +194,12 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
         try:
             outcome = run_trial(trial, ctx)
         except KeyboardInterrupt:
-            # The trial is marked FAIL by optuna; its policy goes back in the queue for the next run.
-            trial.set_user_attr("interrupted", True)
-            kept = {k: trial.user_attrs[k] for k in ("recipe", "start", LATENCY_AT_CREATION) if k in trial.user_attrs}
-            trial.study.enqueue_trial(trial.params, user_attrs=kept or None)
+            _put_back(trial)
+            raise
+        except TargetLost as exc:  # nothing was measured: the trial is put back, as with Ctrl-C
+            _put_back(trial)
+            trial.set_user_attr("error", "latency target lost")
+            lost.append(exc)
             raise
         except Exception as exc:  # recorded on the trial; optuna marks it FAIL and the study goes on
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -209,9 +233,11 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
                     )
                     ran += 1
             except KeyboardInterrupt:
-                return ran, True
+                return ran, True, None
             except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it: its heartbeat was late
                 reporter.warn("another worker marked this worker's trial as stale while it ran; its policy is retried")
+            if lost:
+                return ran, True, str(lost[0])
             if mine and mine[0].state == TrialState.COMPLETE:
                 reporter.info(_trial_line(mine[0]))
             done = min(_finished(study), config.trials)
@@ -228,7 +254,7 @@ def _run_trials(study: optuna.Study, ctx: TrialContext, config: SearchConfig, re
             f"stopped after {now.over_budget} sampled policies over the budget ({OVER_BUDGET_FACTOR}x --trials) "
             f"with {now.finished} of {config.trials} trials; narrow the space's ranges towards the budget (--space)"
         )
-    return ran, False
+    return ran, False, None
 
 
 def _trial_line(t: optuna.trial.FrozenTrial) -> str:

@@ -1,0 +1,414 @@
+"""``cli.py target``: a small HTTP service that times ONNX models on the device that will run them.
+
+It times exactly as the search does locally (:func:`search.measuring.timing.measure`: ONNX
+Runtime on the CPU, batch 1, the service's intra-op threads, warm-up, rounds until the median
+is stable, interleaved with a reference model) and answers with median, p90, runs, stability,
+the ratio to the reference and the device's hardware fingerprint. One model is timed at a time
+(a lock is the queue), so workers that share a target never overlap on it.
+
+It needs only onnxruntime and numpy: it imports no torch, so it runs on a board where PyTorch is
+not installed (``python -m search.target``).
+
+The protocol (every request carries ``Authorization: Bearer TOKEN``; errors are JSON
+``{"error": ...}`` with a 4xx status, and the service keeps serving):
+
+* ``GET /v1/info``: fingerprint, threads, timings waiting, upload limit.
+* ``PUT /v1/models/SHA256``: the model's bytes (at most ``--max-upload-mb``, refused with 413
+  before they are read). Checked: the hash, a self-contained ONNX model (no external data), one
+  input, loadable by ONNX Runtime. Kept in memory by hash (least recently used dropped first).
+* ``POST /v1/time``: ``{"model": SHA256, "reference": SHA256 or null, "input_shape": [1, 3, H, W]}``;
+  404 with ``"missing"`` names models to upload first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from search.measuring.hardware import fingerprint, fingerprint_id
+from search.measuring.timing import LatencySettings, measure, open_session
+from search.target.onnx_check import ModelRejected, check_self_contained
+
+__all__ = ["DEFAULT_PORT", "DEFAULT_TOKEN_FILE", "Target", "add_arguments", "load_or_create_token", "serve"]
+
+DEFAULT_PORT = 8765
+DEFAULT_TOKEN_FILE = "~/.config/prune-search/target.token"
+API = "/v1"
+MAX_JSON_BYTES = 64 * 1024
+"""A timing request is a few numbers and two hashes."""
+MAX_WAITING = 32
+"""Timing requests allowed to wait for the device at once; more get 503."""
+MAX_UPLOADS = 2
+"""Uploads read at once (each up to the upload limit in memory); more get 503."""
+MAX_INPUT_ELEMENTS = 1 << 26
+DISCARD_BYTES = 16 * 1024**2
+"""A refused request's body up to this size is read and dropped, so its client can read the answer."""
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The service's options (shared by ``cli.py target`` and ``python -m search.target``)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks one)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    parser.add_argument(
+        "--token-file",
+        default=DEFAULT_TOKEN_FILE,
+        help="file holding the token clients must send; created with a new random token (mode 0600) "
+        f"when missing (default: {DEFAULT_TOKEN_FILE})",
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest model accepted, in MB (default: 512)")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM); needs --tls-key")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+
+
+def load_or_create_token(path: str | Path) -> tuple[str, bool]:
+    """The token in ``path``, or a new random one written there (mode 0600); and whether it was created."""
+    file = Path(path).expanduser()
+    if file.exists():
+        token = file.read_text().strip()
+        if len(token) < 16:
+            raise ValueError(f"token file {file} holds no token of at least 16 characters; delete it to make one")
+        return token, False
+    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token, True
+
+
+class _Models:
+    """Uploaded models by SHA-256, the least recently used dropped past ``capacity`` bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._models: OrderedDict[str, tuple[bytes, list[int | str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha: str) -> tuple[bytes, list[int | str]] | None:
+        with self._lock:
+            found = self._models.get(sha)
+            if found is not None:
+                self._models.move_to_end(sha)
+            return found
+
+    def put(self, sha: str, data: bytes, input_shape: list[int | str]) -> None:
+        with self._lock:
+            self._models[sha] = (data, input_shape)
+            self._models.move_to_end(sha)
+            while sum(len(d) for d, _ in self._models.values()) > self._capacity and len(self._models) > 1:
+                self._models.popitem(last=False)
+
+
+class Target:
+    """What the handlers share: the token, the models, the one lock the device is timed under."""
+
+    def __init__(self, token: str, threads: int, max_upload_bytes: int) -> None:
+        self.token = token.encode()
+        self.settings = LatencySettings(threads=threads)
+        self.max_upload_bytes = max_upload_bytes
+        self.models = _Models(capacity=max(4 * max_upload_bytes, 256 * 1024**2))
+        self.device = threading.Lock()
+        self.waiting = threading.BoundedSemaphore(MAX_WAITING)
+        self.uploads = threading.BoundedSemaphore(MAX_UPLOADS)
+        self.queued = 0
+        self.fingerprint = fingerprint(threads)
+
+    def log(self, message: str) -> None:
+        print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}", flush=True)
+
+
+class _Refused(Exception):
+    def __init__(self, status: HTTPStatus, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "prune-search-target/1"
+    protocol_version = "HTTP/1.1"
+    timeout = 120  # a client that stops sending does not hold a thread for ever
+    target: Target  # set on the class made for each server
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._handle({f"{API}/info": self._info})
+
+    def do_POST(self) -> None:
+        self._handle({f"{API}/time": self._time})
+
+    def do_PUT(self) -> None:
+        self._handle({}, prefix=(f"{API}/models/", self._upload))
+
+    def _handle(self, routes: dict[str, Any], prefix: tuple[str, Any] | None = None) -> None:
+        self._body_read = False
+        try:
+            self._authenticate()
+            path = self.path.split("?", 1)[0]
+            if path in routes:
+                status, body = routes[path]()
+            elif prefix is not None and path.startswith(prefix[0]):
+                status, body = prefix[1](path[len(prefix[0]) :])
+            else:
+                raise _Refused(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.command} {path}")
+        except _Refused as refused:
+            self._discard_body()
+            self.close_connection = True  # never take an unread body for the next request
+            status, body = refused.status, {"error": str(refused), **refused.extra}
+            self.target.log(f"refused {status.value} {self.command} {self.path[:80]}: {refused}")
+        except Exception as exc:  # a fault of the service's own: say so and keep serving
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"}
+            self.target.log(f"error {self.command} {self.path[:80]}: {type(exc).__name__}: {exc}")
+        self._reply(status, body)
+
+    def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # every request that matters is logged by the handlers, in one plain line
+
+    def _discard_body(self) -> None:
+        """Read and drop a refused request's body when it is small, so a client still sending it sees the answer."""
+        if self._body_read:
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if 0 < length <= DISCARD_BYTES:
+            self.rfile.read(length)
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _authenticate(self) -> None:
+        sent = self.headers.get("Authorization", "")
+        token = sent.removeprefix("Bearer ").strip().encode()
+        if not sent.startswith("Bearer ") or not hmac.compare_digest(token, self.target.token):
+            raise _Refused(HTTPStatus.UNAUTHORIZED, "missing or wrong token (send Authorization: Bearer TOKEN)")
+
+    def _body(self, limit: int) -> bytes:
+        """The request body, refused before it is read when it is larger than ``limit``."""
+        if self.headers.get("Transfer-Encoding"):
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+        if length < 0:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length is negative")
+        if length > limit:
+            raise _Refused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the body has {length} bytes; this target accepts at most {limit}",
+                limit=limit,
+            )
+        self._body_read = True
+        data = self.rfile.read(length)
+        if len(data) != length:
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"the body ended after {len(data)} of {length} bytes")
+        return data
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    def _info(self) -> tuple[HTTPStatus, dict[str, Any]]:
+        t = self.target
+        return HTTPStatus.OK, {
+            "service": "prune-search latency target",
+            "api": 1,
+            "fingerprint": t.fingerprint,
+            "fingerprint_id": fingerprint_id(t.fingerprint),
+            "threads": t.settings.threads,
+            "waiting": t.queued,
+            "max_upload_bytes": t.max_upload_bytes,
+        }
+
+    def _upload(self, sha: str) -> tuple[HTTPStatus, dict[str, Any]]:
+        t = self.target
+        if not _SHA.match(sha):
+            raise _Refused(
+                HTTPStatus.NOT_FOUND, "models are uploaded to /v1/models/<sha256 of the bytes, lower-case hex>"
+            )
+        if not t.uploads.acquire(blocking=False):
+            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "busy: other uploads are being read; retry shortly")
+        try:
+            data = self._body(t.max_upload_bytes)
+        finally:
+            t.uploads.release()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "the body's SHA-256 is not the one in the URL")
+        try:
+            check_self_contained(data)
+        except ModelRejected as exc:
+            raise _Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        with t.device:  # loading a model is CPU work: never while another is timed
+            try:
+                inputs = open_session(data, 1).get_inputs()
+            except Exception as exc:  # onnxruntime raises its own types for models it cannot load
+                reason = str(exc).splitlines()[0][:300]
+                raise _Refused(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load the model: {reason}") from None
+        if len(inputs) != 1:
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"the model has {len(inputs)} inputs; a CNN takes one image tensor")
+        shape = [d if isinstance(d, int) else str(d) for d in inputs[0].shape]
+        t.models.put(sha, data, shape)
+        t.log(f"stored model={sha[:12]} bytes={len(data)} input={shape}")
+        return HTTPStatus.CREATED, {"sha256": sha, "input_shape": shape}
+
+    def _time(self) -> tuple[HTTPStatus, dict[str, Any]]:
+        t = self.target
+        request = self._json()
+        model_sha, reference_sha, shape = _timing_request(request)
+        missing = [s for s in (model_sha, reference_sha) if s is not None and t.models.get(s) is None]
+        if missing:
+            raise _Refused(HTTPStatus.NOT_FOUND, "upload these models first", missing=missing)
+        model, model_shape = t.models.get(model_sha)  # type: ignore[misc]
+        _check_shape(shape, model_shape, "the model")
+        reference = None
+        if reference_sha is not None:
+            reference, reference_shape = t.models.get(reference_sha)  # type: ignore[misc]
+            _check_shape(shape, reference_shape, "the reference")
+        if not t.waiting.acquire(blocking=False):
+            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {MAX_WAITING} timings are waiting; retry shortly")
+        try:
+            asked = time.monotonic()
+            t.queued += 1
+            with t.device:
+                t.queued -= 1
+                queued_s = time.monotonic() - asked
+                start = time.time()
+                latency = measure(model, tuple(shape), t.settings, reference=reference)
+                end = time.time()
+        finally:
+            t.waiting.release()
+        ref = f" reference={reference_sha[:12]}" if reference_sha else ""
+        t.log(
+            f"timed model={model_sha[:12]}{ref} input={shape} start={start:.6f} end={end:.6f} "
+            f"median_ms={latency.median_ms:.4f} runs={latency.runs}"
+        )
+        return HTTPStatus.OK, {
+            "median_ms": latency.median_ms,
+            "p90_ms": latency.p90_ms,
+            "runs": latency.runs,
+            "stable": latency.stable,
+            "reference_median_ms": latency.reference_median_ms,
+            "reference_p90_ms": latency.reference_p90_ms,
+            "ratio": latency.ratio,
+            "queued_s": round(queued_s, 3),
+            "fingerprint_id": fingerprint_id(t.fingerprint),
+        }
+
+    def _json(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self._body(MAX_JSON_BYTES))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _Refused(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+        if not isinstance(value, dict):
+            raise _Refused(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        return value
+
+
+def _timing_request(request: dict[str, Any]) -> tuple[str, str | None, list[int]]:
+    unknown = set(request) - {"model", "reference", "input_shape"}
+    if unknown:
+        raise _Refused(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}; send model, reference, input_shape")
+    model, reference, shape = request.get("model"), request.get("reference"), request.get("input_shape")
+    if not isinstance(model, str) or not _SHA.match(model):
+        raise _Refused(HTTPStatus.BAD_REQUEST, "model must be the SHA-256 (hex) of an uploaded model")
+    if reference is not None and (not isinstance(reference, str) or not _SHA.match(reference)):
+        raise _Refused(HTTPStatus.BAD_REQUEST, "reference must be null or the SHA-256 (hex) of an uploaded model")
+    ok = isinstance(shape, list) and 1 <= len(shape) <= 8
+    ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 65536 for d in shape)
+    if not ok:
+        raise _Refused(HTTPStatus.BAD_REQUEST, "input_shape must be a list of 1 to 8 positive whole numbers")
+    elements = 1
+    for d in shape:
+        elements *= d
+    if elements > MAX_INPUT_ELEMENTS:
+        raise _Refused(HTTPStatus.BAD_REQUEST, f"input_shape has {elements} elements; at most {MAX_INPUT_ELEMENTS}")
+    return model, reference, shape
+
+
+def _check_shape(shape: list[int], declared: list[int | str], what: str) -> None:
+    fits = len(shape) == len(declared) and all(
+        not isinstance(d, int) or d == s for s, d in zip(shape, declared, strict=True)
+    )
+    if not fits:
+        raise _Refused(HTTPStatus.BAD_REQUEST, f"{what} takes input {declared}, not {shape}")
+
+
+def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> int:
+    """Run the service until interrupted; returns the exit status."""
+    if args.threads < 1 or args.max_upload_mb <= 0 or not 0 <= args.port <= 65535:
+        print("error: --threads must be >= 1, --max-upload-mb > 0 and --port 0..65535", flush=True)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", flush=True)
+        return 2
+    try:
+        token, created = load_or_create_token(args.token_file)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot use token file {args.token_file}: {exc}", flush=True)
+        return 2
+    target = Target(token, args.threads, int(args.max_upload_mb * 1024**2))
+    handler = type("Handler", (_Handler,), {"target": target})
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), handler)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", flush=True)
+        return 2
+    server.daemon_threads = True
+    scheme = "http"
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"error: cannot load --tls-cert/--tls-key: {exc}", flush=True)
+            return 2
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    host, port = server.server_address[:2]
+    how = "created with a new token" if created else "existing"
+    fp = target.fingerprint
+    print(
+        f"latency target listening on {scheme}://{host}:{port}/ ({fp['cpu']}, {args.threads} thread(s), "
+        f"onnxruntime {fp['onnxruntime']}, fingerprint {fingerprint_id(fp)}); one model timed at a time",
+        flush=True,
+    )
+    print(
+        f"token file: {Path(args.token_file).expanduser()} ({how}); clients pass it as --target-token-file", flush=True
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+    return 0
