@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from search.errors import UsageError
 from search.measuring.candidate import LocalTimer
 from search.measuring.hardware import fingerprint
 from search.measuring.onnx_export import export_onnx
@@ -75,7 +76,7 @@ def _start(argv: list[str], env: dict[str, str], token_file: Path, host: str | N
     )
     assert process.stdout is not None
     first = process.stdout.readline()
-    match = re.search(r"listening on (http://\S+?)/ ", first)
+    match = re.search(r"listening on (https?://\S+?)/ ", first)
     if match is None:
         process.kill()
         raise AssertionError(f"the target did not start: {first}{process.stdout.read()}")
@@ -421,3 +422,30 @@ def test_a_target_killed_mid_search_is_waited_for_and_a_lost_one_stops_the_run_c
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 6, "the trial put back ran once the target was back"
     assert all(t.user_attrs["latency"]["measured_on"] == again.url for t in complete[4:])
+
+
+def test_the_target_serves_https_with_a_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    token_file = tmp_path / "token"
+    argv = [sys.executable, "-m", "search.target", "--token-file", str(token_file), "--port", "0",
+            "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
+    served = _start(argv, _no_torch_env(tmp_path), token_file)
+    try:
+        assert served.url.startswith("https://")
+        trusted = RemoteTimer(served.url, served.token, context=ssl.create_default_context(cafile=str(cert)))
+        assert trusted.connect()["threads"] == 1
+        with pytest.raises(UsageError, match="unreachable"):
+            RemoteTimer(served.url, served.token).connect()  # a certificate nobody vouched for
+        with pytest.raises(UsageError, match="unreachable"):
+            RemoteTimer(served.url.replace("https://", "http://"), served.token).connect()
+    finally:
+        served.stop()
