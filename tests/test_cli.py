@@ -135,3 +135,26 @@ def test_bad_budget_and_storage(tiny_study: dict[str, str]) -> None:
     assert_usage_error(_bad(tiny_study, "--storage", "notaurl"), "SQLAlchemy URL")
     assert_usage_error(_bad(tiny_study, "--storage", "postgresql+nodriver://x@localhost/db"), "storage")
     assert_usage_error(_bad(tiny_study, "--budget-ms", "900"), "different --budget-ms")
+
+
+def test_a_storage_password_never_appears_in_a_message(tmp_path: Path) -> None:
+    from search.study.config import SearchConfig
+    from search.study.storage import masked
+
+    url = "postgresql+psycopg2://prune:s3cret-pw@127.0.0.1:9/prune"
+    assert masked(url) == "postgresql+psycopg2://prune:***@127.0.0.1:9/prune"
+    assert SearchConfig(budget_ms=1.0, storage=url).to_dict()["storage"] == masked(url), "nor on the study"
+    for args in (
+        ["search", "--budget-ms", "30", "--study", "x", "--storage", url],
+        ["pareto", "--study", "x", "--storage", url],
+        ["search", "--budget-ms", "30", "--study", "x", "--storage", "nonsense://prune:s3cret-pw@host/db"],
+    ):
+        result = run_main(*args)
+        assert_usage_error(result, "***")
+        assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_search_ends_with_the_export_command_for_its_study(tiny_study: dict[str, str]) -> None:
+    line = next(x for x in tiny_study["first_out"].splitlines() if x.startswith("Export the recommended model:"))
+    assert f"python cli.py export --study cli-tiny --best --studies-dir {tiny_study['studies']}" in line

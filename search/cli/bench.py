@@ -75,7 +75,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return 0
     line = (
         f"{args.onnx}: median {result.median_ms:.3f} ms, p90 {result.p90_ms:.3f} ms over {result.runs} runs "
-        f"(batch 1, input {list(shape)}, {args.threads} thread(s){'' if result.stable else ', not yet stable'})"
+        f"(batch 1, input {list(shape)}, {args.threads} thread(s){'' if result.stable else ', not yet stable'}"
+        f"{f', on {args.target}' if args.target else ''})"
     )
     if result.ratio is not None:
         line += f"; reference {result.reference_median_ms:.3f} ms, ratio {result.ratio:.3f}"

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from search.cli.console import front_table
 from search.cli.options import add_study_options, study_of
 from search.cli.plot import plot_front
 from search.study.front import pareto_front, recommended, rows
+from search.study.storage import masked
 
 __all__ = ["HELP", "add_arguments", "print_front", "run"]
 
@@ -89,4 +92,9 @@ def print_front(
         title=f"{name}: accuracy vs latency (budget {budget:g} ms)",
     )
     console.print(f"Plot: {plot}")
-    console.print(f"Inspect the study: [bold]optuna-dashboard {url}[/]")
+    console.print(f"Inspect the study: [bold]optuna-dashboard {masked(url)}[/]")
+    if best is not None:
+        where = [] if url == f"sqlite:///{studies_dir / name}.db" else ["--storage", masked(url)]
+        where += [] if studies_dir == Path("studies") else ["--studies-dir", str(studies_dir)]
+        command = " ".join(["python cli.py export --study", shlex.quote(name), "--best", *map(shlex.quote, where)])
+        console.print(f"Export the recommended model: [bold]{escape(command)}[/]")

@@ -100,4 +100,10 @@ class SearchConfig:
         return replace(self, budget_ms=budget_ms, budget_fraction=None, study=self.study_name, storage=self.storage_url)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as plain values (stored on the study), the storage URL's password masked."""
+        from search.study.storage import masked
+
+        values = asdict(self)
+        if values.get("storage"):
+            values["storage"] = masked(values["storage"])
+        return values

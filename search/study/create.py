@@ -27,6 +27,7 @@ from search.pruning.recipes import Recipe, global_grid, study_recipes
 from search.pruning.space import SearchSpace
 from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler
+from search.study.storage import masked
 from search.study.trial import LATENCY_AT_CREATION
 from search.training.baseline import Baseline
 from search.training.evaluate import top1
@@ -77,7 +78,7 @@ def create_study(
     _enqueue(study, space, recipes)
     labelled = sum(1 for r in recipes if r.label)
     reporter.info(
-        f"Created study {config.study_name!r} in {config.storage_url}; enqueued {labelled} recipes"
+        f"Created study {config.study_name!r} in {masked(config.storage_url)}; enqueued {labelled} recipes"
         f" and {len(recipes) - labelled} start-up policies near the budget"
     )
     return study

@@ -18,6 +18,7 @@ from search.errors import UsageError
 from search.measuring.quantize import QuantizeSettings
 from search.pruning.space import SearchSpace
 from search.study.config import SearchConfig
+from search.study.storage import masked
 from search.training.baseline import Baseline
 from search.training.finetune import TrainSettings
 
@@ -72,7 +73,8 @@ def check_resumable(study: optuna.Study, settings: dict[str, Any], config: Searc
     stored = study.user_attrs.get("settings")
     if stored is None:
         raise UsageError(
-            f"study {config.study_name!r} in {config.storage_url} was not made by this tool; pick another --study name"
+            f"study {config.study_name!r} in {masked(config.storage_url)} was not made by this tool; "
+            "pick another --study name"
         )
     for key, value in settings.items():
         if key in stored and stored[key] != value:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from pathlib import Path
@@ -11,12 +12,34 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UsageError
 
-__all__ = ["default_storage_url", "load_existing", "open_storage", "open_study"]
+__all__ = ["default_storage_url", "load_existing", "masked", "open_storage", "open_study"]
 
 HEARTBEAT_SECONDS = 60
 """Default heartbeat: a running trial whose worker has been silent for 2x this long is marked failed.
 
 A study keeps the value it was created with (``--heartbeat``); see ``search.study.coordination``."""
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``, as SQLAlchemy renders URLs: for every message and log."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy can parse: hide whatever stands between ':' and '@'
+        return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` (an error from a driver) with the URL's password, if it has one, masked wherever it appears."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        return text.replace(url, masked(url))
+    return text.replace(url, masked(url)).replace(str(password), "***") if password else text
 
 
 def default_storage_url(studies_dir: Path, study: str) -> str:
@@ -26,7 +49,7 @@ def default_storage_url(studies_dir: Path, study: str) -> str:
 def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBStorage:
     """An Optuna RDB storage for ``url``, with heartbeats so a killed worker's trial is retried once."""
     if "://" not in url:
-        raise UsageError(f"storage {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/name.db")
+        raise UsageError(f"storage {masked(url)!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/name.db")
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
         if str(path) and path.parent and not path.parent.exists():
@@ -35,10 +58,10 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBSto
         return _rdb_storage(url, heartbeat_seconds)
     except ModuleNotFoundError as exc:
         hint = "pip install -e '.[postgres]'" if exc.name and exc.name.startswith("psycopg") else "pip install it"
-        raise UsageError(f"storage {url!r} needs the database driver {exc.name!r}; {hint}") from None
+        raise UsageError(f"storage {masked(url)!r} needs the database driver {exc.name!r}; {hint}") from None
     except Exception as exc:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot open storage {url!r}: {reason}") from None
+        raise UsageError(f"cannot open storage {masked(url)!r}: {_without_password(reason, url)}") from None
 
 
 def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
@@ -52,10 +75,10 @@ def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
 def open_study(name: str, url: str) -> optuna.Study:
     """An existing study, or a one-line error saying what was looked for where."""
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-        raise UsageError(f"no study database at {url}; check --study, --studies-dir and --storage")
+        raise UsageError(f"no study database at {masked(url)}; check --study, --studies-dir and --storage")
     study = load_existing(open_storage(url), name)
     if study is None:
-        raise UsageError(f"no study named {name!r} in {url}; check --study and --storage")
+        raise UsageError(f"no study named {name!r} in {masked(url)}; check --study and --storage")
     return study
 
 
