@@ -65,6 +65,7 @@ def trained_weights(tmp_path_factory: pytest.TempPathFactory, digits32) -> Path:
     from search.models.build import build_model
     from search.training.finetune import TrainSettings, train
 
+    torch.manual_seed(0)  # the same weights in every session: tests that depend on them do not flicker
     model = build_model("resnet18", digits32.num_classes)
     train(model, digits32, TrainSettings(steps=40, batch_size=32, lr=0.05))
     path = tmp_path_factory.mktemp("weights") / "resnet18_digits32.pth"

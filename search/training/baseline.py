@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from search.data.dataset import Dataset
@@ -52,7 +53,9 @@ def prepare_baseline(
 ) -> Baseline:
     """Build the baseline model with the given weights, or train (or reuse) one here."""
     reporter = reporter or NullReporter()
-    model = build_model(model_name, data.num_classes)
+    with torch.random.fork_rng():  # the same seed gives the same initial weights, so the same baseline
+        torch.manual_seed(seed)
+        model = build_model(model_name, data.num_classes)
     if weights is not None:
         loaded = load_weights(model, weights, model_name=model_name)
         model.eval()
