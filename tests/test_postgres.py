@@ -199,3 +199,26 @@ def test_a_worker_killed_mid_trial_is_recovered_by_others(
     assert retries[0].state == TrialState.COMPLETE and retries[0].params == killed.params
     assert progress(study).finished in (6, 7), "the killed trial does not count; the study is complete"
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.trials), "nothing left running"
+
+
+def test_two_workers_sharing_one_latency_target_never_overlap_on_it(
+    postgres_url: str, tmp_path: Path, trained_weights: Path
+) -> None:
+    from tests.test_target import overlapping, start_loopback_target
+
+    target = start_loopback_target(tmp_path)
+    try:
+        remote = ["--target", target.url, "--target-token-file", str(target.token_file), "--precision", "fp32"]
+        common = _tiny(
+            postgres_url, "one-target", tmp_path, "--weights", str(trained_weights), "--trials", "8", *remote
+        )
+        done = run_cli(*common, "--workers", "2", timeout=300)
+    finally:
+        target.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    study = optuna.load_study(study_name="one-target", storage=postgres_url)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert {tuple(t.user_attrs["worker"]["cpus"]) for t in complete} == {(0,), (1,)}, "both workers ran trials"
+    assert all(t.user_attrs["latency"]["measured_on"] == target.url for t in complete)
+    assert len(target.intervals()) >= 8
+    assert not overlapping(target), "the target's own log: one model timed at a time"
