@@ -158,3 +158,10 @@ def test_a_storage_password_never_appears_in_a_message(tmp_path: Path) -> None:
 def test_search_ends_with_the_export_command_for_its_study(tiny_study: dict[str, str]) -> None:
     line = next(x for x in tiny_study["first_out"].splitlines() if x.startswith("Export the recommended model:"))
     assert f"python cli.py export --study cli-tiny --best --studies-dir {tiny_study['studies']}" in line
+
+
+@pytest.mark.slow
+def test_the_front_table_says_what_its_star_means(tiny_study: dict[str, str]) -> None:
+    out = tiny_study["first_out"]
+    assert "* the recommended trial: the most accurate within the budget" in out
+    assert any(line.strip().startswith("│") and "*" in line for line in out.splitlines()), "a row is starred"

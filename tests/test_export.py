@@ -248,3 +248,20 @@ def test_int8_export_writes_both_models_and_checks_their_agreement(tiny: SearchC
         strict = replace(loose, min_int8_agreement=min(1.0, agreement + 0.05))
         with pytest.raises(RuntimeError, match="agrees with the FP32 model on only"):
             export_trial(base, int8[0].number, strict, tmp_path / "strict", command="python cli.py export")
+
+
+@pytest.mark.slow
+def test_the_card_of_an_unpruned_int8_export_names_what_ships(tiny: SearchConfig, tmp_path: Path) -> None:
+    study = _study(tiny)
+    int8 = [t for t in study.trials if t.user_attrs.get("recipe") == "unpruned int8"]
+    if not int8:
+        pytest.skip(f"INT8 is not searched on this machine: {study.user_attrs.get('int8_check')}")
+    settings = replace(QUICK, epochs=1, min_int8_agreement=0.5)
+    export_trial(load_study_baseline(study), int8[0].number, settings, tmp_path / "c", command="python cli.py export")
+    text = (tmp_path / "c" / "card.md").read_text()
+    title = text.splitlines()[0]
+    assert "unpruned, INT8" in title and " pruned" not in title
+    files = next(line for line in text.splitlines() if line.startswith("| files |"))
+    assert "model.int8.onnx" in files and "`model.int8.onnx` is what ships" in files
+    assert "InferenceSession('model.int8.onnx')" in text
+    assert "| fine-tune | 1 epoch (" in text

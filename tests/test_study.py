@@ -173,3 +173,30 @@ def test_budget_below_the_fastest_policy_is_refused_before_any_study_exists(conf
     assert "ms" in str(err.value)
     storage = optuna.storages.RDBStorage(config.storage_url)
     assert "tiny" not in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+
+
+@pytest.mark.slow
+def test_a_baseline_near_chance_is_warned_about_and_the_trained_one_is_not(
+    config: SearchConfig, tmp_path: Path
+) -> None:
+    import torch
+
+    from search.models.build import build_model
+
+    untrained = tmp_path / "untrained.pth"
+    torch.manual_seed(1)
+    torch.save(build_model("resnet18", 10).state_dict(), untrained)  # weights that never saw these digits
+    quick = replace(config, trials=1, precisions=("fp32",))
+    reporter = RecordingReporter()
+    run_search(replace(quick, weights=str(untrained), study="chance"), reporter)
+    near = [w for w in reporter.warnings if "near chance" in w]
+    assert len(near) == 1 and "classes in this order (0, 1, 2, 3, 4, 5, ...)" in near[0]
+    reporter = RecordingReporter()
+    run_search(replace(quick, study="trained"), reporter)
+    assert not [w for w in reporter.warnings if "near chance" in w]
+
+
+def test_an_unknown_model_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    config = SearchConfig(budget_ms=30, model="resnet9000", data=DataSpec(f"imagefolder:{tmp_path / 'absent'}"))
+    with pytest.raises(UsageError, match="unknown model 'resnet9000'"):
+        run_search(config)

@@ -126,6 +126,9 @@ def front_table(title: str, shown: list[Row], *, budget_ms: float, recommended: 
             mark,
             Text(label),
         )
+    if recommended is not None and any(r.number == recommended.number for r in shown):
+        table.caption = "* the recommended trial: the most accurate within the budget"
+        table.caption_justify = "left"
     return table
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "KNOWN_MODELS",
     "ModelSpec",
     "build_model",
+    "check_model_name",
     "classifier_name",
     "model_family",
 ]
@@ -56,7 +57,20 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         return _build_known(spec, num_classes)
     if ":" in name:
         return _build_custom(name, num_classes)
-    raise UsageError(
+    raise _unknown(name)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse an unknown ``--model`` (or a factory that does not import) before any data is loaded."""
+    if name in KNOWN_MODELS:
+        return
+    if ":" not in name:
+        raise _unknown(name)
+    _import_factory(name)
+
+
+def _unknown(name: str) -> UsageError:
+    return UsageError(
         f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}, or give a factory as package.module:function"
     )
 

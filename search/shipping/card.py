@@ -9,6 +9,8 @@ from typing import Any
 
 import optuna
 
+from search.pruning.policy import Policy
+
 __all__ = ["attach_artifacts", "card_markdown"]
 
 
@@ -44,10 +46,15 @@ def _int8_rows(card: dict[str, Any]) -> list[str]:
 
 def card_markdown(card: dict[str, Any]) -> str:
     acc, lat, ft = card["accuracy"], card["latency"], card["finetune"]
-    mb = {k: v / 1e6 for k, v in card["files"].items()}
+    files = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in card["files"].items())
     on = f"{acc['split']} ({acc['images']} images)" if "images" in acc else acc["split"]
+    what = "unpruned" if Policy.from_dict(card["policy"]).is_unpruned else "pruned"
+    if card.get("precision") == "int8":
+        what += ", INT8"
+    shipped = "model.int8.onnx" if card.get("precision") == "int8" else "model.onnx"
+    epochs = f"{ft['epochs']:g} epoch{'' if ft['epochs'] == 1 else 's'}"
     lines = [
-        f"# {card['baseline']['model']} pruned: study {card['study']}, trial {card['trial']}",
+        f"# {card['baseline']['model']} {what}: study {card['study']}, trial {card['trial']}",
         "",
         f"Exported {card['created']} by `{card['command']}`.",
         "",
@@ -61,11 +68,10 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"| baseline latency, same run | {lat['baseline_median_ms']:.2f} ms (ratio {lat['ratio']:.3f}) |",
         f"| budget | {card['budget_ms']} ms (drift-corrected: {lat['corrected_ms']:.2f} ms) |",
         f"| MACs / params | {card['macs'] / 1e6:.1f} M / {card['params'] / 1e6:.2f} M |",
-        f"| files | model.onnx {mb['model.onnx']:.1f} MB, model.pt {mb['model.pt']:.1f} MB, "
-        f"model.torchscript.pt {mb['model.torchscript.pt']:.1f} MB |",
+        f"| files | {files}; `{shipped}` is what ships |",
         f"| ONNX check | max abs diff {card['onnx_check']['max_abs_diff']:.2e}, top-1 agreement "
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
-        f"| fine-tune | {ft['epochs']:g} epochs ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, "
+        f"| fine-tune | {epochs} ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, "
         f"{ft['seconds']} s |",
         *_int8_rows(card),
         f"| data | {card['data']['source']} at {card['data']['input_size']}px |",
@@ -77,8 +83,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         json.dumps(card["policy"], indent=2),
         "```",
         "",
-        "Load it: `onnxruntime.InferenceSession('model.onnx')`, `torch.jit.load('model.torchscript.pt')`, "
-        "or `search.shipping.model_file.load_pruned('model.pt')`.",
+        f"Load it: `onnxruntime.InferenceSession('{shipped}')`, or the FP32 model in PyTorch: "
+        "`torch.jit.load('model.torchscript.pt')` or `search.shipping.model_file.load_pruned('model.pt')`.",
         "",
     ]
     return "\n".join(lines)

@@ -61,6 +61,7 @@ def create_study(
     reporter.phase("evaluate the baseline")
     accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=reporter)
     reporter.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
+    _warn_near_chance(accuracy, data, reporter)
     study = optuna.create_study(
         study_name=config.study_name,
         storage=storage,
@@ -131,6 +132,22 @@ def _check_budget(
         reporter.warn(
             f"the unpruned model already meets the budget ({base.median_ms:.2f} <= {config.budget_ms:g} ms): "
             f"the search can only trade accuracy for more speed"
+        )
+
+
+NEAR_CHANCE = 1.5
+"""A baseline whose top-1 is below this many times chance (1 / classes) is warned about."""
+
+
+def _warn_near_chance(accuracy: float, data: Dataset, reporter: Reporter) -> None:
+    """Say so when the baseline scores near chance: most often weights whose class order is not the data's."""
+    chance = 1 / data.num_classes
+    if data.num_classes > 1 and accuracy < NEAR_CHANCE * chance:
+        shown = ", ".join(data.classes[:6]) + (", ..." if data.num_classes > 6 else "")
+        reporter.warn(
+            f"the baseline's top-1 on {data.name} val is {accuracy:.1%}, near chance ({chance:.1%} for "
+            f"{data.num_classes} classes): check that --weights were trained on this data with the classes in "
+            f"this order ({shown}) and with the same --mean/--std"
         )
 
 

@@ -21,7 +21,7 @@ from search.data.loading import load_dataset
 from search.errors import UsageError
 from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
 from search.measuring.timing import LatencySettings
-from search.models.build import model_family
+from search.models.build import check_model_name, model_family
 from search.progress import NullReporter, Reporter
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, default_space_path, load_space
@@ -72,6 +72,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     The study's hardware fingerprint is the timer's.
     """
     reporter = reporter or NullReporter()
+    check_model_name(config.model)  # before any data is loaded
     timer = timer or LocalTimer(LatencySettings(threads=config.threads))
     if timer.threads != config.threads:
         raise UsageError(
@@ -112,7 +113,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
         check_resumable(study, settings, config)
         check_same_hardware(study, hardware, config.study_name)
         use_study_heartbeat(storage, study, config.heartbeat_seconds)
-        reporter.info(f"Resuming study {config.study_name!r} ({len(study.trials)} trials so far)")
+        reporter.info(f"Resuming study {config.study_name!r} ({study_progress(study).finished} trials so far)")
     ctx, config = _trial_context(study, config, data, space, baseline, meter, hardware, reporter)
     ran, interrupted, stopped = _run_trials(study, ctx, config, reporter)
     return SearchResult(
