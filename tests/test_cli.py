@@ -165,3 +165,18 @@ def test_the_front_table_says_what_its_star_means(tiny_study: dict[str, str]) ->
     out = tiny_study["first_out"]
     assert "* the recommended trial: the most accurate within the budget" in out
     assert any(line.strip().startswith("│") and "*" in line for line in out.splitlines()), "a row is starred"
+
+
+@pytest.mark.slow
+def test_paths_that_cannot_be_written_are_one_line_errors(tiny_study: dict[str, str], tmp_path: Path) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder")
+    studies = ["--study", "cli-tiny", "--studies-dir", tiny_study["studies"]]
+    for args in (
+        ["search", "--budget-ms", "30", "--studies-dir", "/proc/studies"],
+        ["search", "--budget-ms", "30", "--studies-dir", f"{afile}/studies"],
+        ["search", "--budget-ms", "30", "--storage", "sqlite:////proc/nodir/x.db"],
+        ["pareto", *studies, "--plot", "/proc/nodir/p.png"],
+        ["export", *studies, "--best", "--epochs", "0", "--out", "/proc/nodir/out"],
+    ):
+        assert_usage_error(run_main(*args))

@@ -200,3 +200,12 @@ def test_an_unknown_model_is_refused_before_any_data_is_read(tmp_path: Path) -> 
     config = SearchConfig(budget_ms=30, model="resnet9000", data=DataSpec(f"imagefolder:{tmp_path / 'absent'}"))
     with pytest.raises(UsageError, match="unknown model 'resnet9000'"):
         run_search(config)
+
+
+@pytest.mark.slow
+def test_recipes_left_queued_when_trials_run_out_are_reported(config: SearchConfig) -> None:
+    reporter = RecordingReporter()
+    result = run_search(replace(config, trials=2, precisions=("fp32",), study="short"), reporter)
+    waiting = result.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 2, "four recipes were enqueued, two trials ran"
+    assert any(line.startswith("2 enqueued policies were not run") for line in reporter.infos), reporter.infos

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,22 +27,46 @@ from search.study.origin import origin
 __all__ = ["RichReporter", "export_summary", "front_table", "show_trial"]
 
 
+LOG_EVERY_S = 30.0
+"""Off a terminal (a log, a pipe) the bars do not draw: each task prints a plain line this often instead."""
+
+
 class _RichTask:
-    def __init__(self, progress: Progress, task: TaskID) -> None:
-        self._progress = progress
+    def __init__(self, reporter: RichReporter, task: TaskID, description: str) -> None:
+        self._reporter = reporter
+        self._progress = reporter.progress
         self._task = task
+        self._description = description
+        self._started = self._last = time.monotonic()
 
     def advance(self, steps: int = 1, **fields: Any) -> None:
         extra = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
         self._progress.update(self._task, advance=steps, extra=extra)
+        now = time.monotonic()
+        if not self._reporter.console.is_terminal and now - self._last >= self._reporter.log_every:
+            self._last = now
+            self._reporter.console.print(self._line(now, extra), highlight=False, markup=False)
+
+    def _line(self, now: float, extra: str) -> str:
+        task = self._progress.tasks[[t.id for t in self._progress.tasks].index(self._task)]
+        done, total = task.completed, task.total
+        elapsed = now - self._started
+        parts = [f"{self._description}: {done:g}" + (f"/{total:g} ({done / total:.0%})" if total else "")]
+        parts.append(f"{elapsed:.0f} s")
+        if total and done:
+            parts.append(f"about {elapsed * (total - done) / done:.0f} s left")
+        if extra:
+            parts.append(extra)
+        return ", ".join(parts)
 
 
 class RichReporter:
     """Live progress bars plus log lines printed above them."""
 
-    def __init__(self, console: Console, *, verbose: bool = True) -> None:
+    def __init__(self, console: Console, *, verbose: bool = True, log_every: float = LOG_EVERY_S) -> None:
         self.console = console
         self.verbose = verbose
+        self.log_every = log_every
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -81,7 +106,7 @@ class RichReporter:
     def task(self, description: str, total: int | None) -> Iterator[_RichTask]:
         task = self.progress.add_task(description, total=total, extra="")
         try:
-            yield _RichTask(self.progress, task)
+            yield _RichTask(self, task, description)
         finally:
             if description == "trials":
                 self.progress.update(task, visible=True)

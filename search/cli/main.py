@@ -75,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]Interrupted.[/] Nothing was lost: run the same command again to resume the study.")
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a path given on the command line that cannot be made, read or written
+        where = f" {exc.filename}" if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        message = f"cannot use{where}: {reason}; check the paths given (--studies-dir, --storage, --out, --plot)"
+        err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

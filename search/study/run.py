@@ -245,6 +245,12 @@ def _run_trials(
             progress.advance(done - shown)
             shown = done
     now = study_progress(study)
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if waiting and now.finished >= config.trials:
+        reporter.info(
+            f"{waiting} enqueued polic{'y was' if waiting == 1 else 'ies were'} not run (the study reached --trials "
+            "first); they stay queued in the study (the dashboard shows them waiting) and run if --trials is raised"
+        )
     if now.over_budget:
         reporter.info(
             f"{now.over_budget} sampled policies were over the budget: measured and recorded, "

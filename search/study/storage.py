@@ -53,7 +53,13 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBSto
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
         if str(path) and path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot create the folder {path.parent} for storage {masked(url)!r}: {exc.strerror or exc}; "
+                    "pick a writable --studies-dir or --storage"
+                ) from None
     try:
         return _rdb_storage(url, heartbeat_seconds)
     except ModuleNotFoundError as exc:
