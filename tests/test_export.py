@@ -265,3 +265,32 @@ def test_the_card_of_an_unpruned_int8_export_names_what_ships(tiny: SearchConfig
     assert "model.int8.onnx" in files and "`model.int8.onnx` is what ships" in files
     assert "InferenceSession('model.int8.onnx')" in text
     assert "| fine-tune | 1 epoch (" in text
+
+
+def test_parity_is_judged_relative_to_the_logits_scale(digits32) -> None:
+    """Large logits round more in absolute terms: a correct export must pass however large they are."""
+    import torch
+
+    from search.measuring.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e5)  # logits in the thousands and more, as an untempered large model gives
+    onnx_model = export_onnx(model, digits32.example_input(), dynamic_batch=True)
+    result = check_parity(model, onnx_model, digits32, "val", QUICK, threads=1)
+    assert result["max_abs_diff"] > QUICK.max_abs_diff, "an absolute bar alone would have refused it"
+    assert result["max_rel_diff"] < QUICK.max_rel_diff and result["top1_agreement"] >= 0.99
+
+
+@pytest.mark.slow
+def test_a_failed_check_leaves_nothing_in_the_export_folder(tiny: SearchConfig, tmp_path: Path) -> None:
+    base = load_study_baseline(_study(tiny))
+    impossible = replace(QUICK, max_abs_diff=0.0, max_rel_diff=0.0)  # no export can meet it
+    with pytest.raises(UsageError, match=r"ONNX Runtime disagrees with PyTorch.*nothing was exported"):
+        export_trial(base, 3, impossible, tmp_path / "out" / "trial-3", command="python cli.py export")
+    assert not (tmp_path / "out" / "trial-3").exists(), "no model.onnx a user or bench could take for verified"
+    card = export_trial(base, 3, QUICK, tmp_path / "out" / "trial-3", command="python cli.py export")
+    assert card["onnx_check"]["max_rel_diff"] <= QUICK.max_rel_diff
+    assert (tmp_path / "out" / "trial-3" / "model.onnx").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["trial-3"], "no partial folder left behind"

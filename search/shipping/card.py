@@ -44,6 +44,10 @@ def _int8_rows(card: dict[str, Any]) -> list[str]:
     ]
 
 
+def _relative(check: dict[str, Any]) -> str:
+    return f" ({check['max_rel_diff']:.1e} of the logits' scale)" if "max_rel_diff" in check else ""
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     acc, lat, ft = card["accuracy"], card["latency"], card["finetune"]
     files = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in card["files"].items())
@@ -69,7 +73,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"| budget | {card['budget_ms']} ms (drift-corrected: {lat['corrected_ms']:.2f} ms) |",
         f"| MACs / params | {card['macs'] / 1e6:.1f} M / {card['params'] / 1e6:.2f} M |",
         f"| files | {files}; `{shipped}` is what ships |",
-        f"| ONNX check | max abs diff {card['onnx_check']['max_abs_diff']:.2e}, top-1 agreement "
+        f"| ONNX check | max abs diff {card['onnx_check']['max_abs_diff']:.2e}"
+        f"{_relative(card['onnx_check'])}, top-1 agreement "
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
         f"| fine-tune | {epochs} ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, "
         f"{ft['seconds']} s |",

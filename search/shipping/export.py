@@ -77,7 +77,7 @@ def export_trial(
     reporter = reporter or NullReporter()
     trial = finished_trial(base.study, number)
     timer = _timer_for(base, timer)
-    _prepare(out_dir, force, reporter)
+    work = _prepare(out_dir, force, reporter)  # moved into place once every check has passed
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     row = next(r for r in rows(base.study) if r.number == number)
@@ -92,15 +92,15 @@ def export_trial(
 
     reporter.phase(f"trial {number}: fine-tune")
     t = time.perf_counter()
-    tuned = _finetune(base, model, number, settings, split, out_dir / "finetune-state.pt", reporter)
+    tuned = _finetune(base, model, number, settings, split, work / "finetune-state.pt", reporter)
     seconds["finetune"] = time.perf_counter() - t
 
     checked = _export_and_check(base, model, trial, settings, split, seconds, reporter)
-    (out_dir / "model.onnx").write_bytes(checked.onnx)
+    (work / "model.onnx").write_bytes(checked.onnx)
     shipped = checked.onnx
     if checked.int8 is not None:
-        (out_dir / "model.int8.onnx").write_bytes(checked.int8.pop("onnx"))
-        shipped = fix_batch((out_dir / "model.int8.onnx").read_bytes())
+        (work / "model.int8.onnx").write_bytes(checked.int8.pop("onnx"))
+        shipped = fix_batch((work / "model.int8.onnx").read_bytes())
 
     reporter.phase(f"trial {number}: latency")
     t = time.perf_counter()
@@ -113,15 +113,16 @@ def export_trial(
         checked.int8["fp32_after_finetune"] = tuned.after
     seconds["latency"] = time.perf_counter() - t
 
-    save_pruned(out_dir / "model.pt", model, base, trial)
-    save_torchscript(out_dir / "model.torchscript.pt", model, base.data)
-    (out_dir / "finetune-state.pt").unlink(missing_ok=True)
+    save_pruned(work / "model.pt", model, base, trial)
+    save_torchscript(work / "model.torchscript.pt", model, base.data)
+    (work / "finetune-state.pt").unlink(missing_ok=True)
     seconds["total"] = time.perf_counter() - started
-    card = _card(base, trial, row, model, out_dir, settings, split, baseline_top1, tuned, checked, measured, timer)
+    card = _card(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["command"] = command
-    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    (out_dir / "card.md").write_text(card_markdown(card))
+    (work / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (work / "card.md").write_text(card_markdown(card))
+    _move_into_place(work, out_dir)
     return card
 
 
@@ -143,18 +144,33 @@ def _timer_for(base: StudyBaseline, timer: Timer | None) -> Timer:
     return timer
 
 
-def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> None:
-    """An empty ``out_dir``, or an unfinished export in it to resume; never a finished export overwritten."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if force:
-            shutil.rmtree(out_dir)
-        elif (out_dir / "card.json").exists():
+def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> Path:
+    """The folder an export is written in before it is moved to ``out_dir`` (resumed if unfinished).
+
+    A finished export in ``out_dir`` is replaced only with ``force``, and only once the new one has
+    passed every check; a failed export leaves nothing in ``out_dir`` a user could take for a verified one.
+    """
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        if (out_dir / "card.json").exists():
             raise UsageError(f"{out_dir} already holds an export; pass --force to replace it or --out elsewhere")
-        elif not (out_dir / "finetune-state.pt").exists():
-            raise UsageError(f"{out_dir} exists and is not an unfinished export; pass --force or --out elsewhere")
-        else:
-            reporter.info(f"Resuming the unfinished export in {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise UsageError(f"{out_dir} exists and is not an export; pass --force or --out elsewhere")
+    work = _partial(out_dir)
+    if (work / "finetune-state.pt").exists():
+        reporter.info(f"Resuming the unfinished export in {work}")
+    elif work.exists():
+        shutil.rmtree(work)  # what a failed export left: nothing in it passed its checks
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _partial(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.partial")
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # --force, or an empty folder
+    work.rename(out_dir)
 
 
 def _baseline_top1(base: StudyBaseline, split: str, limit: int | None, reporter: Reporter) -> float:

@@ -18,7 +18,9 @@ class ExportSettings:
     train_dtype: str = "auto"
     seed: int = 0
     max_abs_diff: float = 1e-3
-    """ONNX Runtime and PyTorch logits may differ by at most this much."""
+    """ONNX Runtime and PyTorch logits may differ by this much, or by ``max_rel_diff`` of the logits' scale."""
+    max_rel_diff: float = 1e-3
+    """...relative to the largest logit magnitude seen (deeper models and larger logits round more)."""
     min_agreement: float = 0.99
     """...and must agree on the top-1 class for at least this fraction of checked images."""
     parity_images: int = 128
