@@ -209,3 +209,11 @@ def test_recipes_left_queued_when_trials_run_out_are_reported(config: SearchConf
     waiting = result.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert len(waiting) == 2, "four recipes were enqueued, two trials ran"
     assert any(line.startswith("2 enqueued policies were not run") for line in reporter.infos), reporter.infos
+
+
+@pytest.mark.slow
+def test_a_refused_first_run_leaves_no_empty_database_behind(config: SearchConfig) -> None:
+    refused = replace(config, budget_ms=1e-6, precisions=("fp32",), study="refused")
+    with pytest.raises(UsageError, match="below the fastest policy"):
+        run_search(refused)
+    assert not Path(refused.storage_url.removeprefix("sqlite:///")).exists()

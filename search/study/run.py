@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search.data.dataset import Dataset
@@ -40,7 +41,7 @@ from search.study.coordination import progress as study_progress
 from search.study.create import create_study, sampler
 from search.study.origin import is_enqueued, origin
 from search.study.settings import check_resumable, finetune_settings, quantize_settings, settings_that_must_match
-from search.study.storage import HEARTBEAT_SECONDS, load_existing, open_storage
+from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
 from search.study.trial import LATENCY_AT_CREATION, TrialContext, run_trial
 from search.target.client import TargetLost
 from search.training.baseline import Baseline, prepare_baseline
@@ -79,7 +80,18 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
             f"the latency target {timer.where} times with {timer.threads} thread(s), not --threads {config.threads}; "
             f"pass --threads {timer.threads} or start the target with --threads {config.threads}"
         )
+    new_file = new_sqlite_file(config.storage_url)
     storage = open_storage(config.storage_url, config.heartbeat_seconds or HEARTBEAT_SECONDS)
+    try:
+        return _search(config, storage, reporter, timer)
+    except BaseException:
+        if new_file is not None:  # a refused or interrupted first run leaves no empty database behind
+            discard_if_empty(storage, new_file)
+        raise
+
+
+def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
+    """:func:`run_search` once the storage is open."""
     data, space = _data_and_space(config, reporter)
     cache_dir = Path(config.studies_dir) / "cache"
     adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
@@ -109,7 +121,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
         study = wait_until_ready(storage, config.study_name, reporter)
         stored_sha = (study.user_attrs.get("settings") or {}).get("baseline_sha256")
         if baseline.sha256 != stored_sha and adopt_baseline(storage, config, data, cache_dir, reporter):
-            return run_search(config, reporter)  # lost the creation race with a baseline trained here: use the study's
+            return run_search(config, reporter, timer=timer)  # lost the creation race: use the study's baseline
         check_resumable(study, settings, config)
         check_same_hardware(study, hardware, config.study_name)
         use_study_heartbeat(storage, study, config.heartbeat_seconds)

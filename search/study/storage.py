@@ -12,7 +12,15 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UsageError
 
-__all__ = ["default_storage_url", "load_existing", "masked", "open_storage", "open_study"]
+__all__ = [
+    "default_storage_url",
+    "discard_if_empty",
+    "load_existing",
+    "masked",
+    "new_sqlite_file",
+    "open_storage",
+    "open_study",
+]
 
 HEARTBEAT_SECONDS = 60
 """Default heartbeat: a running trial whose worker has been silent for 2x this long is marked failed.
@@ -68,6 +76,25 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBSto
     except Exception as exc:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot open storage {masked(url)!r}: {_without_password(reason, url)}") from None
+
+
+def new_sqlite_file(url: str) -> Path | None:
+    """The SQLite file ``url`` names when it does not exist yet (opening the storage will create it), else None."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url[len("sqlite:///") :])
+    return None if not str(path) or path.exists() else path
+
+
+def discard_if_empty(storage: RDBStorage, path: Path) -> None:
+    """Remove the SQLite file at ``path`` that opening ``storage`` created, if no study was stored in it."""
+    try:
+        if optuna.get_all_study_summaries(storage, include_best_trial=False):
+            return
+        storage.engine.dispose()
+    except Exception:  # the file is unreadable or locked: keep it rather than lose anything
+        return
+    path.unlink(missing_ok=True)
 
 
 def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
