@@ -339,3 +339,17 @@ def test_real_cifar10_image_folder() -> None:
     x, y = batches[0]
     assert x.shape == (100, 3, 32, 32) and int(y.max()) < 10
     assert abs(float(x.mean())) < 1.0
+
+
+def test_a_folder_of_small_images_without_input_size_is_named_once(tmp_path: Path) -> None:
+    for k, name in enumerate(("cat", "dog")):
+        for i in range(3):
+            _write_image(tmp_path / name / f"{i}.png", (80 * k, 60, 90), size=(32, 32))
+    reporter = RecordingReporter()
+    data = load_dataset(DataSpec(f"imagefolder:{tmp_path}"), reporter)
+    assert data.input_size == 224, "the default still applies"
+    said = [w for w in reporter.warnings if "far smaller than the default input size 224" in w]
+    assert len(said) == 1 and "--input-size 32" in said[0]
+    reporter = RecordingReporter()
+    load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=32), reporter)
+    assert not [w for w in reporter.warnings if "far smaller" in w], "not when the size was chosen"

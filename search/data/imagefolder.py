@@ -56,6 +56,8 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
     """
     classes, lists = _imagefolder_lists(root, spec, reporter)
     size = input_size(spec, "imagefolder")
+    if spec.input_size is None:
+        _say_when_far_smaller(lists["train"], size, reporter)
     total = sum(len(f.files) for f in lists.values())
     needed = total * 3 * size * size
     if needed > MAX_MEMORY_BYTES:
@@ -90,6 +92,27 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
     return Dataset(
         "imagefolder", classes, train, val, splits["test"], size, mean, std, flip=True, fingerprint=fingerprint(payload)
     )
+
+
+SMALL_IMAGE_FACTOR = 3
+"""Images whose longer side is this many times below the default input size are named once."""
+
+
+def _say_when_far_smaller(files: _FileList, size: int, reporter: Reporter) -> None:
+    """Warn once when ``--input-size`` was left to its default and the images are far smaller."""
+    if not files.files:
+        return
+    try:
+        with Image.open(files.root / files.files[0]) as image:
+            width, height = image.size
+    except (OSError, ValueError):
+        return  # an unreadable file is reported when the images are decoded
+    if max(width, height) * SMALL_IMAGE_FACTOR <= size:
+        reporter.warn(
+            f"the images are {width}x{height} (the first training image), far smaller than the default input "
+            f"size {size}: each is upscaled {size / max(width, height):.0f}x, which makes every latency larger; "
+            f"pass --input-size {max(width, height)} to search at their own size"
+        )
 
 
 def _split_folders(root: Path) -> set[str]:
