@@ -264,7 +264,13 @@ def test_the_card_of_an_unpruned_int8_export_names_what_ships(tiny: SearchConfig
     files = next(line for line in text.splitlines() if line.startswith("| files |"))
     assert "model.int8.onnx" in files and "`model.int8.onnx` is what ships" in files
     assert "InferenceSession('model.int8.onnx')" in text
-    assert "| fine-tune | 1 epoch (" in text
+    assert "| fine-tune | none: nothing was pruned" in text, "an unpruned policy keeps the baseline's weights"
+    card = json.loads((tmp_path / "c" / "card.json").read_text())
+    assert card["finetune"]["steps"] == 0 and card["accuracy"]["after_finetune"] == card["accuracy"]["before_finetune"]
+
+    asked = replace(settings, finetune_unpruned=True)
+    export_trial(load_study_baseline(study), int8[0].number, asked, tmp_path / "d", command="python cli.py export")
+    assert "| fine-tune | 1 epoch (" in (tmp_path / "d" / "card.md").read_text(), "unless asked"
 
 
 def test_parity_is_judged_relative_to_the_logits_scale(digits32) -> None:

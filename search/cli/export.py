@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"distillation weight from the unpruned model (default: {EXPORT_DEFAULTS.distill})",
     )
     parser.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument(
+        "--finetune-unpruned",
+        action="store_true",
+        help="fine-tune a policy that prunes nothing too (by default it keeps the baseline's weights)",
+    )
     parser.add_argument("--out", help="output folder (default: studies/<study>/export)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
     parser.add_argument("--weights", help="a copy of the study's baseline file, if it moved (checked by hash)")
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         distill=args.distill,
         train_dtype=args.train_dtype,
         seed=args.seed,
+        finetune_unpruned=args.finetune_unpruned,
     )
     out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
     command = "python cli.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -57,6 +57,11 @@ def card_markdown(card: dict[str, Any]) -> str:
         what += ", INT8"
     shipped = "model.int8.onnx" if card.get("precision") == "int8" else "model.onnx"
     epochs = f"{ft['epochs']:g} epoch{'' if ft['epochs'] == 1 else 's'}"
+    finetuned = (
+        f"| fine-tune | {epochs} ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, {ft['seconds']} s |"
+    )
+    if ft.get("skipped"):
+        finetuned = f"| fine-tune | none: {ft['skipped']}, so it keeps the baseline's weights (`--finetune-unpruned`) |"
     lines = [
         f"# {card['baseline']['model']} {what}: study {card['study']}, trial {card['trial']}",
         "",
@@ -76,8 +81,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"| ONNX check | max abs diff {card['onnx_check']['max_abs_diff']:.2e}"
         f"{_relative(card['onnx_check'])}, top-1 agreement "
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
-        f"| fine-tune | {epochs} ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, "
-        f"{ft['seconds']} s |",
+        finetuned,
         *_int8_rows(card),
         f"| data | {card['data']['source']} at {card['data']['input_size']}px |",
         f"| hardware | {card['hardware']['cpu']}, onnxruntime {card['hardware']['onnxruntime']} |",

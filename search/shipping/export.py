@@ -29,6 +29,7 @@ from search.measuring.onnx_export import export_onnx, fix_batch
 from search.measuring.timing import Latency, LatencySettings
 from search.progress import NullReporter, Reporter
 from search.pruning.channels import layer_channels
+from search.pruning.policy import Policy
 from search.shipping.card import card_markdown
 from search.shipping.checks import check_parity, quantize_and_check
 from search.shipping.model_file import save_pruned, save_torchscript
@@ -47,6 +48,8 @@ class _FineTuned:
     after: float
     settings: TrainSettings
     result: FinetuneResult
+    skipped: bool = False
+    """Not fine-tuned: the policy prunes nothing (and fine-tuning it was not asked for)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,8 @@ def export_trial(
 
     reporter.phase(f"trial {number}: fine-tune")
     t = time.perf_counter()
-    tuned = _finetune(base, model, number, settings, split, work / "finetune-state.pt", reporter)
+    unpruned = Policy.from_dict(trial.user_attrs["policy"]).is_unpruned
+    tuned = _finetune(base, model, number, settings, split, work / "finetune-state.pt", reporter, unpruned)
     seconds["finetune"] = time.perf_counter() - t
 
     checked = _export_and_check(base, model, trial, settings, split, seconds, reporter)
@@ -192,15 +196,26 @@ def _finetune(
     split: str,
     state: Path,
     reporter: Reporter,
+    unpruned: bool = False,
 ) -> _FineTuned:
-    """BatchNorm recalibration (unless resuming), top-1, whole epochs of fine-tuning, top-1 again."""
+    """BatchNorm recalibration (unless resuming), top-1, whole epochs of fine-tuning, top-1 again.
+
+    A policy that prunes nothing keeps the baseline's weights unless ``settings.finetune_unpruned``.
+    """
     data = base.data
-    if not state.exists():
+    skip = unpruned and not settings.finetune_unpruned
+    if skip:
+        reporter.info(
+            f"Trial {number} prunes nothing: it keeps the baseline's weights, not fine-tuned "
+            "(pass --finetune-unpruned to fine-tune it anyway)"
+        )
+    elif not state.exists():
         recalibrate_batchnorm(model, data, batches=8, seed=settings.seed)
     before = top1(model, data, split, limit=settings.test_images, reporter=reporter)
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
+    planned = settings.steps if settings.steps is not None else max(1, round(settings.epochs * steps_per_epoch))
     train_settings = TrainSettings(
-        steps=settings.steps if settings.steps is not None else max(1, round(settings.epochs * steps_per_epoch)),
+        steps=0 if skip else planned,
         batch_size=settings.batch_size,
         lr=settings.lr,
         distill=settings.distill,
@@ -217,8 +232,8 @@ def _finetune(
         steps_per_epoch=steps_per_epoch,
         checkpoint=state,
     )
-    after = top1(model, data, split, limit=settings.test_images, reporter=reporter)
-    return _FineTuned(before=before, after=after, settings=train_settings, result=result)
+    after = before if skip else top1(model, data, split, limit=settings.test_images, reporter=reporter)
+    return _FineTuned(before=before, after=after, settings=train_settings, result=result, skipped=skip)
 
 
 def _export_and_check(
@@ -286,6 +301,7 @@ def _card(
             "steps": tuned.settings.steps,
             "seconds": round(tuned.result.seconds, 1),
             "images_per_second": round(tuned.result.images_per_second, 1),
+            "skipped": "nothing was pruned" if tuned.skipped else None,
         },
         "latency": {
             "median_ms": round(measured.median_ms, 4),
