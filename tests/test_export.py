@@ -300,3 +300,38 @@ def test_a_failed_check_leaves_nothing_in_the_export_folder(tiny: SearchConfig, 
     assert card["onnx_check"]["max_rel_diff"] <= QUICK.max_rel_diff
     assert (tmp_path / "out" / "trial-3" / "model.onnx").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["trial-3"], "no partial folder left behind"
+
+
+def test_the_best_epoch_on_val_is_kept_when_fine_tuning_makes_it_worse(
+    digits32, trained_weights: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from search.shipping.best_epoch import BestEpoch
+    from search.training.evaluate import top1
+
+    model = build_model("resnet18", 10)
+    model.load_state_dict(torch.load(trained_weights, weights_only=True))
+    model.eval()
+    epochs = BestEpoch(tmp_path, digits32)
+    epochs.consider(0, model)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn_like(model.fc.weight))  # an epoch that ruined the classifier
+    epochs.consider(1, model)
+    assert epochs.scores[1] < epochs.scores[0]
+    assert epochs.restore(model) == 0
+    assert top1(model, digits32, "val") == epochs.scores[0], "the kept weights are epoch 0's"
+    resumed = BestEpoch(tmp_path, digits32)
+    assert resumed.scores == epochs.scores, "a resumed export remembers the scores"
+    epochs.discard()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_the_card_records_the_epochs_scored_on_val_and_the_one_kept(tiny: SearchConfig, tmp_path: Path) -> None:
+    card = export_trial(load_study_baseline(_study(tiny)), 2, QUICK, tmp_path / "e", command="python cli.py export")
+    scores = card["finetune"]["val_top1_by_epoch"]
+    assert set(scores) == {"0", "1"}, "before the fine-tune and after its one (partial) epoch"
+    assert str(card["finetune"]["kept_epoch"]) == max(sorted(scores, key=int), key=lambda e: scores[e])
+    assert "chosen on val" in (tmp_path / "e" / "card.md").read_text()
+    assert not [p.name for p in (tmp_path / "e").iterdir() if p.name.startswith("best-epoch")]

@@ -60,6 +60,14 @@ def card_markdown(card: dict[str, Any]) -> str:
     finetuned = (
         f"| fine-tune | {epochs} ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, {ft['seconds']} s |"
     )
+    if ft.get("kept_epoch") is not None:
+        scores = ft["val_top1_by_epoch"]
+        last = max(scores, key=int)
+        kept = str(ft["kept_epoch"])
+        choice = (
+            "the last" if kept == last else f"epoch {kept} (val top-1 {scores[kept]:.4f}; the last {scores[last]:.4f})"
+        )
+        finetuned = finetuned[:-2] + f", kept {choice}, chosen on val |"
     if ft.get("skipped"):
         finetuned = f"| fine-tune | none: {ft['skipped']}, so it keeps the baseline's weights (`--finetune-unpruned`) |"
     lines = [

@@ -30,6 +30,7 @@ from search.measuring.timing import Latency, LatencySettings
 from search.progress import NullReporter, Reporter
 from search.pruning.channels import layer_channels
 from search.pruning.policy import Policy
+from search.shipping.best_epoch import BestEpoch
 from search.shipping.card import card_markdown
 from search.shipping.checks import check_parity, quantize_and_check
 from search.shipping.model_file import save_pruned, save_torchscript
@@ -50,6 +51,10 @@ class _FineTuned:
     result: FinetuneResult
     skipped: bool = False
     """Not fine-tuned: the policy prunes nothing (and fine-tuning it was not asked for)."""
+    kept_epoch: int | None = None
+    """The epoch whose weights were kept: the best validation top-1 (0: before fine-tuning)."""
+    val_top1: dict[str, float] | None = None
+    """Validation top-1 after each epoch (``"0"``: before fine-tuning)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,9 @@ def _finetune(
         train_dtype=settings.train_dtype,
         seed=settings.seed,
     )
+    epochs = BestEpoch(state.parent, data, limit=settings.test_images)
+    if not skip and not state.exists():
+        epochs.consider(0, model)  # the recalibrated weights, before any step
     result = train(
         model,
         data,
@@ -231,9 +239,18 @@ def _finetune(
         description=f"fine-tune trial {number} ({settings.epochs:g} epochs, seed {settings.seed})",
         steps_per_epoch=steps_per_epoch,
         checkpoint=state,
+        after_epoch=None if skip else epochs.consider,
     )
+    kept = epochs.restore(model)
+    if kept is not None and kept != max(epochs.scores):
+        reporter.info(
+            f"Kept epoch {kept} of {max(epochs.scores)}: val top-1 {epochs.scores[kept]:.4f} against "
+            f"{epochs.scores[max(epochs.scores)]:.4f} for the last"
+        )
     after = before if skip else top1(model, data, split, limit=settings.test_images, reporter=reporter)
-    return _FineTuned(before=before, after=after, settings=train_settings, result=result, skipped=skip)
+    scores = {str(e): round(v, 4) for e, v in sorted(epochs.scores.items())}
+    epochs.discard()
+    return _FineTuned(before, after, train_settings, result, skipped=skip, kept_epoch=kept, val_top1=scores)
 
 
 def _export_and_check(
@@ -302,6 +319,8 @@ def _card(
             "seconds": round(tuned.result.seconds, 1),
             "images_per_second": round(tuned.result.images_per_second, 1),
             "skipped": "nothing was pruned" if tuned.skipped else None,
+            "kept_epoch": tuned.kept_epoch,
+            "val_top1_by_epoch": tuned.val_top1,
         },
         "latency": {
             "median_ms": round(measured.median_ms, 4),

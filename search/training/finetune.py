@@ -10,7 +10,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,12 +107,14 @@ def train(
     description: str = "fine-tune",
     steps_per_epoch: int | None = None,
     checkpoint: Path | None = None,
+    after_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> FinetuneResult:
     """Train ``model`` for ``settings.steps`` SGD steps on the training split.
 
     With ``checkpoint`` and ``steps_per_epoch``, the model, optimizer and schedule are saved at
     the end of every epoch, and a later call with the same arguments resumes after the last
-    saved epoch instead of starting again.
+    saved epoch instead of starting again. ``after_epoch(epoch, model)`` is called at the end of
+    every epoch (numbered from 1; a last, partial one counts), in eval mode, before it is saved.
     """
     reporter = reporter or NullReporter()
     if settings.steps == 0:
@@ -171,7 +173,12 @@ def train(
             loss_value = float(loss.detach())
             elapsed = time.perf_counter() - start
             task.advance(1, loss=loss_value, img_s=images / max(elapsed, 1e-9))
-            if checkpoint is not None and steps_per_epoch and (step + 1) % steps_per_epoch == 0:
+            epoch_ends = steps_per_epoch and (step + 1) % steps_per_epoch == 0
+            if after_epoch is not None and steps_per_epoch and (epoch_ends or step + 1 == settings.steps):
+                model.eval()
+                after_epoch(math.ceil((step + 1) / steps_per_epoch), model)
+                model.train()
+            if checkpoint is not None and epoch_ends:
                 _save_state(checkpoint, model, optimizer, scheduler, step + 1)
     model.eval()
     seconds = time.perf_counter() - start
