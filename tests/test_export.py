@@ -51,6 +51,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) -> Sea
     return config
 
 
+def _unpruned_int8(config: SearchConfig):
+    """The study and its "unpruned int8" trial, or a skip where INT8 is not searched on this machine."""
+    study = _study(config)
+    int8 = [t for t in study.trials if t.user_attrs.get("recipe") == "unpruned int8"]
+    if not int8:
+        pytest.skip(f"INT8 is not searched on this machine: {study.user_attrs.get('int8_check')}")
+    return study, int8[0].number
+
+
 def _study(config: SearchConfig):
     import optuna
 
@@ -224,16 +233,13 @@ def test_dashboard_serves_the_study_on_localhost(tiny: SearchConfig) -> None:
 
 @pytest.mark.slow
 def test_int8_export_writes_both_models_and_checks_their_agreement(tiny: SearchConfig, tmp_path: Path) -> None:
-    study = _study(tiny)
-    int8 = [t for t in study.trials if t.user_attrs.get("recipe") == "unpruned int8"]
-    if not int8:
-        pytest.skip(f"INT8 is not searched on this machine: {study.user_attrs.get('int8_check')}")
+    study, number = _unpruned_int8(tiny)
     base = load_study_baseline(study)
     # The tiny model is trained for a few dozen steps, so its logits have small margins and
     # INT8 flips more of its argmaxes than it would on a trained model: judge it by a loose
     # bar here and check below that the bar is enforced.
     loose = replace(QUICK, min_int8_agreement=0.5)
-    card = export_trial(base, int8[0].number, loose, tmp_path / "int8", command="python cli.py export")
+    card = export_trial(base, number, loose, tmp_path / "int8", command="python cli.py export")
     assert card["precision"] == "int8"
     assert (tmp_path / "int8" / "model.onnx").exists() and (tmp_path / "int8" / "model.int8.onnx").exists()
     agreement = card["int8"]["top1_agreement_with_fp32"]
@@ -247,17 +253,14 @@ def test_int8_export_writes_both_models_and_checks_their_agreement(tiny: SearchC
     if agreement < 0.99:
         strict = replace(loose, min_int8_agreement=min(1.0, agreement + 0.05))
         with pytest.raises(RuntimeError, match="agrees with the FP32 model on only"):
-            export_trial(base, int8[0].number, strict, tmp_path / "strict", command="python cli.py export")
+            export_trial(base, number, strict, tmp_path / "strict", command="python cli.py export")
 
 
 @pytest.mark.slow
 def test_the_card_of_an_unpruned_int8_export_names_what_ships(tiny: SearchConfig, tmp_path: Path) -> None:
-    study = _study(tiny)
-    int8 = [t for t in study.trials if t.user_attrs.get("recipe") == "unpruned int8"]
-    if not int8:
-        pytest.skip(f"INT8 is not searched on this machine: {study.user_attrs.get('int8_check')}")
+    study, number = _unpruned_int8(tiny)
     settings = replace(QUICK, epochs=1, min_int8_agreement=0.5)
-    export_trial(load_study_baseline(study), int8[0].number, settings, tmp_path / "c", command="python cli.py export")
+    export_trial(load_study_baseline(study), number, settings, tmp_path / "c", command="python cli.py export")
     text = (tmp_path / "c" / "card.md").read_text()
     title = text.splitlines()[0]
     assert "unpruned, INT8" in title and " pruned" not in title
@@ -269,7 +272,7 @@ def test_the_card_of_an_unpruned_int8_export_names_what_ships(tiny: SearchConfig
     assert card["finetune"]["steps"] == 0 and card["accuracy"]["after_finetune"] == card["accuracy"]["before_finetune"]
 
     asked = replace(settings, finetune_unpruned=True)
-    export_trial(load_study_baseline(study), int8[0].number, asked, tmp_path / "d", command="python cli.py export")
+    export_trial(load_study_baseline(study), number, asked, tmp_path / "d", command="python cli.py export")
     assert "| fine-tune | 1 epoch (" in (tmp_path / "d" / "card.md").read_text(), "unless asked"
 
 
