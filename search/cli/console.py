@@ -48,7 +48,7 @@ class _RichTask:
             self._reporter.console.print(self._line(now, extra), highlight=False, markup=False)
 
     def _line(self, now: float, extra: str) -> str:
-        task = self._progress.tasks[[t.id for t in self._progress.tasks].index(self._task)]
+        task = next(t for t in self._progress.tasks if t.id == self._task)
         done, total = task.completed, task.total
         elapsed = now - self._started
         parts = [f"{self._description}: {done:g}" + (f"/{total:g} ({done / total:.0%})" if total else "")]

@@ -48,6 +48,27 @@ def _relative(check: dict[str, Any]) -> str:
     return f" ({check['max_rel_diff']:.1e} of the logits' scale)" if "max_rel_diff" in check else ""
 
 
+def _finetune_row(ft: dict[str, Any]) -> str:
+    if ft.get("skipped"):
+        return f"| fine-tune | none: {ft['skipped']}, so it keeps the baseline's weights (`--finetune-unpruned`) |"
+    parts = [
+        f"{ft['epochs']:g} epoch{'' if ft['epochs'] == 1 else 's'} ({ft['steps']} steps)",
+        f"seed {ft['seed']}",
+        f"distill {ft['distill']}",
+        f"{ft['seconds']} s",
+    ]
+    scores = ft.get("val_top1_by_epoch")
+    if ft.get("kept_epoch") is not None and scores:
+        last, kept = max(scores, key=int), str(ft["kept_epoch"])
+        if kept == last:
+            parts.append("kept the last epoch, chosen on val")
+        else:
+            parts.append(
+                f"kept epoch {kept} (val top-1 {scores[kept]:.4f}; the last {scores[last]:.4f}), chosen on val"
+            )
+    return f"| fine-tune | {', '.join(parts)} |"
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     acc, lat, ft = card["accuracy"], card["latency"], card["finetune"]
     files = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in card["files"].items())
@@ -56,20 +77,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     if card.get("precision") == "int8":
         what += ", INT8"
     shipped = "model.int8.onnx" if card.get("precision") == "int8" else "model.onnx"
-    epochs = f"{ft['epochs']:g} epoch{'' if ft['epochs'] == 1 else 's'}"
-    finetuned = (
-        f"| fine-tune | {epochs} ({ft['steps']} steps), seed {ft['seed']}, distill {ft['distill']}, {ft['seconds']} s |"
-    )
-    if ft.get("kept_epoch") is not None:
-        scores = ft["val_top1_by_epoch"]
-        last = max(scores, key=int)
-        kept = str(ft["kept_epoch"])
-        choice = (
-            "the last" if kept == last else f"epoch {kept} (val top-1 {scores[kept]:.4f}; the last {scores[last]:.4f})"
-        )
-        finetuned = finetuned[:-2] + f", kept {choice}, chosen on val |"
-    if ft.get("skipped"):
-        finetuned = f"| fine-tune | none: {ft['skipped']}, so it keeps the baseline's weights (`--finetune-unpruned`) |"
+    finetuned = _finetune_row(ft)
     lines = [
         f"# {card['baseline']['model']} {what}: study {card['study']}, trial {card['trial']}",
         "",

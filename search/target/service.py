@@ -27,7 +27,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import secrets
 import ssl
 import threading
@@ -41,6 +40,7 @@ from typing import Any
 from search.measuring.hardware import fingerprint, fingerprint_id
 from search.measuring.timing import LatencySettings, measure, open_session
 from search.target.onnx_check import ModelRejected, check_self_contained
+from search.target.protocol import SHA256, Refused, check_shape, timing_request
 
 __all__ = ["DEFAULT_PORT", "DEFAULT_TOKEN_FILE", "Target", "add_arguments", "load_or_create_token", "serve"]
 
@@ -53,10 +53,8 @@ MAX_WAITING = 32
 """Timing requests allowed to wait for the device at once; more get 503."""
 MAX_UPLOADS = 2
 """Uploads read at once (each up to the upload limit in memory); more get 503."""
-MAX_INPUT_ELEMENTS = 1 << 26
 DISCARD_BYTES = 16 * 1024**2
 """A refused request's body up to this size is read and dropped, so its client can read the answer."""
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,17 +124,16 @@ class Target:
         self.waiting = threading.BoundedSemaphore(MAX_WAITING)
         self.uploads = threading.BoundedSemaphore(MAX_UPLOADS)
         self.queued = 0
+        """Timing requests waiting for the device (changed under ``_counting``)."""
+        self._counting = threading.Lock()
         self.fingerprint = fingerprint(threads)
+
+    def count_waiting(self, change: int) -> None:
+        with self._counting:
+            self.queued += change
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}", flush=True)
-
-
-class _Refused(Exception):
-    def __init__(self, status: HTTPStatus, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.extra = extra
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -166,8 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif prefix is not None and path.startswith(prefix[0]):
                 status, body = prefix[1](path[len(prefix[0]) :])
             else:
-                raise _Refused(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.command} {path}")
-        except _Refused as refused:
+                raise Refused(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.command} {path}")
+        except Refused as refused:
             self._discard_body()
             self.close_connection = True  # never take an unread body for the next request
             status, body = refused.status, {"error": str(refused), **refused.extra}
@@ -207,23 +204,23 @@ class _Handler(BaseHTTPRequestHandler):
         sent = self.headers.get("Authorization", "")
         token = sent.removeprefix("Bearer ").strip().encode()
         if not sent.startswith("Bearer ") or not hmac.compare_digest(token, self.target.token):
-            raise _Refused(HTTPStatus.UNAUTHORIZED, "missing or wrong token (send Authorization: Bearer TOKEN)")
+            raise Refused(HTTPStatus.UNAUTHORIZED, "missing or wrong token (send Authorization: Bearer TOKEN)")
 
     def _body(self, limit: int) -> bytes:
         """The request body, refused before it is read when it is larger than ``limit``."""
         if self.headers.get("Transfer-Encoding"):
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
         length_text = self.headers.get("Content-Length")
         if length_text is None:
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
         try:
             length = int(length_text)
         except ValueError:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+            raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
         if length < 0:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length is negative")
+            raise Refused(HTTPStatus.BAD_REQUEST, "Content-Length is negative")
         if length > limit:
-            raise _Refused(
+            raise Refused(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the body has {length} bytes; this target accepts at most {limit}",
                 limit=limit,
@@ -231,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = True
         data = self.rfile.read(length)
         if len(data) != length:
-            raise _Refused(HTTPStatus.BAD_REQUEST, f"the body ended after {len(data)} of {length} bytes")
+            raise Refused(HTTPStatus.BAD_REQUEST, f"the body ended after {len(data)} of {length} bytes")
         return data
 
     # -- endpoints -----------------------------------------------------------------------------
@@ -250,30 +247,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _upload(self, sha: str) -> tuple[HTTPStatus, dict[str, Any]]:
         t = self.target
-        if not _SHA.match(sha):
-            raise _Refused(
+        if not SHA256.match(sha):
+            raise Refused(
                 HTTPStatus.NOT_FOUND, "models are uploaded to /v1/models/<sha256 of the bytes, lower-case hex>"
             )
         if not t.uploads.acquire(blocking=False):
-            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "busy: other uploads are being read; retry shortly")
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "busy: other uploads are being read; retry shortly")
         try:
             data = self._body(t.max_upload_bytes)
         finally:
             t.uploads.release()
         if hashlib.sha256(data).hexdigest() != sha:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "the body's SHA-256 is not the one in the URL")
+            raise Refused(HTTPStatus.BAD_REQUEST, "the body's SHA-256 is not the one in the URL")
         try:
             check_self_contained(data)
         except ModelRejected as exc:
-            raise _Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            raise Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
         with t.device:  # loading a model is CPU work: never while another is timed
             try:
                 inputs = open_session(data, 1).get_inputs()
             except Exception as exc:  # onnxruntime raises its own types for models it cannot load
                 reason = str(exc).splitlines()[0][:300]
-                raise _Refused(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load the model: {reason}") from None
+                raise Refused(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load the model: {reason}") from None
         if len(inputs) != 1:
-            raise _Refused(HTTPStatus.BAD_REQUEST, f"the model has {len(inputs)} inputs; a CNN takes one image tensor")
+            raise Refused(HTTPStatus.BAD_REQUEST, f"the model has {len(inputs)} inputs; a CNN takes one image tensor")
         shape = [d if isinstance(d, int) else str(d) for d in inputs[0].shape]
         t.models.put(sha, data, shape)
         t.log(f"stored model={sha[:12]} bytes={len(data)} input={shape}")
@@ -282,23 +279,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _time(self) -> tuple[HTTPStatus, dict[str, Any]]:
         t = self.target
         request = self._json()
-        model_sha, reference_sha, shape = _timing_request(request)
+        model_sha, reference_sha, shape = timing_request(request)
         missing = [s for s in (model_sha, reference_sha) if s is not None and t.models.get(s) is None]
         if missing:
-            raise _Refused(HTTPStatus.NOT_FOUND, "upload these models first", missing=missing)
+            raise Refused(HTTPStatus.NOT_FOUND, "upload these models first", missing=missing)
         model, model_shape = t.models.get(model_sha)  # type: ignore[misc]
-        _check_shape(shape, model_shape, "the model")
+        check_shape(shape, model_shape, "the model")
         reference = None
         if reference_sha is not None:
             reference, reference_shape = t.models.get(reference_sha)  # type: ignore[misc]
-            _check_shape(shape, reference_shape, "the reference")
+            check_shape(shape, reference_shape, "the reference")
         if not t.waiting.acquire(blocking=False):
-            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {MAX_WAITING} timings are waiting; retry shortly")
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {MAX_WAITING} timings are waiting; retry shortly")
         try:
             asked = time.monotonic()
-            t.queued += 1
+            t.count_waiting(+1)
             with t.device:
-                t.queued -= 1
+                t.count_waiting(-1)
                 queued_s = time.monotonic() - asked
                 start = time.time()
                 latency = measure(model, tuple(shape), t.settings, reference=reference)
@@ -326,39 +323,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             value = json.loads(self._body(MAX_JSON_BYTES))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _Refused(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+            raise Refused(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
         if not isinstance(value, dict):
-            raise _Refused(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+            raise Refused(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         return value
-
-
-def _timing_request(request: dict[str, Any]) -> tuple[str, str | None, list[int]]:
-    unknown = set(request) - {"model", "reference", "input_shape"}
-    if unknown:
-        raise _Refused(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}; send model, reference, input_shape")
-    model, reference, shape = request.get("model"), request.get("reference"), request.get("input_shape")
-    if not isinstance(model, str) or not _SHA.match(model):
-        raise _Refused(HTTPStatus.BAD_REQUEST, "model must be the SHA-256 (hex) of an uploaded model")
-    if reference is not None and (not isinstance(reference, str) or not _SHA.match(reference)):
-        raise _Refused(HTTPStatus.BAD_REQUEST, "reference must be null or the SHA-256 (hex) of an uploaded model")
-    ok = isinstance(shape, list) and 1 <= len(shape) <= 8
-    ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 65536 for d in shape)
-    if not ok:
-        raise _Refused(HTTPStatus.BAD_REQUEST, "input_shape must be a list of 1 to 8 positive whole numbers")
-    elements = 1
-    for d in shape:
-        elements *= d
-    if elements > MAX_INPUT_ELEMENTS:
-        raise _Refused(HTTPStatus.BAD_REQUEST, f"input_shape has {elements} elements; at most {MAX_INPUT_ELEMENTS}")
-    return model, reference, shape
-
-
-def _check_shape(shape: list[int], declared: list[int | str], what: str) -> None:
-    fits = len(shape) == len(declared) and all(
-        not isinstance(d, int) or d == s for s, d in zip(shape, declared, strict=True)
-    )
-    if not fits:
-        raise _Refused(HTTPStatus.BAD_REQUEST, f"{what} takes input {declared}, not {shape}")
 
 
 def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> int:
