@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from search.data.cache import DECODED_CACHE_ENV
 from search.data.dataset import Dataset
 from search.data.loading import default_input_size, load_dataset
 from search.data.spec import CIFAR10_MEAN, IMAGENET_MEAN, DataSpec
+from search.data.store import DiskImages
 from search.errors import UsageError
 from search.progress import RecordingReporter
 
@@ -133,7 +136,7 @@ def test_imagefolder_train_val_layout(tmp_path: Path) -> None:
     again = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=16), cached)
     assert again.fingerprint == data.fingerprint
     assert "decode images" not in cached.steps, "a second load reads the decoded images kept by the first"
-    assert torch.equal(again.train.images, data.train.images) and torch.equal(again.val.labels, data.val.labels)
+    assert torch.equal(again.train.images[:], data.train.images[:]) and torch.equal(again.val.labels, data.val.labels)
     _make_folder(tmp_path / "val", {"zebra": 2}, "jpg")  # a file added: decoded again
     changed = RecordingReporter()
     assert len(load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=16), changed).val) == 4
@@ -180,7 +183,7 @@ def test_imagefolder_single_folder_is_split_per_class(tmp_path: Path) -> None:
     assert (len(data.train), len(data.val), data.test) == (16, 4, None)
     assert data.val.labels.tolist() == [0, 0, 1, 1]
     again = load_dataset(spec)
-    assert torch.equal(again.val.images, data.val.images)
+    assert torch.equal(again.val.images[:], data.val.images[:])
     assert again.fingerprint == data.fingerprint
     assert load_dataset(DataSpec(spec.source, input_size=8, val_fraction=0.2, seed=5)).fingerprint != (data.fingerprint)
 
@@ -249,7 +252,8 @@ def test_class_mismatch_between_train_and_val_is_a_usage_error(tmp_path: Path) -
         load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=8))
 
 
-def test_too_large_for_memory_is_a_usage_error(tmp_path: Path) -> None:
+def test_too_large_for_memory_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DECODED_CACHE_ENV, "")  # the cache off: images would be held in memory
     _make_folder(tmp_path, {"cat": 2, "dog": 2})
     with pytest.raises(UsageError, match="--input-size"):
         load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=20000))
@@ -353,3 +357,103 @@ def test_a_folder_of_small_images_without_input_size_is_named_once(tmp_path: Pat
     reporter = RecordingReporter()
     load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=32), reporter)
     assert not [w for w in reporter.warnings if "far smaller" in w], "not when the size was chosen"
+
+
+# --------------------------------------------------------------------------- images on disk, transforms
+
+
+def _load_in_process(root: str, start: object, queue: object) -> None:
+    """Child of the concurrent-cache test: wait for the sibling, load, report whether it decoded."""
+    start.wait()  # type: ignore[attr-defined]
+    reporter = RecordingReporter()
+    data = load_dataset(DataSpec(f"imagefolder:{root}", input_size=16), reporter)
+    queue.put(("decode images" in reporter.steps, data.train.images[:].numpy().tobytes()))  # type: ignore[attr-defined]
+
+
+def test_decoded_images_stay_on_disk_and_memory_does_not_grow_with_them(tmp_path: Path) -> None:
+    sizes = []
+    for count in (4, 40):
+        root = tmp_path / str(count)
+        _make_folder(root, {"cat": count, "dog": count})
+        data = load_dataset(DataSpec(f"imagefolder:{root}", input_size=16, val_fraction=0.25))
+        assert isinstance(data.train.images, DiskImages) and data.train.images.path.is_file()
+        sizes.append(len(pickle.dumps(data.train.images)))  # what a loader worker is handed
+    assert sizes[0] == sizes[1], "a split on disk is a path and a few numbers, whatever its size"
+
+
+def test_images_read_from_disk_equal_images_held_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _make_folder(tmp_path, {"cat": 6, "dog": 6})
+    on_disk = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=12, val_fraction=0.25))
+    monkeypatch.setenv(DECODED_CACHE_ENV, "")
+    in_memory = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=12, val_fraction=0.25))
+    assert isinstance(in_memory.train.images, torch.Tensor)
+    assert torch.equal(on_disk.train.images[:], in_memory.train.images)
+    assert torch.equal(on_disk.train.images[[5, 0, 3]], in_memory.train.images[[5, 0, 3]])
+    first = next(on_disk.batches("val", 8, shuffle=False, augment=False))[0]
+    assert torch.equal(first, next(in_memory.batches("val", 8, shuffle=False, augment=False))[0])
+
+
+def test_two_processes_starting_together_decode_once(tmp_path: Path) -> None:
+    import multiprocessing
+
+    _make_folder(tmp_path / "data", {"cat": 30, "dog": 30})
+    context = multiprocessing.get_context("fork")
+    start, queue = context.Barrier(2), context.Queue()
+    children = [context.Process(target=_load_in_process, args=(str(tmp_path / "data"), start, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert sorted(decoded for decoded, _ in results) == [False, True], "one decodes, the other reads its file"
+    assert results[0][1] == results[1][1]
+    folder = Path(os.environ[DECODED_CACHE_ENV]) / "decoded"
+    assert not list(folder.glob("*.partial")), "no partial file is left behind"
+
+
+def test_augmentation_follows_the_seed_whatever_the_number_of_loader_workers(tmp_path: Path) -> None:
+    _make_folder(tmp_path, {"cat": 20, "dog": 20})
+    data = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=16, val_fraction=0.25))
+
+    def epoch(seed: int, workers: int) -> list[torch.Tensor]:
+        data.loader_workers = workers
+        return [x for x, _ in data.batches("train", 8, shuffle=True, augment=True, seed=seed)]
+
+    alone = epoch(3, 0)
+    assert all(torch.equal(a, b) for a, b in zip(alone, epoch(3, 2), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(alone, epoch(4, 0), strict=True))
+
+
+def test_full_size_inputs_train_on_random_resized_crops_and_evaluate_on_the_centre(tmp_path: Path) -> None:
+    image = Image.new("RGB", (200, 200), (255, 0, 0))
+    image.paste((0, 0, 255), (50, 50, 150, 150))  # a blue centre in a red frame
+    for name in ("a", "b"):
+        for i in range(2):
+            (tmp_path / name).mkdir(exist_ok=True)
+            image.save(tmp_path / name / f"{i}.png")
+    data = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=128, val_fraction=0.5))
+    assert data.crop == "resized" and data.train.images.shape[-1] == 146  # 128 / 0.875: room to crop
+    assert data.transforms()["evaluation"] == "centre crop 128 of 146"
+    assert "random resized crop" in data.transforms()["train"] and "flip" in data.transforms()["train"]
+    passes = [next(data.batches("val", 2, shuffle=False, augment=False))[0] for _ in range(2)]
+    assert passes[0].shape == (2, 3, 128, 128) and torch.equal(passes[0], passes[1]), "evaluation is fixed"
+    trained = [next(data.batches("train", 2, shuffle=True, augment=True, seed=s))[0] for s in (1, 1, 2)]
+    assert trained[0].shape == (2, 3, 128, 128)
+    assert torch.equal(trained[0], trained[1]) and not torch.equal(trained[0], trained[2])
+    small = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=32, val_fraction=0.5))
+    assert small.crop == "pad" and "reflect padding 4" in small.transforms()["train"]
+    assert small.fingerprint != data.fingerprint
+
+
+def test_a_disk_without_room_for_the_decoded_images_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    _make_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10, 10, 0))
+    with pytest.raises(UsageError, match=rf"GiB are free.*{DECODED_CACHE_ENV}"):
+        load_dataset(DataSpec(f"imagefolder:{tmp_path / 'data'}", input_size=8))

@@ -1,67 +1,146 @@
-"""Decoded ``imagefolder:`` images kept on disk, so a second run skips decoding.
+"""Decoded images kept on disk between runs and read from there, a batch at a time.
 
-One ``.pt`` file per data folder, exact file listing (paths, byte sizes, labels) and input size,
-in ``decoded/`` under the folder :data:`DECODED_CACHE_ENV` names. A damaged file is decoded
-again; a disk that cannot be written only costs the next run a decode.
+One pair of files per decoded data set in ``decoded/`` under the folder :data:`DECODED_CACHE_ENV`
+names: ``KEY.bin`` (every split's uint8 3×h×w rows, one split after the other) and ``KEY.json``
+(where each split starts, its labels, and what decoding noted). The key hashes what the source
+says identifies the images (exact file listing, byte sizes, stored size). Written once: one
+process decodes while holding ``KEY.lock`` (others wait on it, then read what it wrote), into a
+partial file renamed into place, the ``.json`` last; a file that does not match its ``.json`` is
+decoded again. The images are then served by :class:`~search.data.store.DiskImages`, so a
+process's memory does not grow with the data set.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
 from search.data.dataset import Split
+from search.data.store import DiskImages
+from search.errors import UsageError
 
-__all__ = ["DECODED_CACHE_ENV", "FileListing", "decoded_cache_path", "read_decoded", "write_decoded"]
+__all__ = ["DECODED_CACHE_ENV", "FORMAT", "FileListing", "decoded_cache_path", "open_or_decode"]
 
 DECODED_CACHE_ENV = "PRUNE_SEARCH_CACHE"
-"""Environment variable naming the folder for decoded ``imagefolder:`` data (default
-``~/.cache/prune-search``; set it to an empty string to turn the cache off)."""
+"""Environment variable naming the folder for decoded images (default ``~/.cache/prune-search``;
+an empty string turns the cache off, and images are then held in memory)."""
+
+FORMAT = 2
+"""Version of the files' layout, part of every key."""
+
+Layout = dict[str, Any]
+"""What a decoder returns: ``{"splits": {name: {"count", "height", "width", "labels"}}, "notes": {...}}``,
+splits in the order their rows were written."""
 
 
 class FileListing(Protocol):
-    """What the cache key is made of: one split's image files, their byte sizes and labels."""
+    """What an image folder's key is made of: one split's image files, their byte sizes and labels."""
 
     files: list[str]
     sizes: list[int]
     labels: list[int]
 
 
-def decoded_cache_path(root: Path, size: int, lists: Mapping[str, FileListing]) -> Path | None:
-    """Where the decoded images of exactly these files at this size are kept between runs."""
+def decoded_cache_path(identity: Any) -> Path | None:
+    """Where the decoded images ``identity`` (JSON-able) describes are kept; ``None`` when the cache is off."""
     folder = os.environ.get(DECODED_CACHE_ENV, str(Path.home() / ".cache" / "prune-search"))
     if not folder:
         return None
-    listing = {name: [f.files, f.sizes, f.labels] for name, f in lists.items()}
-    key = hashlib.sha256(json.dumps([1, str(root), size, listing]).encode()).hexdigest()[:24]
-    return Path(folder) / "decoded" / f"{key}.pt"
+    key = hashlib.sha256(json.dumps([FORMAT, identity], sort_keys=True).encode()).hexdigest()[:24]
+    return Path(folder) / "decoded" / key
 
 
-def read_decoded(path: Path | None) -> dict[str, Split] | None:
-    """The splits kept at ``path``, or ``None`` when there are none (or they cannot be read)."""
-    if path is None or not path.is_file():
-        return None
+def open_or_decode(
+    base: Path, needed_bytes: int, decode: Callable[[BinaryIO], Layout]
+) -> tuple[dict[str, Split], Layout, bool]:
+    """The splits kept at ``base``, decoding them first (``decode`` writes rows to a file) if needed.
+
+    Returns the splits, the layout and whether this call decoded them. Safe when several
+    processes start at once: one decodes, the others wait and read its files.
+    """
+    found = _open(base)
+    if found is not None:
+        return (*found, False)
     try:
-        stored = torch.load(path, weights_only=True)
-        return {name: Split(images, labels) for name, (images, labels) in stored.items()}
-    except Exception:  # a damaged or foreign file: decode again (and overwrite it)
-        return None
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the decoded-image folder {base.parent} ({error}); {_fix()}") from error
+    with _locked(base):
+        found = _open(base)
+        if found is not None:
+            return (*found, False)
+        free = shutil.disk_usage(base.parent).free
+        if needed_bytes > free:
+            raise UsageError(
+                f"the decoded images need {needed_bytes / 1024**3:.1f} GiB in {base.parent} but only "
+                f"{free / 1024**3:.1f} GiB are free; {_fix()} or pass a smaller --input-size"
+            )
+        _write(base, decode)
+    found = _open(base)
+    if found is None:
+        raise UsageError(f"the decoded images written to {base}.bin cannot be read back; {_fix()}")
+    return (*found, True)
 
 
-def write_decoded(path: Path | None, splits: dict[str, Split]) -> None:
-    """Keep ``splits`` at ``path``: written to a partial file, then renamed into place."""
-    if path is None:
-        return
+def _fix() -> str:
+    return f"set {DECODED_CACHE_ENV} to a folder with room (an empty value holds the images in memory)"
+
+
+@contextmanager
+def _locked(base: Path) -> Iterator[None]:
+    with open(base.with_name(base.name + ".lock"), "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # waits while another process decodes
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _write(base: Path, decode: Callable[[BinaryIO], Layout]) -> None:
+    partial = base.with_name(f"{base.name}.{os.getpid()}.partial")
+    partial_json = base.with_name(f"{base.name}.{os.getpid()}.json.partial")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save({name: (s.images, s.labels) for name, s in splits.items()}, partial)
-        os.replace(partial, path)
-    except OSError:  # a read-only or full disk only costs the next run a decode
-        pass
+        with open(partial, "wb") as handle:
+            layout = decode(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial_json.write_text(json.dumps({"format": FORMAT, "bytes": partial.stat().st_size, **layout}))
+        os.replace(partial, base.with_suffix(".bin"))
+        os.replace(partial_json, base.with_suffix(".json"))  # the commit point: readers look for it
+    except OSError as error:
+        raise UsageError(f"cannot write decoded images to {base.parent} ({error}); {_fix()}") from error
+    finally:
+        for leftover in (partial, partial_json):
+            leftover.unlink(missing_ok=True)
+
+
+def _open(base: Path) -> tuple[dict[str, Split], Layout] | None:
+    """The splits at ``base`` when its two files exist and agree, else ``None``."""
+    data, meta = base.with_suffix(".bin"), base.with_suffix(".json")
+    try:
+        layout = json.loads(meta.read_text())
+        if layout.get("format") != FORMAT or data.stat().st_size != layout["bytes"]:
+            return None
+        splits: dict[str, Split] = {}
+        offset = 0
+        for name, part in layout["splits"].items():
+            count, height, width = int(part["count"]), int(part["height"]), int(part["width"])
+            labels = torch.tensor(part["labels"], dtype=torch.int64)
+            if len(labels) != count:
+                return None
+            splits[name] = Split(DiskImages(data, offset, count, height, width), labels)
+            offset += count * 3 * height * width
+        if offset != layout["bytes"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return splits, layout

@@ -1,26 +1,35 @@
 """``cifar10:PATH``: the CIFAR-10 python version (``cifar-10-batches-py``), read from its pickles.
 
 Never downloaded. ``PATH`` is the extracted folder or the folder holding it. The test split is
-``test_batch``; val is the last 10% of each class (by index order) of ``data_batch_1..5``.
+``test_batch``; val is the last 10% of each class (by index order) of ``data_batch_1..5``. The
+images are written once to the on-disk cache (:mod:`search.data.cache`) and read from there a
+batch at a time: at 32 px for small inputs, already resized for full-size ones.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from search.data.cache import DECODED_CACHE_ENV, Layout, decoded_cache_path, open_or_decode
 from search.data.dataset import Dataset, Split
 from search.data.fingerprint import base_payload, fingerprint
 from search.data.spec import CIFAR10_MEAN, CIFAR10_STD, DataSpec, input_size, normalisation
 from search.data.splits import select, tail_holdout
+from search.data.store import FileSink
+from search.data.transforms import crop_for, describe, stored_size
 from search.errors import UsageError
 
 __all__ = ["load_cifar10"]
 
+MAX_MEMORY_BYTES = 4 * 1024**3
+"""Largest CIFAR-10 held in memory (when the on-disk cache is off)."""
 _CIFAR10_VAL_FRACTION = 0.1  # last 10% of each class (by index order) of data_batch_*
 _CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 
@@ -39,19 +48,71 @@ def load_cifar10(path: Path, spec: DataSpec) -> Dataset:
             )
     meta = _read_pickle(folder / "batches.meta")
     classes = [_text(n) for n in _field(meta, b"label_names", folder / "batches.meta")]
+    size = input_size(spec, "cifar10")
+    crop = crop_for(size)
+    stored = 32 if crop == "pad" else stored_size(size, crop)  # small inputs upscale per batch
+    files = {n: (folder / n).stat().st_size for n in _CIFAR10_FILES}
+    cache = decoded_cache_path(["cifar10", str(folder), stored, files])
+    if cache is None:
+        splits = {name: Split(*_resized(images, labels, stored)) for name, (images, labels) in _parts(folder, classes)}
+    else:
+
+        def decode(handle: BinaryIO) -> Layout:
+            layout: Layout = {"splits": {}}
+            for name, (images, labels) in _parts(folder, classes):
+                sink = FileSink(handle)
+                for start in range(0, len(images), _CHUNK):
+                    for image in _resize(images[start : start + _CHUNK], stored):
+                        sink.add(image.numpy())
+                part = {"count": sink.count, "height": stored, "width": stored, "labels": labels.tolist()}
+                layout["splits"][name] = part
+            return layout
+
+        splits, _, _ = open_or_decode(cache, 60000 * 3 * stored * stored, decode)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    mean, std = normalisation(spec, CIFAR10_MEAN, CIFAR10_STD)
+    payload = base_payload("cifar10", classes, {"train": train, "val": val, "test": test}, size, mean, std)
+    payload["path"] = str(folder)
+    payload["files"] = files
+    if crop != "pad":
+        payload["transforms"] = describe(crop, size, True, "bilinear", stored)
+    return Dataset(
+        "cifar10", classes, train, val, test, size, mean, std, flip=True, fingerprint=fingerprint(payload), crop=crop
+    )
+
+
+_CHUNK = 500  # images resized at a time while decoding
+
+
+def _parts(folder: Path, classes: list[str]) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(split name, (uint8 N×3×32×32 images, labels)) for train, val and test, in that order."""
     batches = [_cifar_batch(folder / f"data_batch_{i}", len(classes)) for i in range(1, 6)]
     images = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
+    del batches
     train_i, val_i = tail_holdout(labels.numpy(), _CIFAR10_VAL_FRACTION)
-    train = select(images, labels, train_i)
-    val = select(images, labels, val_i)
-    test = Split(*_cifar_batch(folder / "test_batch", len(classes)))
-    mean, std = normalisation(spec, CIFAR10_MEAN, CIFAR10_STD)
-    size = input_size(spec, "cifar10")
-    payload = base_payload("cifar10", classes, {"train": train, "val": val, "test": test}, size, mean, std)
-    payload["path"] = str(folder)
-    payload["files"] = {n: (folder / n).stat().st_size for n in _CIFAR10_FILES}
-    return Dataset("cifar10", classes, train, val, test, size, mean, std, flip=True, fingerprint=fingerprint(payload))
+    for name, index in (("train", train_i), ("val", val_i)):
+        part = select(images, labels, index)
+        yield name, (part.images, part.labels)  # type: ignore[misc]
+    del images
+    yield "test", _cifar_batch(folder / "test_batch", len(classes))
+
+
+def _resize(images: torch.Tensor, stored: int) -> torch.Tensor:
+    if images.shape[-1] == stored:
+        return images
+    x = F.interpolate(images.float(), size=(stored, stored), mode="bilinear", align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resized(images: torch.Tensor, labels: torch.Tensor, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """In memory (the cache is off): the images at the stored size."""
+    if stored != images.shape[-1] and len(images) * 3 * stored * stored > MAX_MEMORY_BYTES:
+        raise UsageError(
+            f"CIFAR-10 at stored size {stored} needs more than {MAX_MEMORY_BYTES // 1024**3} GiB of memory with "
+            f"{DECODED_CACHE_ENV} empty; set {DECODED_CACHE_ENV} to a folder to read the images from disk"
+        )
+    return torch.cat([_resize(images[i : i + _CHUNK], stored) for i in range(0, len(images), _CHUNK)]), labels
 
 
 def _cifar_folder(folder: Path) -> Path:

@@ -1,18 +1,23 @@
-"""Image-classification data sets held in memory as uint8 tensors, served as normalised batches.
+"""Image-classification data sets as uint8 images (in memory, or on disk), served as normalised batches.
 
-Batches are produced on demand: resizing to the input size, augmentation and normalisation
-happen per batch on tensors, so small stored images stay cheap.
+Batches are produced on demand: cropping or resizing to the input size, augmentation and
+normalisation happen per batch on tensors, so memory holds a batch, not the data set.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.utils.data
 
 from search.data.spec import Triple
+from search.data.store import DiskImages, take
+from search.data.transforms import augment, describe, to_input
 from search.errors import UsageError
 
 __all__ = ["SPLIT_NAMES", "Dataset", "Split"]
@@ -23,9 +28,10 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class Split:
-    """One split held in memory: uint8 images N×3×h×w (stored size) and int64 labels N."""
+    """One split: uint8 images N×3×h×w (stored size; in memory, or on disk read a batch at a time) and
+    int64 labels N (always in memory)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | DiskImages
     labels: torch.Tensor
 
     def __len__(self) -> int:
@@ -51,6 +57,12 @@ class Dataset:
     upsample: str = "bilinear"
     """How stored images are enlarged to ``input_size``: ``nearest`` keeps the sharp pixel edges
     of tiny images (digits are 8x8), ``bilinear`` suits photos."""
+    crop: str = "pad"
+    """The transforms' regime (:mod:`search.data.transforms`): ``pad`` or ``resized``."""
+    loader_workers: int = 0
+    """Worker processes that read and transform batches of images kept on disk (0: this process)."""
+    pin_memory: bool = False
+    """Whether those workers hand batches over in pinned memory (for copies to a GPU)."""
     _mean_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
     _std_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -87,9 +99,11 @@ class Dataset:
         """Yield ``(x, y)``: x float32 N×3×S×S normalised at ``input_size``, y int64 N.
 
         ``shuffle`` permutes with a generator seeded by ``seed`` (which also drives
-        augmentation); ``limit`` caps the number of images served. ``augment`` applies a random
-        crop with reflect padding of ``input_size // 8`` and, when :attr:`flip`, a random
-        horizontal flip.
+        augmentation); ``limit`` caps the number of images served. ``augment`` applies the
+        training transforms of :mod:`search.data.transforms` (per :attr:`crop`), otherwise the
+        fixed evaluation transform. Images on disk are read a batch at a time, by
+        :attr:`loader_workers` worker processes when there are any (each batch's augmentation is
+        seeded by ``seed`` and its position, so the number of workers does not change it).
         """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -100,12 +114,24 @@ class Dataset:
             order = torch.randperm(len(data), generator=generator)[:count]
         else:
             order = torch.arange(count)
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            x = _to_input(data.images[index], self.input_size, self.upsample)
-            if augment:
-                x = _augment(x, self.flip, generator)
-            yield (x - self._mean_tensor) / self._std_tensor, data.labels[index]
+        maker = _BatchMaker(self, data, order, batch_size, augment, seed, generator)
+        if isinstance(data.images, torch.Tensor):  # in memory: one generator, in order
+            yield from (maker[i] for i in range(len(maker)))
+            return
+        maker.shared = None
+        workers = min(self.loader_workers, len(maker) - 1)
+        if workers < 1:
+            yield from (maker[i] for i in range(len(maker)))
+            return
+        loader = torch.utils.data.DataLoader(
+            maker, batch_size=None, shuffle=False, num_workers=workers, pin_memory=self.pin_memory, prefetch_factor=4
+        )
+        yield from loader
+
+    def transforms(self) -> dict[str, Any]:
+        """What :meth:`batches` does to the images, as plain values (recorded on studies and cards)."""
+        stored = self.train.images.shape[-1]
+        return describe(self.crop, self.input_size, self.flip, self.upsample, int(stored))
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """Zeros shaped like one model input batch: ``batch``×3×S×S float32."""
@@ -115,28 +141,37 @@ class Dataset:
 # --------------------------------------------------------------------------- batches
 
 
-def _to_input(images: torch.Tensor, size: int, upsample: str = "bilinear") -> torch.Tensor:
-    """uint8 N×3×h×w → float32 N×3×size×size in 0..1 (bilinear antialiased when shrinking)."""
-    x = images.float().div_(255.0)
-    height, width = x.shape[-2:]
-    if (height, width) != (size, size):
-        shrink = height > size or width > size
-        if upsample == "nearest" and not shrink:
-            x = F.interpolate(x, size=(size, size), mode="nearest-exact")
+class _BatchMaker(torch.utils.data.Dataset):
+    """Batch ``i`` of one pass: read, transformed, normalised (picklable, for loader workers)."""
+
+    def __init__(
+        self,
+        data: Dataset,
+        split: Split,
+        order: torch.Tensor,
+        batch_size: int,
+        augment: bool,
+        seed: int,
+        shared: torch.Generator | None,
+    ) -> None:
+        self.images, self.labels, self.order, self.batch_size = split.images, split.labels, order, batch_size
+        self.augment, self.seed, self.shared = augment, seed, shared
+        self.size, self.crop, self.flip, self.upsample = data.input_size, data.crop, data.flip, data.upsample
+        self.mean, self.std = data._mean_tensor, data._std_tensor
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        images = take(self.images, index)
+        if self.augment:
+            generator = self.shared or torch.Generator().manual_seed(_batch_seed(self.seed, i))
+            x = augment(images, self.size, self.crop, self.flip, generator, self.upsample)
         else:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-    return x
+            x = to_input(images, self.size, self.crop, self.upsample)
+        return (x - self.mean) / self.std, self.labels[index]
 
 
-def _augment(x: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with reflect padding of size//8, then a random horizontal flip if allowed."""
-    count, size = x.shape[0], x.shape[-1]
-    pad = size // 8
-    if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).tolist()
-        x = torch.stack([padded[i, :, top : top + size, left : left + size] for i, (top, left) in enumerate(offsets)])
-    if flip:
-        mirror = torch.rand(count, generator=generator) < 0.5
-        x[mirror] = x[mirror].flip(-1)
-    return x
+def _batch_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])

@@ -2,8 +2,9 @@
 
 ``PATH/train/<class>/<image>`` and ``PATH/val/...`` (optional ``PATH/test/...``), or
 ``PATH/<class>/<image>`` split per class into train/val. Images are decoded once with PIL, resized
-(shorter side) and centre-cropped to the input size and kept in memory as uint8; the decoded
-images are kept on disk too (see :mod:`search.data.cache`).
+(shorter side) and centre-cropped to their stored size (the input size, or a little more for
+full-size inputs: :mod:`search.data.transforms`) and kept on disk as uint8, read from there a
+batch at a time (see :mod:`search.data.cache`); with the cache off they are held in memory.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 
-from search.data.cache import decoded_cache_path, read_decoded, write_decoded
+from search.data.cache import DECODED_CACHE_ENV, Layout, decoded_cache_path, open_or_decode
 from search.data.dataset import SPLIT_NAMES, Dataset, Split
 from search.data.fingerprint import base_payload, fingerprint
 from search.data.spec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, input_size, normalisation
 from search.data.splits import stratified_split
+from search.data.store import FileSink, ImageSink, MemorySink
+from search.data.transforms import crop_for, describe, stored_size
 from search.errors import UsageError
 from search.progress import Reporter
 
@@ -32,7 +35,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 """File extensions (lower case) that ``imagefolder:`` decodes; matched case-insensitively."""
 
 MAX_MEMORY_BYTES = 4 * 1024**3
-"""Largest decoded ``imagefolder:`` data set (uint8, all splits) that is held in memory."""
+"""Largest decoded ``imagefolder:`` data set (uint8, all splits) held in memory, when the on-disk cache is off."""
 
 _DECODE_CHUNK = 256  # images decoded between progress updates
 
@@ -58,29 +61,28 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
     size = input_size(spec, "imagefolder")
     if spec.input_size is None:
         _say_when_far_smaller(lists["train"], size, reporter)
+    crop = crop_for(size)
+    stored = stored_size(size, crop)
     total = sum(len(f.files) for f in lists.values())
-    needed = total * 3 * size * size
-    if needed > MAX_MEMORY_BYTES:
-        raise UsageError(
-            f"decoding {total} images at input size {size} needs {needed / 1024**3:.1f} GiB of "
-            f"memory (limit {MAX_MEMORY_BYTES // 1024**3} GiB); pass a smaller --input-size"
-        )
-    splits: dict[str, Split | None] = {"train": None, "val": None, "test": None}
-    cache = decoded_cache_path(root, size, lists)
-    cached = read_decoded(cache)
-    if cached is not None:
-        splits.update(cached)
+    needed = total * 3 * stored * stored
+    cache = decoded_cache_path(_identity(root, stored, lists))
+    if cache is None:
+        splits = _decode_in_memory(lists, total, needed, stored, size, reporter)
     else:
-        failures = 0
-        with reporter.task("decode images", total) as task:
-            for name, file_list in lists.items():
-                splits[name] = _decode_split(file_list, size, task, reporter)
-                failures += len(file_list.files) - len(splits[name])  # type: ignore[arg-type]
-        if not failures:  # a set with unreadable files is decoded again, so its warning is seen again
-            write_decoded(cache, {k: v for k, v in splits.items() if v is not None})
+
+        def decode(handle: BinaryIO) -> Layout:
+            with reporter.task("decode images", total) as task:
+                return _decode_to_file(lists, stored, handle, task)
+
+        found, layout, _ = open_or_decode(cache, needed, decode)
+        splits = {"train": None, "val": None, "test": None, **found}
+        for warning in layout.get("notes", {}).get("warnings", []):
+            reporter.warn(warning)  # the same words on every run that reads these images
     mean, std = normalisation(spec, IMAGENET_MEAN, IMAGENET_STD)
     payload = base_payload("imagefolder", classes, splits, size, mean, std)
     payload["path"] = str(root)
+    if crop != "pad":  # what changes the numbers is part of the fingerprint (the pad regime is as before)
+        payload["transforms"] = describe(crop, size, True, "bilinear", stored)
     payload["files"] = {
         name: [[rel, nbytes] for rel, nbytes in zip(f.files, f.sizes, strict=True)] for name, f in lists.items()
     }
@@ -90,7 +92,17 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
     train, val = splits["train"], splits["val"]
     assert train is not None and val is not None
     return Dataset(
-        "imagefolder", classes, train, val, splits["test"], size, mean, std, flip=True, fingerprint=fingerprint(payload)
+        "imagefolder",
+        classes,
+        train,
+        val,
+        splits["test"],
+        size,
+        mean,
+        std,
+        flip=True,
+        fingerprint=fingerprint(payload),
+        crop=crop,
     )
 
 
@@ -219,10 +231,49 @@ def _holdout(files: _FileList, spec: DataSpec) -> dict[str, _FileList]:
     return {"train": pick(train_i, "train"), "val": pick(val_i, "val")}
 
 
-def _decode_split(files: _FileList, size: int, task: Any, reporter: Reporter) -> Split:
-    """Decode every file of ``files`` to uint8 3×size×size; unreadable files are skipped."""
-    images = torch.empty((len(files.files), 3, size, size), dtype=torch.uint8)
-    buffer = images.numpy()
+def _identity(root: Path, stored: int, lists: dict[str, _FileList]) -> list[Any]:
+    """What the decoded images are a function of: the folder, the exact files and the stored size."""
+    return ["imagefolder", str(root), stored, {n: [f.files, f.sizes, f.labels] for n, f in lists.items()}]
+
+
+def _decode_in_memory(
+    lists: dict[str, _FileList], total: int, needed: int, stored: int, size: int, reporter: Reporter
+) -> dict[str, Split | None]:
+    """Every split decoded into memory (the cache is off), within :data:`MAX_MEMORY_BYTES`."""
+    if needed > MAX_MEMORY_BYTES:
+        raise UsageError(
+            f"decoding {total} images at input size {size} needs {needed / 1024**3:.1f} GiB of "
+            f"memory (limit {MAX_MEMORY_BYTES // 1024**3} GiB) with {DECODED_CACHE_ENV} empty; "
+            f"set {DECODED_CACHE_ENV} to a folder to read them from disk, or pass a smaller --input-size"
+        )
+    splits: dict[str, Split | None] = {"train": None, "val": None, "test": None}
+    with reporter.task("decode images", total) as task:
+        for name, file_list in lists.items():
+            sink = MemorySink(len(file_list.files), stored, stored)
+            labels, warning = _decode_split(file_list, stored, task, sink)
+            if warning:
+                reporter.warn(warning)
+            splits[name] = Split(sink.result(), labels)
+    return splits
+
+
+def _decode_to_file(lists: dict[str, _FileList], stored: int, handle: BinaryIO, task: Any) -> Layout:
+    """Every split decoded, rows appended to ``handle``; the layout :mod:`search.data.cache` keeps."""
+    layout: Layout = {"splits": {}, "notes": {"warnings": []}}
+    for name, file_list in lists.items():
+        sink = FileSink(handle)
+        labels, warning = _decode_split(file_list, stored, task, sink)
+        layout["splits"][name] = {"count": sink.count, "height": stored, "width": stored, "labels": labels.tolist()}
+        if warning:
+            layout["notes"]["warnings"].append(warning)
+    return layout
+
+
+def _decode_split(files: _FileList, size: int, task: Any, sink: ImageSink) -> tuple[torch.Tensor, str | None]:
+    """Decode every file of ``files`` to uint8 3×size×size into ``sink``; unreadable files are skipped.
+
+    Returns the kept images' labels and the warning that names skipped files (``None`` if none).
+    """
     kept: list[int] = []
     failures: list[tuple[str, str]] = []
     root = str(files.root)
@@ -232,29 +283,27 @@ def _decode_split(files: _FileList, size: int, task: Any, reporter: Reporter) ->
             chunk = files.files[start : start + _DECODE_CHUNK]
             for offset, relative in enumerate(chunk):
                 path = os.path.join(root, relative)
-                index = start + offset
                 try:
-                    buffer[len(kept)] = _decode_image(path, size).transpose(2, 0, 1)
+                    image = _decode_image(path, size).transpose(2, 0, 1)
                 except Exception as error:  # any decoder failure means the file is unreadable
                     failures.append((path, _reason(error)))
                     continue
-                kept.append(index)
+                sink.add(image)
+                kept.append(start + offset)
             task.advance(len(chunk))
-    if failures:
-        path, reason = failures[0]
-        reporter.warn(
-            f"skipped {len(failures)} unreadable image{'s' if len(failures) > 1 else ''} "
-            f"in {files.label}, e.g. {path}: {reason}"
-        )
     if not kept:
         raise UsageError(
             f"none of the {len(files.files)} images in {files.label} could be decoded "
             f"(e.g. {failures[0][0]}: {failures[0][1]}); check the files"
         )
-    labels = torch.tensor([files.labels[i] for i in kept], dtype=torch.int64)
-    if len(kept) < len(files.files):
-        images = images[: len(kept)].clone()
-    return Split(images, labels)
+    warning = None
+    if failures:
+        path, reason = failures[0]
+        warning = (
+            f"skipped {len(failures)} unreadable image{'s' if len(failures) > 1 else ''} "
+            f"in {files.label}, e.g. {path}: {reason}"
+        )
+    return torch.tensor([files.labels[i] for i in kept], dtype=torch.int64), warning
 
 
 def _reason(error: Exception) -> str:
