@@ -217,3 +217,54 @@ def test_a_refused_first_run_leaves_no_empty_database_behind(config: SearchConfi
     with pytest.raises(UsageError, match="below the fastest policy"):
         run_search(refused)
     assert not Path(refused.storage_url.removeprefix("sqlite:///")).exists()
+
+
+class _Killed(BaseException):
+    """What ``kill -9`` does to a worker mid-trial: it stops, and nothing is told to the study."""
+
+
+@pytest.mark.slow
+def test_a_trial_killed_mid_fine_tune_is_retried_in_its_place_and_the_study_ends_at_trials(
+    config: SearchConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    import warnings
+
+    from tests.conftest import run_main
+
+    real = trial_module.train
+    calls = {"n": 0}
+
+    def killed_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # trial 2, "uniform 0.35 l1": its latency and constraint are recorded, then it dies
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "train", killed_once)
+    config = replace(config, trials=3, precisions=("fp32",), heartbeat_seconds=1)
+    with pytest.raises(_Killed):
+        run_search(config)
+    killed = next(t for t in optuna.load_study(study_name="tiny", storage=config.storage_url).trials if t.number == 2)
+    assert killed.state == optuna.trial.TrialState.RUNNING and "latency" in killed.user_attrs
+    time.sleep(2.5)  # past the grace period of two heartbeats: its worker is gone
+
+    reporter = RecordingReporter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = run_search(config, reporter).study
+    assert any("(2 trials so far)" in line for line in reporter.infos), reporter.infos
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 2)
+    assert retry.params == killed.params and retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.user_attrs["recipe"] == "uniform 0.35 l1"
+    started = [t for t in study.trials if t.datetime_start and t.datetime_start > killed.datetime_start]
+    assert min(started, key=lambda t: t.datetime_start).number == retry.number, "the retry runs first, in its place"
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3, [(t.number, t.state.name, t.user_attrs.get("recipe")) for t in study.trials]
+    assert reporter.steps["trials"] == 3
+    assert not [w for w in caught if "constraint" in str(w.message)], [str(w.message) for w in caught]
+    assert retry.constraints["latency_over_budget_ms"] == pytest.approx(retry.user_attrs["budget_violation_ms"])
+
+    shown = run_main("show", "--study", "tiny", "--studies-dir", config.studies_dir, "--trial", "2")
+    assert shown.returncode == 2
+    assert f"trial 2 was killed (no heartbeat) and retried as trial {retry.number}" in shown.stderr, shown.stderr

@@ -26,6 +26,7 @@ from search.study.coordination import (
     use_study_heartbeat,
     wait_until_ready,
 )
+from search.study.retry import failure_reason, retries_first
 from search.study.storage import open_storage
 from search.study.workers import parse_cpus, plan_cpus, worker_argv
 from tests.conftest import run_cli, run_main
@@ -140,6 +141,27 @@ def test_a_trial_whose_worker_went_silent_is_failed_and_retried_once(tmp_path: P
     step, now = next_step(study, 5)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert now.finished == 1
+
+
+def test_a_killed_trial_is_retried_first_as_it_was_enqueued_without_its_dead_run(tmp_path: Path) -> None:
+    study = _study(tmp_path, heartbeat=1)
+    retries_first(study)
+    dist = {"x": FloatDistribution(0, 1)}
+    for x in (0.1, 0.2, 0.3):
+        study.enqueue_trial({"x": x}, user_attrs={"recipe": f"uniform {x}"})
+    trial = study.ask(dist)  # uniform 0.1: latency measured, constraint set, then its worker is killed
+    trial.set_user_attr("latency", {"corrected_ms": 3.0})
+    trial.set_constraint("latency_over_budget_ms", -1.0)
+    study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(3.2)  # > grace period of 2 heartbeats
+    assert next_step(study, 5)[0] == "run"
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 0)
+    assert retry.user_attrs == {"recipe": "uniform 0.1"}, "the retry starts from what was enqueued, not the dead run"
+    assert retry.constraints == {}, "its own measurement sets its constraint (no 'constraint value is ignored')"
+    popped = study.ask(dist)
+    assert popped.number == retry.number and popped.params == {"x": 0.1}, "the retry runs before the queue"
+    reason = failure_reason(study.trials, study.trials[0])
+    assert reason == f"was killed (no heartbeat) and retried as trial {retry.number}"
 
 
 def test_sampler_depends_on_seed_and_trial_number_only() -> None:

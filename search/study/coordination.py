@@ -11,7 +11,7 @@ storage URL and study name. This module holds the rules they follow, all through
   (:func:`check_same_hardware`): latency measured on other hardware is not comparable.
 * **Heartbeat.** The study fixes its heartbeat interval when it is created; every worker uses that
   value (:func:`use_study_heartbeat`), so they agree on when a silent trial is stale. A stale trial
-  is failed and its policy enqueued once more (Optuna's ``RetryHeartbeatStaleTrialCallback``).
+  is failed and its policy enqueued once more, to run next (:mod:`search.study.retry`).
 * **Counting.** The study is done when it has ``trials`` finished trials, not counting trials that
   were interrupted or went stale and were retried, nor sampled policies that were measured over
   the budget (they cost seconds, not a fine-tune; at most ``OVER_BUDGET_FACTOR`` times ``trials``

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from search.errors import UsageError
 from search.pruning.policy import Policy
+from search.study.retry import failure_reason
 
 __all__ = ["Row", "finished_trial", "pareto_front", "pick_best", "recommended", "rows"]
 
@@ -111,8 +112,7 @@ def finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial
         raise UsageError(f"study {study.study_name!r} has no trial {number} (it has trials 0..{len(trials) - 1})")
     trial = trials[number]
     if trial.state == TrialState.FAIL:
-        reason = trial.user_attrs.get("error", "no error recorded")
-        raise UsageError(f"trial {number} failed ({reason}); pick a completed trial")
+        raise UsageError(f"trial {number} {failure_reason(trials, trial)}; pick a completed trial")
     if trial.state != TrialState.COMPLETE:
         raise UsageError(f"trial {number} is {trial.state.name.lower()}, not finished; pick a completed trial")
     if "pruning_history" not in trial.user_attrs:

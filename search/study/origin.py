@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["is_enqueued", "origin"]
+__all__ = ["ENQUEUED_ATTRS", "LATENCY_AT_CREATION", "is_enqueued", "origin"]
+
+LATENCY_AT_CREATION = "latency_at_creation"
+"""User attribute of an enqueued recipe: its latency record as measured when the study chose it."""
+
+ENQUEUED_ATTRS = ("recipe", "start", LATENCY_AT_CREATION)
+"""The user attributes a trial is enqueued with; a policy queued again (Ctrl-C, a killed worker) keeps these only."""
 
 
 def is_enqueued(attrs: Mapping[str, Any]) -> bool:

@@ -39,10 +39,11 @@ from search.study.coordination import (
 )
 from search.study.coordination import progress as study_progress
 from search.study.create import create_study, sampler
-from search.study.origin import is_enqueued, origin
+from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
+from search.study.retry import retries_first
 from search.study.settings import check_resumable, finetune_settings, quantize_settings, settings_that_must_match
 from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
-from search.study.trial import LATENCY_AT_CREATION, TrialContext, run_trial
+from search.study.trial import TrialContext, run_trial
 from search.target.client import TargetLost
 from search.training.baseline import Baseline, prepare_baseline
 
@@ -186,7 +187,7 @@ def _finished(study: optuna.Study) -> int:
 def _put_back(trial: optuna.Trial) -> None:
     """Mark ``trial`` interrupted (optuna marks it FAIL) and queue its policy again for the next run."""
     trial.set_user_attr("interrupted", True)
-    kept = {k: trial.user_attrs[k] for k in ("recipe", "start", LATENCY_AT_CREATION) if k in trial.user_attrs}
+    kept = {k: trial.user_attrs[k] for k in ENQUEUED_ATTRS if k in trial.user_attrs}
     trial.study.enqueue_trial(trial.params, user_attrs=kept or None)
 
 
@@ -200,6 +201,7 @@ def _run_trials(
     started = time.monotonic()
     ran = 0
     lost: list[TargetLost] = []
+    retries_first(study)  # a killed trial's retry runs next, in its place, not after the queue
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         reporter.phase(f"trial {trial.number}")

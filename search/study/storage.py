@@ -8,9 +8,10 @@ import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 
 from search.errors import UsageError
+from search.study.retry import RetryStaleTrial
 
 __all__ = [
     "default_storage_url",
@@ -128,7 +129,7 @@ def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
                     engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
                     heartbeat_interval=heartbeat_seconds,
                     grace_period=2 * heartbeat_seconds,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                    heartbeat_stale_trial_callback=RetryStaleTrial(),
                 )
         except sqlalchemy.exc.IntegrityError:  # another worker created the same table a moment earlier
             if attempt == 4:

@@ -25,7 +25,7 @@ from search.pruning.budget_fit import fit_to_budget
 from search.pruning.channels import apply_policy
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
-from search.study.origin import is_enqueued
+from search.study.origin import LATENCY_AT_CREATION, is_enqueued
 from search.training.evaluate import onnx_top1, top1
 from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
@@ -40,9 +40,6 @@ __all__ = [
 
 LATENCY_CONSTRAINT = "latency_over_budget_ms"
 """The Optuna constraint each trial sets: drift-corrected latency minus the budget."""
-
-LATENCY_AT_CREATION = "latency_at_creation"
-"""User attribute of an enqueued recipe: its latency record as measured when the study chose it."""
 
 INFEASIBLE_ACCURACY = 0.0
 """Objective value stored for policies over the budget: they are never fine-tuned or evaluated."""

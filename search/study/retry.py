@@ -1,0 +1,103 @@
+"""A trial whose worker went silent (``kill -9``, power loss, a lost network): failed, and run again in its place.
+
+Every running trial records a heartbeat; the next worker that looks fails one that has been silent
+for the grace period (``optuna.storages.fail_stale_trials``) and hands it to the storage's
+stale-trial callback, :class:`RetryStaleTrial`, which queues its policy once more (once: a retry
+that dies too is a final failure). Two things differ from Optuna's own
+``RetryHeartbeatStaleTrialCallback``, and both are what a user would see otherwise:
+
+* The retry carries only what the trial was enqueued with (its params, recipe label and the
+  latency record that chose it), not what the dead run had recorded. Optuna's copy carried the
+  dead run's constraint, so the retry's own ``set_constraint`` was ignored with a raw
+  ``UserWarning``, and its measurements.
+* A waiting retry starts before every other waiting trial (:func:`retries_first`). Optuna starts
+  waiting trials in the order they were created, and the retry is created behind the recipes and
+  start-up samples still queued, so it ran after them: past ``--trials``, since a retry is owed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.study.origin import ENQUEUED_ATTRS
+
+__all__ = ["MAX_RETRIES", "RetryStaleTrial", "failure_reason", "retried_as", "retries_first"]
+
+MAX_RETRIES = 1
+"""How often a trial whose worker went silent is run again; a retry that goes silent too is a final failure."""
+
+_CONSTRAINTS_PREFIX = "constraints"
+"""Optuna keeps a trial's constraints in its system attributes under this prefix (``constraints:NAME``)."""
+
+
+class RetryStaleTrial:
+    """Stale-trial callback: enqueue the policy of a trial whose worker went silent, as it was enqueued."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) > MAX_RETRIES:
+            return
+        system_attrs: dict[str, Any] = {
+            **{k: v for k, v in trial.system_attrs.items() if not k.startswith(_CONSTRAINTS_PREFIX)},
+            "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+            "retry_history": history,
+        }
+        study.add_trial(
+            optuna.create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={k: trial.user_attrs[k] for k in ENQUEUED_ATTRS if k in trial.user_attrs},
+                system_attrs=system_attrs,
+            )
+        )
+
+
+def retries_first(study: optuna.Study) -> None:
+    """Make ``study`` start a waiting retry of a killed trial before any other waiting trial.
+
+    Optuna's ``Study.ask`` (which ``optimize`` calls) takes the first waiting trial it can claim;
+    this puts retries at the head of that line, claimed the same way (a storage update that only
+    one worker wins).
+    """
+    storage = study._storage
+    take_oldest = study._pop_waiting_trial_id
+
+    def pop_retry_first() -> int | None:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if "failed_trial" not in trial.system_attrs:
+                continue
+            try:
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    return trial._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker took it and finished it already
+                continue
+        return take_oldest()
+
+    study._pop_waiting_trial_id = pop_retry_first  # type: ignore[method-assign]
+
+
+def retried_as(trials: Sequence[FrozenTrial], number: int) -> FrozenTrial | None:
+    """The trial that ran trial ``number``'s policy again after its worker went silent, if any."""
+    return next((t for t in trials if t.system_attrs.get("retry_history", [None])[-1] == number), None)
+
+
+def failure_reason(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> str:
+    """Why a failed trial failed, in words: its error, a Ctrl-C, or a worker that went silent."""
+    if "error" in trial.user_attrs:
+        return f"failed ({trial.user_attrs['error']})"
+    if trial.user_attrs.get("interrupted"):
+        return "was interrupted (Ctrl-C) and its policy queued again"
+    retry = retried_as(trials, trial.number)
+    if retry is not None:
+        return f"was killed (no heartbeat) and retried as trial {retry.number}"
+    if "failed_trial" in trial.system_attrs:
+        return (
+            f"was killed (no heartbeat) as the retry of trial {trial.system_attrs['failed_trial']}, "
+            "and not retried again"
+        )
+    return "failed (no error recorded)"
