@@ -17,6 +17,7 @@ ORDER = [
     "target",
     "study",
     "shipping",
+    "serving",
     "cli",
 ]
 """The rooms as README lists them: each may import only from those before it."""

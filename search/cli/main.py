@@ -15,7 +15,7 @@ from typing import Protocol
 from rich.console import Console
 from rich.text import Text
 
-from search.cli import bench, dashboard, export, pareto, search, show, target
+from search.cli import bench, dashboard, export, pareto, search, serve, show, target
 from search.cli.options import EXIT_INTERRUPTED, EXIT_USAGE
 from search.errors import UsageError
 
@@ -41,6 +41,7 @@ COMMANDS: dict[str, Command] = {
     "export": export,
     "bench": bench,
     "target": target,
+    "serve": serve,
 }
 """Each command's name and its module, in the order ``--help`` lists them."""
 

@@ -14,11 +14,12 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from torch import nn
 
 from search.errors import UsageError
@@ -34,9 +35,11 @@ from search.shipping.best_epoch import BestEpoch
 from search.shipping.card import card_markdown
 from search.shipping.checks import check_parity, quantize_and_check
 from search.shipping.model_file import save_pruned, save_torchscript
+from search.shipping.preprocessing import preprocessing_record
 from search.shipping.rebuild import StudyBaseline, rebuild_pruned
 from search.shipping.settings import ExportSettings
 from search.study.front import Row, finished_trial, rows
+from search.training.device import device_record, resolve
 from search.training.evaluate import top1
 from search.training.finetune import FinetuneResult, TrainSettings, recalibrate_batchnorm, train
 
@@ -83,6 +86,7 @@ def export_trial(
     were measured on a latency target must be exported with that target's timer.
     """
     reporter = reporter or NullReporter()
+    settings = replace(settings, device=str(resolve(settings.device)))  # auto -> cpu or cuda:0
     trial = finished_trial(base.study, number)
     timer = _timer_for(base, timer)
     work = _prepare(out_dir, force, reporter)  # moved into place once every check has passed
@@ -96,7 +100,7 @@ def export_trial(
     model = rebuild_pruned(base, trial)
     split = "test" if base.data.test is not None else "val"
     reporter.phase(f"trial {number}: baseline top-1 on {split}")
-    baseline_top1 = _baseline_top1(base, split, settings.test_images, reporter)
+    baseline_top1 = _baseline_top1(base, split, settings.test_images, reporter, settings.device)
 
     reporter.phase(f"trial {number}: fine-tune")
     t = time.perf_counter()
@@ -128,6 +132,8 @@ def export_trial(
     seconds["total"] = time.perf_counter() - started
     card = _card(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    card["augmentation"] = base.data.transforms()  # what the fine-tune trained on, and how top-1 was scored
+    card["train_device"] = device_record(torch.device(settings.device))
     card["command"] = command
     (work / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (work / "card.md").write_text(card_markdown(card))
@@ -182,13 +188,13 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
     work.rename(out_dir)
 
 
-def _baseline_top1(base: StudyBaseline, split: str, limit: int | None, reporter: Reporter) -> float:
+def _baseline_top1(base: StudyBaseline, split: str, limit: int | None, reporter: Reporter, device: str) -> float:
     """The baseline's top-1 on ``split`` (or its random subset of ``limit`` images), measured once per study."""
     key = f"baseline_top1_{split}" + (f"_{limit}" if limit else "")
     stored = base.study.user_attrs.get(key)
     if stored is not None and stored.get("sha256") == base.sha256:
         return float(stored["top1"])
-    value = top1(base.model, base.data, split, limit=limit, reporter=reporter)
+    value = top1(base.model, base.data, split, limit=limit, reporter=reporter, device=device)
     base.study.set_user_attr(key, {"top1": value, "sha256": base.sha256})
     return value
 
@@ -215,8 +221,8 @@ def _finetune(
             "(pass --finetune-unpruned to fine-tune it anyway)"
         )
     elif not state.exists():
-        recalibrate_batchnorm(model, data, batches=8, seed=settings.seed)
-    before = top1(model, data, split, limit=settings.test_images, reporter=reporter)
+        recalibrate_batchnorm(model, data, batches=8, seed=settings.seed, device=settings.device)
+    before = top1(model, data, split, limit=settings.test_images, reporter=reporter, device=settings.device)
     steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
     planned = settings.steps if settings.steps is not None else max(1, round(settings.epochs * steps_per_epoch))
     train_settings = TrainSettings(
@@ -226,8 +232,9 @@ def _finetune(
         distill=settings.distill,
         train_dtype=settings.train_dtype,
         seed=settings.seed,
+        device=settings.device,
     )
-    epochs = BestEpoch(state.parent, data, limit=settings.test_images)
+    epochs = BestEpoch(state.parent, data, limit=settings.test_images, device=settings.device)
     if not skip and not state.exists():
         epochs.consider(0, model)  # the recalibrated weights, before any step
     result = train(
@@ -247,7 +254,11 @@ def _finetune(
             f"Kept epoch {kept} of {max(epochs.scores)}: val top-1 {epochs.scores[kept]:.4f} against "
             f"{epochs.scores[max(epochs.scores)]:.4f} for the last"
         )
-    after = before if skip else top1(model, data, split, limit=settings.test_images, reporter=reporter)
+    after = (
+        before
+        if skip
+        else top1(model, data, split, limit=settings.test_images, reporter=reporter, device=settings.device)
+    )
     scores = {str(e): round(v, 4) for e, v in sorted(epochs.scores.items())}
     epochs.discard()
     return _FineTuned(before, after, train_settings, result, skipped=skip, kept_epoch=kept, val_top1=scores)
@@ -351,6 +362,7 @@ def _card(
             "std": list(data.std),
             "classes": data.classes,
         },
+        "preprocessing": preprocessing_record(data),
         "baseline": {"model": base.model_name, "weights": base.weights, "sha256": base.sha256},
         "budget_ms": base.study.user_attrs["budget_ms"],
         "seconds": {},

@@ -1,0 +1,120 @@
+"""``cli.py serve``: a web page and a JSON API for top-k predictions of exported models (:mod:`search.serving`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+from rich.console import Console
+
+from search.cli.options import positive_float, positive_int
+from search.errors import UsageError
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "serve exported models: a web page and a JSON API for top-3 predictions, beside the unpruned model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("exports", nargs="+", metavar="EXPORT_DIR", help="export folders (`export` writes OUT/trial-N)")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also serve the study's unpruned model, exported to ONNX the same way, so every answer can be compared",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="ONNX Runtime intra-op threads per model session (default: 1; requests run side by side on the "
+        "cores, cores / threads at a time)",
+    )
+    parser.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest upload (default: 20 MB)")
+    parser.add_argument(
+        "--max-megapixels", type=positive_float, default=40.0, help="largest image, decoded (default: 40 megapixels)"
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--storage", help="with --baseline: the study's SQLAlchemy URL (default: its SQLite file)")
+    parser.add_argument("--studies-dir", default="studies", help="with --baseline: folder of the study databases")
+    parser.add_argument("--weights", help="with --baseline: a copy of the study's baseline file, if it moved")
+    parser.add_argument("-q", "--quiet", action="store_true", help="show only errors and the address")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from search.cli.console import RichReporter
+    from search.serving.app import Limits, create_app
+    from search.serving.models import load_export
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {args.port}")
+    if not args.baseline and (args.storage or args.weights):
+        raise UsageError("--storage and --weights go with --baseline")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slots = max(1, cores // args.threads)
+    models = [load_export(Path(folder), args.threads) for folder in args.exports]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):  # the same trial number from two studies
+        for m in models:
+            m.name = f"{m.study}-{m.name}"
+    if len({m.name for m in models}) != len(models):
+        raise UsageError("the same export is named twice; pass each export folder once")
+    if args.baseline:
+        from search.serving.baseline import baseline_model
+
+        storage = args.storage or f"sqlite:///{Path(args.studies_dir) / (models[0].study or '')}.db"
+        with RichReporter(console, verbose=not args.quiet) as reporter:
+            models.append(baseline_model(models, storage, args.threads, weights=args.weights, reporter=reporter))
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6), slots=slots
+    )
+    about = {"workers": 1, "slots": slots, "threads_per_session": args.threads}
+    app = create_app(models, limits, about=about)
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    if not args.quiet:
+        for m in models:
+            pre = m.preprocessing
+            console.print(
+                f"{m.name}: {m.role}, {m.precision}, {m.file}; {len(pre.classes)} classes at {pre.input_size}px"
+            )
+        console.print(
+            f"uvicorn: 1 worker process (every model loaded once, one session each), {slots} request(s) at a "
+            f"time x {args.threads} ONNX Runtime thread(s) per session on {cores} CPU(s); uploads up to "
+            f"{args.max_upload_mb:g} MB and {args.max_megapixels:g} megapixels"
+        )
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"serving on http://{shown}:{port}/ (API: /predict, /models, /health, /openapi.json); Ctrl-C stops")
+    config = uvicorn.Config(
+        app,
+        workers=1,
+        access_log=args.access_log,
+        log_level="info" if args.access_log else "warning",
+        limit_concurrency=max(64, 8 * slots),
+        timeout_keep_alive=5,
+        server_header=False,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line error naming what is wrong."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "is in use" if exc.errno == 98 else f"cannot be used ({exc.strerror or exc})"
+        raise UsageError(f"{host}:{port} {reason}; pass another --port (or --host)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,219 @@
+"""The web app: the page at ``/`` and the JSON API (``POST /predict``, ``GET /models``, ``GET /health``).
+
+FastAPI, so the OpenAPI schema is at ``/openapi.json``. Every request-shaped mistake is a JSON
+``{"error": ...}`` with a 4xx status, and the server goes on serving. Inference runs in worker
+threads, at most ``slots`` requests at once (the cores divided by each session's threads), so
+concurrent requests queue instead of oversubscribing the CPU. The page's files are read into
+memory when the app is made: no request path reaches the file system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from search.serving.images import BadImage, decode_image
+from search.serving.models import ServedModel
+from search.serving.schema import ErrorBody, Health, ModelInfo, Prediction
+from search.serving.upload import FIELD, image_bytes, read_capped
+
+__all__ = ["Limits", "create_app"]
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 413, 415, 422)}
+_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [FIELD],
+                "properties": {FIELD: {"type": "string", "format": "binary", "description": "the image file"}},
+            }
+        },
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+    "description": f"the image: a multipart form with the file in field `{FIELD}`, or the raw bytes as the body "
+    "(any Content-Type but multipart, e.g. image/jpeg)",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server."""
+
+    max_upload_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    slots: int = 1
+    """Requests whose images are decoded and run at the same time; the rest wait their turn."""
+    max_k: int = 100
+
+
+def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, Any] | None = None) -> FastAPI:
+    """The app serving ``models`` (one of them may have the ``baseline`` role)."""
+    app = FastAPI(
+        title="prune-search serve",
+        summary="Top-k predictions of shipped models, beside the unpruned model they replace",
+        version="1",
+    )
+    slots = asyncio.Semaphore(limits.slots)
+    baseline = next((m for m in models if m.role == "baseline"), None)
+    draft = max(m.preprocessing.native_size for m in models)
+    started = time.time()
+    page = {name: _asset(name) for name in ("page.html", "page.js", "page.css")}
+    _errors(app)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page["page.html"])
+
+    @app.get("/page.js", include_in_schema=False)
+    def script() -> Response:
+        return Response(page["page.js"], media_type="text/javascript")
+
+    @app.get("/page.css", include_in_schema=False)
+    def style() -> Response:
+        return Response(page["page.css"], media_type="text/css")
+
+    @app.get("/health", response_model=Health, summary="Whether the server is up, and what it serves")
+    def health() -> Health:
+        return Health(
+            status="ok", models=[m.name for m in models], uptime_s=round(time.time() - started, 1), **(about or {})
+        )
+
+    @app.get("/models", response_model=list[ModelInfo], summary="Each served model's card and summary")
+    def list_models() -> list[ModelInfo]:
+        return [_info(m) for m in models]
+
+    @app.post(
+        "/predict",
+        response_model=Prediction,
+        responses=_ERRORS,  # type: ignore[arg-type]
+        summary="Top-k classes of one image, from every served model",
+        openapi_extra={"requestBody": _BODY},
+    )
+    async def predict(
+        request: Request, k: int = Query(3, ge=1, le=limits.max_k, description="how many classes per model")
+    ) -> Prediction:
+        body = await read_capped(dict(request.headers), request.stream(), limits.max_upload_bytes)
+        data = image_bytes(request.headers.get("content-type", ""), body)
+        async with slots:
+            return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels, draft)
+
+    return app
+
+
+def _answer(
+    data: bytes, k: int, models: list[ServedModel], baseline: ServedModel | None, max_pixels: int, draft: int
+) -> Prediction:
+    """Decode, preprocess (once per distinct record) and run every model; the answers with top-k each."""
+    started = time.perf_counter()
+    decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft)
+    inputs: dict[Any, np.ndarray] = {}
+    answers: list[dict[str, Any]] = []
+    for model in models:
+        pre = model.preprocessing
+        if pre not in inputs:
+            inputs[pre] = pre(decoded.image)
+        logits, ms = model.logits(inputs[pre])
+        answers.append({"model": model, "probabilities": _softmax(logits[0]), "inference_ms": ms})
+    top1 = {a["model"].name: int(np.argmax(a["probabilities"])) for a in answers}
+    results = []
+    for a in answers:
+        model, p = a["model"], a["probabilities"]
+        order = np.argsort(-p, kind="stable")[: min(k, len(p))]
+        agrees = None
+        if baseline is not None and model is not baseline and model.study == baseline.study:
+            agrees = top1[model.name] == top1[baseline.name]
+        results.append(
+            {
+                "name": model.name,
+                "role": model.role,
+                "precision": model.precision,
+                "top": [
+                    {"label": model.preprocessing.classes[i], "index": int(i), "probability": float(p[i])}
+                    for i in order
+                ],
+                "inference_ms": round(a["inference_ms"], 3),
+                "agrees_with_baseline": agrees,
+            }
+        )
+    image = {
+        "format": decoded.format,
+        "width": decoded.width,
+        "height": decoded.height,
+        "mode": decoded.mode,
+        "exif_rotated": decoded.exif_rotated,
+    }
+    return Prediction(
+        image=image,
+        k=k,
+        models=results,
+        baseline=baseline.name if baseline else None,
+        total_ms=round((time.perf_counter() - started) * 1000.0, 3),
+    )
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def _info(model: ServedModel) -> ModelInfo:
+    pre = model.preprocessing
+    return ModelInfo(
+        name=model.name,
+        role=model.role,
+        precision=model.precision,
+        file=model.file,
+        classes=list(pre.classes),
+        input_size=pre.input_size,
+        summary=model.summary,
+        card=model.card,
+    )
+
+
+def _asset(name: str) -> bytes:
+    return (resources.files("search.serving") / "static" / name).read_bytes()
+
+
+def _errors(app: FastAPI) -> None:
+    """Every error as ``{"error": message}``."""
+
+    @app.exception_handler(BadImage)
+    async def bad_image(_: Request, exc: BadImage) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such path {request.url.path[:100]!r}; the API is POST /predict, GET /models, GET /health"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path[:100]}; see /openapi.json"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse({"error": f"bad request parameters: {problems}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse({"error": "internal error while answering; the server goes on serving"}, status_code=500)

@@ -1,0 +1,137 @@
+"""The models a server answers with: each export folder's card and ONNX file in one shared session.
+
+An export folder (``cli.py export``'s ``OUT/trial-N``) is loaded once: its card (which must carry
+the ``preprocessing`` record), and the file it ships (``model.int8.onnx`` when the card's precision
+is INT8, else ``model.onnx``) in one ONNX Runtime session that every request shares (``run`` is
+thread-safe). The study's unpruned model can be added, exported to ONNX the same way
+(:func:`baseline_model`), so every answer can be compared with the model the export replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from search.errors import UsageError
+from search.serving.preprocess import MissingPreprocessing, Preprocessing
+
+__all__ = ["ServedModel", "load_export", "make_session"]
+
+
+@dataclass
+class ServedModel:
+    """One model being served: its name, what its card says, and its session."""
+
+    name: str
+    role: str
+    """``pruned`` (an export) or ``baseline`` (the study's unpruned model)."""
+    precision: str
+    file: str
+    preprocessing: Preprocessing
+    summary: dict[str, Any]
+    """The card at a glance: latency at search, accuracy, MACs, params, size (what the page shows)."""
+    card: dict[str, Any]
+    session: ort.InferenceSession = field(repr=False)
+    study: str | None = None
+    folder: str | None = None
+    """The export folder it was loaded from (None for the baseline, exported at start)."""
+
+    def logits(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """The model's logits for input batch ``x`` and the milliseconds ``run`` took."""
+        started = time.perf_counter()
+        out = self.session.run(None, {self.preprocessing.input_name: x})[0]
+        return out, (time.perf_counter() - started) * 1000.0
+
+
+def make_session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads (one inter-op), all graph optimisations."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def load_export(folder: Path, threads: int) -> ServedModel:
+    """Load export folder ``folder``; a one-line :class:`UsageError` for anything that is not a usable export."""
+    card_path = folder / "card.json"
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder; pass an export folder (`cli.py export` writes OUT/trial-N)")
+    if not card_path.is_file():
+        raise UsageError(f"{folder} has no card.json; pass an export folder (`cli.py export` writes OUT/trial-N)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {card_path}: {exc}; export the trial again") from None
+    try:
+        pre = Preprocessing.from_card(card)
+    except MissingPreprocessing as exc:
+        raise UsageError(f"{folder} cannot be served: {exc}; re-export it: {_reexport(card)}") from None
+    precision = card.get("precision", "fp32")
+    name = "model.int8.onnx" if precision == "int8" else "model.onnx"
+    path = folder / name
+    if not path.is_file():
+        raise UsageError(f"{folder} has no {name}, which its card says it ships; export the trial again")
+    try:
+        session = make_session(str(path), threads)
+    except Exception as exc:  # ONNX Runtime's own errors are not one class
+        raise UsageError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+    _check_shapes(session, pre, str(path))
+    return ServedModel(
+        name=f"trial-{card.get('trial', folder.name)}",
+        role="pruned",
+        precision=precision,
+        file=name,
+        preprocessing=pre,
+        summary=_summary(card, path.stat().st_size),
+        card=card,
+        session=session,
+        study=card.get("study"),
+        folder=str(folder),
+    )
+
+
+def _reexport(card: dict[str, Any]) -> str:
+    if card.get("study") is not None and card.get("trial") is not None:
+        return f"python cli.py export --study {card['study']} --trial {card['trial']} --force"
+    return "python cli.py export ... --force"
+
+
+def _check_shapes(session: ort.InferenceSession, pre: Preprocessing, where: str) -> None:
+    """The model takes ``N×3×S×S`` at the card's input size and gives one logit per class."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = list(inputs[0].shape)
+    if inputs[0].name != pre.input_name or shape[1:] != [3, pre.input_size, pre.input_size]:
+        raise UsageError(
+            f"{where} takes {inputs[0].name} {shape}, but its card says {pre.input_name} [N, 3, {pre.input_size}, "
+            f"{pre.input_size}]; export the trial again"
+        )
+    width = outputs[0].shape[-1]
+    if isinstance(width, int) and width != len(pre.classes):
+        raise UsageError(f"{where} gives {width} outputs, but its card names {len(pre.classes)} classes")
+
+
+def _summary(card: dict[str, Any], size: int) -> dict[str, Any]:
+    accuracy, latency = card.get("accuracy", {}), card.get("latency", {})
+    return {
+        "study": card.get("study"),
+        "trial": card.get("trial"),
+        "recipe": card.get("recipe"),
+        "precision": card.get("precision", "fp32"),
+        "latency_ms": latency.get("search_ms") or latency.get("corrected_ms"),
+        "export_latency_ms": latency.get("corrected_ms"),
+        "latency_threads": latency.get("threads"),
+        "top1": accuracy.get("after_finetune"),
+        "top1_split": accuracy.get("split"),
+        "baseline_top1": accuracy.get("baseline"),
+        "macs": card.get("macs"),
+        "params": card.get("params"),
+        "size_bytes": size,
+    }

@@ -1,0 +1,109 @@
+"""A request body read into memory under a byte cap, and the image taken out of it.
+
+The cap is enforced before the body is read: a ``Content-Length`` over it is refused at once, and
+a body without one (chunked) is counted as it streams and refused the moment it passes the cap.
+A ``multipart/form-data`` body is parsed in memory (python-multipart's streaming parser, no
+spooled temporary files); any other body is the image itself. Nothing here touches a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from search.serving.images import BadImage
+
+__all__ = ["FIELD", "image_bytes", "read_capped"]
+
+FIELD = "image"
+"""The multipart field that carries the image."""
+
+
+async def read_capped(headers: dict[str, str], stream: AsyncIterator[bytes], limit: int) -> bytes:
+    """The body, or :class:`BadImage` 413 once it is known to be over ``limit`` bytes (400 for a bad length)."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadImage(400, f"Content-Length {declared[:40]!r} is not a number") from None
+        if length > limit:
+            raise BadImage(413, _too_large(limit, f" {length / 1e6:.1f} MB,"))
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise BadImage(413, _too_large(limit, ""))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, got: str) -> str:
+    return (
+        f"the upload is{got} over the limit of {limit / 1e6:.1f} MB; send a smaller image "
+        "(or start serve with a larger --max-upload-mb)"
+    )
+
+
+def image_bytes(content_type: str, body: bytes) -> bytes:
+    """The image in ``body``: its multipart field :data:`FIELD`, or the whole body."""
+    kind, options = parse_options_header(content_type or "")
+    if kind != b"multipart/form-data":
+        return body
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadImage(400, "the multipart body has no boundary in its Content-Type; let the client set it")
+    parts = _parse_multipart(body, boundary)
+    if FIELD not in parts:
+        named = ", ".join(repr(n) for n in parts) or "none"
+        raise BadImage(
+            400, f"the form has no field {FIELD!r} (fields sent: {named}); send the image as -F {FIELD}=@photo.jpg"
+        )
+    return parts[FIELD]
+
+
+class _Parts:
+    """python-multipart's callbacks, collecting each part's headers and bytes."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, bytes] = {}
+        self._headers: dict[bytes, bytes] = {}
+        self._field, self._value = b"", b""
+        self._data: list[bytes] = []
+
+    def on_part_begin(self) -> None:
+        self._headers, self._data = {}, []
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        self.found.setdefault(name, b"".join(self._data))  # the first part of each name
+
+
+def _parse_multipart(body: bytes, boundary: bytes) -> dict[str, bytes]:
+    """Field name -> bytes of each part, parsed in memory."""
+    parts = _Parts()
+    names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end")
+    parser = MultipartParser(boundary, {name: getattr(parts, name) for name in names})  # type: ignore[arg-type]
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise BadImage(400, f"the multipart body is malformed ({str(exc)[:120]}); let the client encode it") from None
+    return parts.found
