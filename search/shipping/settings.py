@@ -17,6 +17,8 @@ class ExportSettings:
     """Weight of distillation from the unpruned model (0 turns it off)."""
     train_dtype: str = "auto"
     seed: int = 0
+    device: str = "auto"
+    """Where to fine-tune and evaluate: auto (the first CUDA device, if any), cpu, cuda or cuda:N."""
     max_abs_diff: float = 1e-3
     """ONNX Runtime and PyTorch logits may differ by this much, or by ``max_rel_diff`` of the logits' scale."""
     max_rel_diff: float = 1e-3

@@ -58,7 +58,12 @@ class SearchConfig:
     baseline_epochs: int = 3
     """Epochs to train a baseline when no ``weights`` are given."""
     train_dtype: str = "auto"
-    """Training arithmetic: auto (bf16 where the CPU has it natively), bf16 or fp32."""
+    """Training arithmetic: auto (bf16 where the device has it natively, fp16 on older GPUs), bf16, fp16 or fp32."""
+    device: str = "auto"
+    """Where training and evaluation run: auto (the first CUDA device, if any), cpu, cuda or cuda:N.
+    Latency is measured in ONNX Runtime on the CPU (or the latency target) whatever this says."""
+    allow_mixed_devices: bool = False
+    """Let a resumed study (or a joining worker) fine-tune on another kind of device than its creator."""
     precisions: tuple[str, ...] = ("fp32", "int8")
     """Deployment precisions the search may choose; int8 is dropped where this CPU does not run it faster."""
     calibration_method: str = "minmax"

@@ -59,7 +59,7 @@ def create_study(
     fastest_ms = fastest_reachable(space, meter, reporter)
     _check_budget(config, space, fastest_ms, base, reporter)
     reporter.phase("evaluate the baseline")
-    accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=reporter)
+    accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=reporter, device=config.device)
     reporter.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
     _warn_near_chance(accuracy, data, reporter)
     study = optuna.create_study(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
@@ -41,11 +42,18 @@ from search.study.coordination import progress as study_progress
 from search.study.create import create_study, sampler
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
 from search.study.retry import retries_first
-from search.study.settings import check_resumable, finetune_settings, quantize_settings, settings_that_must_match
+from search.study.settings import (
+    check_resumable,
+    check_same_device_kind,
+    finetune_settings,
+    quantize_settings,
+    settings_that_must_match,
+)
 from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
 from search.study.trial import TrialContext, run_trial
 from search.target.client import TargetLost
 from search.training.baseline import Baseline, prepare_baseline
+from search.training.device import device_record, loader_plan, resolve
 
 __all__ = ["SearchResult", "run_search"]
 
@@ -75,6 +83,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     """
     reporter = reporter or NullReporter()
     check_model_name(config.model)  # before any data is loaded
+    config = replace(config, device=str(resolve(config.device)))  # auto -> cpu or cuda:0; a bad one is refused
     timer = timer or LocalTimer(LatencySettings(threads=config.threads))
     if timer.threads != config.threads:
         raise UsageError(
@@ -104,8 +113,10 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
         epochs=config.baseline_epochs,
         seed=config.seed,
         reporter=reporter,
+        device=config.device,
     )
     hardware = timer.fingerprint()
+    train_device = device_record(torch.device(config.device))
     settings = settings_that_must_match(config, data, space, baseline)
     meter = CandidateMeter(baseline.model, data, space=space, timer=timer, quantize=quantize_settings(config))
     study = load_existing(storage, config.study_name)
@@ -113,6 +124,8 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     if study is None:
         try:
             study = create_study(config, storage, data, space, baseline, meter, settings, hardware, reporter)
+            study.set_user_attr("train_device", train_device)
+            study.set_user_attr("augmentation", data.transforms())
             publish_baseline(storage, study, baseline)
             mark_ready(study, config.heartbeat_seconds or HEARTBEAT_SECONDS)
             created = True
@@ -125,6 +138,7 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
             return run_search(config, reporter, timer=timer)  # lost the creation race: use the study's baseline
         check_resumable(study, settings, config)
         check_same_hardware(study, hardware, config.study_name)
+        check_same_device_kind(study, train_device, config)
         use_study_heartbeat(storage, study, config.heartbeat_seconds)
         reporter.info(f"Resuming study {config.study_name!r} ({study_progress(study).finished} trials so far)")
     ctx, config = _trial_context(study, config, data, space, baseline, meter, hardware, reporter)
@@ -142,6 +156,7 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
 
 def _data_and_space(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, SearchSpace]:
     data = load_dataset(config.data, reporter)
+    data.loader_workers, data.pin_memory = loader_plan(torch.device(config.device))
     space = load_space(config.space or default_space_path(model_family(config.model)))
     return data, space.with_precisions(config.precisions)
 
@@ -175,6 +190,7 @@ def _trial_context(
         reporter=reporter,
         val_images=config.val_images,
         fit_budget=config.fit_budget,
+        train_device=device_record(torch.device(config.device)),
     )
     return ctx, config
 

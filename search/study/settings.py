@@ -22,7 +22,13 @@ from search.study.storage import masked
 from search.training.baseline import Baseline
 from search.training.finetune import TrainSettings
 
-__all__ = ["check_resumable", "finetune_settings", "quantize_settings", "settings_that_must_match"]
+__all__ = [
+    "check_resumable",
+    "check_same_device_kind",
+    "finetune_settings",
+    "quantize_settings",
+    "settings_that_must_match",
+]
 
 
 def settings_that_must_match(
@@ -96,4 +102,17 @@ def finetune_settings(config: SearchConfig) -> TrainSettings:
         lr=config.finetune_lr,
         distill=config.distill,
         train_dtype=config.train_dtype,
+        device=config.device,
+    )
+
+
+def check_same_device_kind(study: optuna.Study, record: dict[str, Any], config: SearchConfig) -> None:
+    """Refuse to add trials fine-tuned on another kind of device (numerics differ) unless the user allows it."""
+    stored = study.user_attrs.get("train_device")
+    if stored is None or stored.get("kind") == record["kind"] or config.allow_mixed_devices:
+        return
+    raise UsageError(
+        f"study {config.study_name!r} fine-tunes on {stored['kind']} ({stored.get('name')}), this run on "
+        f"{record['kind']} ({record['name']}); their accuracies are not quite comparable: pass --device "
+        f"{stored['kind']}, or --allow-mixed-devices to mix them in one study"
     )

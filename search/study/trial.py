@@ -61,6 +61,8 @@ class TrialContext:
     reporter: Reporter = field(default_factory=NullReporter)
     val_images: int | None = None
     """Evaluate on a fixed random subset of this many validation images (None: all of them)."""
+    train_device: dict[str, Any] = field(default_factory=dict)
+    """Where this worker fine-tunes and evaluates (:func:`search.training.device.device_record`)."""
     fit_budget: bool = False
     """Fit each sampled policy's strength to the budget (:mod:`search.pruning.budget_fit`); enqueued ones run as
     they are."""
@@ -103,6 +105,8 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
         trial.set_user_attr("quantization", {**ctx.quantize.to_dict(), "format": "QDQ", "per_channel": True})
     trial.set_user_attr("policy_key", _without_seed(policy))
     trial.set_user_attr("hardware", ctx.hardware)
+    if ctx.train_device:
+        trial.set_user_attr("train_device", ctx.train_device)
 
     earlier = _same_policy(trial, policy)
     if earlier is not None:
@@ -158,11 +162,12 @@ def _finetune_and_score(
     reporter = ctx.reporter
     reporter.phase("recalibrate BatchNorm")
     started = time.perf_counter()
-    recalibrate_batchnorm(model, ctx.data, batches=ctx.bn_batches, seed=trial.number)
+    device = ctx.finetune.device
+    recalibrate_batchnorm(model, ctx.data, batches=ctx.bn_batches, seed=trial.number, device=device)
     seconds["bn_recalibration"] = time.perf_counter() - started
     reporter.phase("evaluate")
     started = time.perf_counter()
-    before = top1(model, ctx.data, "val", limit=ctx.val_images)
+    before = top1(model, ctx.data, "val", limit=ctx.val_images, device=device)
     seconds["evaluate"] = time.perf_counter() - started
     trial.set_user_attr("accuracy_before", before)
 
@@ -183,7 +188,7 @@ def _finetune_and_score(
 
     reporter.phase("evaluate")
     started = time.perf_counter()
-    after = top1(model, ctx.data, "val", limit=ctx.val_images)
+    after = top1(model, ctx.data, "val", limit=ctx.val_images, device=device)
     seconds["evaluate"] += time.perf_counter() - started
     if precision == "int8":
         trial.set_user_attr("accuracy_fp32", after)

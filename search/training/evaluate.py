@@ -19,6 +19,7 @@ from search.data.dataset import Dataset
 from search.measuring.onnx_export import fixed_batch
 from search.measuring.timing import open_session
 from search.progress import NullReporter, Reporter
+from search.training.finetune import device_of, to_device
 
 __all__ = ["Agreement", "compare_top1", "onnx_top1", "top1", "top1_agreement"]
 
@@ -32,25 +33,33 @@ def top1(
     batch_size: int = 64,
     limit: int | None = None,
     reporter: Reporter | None = None,
+    device: str | torch.device = "cpu",
 ) -> float:
     """Fraction of images in ``split`` whose highest logit is the true class (FP32, eval mode).
 
     ``limit`` evaluates a fixed random subset of that many images (the same one on every call), so
-    a class-sorted split still gives every class its share.
+    a class-sorted split still gives every class its share. The model runs on ``device`` and
+    goes back to where it was.
     """
     reporter = reporter or NullReporter()
     model.eval()
-    model = model.to(memory_format=torch.channels_last)
+    home = device_of(model)
+    model = model.to(device, memory_format=torch.channels_last)
     total = len(getattr(data, split))
     if limit is not None:
         total = min(total, limit)
     correct = seen = 0
-    with reporter.task(f"top-1 on {split}", total) as task:
-        for x, y in data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit):
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-            correct += int((logits.argmax(dim=1) == y).sum())
-            seen += len(y)
-            task.advance(len(y))
+    stream = data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit)
+    try:
+        with reporter.task(f"top-1 on {split}", total) as task:
+            for x, y in stream:
+                logits = model(to_device(x, device))
+                correct += int((logits.argmax(dim=1).cpu() == y).sum())
+                seen += len(y)
+                task.advance(len(y))
+    finally:
+        stream.close()
+        model.to(home)
     if seen == 0:
         raise ValueError(f"split {split!r} is empty")
     return correct / seen

@@ -1,7 +1,11 @@
 """Training loops: BatchNorm recalibration, brief fine-tuning (optionally distilled), baselines.
 
-All training uses channels_last, and bf16 autocast only where the CPU computes bf16 natively
-(elsewhere it is emulated and an order of magnitude slower).
+All training uses channels_last and runs on :attr:`TrainSettings.device` (the CPU or a CUDA
+device), with mixed precision where that device computes it natively
+(:func:`search.training.device.precision`: bf16, or fp16 with loss scaling on older GPUs; on a
+CPU without native bf16 it is emulated and an order of magnitude slower, so FP32). The model
+(and the teacher) go to the device for the call and come back to the CPU afterwards, where
+pruning, export and latency happen.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.data.dataset import Dataset
-from search.measuring.hardware import supports_bf16
 from search.progress import NullReporter, Reporter
+from search.training.device import precision
 
-__all__ = ["FinetuneResult", "TrainSettings", "recalibrate_batchnorm", "train"]
+__all__ = ["FinetuneResult", "TrainSettings", "device_of", "recalibrate_batchnorm", "to_device", "train"]
 
 
 @dataclass(frozen=True)
@@ -39,20 +43,18 @@ class TrainSettings:
     """Weight of distillation from the unpruned model (0 = cross-entropy only, 1 = only KD)."""
     temperature: float = 4.0
     train_dtype: str = "auto"
-    """``auto`` (bf16 autocast where the CPU has native bf16), ``bf16`` or ``fp32``."""
+    """``auto`` (bf16 autocast where the device has native bf16, fp16 on older GPUs), ``bf16``, ``fp16`` or ``fp32``."""
     seed: int = 0
+    device: str = "cpu"
+    """Where to train: ``cpu`` or ``cuda:N`` (resolved by :func:`search.training.device.resolve`)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError("steps must be >= 0")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError("distill must be in [0, 1]")
-        if self.train_dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError("train_dtype must be auto, bf16 or fp32")
-
-    @property
-    def use_bf16(self) -> bool:
-        return self.train_dtype == "bf16" or (self.train_dtype == "auto" and supports_bf16())
+        if self.train_dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError("train_dtype must be auto, bf16, fp16 or fp32")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,13 @@ def _forever(
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: nn.Module, data: Dataset, *, batches: int = 8, batch_size: int = 32, seed: int = 0
+    model: nn.Module,
+    data: Dataset,
+    *,
+    batches: int = 8,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> None:
     """Re-estimate BatchNorm running statistics on training batches (no weight changes).
 
@@ -88,13 +96,29 @@ def recalibrate_batchnorm(
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the batches below
     model.train()
-    model = model.to(memory_format=torch.channels_last)
+    home = device_of(model)
+    model = model.to(device, memory_format=torch.channels_last)
     stream = data.batches("train", batch_size, shuffle=True, augment=False, seed=seed)
-    for x, _ in itertools.islice(stream, batches):
-        model(x.contiguous(memory_format=torch.channels_last))
+    try:
+        for x, _ in itertools.islice(stream, batches):
+            model(to_device(x, device))
+    finally:
+        stream.close()  # loader workers stop here, before anything is timed
+        model.to(home)
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
     model.eval()
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (it goes back there after a call on another device)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A batch on ``device`` in channels_last (asynchronously from pinned memory)."""
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 def train(
@@ -120,13 +144,38 @@ def train(
     if settings.steps == 0:
         return FinetuneResult(0, 0.0, 0.0, float("nan"))
     torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    home = device_of(model)
     model.train()
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     if teacher is not None and settings.distill > 0:
         teacher.eval()
-        teacher = teacher.to(memory_format=torch.channels_last)
+        teacher = teacher.to(device, memory_format=torch.channels_last)
     else:
         teacher = None
+    try:
+        return _train(model, data, settings, teacher, reporter, description, steps_per_epoch, checkpoint, after_epoch)
+    finally:
+        model.to(home)
+        if teacher is not None:
+            teacher.to(home)
+
+
+def _train(
+    model: nn.Module,
+    data: Dataset,
+    settings: TrainSettings,
+    teacher: nn.Module | None,
+    reporter: Reporter,
+    description: str,
+    steps_per_epoch: int | None,
+    checkpoint: Path | None,
+    after_epoch: Callable[[int, nn.Module], None] | None,
+) -> FinetuneResult:
+    """:func:`train` with the models already on the device."""
+    device = torch.device(settings.device)
+    mixed = precision(device, settings.train_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed.scale_loss)
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -147,7 +196,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     done = 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -157,29 +206,33 @@ def train(
     start = time.perf_counter()
     images = 0
     loss_value = float("nan")
-    with reporter.task(description, settings.steps) as task:
-        task.advance(done)
-        for step in range(done, settings.steps):
-            x, y = next(stream)
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.use_bf16):
-                logits = model(x)
-                loss = _loss(logits, y, x, teacher, settings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            images += len(y)
-            loss_value = float(loss.detach())
-            elapsed = time.perf_counter() - start
-            task.advance(1, loss=loss_value, img_s=images / max(elapsed, 1e-9))
-            epoch_ends = steps_per_epoch and (step + 1) % steps_per_epoch == 0
-            if after_epoch is not None and steps_per_epoch and (epoch_ends or step + 1 == settings.steps):
-                model.eval()
-                after_epoch(math.ceil((step + 1) / steps_per_epoch), model)
-                model.train()
-            if checkpoint is not None and epoch_ends:
-                _save_state(checkpoint, model, optimizer, scheduler, step + 1)
+    try:
+        with reporter.task(description, settings.steps) as task:
+            task.advance(done)
+            for step in range(done, settings.steps):
+                x, y = next(stream)
+                x, y = to_device(x, device), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=mixed.dtype or torch.bfloat16, enabled=mixed.dtype is not None):
+                    logits = model(x)
+                    loss = _loss(logits, y, x, teacher, settings)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                images += len(y)
+                loss_value = float(loss.detach())
+                elapsed = time.perf_counter() - start
+                task.advance(1, loss=loss_value, img_s=images / max(elapsed, 1e-9))
+                epoch_ends = steps_per_epoch and (step + 1) % steps_per_epoch == 0
+                if after_epoch is not None and steps_per_epoch and (epoch_ends or step + 1 == settings.steps):
+                    model.eval()
+                    after_epoch(math.ceil((step + 1) / steps_per_epoch), model)
+                    model.train()
+                if checkpoint is not None and epoch_ends:
+                    _save_state(checkpoint, model, optimizer, scheduler, step + 1)
+    finally:
+        stream.close()  # loader workers stop before anything is timed
     model.eval()
     seconds = time.perf_counter() - start
     return FinetuneResult(settings.steps - done, seconds, images / max(seconds, 1e-9), loss_value)
