@@ -10,6 +10,7 @@ from rich.console import Console
 
 from search.cli.console import RichReporter, export_summary
 from search.cli.options import (
+    add_device_option,
     add_study_options,
     add_target_options,
     fraction,
@@ -54,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=EXPORT_DEFAULTS.distill,
         help=f"distillation weight from the unpruned model (default: {EXPORT_DEFAULTS.distill})",
     )
-    parser.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--train-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    add_device_option(parser)
     parser.add_argument(
         "--finetune-unpruned",
         action="store_true",
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         lr=args.lr,
         distill=args.distill,
         train_dtype=args.train_dtype,
+        device=args.device,
         seed=args.seed,
         finetune_unpruned=args.finetune_unpruned,
     )

@@ -22,10 +22,12 @@ __all__ = [
     "EXIT_TARGET_LOST",
     "EXIT_USAGE",
     "TOKEN_ENV",
+    "add_device_option",
     "add_study_options",
     "add_target_options",
     "add_worker_options",
     "cpus",
+    "device",
     "fraction",
     "non_negative_float",
     "non_negative_int",
@@ -96,6 +98,25 @@ def cpus(text: str) -> tuple[int, ...]:
         return parse_cpus(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (lower case); whether this machine has it is checked when used."""
+    value = text.strip().lower()
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where training and evaluation run (latency is ONNX Runtime on the CPU or the target)."""
+    parser.add_argument(
+        "--device",
+        type=device,
+        default="auto",
+        help="where fine-tuning and evaluation run: auto (a CUDA GPU when there is one, else the CPU), cpu, "
+        "cuda or cuda:N; latency is always measured in ONNX Runtime on the CPU (or --target) (default: auto)",
+    )
 
 
 def add_study_options(parser: argparse.ArgumentParser) -> None:

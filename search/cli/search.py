@@ -17,6 +17,7 @@ from search.cli.options import (
     EXIT_INTERRUPTED,
     EXIT_TARGET_LOST,
     EXIT_USAGE,
+    add_device_option,
     add_study_options,
     add_target_options,
     add_worker_options,
@@ -137,9 +138,16 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--train-dtype",
-        choices=["auto", "bf16", "fp32"],
+        choices=["auto", "bf16", "fp16", "fp32"],
         default="auto",
-        help="training arithmetic; auto uses bf16 only where the CPU has it natively",
+        help="training arithmetic; auto uses bf16 where the device has it natively (fp16 with loss scaling on "
+        "older GPUs, FP32 on other CPUs)",
+    )
+    add_device_option(parser)
+    parser.add_argument(
+        "--allow-mixed-devices",
+        action="store_true",
+        help="let this run add trials fine-tuned on another kind of device (cpu, cuda) than the study's first",
     )
 
 
@@ -190,6 +198,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         fit_budget=args.fit_budget,
         baseline_epochs=args.baseline_epochs,
         train_dtype=args.train_dtype,
+        device=args.device,
+        allow_mixed_devices=args.allow_mixed_devices,
         precisions=args.precision,
         calibration_method=args.calibration_method,
         calibration_images=args.calibration_images,

@@ -25,11 +25,12 @@ __all__ = ["BestEpoch"]
 class BestEpoch:
     """Validation top-1 by epoch, and the best epoch's weights in ``folder``."""
 
-    def __init__(self, folder: Path, data: Dataset, limit: int | None = None) -> None:
+    def __init__(self, folder: Path, data: Dataset, limit: int | None = None, device: str = "cpu") -> None:
         self._weights = folder / "best-epoch.pt"
         self._scores_file = folder / "best-epoch.json"
         self._data = data
         self._limit = limit
+        self._device = device
         self.scores: dict[int, float] = {}
         if self._scores_file.exists() and self._weights.exists():
             self.scores = {int(k): float(v) for k, v in json.loads(self._scores_file.read_text()).items()}
@@ -41,7 +42,7 @@ class BestEpoch:
 
     def consider(self, epoch: int, model: nn.Module) -> None:
         """Score ``model`` after ``epoch`` on the validation split; keep its weights if it is the best so far."""
-        self.scores[epoch] = top1(model, self._data, "val", limit=self._limit)
+        self.scores[epoch] = top1(model, self._data, "val", limit=self._limit, device=self._device)
         if self.best == epoch:
             partial = self._weights.with_suffix(".partial")
             torch.save(model.state_dict(), partial)

@@ -38,6 +38,7 @@ __all__ = [
     "parse_cpus",
     "pin_to_cpus",
     "plan_cpus",
+    "plan_devices",
     "run_local_workers",
     "worker_argv",
 ]
@@ -104,21 +105,37 @@ def pin_to_cpus(cpus: Sequence[int], threads: int) -> str:
     )
 
 
-def worker_argv(argv: Sequence[str], cpus: Sequence[int]) -> list[str]:
-    """The command line of one worker: the launcher's, without ``--workers`` or ``--cpus``, pinned."""
+def plan_devices(device: str, workers: int, cuda_devices: int) -> list[str | None]:
+    """Each worker's ``--device``: with ``auto`` or ``cuda`` and several GPUs, its own GPU (round robin
+    when there are more workers than GPUs); ``None`` keeps the launcher's ``--device`` as it is."""
+    if device in ("auto", "cuda") and cuda_devices > 0:
+        return [f"cuda:{i % cuda_devices}" for i in range(workers)]
+    return [None] * workers
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_argv(argv: Sequence[str], cpus: Sequence[int], device: str | None = None) -> list[str]:
+    """The command line of one worker: the launcher's, without ``--workers`` or ``--cpus``, pinned
+    (and with ``device`` in place of the launcher's ``--device`` when given)."""
     out: list[str] = []
     skip = False
+    dropped = ("--workers", "--cpus", "--device") if device else ("--workers", "--cpus")
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg in ("--workers", "--cpus"):
+        if arg in dropped:
             skip = True
             continue
-        if arg.startswith(("--workers=", "--cpus=")):
+        if arg.startswith(tuple(f"{flag}=" for flag in dropped)):
             continue
         out.append(arg)
-    return [*out, "--cpus", ",".join(str(c) for c in cpus)]
+    return [*out, "--cpus", ",".join(str(c) for c in cpus), *(("--device", device) if device else ())]
 
 
 @dataclass
@@ -141,11 +158,13 @@ class WorkerProcess:
         return (errors or lines or ["(no output)"])[-1]
 
 
-def _start(argv: Sequence[str], index: int, cpus: tuple[int, ...], log: Path) -> WorkerProcess:
+def _start(
+    argv: Sequence[str], index: int, cpus: tuple[int, ...], log: Path, device: str | None = None
+) -> WorkerProcess:
     handle = open(log, "wb")  # closed by run_local_workers once the worker has exited
     env = dict(os.environ, OMP_NUM_THREADS=str(len(cpus)), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", *worker_argv(argv, cpus)],
+        [sys.executable, "-m", "search.cli", *worker_argv(argv, cpus, device)],
         stdout=handle,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -199,6 +218,7 @@ def run_local_workers(
             f"pass --storage postgresql://USER@HOST/DB (see README, 'Several workers')"
         )
     shares = plan_cpus(workers, config.threads, cpus)
+    devices = plan_devices(config.device, workers, _cuda_devices())
     storage = open_storage(config.storage_url)
     logs = Path(config.studies_dir) / config.study_name / "workers"
     logs.mkdir(parents=True, exist_ok=True)
@@ -207,10 +227,11 @@ def run_local_workers(
         f"latency measurements do not disturb each other:"
     )
     for i, share in enumerate(shares, 1):
-        reporter.info(f"  worker {i}: {describe_cpus(share)}, log {logs / f'worker-{i}.log'}")
+        gpu = f", {devices[i - 1]}" if devices[i - 1] else ""
+        reporter.info(f"  worker {i}: {describe_cpus(share)}{gpu}, log {logs / f'worker-{i}.log'}")
     result = LaunchResult(workers=[])
     try:
-        first = _start(argv, 1, shares[0], logs / "worker-1.log")
+        first = _start(argv, 1, shares[0], logs / "worker-1.log", devices[0])
         result.workers.append(first)
         reporter.phase("worker 1 is preparing the study (baseline, recipes)")
         while not _study_ready(storage, config.study_name):
@@ -218,7 +239,7 @@ def run_local_workers(
                 return result
             time.sleep(poll / 4)
         for i, share in enumerate(shares[1:], 2):
-            result.workers.append(_start(argv, i, share, logs / f"worker-{i}.log"))
+            result.workers.append(_start(argv, i, share, logs / f"worker-{i}.log", devices[i - 1]))
         _follow(storage, config, result, reporter, poll)
     except KeyboardInterrupt:
         result.interrupted = True

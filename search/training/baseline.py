@@ -50,6 +50,7 @@ def prepare_baseline(
     epochs: int,
     seed: int = 0,
     reporter: Reporter | None = None,
+    device: str = "cpu",
 ) -> Baseline:
     """Build the baseline model with the given weights, or train (or reuse) one here."""
     reporter = reporter or NullReporter()
@@ -72,7 +73,9 @@ def prepare_baseline(
         f"Baseline: no --weights given, training {model_name} from scratch for {epochs} epochs "
         f"({steps} steps) on {len(data.train)} {data.name} images"
     )
-    settings = TrainSettings(steps=steps, batch_size=batch_size, lr=0.05, seed=seed, warmup_fraction=0.15)
+    settings = TrainSettings(
+        steps=steps, batch_size=batch_size, lr=0.05, seed=seed, warmup_fraction=0.15, device=device
+    )
     result = train(model, data, settings, reporter=reporter, description="train baseline")
     sha = save_checkpoint(
         path,
@@ -86,6 +89,7 @@ def prepare_baseline(
             "data_fingerprint": data.fingerprint,
             "seconds": round(result.seconds, 1),
             "final_loss": result.final_loss,
+            "device": device,
         },
     )
     reporter.info(f"Baseline: trained in {result.seconds:.0f} s, saved to {path}")
