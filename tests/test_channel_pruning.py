@@ -147,3 +147,35 @@ def test_global_magnitude_allocation_matches_torch_prunings_global_recipe() -> N
     policy = space.allocated(half, "l2")
     assert policy.stages["layer3"].inner == pytest.approx(round(half["layer3"][1] / 0.05) * 0.05)
     assert {s.criterion for s in policy.stages.values()} == {"l2"}
+
+
+class _LayerScaled(torch.nn.Module):
+    """ConvNeXt's pattern: a block's output multiplied by a per-channel parameter that no layer holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.block = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.layer_scale = torch.nn.Parameter(torch.rand(32, 1, 1) + 0.5)
+        self.head = torch.nn.Conv2d(32, 16, 1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.layer_scale * self.block(x)
+        return self.fc(self.head(x).mean(dim=(2, 3)))
+
+
+def test_a_parameter_outside_any_layer_is_pruned_with_its_channels_and_nothing_is_warned() -> None:
+    import warnings
+
+    torch.manual_seed(0)
+    model = _LayerScaled().eval()
+    space = load_space("spaces/generic.toml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = apply_policy(model, space.uniform(0.5), space, X[:1])
+    assert not [str(w.message) for w in caught if "nwrapped" in str(w.message)], "torch-pruning's warning leaked"
+    assert pruned.channels["stem"] == 16 and pruned.channels["block"] == 16
+    assert tuple(model.layer_scale.shape) == (16, 1, 1), "the scale lost the same channels as the convs it scales"
+    assert pruned.model(X).shape == (2, 10)

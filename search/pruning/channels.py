@@ -27,6 +27,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import UsageError
+from search.pruning.graph import build_graph
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, StageSpace
 
@@ -63,7 +64,7 @@ def apply_policy(
 ) -> PrunedModel:
     """Remove channels from ``model`` in place as ``policy`` says, and describe the result."""
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    graph = build_graph(model, example_input)
     if _uses(policy, "taylor"):
         _accumulate_gradients(model, taylor_batches)
     generator = torch.Generator().manual_seed(policy.seed)
@@ -106,7 +107,7 @@ def global_magnitude_allocation(
     ``max_ratio`` of any group. A stage's inner fraction is the mean over its blocks. The model is
     not changed.
     """
-    graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
+    graph = build_graph(model.eval(), example_input)
     importance = tp.importance.MagnitudeImportance(p=2, normalizer="mean")
     scored = [
         (stage.name, kind, importance(group).detach().float())
