@@ -12,6 +12,9 @@ import torch
 from search.data.spec import DataSpec
 from search.errors import UsageError
 from search.models.build import build_model
+from search.shipping.export import export_trial
+from search.shipping.rebuild import load_study_baseline
+from search.shipping.settings import ExportSettings
 from search.study.config import SearchConfig
 from search.study.run import run_search
 from search.study.workers import plan_devices, worker_argv
@@ -124,6 +127,14 @@ def test_the_study_and_its_trials_record_the_device_and_a_resume_on_another_kind
     assert study.user_attrs["train_device"]["kind"] == "cpu" and study.user_attrs["train_device"]["name"]
     assert study.user_attrs["augmentation"]["train"].startswith("random crop 16 with reflect padding 2")
     assert study.trials[0].user_attrs["train_device"] == study.user_attrs["train_device"]
+    base = load_study_baseline(study)
+    out = tmp_path / "export"
+    card = export_trial(base, 0, ExportSettings(steps=1, device="cpu", test_images=32), out, command="test")
+    assert card["train_device"]["kind"] == "cpu" and card["augmentation"] == study.user_attrs["augmentation"]
+    assert (
+        "fine-tuned on " in (out / "card.md").read_text()
+        and "evaluated on the whole image" in (out / "card.md").read_text()
+    )
     study.set_user_attr("train_device", {"kind": "cuda", "device": "cuda:0", "name": "NVIDIA H100"})
     with pytest.raises(UsageError, match=r"fine-tunes on cuda \(NVIDIA H100\), this run on cpu.*--allow-mixed-devices"):
         run_search(config)

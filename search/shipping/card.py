@@ -99,7 +99,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
         finetuned,
         *_int8_rows(card),
-        f"| data | {card['data']['source']} at {card['data']['input_size']}px |",
+        f"| data | {card['data']['source']} at {card['data']['input_size']}px{_transforms(card)} |",
         f"| hardware | {card['hardware']['cpu']}, onnxruntime {card['hardware']['onnxruntime']} |",
         "",
         "## Policy",
@@ -113,3 +113,13 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _transforms(card: dict[str, Any]) -> str:
+    """How the fine-tune augmented and evaluation cropped (cards before issue #15 do not say)."""
+    seen = card.get("augmentation")
+    device = (card.get("train_device") or {}).get("name")
+    if not seen:
+        return ""
+    where = f" on {device}" if device else ""
+    return f"; fine-tuned{where} on {seen['train']}; evaluated on the {seen['evaluation']}"
