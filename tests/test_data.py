@@ -418,7 +418,7 @@ def test_augmentation_follows_the_seed_whatever_the_number_of_loader_workers(tmp
 
     def epoch(seed: int, workers: int) -> list[torch.Tensor]:
         data.loader_workers = workers
-        return [x for x, _ in data.batches("train", 8, shuffle=True, augment=True, seed=seed)]
+        return [x for x, _ in data.batches("train", 4, shuffle=True, augment=True, seed=seed)]
 
     alone = epoch(3, 0)
     assert all(torch.equal(a, b) for a, b in zip(alone, epoch(3, 2), strict=True))

@@ -119,7 +119,7 @@ class Dataset:
             yield from (maker[i] for i in range(len(maker)))
             return
         maker.shared = None
-        workers = min(self.loader_workers, len(maker) - 1)
+        workers = min(self.loader_workers, len(maker) // 4)  # a short pass is not worth starting processes
         if workers < 1:
             yield from (maker[i] for i in range(len(maker)))
             return
