@@ -65,6 +65,12 @@ def test_mixed_precision_follows_what_the_device_computes_natively(monkeypatch: 
         precision(torch.device("cpu"), "fp16")
 
 
+def test_fp16_without_a_gpu_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pretend_gpus(monkeypatch, 0)
+    with pytest.raises(UsageError, match="fp16 training needs a CUDA device"):
+        run_search(SearchConfig(budget_ms=30, data=DataSpec("imagefolder:/nowhere"), train_dtype="fp16"))
+
+
 def test_loaders_feed_a_gpu_from_spare_cores_and_leave_a_cpu_trainer_its_cores() -> None:
     assert loader_plan(torch.device("cuda", 0), cpus=16) == (8, True)
     assert loader_plan(torch.device("cuda", 0), cpus=2) == (1, True)

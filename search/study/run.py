@@ -53,7 +53,7 @@ from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_exist
 from search.study.trial import TrialContext, run_trial
 from search.target.client import TargetLost
 from search.training.baseline import Baseline, prepare_baseline
-from search.training.device import device_record, loader_plan, resolve
+from search.training.device import device_record, loader_plan, precision, resolve
 
 __all__ = ["SearchResult", "run_search"]
 
@@ -84,6 +84,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     reporter = reporter or NullReporter()
     check_model_name(config.model)  # before any data is loaded
     config = replace(config, device=str(resolve(config.device)))  # auto -> cpu or cuda:0; a bad one is refused
+    precision(torch.device(config.device), config.train_dtype)  # fp16 without a GPU is refused before any work
     timer = timer or LocalTimer(LatencySettings(threads=config.threads))
     if timer.threads != config.threads:
         raise UsageError(
