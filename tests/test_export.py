@@ -161,6 +161,39 @@ def test_best_with_nothing_within_budget_names_the_nearest(tiny: SearchConfig, t
     assert "trial 0 at" in str(err.value)
 
 
+def _dashboard_get(app, path: str) -> tuple[str, bytes]:
+    """GET ``path`` from optuna-dashboard's WSGI app, as the browser would."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict = {"PATH_INFO": path}
+    setup_testing_defaults(environ)
+    answer: list[str] = []
+    body = b"".join(app(environ, lambda status, headers, *_: answer.append(status)))
+    return answer[0], body
+
+
+def _check_the_dashboard_shows_the_card_on_the_trial(config: SearchConfig, number: int, exported: Path) -> None:
+    """What optuna-dashboard shows on the trial's own page: the card it was exported with, downloadable."""
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    study = _study(config)
+    store = FileSystemArtifactStore(str(Path(config.studies_dir) / config.study_name / "artifacts"))
+    app = optuna_dashboard.wsgi(study._storage, artifact_store=store)
+    status, body = _dashboard_get(app, f"/api/studies/{study._study_id}")
+    assert status.startswith("200"), status
+    trial = next(t for t in json.loads(body)["trials"] if t["number"] == number)
+    on_trial = {a["filename"]: a for a in trial["artifacts"]}
+    assert set(on_trial) == {"card.md", "card.json"}, trial["artifacts"]
+    for name, artifact in on_trial.items():
+        status, content = _dashboard_get(
+            app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{artifact['artifact_id']}"
+        )
+        assert status.startswith("200") and content == (exported / name).read_bytes(), name
+    study_files = {a["filename"] for a in json.loads(body)["artifacts"]}
+    assert {f"trial-{number}-card.md", f"trial-{number}-card.json"} <= study_files, "the study keeps its copy too"
+
+
 @pytest.mark.slow
 def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) -> None:
     common = ["--study", "tiny", "--studies-dir", tiny.studies_dir]
@@ -173,6 +206,7 @@ def test_export_and_bench_through_the_cli(tiny: SearchConfig, tmp_path: Path) ->
     assert card["finetune"]["seed"] == 1 and card["finetune"]["epochs"] == 0.5
     assert card["accuracy"]["images"] == 100 and card["accuracy"]["split"] == "test", "a quick score on 100 images"
     assert "test (100 images)" in (tmp_path / "out" / "trial-2" / "card.md").read_text()
+    _check_the_dashboard_shows_the_card_on_the_trial(tiny, 2, tmp_path / "out" / "trial-2")
     onnx = tmp_path / "out" / "trial-2" / "model.onnx"
     bench = run_cli("bench", str(onnx), "--threads", "1", "--format", "json", timeout=300)
     assert bench.returncode == 0, bench.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +12,34 @@ import optuna
 
 from search.pruning.policy import Policy
 
-__all__ = ["attach_artifacts", "card_markdown"]
+__all__ = ["DASHBOARD_TRIAL_ARTIFACTS", "attach_artifacts", "card_markdown"]
+
+
+DASHBOARD_TRIAL_ARTIFACTS = "dashboard:artifacts:{trial_id}:{artifact_id}"
+"""Study system attribute where optuna-dashboard looks for a trial's artifacts (besides the trial's own attributes)."""
 
 
 def attach_artifacts(study: optuna.Study, number: int, out_dir: Path, store_dir: Path) -> None:
-    """Attach an export's model card to the study as Optuna artifacts, so optuna-dashboard shows them.
+    """Attach an export's model card to its trial and to the study as artifacts, so optuna-dashboard shows them on
+    the trial's page (``card.md``, ``card.json``) and on the study's (``trial-N-card.md``, ...).
 
-    (A finished trial cannot take artifacts in Optuna, so they go on the study, named by trial.)
+    Optuna writes a trial's artifacts into the trial's own attributes, which a finished trial no
+    longer takes; optuna-dashboard also lists, on a trial's page, the artifacts recorded on the
+    study under the trial's id (:data:`DASHBOARD_TRIAL_ARTIFACTS`, what its own upload button
+    wrote), so the trial's copy is recorded there.
     """
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
     store_dir.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(store_dir))
+    trial_id = study.get_trials(deepcopy=False)[number]._trial_id
     for name, mimetype in (("card.md", "text/markdown"), ("card.json", "application/json")):
+        artifact_id = str(uuid.uuid4())
+        with open(out_dir / name, "rb") as f:
+            store.write(artifact_id, f)
+        meta = {"artifact_id": artifact_id, "filename": name, "mimetype": mimetype, "encoding": None}
+        key = DASHBOARD_TRIAL_ARTIFACTS.format(trial_id=trial_id, artifact_id=artifact_id)
+        study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
         named = out_dir / f"trial-{number}-{name}"
         shutil.copyfile(out_dir / name, named)
         try:
