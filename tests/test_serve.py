@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import builtins
 import io
+import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +25,7 @@ from search.data.spec import DataSpec
 from search.serving.app import Limits, create_app
 from search.serving.models import ServedModel, load_export
 from search.shipping.settings import ExportSettings
+from tests.conftest import ROOT, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +46,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) ->
     root = tmp_path_factory.mktemp("serve")
     weights = root / "baseline.pth"
     shutil.copyfile(trained_weights, weights)
+    space = root / "space.toml"  # one uniform recipe: the study is unpruned, uniform 0.5, unpruned int8
+    text = (ROOT / "spaces" / "resnet18.toml").read_text()
+    space.write_text(re.sub(r"(?m)^uniform_ratios = .*$", "uniform_ratios = [0.5]", text))
     config = SearchConfig(
         budget_ms=1e6,
         weights=str(weights),
         data=DataSpec("digits", input_size=32),
+        space=str(space),
         study="tiny",
-        trials=5,
+        trials=3,
         finetune_steps=2,
         bn_batches=2,
         studies_dir=str(root / "studies"),
@@ -52,8 +64,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) ->
     study = optuna.load_study(study_name="tiny", storage=config.storage_url)
     base = load_study_baseline(study)
     quick = ExportSettings(steps=6, parity_images=64, min_int8_agreement=0.5)
-    paths = {"studies": root / "studies", "pruned": root / "export" / "trial-3"}
-    export_trial(base, 3, quick, paths["pruned"], command="python cli.py export --trial 3")
+    pruned = next(t.number for t in study.trials if t.user_attrs.get("recipe") == "uniform 0.5 l1")
+    paths = {"studies": root / "studies", "pruned": root / "export" / f"trial-{pruned}"}
+    export_trial(base, pruned, quick, paths["pruned"], command=f"python cli.py export --trial {pruned}")
     int8 = [t.number for t in study.trials if t.user_attrs.get("recipe") == "unpruned int8"]
     if int8:
         paths["int8"] = root / "export" / f"trial-{int8[0]}"
@@ -150,3 +163,275 @@ def test_a_real_image_gets_the_top1_onnxruntime_gives(client: Any, models: list[
                 assert got["agrees_with_baseline"] == (int(np.argmax(p[i])) == base_top)
     raw = client.post("/predict?k=10", content=_png(_digits(digits32)[0]), headers={"content-type": "image/png"})
     assert raw.status_code == 200 and all(len(m["top"]) == 10 for m in raw.json()["models"]), "a raw body, k=10"
+
+
+def _jpeg(pixels: np.ndarray, **save: Any) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, **save)
+    return buffer.getvalue()
+
+
+def _photo(size: tuple[int, int] = (320, 240)) -> np.ndarray:
+    """A smooth RGB picture, large enough that cutting its file short leaves it incomplete."""
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    return np.stack([xx * 255 // size[0], yy * 255 // size[1], (xx + yy) % 256], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the server refuses it itself
+def test_every_bad_upload_is_a_json_4xx_and_the_server_keeps_serving(client: Any, models: list[ServedModel]) -> None:
+    from fastapi.testclient import TestClient
+
+    photo = _jpeg(_photo())
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, format="PNG")  # 144 megapixels in a few kB
+    cases = [
+        ({"files": {"image": ("notes.txt", b"just some text, not a picture", "text/plain")}}, 415, "not an image"),
+        ({"files": {"image": ("cut.jpg", photo[: len(photo) // 2], "image/jpeg")}}, 422, "truncated or corrupt"),
+        ({"files": {"image": ("cut.png", _png(_photo())[:-200], "image/png")}}, 422, "truncated or corrupt"),
+        ({"files": {"image": ("empty.png", b"", "image/png")}}, 400, "empty"),
+        ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
+        ({"files": {"photo": ("a.jpg", photo, "image/jpeg")}}, 400, "no field 'image' (fields sent: 'photo')"),
+        ({"data": {"image": "not a file"}}, 415, "not an image"),
+        ({"files": {"image": ("bomb.png", bomb.getvalue(), "image/png")}}, 413, "megapixels"),
+        (
+            {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+            400,
+            "malformed",
+        ),
+    ]
+    for request, status, words in cases:
+        reply = client.post("/predict", **request)
+        assert reply.status_code == status and words in reply.json()["error"], (words, reply.text)
+    for path, params, status in [("/predict", {"k": 0}, 422), ("/predict", {"k": "three"}, 422)]:
+        reply = client.post(path, params=params, files={"image": ("a.jpg", photo, "image/jpeg")})
+        assert reply.status_code == status and reply.json()["error"].startswith("bad request parameters: k")
+    for path in ("/card.json", "/../card.json", "/%2e%2e/%2e%2e/etc/passwd", "/static/../models.py"):
+        reply = client.get(path)
+        assert reply.status_code == 404 and "no such path" in reply.json()["error"], path
+    assert client.get("/predict").status_code == 405
+
+    # The byte cap, before the body is read: a declared length over it, and a chunked body that passes it.
+    small = TestClient(create_app(models, Limits(max_upload_bytes=100_000)))
+    big = _png(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))
+    assert len(big) > 100_000
+    reply = small.post("/predict", content=big, headers={"content-type": "image/png"})
+    assert reply.status_code == 413 and "100000" not in reply.json()["error"] and "0.1 MB" in reply.json()["error"]
+    streamed = small.post("/predict", content=iter([big[i : i + 8192] for i in range(0, len(big), 8192)]))
+    assert streamed.status_code == 413 and "over the limit of 0.1 MB" in streamed.json()["error"]
+
+    assert client.post("/predict", files={"image": ("a.jpg", photo, "image/jpeg")}).status_code == 200
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_other_pixel_formats_are_converted_and_exif_rotation_is_honoured(client: Any, digits32) -> None:
+    digit = _digits(digits32)[3]
+    gray = digit[..., 0]
+    upright = client.post("/predict", files={"image": ("d.png", _png(digit), "image/png")}).json()
+    want = _probabilities(upright, "baseline")
+
+    def same_as_upright(data: bytes, mode: str) -> dict[str, Any]:
+        answer = client.post("/predict?k=3", files={"image": ("x", data, "application/octet-stream")})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["image"]["mode"] == mode
+        assert _probabilities(body, "baseline") == pytest.approx(want, abs=1e-5), mode
+        return body
+
+    same_as_upright(_png(gray), "L")
+    same_as_upright(_png(np.dstack([digit, np.full(gray.shape, 255, np.uint8)])), "RGBA")
+    same_as_upright(_png(gray.astype(np.uint16) * 257), "I;16")
+    palette = Image.fromarray(digit).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG")
+    same_as_upright(buffer.getvalue(), "P")
+
+    # Stored turned a quarter (EXIF orientation 6: "rotate 90 degrees clockwise to display").
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.fromarray(digit).transpose(Image.Transpose.ROTATE_90)
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif)
+    rotated = same_as_upright(buffer.getvalue(), "RGB")
+    assert rotated["image"]["exif_rotated"] is True
+    unrotated = client.post("/predict", files={"image": ("s.png", _png(np.asarray(stored)), "image/png")}).json()
+    assert _probabilities(unrotated, "baseline") != pytest.approx(want, abs=1e-5), "the rotation changes the answer"
+
+
+def test_no_request_reads_a_file(client: Any, monkeypatch: pytest.MonkeyPatch, digits32) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a request opened a file: {args[:1]}")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(io, "open", refuse)
+    for path in ("/", "/page.js", "/page.css", "/models", "/health", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
+    reply = client.post("/predict", files={"image": ("d.png", _png(_digits(digits32)[0]), "image/png")})
+    assert reply.status_code == 200
+
+
+def test_older_cards_and_wrong_folders_are_one_line_errors(exported: dict[str, Path], tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(exported["pruned"], old)
+    card = json.loads((old / "card.json").read_text())
+    del card["preprocessing"]
+    (old / "card.json").write_text(json.dumps(card))
+    for args, words in [
+        ([str(old)], f"older export; re-export it: python cli.py export --study tiny --trial {card['trial']} --force"),
+        ([str(tmp_path / "missing")], "is not a folder"),
+        ([str(tmp_path)], "has no card.json"),
+        ([str(exported["pruned"]), "--weights", "w.pth"], "--storage and --weights go with --baseline"),
+    ]:
+        done = run_main("serve", *args)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def server(exported: dict[str, Path]) -> Iterator[str]:
+    """``cli.py serve`` in a process of its own on a free port, with the baseline; its URL."""
+    folders = [str(exported[k]) for k in ("pruned", "int8") if k in exported]
+    args = ["serve", *folders, "--baseline", "--studies-dir", str(exported["studies"]), "--port", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", *args, "--max-upload-mb", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving on "):
+                break
+        assert lines and lines[-1].startswith("serving on http://127.0.0.1:"), "".join(lines)
+        assert "1 worker process" in "".join(lines) and "thread(s) per session" in "".join(lines)
+        yield lines[-1].split()[2].rstrip("/")
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), (
+            "serve stops on SIGTERM (uvicorn re-raises it)"
+        )
+
+
+def test_a_running_server_answers_a_concurrent_load_and_refuses_big_uploads_unread(server: str, digits32) -> None:
+    import http.client
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    image = _png(_digits(digits32)[0])
+    script = (
+        "import json, sys; from search.serving.load import run_load; "
+        f"print(json.dumps(run_load({server!r}, sys.stdin.buffer.read(), content_type='image/png', "
+        "clients=8, requests=160)))"
+    )
+    load = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False
+    )
+    assert load.stdin is not None
+    load.stdin.write(image)
+    load.stdin.close()
+
+    # While the load runs: 5 MB declared against a 1 MB limit is refused before the body is sent.
+    where = urlsplit(server)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Type", "image/png")
+    connection.putheader("Content-Length", str(5_000_000))
+    connection.endheaders()
+    connection.send(b"\x89PNG" + b"\0" * 60_000)  # a little of it, as a client starts to
+    reply = connection.getresponse()
+    assert reply.status == 413 and "over the limit of 1.0 MB" in json.loads(reply.read())["error"]
+    connection.close()
+
+    assert load.stdout is not None
+    result = json.loads(load.stdout.read())
+    assert load.wait(timeout=300) == 0
+    assert result["statuses"] == {"200": 160} and result["failed"] == 0, result
+    assert len(result["distinct_top1"]) == 1, "the same image gets the same answer under load"
+    assert result["p50_ms"] > 0 and result["requests_per_second"] > 0
+    with urllib.request.urlopen(f"{server}/health", timeout=10) as health:
+        about = json.loads(health.read())
+    assert about["status"] == "ok" and about["workers"] == 1 and about["slots"] >= 1
+    assert about["models"][-1] == "baseline"
+
+
+def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
+    server: str, digits32, tmp_path: Path
+) -> None:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them as root)")
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException, WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,1200")
+    try:
+        browser = webdriver.Chrome(service=Service(driver), options=options)
+    except WebDriverException as exc:
+        pytest.skip(f"headless Chromium cannot start here: {str(exc).splitlines()[0]}")
+    photo = tmp_path / "digit.png"
+    photo.write_bytes(_png(_digits(digits32)[1]))
+    shot = tmp_path / "page.png"
+    try:
+        browser.get(f"{server}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "article.model")) >= 2)
+        names = [a.get_attribute("data-model") for a in browser.find_elements(By.CSS_SELECTOR, "article.model")]
+        assert names[-1] == "baseline" and "latency at search" in browser.page_source
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda b: all(len(a.find_elements(By.CSS_SELECTOR, ".row")) == 3 for a in _articles(b)))
+        for article in _articles(browser):
+            rows = article.find_elements(By.CSS_SELECTOR, ".row")
+            percents = [float(r.find_element(By.CSS_SELECTOR, ".prob").text.rstrip("%")) for r in rows]
+            assert percents == sorted(percents, reverse=True) and 0 < sum(percents) <= 100.5
+            assert all(r.get_attribute("data-label") in digits32.classes for r in rows)
+            assert "ms in ONNX Runtime" in article.text
+            if article.get_attribute("data-model") != "baseline":
+                assert "the baseline" in article.find_element(By.CSS_SELECTOR, ".agree").text
+        assert browser.find_element(By.ID, "preview").get_attribute("hidden") is None, "the image is shown"
+    except (AssertionError, TimeoutException):
+        browser.save_screenshot(str(shot))
+        print(f"screenshot of the page: {shot}")
+        raise
+    finally:
+        browser.quit()
+
+
+def _articles(browser: Any) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return browser.find_elements(By.CSS_SELECTOR, "article.model")
+
+
+def test_a_fuzz_of_the_api_from_its_own_schema_finds_no_server_error(models: list[ServedModel]) -> None:
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(models, Limits(slots=2)))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} == {"GET /health", "GET /models", "POST /predict"}
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    started = time.monotonic()
+    for operation in operations:
+
+        @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def fuzz(case: Any) -> None:
+            case.call_and_validate(checks=checks)
+
+        fuzz()
+    assert time.monotonic() - started < 120, "the fuzz is bounded"

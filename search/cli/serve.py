@@ -44,9 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    import warnings
     from pathlib import Path
 
     import uvicorn
+    from PIL import Image
 
     from search.cli.console import RichReporter
     from search.serving.app import Limits, create_app
@@ -76,6 +78,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     )
     about = {"workers": 1, "slots": slots, "threads_per_session": args.threads}
     app = create_app(models, limits, about=about)
+    # Pillow warns of large images; the server refuses them itself (--max-megapixels), so one warning is noise.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if not args.quiet:
@@ -100,7 +104,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         timeout_keep_alive=5,
         server_header=False,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then raised it again
+        pass
+    console.print("serve stopped")
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from search.serving.images import BadImage
 
@@ -106,4 +106,6 @@ def _parse_multipart(body: bytes, boundary: bytes) -> dict[str, bytes]:
         parser.finalize()
     except MultipartParseError as exc:
         raise BadImage(400, f"the multipart body is malformed ({str(exc)[:120]}); let the client encode it") from None
+    if parser.state not in (MultipartState.END, MultipartState.END_BOUNDARY):
+        raise BadImage(400, "the multipart body is malformed: it ends before its closing boundary; send all of it")
     return parts.found
