@@ -54,9 +54,24 @@ def trained_file(trained: nn.Module, tmp_path_factory: pytest.TempPathFactory) -
 # --------------------------------------------------------------------------- building
 
 
-@pytest.mark.parametrize("name", list(KNOWN_MODELS))
-def test_every_known_model_gives_one_logit_per_class(name: str) -> None:
-    assert _logits(build_model(name, 7), size=32).shape == (1, 7)
+SMALL_INPUT = [n for n, spec in KNOWN_MODELS.items() if spec.small_input and "101" not in n and "152" not in n]
+
+
+@pytest.mark.parametrize("name", [*SMALL_INPUT, "resnet18", "mobilenet_v2", "regnet_x_400mf", "googlenet"])
+def test_known_models_give_one_logit_per_class(name: str) -> None:
+    # every family's representative runs in tests/test_families.py; here each small-input variant and a few others
+    assert _logits(build_model(name, 7), size=32 if name in SMALL_INPUT else 64).shape == (1, 7)
+
+
+@pytest.mark.parametrize("name", ["vgg11_cifar", "mobilenet_v2_cifar", "wide_resnet50_2_cifar"])
+def test_small_input_variants_keep_resolution_for_32px_images(name: str) -> None:
+    model = build_model(name, 10).eval()
+    sizes = []
+    model.get_submodule("features" if "resnet" not in name else "layer4").register_forward_hook(
+        lambda _m, _i, out: sizes.append(tuple(out.shape[2:]))
+    )
+    _logits(model, size=32)
+    assert sizes == [{"vgg11_cifar": (1, 1), "mobilenet_v2_cifar": (4, 4), "wide_resnet50_2_cifar": (4, 4)}[name]]
 
 
 @pytest.mark.parametrize("name", ["resnet18_cifar", "resnet34_cifar", "resnet50_cifar"])
@@ -79,11 +94,11 @@ def test_model_family_and_classifier_name() -> None:
     assert classifier_name(build_model("mobilenet_v2", 10)) == "classifier.1"
 
 
-def test_unknown_model_lists_known_names_and_factory_form() -> None:
+def test_unknown_model_suggests_close_names_and_the_factory_form() -> None:
     with pytest.raises(UsageError) as raised:
         build_model("resnet19", 10)
     message = str(raised.value)
-    assert "resnet18_cifar" in message and "mobilenet_v2" in message
+    assert "did you mean resnet18" in message and "cli.py models" in message
     assert "module:function" in message
 
 

@@ -15,7 +15,7 @@ from typing import Protocol
 from rich.console import Console
 from rich.text import Text
 
-from search.cli import bench, dashboard, export, pareto, search, serve, show, target
+from search.cli import bench, dashboard, export, models, pareto, search, serve, show, space, target
 from search.cli.options import EXIT_INTERRUPTED, EXIT_USAGE
 from search.errors import UsageError
 
@@ -40,6 +40,8 @@ COMMANDS: dict[str, Command] = {
     "dashboard": dashboard,
     "export": export,
     "bench": bench,
+    "models": models,
+    "space": space,
     "target": target,
     "serve": serve,
 }

@@ -1,23 +1,26 @@
 """Build the models a study searches over.
 
-A model is named either by a key of :data:`KNOWN_MODELS` (torchvision architectures, plus
-``*_cifar`` small-input variants of the ResNets with a 3×3 stride-1 ``conv1`` and no max-pool)
-or as ``package.module:function``, an importable factory returning an ``nn.Module``.
+A model is named either by a key of :data:`KNOWN_MODELS` (every torchvision classification CNN,
+see :mod:`search.models.families`, plus ``*_cifar`` small-input variants: ResNets with a 3×3
+stride-1 ``conv1`` and no max-pool, VGGs without the 7×7 pooled head, MobileNetV2 with stride 1
+in its stem and in the first block of its 24-channel stage) or as ``package.module:function``,
+an importable factory returning an ``nn.Module``.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torchvision
 from torch import nn
 
 from search.errors import UsageError
+from search.models.families import ModelSpec, known_models, refusal
 
 __all__ = [
     "KNOWN_MODELS",
@@ -29,23 +32,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A known model: the torchvision architecture and whether it gets the small-input stem."""
+KNOWN_MODELS: dict[str, ModelSpec] = known_models()
 
-    arch: str
-    small_input: bool = False
-
-
-KNOWN_MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec("resnet18"),
-    "resnet34": ModelSpec("resnet34"),
-    "resnet50": ModelSpec("resnet50"),
-    "mobilenet_v2": ModelSpec("mobilenet_v2"),
-    "resnet18_cifar": ModelSpec("resnet18", small_input=True),
-    "resnet34_cifar": ModelSpec("resnet34", small_input=True),
-    "resnet50_cifar": ModelSpec("resnet50", small_input=True),
-}
+_AUX_HEADS = ("googlenet", "inception_v3")
+"""Built without their auxiliary classifiers: training then returns plain logits, as evaluation does."""
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
@@ -70,13 +60,20 @@ def check_model_name(name: str) -> None:
 
 
 def _unknown(name: str) -> UsageError:
+    refused = refusal(name)
+    if refused is not None:
+        return UsageError(refused)
+    close = difflib.get_close_matches(name, list(KNOWN_MODELS), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
     return UsageError(
-        f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}, or give a factory as package.module:function"
+        f"unknown model {name!r}; {hint}--model takes any torchvision classification CNN by name "
+        f"(resnet18, mobilenet_v3_small, efficientnet_b0, regnet_x_400mf, convnext_tiny, ...; "
+        f"`cli.py models` lists them all) or a factory as package.module:function"
     )
 
 
 def model_family(name: str) -> str | None:
-    """The torchvision architecture behind ``name`` (``resnet18_cifar`` → ``resnet18``)."""
+    """The torchvision architecture behind ``name`` (``resnet18_cifar`` → ``resnet18``); None for a factory."""
     spec = KNOWN_MODELS.get(name)
     return spec.arch if spec is not None else None
 
@@ -101,19 +98,41 @@ def _find_classifier(model: nn.Module) -> str | None:
 
 
 def _build_known(spec: ModelSpec, num_classes: int) -> nn.Module:
-    """A torchvision model, with the small-input stem when the spec asks for it."""
-    model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes)
+    """A torchvision model, in its small-input form when the spec asks for it."""
+    extra: dict[str, Any] = {"aux_logits": False, "init_weights": True} if spec.arch in _AUX_HEADS else {}
+    model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes, **extra)
     if spec.small_input:
-        _use_small_input_stem(model)
+        _SMALL_INPUT_FORMS[spec.family](model, num_classes)
     return model
 
 
-def _use_small_input_stem(model: nn.Module) -> None:
+def _resnet_small_stem(model: nn.Module, num_classes: int) -> None:
     """Replace a ResNet's 7×7 stride-2 conv1 and max-pool for 32×32 inputs."""
-    conv = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    conv = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     model.conv1 = conv
     model.maxpool = nn.Identity()
+
+
+def _vgg_small_head(model: nn.Module, num_classes: int) -> None:
+    """VGG for 32×32 inputs: the five max-pools end at 1×1, so one linear layer reads the 512 features."""
+    model.avgpool = nn.Identity()
+    model.classifier = nn.Linear(512, num_classes)
+
+
+def _mobilenet_v2_small_strides(model: nn.Module, num_classes: int) -> None:
+    """MobileNetV2 for 32×32 inputs: stride 1 in the stem and in the first 24-channel block (ends at 4×4)."""
+    model.features[0][0].stride = (1, 1)
+    model.features[2].conv[1][0].stride = (1, 1)
+
+
+_SMALL_INPUT_FORMS: dict[str, Callable[[nn.Module, int], None]] = {
+    "resnet": _resnet_small_stem,
+    "resnext": _resnet_small_stem,
+    "wide_resnet": _resnet_small_stem,
+    "vgg": _vgg_small_head,
+    "mobilenet_v2": _mobilenet_v2_small_strides,
+}
 
 
 def _build_custom(name: str, num_classes: int) -> nn.Module:

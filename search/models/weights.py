@@ -93,18 +93,30 @@ def _load_imagenet(model: nn.Module, model_name: str) -> LoadedWeights:
             f"cannot read {described}: {_reason(error)}; replace the file or pass --weights PATH"
         ) from error
     state = _as_state_dict(state, described)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(_AUX_PREFIXES)}  # built without aux heads
     _check_fits(model, state, described, model_name, None)
     _load_strict(model, state, described)
     return LoadedWeights(source="imagenet", kind="imagenet", sha256=file_sha256(cached), stripped_prefix=None)
+
+
+_AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+"""GoogLeNet's and Inception v3's auxiliary classifiers, which this tool builds without."""
+
+_GUESSABLE = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "efficientnet_b0", "resnet18_cifar", "resnet34_cifar", "resnet50_cifar", "mobilenet_v2_cifar",
+)  # fmt: skip
+"""The models a weights file is compared against when it does not fit the one asked for."""
 
 
 def _imagenet_weights(model_name: str) -> Any:
     """torchvision's default weights enum member for a known, full-size model."""
     spec = KNOWN_MODELS.get(model_name)
     if spec is None:
-        plain = ", ".join(name for name, s in KNOWN_MODELS.items() if not s.small_input)
         raise UsageError(
-            f"ImageNet weights exist only for torchvision models ({plain}), not {model_name}; pass --weights PATH"
+            f"ImageNet weights exist only for torchvision's models (`cli.py models` lists them), not {model_name}; "
+            "pass --weights PATH"
         )
     if spec.small_input:
         raise UsageError(
@@ -312,7 +324,7 @@ def _guess_hint(state: Mapping[str, torch.Tensor], mismatch: _Mismatch, model_na
 
 def _matching_known_model(state: Mapping[str, torch.Tensor]) -> str | None:
     """The known model whose layers ``state`` fits exactly (any class count), if one does."""
-    for name in KNOWN_MODELS:
+    for name in _GUESSABLE:
         with torch.device("meta"):
             candidate = build_model(name, 1)
         clf = _find_classifier(candidate)

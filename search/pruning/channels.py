@@ -28,6 +28,7 @@ from torch import nn
 
 from search.errors import UsageError
 from search.pruning.graph import build_graph
+from search.pruning.groups import GroupedUnit, grouped_convs, link_grouped, prune_whole_groups
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, StageSpace
 
@@ -69,9 +70,25 @@ def apply_policy(
         _accumulate_gradients(model, taylor_batches)
     generator = torch.Generator().manual_seed(policy.seed)
     removed: Counter[str] = Counter()
-    for stage, kind, group in _stage_groups(model, graph, space):
+    widths = grouped_convs(model)
+    staged: Iterable[tuple[StageSpace, str, Any]] = _stage_groups(model, graph, space)  # lazily: concatenations
+    units: dict[int, GroupedUnit] = {}  # re-index channels after each pruning (DenseNet), so groups come one by one
+    where: dict[int, str] = {}
+    if widths:  # grouped convolutions link groups, which must then all be known first
+        staged = list(staged)
+        units = link_grouped([group for _, _, group in staged], graph, widths)
+        where = {id(group): f"{stage.name}.{kind}" for stage, kind, group in staged}
+    done: set[int] = set()
+    for stage, kind, group in staged:
         choice = policy.stages.get(stage.name)
         ratio = 0.0 if choice is None else getattr(choice, kind)
+        unit = units.get(id(group))
+        if unit is not None:  # grouped convolutions: whole groups, the same ones in every linked group
+            if id(unit) not in done and ratio > 0.0:
+                for member, count in _prune_unit(graph, unit, ratio, choice.criterion, generator, widths):
+                    removed[where.get(id(member), f"{stage.name}.{kind}")] += count
+            done.add(id(unit))
+            continue
         total = len(group[0].idxs)
         keep = _channels_to_keep(total, ratio, policy.round_to)
         if keep >= total:
@@ -146,6 +163,29 @@ def _stage_groups(model: nn.Module, graph: Any, space: SearchSpace) -> Iterator[
             continue
         kind = "stream" if sum(not _is_depthwise(m) for _, m in outputs) >= 2 else "inner"
         yield stage, kind, group
+
+
+def _prune_unit(
+    graph: Any, unit: GroupedUnit, ratio: float, criterion: str, generator: torch.Generator, widths: dict[Any, Any]
+) -> list[tuple[Any, int]]:
+    """Remove the ``ratio`` least important whole convolution groups from every member of ``unit``."""
+    count = unit.groups
+    drop_groups = min(count - 1, round(count * ratio)) if count > 1 else 0
+    if drop_groups <= 0:
+        return []
+    scores = torch.zeros(count)
+    for member in unit.members:
+        per_channel = _importance(criterion, member, len(member[0].idxs), generator)
+        per_group = per_channel.view(count, -1).sum(dim=1)
+        scores += per_group / per_group.mean().clamp_min(1e-12)
+    dropped = sorted(torch.argsort(scores)[:drop_groups].tolist())
+    pruned = []
+    for member in unit.members:
+        width = len(member[0].idxs) // count
+        idxs = [g * width + k for g in dropped for k in range(width)]
+        prune_whole_groups(graph, member, idxs, widths)
+        pruned.append((member, len(idxs)))
+    return pruned
 
 
 def _channels_to_keep(total: int, ratio: float, round_to: int) -> int:

@@ -35,7 +35,16 @@ import optuna
 from search.errors import UsageError
 from search.pruning.policy import CRITERIA, PRECISIONS, Policy, StagePolicy
 
-__all__ = ["SPACES_DIR", "RatioRange", "SearchSpace", "StageSpace", "default_space_path", "load_space"]
+__all__ = [
+    "SPACES_DIR",
+    "RatioRange",
+    "SearchSpace",
+    "StageSpace",
+    "default_space_path",
+    "load_space",
+    "parse_space",
+    "shipped_space_path",
+]
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 
@@ -71,6 +80,7 @@ class SearchSpace:
     """A parsed space file."""
 
     path: str
+    """The file it was read from, or a label such as ``derived from resnext50_32x4d`` for a derived space."""
     family: str
     stages: tuple[StageSpace, ...]
     round_to: tuple[int, ...]
@@ -79,6 +89,8 @@ class SearchSpace:
     uniform_criterion: str
     precisions: tuple[str, ...] = tuple(PRECISIONS)
     """Precisions a policy may use; a study narrows them (:meth:`with_precisions`) to what it searches."""
+    text: str = ""
+    """The space file's text (stored on the study; what a resumed study's space must equal)."""
 
     def with_precisions(self, allowed: tuple[str, ...] | list[str]) -> SearchSpace:
         """This space limited to the precisions in ``allowed`` (in this space's order)."""
@@ -199,10 +211,15 @@ class SearchSpace:
         return round(rng.low + steps * self.ratio_step, 6)
 
 
+def shipped_space_path(arch: str | None) -> Path | None:
+    """The hand-written space file shipped for a torchvision architecture, if there is one."""
+    path = SPACES_DIR / f"{arch}.toml"
+    return path if arch and path.exists() else None
+
+
 def default_space_path(family: str | None) -> Path:
-    """The space file shipped for a model family (``generic.toml`` for custom models)."""
-    path = SPACES_DIR / f"{family}.toml"
-    return path if family and path.exists() else SPACES_DIR / "generic.toml"
+    """The space file shipped for a model family (``generic.toml``, one stage for the whole model, otherwise)."""
+    return shipped_space_path(family) or SPACES_DIR / "generic.toml"
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -211,8 +228,17 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise UsageError(f"space file {path} does not exist; pass --space with a file like spaces/resnet18.toml")
     try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"space file {path} is not valid TOML: {exc}") from None
+    return parse_space(text, str(path))
+
+
+def parse_space(text: str, path: str) -> SearchSpace:
+    """Check a space file's ``text`` (``path`` names it in messages); problems are one-line :class:`UsageError`."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"space file {path} is not valid TOML: {exc}") from None
     where = f"space file {path}"
     _reject_unknown(raw, _TOP_KEYS | {"stages"}, where)
@@ -234,14 +260,15 @@ def load_space(path: str | Path) -> SearchSpace:
     if not all(0.0 <= r < 1.0 for r in uniform_ratios):
         raise UsageError(f"{where}: uniform_ratios must lie in [0, 1)")
     return SearchSpace(
-        path=str(path),
-        family=str(raw.get("family", path.stem)),
+        path=path,
+        family=str(raw.get("family", Path(path).stem)),
         stages=stages,
         round_to=tuple(int(r) for r in round_to),
         ratio_step=step,
         uniform_ratios=uniform_ratios,
         uniform_criterion=uniform_criterion,
         precisions=_precisions(raw.get("precision", list(PRECISIONS)), where),
+        text=text,
     )
 
 

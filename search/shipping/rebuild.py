@@ -15,7 +15,6 @@ from typing import Any
 
 import optuna
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from search.data.dataset import Dataset
@@ -27,6 +26,7 @@ from search.models.checkpoint import file_sha256
 from search.models.weights import load_weights
 from search.progress import Reporter
 from search.pruning.channels import architecture_hash
+from search.pruning.groups import replay
 
 __all__ = ["StudyBaseline", "load_study_baseline", "rebuild_pruned", "replay_history"]
 
@@ -89,6 +89,4 @@ def rebuild_pruned(base: StudyBaseline, trial: optuna.trial.FrozenTrial) -> nn.M
 
 def replay_history(model: nn.Module, history: list[Any], example: torch.Tensor) -> None:
     """Remove from ``model`` exactly the channels a recorded torch-pruning history removed."""
-    with torch.enable_grad():  # torch-pruning traces the graph through autograd
-        graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example)
-    graph.load_pruning_history([(name, bool(out), list(idxs)) for name, out, idxs in history])
+    replay(model, history, example)

@@ -190,7 +190,7 @@ def _provenance(
             "val": len(data.val),
             "test": len(data.test) if data.test is not None else 0,
         },
-        "space": {"path": space.path, "text": Path(space.path).read_text()},
+        "space": {"path": space.path, "text": space.text},
         "hardware": hardware,
         "versions": package_versions(),
         "git_revision": git_revision(),

@@ -22,11 +22,13 @@ from search.data.dataset import Dataset
 from search.data.loading import load_dataset
 from search.errors import UsageError
 from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
+from search.measuring.preflight import check_searchable
 from search.measuring.timing import LatencySettings
-from search.models.build import check_model_name, model_family
+from search.models.build import build_model, check_model_name
 from search.progress import NullReporter, Reporter
+from search.pruning.auto_space import space_for
 from search.pruning.policy import Policy
-from search.pruning.space import SearchSpace, default_space_path, load_space
+from search.pruning.space import SearchSpace
 from search.study.baseline_store import adopt_baseline, publish_baseline
 from search.study.config import SearchConfig
 from search.study.coordination import (
@@ -104,6 +106,8 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
 def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
     """:func:`run_search` once the storage is open."""
     data, space = _data_and_space(config, reporter)
+    if load_existing(storage, config.study_name) is None:  # refuse what a trial would crash on, before training
+        check_searchable(config.model, build_model(config.model, data.num_classes), space, data.example_input())
     cache_dir = Path(config.studies_dir) / "cache"
     adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
     baseline = prepare_baseline(
@@ -158,7 +162,7 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
 def _data_and_space(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, SearchSpace]:
     data = load_dataset(config.data, reporter)
     data.loader_workers, data.pin_memory = loader_plan(torch.device(config.device))
-    space = load_space(config.space or default_space_path(model_family(config.model)))
+    space = space_for(config.model, config.space, data.num_classes, data.example_input())
     return data, space.with_precisions(config.precisions)
 
 

@@ -8,7 +8,6 @@ precision is refused with the flag that differs.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -41,7 +40,7 @@ def settings_that_must_match(
         "baseline_sha256": baseline.sha256,
         "data_fingerprint": data.fingerprint,
         "input_size": data.input_size,
-        "space_sha256": hashlib.sha256(Path(space.path).read_bytes()).hexdigest()[:16],
+        "space_sha256": hashlib.sha256(space.text.encode()).hexdigest()[:16],
         "threads": config.threads,
         "finetune_steps": config.finetune_steps,
         "finetune_batch": config.finetune_batch,
