@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from search.study import trial as trial_module
 from search.study.config import SearchConfig
 from search.study.front import pareto_front, recommended, rows
 from search.study.run import run_search
+from tests.conftest import run_main
 
 
 @pytest.fixture()
@@ -227,11 +230,6 @@ class _Killed(BaseException):
 def test_a_trial_killed_mid_fine_tune_is_retried_in_its_place_and_the_study_ends_at_trials(
     config: SearchConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time
-    import warnings
-
-    from tests.conftest import run_main
-
     real = trial_module.train
     calls = {"n": 0}
 
