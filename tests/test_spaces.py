@@ -16,7 +16,7 @@ SPACE_FILES = sorted(SPACES_DIR.glob("*.toml"))
 
 def test_spaces_folder_has_one_file_per_family() -> None:
     names = {p.stem for p in SPACE_FILES}
-    assert {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "generic"} <= names
+    assert {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v2_cifar", "generic"} <= names
 
 
 @pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
@@ -50,6 +50,27 @@ def test_space_samples_within_its_ranges(path: Path) -> None:
 def test_default_space_for_families() -> None:
     assert default_space_path("resnet18").name == "resnet18.toml"
     assert default_space_path(None).name == "generic.toml"
+
+
+def test_small_input_mobilenet_v2_finds_its_own_file_and_prunes_inner_and_stream_per_stage() -> None:
+    import torch
+
+    from search.models.build import build_model
+    from search.pruning.auto_space import space_for
+    from search.pruning.channels import apply_policy
+
+    example = torch.randn(1, 3, 32, 32)
+    space = space_for("mobilenet_v2_cifar", None, 10, example)
+    assert Path(space.path).name == "mobilenet_v2_cifar.toml", "its own file, not the full-size model's"
+    assert Path(space_for("resnet18_cifar", None, 10, example).path).name == "resnet18.toml", "else the arch's"
+    names = [s.name for s in space.stages]
+    assert names == ["c16", "c24", "c32", "c64", "c96", "c160", "head"]
+    pruned = apply_policy(build_model("mobilenet_v2_cifar", 10), space.uniform(0.35), space, example)
+    for stage in space.stages:  # every range the file opens removes channels of that kind there
+        for kind in ("stream", "inner"):
+            opened = not getattr(stage, kind).fixed
+            assert (pruned.removed.get(f"{stage.name}.{kind}", 0) > 0) == opened, (stage.name, kind, pruned.removed)
+    assert pruned.channels["features.3.conv.0.0"] < 144 and pruned.channels["features.3.conv.2"] < 24
 
 
 def test_bad_space_files_are_one_line_errors(tmp_path: Path) -> None:

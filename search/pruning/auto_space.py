@@ -148,11 +148,12 @@ def _last_linear(model: nn.Module) -> nn.Module | None:
 
 
 def space_for(model_name: str, space_file: str | None, num_classes: int, example_input: torch.Tensor) -> SearchSpace:
-    """The space a search uses: ``--space``, else the file shipped for the architecture, else one derived here."""
+    """The space a search uses: ``--space``, else the file shipped for the model (``spaces/mobilenet_v2_cifar.toml``)
+    or for its architecture (``spaces/resnet18.toml`` for ``resnet18_cifar``), else one derived here."""
     if space_file:
         return load_space(space_file)
     arch = model_family(model_name)
-    shipped = shipped_space_path(arch)
+    shipped = shipped_space_path(model_name) or shipped_space_path(arch)
     if shipped is not None:
         return load_space(shipped)
     model = build_model(model_name, num_classes)
