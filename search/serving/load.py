@@ -38,6 +38,8 @@ def run_load(
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     answers: set[str] = set()
+    inside: list[tuple[float, float]] = []
+    """Per answer: the server's own milliseconds (decode, preprocess, models) and those in ONNX Runtime."""
     failures: list[str] = []
     budget = [requests if requests is not None else 0]
     started = time.perf_counter()
@@ -71,7 +73,9 @@ def run_load(
                 latencies.append(took)
                 statuses[reply.status] = statuses.get(reply.status, 0) + 1
                 if reply.status == 200:
-                    answers.add(json.dumps([m["top"][0]["label"] for m in json.loads(data)["models"]]))
+                    answer = json.loads(data)
+                    answers.add(json.dumps([m["top"][0]["label"] for m in answer["models"]]))
+                    inside.append((answer["total_ms"], sum(m["inference_ms"] for m in answer["models"])))
         connection.close()
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
@@ -97,4 +101,6 @@ def run_load(
         "p90_ms": percentile(0.90),
         "p99_ms": percentile(0.99),
         "distinct_top1": sorted(answers),
+        "server_ms_mean": round(sum(t for t, _ in inside) / len(inside), 3) if inside else None,
+        "inference_ms_mean": round(sum(i for _, i in inside) / len(inside), 3) if inside else None,
     }
