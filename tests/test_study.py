@@ -154,7 +154,7 @@ def test_ctrl_c_leaves_a_study_that_resumes_the_interrupted_policy(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trial_module, "train", interrupted_once)
-    config = replace(config, trials=5, precisions=("fp32",))
+    config = replace(config, trials=3, precisions=("fp32",))  # fewer than the recipes still queued behind it
     first = run_search(config)
     assert first.interrupted
     stopped = next(t for t in first.study.trials if t.user_attrs.get("interrupted"))
@@ -165,8 +165,11 @@ def test_ctrl_c_leaves_a_study_that_resumes_the_interrupted_policy(
     second = run_search(config)
     assert not second.interrupted
     done = second.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(done) == 5
-    assert [t.user_attrs.get("recipe") for t in done].count("uniform 0.35 l1") == 1, "retried after resume"
+    assert len(done) == 3
+    assert [t.user_attrs.get("recipe") for t in done].count("uniform 0.35 l1") == 1, "retried after resume, first"
+    retry = next(t for t in done if t.user_attrs.get("recipe") == "uniform 0.35 l1")
+    shown = run_main("show", "--study", "tiny", "--studies-dir", config.studies_dir, "--trial", str(stopped.number))
+    assert f"was interrupted (Ctrl-C) and retried as trial {retry.number}" in shown.stderr, shown.stderr
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ that dies too is a final failure). Two things differ from Optuna's own
 * A waiting retry starts before every other waiting trial (:func:`retries_first`). Optuna starts
   waiting trials in the order they were created, and the retry is created behind the recipes and
   start-up samples still queued, so it ran after them: past ``--trials``, since a retry is owed.
+  The same holds for a policy that Ctrl-C put back (:data:`RETRY_OF`): behind a long queue it
+  never ran at all.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.study.origin import ENQUEUED_ATTRS
 
-__all__ = ["MAX_RETRIES", "RetryStaleTrial", "failure_reason", "retried_as", "retries_first"]
+__all__ = ["MAX_RETRIES", "RETRY_OF", "RetryStaleTrial", "failure_reason", "retried_as", "retries_first"]
+
+RETRY_OF = "retry_of"
+"""User attribute of a policy put back in the queue by Ctrl-C (or a lost latency target): the trial it retries."""
 
 MAX_RETRIES = 1
 """How often a trial whose worker went silent is run again; a retry that goes silent too is a final failure."""
@@ -58,7 +63,7 @@ class RetryStaleTrial:
 
 
 def retries_first(study: optuna.Study) -> None:
-    """Make ``study`` start a waiting retry of a killed trial before any other waiting trial.
+    """Make ``study`` start a waiting retry (of a killed or interrupted trial) before any other waiting trial.
 
     Optuna's ``Study.ask`` (which ``optimize`` calls) takes the first waiting trial it can claim;
     this puts retries at the head of that line, claimed the same way (a storage update that only
@@ -69,7 +74,7 @@ def retries_first(study: optuna.Study) -> None:
 
     def pop_retry_first() -> int | None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if "failed_trial" not in trial.system_attrs:
+            if "failed_trial" not in trial.system_attrs and RETRY_OF not in trial.user_attrs:
                 continue
             try:
                 if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
@@ -91,7 +96,8 @@ def failure_reason(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> str:
     if "error" in trial.user_attrs:
         return f"failed ({trial.user_attrs['error']})"
     if trial.user_attrs.get("interrupted"):
-        return "was interrupted (Ctrl-C) and its policy queued again"
+        again = next((t for t in trials if t.user_attrs.get(RETRY_OF) == trial.number), None)
+        return "was interrupted (Ctrl-C) and " + (f"retried as trial {again.number}" if again else "queued again")
     retry = retried_as(trials, trial.number)
     if retry is not None:
         return f"was killed (no heartbeat) and retried as trial {retry.number}"

@@ -43,7 +43,7 @@ from search.study.coordination import (
 from search.study.coordination import progress as study_progress
 from search.study.create import create_study, sampler
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
-from search.study.retry import retries_first
+from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
     check_resumable,
     check_same_device_kind,
@@ -206,10 +206,10 @@ def _finished(study: optuna.Study) -> int:
 
 
 def _put_back(trial: optuna.Trial) -> None:
-    """Mark ``trial`` interrupted (optuna marks it FAIL) and queue its policy again for the next run."""
+    """Mark ``trial`` interrupted (optuna marks it FAIL) and queue its policy again, to run first on the next run."""
     trial.set_user_attr("interrupted", True)
     kept = {k: trial.user_attrs[k] for k in ENQUEUED_ATTRS if k in trial.user_attrs}
-    trial.study.enqueue_trial(trial.params, user_attrs=kept or None)
+    trial.study.enqueue_trial(trial.params, user_attrs={**kept, RETRY_OF: trial.number})
 
 
 def _run_trials(
