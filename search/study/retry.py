@@ -8,8 +8,8 @@ that dies too is a final failure). Two things differ from Optuna's own
 
 * The retry carries only what the trial was enqueued with (its params, recipe label and the
   latency record that chose it), not what the dead run had recorded. Optuna's copy carried the
-  dead run's constraint, so the retry's own ``set_constraint`` was ignored with a raw
-  ``UserWarning``, and its measurements.
+  dead run's measurements and constraint, so the retry's own ``set_constraint`` was ignored, with
+  a raw ``UserWarning``.
 * A waiting retry starts before every other waiting trial (:func:`retries_first`). Optuna starts
   waiting trials in the order they were created, and the retry is created behind the recipes and
   start-up samples still queued, so it ran after them: past ``--trials``, since a retry is owed.
