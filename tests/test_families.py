@@ -8,9 +8,11 @@ grouped convolutions lose whole groups, and that what cannot work is refused wit
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnxruntime as ort
+import optuna
 import pytest
 import torch
 import torchvision
@@ -26,7 +28,7 @@ from search.models.families import CNN_FAMILIES, family_of
 from search.pruning.auto_space import model_stages, space_for
 from search.pruning.channels import apply_policy
 from search.pruning.groups import replay
-from tests.conftest import run_main
+from tests.conftest import run_cli, run_main
 
 REPRESENTATIVES = {
     "resnet": ("resnet18", 32),
@@ -178,3 +180,33 @@ def test_a_model_onnx_cannot_express_at_this_size_is_refused_with_the_size_to_us
     space = space_for("vgg11", None, 10, example)
     with pytest.raises(UsageError, match=r"at input 3x64x64.*--input-size 224"):
         check_searchable("vgg11", build_model("vgg11", 10), space, example)
+
+
+@pytest.mark.slow
+def test_a_grouped_family_searches_and_exports_end_to_end_with_its_module_names(tmp_path) -> None:
+    """RegNet (grouped convolutions, derived space): baseline, search with INT8, export of a pruned trial."""
+    studies = tmp_path / "studies"
+    common = ["--study", "regnet", "--studies-dir", str(studies)]
+    search = run_cli(
+        "search", "--model", "regnet_x_400mf", "--input-size", "32", "--baseline-epochs", "1",
+        "--budget-fraction", "0.8", "--trials", "1", "--finetune-steps", "2", "--bn-batches", "2",
+        "--val-images", "64", *common,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stderr[-2000:]
+    assert "trunk_output.block" in search.stdout  # the front names stages by the model's modules
+    url = f"sqlite:///{studies}/regnet.db"
+    study = optuna.load_study(study_name="regnet", storage=url)
+    pruned = [
+        t for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("pruning_history")
+    ]  # fmt: skip
+    assert pruned, [t.user_attrs.get("recipe") for t in study.trials]
+    out = tmp_path / "export"
+    export = run_cli("export", "--trial", str(pruned[0].number), "--epochs", "0.05", "--test-images", "64",
+                     "--out", str(out), *common)  # fmt: skip
+    assert export.returncode == 0, export.stderr[-2000:]
+    folder = next(out.glob("trial-*"))
+    card = json.loads((folder / "card.json").read_text())
+    assert any(name.startswith("trunk_output.block") for name in card["policy"]["stages"])
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
