@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import builtins
 import io
 import json
@@ -309,9 +310,7 @@ def server(exported: dict[str, Path]) -> Iterator[str]:
         yield lines[-1].split()[2].rstrip("/")
     finally:
         proc.terminate()
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), (
-            "serve stops on SIGTERM (uvicorn re-raises it)"
-        )
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), "serve stops on SIGTERM (uvicorn re-raises it)"
 
 
 def test_a_running_server_answers_a_concurrent_load_and_refuses_big_uploads_unread(server: str, digits32) -> None:
@@ -385,8 +384,13 @@ def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
         wait = WebDriverWait(browser, 30)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "article.model")) >= 2)
         names = [a.get_attribute("data-model") for a in browser.find_elements(By.CSS_SELECTOR, "article.model")]
-        assert names[-1] == "baseline" and "latency at search" in browser.page_source
+        assert names[-1] == "baseline"
+        for article in _articles(browser):  # each card's summary beside its answers
+            summary = article.find_element(By.CSS_SELECTOR, ".summary").text
+            assert all(words in summary for words in ("latency at search", "top-1 (test)", "MACs", "size")), summary
+            assert " ms" in summary and "%" in summary and " MB" in summary, summary
         browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda b: "digit.png: 8x8 PNG, answered in" in b.find_element(By.ID, "status").text)
         wait.until(lambda b: all(len(a.find_elements(By.CSS_SELECTOR, ".row")) == 3 for a in _articles(b)))
         for article in _articles(browser):
             rows = article.find_elements(By.CSS_SELECTOR, ".row")
@@ -397,6 +401,19 @@ def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
             if article.get_attribute("data-model") != "baseline":
                 assert "the baseline" in article.find_element(By.CSS_SELECTOR, ".agree").text
         assert browser.find_element(By.ID, "preview").get_attribute("hidden") is None, "the image is shown"
+
+        # Dropped on the page instead: a real drop event carrying a file.
+        dropped = base64.b64encode(_png(_digits(digits32)[2])).decode()
+        browser.execute_script(
+            "const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
+            "const data = new DataTransfer();"
+            "data.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));"
+            "const drop = new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true});"
+            "document.getElementById('drop').dispatchEvent(drop);",
+            dropped,
+        )
+        wait.until(lambda b: "dropped.png: 8x8 PNG, answered in" in b.find_element(By.ID, "status").text)
+        assert all(len(a.find_elements(By.CSS_SELECTOR, ".row")) == 3 for a in _articles(browser))
     except (AssertionError, TimeoutException):
         browser.save_screenshot(str(shot))
         print(f"screenshot of the page: {shot}")
@@ -435,3 +452,29 @@ def test_a_fuzz_of_the_api_from_its_own_schema_finds_no_server_error(models: lis
 
         fuzz()
     assert time.monotonic() - started < 120, "the fuzz is bounded"
+
+
+@pytest.mark.parametrize("size", [48, 128])
+def test_photos_are_preprocessed_as_the_image_folder_evaluates_them(tmp_path: Path, size: int) -> None:
+    """JPEG photos of other sizes, in both regimes (48 px: whole image; 128 px: stored larger, centre crop)."""
+    from search.data.loading import load_dataset
+    from search.serving.images import decode_image
+    from search.serving.preprocess import Preprocessing
+    from search.shipping.preprocessing import preprocessing_record
+
+    rng = np.random.default_rng(size)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i, shape in enumerate([(300, 200), (180, 260), (640, 480)]):
+                noise = rng.integers(0, 60, (shape[1], shape[0], 3), dtype=np.uint8)
+                (folder / f"{i}.jpg").write_bytes(_jpeg(_photo(shape) // 2 + noise))
+    data = load_dataset(DataSpec(f"imagefolder:{tmp_path}", input_size=size))
+    pre = Preprocessing.from_card({"preprocessing": preprocessing_record(data)})
+    assert pre.crop == ("resized" if size >= 128 else "pad") and pre.native_size == data.train.images.shape[-1]
+    x, _ = next(data.batches("val", 6, shuffle=False, augment=False))
+    files = sorted((tmp_path / "val").glob("*/*.jpg"))
+    for i, path in enumerate(files):
+        image = decode_image(path.read_bytes(), max_pixels=10**7, draft_size=pre.native_size).image
+        assert np.abs(pre(image)[0] - x[i].numpy()).max() < 1e-4, f"{path.name} at {size} px"

@@ -76,6 +76,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         oriented = ImageOps.exif_transpose(opened)
         rotated = oriented is not opened and _orientation(opened) not in (None, 1)
         rgb = _to_rgb(oriented)
+    except BadImage:
+        raise
     except Image.DecompressionBombError:
         raise BadImage(413, f"the image has too many pixels (limit {max_pixels / 1e6:.0f} megapixels)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -104,7 +106,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
         gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
-    return image.convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:  # e.g. LAB or HSV, which Pillow does not convert to RGB
+        raise BadImage(
+            415, f"images in pixel mode {image.mode} are not supported; send an RGB or grayscale image"
+        ) from None
 
 
 def _reason(exc: BaseException) -> str:

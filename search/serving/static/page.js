@@ -77,7 +77,8 @@ async function send(file) {
     const body = await reply.json();
     if (!reply.ok) throw new Error(body.error || `HTTP ${reply.status}`);
     showAnswer(body);
-    status.textContent = `${body.image.width}x${body.image.height} ${body.image.format}, answered in ${body.total_ms.toFixed(1)} ms`;
+    const rotated = body.image.exif_rotated ? ", EXIF rotation applied" : "";
+    status.textContent = `${file.name}: ${body.image.width}x${body.image.height} ${body.image.format}${rotated}, answered in ${body.total_ms.toFixed(1)} ms`;
   } catch (err) {
     status.className = "error";
     status.textContent = `error: ${err.message}`;
