@@ -22,6 +22,7 @@ from search.errors import UsageError
 from search.measuring.complexity import macs_and_params
 from search.measuring.onnx_export import export_onnx
 from search.measuring.preflight import check_searchable
+from search.measuring.quantize import QuantizeSettings, quantize_onnx
 from search.measuring.timing import LatencySettings, measure
 from search.models.build import KNOWN_MODELS, build_model, check_model_name
 from search.models.families import CNN_FAMILIES, family_of
@@ -107,6 +108,7 @@ def test_each_family_prunes_exports_matches_and_times(family: str) -> None:
     got = session.run(None, {"input": batch[:1].numpy()})[0]
     with torch.no_grad():
         want = pruned(batch).numpy()
+    assert want.shape == (2, 10)  # the classifier keeps one output per class (SqueezeNet's is a convolution)
     assert np.abs(got - want[:1]).max() <= 1e-3 * np.abs(want).max()
 
     rebuilt = copy.deepcopy(model)
@@ -116,6 +118,11 @@ def test_each_family_prunes_exports_matches_and_times(family: str) -> None:
 
     latency = measure(onnx_model, tuple(example.shape), FAST, reference=export_onnx(model, example))
     assert latency.median_ms > 0 and latency.ratio is not None
+
+    int8 = quantize_onnx(onnx_model, [batch[:1].numpy()], QuantizeSettings())  # what an INT8 trial times and ships
+    session = ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": batch[:1].numpy()})[0]
+    assert logits.shape == (1, 10) and np.isfinite(logits).all()
 
 
 def test_stages_are_named_after_the_models_own_modules() -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "check_model_name",
+    "classifier_module",
     "classifier_name",
     "model_family",
 ]
@@ -79,22 +80,33 @@ def model_family(name: str) -> str | None:
 
 
 def classifier_name(model: nn.Module) -> str:
-    """Qualified name of the model's final ``nn.Linear`` (``"fc"``, ``"classifier.1"``)."""
+    """Qualified name of the model's classifier (``"fc"``, ``"classifier.1"``): see :func:`classifier_module`."""
     name = _find_classifier(model)
     if name is None:
         raise UsageError(
-            f"the model ({type(model).__name__}) has no nn.Linear layer; its classifier must be an nn.Linear"
+            f"the model ({type(model).__name__}) has no nn.Linear or nn.Conv2d layer to be its classifier"
         )
     return name
 
 
+def classifier_module(model: nn.Module) -> nn.Module | None:
+    """The layer whose outputs are the classes, never pruned: the last ``nn.Linear``, else the last ``nn.Conv2d``.
+
+    SqueezeNet has no linear layer: a 1×1 convolution with one output per class is its classifier.
+    """
+    name = _find_classifier(model)
+    return None if name is None else model.get_submodule(name)
+
+
 def _find_classifier(model: nn.Module) -> str | None:
-    """Name of the last registered ``nn.Linear``, or None when there is none."""
-    found = None
+    """Name of the last registered ``nn.Linear`` (else ``nn.Conv2d``), or None when there is neither."""
+    linear = conv = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            found = name
-    return found
+            linear = name
+        elif isinstance(module, nn.Conv2d):
+            conv = name
+    return linear if linear is not None else conv
 
 
 def _build_known(spec: ModelSpec, num_classes: int) -> nn.Module:

@@ -255,7 +255,7 @@ def _class_counts(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[
     key = f"{clf}.weight"
     weight = state.get(key)
     own = model.state_dict()[key]
-    if weight is None or weight.dim() != 2 or weight.shape[0] == own.shape[0]:
+    if weight is None or weight.dim() < 2 or weight.shape[0] == own.shape[0]:
         return None
     return int(weight.shape[0]), int(own.shape[0])
 

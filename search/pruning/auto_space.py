@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search.models.build import build_model, model_family
+from search.models.build import build_model, classifier_module, model_family
 from search.pruning.space import SearchSpace, load_space, parse_space, shipped_space_path
 
 __all__ = ["derive_space_text", "model_stages", "space_for"]
@@ -46,7 +46,7 @@ uniform_criterion = "l1"
 
 def model_stages(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, list[str]]]:
     """The model's stages in execution order: (name, module-name prefixes)."""
-    classifier = _last_linear(model)
+    classifier = classifier_module(model)
     blocks = _blocks(model, classifier)
     keys = _output_keys(model, blocks, example_input)
     ordered = sorted((name for name in blocks if name in keys), key=lambda name: keys[name][0])
@@ -140,11 +140,6 @@ def _unique(stages: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name}~{seen[name]}", modules))
     return out
-
-
-def _last_linear(model: nn.Module) -> nn.Module | None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
 
 
 def space_for(model_name: str, space_file: str | None, num_classes: int, example_input: torch.Tensor) -> SearchSpace:

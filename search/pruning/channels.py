@@ -27,6 +27,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import UsageError
+from search.models.build import classifier_module
 from search.pruning.graph import build_graph
 from search.pruning.groups import GroupedUnit, grouped_convs, link_grouped, prune_whole_groups
 from search.pruning.policy import Policy
@@ -155,7 +156,7 @@ def _stage_groups(model: nn.Module, graph: Any, space: SearchSpace) -> Iterator[
     """Every prunable group of coupled channels, with the stage it belongs to and its kind (stream or inner)."""
     names = {module: name for name, module in model.named_modules()}
     _check_stages_match(space, names.values())
-    classifier = _last_linear(model)
+    classifier = classifier_module(model)
     for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]):
         outputs = _out_channel_layers(graph, group, names)
         stage = _stage_of(outputs, space.stages)
@@ -269,11 +270,6 @@ def _check_stages_match(space: SearchSpace, names: Iterable[str]) -> None:
 
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-
-
-def _last_linear(model: nn.Module) -> nn.Module | None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
 
 
 def layer_channels(model: nn.Module) -> dict[str, int]:
