@@ -63,7 +63,7 @@ FAMILIES = [
     ("alexnet", "alexnet", 224),
 ]
 QUICK = [("resnet", "resnet18", 64), ("regnet (X)", "regnet_x_400mf", 64), ("mobilenet_v3", "mobilenet_v3_small", 64)]
-TIMING = LatencySettings(threads=1, max_seconds=15.0)
+TIMING = LatencySettings(threads=1, max_seconds=8.0)
 
 
 def log(message: str) -> None:
