@@ -5,7 +5,8 @@
 * per precision, the uniform ratio that just meets the budget, and torch-pruning's global
   magnitude allocation that just meets it, each found by bisection on measured latency: the
   recipes an engineer would tune by hand, so a search can only be judged by what it finds beyond
-  them;
+  them; and the latency-aware allocation (:mod:`search.pruning.latency_aware`), its strength
+  found the same way;
 * then a few start-up samples near the budget (:func:`near_budget`), in place of the sampler's
   random start-up policies, which mostly miss a tight budget.
 
@@ -127,6 +128,7 @@ def study_recipes(
     reporter: Reporter,
     global_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
     seed: int = 0,
+    latency_aware_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
 ) -> list[Recipe]:
     """The policies a new study runs first, in order: recipes, then start-up samples near the budget.
 
@@ -134,7 +136,10 @@ def study_recipes(
     (:meth:`search.measuring.candidate.CandidateMeter.record`); what was chosen by measurement (the
     budget-matched recipes, the samples near the budget) carries the record that chose it, for its
     trial to reuse. ``global_grid_of(precision)`` gives the global
-    magnitude grid (:func:`global_grid`), if wanted; ``seed`` fixes the samples near the budget.
+    magnitude grid (:func:`global_grid`), if wanted; ``seed`` fixes the samples near the budget;
+    ``latency_aware_grid_of(precision)`` gives the latency-aware allocation path
+    (:func:`search.pruning.latency_aware.path_policies`, each policy with its estimated latency
+    fraction), if wanted.
     """
     recipes = [Recipe("unpruned", space.unpruned())] + [
         Recipe(f"uniform {r:g} {space.uniform_criterion}", space.uniform(r)) for r in space.uniform_ratios
@@ -159,13 +164,20 @@ def study_recipes(
         grids = [("uniform", space.uniform_criterion, uniform_grid(space, precision))]
         if global_grid_of is not None:
             grids.append(("global", "l2", global_grid_of(precision)))
+        if latency_aware_grid_of is not None:
+            grids.append(("latency-aware", space.uniform_criterion, distinct(space, latency_aware_grid_of(precision))))
         for kind, criterion, grid in grids:
             found = budget_matched(grid, budget_ms / baseline_ms, measured.ratio)
             if found is None:
                 continue
             r, policy, ratio = found
-            label = f"{kind} {r:g} {criterion}{suffix} at the budget"
-            reporter.info(f"{kind.capitalize()} {r:g}{suffix} meets the budget ({ratio:.0%} of the baseline); enqueued")
+            if kind == "latency-aware":  # its grid's numbers are estimated latency fractions, not ratios
+                label = f"{kind} {criterion}{suffix} at the budget"
+                said = f"Latency-aware{suffix} meets the budget ({ratio:.0%} of the baseline, estimated {r:.0%})"
+            else:
+                label = f"{kind} {r:g} {criterion}{suffix} at the budget"
+                said = f"{kind.capitalize()} {r:g}{suffix} meets the budget ({ratio:.0%} of the baseline)"
+            reporter.info(f"{said}; enqueued")
             recipe = Recipe(label, policy, measured.record(policy))
             if any(r.policy == policy for r in recipes):  # e.g. uniform 0.2 is also one of the fixed recipes
                 recipes = [recipe if r.policy == policy else r for r in recipes]

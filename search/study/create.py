@@ -22,11 +22,13 @@ from search.measuring.hardware import git_revision, package_versions
 from search.measuring.int8_check import Int8Check, choose_precisions
 from search.measuring.timing import Latency
 from search.progress import Reporter
+from search.pruning.latency_aware import SensitivityTable, path_policies
 from search.pruning.policy import Policy
 from search.pruning.recipes import Recipe, global_grid, study_recipes
 from search.pruning.space import SearchSpace
 from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler
+from search.study.sensitivity import measure_sensitivity
 from search.study.storage import masked
 from search.study.trial import LATENCY_AT_CREATION
 from search.training.baseline import Baseline
@@ -75,7 +77,7 @@ def create_study(
     for key, value in provenance.items():
         study.set_user_attr(key, value)
     study.set_user_attr("latency_measured_on", meter.timer.where)  # "local", or the latency target's URL
-    recipes = _recipes(config, space, baseline, meter, reporter)
+    recipes = _recipes(config, space, baseline, meter, reporter, study, accuracy)
     _enqueue(study, space, recipes)
     labelled = sum(1 for r in recipes if r.label)
     reporter.info(
@@ -199,16 +201,55 @@ def _provenance(
 
 
 def _recipes(
-    config: SearchConfig, space: SearchSpace, baseline: Baseline, meter: CandidateMeter, reporter: Reporter
+    config: SearchConfig,
+    space: SearchSpace,
+    baseline: Baseline,
+    meter: CandidateMeter,
+    reporter: Reporter,
+    study: optuna.Study,
+    accuracy: float,
 ) -> list[Recipe]:
-    """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`)."""
+    """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`).
+
+    The latency-aware recipe's tables are measured once, when first needed, and stored on the study.
+    """
     assert config.budget_ms is not None and meter.baseline_ms is not None
+    tables: list[SensitivityTable] = []
 
     def global_grid_of(precision: str) -> list[tuple[float, Policy]]:
         return global_grid(space, baseline.model, meter.data.example_input(), precision)
 
+    def latency_aware_grid_of(precision: str) -> list[tuple[float, Policy]]:
+        if not tables:
+            reporter.phase("measure each stage pruned alone (latency-aware recipe)")
+            table = measure_sensitivity(
+                space,
+                baseline.model,
+                meter,
+                baseline_accuracy=accuracy,
+                bn_batches=config.bn_batches,
+                val_images=config.val_images,
+                device=config.device,
+                reporter=reporter,
+            )
+            tables.append(table)
+            study.set_user_attr("latency_aware", table.to_dict())
+            probes = sum(len(p) for p in table.stages.values())
+            reporter.info(
+                f"Latency-aware tables: {probes} prunings of one stage each ({len(table.stages)} stages), timed and"
+                f" scored (BatchNorm recalibrated, no fine-tune) in {table.seconds:.0f} s"
+            )
+        return path_policies(space, tables[0], precision)
+
     return study_recipes(
-        space, config.budget_ms, meter.baseline_ms, meter.record, reporter, global_grid_of, seed=config.seed
+        space,
+        config.budget_ms,
+        meter.baseline_ms,
+        meter.record,
+        reporter,
+        global_grid_of,
+        seed=config.seed,
+        latency_aware_grid_of=latency_aware_grid_of,
     )
 
 
@@ -223,5 +264,5 @@ def _enqueue(study: optuna.Study, space: SearchSpace, recipes: list[Recipe]) -> 
 
 def sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """Multi-objective TPE; it honours the latency constraint each trial sets (``Trial.set_constraint``)."""
-    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0) + 2 * len(space.precisions)
+    recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0) + 3 * len(space.precisions)
     return TrialSeededSampler(seed=config.seed, n_startup_trials=recipes + 3)

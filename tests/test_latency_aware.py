@@ -1,0 +1,151 @@
+"""The latency-aware recipe: the allocation from given tables, and the recipe in a real tiny study."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.data.spec import DataSpec
+from search.progress import RecordingReporter
+from search.pruning.latency_aware import (
+    PROBE_LEVELS,
+    Probe,
+    SensitivityTable,
+    allocate,
+    allocation_path,
+    path_policies,
+)
+from search.pruning.space import parse_space
+from search.study.config import SearchConfig
+from search.study.front import rows
+from search.study.run import run_search
+from tests.conftest import run_main
+
+SPACE = """
+round_to = [8]
+ratio_step = 0.05
+uniform_ratios = []
+[stages.early]
+modules = ["conv1", "bn1", "layer1", "layer2"]
+stream = [0.0, 0.6]
+inner = [0.0, 0.8]
+[stages.late]
+modules = ["layer3", "layer4"]
+stream = [0.0, 0.6]
+inner = [0.0, 0.8]
+"""
+
+
+def _table() -> SensitivityTable:
+    """10 ms unpruned; 'early' gives 4 ms for 1 pp, 'late' 2 ms for 20 pp, 'head' 0.5 ms for nothing."""
+
+    def probes(ms_at_full: float, drop_at_full: float) -> tuple[Probe, ...]:
+        return tuple(Probe(level, 10.0 - ms_at_full * level, 0.9 - drop_at_full * level) for level in PROBE_LEVELS)
+
+    return SensitivityTable(
+        baseline_ms=10.0,
+        baseline_accuracy=0.9,
+        stages={"early": probes(4.0, 0.01), "late": probes(2.0, 0.20), "head": probes(0.5, 0.0)},
+    )
+
+
+def test_allocation_meets_the_estimated_budget_and_takes_the_cheap_stages_first() -> None:
+    table = _table()
+    assert allocate(table, 7.0).levels["late"] == 0.0, "the cheap stages alone meet 70%"
+    chosen = allocate(table, 5.0)
+    assert chosen is not None and chosen.estimated_ms <= 5.0
+    assert chosen.levels["early"] == 1.0 and chosen.levels["head"] == 1.0, "free and cheap milliseconds first"
+    assert 0.0 < chosen.levels["late"] <= 1 / 3, "the costly stage gives only what is still missing"
+    assert chosen.estimated_drop == pytest.approx(0.01 + 0.20 * chosen.levels["late"])
+
+    path = allocation_path(table)
+    assert path[0].estimated_ms == 10.0 and all(v == 0.0 for v in path[0].levels.values())
+    for before, after in itertools.pairwise(path):
+        assert after.estimated_ms < before.estimated_ms
+        assert all(after.levels[s] >= before.levels[s] for s in before.levels), "each point prunes more"
+    assert path[-1].levels == {"early": 1.0, "late": 1.0, "head": 1.0}
+    assert allocate(table, 3.0) is None, "below what pruning every stage fully is estimated to give"
+
+
+def test_allocation_skips_a_level_that_saves_nothing_and_ignores_noise_in_accuracy() -> None:
+    # 'early' at its first level measured slower than unpruned (channel rounding), and more accurate (noise).
+    low, mid, high = PROBE_LEVELS
+    early = (Probe(low, 10.1, 0.91), Probe(mid, 8.0, 0.895), Probe(high, 7.0, 0.85))
+    late = tuple(Probe(level, 10.0 - level, 0.9 - 0.2 * level) for level in PROBE_LEVELS)
+    table = SensitivityTable(10.0, 0.9, {"early": early, "late": late})
+    assert table.accuracy_drop("early", low) == 0.0 and table.saved_ms("early", low) < 0
+    path = allocation_path(table)
+    assert path[1].levels["late"] == 0.0 and path[1].levels["early"] > low, "past where the stage saves nothing"
+    assert all(p.levels["early"] not in (low / 2, low) for p in path), "never at a level slower than unpruned"
+    assert SensitivityTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+
+
+def test_path_policies_are_the_spaces_policies_pruning_the_cheap_stage_more() -> None:
+    space = parse_space(SPACE, "tiny")
+    table = SensitivityTable(
+        10.0,
+        0.9,
+        {
+            "early": tuple(Probe(level, 10.0 - 5 * level, 0.9 - 0.01 * level) for level in PROBE_LEVELS),
+            "late": tuple(Probe(level, 10.0 - 2 * level, 0.9 - 0.3 * level) for level in PROBE_LEVELS),
+        },
+    )
+    grid = path_policies(space, table, "fp32")
+    fractions = [f for f, _ in grid]
+    assert fractions == sorted(fractions, reverse=True) and fractions[-1] == pytest.approx(0.3)
+    halfway = next(p for f, p in grid if f <= 0.7)
+    assert halfway.stages["early"].inner > halfway.stages["late"].inner
+    assert halfway.stages["early"].stream <= 0.6 and halfway.stages["early"].inner <= 0.8, "within the ranges"
+    assert grid[-1][1].stages["early"].inner == 0.8 and grid[-1][1].stages["late"].stream == 0.6
+
+
+@pytest.mark.slow
+def test_a_new_study_enqueues_the_latency_aware_recipe_labelled_and_stores_its_tables(
+    tmp_path: Path, trained_weights: Path
+) -> None:
+    space = tmp_path / "tiny.toml"
+    space.write_text(SPACE)
+    config = SearchConfig(
+        budget_fraction=0.6,
+        model="resnet18",
+        weights=str(trained_weights),
+        data=DataSpec("digits", input_size=32),
+        space=str(space),
+        study="la",
+        trials=4,  # unpruned, uniform, global and latency-aware at the budget
+        finetune_steps=2,
+        bn_batches=2,
+        val_images=64,
+        precisions=("fp32",),
+        studies_dir=str(tmp_path / "studies"),
+    )
+    reporter = RecordingReporter()
+    result = run_search(config, reporter)
+    study = result.study
+    tables = study.user_attrs["latency_aware"]
+    assert set(tables["stages"]) == {"early", "late"} and tables["seconds"] > 0
+    assert all(len(probes) == len(PROBE_LEVELS) for probes in tables["stages"].values())
+    early = tables["stages"]["early"]
+    assert early[-1]["latency_ms"] < tables["baseline_ms"], "pruning a stage fully makes the model faster"
+    assert any(
+        line.startswith(f"Latency-aware tables: {2 * len(PROBE_LEVELS)} prunings") and " s" in line
+        for line in reporter.infos
+    )
+    assert any(line.startswith("Latency-aware meets the budget") for line in reporter.infos), reporter.infos
+
+    label = "latency-aware l1 at the budget"
+    (trial,) = [t for t in study.trials if t.user_attrs.get("recipe") == label]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["fine_tuned"]
+    assert trial.user_attrs["latency"]["measured_at"] == "study creation"
+    assert trial.values[1] <= result.budget_ms
+    assert label in {r.recipe for r in rows(study)}
+    starts = [t for t in study.trials if t.user_attrs.get("start") == "near the budget"]
+    assert starts, "the recipes, the latency-aware one among them, seed start-up samples near the budget"
+
+    shown = run_main("pareto", "--study", "la", "--studies-dir", config.studies_dir, "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    assert label in [r["recipe"] for r in json.loads(shown.stdout)["recipes"]]
