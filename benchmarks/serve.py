@@ -81,6 +81,7 @@ def setup(quick: bool, work: Path, budget_fraction: float) -> dict[str, Any]:
     from search.study.front import rows
     from search.study.run import run_search
 
+    work.mkdir(parents=True, exist_ok=True)
     cifar = SHARED / "data" / "cifar10"
     weights = SHARED / "models" / "cifar10_resnet18.pth"
     sizes = QUICK if quick else FULL
@@ -128,6 +129,9 @@ def setup(quick: bool, work: Path, budget_fraction: float) -> dict[str, Any]:
     for key, row in (("int8_pruned", best), ("fp32_unpruned", unpruned)):
         log(f"export trial {row.number} ({row.recipe or 'sampled'}, {row.precision})")
         exports[key] = work / "export" / f"trial-{row.number}"
+        if (exports[key] / "card.json").exists():  # a --work folder of an earlier run: measure the same files
+            log(f"reusing {exports[key]}")
+            continue
         export_trial(
             base, row.number, settings, exports[key], command="benchmarks/serve.py", force=True, reporter=reporter
         )
@@ -301,7 +305,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny digits and short loads: checks the script")
     parser.add_argument("--render", action="store_true", help="rewrite the section from serve.json")
     parser.add_argument("--budget-fraction", type=float, default=0.2, help="the study's budget (default: 0.2)")
-    parser.add_argument("--work", help="folder for the study and exports (default: a temporary one)")
+    parser.add_argument(
+        "--work", help="folder for the study and exports, reused by a later run (default: a temporary one)"
+    )
     args = parser.parse_args()
     if args.render:
         write_section(SECTION, render(json.loads(OUT.read_text())))

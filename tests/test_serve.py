@@ -36,7 +36,7 @@ IMAGES = 12
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) -> dict[str, Path]:
-    """A tiny study and two real exports: trial 3 (half the channels, FP32) and the unpruned INT8 trial."""
+    """A tiny study and two real exports: uniform 0.5 (half the channels, FP32) and the unpruned INT8 trial."""
     import optuna
 
     from search.shipping.export import export_trial
