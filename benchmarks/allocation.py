@@ -1,0 +1,474 @@
+"""Benchmark: where a searched channel allocation pays, against the classical recipes and random allocations.
+
+Setting: the shared CIFAR-10 (``../shared/data/cifar10``, train/val/test JPEG folders) through the
+tool's own options, ONNX Runtime, one thread, batch 1, FP32 only. Tracks (budgets are fractions of
+the unpruned model's latency, which each study measures itself):
+
+* MobileNetV2 for small inputs (``--model mobilenet_v2_cifar``) at 50% and 25%. Its baseline is
+  trained here once (one-cycle SGD, padded crop and flip, ``--baseline-epochs``), cached in the
+  working folder (git-ignored) and then loaded through ``--weights`` as a user's file;
+* the shared ResNet-18 (``../shared/models/cifar10_resnet18.pth``) at 25%: the check that the search
+  does no harm where allocation matters little.
+
+Rows per track, every one fine-tuned alike by ``cli.py export`` (``--epochs`` full epochs of the 45,000
+training images, distillation 0.5 from the unpruned model, once per ``--seeds``; mean and spread on
+the 10,000 test images): the tool's recommendation after ``cli.py search``; the study's own recipes
+at the budget (uniform L1, torch-pruning's global magnitude, latency-aware); the best of
+``--random`` random allocations at the budget (each stage's ratios drawn uniformly in the space,
+fitted to the budget by measured bisection, brief-fine-tuned as trials of a study of their own,
+the best by brief accuracy exported, as a user with a random search would); the unpruned baseline
+with the same fine-tune. Every row's latency is measured at the end of the run, interleaved with
+its baseline. From each study's front: the latency at which it first reaches the best classical
+recipe's brief accuracy, as a fraction of that recipe's latency.
+
+    python benchmarks/allocation.py > benchmarks/allocation.log 2>&1     # the full run (hours here)
+    python benchmarks/allocation.py --quick                             # a smoke run in minutes
+
+Every finished piece (the baseline, each search, each export, each latency) is kept in
+``benchmarks/.allocation/results.json`` (``--work``) and reused when the script runs again, so an
+interrupted run resumes; the log and ``reused`` say what was reused. Writes
+``benchmarks/allocation.json`` and the "Allocation" section of BENCHMARKS.md (not with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import optuna  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.sections import write_section  # noqa: E402
+from search.data.loading import load_dataset  # noqa: E402
+from search.data.spec import DataSpec  # noqa: E402
+from search.measuring.candidate import CandidateMeter, LocalTimer  # noqa: E402
+from search.measuring.hardware import fingerprint, git_revision, package_versions  # noqa: E402
+from search.measuring.timing import LatencySettings  # noqa: E402
+from search.models.build import build_model  # noqa: E402
+from search.models.weights import load_weights  # noqa: E402
+from search.pruning.auto_space import space_for  # noqa: E402
+from search.pruning.budget_fit import fit_to_budget  # noqa: E402
+from search.pruning.latency_aware import tunable_stages  # noqa: E402
+from search.study.front import Row, recommended, rows  # noqa: E402
+from search.study.origin import LATENCY_AT_CREATION  # noqa: E402
+from search.training.evaluate import top1  # noqa: E402
+from search.training.finetune import TrainSettings, train  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data" / "cifar10"
+RESNET_WEIGHTS = SHARED / "models" / "cifar10_resnet18.pth"
+MOBILENET = "mobilenet_v2_cifar"
+RESNET = "resnet18_cifar"
+MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
+SECTION = "Allocation"
+CLASSICAL = ("uniform", "global")
+"""Recipe labels that start so are the classical recipes the front is measured against."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    tracks: tuple[tuple[str, float], ...]
+    baseline_epochs: float
+    trials: int
+    trial_steps: int
+    trial_batch: int
+    bn_batches: int
+    val_images: int
+    epochs: float
+    seeds: tuple[int, ...]
+    random: int
+    test_images: int | None = None
+    """Score every row on a fixed random subset of the test split (``--quick``); None: all 10,000."""
+
+    @staticmethod
+    def of(args: argparse.Namespace) -> Plan:
+        if args.quick:
+            return Plan(((MOBILENET, 0.5),), 0.02, 8, 2, 32, 2, 200, 0.004, (0,), 2, test_images=300)
+        tracks = tuple((MOBILENET, f) for f in args.mobilenet_budgets) + tuple((RESNET, f) for f in args.resnet_budgets)
+        return Plan(
+            tracks,
+            args.baseline_epochs,
+            args.trials,
+            args.trial_steps,
+            args.trial_batch,
+            args.bn_batches,
+            args.val_images,
+            args.epochs,
+            tuple(args.seeds),
+            args.random,
+        )
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cli(*args: str) -> None:
+    """Run ``python cli.py ARGS`` as a user would; its output goes to this script's log."""
+    command = [sys.executable, "cli.py", *args]
+    log("$ " + " ".join(shlex.quote(a) for a in command[1:]))
+    done = subprocess.run(command, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"cli.py {args[0]} failed with status {done.returncode}")
+
+
+class Bench:
+    def __init__(self, plan: Plan, work: Path) -> None:
+        self.plan = plan
+        self.work = work
+        self.studies = work / "studies"
+        work.mkdir(parents=True, exist_ok=True)
+        self.cache_path = work / "results.json"
+        self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        self.computed: list[str] = []
+        self.reused: list[str] = []
+        mean, std = (tuple(float(v) for v in s.split(",")) for s in (MEAN, STD))
+        self.data = load_dataset(DataSpec(f"imagefolder:{DATA}", input_size=32, mean=mean, std=std))
+        self.meters: dict[str, CandidateMeter] = {}
+
+    def cached(self, key: str, compute: Any) -> Any:
+        if key not in self.cache:
+            self.cache[key] = compute()
+            self.computed.append(key)
+            self.cache_path.write_text(json.dumps(self.cache, indent=1))
+        elif key not in self.computed and key not in self.reused:
+            self.reused.append(key)
+            log(f"reused from an earlier run: {key}")
+        return self.cache[key]
+
+    # ---- the baselines -----------------------------------------------------------------------
+    def weights(self, model: str) -> Path:
+        if model == RESNET:
+            return RESNET_WEIGHTS
+        path = self.work / f"{MOBILENET}-{self.plan.baseline_epochs:g}ep.pth"
+        self.cached(f"baseline {MOBILENET} {self.plan.baseline_epochs:g} epochs", lambda: self._train_mobilenet(path))
+        return path
+
+    def _train_mobilenet(self, path: Path) -> dict[str, Any]:
+        """One-cycle SGD (warm-up, then cosine to zero) with padded crop and flip; resumes from its checkpoint."""
+        torch.manual_seed(0)
+        model = build_model(MOBILENET, self.data.num_classes)
+        batch = 128
+        steps_per_epoch = math.ceil(len(self.data.train) / batch)
+        settings = TrainSettings(
+            steps=max(1, round(self.plan.baseline_epochs * steps_per_epoch)),
+            batch_size=batch,
+            lr=0.1,
+            weight_decay=5e-4,
+            warmup_fraction=0.15,
+        )
+        state = self.work / f"{path.stem}-state.pt"
+        log(f"training the {MOBILENET} baseline: {settings.steps} steps of batch {batch}")
+        result = train(model, self.data, settings, steps_per_epoch=steps_per_epoch, checkpoint=state)
+        torch.save(model.state_dict(), path)
+        state.unlink(missing_ok=True)
+        got = {
+            "test_top1": top1(model, self.data, "test", limit=self.plan.test_images),
+            "val_top1": top1(model, self.data, "val"),
+            "seconds": round(result.seconds, 1),
+            "images_per_second": round(result.images_per_second, 1),
+            "steps": settings.steps,
+            "batch": batch,
+        }
+        log(f"{MOBILENET} baseline: {got}")
+        return got
+
+    def meter(self, model: str) -> CandidateMeter:
+        if model not in self.meters:
+            net = build_model(model, self.data.num_classes)
+            load_weights(net, str(self.weights(model)), model_name=model)
+            space = space_for(model, None, self.data.num_classes, self.data.example_input())
+            timer = LocalTimer(LatencySettings(threads=1))
+            self.meters[model] = CandidateMeter(net.eval(), self.data, space=space, timer=timer)
+        return self.meters[model]
+
+    # ---- searches and exports, through the CLI -------------------------------------------
+    def study_name(self, model: str, fraction: float) -> str:
+        return f"{model}-{fraction:g}x"
+
+    def search_args(self, model: str, fraction: float, study: str, trials: int) -> list[str]:
+        plan = self.plan
+        return [
+            *("--model", model, "--weights", str(self.weights(model)), "--budget-fraction", f"{fraction:g}"),
+            *("--data", f"imagefolder:{DATA}", "--input-size", "32", "--mean", MEAN, "--std", STD),
+            *("--precision", "fp32", "--trials", str(trials), "--finetune-steps", str(plan.trial_steps)),
+            *("--finetune-batch", str(plan.trial_batch), "--bn-batches", str(plan.bn_batches)),
+            *("--val-images", str(plan.val_images), "--fit-budget", "--distill", "0.5"),
+            *("--study", study, "--studies-dir", str(self.studies), "--quiet"),
+        ]
+
+    def search(self, model: str, fraction: float) -> dict[str, Any]:
+        name = self.study_name(model, fraction)
+
+        def run() -> dict[str, Any]:
+            started = time.perf_counter()
+            cli("search", *self.search_args(model, fraction, name, self.plan.trials))
+            return {"seconds": round(time.perf_counter() - started, 1)}
+
+        return self.cached(f"search {name} trials {self.plan.trials}", run)
+
+    def study(self, name: str) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{self.studies / name}.db")
+
+    def export(self, study: str, number: int, seed: int, unpruned: bool = False) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            out = self.work / "exports" / study / f"seed-{seed}"
+            cli(
+                "export",
+                *("--study", study, "--studies-dir", str(self.studies), "--trial", str(number)),
+                *("--epochs", f"{self.plan.epochs:g}", "--seed", str(seed), "--out", str(out), "--force", "--quiet"),
+                *(("--test-images", str(self.plan.test_images)) if self.plan.test_images else ()),
+                *(("--finetune-unpruned",) if unpruned else ()),
+            )
+            card = json.loads((out / f"trial-{number}" / "card.json").read_text())
+            return {
+                "top1": card["accuracy"]["after_finetune"],
+                "finetune_seconds": card["finetune"]["seconds"],
+                "macs": card["macs"],
+                "params": card["params"],
+                "onnx": str(out / f"trial-{number}" / "model.onnx"),
+            }
+
+        return self.cached(f"export {study} {number} seed {seed} epochs {self.plan.epochs:g}", run)
+
+    # ---- random allocations at the budget, as trials of a study of their own -----------------
+    def random_study(self, model: str, fraction: float) -> str:
+        """``--random`` random allocations fitted to the budget, brief-fine-tuned exactly as the search's trials."""
+        main = self.study_name(model, fraction)
+        name = f"{main}-random"
+
+        def run() -> dict[str, Any]:
+            source = self.study(main)
+            meter = self.meter(model)
+            meter.baseline_ms = float(source.user_attrs["baseline_latency_ms"])
+            space, budget = meter.space, float(source.user_attrs["budget_ms"])
+            assert space is not None
+            rng = random.Random(f"{main} random")
+            storage = f"sqlite:///{self.studies / name}.db"
+            try:  # a run interrupted before this study's trials finished starts it again
+                optuna.delete_study(study_name=name, storage=storage)
+            except KeyError:
+                pass
+            target = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+            for key, value in source.user_attrs.items():  # the same baseline, settings, budget and hardware
+                if key != "latency_aware":
+                    target.set_user_attr(key, value)
+            fitted = 0
+            for attempt in range(4 * self.plan.random):
+                if fitted == self.plan.random:
+                    break
+                fractions = {
+                    s.name: (rng.uniform(s.stream.low, s.stream.high), rng.uniform(s.inner.low, s.inner.high))
+                    for s in space.stages
+                    if s.name in tunable_stages(space)
+                }
+                fit = fit_to_budget(space.allocated(fractions, "l1"), space, budget, meter.baseline_ms, meter.record)
+                if fit is None:
+                    log(f"random allocation {attempt}: no strength meets the budget; drawn again")
+                    continue
+                fitted += 1
+                attrs = {"recipe": f"random allocation {fitted}", LATENCY_AT_CREATION: fit.latency}
+                target.enqueue_trial(space.params_for(fit.policy), user_attrs=attrs)
+                log(f"random allocation {fitted}: {fit.policy.describe()} at {fit.latency['ratio']:.3f}")
+            started = time.perf_counter()
+            cli("search", *self.search_args(model, fraction, name, fitted))
+            return {"allocations": fitted, "seconds": round(time.perf_counter() - started, 1)}
+
+        self.cached(f"random {name} {self.plan.random}", run)
+        return name
+
+
+# ---- the run -------------------------------------------------------------------------------
+def row(name: str, runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    tops = [r["top1"] for r in runs]
+    return {
+        "row": name,
+        "top1": tops,
+        "mean": statistics.fmean(tops),
+        "spread": max(tops) - min(tops),
+        "macs": runs[0]["macs"],
+        "params": runs[0]["params"],
+        "onnx": runs[0]["onnx"],
+        "finetune_seconds": statistics.fmean(r["finetune_seconds"] for r in runs),
+        **extra,
+    }
+
+
+def front_fraction(all_rows: list[Row]) -> dict[str, Any] | None:
+    """The latency at which the study's other trials first reach the best classical recipe's brief accuracy."""
+    feasible = [r for r in all_rows if r.feasible and r.accuracy is not None]
+    classical = [r for r in feasible if r.recipe and r.recipe.startswith(CLASSICAL) and not r.policy.is_unpruned]
+    if not classical:
+        return None
+    best = max(classical, key=lambda r: r.accuracy or 0.0)
+    others = [r for r in feasible if r not in classical and (r.accuracy or 0.0) >= (best.accuracy or 0.0)]
+    reached = min(others, key=lambda r: r.latency_ms, default=None)
+    return {
+        "classical": best.recipe,
+        "classical_accuracy": best.accuracy,
+        "classical_ms": best.latency_ms,
+        "reached_by": None if reached is None else (reached.recipe or f"trial {reached.number}"),
+        "fraction": None if reached is None else reached.latency_ms / best.latency_ms,
+    }
+
+
+def run_track(bench: Bench, model: str, fraction: float) -> dict[str, Any]:
+    plan = bench.plan
+    search = bench.search(model, fraction)
+    name = bench.study_name(model, fraction)
+    study = bench.study(name)
+    all_rows = rows(study)
+    result: dict[str, Any] = {"model": model, "fraction": fraction, "study": name, "rows": []}
+    result["budget_ms"] = float(study.user_attrs["budget_ms"])
+    result["study_baseline_ms"] = float(study.user_attrs["baseline_latency_ms"])
+    result["search_seconds"] = search["seconds"]
+    result["trials"] = len(study.trials)
+    result["latency_aware_table_seconds"] = (study.user_attrs.get("latency_aware") or {}).get("seconds")
+    result["front"] = front_fraction(all_rows)
+    best = recommended(all_rows)
+    chosen: list[tuple[str, str, Row | None]] = [("searched", "recommendation after the search", best)]
+    for kind, prefix in (("uniform", "uniform"), ("global", "global"), ("latency-aware", "latency-aware")):
+        found = next(
+            (r for r in all_rows if r.recipe and r.recipe.startswith(prefix) and "at the budget" in r.recipe), None
+        )
+        chosen.append((kind, found.recipe if found else f"{prefix} at the budget", found))
+    for kind, label, r in chosen:
+        if r is None:
+            result["rows"].append({"row": f"{label}: none within the budget", "kind": kind})
+            continue
+        runs = [bench.export(name, r.number, seed) for seed in plan.seeds]
+        result["rows"].append(
+            row(f"{label} (trial {r.number})", runs, kind=kind, brief_val=r.accuracy, policy=r.policy.describe())
+        )
+    random_name = bench.random_study(model, fraction)
+    random_rows = [r for r in rows(bench.study(random_name)) if r.feasible and r.accuracy is not None]
+    if random_rows:
+        pick = max(random_rows, key=lambda r: r.accuracy or 0.0)
+        runs = [bench.export(random_name, pick.number, seed) for seed in plan.seeds]
+        label = f"best of {len(random_rows)} random allocations by brief accuracy ({pick.recipe})"
+        result["rows"].append(row(label, runs, kind="random", brief_val=pick.accuracy, policy=pick.policy.describe()))
+    unpruned = next(r for r in all_rows if r.policy.is_unpruned and r.recipe == "unpruned")
+    runs = [bench.export(name, unpruned.number, seed, unpruned=True) for seed in plan.seeds]
+    result["rows"].append(row("unpruned baseline, same fine-tune", runs, kind="baseline"))
+    return result
+
+
+def measure_latencies(bench: Bench, tracks: list[dict[str, Any]]) -> None:
+    """Every row's exported ONNX, timed interleaved with its baseline, one after another at the end."""
+    log("measuring every row's latency side by side with its baseline")
+    for track in tracks:
+        meter = bench.meter(track["model"])
+        for r in track["rows"]:
+            if "onnx" in r:
+                got = meter.time_onnx(r["onnx"])
+                r["latency_ms"], r["latency_fraction"] = got.median_ms, got.ratio
+                r["baseline_ms"] = got.reference_median_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run in minutes (numbers meaningless)")
+    parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".allocation"), help="working folder (resumable)")
+    parser.add_argument("--mobilenet-budgets", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--resnet-budgets", type=float, nargs="*", default=[0.25])
+    parser.add_argument("--baseline-epochs", type=float, default=15, help="epochs of the MobileNetV2 baseline")
+    parser.add_argument("--trials", type=int, default=30, help="trials per study")
+    parser.add_argument("--trial-steps", type=int, default=30, help="brief fine-tune steps per trial")
+    parser.add_argument("--trial-batch", type=int, default=64)
+    parser.add_argument("--bn-batches", type=int, default=8)
+    parser.add_argument("--val-images", type=int, default=2000, help="val images each trial is evaluated on")
+    parser.add_argument("--epochs", type=float, default=1, help="final fine-tune epochs of every row")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--random", type=int, default=8, help="random allocations per budget")
+    args = parser.parse_args()
+    if not DATA.is_dir() or not RESNET_WEIGHTS.is_file():
+        sys.exit(f"error: this benchmark needs {DATA} and {RESNET_WEIGHTS} (the shared CIFAR-10 material); not found")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plan = Plan.of(args)
+    work = Path(args.work if not args.quick else str(Path(args.work).with_name(".allocation-quick")))
+    started = time.perf_counter()
+    bench = Bench(plan, work)
+    log(f"plan {plan}")
+    tracks = [run_track(bench, model, fraction) for model, fraction in plan.tracks]
+    measure_latencies(bench, tracks)
+    result = {
+        "plan": asdict(plan),
+        "mobilenet_baseline": bench.cache.get(f"baseline {MOBILENET} {plan.baseline_epochs:g} epochs"),
+        "tracks": tracks,
+        "seconds": time.perf_counter() - started,
+        "computed": bench.computed,
+        "reused": bench.reused,
+        "date": time.strftime("%Y-%m-%d"),
+        "git_revision": git_revision(),
+        "hardware": fingerprint(1),
+        "versions": package_versions(),
+    }
+    log(f"done in {result['seconds'] / 60:.1f} min; reused {len(bench.reused)} cached results: {bench.reused}")
+    if args.quick:
+        print(json.dumps(result, indent=1, default=str))
+        return
+    (ROOT / "benchmarks" / "allocation.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_section(SECTION, render(result))
+
+
+def render(result: dict[str, Any]) -> str:
+    plan, hw, base = result["plan"], result["hardware"], result["mobilenet_baseline"] or {}
+    lines = [
+        f"`python benchmarks/allocation.py` on {result['date']}, commit `{result['git_revision']}`, {hw.get('cpu')}, "
+        f"one ONNX Runtime thread, batch 1; whole run {result['seconds'] / 60:.0f} min "
+        f"({len(result['reused'])} cached results reused). MobileNetV2 (small inputs) baseline trained here: "
+        f"{plan['baseline_epochs']:g} epochs one-cycle, test top-1 {pct(base.get('test_top1', float('nan')))}% in "
+        f"{base.get('seconds', 0) / 60:.0f} min. Every row exported with {plan['epochs']:g} epochs of fine-tuning "
+        f"(distillation 0.5) per seed ({', '.join(map(str, plan['seeds']))}); top-1 on the test images, mean ± "
+        f"spread (max - min). Trials: {plan['trials']} per study, {plan['trial_steps']} steps of batch "
+        f"{plan['trial_batch']}, --fit-budget, {plan['val_images']} val images.",
+        "",
+    ]
+    for t in result["tracks"]:
+        front = t["front"] or {}
+        reached = front.get("fraction")
+        lines += [
+            f"### {t['model']}, budget {100 * t['fraction']:g}% ({t['budget_ms']:.2f} ms of {t['study_baseline_ms']:.2f})",
+            "",
+            "| row | test top-1 % | latency ms | of baseline | MACs M | brief val % |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in t["rows"]:
+            if "mean" not in r:
+                lines.append(f"| {r['row']} | | | | | |")
+                continue
+            brief = pct(r["brief_val"]) if r.get("brief_val") is not None else ""
+            lines.append(
+                f"| {r['row']} | {pct(r['mean'])} ± {pct(r['spread'])} | {r.get('latency_ms', float('nan')):.2f} "
+                f"| {r.get('latency_fraction', float('nan')):.3f} | {r['macs'] / 1e6:.1f} | {brief} |"
+            )
+        lines += [
+            "",
+            f"Search {t['search_seconds'] / 60:.1f} min ({t['trials']} trials; latency-aware tables "
+            f"{t['latency_aware_table_seconds'] or 0:.0f} s). Front: the best classical recipe's brief accuracy "
+            f"({front.get('classical')}) first reached at "
+            + (f"**{reached:.2f}** of its latency ({front.get('reached_by')})." if reached else "no lower latency."),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+if __name__ == "__main__":
+    main()
