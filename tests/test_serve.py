@@ -276,7 +276,14 @@ def test_older_cards_and_wrong_folders_are_one_line_errors(exported: dict[str, P
     card = json.loads((old / "card.json").read_text())
     del card["preprocessing"]
     (old / "card.json").write_text(json.dumps(card))
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
     for args, words in [
+        ([str(exported["pruned"]), "--port", port], f"127.0.0.1:{port} is in use; pass another --port"),
         ([str(old)], f"older export; re-export it: python cli.py export --study tiny --trial {card['trial']} --force"),
         ([str(tmp_path / "missing")], "is not a folder"),
         ([str(tmp_path)], "has no card.json"),
@@ -284,6 +291,7 @@ def test_older_cards_and_wrong_folders_are_one_line_errors(exported: dict[str, P
     ]:
         done = run_main("serve", *args)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+    taken.close()
 
 
 @pytest.fixture(scope="module")
