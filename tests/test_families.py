@@ -196,7 +196,7 @@ def test_a_grouped_family_searches_and_exports_end_to_end_with_its_module_names(
     common = ["--study", "regnet", "--studies-dir", str(studies)]
     search = run_cli(
         "search", "--model", "regnet_x_400mf", "--input-size", "32", "--baseline-epochs", "1",
-        "--budget-fraction", "0.8", "--trials", "1", "--finetune-steps", "2", "--bn-batches", "2",
+        "--budget-fraction", "0.9", "--trials", "2", "--finetune-steps", "2", "--bn-batches", "2",
         "--val-images", "64", *common,
     )  # fmt: skip
     assert search.returncode == 0, search.stderr[-2000:]
