@@ -29,6 +29,7 @@ from search.models.families import CNN_FAMILIES, family_of
 from search.pruning.auto_space import model_stages, space_for
 from search.pruning.channels import apply_policy
 from search.pruning.groups import replay
+from search.pruning.space import load_space
 from tests.conftest import run_cli, run_main
 
 REPRESENTATIVES = {
@@ -217,3 +218,18 @@ def test_a_grouped_family_searches_and_exports_end_to_end_with_its_module_names(
     assert any(name.startswith("trunk_output.block") for name in card["policy"]["stages"])
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
+
+
+def test_models_lists_every_family_and_space_prints_a_space_that_loads(tmp_path) -> None:
+    listed = run_main("models")
+    assert listed.returncode == 0
+    for name in ("regnet_x_400mf", "mobilenet_v3_small", "vgg16_bn_cifar", "mobilenet_v2_cifar"):
+        assert name in listed.stdout
+    assert "refused" in listed.stdout and "shufflenet_v2" in listed.stdout
+    printed = run_main("space", "mnasnet0_5", "--input-size", "64")
+    assert printed.returncode == 0, printed.stderr
+    (tmp_path / "mnasnet.toml").write_text(printed.stdout)
+    space = load_space(tmp_path / "mnasnet.toml")  # what a user saves, edits and passes with --space
+    assert [s.name for s in space.stages][:2] == ["layers.0-6", "layers.8"]
+    refused = run_main("space", "vit_b_16")
+    assert refused.returncode == 2 and "transformer" in refused.stderr

@@ -32,8 +32,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             continue
         full = [n for n, s in KNOWN_MODELS.items() if s.family == family and not s.small_input]
         small = [n for n, s in KNOWN_MODELS.items() if s.family == family and s.small_input]
-        files = [n for n in full if shipped_space_path(n) is not None]
-        space = f"spaces/<name>.toml for {', '.join(files)}; derived for the rest" if files else "derived"
+        files = [n for n in full + small if shipped_space_path(n) or shipped_space_path(KNOWN_MODELS[n].arch)]
+        space = f"a file in spaces/ for {', '.join(files)}; derived for the rest" if files else "derived"
         table.add_row(family, " ".join(full), " ".join(small) or "-", space)
     console.print(table)
     if args.family is None:
