@@ -22,6 +22,7 @@ from PIL import Image
 from search.data.cache import DECODED_CACHE_ENV, Layout, decoded_cache_path, open_or_decode
 from search.data.dataset import SPLIT_NAMES, Dataset, Split
 from search.data.fingerprint import base_payload, fingerprint
+from search.data.resize import resize_centre_crop
 from search.data.spec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, input_size, normalisation
 from search.data.splits import stratified_split
 from search.data.store import FileSink, ImageSink, MemorySink
@@ -316,13 +317,4 @@ def _decode_image(path: str, size: int) -> np.ndarray:
     with Image.open(path) as opened:
         opened.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size (fast)
         image = opened.convert("RGB")
-    width, height = image.size
-    if (width, height) != (size, size):
-        scale = size / min(width, height)
-        new_w = max(size, round(width * scale))
-        new_h = max(size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(resize_centre_crop(image, size), dtype=np.uint8)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from search.data.resize import resize_centre_crop
+
 __all__ = ["MissingPreprocessing", "Preprocessing"]
 
 _KNOWN_VERSION = 1
@@ -72,17 +74,7 @@ class Preprocessing:
 
     def native(self, image: Image.Image) -> np.ndarray:
         """uint8 n×n×3 at the native size: shorter side resized (bilinear), centre-cropped."""
-        size = self.native_size
-        width, height = image.size
-        if (width, height) != (size, size):
-            scale = size / min(width, height)
-            new_w = max(size, round(width * scale))
-            new_h = max(size, round(height * scale))
-            if (new_w, new_h) != (width, height):
-                image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(resize_centre_crop(image, self.native_size).convert("RGB"), dtype=np.uint8)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """The model input: float32 1×3×N×N, N the input size."""
