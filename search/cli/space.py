@@ -28,8 +28,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     check_model_name(args.model)
     example = torch.zeros(1, 3, args.input_size, args.input_size)
-    space = space_for(args.model, None, args.classes, example)
-    check_searchable(args.model, build_model(args.model, args.classes), space, example)
+    model = build_model(args.model, args.classes)
+    space = space_for(args.model, None, args.classes, example, model=model)
+    check_searchable(args.model, model, space, example)
     console.print(f"# {space.path}", markup=False, highlight=False)
     console.print(space.text.rstrip(), markup=False, highlight=False, soft_wrap=True)
     return 0

@@ -142,7 +142,14 @@ def _unique(stages: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def space_for(model_name: str, space_file: str | None, num_classes: int, example_input: torch.Tensor) -> SearchSpace:
+def space_for(
+    model_name: str,
+    space_file: str | None,
+    num_classes: int,
+    example_input: torch.Tensor,
+    *,
+    model: nn.Module | None = None,
+) -> SearchSpace:
     """The space a search uses: ``--space``, else the file shipped for the model (``spaces/mobilenet_v2_cifar.toml``)
     or for its architecture (``spaces/resnet18.toml`` for ``resnet18_cifar``), else one derived here."""
     if space_file:
@@ -151,6 +158,6 @@ def space_for(model_name: str, space_file: str | None, num_classes: int, example
     shipped = shipped_space_path(model_name) or shipped_space_path(arch)
     if shipped is not None:
         return load_space(shipped)
-    model = build_model(model_name, num_classes)
+    model = model if model is not None else build_model(model_name, num_classes)  # the caller's fresh one, if given
     text = derive_space_text(model, example_input, label=model_name, family=arch or "custom")
     return parse_space(text, f"derived from {model_name}")

@@ -77,7 +77,7 @@ def apply_policy(
     where: dict[int, str] = {}
     if widths:  # grouped convolutions link groups, which must then all be known first
         staged = list(staged)
-        units = link_grouped([group for _, _, group in staged], graph, widths)
+        units = link_grouped([group for _, _, group in staged], widths)
         where = {id(group): f"{stage.name}.{kind}" for stage, kind, group in staged}
     done: set[int] = set()
     for stage, kind, group in staged:

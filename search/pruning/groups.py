@@ -57,7 +57,7 @@ def grouped_convs(model: nn.Module) -> dict[nn.Conv2d, GroupWidths]:
     return found
 
 
-def link_grouped(groups: Iterable[Any], graph: Any, widths: dict[nn.Conv2d, GroupWidths]) -> dict[int, GroupedUnit]:
+def link_grouped(groups: Iterable[Any], widths: dict[nn.Conv2d, GroupWidths]) -> dict[int, GroupedUnit]:
     """Join the groups that share a grouped convolution; map each member's ``id`` to its unit.
 
     A unit whose grouped convolutions disagree on the number of groups (or that holds a bare

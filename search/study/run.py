@@ -17,6 +17,7 @@ import optuna
 import torch
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from torch import nn
 
 from search.data.dataset import Dataset
 from search.data.loading import load_dataset
@@ -105,9 +106,9 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
 
 def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
     """:func:`run_search` once the storage is open."""
-    data, space = _data_and_space(config, reporter)
+    data, space, fresh = _data_and_space(config, reporter)
     if load_existing(storage, config.study_name) is None:  # refuse what a trial would crash on, before training
-        check_searchable(config.model, build_model(config.model, data.num_classes), space, data.example_input())
+        check_searchable(config.model, fresh, space, data.example_input())
     cache_dir = Path(config.studies_dir) / "cache"
     adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
     baseline = prepare_baseline(
@@ -159,11 +160,13 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     )
 
 
-def _data_and_space(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, SearchSpace]:
+def _data_and_space(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, SearchSpace, nn.Module]:
+    """The data, the space, and a fresh untrained model (built once: it derives the space and is pre-checked)."""
     data = load_dataset(config.data, reporter)
     data.loader_workers, data.pin_memory = loader_plan(torch.device(config.device))
-    space = space_for(config.model, config.space, data.num_classes, data.example_input())
-    return data, space.with_precisions(config.precisions)
+    fresh = build_model(config.model, data.num_classes)
+    space = space_for(config.model, config.space, data.num_classes, data.example_input(), model=fresh)
+    return data, space.with_precisions(config.precisions), fresh
 
 
 def _trial_context(
