@@ -151,9 +151,9 @@ def onnxruntime_latency(model: Path, runs: int, input_size: int) -> dict[str, fl
     """ONNX Runtime alone on the file the server serves: 1 thread, batch 1, after a warm-up."""
     import numpy as np
 
-    from search.serving.models import make_session
+    from search.measuring.timing import open_session
 
-    session = make_session(str(model), 1)
+    session = open_session(str(model), 1)
     x = np.random.default_rng(0).standard_normal((1, 3, input_size, input_size)).astype(np.float32)
     for _ in range(max(20, runs // 20)):
         session.run(None, {"input": x})

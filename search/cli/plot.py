@@ -79,7 +79,8 @@ def _place_labels(ax: Any, labelled: list[Row], dots: list[tuple[float, float]],
     for row in sorted(labelled, key=lambda r: -r.accuracy):  # top down: leader lines of a cluster do not cross
         x, y = (float(v) for v in ax.transData.transform((row.latency_ms, row.accuracy)))
         probe = ax.text(0, 0, row.recipe, fontsize=7)
-        size = (probe.get_window_extent(renderer).width, probe.get_window_extent(renderer).height)
+        extent = probe.get_window_extent(renderer)
+        size = (extent.width, extent.height)
         probe.remove()
         others = [(px, py) for px, py in pixels if abs(px - x) > 0.5 or abs(py - y) > 0.5]
         options = _candidates()

@@ -70,9 +70,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.baseline:
         from search.serving.baseline import baseline_model
 
-        storage = args.storage or f"sqlite:///{Path(args.studies_dir) / (models[0].study or '')}.db"
         with RichReporter(console, verbose=not args.quiet) as reporter:
-            models.append(baseline_model(models, storage, args.threads, weights=args.weights, reporter=reporter))
+            models.append(
+                baseline_model(
+                    models,
+                    args.storage,
+                    args.threads,
+                    studies_dir=Path(args.studies_dir),
+                    weights=args.weights,
+                    reporter=reporter,
+                )
+            )
     limits = Limits(
         max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6), slots=slots
     )

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import torch
 
@@ -28,8 +28,10 @@ from search.data.dataset import Split
 from search.data.store import DiskImages
 from search.errors import UsageError
 
-__all__ = ["DECODED_CACHE_ENV", "FORMAT", "FileListing", "decoded_cache_path", "open_or_decode"]
+__all__ = ["DECODED_CACHE_ENV", "FORMAT", "MAX_MEMORY_BYTES", "decoded_cache_path", "open_or_decode"]
 
+MAX_MEMORY_BYTES = 4 * 1024**3
+"""The most decoded images held in memory when the cache is off."""
 DECODED_CACHE_ENV = "PRUNE_SEARCH_CACHE"
 """Environment variable naming the folder for decoded images (default ``~/.cache/prune-search``;
 an empty string turns the cache off, and images are then held in memory)."""
@@ -40,14 +42,6 @@ FORMAT = 2
 Layout = dict[str, Any]
 """What a decoder returns: ``{"splits": {name: {"count", "height", "width", "labels"}}, "notes": {...}}``,
 splits in the order their rows were written."""
-
-
-class FileListing(Protocol):
-    """What an image folder's key is made of: one split's image files, their byte sizes and labels."""
-
-    files: list[str]
-    sizes: list[int]
-    labels: list[int]
 
 
 def decoded_cache_path(identity: Any) -> Path | None:
@@ -61,15 +55,15 @@ def decoded_cache_path(identity: Any) -> Path | None:
 
 def open_or_decode(
     base: Path, needed_bytes: int, decode: Callable[[BinaryIO], Layout]
-) -> tuple[dict[str, Split], Layout, bool]:
+) -> tuple[dict[str, Split], Layout]:
     """The splits kept at ``base``, decoding them first (``decode`` writes rows to a file) if needed.
 
-    Returns the splits, the layout and whether this call decoded them. Safe when several
+    Returns the splits and the layout. Safe when several
     processes start at once: one decodes, the others wait and read its files.
     """
     found = _open(base)
     if found is not None:
-        return (*found, False)
+        return found
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -77,7 +71,7 @@ def open_or_decode(
     with _locked(base):
         found = _open(base)
         if found is not None:
-            return (*found, False)
+            return found
         free = shutil.disk_usage(base.parent).free
         if needed_bytes > free:
             raise UsageError(
@@ -88,7 +82,7 @@ def open_or_decode(
     found = _open(base)
     if found is None:
         raise UsageError(f"the decoded images written to {base}.bin cannot be read back; {_fix()}")
-    return (*found, True)
+    return found
 
 
 def _fix() -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from search.data.cache import DECODED_CACHE_ENV, Layout, decoded_cache_path, open_or_decode
+from search.data.cache import DECODED_CACHE_ENV, MAX_MEMORY_BYTES, Layout, decoded_cache_path, open_or_decode
 from search.data.dataset import Dataset, Split
 from search.data.fingerprint import base_payload, fingerprint
 from search.data.spec import CIFAR10_MEAN, CIFAR10_STD, DataSpec, input_size, normalisation
@@ -28,7 +28,6 @@ from search.errors import UsageError
 
 __all__ = ["load_cifar10"]
 
-MAX_MEMORY_BYTES = 4 * 1024**3
 """Largest CIFAR-10 held in memory (when the on-disk cache is off)."""
 _CIFAR10_VAL_FRACTION = 0.1  # last 10% of each class (by index order) of data_batch_*
 _CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
@@ -68,7 +67,7 @@ def load_cifar10(path: Path, spec: DataSpec) -> Dataset:
                 layout["splits"][name] = part
             return layout
 
-        splits, _, _ = open_or_decode(cache, 60000 * 3 * stored * stored, decode)
+        splits, _ = open_or_decode(cache, 60000 * 3 * stored * stored, decode)
     train, val, test = splits["train"], splits["val"], splits["test"]
     mean, std = normalisation(spec, CIFAR10_MEAN, CIFAR10_STD)
     payload = base_payload("cifar10", classes, {"train": train, "val": val, "test": test}, size, mean, std)

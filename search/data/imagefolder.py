@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from search.data.cache import DECODED_CACHE_ENV, Layout, decoded_cache_path, open_or_decode
+from search.data.cache import DECODED_CACHE_ENV, MAX_MEMORY_BYTES, Layout, decoded_cache_path, open_or_decode
 from search.data.dataset import SPLIT_NAMES, Dataset, Split
 from search.data.fingerprint import base_payload, fingerprint
 from search.data.resize import resize_centre_crop
@@ -35,7 +35,6 @@ __all__ = ["IMAGE_EXTENSIONS", "MAX_MEMORY_BYTES", "load_imagefolder"]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 """File extensions (lower case) that ``imagefolder:`` decodes; matched case-insensitively."""
 
-MAX_MEMORY_BYTES = 4 * 1024**3
 """Largest decoded ``imagefolder:`` data set (uint8, all splits) held in memory, when the on-disk cache is off."""
 
 _DECODE_CHUNK = 256  # images decoded between progress updates
@@ -75,7 +74,7 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
             with reporter.task("decode images", total) as task:
                 return _decode_to_file(lists, stored, handle, task)
 
-        found, layout, _ = open_or_decode(cache, needed, decode)
+        found, layout = open_or_decode(cache, needed, decode)
         splits = {"train": None, "val": None, "test": None, **found}
         for warning in layout.get("notes", {}).get("warnings", []):
             reporter.warn(warning)  # the same words on every run that reads these images

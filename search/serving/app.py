@@ -107,7 +107,7 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
     async def predict(
         request: Request, k: int = Query(3, ge=1, le=limits.max_k, description="how many classes per model")
     ) -> Prediction:
-        body = await read_capped(dict(request.headers), request.stream(), limits.max_upload_bytes)
+        body = await read_capped(request.headers.get("content-length"), request.stream(), limits.max_upload_bytes)
         data = image_bytes(request.headers.get("content-type", ""), body)
         async with slots:
             return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels, draft)

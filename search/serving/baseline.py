@@ -7,25 +7,36 @@ FP32, dynamic batch), in memory: nothing is written.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from search.errors import UsageError
+from search.measuring.timing import open_session
 from search.progress import Reporter
-from search.serving.models import ServedModel, make_session
+from search.serving.models import ServedModel
 from search.serving.preprocess import Preprocessing
 
 __all__ = ["baseline_model"]
 
 
 def baseline_model(
-    exports: list[ServedModel], storage: str, threads: int, *, weights: str | None = None, reporter: Reporter
+    exports: list[ServedModel],
+    storage: str | None,
+    threads: int,
+    *,
+    studies_dir: Path = Path("studies"),
+    weights: str | None = None,
+    reporter: Reporter,
 ) -> ServedModel:
-    """The unpruned model of the one study the ``exports`` came from, in a session of ``threads`` threads."""
+    """The unpruned model of the one study the ``exports`` came from, in a session of ``threads`` threads.
+
+    The study is read from ``storage``, or from its SQLite file in ``studies_dir``.
+    """
     from search.measuring.complexity import macs_and_params
     from search.measuring.onnx_export import export_onnx
     from search.shipping.preprocessing import preprocessing_record
     from search.shipping.rebuild import load_study_baseline
-    from search.study.storage import open_study
+    from search.study.storage import default_storage_url, open_study
 
     studies = sorted({m.study for m in exports if m.study})
     if len(studies) != 1:
@@ -33,7 +44,7 @@ def baseline_model(
             f"--baseline needs exports of one study; these come from {', '.join(studies) or 'no study'}: "
             "serve each study's exports separately"
         )
-    study = open_study(studies[0], storage)
+    study = open_study(studies[0], storage or default_storage_url(studies_dir, studies[0]))
     reporter.phase(f"baseline of study {studies[0]}: load and export to ONNX")
     base = load_study_baseline(study, weights=weights, reporter=reporter)
     sha = exports[0].card.get("baseline", {}).get("sha256")
@@ -80,6 +91,6 @@ def baseline_model(
         preprocessing=Preprocessing.from_card(card),
         summary=summary,
         card=card,
-        session=make_session(onnx, threads),
+        session=open_session(onnx, threads),
         study=studies[0],
     )

@@ -73,11 +73,9 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         if draft_size is not None and fmt == "JPEG":
             opened.draft("RGB", (draft_size, draft_size))  # as training decoded image folders: fast, same pixels
         opened.load()
-        oriented = ImageOps.exif_transpose(opened)
-        rotated = oriented is not opened and _orientation(opened) not in (None, 1)
-        rgb = _to_rgb(oriented)
-    except BadImage:
-        raise
+        rotated = _orientation(opened) not in (None, 1)
+        ImageOps.exif_transpose(opened, in_place=True)  # no copy of an image that needs no turn
+        rgb = _to_rgb(opened)
     except Image.DecompressionBombError:
         raise BadImage(413, f"the image has too many pixels (limit {max_pixels / 1e6:.0f} megapixels)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

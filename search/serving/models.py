@@ -19,9 +19,10 @@ import numpy as np
 import onnxruntime as ort
 
 from search.errors import UsageError
+from search.measuring.timing import open_session
 from search.serving.preprocess import MissingPreprocessing, Preprocessing
 
-__all__ = ["ServedModel", "load_export", "make_session"]
+__all__ = ["ServedModel", "load_export"]
 
 
 @dataclass
@@ -49,16 +50,6 @@ class ServedModel:
         return out, (time.perf_counter() - started) * 1000.0
 
 
-def make_session(model: bytes | str, threads: int) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads (one inter-op), all graph optimisations."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def load_export(folder: Path, threads: int) -> ServedModel:
     """Load export folder ``folder``; a one-line :class:`UsageError` for anything that is not a usable export."""
     card_path = folder / "card.json"
@@ -80,7 +71,7 @@ def load_export(folder: Path, threads: int) -> ServedModel:
     if not path.is_file():
         raise UsageError(f"{folder} has no {name}, which its card says it ships; export the trial again")
     try:
-        session = make_session(str(path), threads)
+        session = open_session(str(path), threads)
     except Exception as exc:  # ONNX Runtime's own errors are not one class
         raise UsageError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
     _check_shapes(session, pre, str(path))

@@ -16,11 +16,9 @@ import numpy as np
 from PIL import Image
 
 from search.data.resize import resize_centre_crop
+from search.shipping.preprocessing import PREPROCESSING_VERSION
 
 __all__ = ["MissingPreprocessing", "Preprocessing"]
-
-_KNOWN_VERSION = 1
-
 
 class MissingPreprocessing(ValueError):
     """A card without a usable ``preprocessing`` record (written by an older export)."""
@@ -48,10 +46,10 @@ class Preprocessing:
                 "its card has no preprocessing record (class names, input size, resize, "
                 "normalisation): it was written by an older export"
             )
-        if record.get("version") != _KNOWN_VERSION:
+        if record.get("version") != PREPROCESSING_VERSION:
             raise MissingPreprocessing(
                 f"its card's preprocessing record has version {record.get('version')!r}; "
-                f"this server reads version {_KNOWN_VERSION}"
+                f"this server reads version {PREPROCESSING_VERSION}"
             )
         try:
             made = cls(

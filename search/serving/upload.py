@@ -21,9 +21,11 @@ FIELD = "image"
 """The multipart field that carries the image."""
 
 
-async def read_capped(headers: dict[str, str], stream: AsyncIterator[bytes], limit: int) -> bytes:
-    """The body, or :class:`BadImage` 413 once it is known to be over ``limit`` bytes (400 for a bad length)."""
-    declared = headers.get("content-length")
+async def read_capped(declared: str | None, stream: AsyncIterator[bytes], limit: int) -> bytes:
+    """The body, or :class:`BadImage` 413 once it is known to be over ``limit`` bytes (400 for a bad length).
+
+    ``declared`` is the request's Content-Length header, if it has one.
+    """
     if declared is not None:
         try:
             length = int(declared)

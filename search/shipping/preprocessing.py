@@ -10,9 +10,10 @@ exactly these steps on an uploaded image.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from search.data.dataset import Dataset
+if TYPE_CHECKING:  # the model server imports PREPROCESSING_VERSION without torch
+    from search.data.dataset import Dataset
 
 __all__ = ["PREPROCESSING_VERSION", "preprocessing_record"]
 
@@ -28,7 +29,7 @@ def preprocessing_record(data: Dataset) -> dict[str, Any]:
     height, width = (int(v) for v in data.train.images.shape[-2:])
     if height != width:
         raise ValueError(f"data set {data.name} stores {width}x{height} images; square images are expected")
-    crop = getattr(data, "crop", "pad")
+    crop = data.crop
     size = int(data.input_size)
     cropped = size if crop == "resized" and height > size else height
     return {

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from search.errors import UsageError
-from search.measuring.hardware import supports_bf16
+from search.measuring.hardware import cpu_model, supports_bf16
 
 __all__ = ["DEVICE_FORMS", "Precision", "check_device_text", "device_record", "loader_plan", "precision", "resolve"]
 
@@ -54,20 +54,7 @@ def device_record(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         index = device.index or 0
         return {"kind": "cuda", "device": f"cuda:{index}", "name": torch.cuda.get_device_name(index)}
-    return {"kind": device.type, "device": device.type, "name": _cpu_name()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return {"kind": device.type, "device": device.type, "name": cpu_model()}
 
 
 @dataclass(frozen=True)

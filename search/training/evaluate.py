@@ -54,7 +54,7 @@ def top1(
         with reporter.task(f"top-1 on {split}", total) as task:
             for x, y in stream:
                 logits = model(to_device(x, device))
-                correct += int((logits.argmax(dim=1).cpu() == y).sum())
+                correct = correct + (logits.argmax(dim=1) == y.to(device, non_blocking=True)).sum()  # no sync per batch
                 seen += len(y)
                 task.advance(len(y))
     finally:
@@ -62,7 +62,7 @@ def top1(
         model.to(home)
     if seen == 0:
         raise ValueError(f"split {split!r} is empty")
-    return correct / seen
+    return int(correct) / seen
 
 
 @dataclass(frozen=True)
