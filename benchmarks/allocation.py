@@ -50,8 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 from benchmarks.sections import write_section  # noqa: E402
+from search.cli.console import RichReporter  # noqa: E402
 from search.data.loading import load_dataset  # noqa: E402
 from search.data.spec import DataSpec  # noqa: E402
 from search.measuring.candidate import CandidateMeter, LocalTimer  # noqa: E402
@@ -174,7 +176,21 @@ class Bench:
         )
         state = self.work / f"{path.stem}-state.pt"
         log(f"training the {MOBILENET} baseline: {settings.steps} steps of batch {batch}")
-        result = train(model, self.data, settings, steps_per_epoch=steps_per_epoch, checkpoint=state)
+
+        def after_epoch(epoch: int, net: torch.nn.Module) -> None:
+            log(f"baseline epoch {epoch}: val top-1 {top1(net, self.data, 'val', limit=2000):.2%} (2,000 images)")
+
+        with RichReporter(Console(), log_every=60) as reporter:
+            result = train(
+                model,
+                self.data,
+                settings,
+                reporter=reporter,
+                description="train baseline",
+                steps_per_epoch=steps_per_epoch,
+                checkpoint=state,
+                after_epoch=after_epoch,
+            )
         torch.save(model.state_dict(), path)
         state.unlink(missing_ok=True)
         got = {
