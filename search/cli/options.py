@@ -102,10 +102,12 @@ def cpus(text: str) -> tuple[int, ...]:
 
 def device(text: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (lower case); whether this machine has it is checked when used."""
-    value = text.strip().lower()
-    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return value
-    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    from search.training.device_names import DEVICE_FORMS, normalise_device
+
+    value = normalise_device(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_FORMS}, got {text!r}")
+    return value
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:

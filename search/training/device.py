@@ -7,7 +7,6 @@ target), so this only decides where PyTorch trains, recalibrates and scores mode
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,17 +14,14 @@ import torch
 
 from search.errors import UsageError
 from search.measuring.hardware import cpu_model, supports_bf16
+from search.training.device_names import DEVICE_FORMS, normalise_device
 
 __all__ = ["DEVICE_FORMS", "Precision", "check_device_text", "device_record", "loader_plan", "precision", "resolve"]
 
-DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
-_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
 def check_device_text(text: str) -> str:
     """``text`` normalised (lower case, trimmed) when it is one of :data:`DEVICE_FORMS`."""
-    value = text.strip().lower()
-    if not _PATTERN.match(value):
+    value = normalise_device(text)
+    if value is None:
         raise UsageError(f"unknown device {text!r}; use {DEVICE_FORMS}")
     return value
 

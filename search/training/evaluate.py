@@ -19,7 +19,7 @@ from search.data.dataset import Dataset
 from search.measuring.onnx_export import fixed_batch
 from search.measuring.timing import open_session
 from search.progress import NullReporter, Reporter
-from search.training.finetune import device_of, to_device
+from search.training.finetune import on_device, to_device
 
 __all__ = ["Agreement", "compare_top1", "onnx_top1", "top1", "top1_agreement"]
 
@@ -43,23 +43,21 @@ def top1(
     """
     reporter = reporter or NullReporter()
     model.eval()
-    home = device_of(model)
-    model = model.to(device, memory_format=torch.channels_last)
     total = len(getattr(data, split))
     if limit is not None:
         total = min(total, limit)
     correct = seen = 0
-    stream = data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit)
-    try:
-        with reporter.task(f"top-1 on {split}", total) as task:
-            for x, y in stream:
-                logits = model(to_device(x, device))
-                correct = correct + (logits.argmax(dim=1) == y.to(device, non_blocking=True)).sum()  # no sync per batch
-                seen += len(y)
-                task.advance(len(y))
-    finally:
-        stream.close()
-        model.to(home)
+    with on_device(device, model):
+        stream = data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit)
+        try:
+            with reporter.task(f"top-1 on {split}", total) as task:
+                for x, y in stream:
+                    logits = model(to_device(x, device))
+                    correct = correct + (logits.argmax(dim=1) == y.to(device, non_blocking=True)).sum()  # no sync
+                    seen += len(y)
+                    task.advance(len(y))
+        finally:
+            stream.close()
     if seen == 0:
         raise ValueError(f"split {split!r} is empty")
     return int(correct) / seen

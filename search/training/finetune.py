@@ -15,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from search.data.dataset import Dataset
 from search.progress import NullReporter, Reporter
 from search.training.device import precision
 
-__all__ = ["FinetuneResult", "TrainSettings", "device_of", "recalibrate_batchnorm", "to_device", "train"]
+__all__ = ["FinetuneResult", "TrainSettings", "device_of", "on_device", "recalibrate_batchnorm", "to_device", "train"]
 
 
 @dataclass(frozen=True)
@@ -96,15 +97,13 @@ def recalibrate_batchnorm(
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the batches below
     model.train()
-    home = device_of(model)
-    model = model.to(device, memory_format=torch.channels_last)
-    stream = data.batches("train", batch_size, shuffle=True, augment=False, seed=seed)
-    try:
-        for x, _ in itertools.islice(stream, batches):
-            model(to_device(x, device))
-    finally:
-        stream.close()  # loader workers stop here, before anything is timed
-        model.to(home)
+    with on_device(device, model):
+        stream = data.batches("train", batch_size, shuffle=True, augment=False, seed=seed)
+        try:
+            for x, _ in itertools.islice(stream, batches):
+                model(to_device(x, device))
+        finally:
+            stream.close()  # loader workers stop here, before anything is timed
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
     model.eval()
@@ -114,6 +113,20 @@ def device_of(model: nn.Module) -> torch.device:
     """Where ``model``'s parameters are (it goes back there after a call on another device)."""
     first = next(iter(model.parameters()), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+@contextmanager
+def on_device(device: str | torch.device, *models: nn.Module | None) -> Iterator[None]:
+    """``models`` (None skipped) on ``device`` in channels_last for the block, then back where each was."""
+    moved = [m for m in models if m is not None]
+    homes = [device_of(m) for m in moved]
+    for m in moved:
+        m.to(device, memory_format=torch.channels_last)  # in place: nn.Module.to returns the module itself
+    try:
+        yield
+    finally:
+        for m, home in zip(moved, homes, strict=True):
+            m.to(home)
 
 
 def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
@@ -144,21 +157,13 @@ def train(
     if settings.steps == 0:
         return FinetuneResult(0, 0.0, 0.0, float("nan"))
     torch.manual_seed(settings.seed)
-    device = torch.device(settings.device)
-    home = device_of(model)
     model.train()
-    model = model.to(device, memory_format=torch.channels_last)
     if teacher is not None and settings.distill > 0:
         teacher.eval()
-        teacher = teacher.to(device, memory_format=torch.channels_last)
     else:
         teacher = None
-    try:
+    with on_device(settings.device, model, teacher):
         return _train(model, data, settings, teacher, reporter, description, steps_per_epoch, checkpoint, after_epoch)
-    finally:
-        model.to(home)
-        if teacher is not None:
-            teacher.to(home)
 
 
 def _train(
