@@ -18,7 +18,6 @@ Two layers:
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from search.measuring.onnx_export import export_onnx
 from search.measuring.quantize import QuantizeSettings, int8_latency_model
 from search.measuring.timing import Latency, LatencySettings, measure
 from search.progress import NullReporter, Reporter
-from search.pruning.channels import apply_policy
+from search.pruning.channels import prune_copy
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 
@@ -209,11 +208,9 @@ class CandidateMeter:
         """
         if self.space is None:
             raise ValueError("timing a policy needs the search space it was drawn from")
-        model = copy.deepcopy(self.baseline)
-        taylor = self.data.batches("train", 32, shuffle=True, augment=False, limit=64)
-        pruned = apply_policy(model, policy, self.space, self.data.example_input(), taylor_batches=taylor)
+        pruned = prune_copy(self.baseline, policy, self.space, self.data)
         return {
-            precision: {**self.time_model(model, precision).record, "arch_hash": pruned.arch_hash}
+            precision: {**self.time_model(pruned.model, precision).record, "arch_hash": pruned.arch_hash}
             for precision in precisions
         }
 

@@ -13,6 +13,7 @@ never touched.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ import statistics
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch_pruning as tp
@@ -32,6 +33,9 @@ from search.pruning.graph import build_graph
 from search.pruning.groups import GroupedUnit, grouped_convs, link_grouped, prune_whole_groups
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, StageSpace
+
+if TYPE_CHECKING:
+    from search.data.dataset import Dataset
 
 __all__ = [
     "PrunedModel",
@@ -54,6 +58,18 @@ class PrunedModel:
     """torch-pruning's pruning history (root layer, out-channels?, removed indices)."""
     removed: dict[str, int]
     """Channels removed per stage and kind, e.g. ``{"layer1.stream": 16}``."""
+
+
+TAYLOR_IMAGES = 64
+"""Training images whose gradients score channels for the ``taylor`` criterion."""
+
+
+def prune_copy(baseline: nn.Module, policy: Policy, space: SearchSpace, data: Dataset, *, seed: int = 0) -> PrunedModel:
+    """``policy`` applied to a copy of ``baseline`` (left as it is); Taylor scores come from
+    :data:`TAYLOR_IMAGES` training images drawn with ``seed``."""
+    model = copy.deepcopy(baseline)
+    taylor = data.batches("train", 32, shuffle=True, augment=False, seed=seed, limit=TAYLOR_IMAGES)
+    return apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
 
 
 def apply_policy(

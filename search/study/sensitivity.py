@@ -10,7 +10,6 @@ fine-tune, scored on the validation subset the trials use. The allocation itself
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from search.measuring.candidate import CandidateMeter
 from search.progress import Reporter
-from search.pruning.channels import apply_policy
+from search.pruning.channels import prune_copy
 from search.pruning.latency_aware import PROBE_LEVELS, Probe, SensitivityTable, stage_fractions, tunable_stages
 from search.pruning.space import SearchSpace
 from search.training.evaluate import top1
@@ -51,9 +50,7 @@ def measure_sensitivity(
         for name in stages:
             for level in levels:
                 policy = space.allocated(stage_fractions(space, {name: level}), criterion, "fp32")
-                model = copy.deepcopy(baseline).cpu()
-                taylor = data.batches("train", 32, shuffle=True, augment=False, limit=64)
-                apply_policy(model, policy, space, data.example_input(), taylor_batches=taylor)
+                model = prune_copy(baseline, policy, space, data).model
                 latency_ms = meter.time_model(model, "fp32").record["corrected_ms"]
                 recalibrate_batchnorm(model, data, batches=bn_batches, seed=0, device=device)
                 accuracy = top1(model, data, "val", limit=val_images, device=device)

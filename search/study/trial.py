@@ -6,7 +6,6 @@ the budget is recorded as infeasible without spending any training on it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from search.measuring.complexity import macs_and_params
 from search.measuring.quantize import QuantizeSettings, quantize_model
 from search.progress import NullReporter, Reporter
 from search.pruning.budget_fit import fit_to_budget
-from search.pruning.channels import apply_policy
+from search.pruning.channels import prune_copy
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.origin import LATENCY_AT_CREATION, is_enqueued
@@ -114,9 +113,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
 
     reporter.phase("prune channels")
     started = time.perf_counter()
-    model = copy.deepcopy(ctx.baseline)
-    taylor = ctx.data.batches("train", 32, shuffle=True, augment=False, seed=trial.number, limit=64)
-    pruned = apply_policy(model, policy, ctx.space, ctx.data.example_input(), taylor_batches=taylor)
+    pruned = prune_copy(ctx.baseline, policy, ctx.space, ctx.data, seed=trial.number)
     macs, params = macs_and_params(pruned.model, ctx.data.input_size)
     seconds["prune"] = time.perf_counter() - started
     trial.set_user_attr("channels", pruned.channels)
