@@ -26,7 +26,8 @@ def attach_artifacts(study: optuna.Study, number: int, out_dir: Path, store_dir:
     Optuna writes a trial's artifacts into the trial's own attributes, which a finished trial no
     longer takes; optuna-dashboard also lists, on a trial's page, the artifacts recorded on the
     study under the trial's id (:data:`DASHBOARD_TRIAL_ARTIFACTS`, what its own upload button
-    wrote), so the trial's copy is recorded there.
+    wrote), so the trial's copy is recorded there. Each record has its own stored copy (a card is a
+    few KB), so deleting one of them in the dashboard leaves the other whole.
     """
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 

@@ -46,6 +46,7 @@ def create_study(
     meter: CandidateMeter,
     settings: dict[str, Any],
     hardware: dict[str, Any],
+    train_device: dict[str, Any],
     reporter: Reporter,
 ) -> optuna.Study:
     """Create study ``config.study_name`` in ``storage`` with its recipes enqueued (sets ``meter.baseline_ms``).
@@ -73,7 +74,9 @@ def create_study(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["accuracy", "latency_ms"])
-    provenance = _provenance(config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware)
+    provenance = _provenance(
+        config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware, train_device
+    )
     for key, value in provenance.items():
         study.set_user_attr(key, value)
     study.set_user_attr("latency_measured_on", meter.timer.where)  # "local", or the latency target's URL
@@ -164,6 +167,7 @@ def _provenance(
     int8_check: Int8Check | None,
     settings: dict[str, Any],
     hardware: dict[str, Any],
+    train_device: dict[str, Any],
 ) -> dict[str, Any]:
     """What the study records about how it was made (user attributes, shown by the dashboard)."""
     return {
@@ -194,6 +198,8 @@ def _provenance(
         },
         "space": {"path": space.path, "text": space.text},
         "hardware": hardware,
+        "train_device": train_device,
+        "augmentation": data.transforms(),
         "versions": package_versions(),
         "git_revision": git_revision(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

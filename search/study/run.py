@@ -129,9 +129,9 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     created = False
     if study is None:
         try:
-            study = create_study(config, storage, data, space, baseline, meter, settings, hardware, reporter)
-            study.set_user_attr("train_device", train_device)
-            study.set_user_attr("augmentation", data.transforms())
+            study = create_study(
+                config, storage, data, space, baseline, meter, settings, hardware, train_device, reporter
+            )
             publish_baseline(storage, study, baseline)
             mark_ready(study, config.heartbeat_seconds or HEARTBEAT_SECONDS)
             created = True
@@ -147,7 +147,7 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
         check_same_device_kind(study, train_device, config)
         use_study_heartbeat(storage, study, config.heartbeat_seconds)
         reporter.info(f"Resuming study {config.study_name!r} ({study_progress(study).finished} trials so far)")
-    ctx, config = _trial_context(study, config, data, space, baseline, meter, hardware, reporter)
+    ctx, config = _trial_context(study, config, data, space, baseline, meter, hardware, train_device, reporter)
     ran, interrupted, stopped = _run_trials(study, ctx, config, reporter)
     return SearchResult(
         study=study,
@@ -177,6 +177,7 @@ def _trial_context(
     baseline: Baseline,
     meter: CandidateMeter,
     hardware: dict[str, Any],
+    train_device: dict[str, Any],
     reporter: Reporter,
 ) -> tuple[TrialContext, SearchConfig]:
     """What every trial of this run needs, under what the study decided (precisions, budget, reference)."""
@@ -198,7 +199,7 @@ def _trial_context(
         reporter=reporter,
         val_images=config.val_images,
         fit_budget=config.fit_budget,
-        train_device=device_record(torch.device(config.device)),
+        train_device=train_device,
     )
     return ctx, config
 
