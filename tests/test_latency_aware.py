@@ -13,9 +13,9 @@ from search.data.spec import DataSpec
 from search.progress import RecordingReporter
 from search.pruning.latency_aware import (
     PROBE_LEVELS,
+    Allocation,
     Probe,
     SensitivityTable,
-    allocate,
     allocation_path,
     path_policies,
 )
@@ -51,6 +51,11 @@ def _table() -> SensitivityTable:
         baseline_accuracy=0.9,
         stages={"early": probes(4.0, 0.01), "late": probes(2.0, 0.20), "head": probes(0.5, 0.0)},
     )
+
+
+def allocate(table: SensitivityTable, budget_ms: float) -> Allocation | None:
+    """The least pruned point of the path estimated to meet ``budget_ms`` (the study then bisects on measurement)."""
+    return next((a for a in allocation_path(table) if a.estimated_ms <= budget_ms), None)
 
 
 def test_allocation_meets_the_estimated_budget_and_takes_the_cheap_stages_first() -> None:

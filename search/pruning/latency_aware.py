@@ -29,7 +29,6 @@ __all__ = [
     "Allocation",
     "Probe",
     "SensitivityTable",
-    "allocate",
     "allocation_path",
     "path_policies",
     "stage_fractions",
@@ -175,11 +174,6 @@ def allocation_path(table: SensitivityTable, step: float = LEVEL_STEP) -> list[A
         saved = sum(grids[n][i][1] for n, i in current.items())
         drop = sum(grids[n][i][2] for n, i in current.items())
         path.append(Allocation(levels, table.baseline_ms - saved, drop))
-
-
-def allocate(table: SensitivityTable, budget_ms: float, step: float = LEVEL_STEP) -> Allocation | None:
-    """The least pruned point of :func:`allocation_path` estimated to meet ``budget_ms`` (None: none does)."""
-    return next((a for a in allocation_path(table, step) if a.estimated_ms <= budget_ms), None)
 
 
 def path_policies(
