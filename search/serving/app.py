@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from search.serving.images import BadImage, decode_image
+from search.serving.images import BadImage, Decoded, decode_image
 from search.serving.models import ServedModel
 from search.serving.schema import ErrorBody, Health, ModelInfo, Prediction
 from search.serving.upload import FIELD, image_bytes, read_capped
@@ -70,7 +70,6 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
     )
     slots = asyncio.Semaphore(limits.slots)
     baseline = next((m for m in models if m.role == "baseline"), None)
-    draft = max(m.preprocessing.native_size for m in models)
     started = time.time()
     page = {name: _asset(name) for name in ("page.html", "page.js", "page.css")}
     _errors(app)
@@ -110,23 +109,30 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
         body = await read_capped(request.headers.get("content-length"), request.stream(), limits.max_upload_bytes)
         data = image_bytes(request.headers.get("content-type", ""), body)
         async with slots:
-            return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels, draft)
+            return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels)
 
     return app
 
 
 def _answer(
-    data: bytes, k: int, models: list[ServedModel], baseline: ServedModel | None, max_pixels: int, draft: int
+    data: bytes, k: int, models: list[ServedModel], baseline: ServedModel | None, max_pixels: int
 ) -> Prediction:
-    """Decode, preprocess (once per distinct record) and run every model; the answers with top-k each."""
+    """Decode (once per native size), preprocess (once per distinct record) and run every model; the
+    answers with top-k each.
+
+    A JPEG decodes at a reduced scale no smaller than the model's native size, as training read
+    image folders, so each model sees the pixels it was trained on; models of one native size share a decode.
+    """
     started = time.perf_counter()
-    decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft)
+    decodes: dict[int, Decoded] = {}
     inputs: dict[Any, np.ndarray] = {}
     answers: list[dict[str, Any]] = []
     for model in models:
         pre = model.preprocessing
+        if pre.native_size not in decodes:
+            decodes[pre.native_size] = decode_image(data, max_pixels=max_pixels, draft_size=pre.native_size)
         if pre not in inputs:
-            inputs[pre] = pre(decoded.image)
+            inputs[pre] = pre(decodes[pre.native_size].image)
         logits, ms = model.logits(inputs[pre])
         answers.append({"model": model, "probabilities": _softmax(logits[0]), "inference_ms": ms})
     top1 = {a["model"].name: int(np.argmax(a["probabilities"])) for a in answers}
@@ -150,6 +156,7 @@ def _answer(
                 "agrees_with_baseline": agrees,
             }
         )
+    decoded = next(iter(decodes.values()))
     image = {
         "format": decoded.format,
         "width": decoded.width,

@@ -71,7 +71,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     fmt, mode = opened.format or "unknown", opened.mode
     try:
         if draft_size is not None and fmt == "JPEG":
-            opened.draft("RGB", (draft_size, draft_size))  # as training decoded image folders: fast, same pixels
+            opened.draft("RGB", (draft_size, draft_size))  # as image folders decode for training: fast
         opened.load()
         rotated = _orientation(opened) not in (None, 1)
         ImageOps.exif_transpose(opened, in_place=True)  # no copy of an image that needs no turn
