@@ -357,6 +357,7 @@ def run_track(bench: Bench, model: str, fraction: float) -> dict[str, Any]:
     result["search_seconds"] = search["seconds"]
     result["trials"] = len(study.trials)
     result["latency_aware_table_seconds"] = (study.user_attrs.get("latency_aware") or {}).get("seconds")
+    result["study_hardware"] = study.user_attrs.get("hardware")  # sessions may differ in CPU; the study says its own
     result["front"] = front_fraction(all_rows)
     best = recommended(all_rows)
     chosen: list[tuple[str, str, Row | None]] = [("searched", "recommendation after the search", best)]
@@ -429,6 +430,7 @@ def main() -> None:
         "mobilenet_baseline": bench.cache.get(f"baseline {MOBILENET} {plan.baseline_epochs:g} epochs"),
         "tracks": tracks,
         "seconds": time.perf_counter() - started,
+        "compute_minutes": compute_minutes(bench.cache),
         "computed": bench.computed,
         "reused": bench.reused,
         "date": time.strftime("%Y-%m-%d"),
@@ -444,12 +446,31 @@ def main() -> None:
     write_section(SECTION, render(result))
 
 
+def compute_minutes(cache: dict[str, Any]) -> dict[str, float]:
+    """What the cached pieces cost when they ran (over every run that made them), in minutes."""
+    spent = {"baseline": 0.0, "searches": 0.0, "random allocations": 0.0, "final fine-tunes": 0.0}
+    for key, value in cache.items():
+        kind = key.split(" ", 1)[0]
+        if kind == "baseline":
+            spent["baseline"] += value.get("seconds", 0.0)
+        elif kind == "search":
+            spent["searches"] += value.get("seconds", 0.0)
+        elif kind == "random":
+            spent["random allocations"] += value.get("seconds", 0.0)
+        elif kind == "export":
+            spent["final fine-tunes"] += value.get("finetune_seconds", 0.0)
+    return {k: round(v / 60, 1) for k, v in spent.items()}
+
+
 def render(result: dict[str, Any]) -> str:
     plan, hw, base = result["plan"], result["hardware"], result["mobilenet_baseline"] or {}
     lines = [
-        f"`python benchmarks/allocation.py` on {result['date']}, commit `{result['git_revision']}`, {hw.get('cpu')}, "
-        f"one ONNX Runtime thread, batch 1; whole run {result['seconds'] / 60:.0f} min "
-        f"({len(result['reused'])} cached results reused). MobileNetV2 (small inputs) baseline trained here: "
+        f"`python benchmarks/allocation.py` on {result['date']}, commit `{result['git_revision']}`, {cpu_label(hw)}, "
+        "one ONNX Runtime thread, batch 1 (the latencies in the tables; each search timed on the CPU it names); "
+        f"this run {result['seconds'] / 60:.0f} min "
+        f"({len(result['reused'])} results cached by earlier runs reused); the pieces took "
+        + ", ".join(f"{k} {v:.0f} min" for k, v in (result.get("compute_minutes") or {}).items())
+        + ". MobileNetV2 (small inputs) baseline trained here: "
         f"{plan['baseline_epochs']:g} epochs one-cycle, test top-1 {pct(base.get('test_top1', float('nan')))}% in "
         f"{base.get('seconds', 0) / 60:.0f} min. Every row exported with {plan['epochs']:g} epochs of fine-tuning "
         f"(distillation 0.5) per seed ({', '.join(map(str, plan['seeds']))}); top-1 on the test images, mean ± "
@@ -477,13 +498,70 @@ def render(result: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            f"Search {t['search_seconds'] / 60:.1f} min ({t['trials']} trials; latency-aware tables "
+            f"Search {t['search_seconds'] / 60:.1f} min on {cpu_label(t.get('study_hardware') or {})} "
+            f"({t['trials']} trials; latency-aware tables "
             f"{t['latency_aware_table_seconds'] or 0:.0f} s). Front: the best classical recipe's brief accuracy "
             f"({front.get('classical')}) first reached at "
             + (f"**{reached:.2f}** of its latency ({front.get('reached_by')})." if reached else "no lower latency."),
             "",
+            *verdict(t),
+            "",
         ]
     return "\n".join(lines)
+
+
+TARGET_GAIN = {(MOBILENET, 0.25): 0.015, (MOBILENET, 0.5): 0.005}
+"""Issue #17: how much the recommendation must beat the best of uniform, global and random by (top-1)."""
+TARGET_FRONT = 0.8
+"""Issue #17: the front reaches the best classical recipe's accuracy at this fraction of its latency or less."""
+
+
+def verdict(track: dict[str, Any]) -> list[str]:
+    """The issue's targets for this track, met or missed, from the rows' means and seed spreads."""
+    by_kind = {r["kind"]: r for r in track["rows"] if "mean" in r}
+    searched = by_kind.get("searched")
+    if searched is None:
+        return ["Target: no recommendation within the budget to judge."]
+    key = (track["model"], track["fraction"])
+    kinds = ("uniform", "global", "random") if key in TARGET_GAIN else ("uniform", "global", "latency-aware", "random")
+    others = [by_kind[k] for k in kinds if k in by_kind]
+    if not others:
+        return ["Target: no other recipe within the budget to compare with."]
+    best = max(others, key=lambda r: r["mean"])
+    gain, spread = searched["mean"] - best["mean"], max(searched["spread"], best["spread"])
+    out = []
+    if key in TARGET_GAIN:
+        need = TARGET_GAIN[key]
+        met = gain >= need and gain > spread
+        out.append(
+            f"Target (recommendation at least {100 * need:g} pp above the best of {', '.join(kinds)}, and by more "
+            f"than the seed spread): {'**met**' if met else '**missed**'}: {100 * gain:+.2f} pp against "
+            f"{best['row']}, spread {100 * spread:.2f} pp."
+        )
+    else:
+        met = gain >= -spread
+        out.append(
+            f"Target (recommendation not worse than the best recipe by more than the spread): "
+            f"{'**met**' if met else '**missed**'}: {100 * gain:+.2f} pp against {best['row']}, "
+            f"spread {100 * spread:.2f} pp."
+        )
+    if track["model"] == MOBILENET:
+        reached = (track.get("front") or {}).get("fraction")
+        ok = reached is not None and reached <= TARGET_FRONT
+        shown = f"{reached:.2f}" if reached is not None else "never"
+        out.append(
+            f"Target (front reaches the best classical recipe's accuracy at {TARGET_FRONT:.0%} of its latency or "
+            f"less): {'**met**' if ok else '**missed**'} ({shown})."
+        )
+    return out
+
+
+def cpu_label(hw: dict[str, Any]) -> str:
+    """The CPU and the features that decide its speeds, e.g. "AMD EPYC (AVX-512, VNNI, BF16)"."""
+    flags = set(hw.get("cpu_flags") or ())
+    named = [("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "BF16")]
+    features = [label for flag, label in named if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    return f"{hw.get('cpu', 'unknown CPU')} ({', '.join(features) or 'no AVX2'})"
 
 
 def pct(v: float) -> str:
