@@ -123,14 +123,14 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(
     config: SearchConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = trial_module.apply_policy
+    real = trial_module.prune_copy
 
-    def flaky(model, policy, *args, **kwargs):
+    def flaky(baseline, policy, *args, **kwargs):
         if policy.stages["layer1"].stream == 0.35:
             raise RuntimeError("simulated crash in channel pruning")
-        return real(model, policy, *args, **kwargs)
+        return real(baseline, policy, *args, **kwargs)
 
-    monkeypatch.setattr(trial_module, "apply_policy", flaky)
+    monkeypatch.setattr(trial_module, "prune_copy", flaky)
     reporter = RecordingReporter()
     study = run_search(replace(config, trials=5, precisions=("fp32",)), reporter).study
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
