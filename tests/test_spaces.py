@@ -128,3 +128,22 @@ def test_start_up_samples_near_the_budget_use_most_of_it_and_vary_the_anchor() -
         assert policy != anchor and "random" not in {s.criterion for s in policy.stages.values()}
     assert found == near_budget(space, [anchor], 0.5, ratio_of, seed=1), "reproducible from the seed"
     assert near_budget(space, [], 0.5, ratio_of, seed=1) == []
+
+
+def test_a_recommendation_at_the_top_of_most_ranges_asks_to_widen_the_space() -> None:
+    from types import SimpleNamespace
+
+    from search.cli.pareto import limits_hint
+
+    space = load_space(default_space_path("mobilenet_v2_cifar"))
+    study = SimpleNamespace(user_attrs={"space": {"path": space.path, "text": space.text}})
+    fastest = space.fastest_policies()[0]
+    pinned, tunable = space.at_upper_limits(fastest)
+    assert tunable == 12 and len(pinned) == 12  # c16 and head prune only their inner channels
+    hint = limits_hint(study, fastest)
+    assert hint is not None and "12 of its 12 ranges" in hint and "c24.stream" in hint and space.path in hint
+
+    halfway = space.uniform(0.3)
+    assert space.at_upper_limits(halfway) == ([], 12)
+    assert limits_hint(study, halfway) is None
+    assert limits_hint(SimpleNamespace(user_attrs={}), fastest) is None  # a study from before spaces were stored

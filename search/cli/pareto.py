@@ -16,10 +16,11 @@ from rich.markup import escape
 from search.cli.console import front_table
 from search.cli.options import add_study_options, study_of
 from search.cli.plot import plot_front
+from search.pruning.space import parse_space
 from search.study.front import pareto_front, recommended, rows
 from search.study.storage import masked
 
-__all__ = ["HELP", "add_arguments", "print_front", "run"]
+__all__ = ["HELP", "add_arguments", "limits_hint", "print_front", "run"]
 
 HELP = "show a study's Pareto front as a table (or JSON) and write its plot"
 
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     "baseline_latency_ms": study.user_attrs["baseline_latency_ms"],
                     "baseline_accuracy": study.user_attrs["baseline_accuracy"],
                     "recommended": best.number if best else None,
+                    "recommended_at_space_limits": _pinned(study, best.policy)[0] if best else [],
                     "front": [r.to_dict() for r in pareto_front(all_rows)],
                     "recipes": [r.to_dict() for r in all_rows if r.recipe],
                 }
@@ -85,6 +87,9 @@ def print_front(
             f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%} at {best.latency_ms:.2f} ms "
             f"({best.ratio:.0%} of the baseline): {best.policy.describe()}"
         )
+        hint = limits_hint(study, best.policy)
+        if hint:
+            console.print(f"[yellow]{escape(hint)}[/]")
     plot = plot_front(
         all_rows,
         budget,
@@ -98,3 +103,25 @@ def print_front(
         where += [] if studies_dir == Path("studies") else ["--studies-dir", str(studies_dir)]
         command = " ".join(["python cli.py export --study", shlex.quote(name), "--best", *map(shlex.quote, where)])
         console.print(f"Export the recommended model: [bold]{escape(command)}[/]")
+
+
+def _pinned(study: object, policy: object) -> tuple[list[str], int]:
+    """The ranges of the study's space whose top ``policy`` sits at, and the number of tunable ranges."""
+    stored = getattr(study, "user_attrs", {}).get("space")
+    if not isinstance(stored, dict) or not stored.get("text"):
+        return [], 0  # a study from before the space was stored on it
+    space = parse_space(stored["text"], str(stored.get("path", "the study's space")))
+    return space.at_upper_limits(policy)  # type: ignore[arg-type]
+
+
+def limits_hint(study: object, policy: object) -> str | None:
+    """A line telling the user to widen the space, when ``policy`` is at the top of half its ranges or more."""
+    pinned, tunable = _pinned(study, policy)
+    if not tunable or 2 * len(pinned) < tunable:
+        return None
+    path = str(getattr(study, "user_attrs", {})["space"].get("path", "the space file"))
+    return (
+        f"The recommendation is at the top of {len(pinned)} of its {tunable} ranges ({', '.join(pinned)}): "
+        f"this budget needs about as much pruning as the space allows, so the search had little left to "
+        f"allocate. Widen those ranges in a copy of {path} and search again with --space COPY."
+    )

@@ -204,6 +204,24 @@ class SearchSpace:
         }
         return [Policy(stages=stages, round_to=r, precision=self.default_precision) for r in self.round_to]
 
+    def at_upper_limits(self, policy: Policy) -> tuple[list[str], int]:
+        """The tunable ranges ``policy`` sits at the top of (``c24.stream``, ...), and how many there are.
+
+        A recommendation at the top of most of its ranges says the budget needs more pruning
+        than the space allows there: the search had little left to allocate.
+        """
+        pinned, tunable = [], 0
+        for stage in self.stages:
+            chosen = policy.stages.get(stage.name)
+            for part in ("stream", "inner"):
+                rng: RatioRange = getattr(stage, part)
+                if rng.fixed:
+                    continue
+                tunable += 1
+                if chosen is not None and getattr(chosen, part) >= rng.high - 1e-9:
+                    pinned.append(f"{stage.name}.{part}")
+        return pinned, tunable
+
     def _snap(self, rng: RatioRange, ratio: float) -> float:
         if rng.fixed:
             return rng.low
