@@ -425,7 +425,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1, help="final fine-tune epochs of every row")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--random", type=int, default=8, help="random allocations per budget")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the section from benchmarks/allocation.json"
+    )
     args = parser.parse_args()
+    if args.render:
+        result = json.loads((ROOT / "benchmarks" / "allocation.json").read_text())
+        write_section(SECTION, render(result, plot_tracks(result["tracks"])))
+        return
     if not DATA.is_dir() or not RESNET_WEIGHTS.is_file():
         sys.exit(f"error: this benchmark needs {DATA} and {RESNET_WEIGHTS} (the shared CIFAR-10 material); not found")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -454,7 +461,59 @@ def main() -> None:
         print(json.dumps(result, indent=1, default=str))
         return
     (ROOT / "benchmarks" / "allocation.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    write_section(SECTION, render(result))
+    write_section(SECTION, render(result, plot_tracks(result["tracks"])))
+
+
+KIND_STYLE = {
+    "searched": ("tab:red", "o"),
+    "latency-aware": ("tab:purple", "D"),
+    "random": ("tab:gray", "v"),
+    "uniform": ("tab:blue", "s"),
+    "global": ("tab:green", "^"),
+    "baseline": ("black", "*"),
+}
+
+
+def plot_tracks(tracks: list[dict[str, Any]]) -> list[Path]:
+    """One PNG per track: each row's test top-1 (mean, bar from min to max over seeds) at its measured latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for t in tracks:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        shown = [r for r in t["rows"] if "mean" in r and "latency_fraction" in r and r["kind"] != "baseline"]
+        for r in shown:
+            color, marker = KIND_STYLE.get(r["kind"], ("tab:orange", "x"))
+            low, high = 100 * min(r["top1"]), 100 * max(r["top1"])
+            mean = 100 * r["mean"]
+            ax.errorbar(
+                [r["latency_fraction"]],
+                [mean],
+                yerr=[[mean - low], [high - mean]],
+                fmt=marker,
+                color=color,
+                capsize=4,
+                markersize=8,
+                label=r["kind"],
+            )
+        ax.axvline(t["fraction"], color="tab:red", linestyle="--", linewidth=1, label="budget")
+        base = next((r for r in t["rows"] if r["kind"] == "baseline" and "mean" in r), None)
+        unpruned = f"; unpruned, same fine-tune: {100 * base['mean']:.2f}%" if base else ""
+        ax.set_xlabel("latency, fraction of the unpruned baseline timed beside it")
+        ax.set_ylabel("test top-1 % (mean; bar: min to max over seeds)")
+        ax.set_title(f"{t['model']} at {100 * t['fraction']:g}% of the baseline's latency{unpruned}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        path = ROOT / "benchmarks" / "allocation" / f"{t['study']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def compute_minutes(cache: dict[str, Any], tracks: list[dict[str, Any]]) -> dict[str, float]:
@@ -473,7 +532,7 @@ def compute_minutes(cache: dict[str, Any], tracks: list[dict[str, Any]]) -> dict
     return {k: round(v / 60, 1) for k, v in spent.items()}
 
 
-def render(result: dict[str, Any]) -> str:
+def render(result: dict[str, Any], plots: list[Path]) -> str:
     plan, hw, base = result["plan"], result["hardware"], result["mobilenet_baseline"] or {}
     lines = [
         f"`python benchmarks/allocation.py` on {result['date']}, commit `{result['git_revision']}`, {cpu_label(hw)}, "
@@ -489,6 +548,10 @@ def render(result: dict[str, Any]) -> str:
         f"{plan['trial_batch']}, --fit-budget, {plan['val_images']} val images.",
         "",
     ]
+    ran = {(t["model"], t["fraction"]) for t in result["tracks"]}
+    missing = [f"{model} at {100 * f:g}%" for model, f in ISSUE_TRACKS if (model, f) not in ran]
+    if missing:
+        lines += [f"Not in this run: {', '.join(missing)} (a track of the issue; the default arguments run it).", ""]
     for t in result["tracks"]:
         front = t["front"] or {}
         reached = front.get("fraction")
@@ -518,9 +581,14 @@ def render(result: dict[str, Any]) -> str:
             *verdict(t),
             "",
         ]
+        plot = next((p for p in plots if p.stem == t["study"]), None)
+        if plot is not None:
+            lines += [f"![{t['study']}]({plot.relative_to(ROOT).as_posix()})", ""]
     return "\n".join(lines)
 
 
+ISSUE_TRACKS = ((MOBILENET, 0.5), (MOBILENET, 0.25), (RESNET, 0.25))
+"""Issue #17's tracks: the model and the budget as a fraction of its latency."""
 TARGET_GAIN = {(MOBILENET, 0.25): 0.015, (MOBILENET, 0.5): 0.005}
 """Issue #17: how much the recommendation must beat the best of uniform, global and random by (top-1)."""
 TARGET_FRONT = 0.8
