@@ -702,6 +702,13 @@ def render(result: dict[str, Any], plots: list[Path]) -> str:
             *verdict(t),
             "",
         ]
+        tau = brief_fidelity(t)
+        if tau is not None:
+            lines += [
+                f"Brief accuracy (the search's {plan['trial_steps']} steps) against final top-1 over the "
+                f"{tau[1]} pruned rows: Kendall τ {tau[0]:+.2f} (1: the same order; 0: none).",
+                "",
+            ]
         plot = next((p for p in plots if p.stem == t["study"]), None)
         if plot is not None:
             lines += [f"![{t['study']}]({plot.relative_to(ROOT).as_posix()})", ""]
@@ -754,6 +761,20 @@ def verdict(track: dict[str, Any]) -> list[str]:
             f"less): {'**met**' if ok else '**missed**'} ({shown})."
         )
     return out
+
+
+def brief_fidelity(track: dict[str, Any]) -> tuple[float, int] | None:
+    """Kendall's tau between the pruned rows' brief accuracy and their final top-1 (distinct models once)."""
+    models = {r["onnx"]: (r["brief_val"], r["mean"]) for r in track["rows"] if r.get("brief_val") is not None}
+    pairs = list(models.values())
+    agree = disagree = 0
+    for i, (brief_a, final_a) in enumerate(pairs):
+        for brief_b, final_b in pairs[i + 1 :]:
+            sign = (brief_a - brief_b) * (final_a - final_b)
+            agree, disagree = agree + (sign > 0), disagree + (sign < 0)
+    if agree + disagree == 0:
+        return None
+    return (agree - disagree) / (agree + disagree), len(pairs)
 
 
 def cpu_label(hw: dict[str, Any]) -> str:
