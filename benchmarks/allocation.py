@@ -736,7 +736,12 @@ def verdict(track: dict[str, Any]) -> list[str]:
         return ["Target: no other recipe within the budget to compare with."]
     best = max(others, key=lambda r: r["mean"])
     gain, spread = searched["mean"] - best["mean"], max(searched["spread"], best["spread"])
-    out = []
+    deltas = [
+        f"{kind} {100 * (searched['mean'] - by_kind[kind]['mean']):+.2f}"
+        for kind in ("uniform", "global", "latency-aware", "random")
+        if kind in by_kind and by_kind[kind]["onnx"] != searched["onnx"]
+    ]
+    out = [f"Recommendation minus each row (pp of test top-1): {', '.join(deltas)}."] if deltas else []
     if key in TARGET_GAIN:
         need = TARGET_GAIN[key]
         met = gain >= need and gain > spread
