@@ -123,5 +123,6 @@ def limits_hint(study: object, policy: object) -> str | None:
     return (
         f"The recommendation is at the top of {len(pinned)} of its {tunable} ranges ({', '.join(pinned)}): "
         f"this budget needs about as much pruning as the space allows, so the search had little left to "
-        f"allocate. Widen those ranges in a copy of {path} and search again with --space COPY."
+        f"allocate. To give it room, raise those ranges in a copy of {path} and search again with --space COPY "
+        f"(or loosen the budget)."
     )
