@@ -368,6 +368,32 @@ def front_fraction(all_rows: list[Row]) -> dict[str, Any] | None:
     }
 
 
+def study_summary(study: optuna.Study, all_rows: list[Row]) -> dict[str, Any]:
+    """What a track reports of its study: budget, baseline, search time, trials, hardware and front."""
+    return {
+        "budget_ms": float(study.user_attrs["budget_ms"]),
+        "study_baseline_ms": float(study.user_attrs["baseline_latency_ms"]),
+        "search_seconds": study_seconds(study),
+        "trials": len(study.trials),
+        "latency_aware_table_seconds": (study.user_attrs.get("latency_aware") or {}).get("seconds"),
+        "study_hardware": study.user_attrs.get("hardware"),  # sessions may differ in CPU; the study says its own
+        "front": front_fraction(all_rows),
+    }
+
+
+def trial_row(bench: Bench, study: str, label: str, kind: str, trial: Row) -> dict[str, Any]:
+    """A pruned trial exported once per seed, as a table row with its brief accuracy and study latency."""
+    runs = [bench.export(study, trial.number, seed) for seed in bench.plan.seeds]
+    return row(
+        label,
+        runs,
+        kind=kind,
+        brief_val=trial.accuracy,
+        study_fraction=trial.ratio,
+        policy=trial.policy.describe(),
+    )
+
+
 def run_track(bench: Bench, model: str, fraction: float) -> dict[str, Any]:
     plan = bench.plan
     bench.search(model, fraction)
@@ -375,13 +401,7 @@ def run_track(bench: Bench, model: str, fraction: float) -> dict[str, Any]:
     study = bench.study(name)
     all_rows = rows(study)
     result: dict[str, Any] = {"model": model, "fraction": fraction, "study": name, "rows": []}
-    result["budget_ms"] = float(study.user_attrs["budget_ms"])
-    result["study_baseline_ms"] = float(study.user_attrs["baseline_latency_ms"])
-    result["search_seconds"] = study_seconds(study)
-    result["trials"] = len(study.trials)
-    result["latency_aware_table_seconds"] = (study.user_attrs.get("latency_aware") or {}).get("seconds")
-    result["study_hardware"] = study.user_attrs.get("hardware")  # sessions may differ in CPU; the study says its own
-    result["front"] = front_fraction(all_rows)
+    result.update(study_summary(study, all_rows))
     best = recommended(all_rows)
     chosen: list[tuple[str, str, Row | None]] = [("searched", "recommendation after the search", best)]
     for kind, prefix in (("uniform", "uniform"), ("global", "global"), ("latency-aware", "latency-aware")):
@@ -393,33 +413,13 @@ def run_track(bench: Bench, model: str, fraction: float) -> dict[str, Any]:
         if r is None:
             result["rows"].append({"row": f"{label}: none within the budget", "kind": kind})
             continue
-        runs = [bench.export(name, r.number, seed) for seed in plan.seeds]
-        result["rows"].append(
-            row(
-                f"{label} (trial {r.number})",
-                runs,
-                kind=kind,
-                brief_val=r.accuracy,
-                study_fraction=r.ratio,
-                policy=r.policy.describe(),
-            )
-        )
+        result["rows"].append(trial_row(bench, name, f"{label} (trial {r.number})", kind, r))
     random_name = bench.random_study(model, fraction)
     random_rows = [r for r in rows(bench.study(random_name)) if r.feasible and r.accuracy is not None]
     if random_rows:
         pick = max(random_rows, key=lambda r: r.accuracy or 0.0)
-        runs = [bench.export(random_name, pick.number, seed) for seed in plan.seeds]
         label = f"best of {len(random_rows)} random allocations by brief accuracy ({pick.recipe})"
-        result["rows"].append(
-            row(
-                label,
-                runs,
-                kind="random",
-                brief_val=pick.accuracy,
-                study_fraction=pick.ratio,
-                policy=pick.policy.describe(),
-            )
-        )
+        result["rows"].append(trial_row(bench, random_name, label, "random", pick))
     unpruned = next(r for r in all_rows if r.policy.is_unpruned and r.recipe == "unpruned")
     runs = [bench.export(name, unpruned.number, seed, unpruned=True) for seed in plan.seeds]
     result["rows"].append(
@@ -437,13 +437,7 @@ def run_wide_track(bench: Bench, fraction: float, shipped: dict[str, Any]) -> di
     all_rows = rows(study)
     result: dict[str, Any] = {"model": MOBILENET, "fraction": fraction, "study": name, "variant": "wide"}
     result["space"] = WIDE_SPACE.relative_to(ROOT).as_posix()
-    result["budget_ms"] = float(study.user_attrs["budget_ms"])
-    result["study_baseline_ms"] = float(study.user_attrs["baseline_latency_ms"])
-    result["search_seconds"] = study_seconds(study)
-    result["trials"] = len(study.trials)
-    result["latency_aware_table_seconds"] = (study.user_attrs.get("latency_aware") or {}).get("seconds")
-    result["study_hardware"] = study.user_attrs.get("hardware")
-    result["front"] = front_fraction(all_rows)
+    result.update(study_summary(study, all_rows))
     best = recommended(all_rows)
     aware = next((r for r in all_rows if r.recipe and r.recipe.startswith("latency-aware")), None)
     result["rows"] = []
@@ -451,18 +445,8 @@ def run_wide_track(bench: Bench, fraction: float, shipped: dict[str, Any]) -> di
         if r is None:
             result["rows"].append({"row": f"{label or kind}: none within the budget", "kind": kind})
             continue
-        runs = [bench.export(name, r.number, seed) for seed in bench.plan.seeds]
         label = label or f"{r.recipe}, widened space"
-        result["rows"].append(
-            row(
-                f"{label} (trial {r.number})",
-                runs,
-                kind=kind,
-                brief_val=r.accuracy,
-                study_fraction=r.ratio,
-                policy=r.policy.describe(),
-            )
-        )
+        result["rows"].append(trial_row(bench, name, f"{label} (trial {r.number})", kind, r))
     for r in shipped["rows"]:  # the same models as in the shipped-space track (their latencies timed once)
         if r["kind"] in ("uniform", "global", "random", "baseline") and "mean" in r:
             result["rows"].append({**r, "row": f"{r['row']}, shipped space"})

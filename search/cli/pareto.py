@@ -16,7 +16,8 @@ from rich.markup import escape
 from search.cli.console import front_table
 from search.cli.options import add_study_options, study_of
 from search.cli.plot import plot_front
-from search.pruning.space import parse_space
+from search.pruning.policy import Policy
+from search.pruning.space import SearchSpace, parse_space
 from search.study.front import pareto_front, recommended, rows
 from search.study.storage import masked
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     "baseline_latency_ms": study.user_attrs["baseline_latency_ms"],
                     "baseline_accuracy": study.user_attrs["baseline_accuracy"],
                     "recommended": best.number if best else None,
-                    "recommended_at_space_limits": _pinned(study, best.policy)[0] if best else [],
+                    "recommended_at_space_limits": _pinned(study, best.policy) if best else [],
                     "front": [r.to_dict() for r in pareto_front(all_rows)],
                     "recipes": [r.to_dict() for r in all_rows if r.recipe],
                 }
@@ -105,24 +106,30 @@ def print_front(
         console.print(f"Export the recommended model: [bold]{escape(command)}[/]")
 
 
-def _pinned(study: object, policy: object) -> tuple[list[str], int]:
-    """The ranges of the study's space whose top ``policy`` sits at, and the number of tunable ranges."""
+def _stored_space(study: object) -> SearchSpace | None:
+    """The space a study searched, from the text stored on it (None for a study from before that)."""
     stored = getattr(study, "user_attrs", {}).get("space")
     if not isinstance(stored, dict) or not stored.get("text"):
-        return [], 0  # a study from before the space was stored on it
-    space = parse_space(stored["text"], str(stored.get("path", "the study's space")))
-    return space.at_upper_limits(policy)  # type: ignore[arg-type]
+        return None
+    return parse_space(stored["text"], str(stored.get("path", "the study's space")))
 
 
-def limits_hint(study: object, policy: object) -> str | None:
+def _pinned(study: object, policy: Policy) -> list[str]:
+    space = _stored_space(study)
+    return space.at_upper_limits(policy)[0] if space else []
+
+
+def limits_hint(study: object, policy: Policy) -> str | None:
     """A line telling the user to widen the space, when ``policy`` is at the top of half its ranges or more."""
-    pinned, tunable = _pinned(study, policy)
+    space = _stored_space(study)
+    if space is None:
+        return None
+    pinned, tunable = space.at_upper_limits(policy)
     if not tunable or 2 * len(pinned) < tunable:
         return None
-    path = str(getattr(study, "user_attrs", {})["space"].get("path", "the space file"))
     return (
         f"The recommendation is at the top of {len(pinned)} of its {tunable} ranges ({', '.join(pinned)}): "
         f"this budget needs about as much pruning as the space allows, so the search had little left to "
-        f"allocate. To give it room, raise those ranges in a copy of {path} and search again with --space COPY "
+        f"allocate. To give it room, raise those ranges in a copy of {space.path} and search again with --space COPY "
         f"(or loosen the budget)."
     )
