@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
+from scipy.stats import kendalltau  # noqa: E402
 
 from benchmarks.sections import write_section  # noqa: E402
 from search.cli.console import RichReporter  # noqa: E402
@@ -755,15 +756,10 @@ def verdict(track: dict[str, Any]) -> list[str]:
 def brief_fidelity(track: dict[str, Any]) -> tuple[float, int] | None:
     """Kendall's tau between the pruned rows' brief accuracy and their final top-1 (distinct models once)."""
     models = {r["onnx"]: (r["brief_val"], r["mean"]) for r in track["rows"] if r.get("brief_val") is not None}
-    pairs = list(models.values())
-    agree = disagree = 0
-    for i, (brief_a, final_a) in enumerate(pairs):
-        for brief_b, final_b in pairs[i + 1 :]:
-            sign = (brief_a - brief_b) * (final_a - final_b)
-            agree, disagree = agree + (sign > 0), disagree + (sign < 0)
-    if agree + disagree == 0:
+    if len(models) < 2:
         return None
-    return (agree - disagree) / (agree + disagree), len(pairs)
+    brief, final = zip(*models.values(), strict=True)
+    return float(kendalltau(brief, final).statistic), len(models)
 
 
 def cpu_label(hw: dict[str, Any]) -> str:
