@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.sections import write_section  # noqa: E402
 from search.data.loading import load_dataset  # noqa: E402
 from search.data.spec import DataSpec  # noqa: E402
+from search.latency_service.client import RemoteTimer  # noqa: E402
 from search.measuring.candidate import LocalTimer  # noqa: E402
 from search.measuring.hardware import fingerprint, git_revision  # noqa: E402
 from search.measuring.onnx_export import export_onnx  # noqa: E402
@@ -47,7 +48,6 @@ from search.models.build import build_model  # noqa: E402
 from search.pruning.channels import apply_policy  # noqa: E402
 from search.pruning.space import SPACES_DIR, load_space  # noqa: E402
 from search.study.front import pareto_front, rows  # noqa: E402
-from search.target.client import RemoteTimer  # noqa: E402
 from search.training.baseline import prepare_baseline  # noqa: E402
 
 SECTION = "Latency target"
@@ -61,7 +61,7 @@ def log(message: str) -> None:
 
 
 def start_target(token_file: Path, cpu: int) -> tuple[subprocess.Popen[str], str]:
-    command = ["taskset", "-c", str(cpu), sys.executable, "-m", "search.target", "--port", "0"]
+    command = ["taskset", "-c", str(cpu), sys.executable, "-m", "search.latency_service", "--port", "0"]
     process = subprocess.Popen(
         [*command, "--token-file", str(token_file)], cwd=ROOT, stdout=subprocess.PIPE, text=True, bufsize=1
     )
@@ -152,7 +152,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"`python benchmarks/target.py`, {result['date']}, git {str(result['git_revision'])[:10]}; "
         f"{result['hardware']['cpu']}, {result['hardware']['logical_cpus']} logical CPUs. The target is a "
-        "`python -m search.target` process on loopback, pinned to CPU 1 (`taskset`), timing with 1 thread "
+        "`python -m search.latency_service` process on loopback, pinned to CPU 1 (`taskset`), timing with 1 thread "
         "exactly as the search does; so this measures the service's cost and agreement, not a second device.",
         "",
         f"### Per candidate: timing through the target against timing here ({o['input_size']}x{o['input_size']} "

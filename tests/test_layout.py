@@ -14,7 +14,7 @@ ORDER = [
     "pruning",
     "measuring",
     "training",
-    "target",
+    "latency_service",
     "study",
     "shipping",
     "serving",

@@ -23,6 +23,7 @@ import optuna
 import pytest
 
 from search.errors import UsageError
+from search.latency_service.client import RemoteTimer
 from search.measuring.candidate import LocalTimer
 from search.measuring.hardware import fingerprint
 from search.measuring.onnx_export import export_onnx
@@ -30,7 +31,6 @@ from search.measuring.timing import LatencySettings
 from search.models.build import build_model
 from search.pruning.channels import apply_policy
 from search.pruning.space import SPACES_DIR, load_space
-from search.target.client import RemoteTimer
 from tests.conftest import ROOT, run_cli
 
 ABSENT_ON_A_BOARD = ("torch", "torchvision", "torch_pruning", "optuna", "rich", "onnx", "sklearn", "matplotlib")
@@ -39,7 +39,7 @@ TIMED = re.compile(r" timed .* start=(?P<start>[\d.]+) end=(?P<end>[\d.]+)")
 
 @dataclass
 class Target:
-    """A ``python -m search.target`` process and everything it printed."""
+    """A ``python -m search.latency_service`` process and everything it printed."""
 
     url: str
     token_file: Path
@@ -155,7 +155,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     tmp = tmp_path_factory.mktemp("target")
     token_file = tmp / "token"
     env = _no_torch_env(tmp)
-    service = [sys.executable, "-m", "search.target", "--token-file", str(token_file)]
+    service = [sys.executable, "-m", "search.latency_service", "--token-file", str(token_file)]
     reason = _netns_unavailable()
     if reason is None:
         with Namespace() as ns:
@@ -171,9 +171,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 
 def start_loopback_target(tmp_path: Path) -> Target:
-    """A ``python -m search.target`` process on loopback (no torch importable), its token in ``tmp_path``."""
+    """A ``python -m search.latency_service`` process on loopback (no torch importable), its token in ``tmp_path``."""
     token_file = tmp_path / "token"
-    argv = [sys.executable, "-m", "search.target", "--token-file", str(token_file), "--port", "0"]
+    argv = [sys.executable, "-m", "search.latency_service", "--token-file", str(token_file), "--port", "0"]
     return _start(argv, _no_torch_env(tmp_path), token_file)
 
 
@@ -446,7 +446,7 @@ def test_the_target_serves_https_with_a_certificate(tmp_path: Path) -> None:
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     token_file = tmp_path / "token"
-    argv = [sys.executable, "-m", "search.target", "--token-file", str(token_file), "--port", "0",
+    argv = [sys.executable, "-m", "search.latency_service", "--token-file", str(token_file), "--port", "0",
             "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
     served = _start(argv, _no_torch_env(tmp_path), token_file)
     try:

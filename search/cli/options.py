@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from search.errors import UsageError
 
 if TYPE_CHECKING:
-    from search.target.client import RemoteTimer
+    from search.latency_service.client import RemoteTimer
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -185,7 +185,7 @@ def target_timer(args: argparse.Namespace) -> RemoteTimer | None:
     """The latency target ``--target`` names, connected (its fingerprint read), or None without ``--target``."""
     import os
 
-    from search.target.client import RemoteTimer
+    from search.latency_service.client import RemoteTimer
 
     if not args.target:
         if args.target_token_file:

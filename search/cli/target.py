@@ -1,7 +1,7 @@
-"""``cli.py target``: time ONNX models for searches on other machines (see :mod:`search.target.service`).
+"""``cli.py target``: time ONNX models for searches on other machines (see :mod:`search.latency_service.service`).
 
 On a device without this tool's other dependencies (no PyTorch, no optuna, no rich), run the
-same service as ``python -m search.target``.
+same service as ``python -m search.latency_service``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 
 from rich.console import Console
 
-from search.target.service import add_arguments
+from search.latency_service.service import add_arguments
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -18,6 +18,6 @@ HELP = "serve latency measurements on this device to searches on other machines 
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from search.target.service import serve
+    from search.latency_service.service import serve
 
     return serve(args)

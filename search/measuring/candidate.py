@@ -8,7 +8,7 @@ Two layers:
 
 * a :class:`Timer` times ONNX models, one against a reference, on one machine. :class:`LocalTimer`
   does it here with :func:`search.measuring.timing.measure`;
-  :class:`search.target.client.RemoteTimer` does it on the device that will run the model,
+  :class:`search.latency_service.client.RemoteTimer` does it on the device that will run the model,
   through ``cli.py target`` there.
 * a :class:`CandidateMeter` is what everything else calls: study creation (the baseline, the INT8
   check, the fastest policy, the recipes), budget fitting, trials, export and ``bench``. It owns the

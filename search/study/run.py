@@ -22,6 +22,7 @@ from torch import nn
 from search.data.dataset import Dataset
 from search.data.loading import load_dataset
 from search.errors import UsageError
+from search.latency_service.client import TargetLost
 from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
 from search.measuring.preflight import check_searchable
 from search.measuring.timing import LatencySettings
@@ -54,7 +55,6 @@ from search.study.settings import (
 )
 from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
 from search.study.trial import TrialContext, run_trial
-from search.target.client import TargetLost
 from search.training.baseline import Baseline, prepare_baseline
 from search.training.device import device_record, loader_plan, precision, resolve
 
@@ -81,7 +81,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     """Create or resume the study ``config`` names and run trials until it has enough.
 
     ``timer`` times every candidate (default: ONNX Runtime here, ``config.threads`` threads); a
-    :class:`search.target.client.RemoteTimer` times them on the device that will run the model.
+    :class:`search.latency_service.client.RemoteTimer` times them on the device that will run the model.
     The study's hardware fingerprint is the timer's.
     """
     reporter = reporter or NullReporter()

@@ -7,7 +7,7 @@ the ratio to the reference and the device's hardware fingerprint. One model is t
 (a lock is the queue), so workers that share a target never overlap on it.
 
 It needs only onnxruntime and numpy: it imports no torch, so it runs on a board where PyTorch is
-not installed (``python -m search.target``).
+not installed (``python -m search.latency_service``).
 
 The protocol (every request carries ``Authorization: Bearer TOKEN``; errors are JSON
 ``{"error": ...}`` with a 4xx status, and the service keeps serving):
@@ -37,10 +37,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from search.latency_service.onnx_check import ModelRejected, check_self_contained
+from search.latency_service.protocol import SHA256, Refused, check_shape, timing_request
 from search.measuring.hardware import fingerprint, fingerprint_id
 from search.measuring.timing import LatencySettings, measure, open_session
-from search.target.onnx_check import ModelRejected, check_self_contained
-from search.target.protocol import SHA256, Refused, check_shape, timing_request
 
 __all__ = ["DEFAULT_PORT", "DEFAULT_TOKEN_FILE", "Target", "add_arguments", "load_or_create_token", "serve"]
 
@@ -58,7 +58,7 @@ DISCARD_BYTES = 16 * 1024**2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The service's options (shared by ``cli.py target`` and ``python -m search.target``)."""
+    """The service's options (shared by ``cli.py target`` and ``python -m search.latency_service``)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks one)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")

@@ -51,7 +51,7 @@ def check_target_url(url: str) -> str:
 
 
 class RemoteTimer:
-    """Times ONNX models on a latency target over HTTP (see :mod:`search.target.service`)."""
+    """Times ONNX models on a latency target over HTTP (see :mod:`search.latency_service.service`)."""
 
     def __init__(
         self,
