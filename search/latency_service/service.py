@@ -18,6 +18,13 @@ The protocol (every request carries ``Authorization: Bearer TOKEN``; errors are 
   input, loadable by ONNX Runtime. Kept in memory by hash (least recently used dropped first).
 * ``POST /v1/time``: ``{"model": SHA256, "reference": SHA256 or null, "input_shape": [1, 3, H, W]}``;
   404 with ``"missing"`` names models to upload first.
+
+Bounds (README, "Time on the target device"): the token is checked on the headers, before a
+body is read or ``100 Continue`` sent; headers must arrive within ``--request-timeout-s`` and a
+body within that plus 1 s per MiB; at most :data:`~search.latency_service.connections.MAX_CONNECTIONS`
+connections at once, more queued; models are loaded and timed in a child process
+(:mod:`search.latency_service.timing_process`) limited to ``--max-memory-mb`` and killed past
+``--max-timing-s`` for a whole timing, warm-up included.
 """
 
 from __future__ import annotations
@@ -25,27 +32,40 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import io
 import json
-import os
-import secrets
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from search.latency_service.connections import (
+    LISTEN_BACKLOG,
+    MAX_CONNECTIONS,
+    QUEUE_WAIT_S,
+    BoundedServer,
+    DeadlineReader,
+    linger,
+)
+from search.latency_service.model_store import ModelStore
 from search.latency_service.onnx_check import ModelRejected, check_self_contained
+from search.latency_service.options import (
+    BODY_BYTES_PER_S,
+    DEFAULT_PORT,
+    DEFAULT_TOKEN_FILE,
+    add_arguments,
+    load_or_create_token,
+)
 from search.latency_service.protocol import SHA256, Refused, check_shape, timing_request
+from search.latency_service.timing_process import TimingFailed, TimingProcess
 from search.measuring.hardware import fingerprint, fingerprint_id
-from search.measuring.timing import LatencySettings, measure, open_session
+from search.measuring.timing import LatencySettings
 
 __all__ = ["DEFAULT_PORT", "DEFAULT_TOKEN_FILE", "Target", "add_arguments", "load_or_create_token", "serve"]
 
-DEFAULT_PORT = 8765
-DEFAULT_TOKEN_FILE = "~/.config/prune-search/target.token"
 API = "/v1"
 MAX_JSON_BYTES = 64 * 1024
 """A timing request is a few numbers and two hashes."""
@@ -53,73 +73,20 @@ MAX_WAITING = 32
 """Timing requests allowed to wait for the device at once; more get 503."""
 MAX_UPLOADS = 2
 """Uploads read at once (each up to the upload limit in memory); more get 503."""
-DISCARD_BYTES = 16 * 1024**2
-"""A refused request's body up to this size is read and dropped, so its client can read the answer."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The service's options (shared by ``cli.py target`` and ``python -m search.latency_service``)."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks one)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
-    parser.add_argument(
-        "--token-file",
-        default=DEFAULT_TOKEN_FILE,
-        help="file holding the token clients must send; created with a new random token (mode 0600) "
-        f"when missing (default: {DEFAULT_TOKEN_FILE})",
-    )
-    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest model accepted, in MB (default: 512)")
-    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM); needs --tls-key")
-    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
-
-
-def load_or_create_token(path: str | Path) -> tuple[str, bool]:
-    """The token in ``path``, or a new random one written there (mode 0600); and whether it was created."""
-    file = Path(path).expanduser()
-    if file.exists():
-        token = file.read_text().strip()
-        if len(token) < 16:
-            raise ValueError(f"token file {file} holds no token of at least 16 characters; delete it to make one")
-        return token, False
-    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(token + "\n")
-    return token, True
-
-
-class _Models:
-    """Uploaded models by SHA-256, the least recently used dropped past ``capacity`` bytes."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._models: OrderedDict[str, tuple[bytes, list[int | str]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, sha: str) -> tuple[bytes, list[int | str]] | None:
-        with self._lock:
-            found = self._models.get(sha)
-            if found is not None:
-                self._models.move_to_end(sha)
-            return found
-
-    def put(self, sha: str, data: bytes, input_shape: list[int | str]) -> None:
-        with self._lock:
-            self._models[sha] = (data, input_shape)
-            self._models.move_to_end(sha)
-            while sum(len(d) for d, _ in self._models.values()) > self._capacity and len(self._models) > 1:
-                self._models.popitem(last=False)
 
 
 class Target:
     """What the handlers share: the token, the models, the one lock the device is timed under."""
 
-    def __init__(self, token: str, threads: int, max_upload_bytes: int) -> None:
+    def __init__(self, token: str, args: argparse.Namespace) -> None:
+        threads, max_upload_bytes = args.threads, int(args.max_upload_mb * 1024**2)
         self.token = token.encode()
         self.settings = LatencySettings(threads=threads)
         self.max_upload_bytes = max_upload_bytes
-        self.models = _Models(capacity=max(4 * max_upload_bytes, 256 * 1024**2))
+        self.request_timeout_s = float(args.request_timeout_s)
+        self.timing = TimingProcess(threads, args.max_memory_mb, args.max_timing_s)
+        """Where models are loaded and timed (used under ``device``)."""
+        self.models = ModelStore(capacity=max(4 * max_upload_bytes, 256 * 1024**2))
         self.device = threading.Lock()
         self.waiting = threading.BoundedSemaphore(MAX_WAITING)
         self.uploads = threading.BoundedSemaphore(MAX_UPLOADS)
@@ -135,12 +102,46 @@ class Target:
     def log(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}", flush=True)
 
+    def limits(self) -> dict[str, Any]:
+        return {
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_memory_mb": self.timing.max_memory_mb,
+            "max_timing_s": self.timing.max_seconds,
+            "request_timeout_s": self.request_timeout_s,
+            "body_bytes_per_s": BODY_BYTES_PER_S,
+            "max_connections": MAX_CONNECTIONS,
+            "listen_backlog": LISTEN_BACKLOG,
+            "queue_wait_s": QUEUE_WAIT_S,
+            "max_waiting_timings": MAX_WAITING,
+        }
+
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "prune-search-target/1"
     protocol_version = "HTTP/1.1"
-    timeout = 120  # a client that stops sending does not hold a thread for ever
     target: Target  # set on the class made for each server
+
+    def setup(self) -> None:
+        self.timeout = self.target.request_timeout_s
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()  # here, in this connection's thread, under its timeout
+        self._reader = DeadlineReader(self.connection, self.target.request_timeout_s)
+        self.rfile = io.BufferedReader(self._reader, 65536)
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = time.monotonic() + self.target.request_timeout_s  # the request line and headers
+        self._body_read = False
+        super().handle_one_request()
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` is answered only once the token is checked (else 401, and no body is read)."""
+        try:
+            self._authenticate()
+        except Refused as refused:
+            self._refuse(refused)
+            return False
+        return super().handle_expect_100()
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -154,9 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle({}, prefix=(f"{API}/models/", self._upload))
 
     def _handle(self, routes: dict[str, Any], prefix: tuple[str, Any] | None = None) -> None:
-        self._body_read = False
         try:
-            self._authenticate()
+            self._authenticate()  # on the headers alone: nothing of the body is read before
             path = self.path.split("?", 1)[0]
             if path in routes:
                 status, body = routes[path]()
@@ -165,20 +165,29 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise Refused(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.command} {path}")
         except Refused as refused:
-            self._discard_body()
-            self.close_connection = True  # never take an unread body for the next request
-            status, body = refused.status, {"error": str(refused), **refused.extra}
-            self.target.log(f"refused {status.value} {self.command} {self.path[:80]}: {refused}")
+            self._refuse(refused)
+            return
         except Exception as exc:  # a fault of the service's own: say so and keep serving
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"}
             self.target.log(f"error {self.command} {self.path[:80]}: {type(exc).__name__}: {exc}")
         self._reply(status, body)
 
+    def _refuse(self, refused: Refused) -> None:
+        """Answer ``refused`` and close; a body not read is dropped for a moment so its client sees the answer."""
+        self.close_connection = True  # never take an unread body for the next request
+        self.target.log(f"refused {refused.status.value} {self.command} {self.path[:80]}: {refused}")
+        self._reply(refused.status, {"error": str(refused), **refused.extra})
+        if not self._body_read and (self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding")):
+            linger(self.connection)
+
     def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
+        self.connection.settimeout(self.target.request_timeout_s)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            self.send_header("Retry-After", "1")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -186,17 +195,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # every request that matters is logged by the handlers, in one plain line
-
-    def _discard_body(self) -> None:
-        """Read and drop a refused request's body when it is small, so a client still sending it sees the answer."""
-        if self._body_read:
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return
-        if 0 < length <= DISCARD_BYTES:
-            self.rfile.read(length)
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -226,7 +224,16 @@ class _Handler(BaseHTTPRequestHandler):
                 limit=limit,
             )
         self._body_read = True
-        data = self.rfile.read(length)
+        self._reader.deadline = time.monotonic() + self.target.request_timeout_s + length / BODY_BYTES_PER_S
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise Refused(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the body of {length} bytes did not arrive within {self.target.request_timeout_s:g} s plus 1 s per "
+                "MiB; send it faster",
+            ) from None
         if len(data) != length:
             raise Refused(HTTPStatus.BAD_REQUEST, f"the body ended after {len(data)} of {length} bytes")
         return data
@@ -243,6 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             "threads": t.settings.threads,
             "waiting": t.queued,
             "max_upload_bytes": t.max_upload_bytes,
+            "limits": t.limits(),
         }
 
     def _upload(self, sha: str) -> tuple[HTTPStatus, dict[str, Any]]:
@@ -265,13 +273,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
         with t.device:  # loading a model is CPU work: never while another is timed
             try:
-                inputs = open_session(data, 1).get_inputs()
-            except Exception as exc:  # onnxruntime raises its own types for models it cannot load
-                reason = str(exc).splitlines()[0][:300]
-                raise Refused(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load the model: {reason}") from None
+                inputs = t.timing.inspect(data)
+            except TimingFailed as exc:
+                if exc.kind == "model":
+                    raise Refused(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load the model: {exc}") from None
+                raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, f"model {sha[:12]} was not loaded: {exc}") from None
         if len(inputs) != 1:
             raise Refused(HTTPStatus.BAD_REQUEST, f"the model has {len(inputs)} inputs; a CNN takes one image tensor")
-        shape = [d if isinstance(d, int) else str(d) for d in inputs[0].shape]
+        shape = inputs[0]
         t.models.put(sha, data, shape)
         t.log(f"stored model={sha[:12]} bytes={len(data)} input={shape}")
         return HTTPStatus.CREATED, {"sha256": sha, "input_shape": shape}
@@ -298,7 +307,13 @@ class _Handler(BaseHTTPRequestHandler):
                 t.count_waiting(-1)
                 queued_s = time.monotonic() - asked
                 start = time.time()
-                latency = measure(model, tuple(shape), t.settings, reference=reference)
+                try:
+                    latency = t.timing.time(model, shape, reference)
+                except TimingFailed as exc:
+                    end = time.time()
+                    t.log(f"stopped model={model_sha[:12]} input={shape} start={start:.6f} end={end:.6f}: {exc.kind}")
+                    which = f"model {model_sha[:12]}" + (f" (with reference {reference_sha[:12]})" if reference else "")
+                    raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, f"{which} was not timed: {exc}") from None
                 end = time.time()
         finally:
             t.waiting.release()
@@ -334,6 +349,9 @@ def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> 
     if args.threads < 1 or args.max_upload_mb <= 0 or not 0 <= args.port <= 65535:
         print("error: --threads must be >= 1, --max-upload-mb > 0 and --port 0..65535", flush=True)
         return 2
+    if args.max_memory_mb < 512 or args.max_timing_s <= 0 or args.request_timeout_s <= 0:
+        print("error: --max-memory-mb must be >= 512, --max-timing-s and --request-timeout-s > 0", flush=True)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", flush=True)
         return 2
@@ -342,14 +360,13 @@ def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> 
     except (OSError, ValueError) as exc:
         print(f"error: cannot use token file {args.token_file}: {exc}", flush=True)
         return 2
-    target = Target(token, args.threads, int(args.max_upload_mb * 1024**2))
+    target = Target(token, args)
     handler = type("Handler", (_Handler,), {"target": target})
     try:
-        server = ThreadingHTTPServer((args.host, args.port), handler)
+        server = BoundedServer((args.host, args.port), handler, target.log)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", flush=True)
         return 2
-    server.daemon_threads = True
     scheme = "http"
     if args.tls_cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -358,7 +375,8 @@ def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> 
         except (OSError, ssl.SSLError) as exc:
             print(f"error: cannot load --tls-cert/--tls-key: {exc}", flush=True)
             return 2
-        server.socket = context.wrap_socket(server.socket, server_side=True)
+        # the handshake happens in each connection's thread, under its timeout, not in the accepting one
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         scheme = "https"
     host, port = server.server_address[:2]
     how = "created with a new token" if created else "existing"
@@ -371,6 +389,19 @@ def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> 
     print(
         f"token file: {Path(args.token_file).expanduser()} ({how}); clients pass it as --target-token-file", flush=True
     )
+    limits = target.limits()
+    print(
+        f"limits: {limits['max_memory_mb']} MiB and {limits['max_timing_s']:g} s per timing, uploads "
+        f"{limits['max_upload_bytes'] // 1024**2} MiB, requests {limits['request_timeout_s']:g} s (+1 s per MiB "
+        f"of body), {MAX_CONNECTIONS} connections at once and {LISTEN_BACKLOG} queued",
+        flush=True,
+    )
+    try:
+        target.timing.start()
+    except RuntimeError as exc:
+        print(f"error: {exc}", flush=True)
+        server.server_close()
+        return 2
     if ready is not None:
         ready.set()
     try:
@@ -379,4 +410,5 @@ def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> 
         print("stopped", flush=True)
     finally:
         server.server_close()
+        target.timing.stop()
     return 0

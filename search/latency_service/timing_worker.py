@@ -1,0 +1,104 @@
+"""The latency target's timing process: ONNX Runtime runs here, under a memory limit, killed past a deadline.
+
+``python -m search.latency_service.timing_worker --threads T --max-memory-mb M`` is started by
+:class:`search.latency_service.timing_process.TimingProcess`. It limits its own address space to
+``M`` MiB (``RLIMIT_AS``) before importing ONNX Runtime, so a model whose tensors need more fails
+to allocate here, and the service, in another process, answers with a 4xx and keeps serving.
+It reads requests from stdin and answers on stdout, one frame each: a 4-byte big-endian length,
+a JSON header, then the blobs (model bytes) whose sizes the header lists.
+
+* ``{"op": "inspect"}`` + one model: ``{"ok": true, "inputs": [[dims...], ...]}`` (loads it as an upload is checked).
+* ``{"op": "time", "shape": [...]}`` + the model and, optionally, the reference:
+  ``{"ok": true, "latency": {...}}`` from :func:`search.measuring.timing.measure`, the same timing
+  as the search's (interleaved with the reference in this one process).
+* A failure: ``{"ok": false, "kind": "memory" | "model", "error": "one line"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+from dataclasses import asdict
+from typing import Any, BinaryIO
+
+__all__ = ["read_frame", "write_frame"]
+
+_LENGTH = struct.Struct(">I")
+_MEMORY_WORDS = ("allocate memory", "bad_alloc", "out of memory", "cannot allocate")
+
+
+def write_frame(out: BinaryIO, header: dict[str, Any], blobs: tuple[bytes, ...] = ()) -> None:
+    """One frame: the JSON header (with the blobs' sizes) and the blobs after it."""
+    data = json.dumps({**header, "sizes": [len(b) for b in blobs]}).encode()
+    out.write(_LENGTH.pack(len(data)) + data)
+    for blob in blobs:
+        out.write(blob)
+    out.flush()
+
+
+def read_frame(source: BinaryIO) -> tuple[dict[str, Any], list[bytes]] | None:
+    """The next frame from ``source``, or None at its end."""
+    prefix = source.read(_LENGTH.size)
+    if len(prefix) < _LENGTH.size:
+        return None
+    header = json.loads(source.read(_LENGTH.unpack(prefix)[0]))
+    blobs = [source.read(size) for size in header.pop("sizes", [])]
+    return header, blobs
+
+
+def _limit_memory(megabytes: int) -> None:
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: the deadline still holds
+        return
+    limit = megabytes * 1024**2
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _answer(header: dict[str, Any], blobs: list[bytes], threads: int) -> dict[str, Any]:
+    from search.measuring.timing import LatencySettings, measure, open_session
+
+    try:
+        if header["op"] == "inspect":
+            inputs = open_session(blobs[0], 1).get_inputs()
+            return {"ok": True, "inputs": [[d if isinstance(d, int) else str(d) for d in i.shape] for i in inputs]}
+        reference = blobs[1] if len(blobs) > 1 else None
+        latency = measure(blobs[0], tuple(header["shape"]), LatencySettings(threads=threads), reference=reference)
+        return {"ok": True, "latency": asdict(latency)}
+    except MemoryError:
+        return {"ok": False, "kind": "memory", "error": "out of memory"}
+    except Exception as exc:  # onnxruntime raises its own types for models it cannot load or run
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:300] if text else type(exc).__name__
+        memory = any(word in text.lower() for word in _MEMORY_WORDS)
+        if memory:  # ONNX Runtime's message ends with what it could not allocate
+            reason = text[text.lower().find("failed to allocate") :] if "failed to allocate" in text.lower() else reason
+            reason = reason.splitlines()[0][:300]
+        return {"ok": False, "kind": "memory" if memory else "model", "error": reason}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m search.latency_service.timing_worker")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--max-memory-mb", type=int, required=True)
+    args = parser.parse_args(argv)
+    _limit_memory(args.max_memory_mb)
+    replies = os.fdopen(os.dup(1), "wb")
+    requests = sys.stdin.buffer
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)  # failures are answered (one line in the service's log), not also printed here
+    os.dup2(quiet, 2)
+    write_frame(replies, {"ok": True, "ready": True})
+    while (frame := read_frame(requests)) is not None:
+        write_frame(replies, _answer(*frame, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
