@@ -277,3 +277,16 @@ def test_the_client_names_the_bound_a_model_goes_over(bounded: Target) -> None:
 
     with pytest.raises(UsageError, match=r"422.*--max-timing-s"):
         RemoteTimer(bounded.url, bounded.token).time(conv_model(512, 64, in_channels=64, kernel=3), (1, 64, 512, 512))
+
+
+def test_oversized_headers_are_refused_in_json(plain: Target) -> None:
+    many = "".join(f"X-{i}: {i}\r\n" for i in range(101))
+    for head, status in (
+        (f"GET /v1/info HTTP/1.1\r\n{many}\r\n", b"431"),
+        (f"GET /{'a' * 70000} HTTP/1.1\r\n\r\n", b"414"),
+    ):
+        with _raw(plain, head, timeout=10) as sock:
+            answer = _answer(sock)
+        assert answer.startswith(b"HTTP/1.1 " + status) and b"application/json" in answer, answer[:200]
+        assert "error" in json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    _serving(plain)

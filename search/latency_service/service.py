@@ -84,8 +84,7 @@ class Target:
         self.settings = LatencySettings(threads=threads)
         self.max_upload_bytes = max_upload_bytes
         self.request_timeout_s = float(args.request_timeout_s)
-        self.timing = TimingProcess(threads, args.max_memory_mb, args.max_timing_s)
-        """Where models are loaded and timed (used under ``device``)."""
+        self.timing = TimingProcess(threads, args.max_memory_mb, args.max_timing_s)  # used under ``device``
         self.models = ModelStore(capacity=max(4 * max_upload_bytes, 256 * 1024**2))
         self.device = threading.Lock()
         self.waiting = threading.BoundedSemaphore(MAX_WAITING)
@@ -192,6 +191,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a bad request line, too many or too long headers), as JSON too."""
+        self.close_connection = True
+        status = HTTPStatus(code)
+        self.target.log(f"refused {code} from {self.client_address[0]}: {message or status.phrase}")
+        self._reply(status, {"error": f"{message or status.phrase}" + (f" ({explain})" if explain else "")})
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # every request that matters is logged by the handlers, in one plain line
