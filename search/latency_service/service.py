@@ -306,6 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
             check_shape(shape, reference_shape, "the reference")
         if not t.waiting.acquire(blocking=False):
             raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {MAX_WAITING} timings are waiting; retry shortly")
+        ref = f" reference={reference_sha[:12]}" if reference_sha else ""
         try:
             asked = time.monotonic()
             t.count_waiting(+1)
@@ -313,17 +314,16 @@ class _Handler(BaseHTTPRequestHandler):
                 t.count_waiting(-1)
                 queued_s = time.monotonic() - asked
                 start = time.time()
+                ref_named = (reference_sha, reference) if reference_sha and reference else None
                 try:
-                    latency = t.timing.time(model, shape, reference)
+                    latency = t.timing.time(shape, (model_sha, model), ref_named)
                 except TimingFailed as exc:
-                    end = time.time()
-                    t.log(f"stopped model={model_sha[:12]} input={shape} start={start:.6f} end={end:.6f}: {exc.kind}")
-                    which = f"model {model_sha[:12]}" + (f" (with reference {reference_sha[:12]})" if reference else "")
-                    raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, f"{which} was not timed: {exc}") from None
+                    t.log(f"not timed model={model_sha[:12]}{ref} input={shape}: {exc.kind}")
+                    why = f"model {model_sha[:12]} was not timed: {exc}"
+                    raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, why) from None
                 end = time.time()
         finally:
             t.waiting.release()
-        ref = f" reference={reference_sha[:12]}" if reference_sha else ""
         t.log(
             f"timed model={model_sha[:12]}{ref} input={shape} start={start:.6f} end={end:.6f} "
             f"median_ms={latency.median_ms:.4f} runs={latency.runs}"

@@ -57,6 +57,8 @@ class TimingProcess:
         self.max_memory_mb = max_memory_mb
         self.max_seconds = max_seconds
         self._child: subprocess.Popen[bytes] | None = None
+        self._held: set[str] = set()
+        """The models the child keeps from its last timing (not sent again)."""
 
     def start(self) -> None:
         """Start the child (if none runs) and wait until it has imported ONNX Runtime."""
@@ -65,6 +67,7 @@ class TimingProcess:
         argv = [sys.executable, "-m", "search.latency_service.timing_worker"]
         argv += ["--threads", str(self.threads), "--max-memory-mb", str(self.max_memory_mb)]
         self._child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._held = set()
         try:
             ready = self._read(time.monotonic() + STARTUP_S)
         except (_Late, EOFError) as exc:
@@ -89,9 +92,16 @@ class TimingProcess:
         """The model's input shapes, as ONNX Runtime loads it."""
         return self._call({"op": "inspect"}, (model,))["inputs"]
 
-    def time(self, model: bytes, shape: list[int], reference: bytes | None) -> Latency:
-        blobs = (model,) if reference is None else (model, reference)
-        return Latency(**self._call({"op": "time", "shape": shape}, blobs)["latency"])
+    def time(self, shape: list[int], model: tuple[str, bytes], reference: tuple[str, bytes] | None) -> Latency:
+        """``model`` (and ``reference``), each as (SHA-256, bytes), timed on inputs of ``shape``."""
+        self.start()
+        named = [model] if reference is None else [model, reference]
+        sent = [(sha, data) for sha, data in named if sha not in self._held]
+        header = {"op": "time", "shape": shape, "models": [model[0], reference[0] if reference else None]}
+        self._held = set()  # until the child answers
+        answer = self._call({**header, "sent": [sha for sha, _ in sent]}, tuple(data for _, data in sent))
+        self._held = {sha for sha, _ in named}
+        return Latency(**answer["latency"])
 
     def _call(self, header: dict[str, Any], blobs: tuple[bytes, ...]) -> dict[str, Any]:
         self.start()
@@ -120,6 +130,7 @@ class TimingProcess:
             ) from None
         if answer.get("ok"):
             return answer
+        self._held = set()  # send them again next time, whatever the child kept
         if answer.get("kind") == "memory":
             raise TimingFailed(
                 "memory",

@@ -8,9 +8,11 @@ It reads requests from stdin and answers on stdout, one frame each: a 4-byte big
 a JSON header, then the blobs (model bytes) whose sizes the header lists.
 
 * ``{"op": "inspect"}`` + one model: ``{"ok": true, "inputs": [[dims...], ...]}`` (loads it as an upload is checked).
-* ``{"op": "time", "shape": [...]}`` + the model and, optionally, the reference:
-  ``{"ok": true, "latency": {...}}`` from :func:`search.measuring.timing.measure`, the same timing
-  as the search's (interleaved with the reference in this one process).
+* ``{"op": "time", "shape": [...], "models": [SHA256, SHA256 or null], "sent": [SHA256, ...]}`` + the
+  blobs of the models named in ``sent`` (the others are the ones of the previous timing, kept here,
+  so the reference goes over the pipe once): ``{"ok": true, "latency": {...}}`` from
+  :func:`search.measuring.timing.measure`, the same timing as the search's (interleaved with the
+  reference in this one process).
 * A failure: ``{"ok": false, "kind": "memory" | "model", "error": "one line"}``.
 """
 
@@ -58,15 +60,21 @@ def _limit_memory(megabytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _answer(header: dict[str, Any], blobs: list[bytes], threads: int) -> dict[str, Any]:
+def _answer(header: dict[str, Any], blobs: list[bytes], threads: int, held: dict[str, bytes]) -> dict[str, Any]:
     from search.measuring.timing import LatencySettings, measure, open_session
 
     try:
         if header["op"] == "inspect":
             inputs = open_session(blobs[0], 1).get_inputs()
             return {"ok": True, "inputs": [[d if isinstance(d, int) else str(d) for d in i.shape] for i in inputs]}
-        reference = blobs[1] if len(blobs) > 1 else None
-        latency = measure(blobs[0], tuple(header["shape"]), LatencySettings(threads=threads), reference=reference)
+        known = {**held, **dict(zip(header["sent"], blobs, strict=True))}
+        model_sha, reference_sha = header["models"]
+        wanted = {sha: known[sha] for sha in (model_sha, reference_sha) if sha is not None}
+        held.clear()
+        held.update(wanted)
+        reference = held[reference_sha] if reference_sha is not None else None
+        settings = LatencySettings(threads=threads)
+        latency = measure(held[model_sha], tuple(header["shape"]), settings, reference=reference)
         return {"ok": True, "latency": asdict(latency)}
     except MemoryError:
         return {"ok": False, "kind": "memory", "error": "out of memory"}
@@ -95,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(quiet, 1)  # failures are answered (one line in the service's log), not also printed here
     os.dup2(quiet, 2)
     write_frame(replies, {"ok": True, "ready": True})
+    held: dict[str, bytes] = {}  # the models of the last timing, by SHA-256
     while (frame := read_frame(requests)) is not None:
-        write_frame(replies, _answer(*frame, args.threads))
+        write_frame(replies, _answer(*frame, args.threads, held))
     return 0
 
 
