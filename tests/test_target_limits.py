@@ -177,6 +177,15 @@ def test_an_upload_without_the_token_is_refused_before_its_body(plain: Target) -
         answer = _answer(sock)
     assert answer.startswith(b"HTTP/1.1 401"), f"no 100 Continue for a wrong token: {answer[:80]!r}"
     assert b'"error"' in answer
+    sha = hashlib.sha256(SMALL).hexdigest()
+    valid = f"PUT /v1/models/{sha} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {plain.token}\r\n"
+    with _raw(plain, valid + f"Content-Length: {len(SMALL)}\r\nExpect: 100-continue\r\n\r\n", timeout=10) as sock:
+        assert sock.recv(25).startswith(b"HTTP/1.1 100 Continue"), "the right token is invited to send its body"
+        sock.sendall(SMALL)
+        got = b""
+        while b"input_shape" not in got and (chunk := sock.recv(4096)):
+            got += chunk
+        assert got.lstrip().startswith(b"HTTP/1.1 201"), got
 
     # 300 uploads with a wrong token, their bodies never sent: each is answered 401 at once.
     started = time.monotonic()
