@@ -102,12 +102,13 @@ def print_front(
         )
     secret = has_secret(url)
     env = f"{PASSWORD_ENV}=... " if secret else ""  # libpq reads the password from there when the URL has none
-    console.print(f"Inspect the study: [bold]{escape(env)}optuna-dashboard {escape(without_secrets(url))}[/]")
+    dashboard = f"{env}optuna-dashboard {without_secrets(url)}"
+    console.print(f"Inspect the study: [bold]{escape(dashboard)}[/]", soft_wrap=True)  # one line, to paste
     if best is not None:
         where = [] if url == f"sqlite:///{studies_dir / name}.db" else ["--storage", without_secrets(url)]
         where += [] if studies_dir == Path("studies") else ["--studies-dir", str(studies_dir)]
         command = " ".join(["python cli.py export --study", shlex.quote(name), "--best", *map(shlex.quote, where)])
-        console.print(f"Export the recommended model: [bold]{escape(env + command)}[/]")
+        console.print(f"Export the recommended model: [bold]{escape(env + command)}[/]", soft_wrap=True)
         if secret:
             console.print(
                 f"(the URL's password is left out: set {PASSWORD_ENV} to it, or keep it in ~/.pgpass, "

@@ -96,7 +96,7 @@ def without_secrets(url: str) -> str:
     except Exception:
         return _mask_query(re.sub(r"(//[^/:@]*):[^/@]*@", r"\1@", url), None)
     if parsed.password is not None:
-        url = parsed.set(password=None).render_as_string(hide_password=False)
+        url = parsed._replace(password=None).render_as_string(hide_password=False)  # set() keeps a None
     return _mask_query(url, None)
 
 
