@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -154,6 +157,63 @@ def test_a_storage_password_never_appears_in_a_message(tmp_path: Path) -> None:
         assert "s3cret-pw" not in result.stdout + result.stderr
 
 
+def test_a_password_given_as_a_query_parameter_is_masked_too() -> None:
+    from search.study.config import SearchConfig
+    from search.study.urls import masked_command
+
+    url = "postgresql+psycopg2://prune@127.0.0.1:9/prune?sslmode=disable&password=s3cret-pw"
+    show = ["show", "--trial", "0", "--study", "x", f"--storage={url}"]
+    for args in (["pareto", "--study", "x", "--storage", url], show):
+        result = run_main(*args)
+        assert_usage_error(result, "password=***")
+        assert "s3cret-pw" not in result.stdout + result.stderr
+    assert "s3cret-pw" not in json.dumps(SearchConfig(budget_ms=1.0, storage=url).to_dict()), "nor on the study"
+    recorded = masked_command(["export", "--storage", url, f"--storage={url}", "--target", "http://u:s3cret-pw@h/"])
+    assert "s3cret-pw" not in " ".join(recorded) and recorded[0] == "export" and recorded[1] == "--storage"
+
+
+def test_postgresql_without_a_driver_opens_with_the_installed_psycopg2() -> None:
+    """SQLAlchemy 2.1 maps postgresql:// to psycopg (3); the postgres extra installs psycopg2."""
+    result = run_main("pareto", "--study", "x", "--storage", "postgresql://prune:pw@127.0.0.1:9/prune")
+    assert_usage_error(result, "127.0.0.1")
+    assert "psycopg2.OperationalError" in result.stderr and "Connection refused" in result.stderr
+    assert "Failed to import" not in result.stderr and "install" not in result.stderr
+
+
+@pytest.mark.slow
+def test_pareto_that_cannot_write_its_plot_still_answers_and_says_so(tiny_study: dict[str, str]) -> None:
+    result = run_main("pareto", "--study", "cli-tiny", "--studies-dir", tiny_study["studies"], "--plot",
+                      "/proc/nodir/p.png")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Pareto front of study 'cli-tiny'" in result.stdout and "Recommended: trial" in result.stdout
+    assert "The plot could not be written to /proc/nodir/p.png" in result.stdout
+    assert "Export the recommended model:" in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_show_of_a_retried_trial_names_the_trial_it_retried(tiny_study: dict[str, str], tmp_path: Path) -> None:
+    shutil.copy(Path(tiny_study["studies"]) / "cli-tiny.db", tmp_path / "cli-tiny.db")
+    url = f"sqlite:///{tmp_path}/cli-tiny.db"
+    study = optuna.load_study(study_name="cli-tiny", storage=url)
+    first = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.number > 0)
+    for attrs, system in (({"retry_of": first.number}, {}), ({}, {"failed_trial": 0, "retry_history": [0]})):
+        study.add_trial(  # as a Ctrl-C (user attribute) or a silent worker's (system attributes) retry finishes
+            optuna.trial.create_trial(
+                values=first.values, params=first.params, distributions=first.distributions,
+                user_attrs={**first.user_attrs, **attrs}, system_attrs=system,
+            )
+        )  # fmt: skip
+    numbers = [t.number for t in study.trials][-2:]
+    for number, retried in zip(numbers, (first.number, 0), strict=True):
+        shown = run_main("show", "--trial", str(number), "--study", "cli-tiny", "--storage", url)
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(rf"retry of\s*│\s*trial {retried} ", shown.stdout), shown.stdout
+        as_json = run_main("show", "--trial", str(number), "--study", "cli-tiny", "--storage", url, "--format", "json")
+        assert json.loads(as_json.stdout)["retry_of"] == retried
+    plain = run_main("show", "--trial", str(first.number), "--study", "cli-tiny", "--storage", url, "--format", "json")
+    assert json.loads(plain.stdout)["retry_of"] is None
+
+
 @pytest.mark.slow
 def test_search_ends_with_the_export_command_for_its_study(tiny_study: dict[str, str]) -> None:
     line = next(x for x in tiny_study["first_out"].splitlines() if x.startswith("Export the recommended model:"))
@@ -176,7 +236,6 @@ def test_paths_that_cannot_be_written_are_one_line_errors(tiny_study: dict[str, 
         ["search", "--budget-ms", "30", "--studies-dir", "/proc/studies"],
         ["search", "--budget-ms", "30", "--studies-dir", f"{afile}/studies"],
         ["search", "--budget-ms", "30", "--storage", "sqlite:////proc/nodir/x.db"],
-        ["pareto", *studies, "--plot", "/proc/nodir/p.png"],
         ["export", *studies, "--best", "--epochs", "0", "--out", "/proc/nodir/out"],
     ):
         assert_usage_error(run_main(*args))

@@ -93,7 +93,43 @@ def test_a_refused_model_is_a_one_line_error_before_any_data_is_read(tmp_path) -
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(REPRESENTATIVES))
 def test_each_family_prunes_exports_matches_and_times(family: str) -> None:
-    name, size = REPRESENTATIVES[family]
+    _prune_export_match_and_time(*REPRESENTATIVES[family])
+
+
+TIMM_CNNS = ("mobilenetv3_small_050", "resnet10t", "efficientnet_b0", "regnetx_002", "lcnet_050", "hardcorenas_a")
+"""timm CNNs given as ``timm.models:NAME`` factories (untrained: timm is a test extra, never downloaded)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", TIMM_CNNS)
+def test_timm_cnns_prune_export_match_and_time(arch: str) -> None:
+    pytest.importorskip("timm", reason="timm (a test extra) is not installed")
+    _prune_export_match_and_time(f"timm.models:{arch}", 32)
+    check_searchable(arch, build_model(f"timm.models:{arch}", 10), space_for(f"timm.models:{arch}", None, 10,
+                     torch.randn(1, 3, 32, 32)), torch.randn(1, 3, 32, 32))  # fmt: skip
+
+
+def test_timm_ghostnet_is_refused_naming_the_module_that_writes_into_a_channel_slice() -> None:
+    pytest.importorskip("timm", reason="timm (a test extra) is not installed")
+    name, example = "timm.models:ghostnet_100", torch.randn(1, 3, 32, 32)
+    with pytest.raises(UsageError, match=r"module blocks\.0\.0\.ghost2 \(GhostModule\) writes in place") as caught:
+        check_searchable(name, build_model(name, 10), space_for(name, None, 10, example), example)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_model_writing_into_a_channel_slice_is_refused_before_it_loses_whole_layers() -> None:
+    """GhostNet's construct, without timm: before the refusal, uniform(0.5) left a convolution with 0 filters."""
+    name, example = "tests.test_families:GhostLikeNet", torch.randn(1, 3, 16, 16)
+    space = space_for(name, None, 10, example)
+    with pytest.raises(UsageError, match=r"GhostLikeNet is not supported: its module blocks\.0 \(GhostModule\)"):
+        apply_policy(build_model(name, 10), space.uniform(0.5), space, example)
+    with pytest.raises(UsageError, match="slice of its channels") as caught:
+        check_searchable(name, build_model(name, 10), space, example)
+    assert "\n" not in str(caught.value) and "1 more module does too" in str(caught.value)
+
+
+def _prune_export_match_and_time(name: str, size: int) -> None:
+    """A trial's path for model ``name`` at ``size`` px: prune, export, parity, replay, time, INT8."""
     torch.manual_seed(0)
     model = build_model(name, 10).eval()
     example = torch.randn(1, 3, size, size)
@@ -151,6 +187,42 @@ class GroupedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.head(self.grouped(self.stem(x))))
+
+
+class GhostModule(nn.Module):
+    """timm's GhostNet module: a primary convolution and cheap depthwise features, concatenated and sliced."""
+
+    def __init__(self, chs_in: int, chs_out: int) -> None:
+        super().__init__()
+        self.out_chs = chs_out
+        self.primary_conv = nn.Sequential(nn.Conv2d(chs_in, chs_out // 2, 1, bias=False), nn.BatchNorm2d(chs_out // 2))
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(chs_out // 2, chs_out // 2, 3, padding=1, groups=chs_out // 2, bias=False),
+            nn.BatchNorm2d(chs_out // 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary_conv(x)
+        return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.out_chs]
+
+
+class GhostLikeNet(nn.Module):
+    """Residual GhostNet-style blocks that add their shortcut in place into the slice, as timm's GhostNet does."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.ModuleList(GhostModule(16, 16) for _ in range(2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            shortcut = x
+            x = block(x)
+            x += shortcut
+        return self.fc(self.head(x))
 
 
 def test_grouped_convolutions_lose_whole_groups() -> None:

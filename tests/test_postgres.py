@@ -8,6 +8,7 @@ fresh database.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -236,3 +237,42 @@ def test_two_workers_sharing_one_latency_target_never_overlap_on_it(
     assert all(t.user_attrs["latency"]["measured_on"] == target.url for t in complete)
     assert len(target.intervals()) >= 8
     assert not overlapping(target), "the target's own log: one model timed at a time"
+
+
+def test_a_storage_password_reaches_no_file_artifact_or_message_of_a_search_and_its_export(
+    postgres_url: str, tmp_path: Path, trained_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server trusts local connections, so any password opens it: what is checked is where it goes."""
+    password = "s3cret-pw-4242"
+    url = sqlalchemy.make_url(postgres_url).set(password=password).render_as_string(hide_password=False)
+    studies = tmp_path / "studies"
+    search = run_cli(*_tiny(url, "secret", studies, "--weights", str(trained_weights), "--trials", "3"))
+    assert search.returncode == 0, search.stdout + search.stderr
+    assert password not in search.stdout + search.stderr
+
+    # The suggested export command leaves the password out of the URL and takes it from PGPASSWORD: it runs as pasted.
+    line = next(x for x in search.stdout.splitlines() if x.startswith("Export the recommended model:"))
+    suggested = line.split(":", 1)[1].split()
+    assert suggested[:3] == ["PGPASSWORD=...", "python", "cli.py"] and "***" not in line, line
+    monkeypatch.setenv("PGPASSWORD", password)
+    pasted = run_cli(*suggested[3:], "--epochs", "0", "--test-images", "64", "--out", str(tmp_path / "pasted"))
+    assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+    monkeypatch.delenv("PGPASSWORD")
+
+    out = tmp_path / "out"
+    exported = run_cli(
+        "export", "--study", "secret", "--best", "--epochs", "0", "--test-images", "64", "--out", str(out),
+        "--studies-dir", str(studies), "--storage", url,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert password not in exported.stdout + exported.stderr
+    card = json.loads(next(out.glob("trial-*/card.json")).read_text())
+    assert "--storage" in card["command"] and "***" in card["command"], card["command"]
+    written = [p for folder in (out, studies, tmp_path / "pasted") for p in folder.rglob("*") if p.is_file()]
+    assert any(p.parent.name == "artifacts" or "artifacts" in p.parts for p in written), "the study's artifacts"
+    for path in written:  # the export folder (model, cards), the study's artifacts, the search's files
+        assert password.encode() not in path.read_bytes(), path
+    study = optuna.load_study(study_name="secret", storage=url)
+    system = study._storage.get_study_system_attrs(study._study_id)  # the dashboard's artifact records
+    stored = [study.user_attrs, system] + [[t.user_attrs, t.system_attrs] for t in study.trials]
+    assert password not in json.dumps(stored, default=str), "nor in what the study stores"

@@ -23,6 +23,7 @@ from rich.text import Text
 
 from search.study.front import Row
 from search.study.origin import origin
+from search.study.retry import retry_of
 
 __all__ = ["RichReporter", "export_summary", "front_table", "show_trial"]
 
@@ -166,6 +167,9 @@ def show_trial(trial: Any, budget_ms: float) -> Table:
     lat = a.get("latency", {})
     evaluated = a.get("fine_tuned") or a.get("recipe") == "unpruned"
     table.add_row("recipe", Text(origin(a) or "sampled by TPE"))
+    retried = retry_of(trial)
+    if retried is not None:
+        table.add_row("retry of", f"trial {retried} (its run did not finish; this trial ran its policy again)")
     table.add_row("within budget", f"{'yes' if a.get('feasible') else 'no'} (budget {budget_ms:g} ms)")
     table.add_row("top-1 (val)", f"{a['accuracy']:.4f}" if evaluated else "- (not fine-tuned)")
     if a.get("accuracy_before") is not None:

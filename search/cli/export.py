@@ -76,6 +76,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from search.shipping.export import export_trial
     from search.shipping.rebuild import load_study_baseline
     from search.study.front import pick_best
+    from search.study.urls import masked_command
 
     study, _ = study_of(args)
     timer = target_timer(args)
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         finetune_unpruned=args.finetune_unpruned,
     )
     out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
-    command = "python cli.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python cli.py " + " ".join(shlex.quote(a) for a in masked_command(sys.argv[1:]))  # no password
     with RichReporter(console, verbose=not args.quiet) as reporter:
         numbers = [pick_best(study)] if args.best else list(dict.fromkeys(args.trial))
         base = load_study_baseline(study, weights=args.weights, reporter=reporter)

@@ -19,7 +19,7 @@ from search.cli.plot import plot_front
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, parse_space
 from search.study.front import pareto_front, recommended, rows
-from search.study.storage import masked
+from search.study.urls import PASSWORD_ENV, has_secret, without_secrets
 
 __all__ = ["HELP", "add_arguments", "limits_hint", "print_front", "run"]
 
@@ -91,19 +91,29 @@ def print_front(
         hint = limits_hint(study, best.policy)
         if hint:
             console.print(f"[yellow]{escape(hint)}[/]")
-    plot = plot_front(
-        all_rows,
-        budget,
-        plot_path or studies_dir / name / "pareto.png",
-        title=f"{name}: accuracy vs latency (budget {budget:g} ms)",
-    )
-    console.print(f"Plot: {plot}")
-    console.print(f"Inspect the study: [bold]optuna-dashboard {masked(url)}[/]")
+    target = plot_path or studies_dir / name / "pareto.png"
+    try:
+        plot = plot_front(all_rows, budget, target, title=f"{name}: accuracy vs latency (budget {budget:g} ms)")
+        console.print(f"Plot: {escape(str(plot))}")
+    except OSError as exc:  # a read-only studies folder: the table above is the answer, the plot is extra
+        console.print(
+            f"[yellow]The plot could not be written to {escape(str(target))} ({escape(exc.strerror or str(exc))}); "
+            "pass --plot PATH in a writable folder to get it.[/]"
+        )
+    secret = has_secret(url)
+    env = f"{PASSWORD_ENV}=... " if secret else ""  # libpq reads the password from there when the URL has none
+    dashboard = f"{env}optuna-dashboard {without_secrets(url)}"
+    console.print(f"Inspect the study: [bold]{escape(dashboard)}[/]", soft_wrap=True)  # one line, to paste
     if best is not None:
-        where = [] if url == f"sqlite:///{studies_dir / name}.db" else ["--storage", masked(url)]
+        where = [] if url == f"sqlite:///{studies_dir / name}.db" else ["--storage", without_secrets(url)]
         where += [] if studies_dir == Path("studies") else ["--studies-dir", str(studies_dir)]
         command = " ".join(["python cli.py export --study", shlex.quote(name), "--best", *map(shlex.quote, where)])
-        console.print(f"Export the recommended model: [bold]{escape(command)}[/]")
+        console.print(f"Export the recommended model: [bold]{escape(env + command)}[/]", soft_wrap=True)
+        if secret:
+            console.print(
+                f"(the URL's password is left out: set {PASSWORD_ENV} to it, or keep it in ~/.pgpass, "
+                "and PostgreSQL's client reads it from there)"
+            )
 
 
 def _stored_space(study: object) -> SearchSpace | None:

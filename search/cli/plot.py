@@ -190,7 +190,9 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
     labelled = [r for r in shown if r.recipe]
     dots = [(r.latency_ms, r.accuracy) for r in shown]
     _place_labels(ax, labelled, dots, [(frame.x0, frame.y0, frame.x1, frame.y1)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:  # a folder that cannot be written still closes the figure
+        plt.close(fig)
     return path

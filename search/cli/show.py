@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from search.study.front import finished_trial
+    from search.study.retry import retry_of
 
     study, _ = study_of(args)
     trial = finished_trial(study, args.trial)
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     "values": trial.values,
                     "params": trial.params,
                     **attrs,
+                    "retry_of": retry_of(trial),
                     "pruning_history_entries": len(history or []),
                 }
             )

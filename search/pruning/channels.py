@@ -33,6 +33,7 @@ from search.pruning.graph import build_graph
 from search.pruning.groups import GroupedUnit, grouped_convs, link_grouped, prune_whole_groups
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, StageSpace
+from search.pruning.views import check_no_inplace_views
 
 if TYPE_CHECKING:
     from search.data.dataset import Dataset
@@ -172,6 +173,7 @@ def _stage_groups(model: nn.Module, graph: Any, space: SearchSpace) -> Iterator[
     """Every prunable group of coupled channels, with the stage it belongs to and its kind (stream or inner)."""
     names = {module: name for name, module in model.named_modules()}
     _check_stages_match(space, names.values())
+    check_no_inplace_views(model, graph)
     classifier = classifier_module(model)
     for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]):
         outputs = _out_channel_layers(graph, group, names)

@@ -27,7 +27,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.study.origin import ENQUEUED_ATTRS
 
-__all__ = ["MAX_RETRIES", "RETRY_OF", "RetryStaleTrial", "failure_reason", "retried_as", "retries_first"]
+__all__ = [
+    "MAX_RETRIES",
+    "RETRY_OF",
+    "RetryStaleTrial",
+    "failure_reason",
+    "retried_as",
+    "retries_first",
+    "retry_of",
+]
 
 RETRY_OF = "retry_of"
 """User attribute of a policy put back in the queue by Ctrl-C (or a lost latency target): the trial it retries."""
@@ -89,6 +97,14 @@ def retries_first(study: optuna.Study) -> None:
 def retried_as(trials: Sequence[FrozenTrial], number: int) -> FrozenTrial | None:
     """The trial that ran trial ``number``'s policy again after its worker went silent, if any."""
     return next((t for t in trials if t.system_attrs.get("retry_history", [None])[-1] == number), None)
+
+
+def retry_of(trial: FrozenTrial) -> int | None:
+    """The trial whose policy ``trial`` ran again (after a Ctrl-C or a silent worker), or None for a first run."""
+    if RETRY_OF in trial.user_attrs:
+        return int(trial.user_attrs[RETRY_OF])
+    history = trial.system_attrs.get("retry_history")
+    return int(history[-1]) if history else None
 
 
 def failure_reason(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from pathlib import Path
@@ -12,6 +11,8 @@ from optuna.storages import RDBStorage
 
 from search.errors import UsageError
 from search.study.retry import RetryStaleTrial
+from search.study.urls import masked, with_driver
+from search.study.urls import without_password as _without_password
 
 __all__ = [
     "default_storage_url",
@@ -27,28 +28,6 @@ HEARTBEAT_SECONDS = 60
 """Default heartbeat: a running trial whose worker has been silent for 2x this long is marked failed.
 
 A study keeps the value it was created with (``--heartbeat``); see ``search.study.coordination``."""
-
-
-def masked(url: str) -> str:
-    """``url`` with its password replaced by ``***``, as SQLAlchemy renders URLs: for every message and log."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-    except Exception:  # not a URL SQLAlchemy can parse: hide whatever stands between ':' and '@'
-        return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
-    return parsed.render_as_string(hide_password=True) if parsed.password else url
-
-
-def _without_password(text: str, url: str) -> str:
-    """``text`` (an error from a driver) with the URL's password, if it has one, masked wherever it appears."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
-    except Exception:
-        return text.replace(url, masked(url))
-    return text.replace(url, masked(url)).replace(str(password), "***") if password else text
 
 
 def default_storage_url(studies_dir: Path, study: str) -> str:
@@ -70,7 +49,7 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBSto
                     "pick a writable --studies-dir or --storage"
                 ) from None
     try:
-        return _rdb_storage(url, heartbeat_seconds)
+        return _rdb_storage(with_driver(url), heartbeat_seconds)
     except ModuleNotFoundError as exc:
         hint = "pip install -e '.[postgres]'" if exc.name and exc.name.startswith("psycopg") else "pip install it"
         raise UsageError(f"storage {masked(url)!r} needs the database driver {exc.name!r}; {hint}") from None
