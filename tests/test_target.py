@@ -396,10 +396,24 @@ def test_a_target_killed_mid_search_is_waited_for_and_a_lost_one_stops_the_run_c
         assert time.monotonic() < deadline and search.poll() is None, "the search did not get going"
         time.sleep(0.2)
     local_target.stop(signal.SIGKILL)
-    time.sleep(3)
+    # Back once the search has seen it gone (a fixed pause let a slow fine-tune on a busy machine miss the outage).
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in search.stdout or []:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while not any("unreachable" in line for line in lines) and search.poll() is None:
+        assert time.monotonic() < deadline, "the search never noticed the target had gone"
+        time.sleep(0.2)
     back = _restart(local_target)
     try:
-        out, _ = search.communicate(timeout=300)
+        search.wait(timeout=300)
+        reader.join(timeout=30)
+        out = "".join(lines)
     finally:
         back.stop(signal.SIGKILL)
     assert search.returncode == 0, out
