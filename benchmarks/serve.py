@@ -271,6 +271,7 @@ def compare(setup_: dict[str, Any], sizes: dict[str, Any], other: Path, rounds: 
     results: dict[str, Any] = {}
     for key, folder in setup_["exports"].items():
         rates: dict[str, list[float]] = {"this": [], "other": []}
+        cpu: dict[str, list[float]] = {"this": [], "other": []}
         for _ in range(rounds):
             for name, checkout in (("this", ROOT), ("other", other)):
                 proc, url, started = start_serve([str(folder)], checkout)
@@ -283,9 +284,17 @@ def compare(setup_: dict[str, Any], sizes: dict[str, Any], other: Path, rounds: 
                 if done["failed"] or set(done["statuses"]) != {"200"}:
                     raise SystemExit(f"{name} ({checkout}) did not answer every request: {done}")
                 rates[name].append(done["requests_per_second"])
-                log(f"{key}: {name} {done['requests_per_second']} requests/s")
+                cpu[name].append(done["server_cpu_ms_per_request"])
+                log(f"{key}: {name} {done['requests_per_second']} requests/s, {cpu[name][-1]} server CPU ms each")
         this, theirs = statistics.median(rates["this"]), statistics.median(rates["other"])
-        results[key] = {"rounds": rates, "this_median": this, "other_median": theirs, "ratio": round(this / theirs, 4)}
+        results[key] = {
+            "requests_per_second": rates,
+            "server_cpu_ms_per_request": cpu,
+            "this_median": this,
+            "other_median": theirs,
+            "ratio": round(this / theirs, 4),
+            "cpu_ratio": round(statistics.median(cpu["this"]) / statistics.median(cpu["other"]), 4),
+        }
         log(f"{key}: this {this:.1f} vs other {theirs:.1f} requests/s, ratio {this / theirs:.3f}")
     return results
 

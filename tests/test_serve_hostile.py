@@ -160,7 +160,7 @@ def test_idle_and_slow_clients_time_out_per_request_while_others_are_served(serv
     try:
         # Meanwhile everyone else is served, at once.
         status, body, took = _request(port, "GET", "/health")
-        assert status == 200 and body["status"] == "ok" and took < 1.0, (status, body, took)
+        assert status == 200 and body["status"] == "ok" and took < 3.0, (status, body, took)
         status, body, took = _request(port, "POST", "/predict", DIGIT, "Content-Type: image/png\r\n")
         assert status == 200 and body["models"][0]["top"], (status, body)
 
@@ -205,9 +205,9 @@ def test_a_huge_header_is_refused_431_in_json_without_slowing_others(server: Any
     assert status == 431 and headers["content-type"] == "application/json", (status, data[:200])
     assert "headers are over 64 KB" in json.loads(data)["error"]
     # Refused as soon as the cap passed: what more was sent lies in the loopback's socket buffers.
-    assert answered and took < 2.0 and sent < 8_000_000, f"answered after {took:.1f} s and {sent} bytes"
+    assert answered and took < 3.0 and sent < 8_000_000, f"answered after {took:.1f} s and {sent} bytes"
     status, _, took = _request(port, "GET", "/health")
-    assert status == 200 and took < 1.0
+    assert status == 200 and took < 3.0
 
 
 def test_only_the_listed_formats_are_decoded_the_rest_is_415(server: Any) -> None:
