@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -295,3 +295,11 @@ def test_malformed_requests_and_overload_are_answered_in_json(server: Any) -> No
             sock.close()
     time.sleep(0.5)
     assert _request(port, "GET", "/health")[0] == 200
+
+
+def test_limits_that_contradict_each_other_are_a_usage_error(export: Path) -> None:
+    done = run_main("serve", str(export), "--max-decode-mb", "500", "--max-decode-total-mb", "100")
+    assert done.returncode == 2 and "--max-decode-total-mb (100) must be at least --max-decode-mb (500)" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_main("serve", str(export), "--request-timeout", "0")
+    assert done.returncode == 2 and "--request-timeout" in done.stderr and "Traceback" not in done.stderr

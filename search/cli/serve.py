@@ -89,6 +89,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
+    if args.max_decode_total_mb < args.max_decode_mb:
+        raise UsageError(
+            f"--max-decode-total-mb ({args.max_decode_total_mb:g}) must be at least --max-decode-mb "
+            f"({args.max_decode_mb:g}): one request's image must fit in what all may take"
+        )
     if not args.baseline and (args.storage or args.weights):
         raise UsageError("--storage and --weights go with --baseline")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -114,8 +119,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     reporter=reporter,
                 )
             )
-    if args.max_decode_total_mb < args.max_decode_mb:
-        raise UsageError("--max-decode-total-mb must be at least --max-decode-mb")
     limits = Limits(
         max_upload_bytes=int(args.max_upload_mb * 1e6),
         max_pixels=int(args.max_megapixels * 1e6),
