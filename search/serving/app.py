@@ -3,8 +3,10 @@
 FastAPI, so the OpenAPI schema is at ``/openapi.json``. Every request-shaped mistake is a JSON
 ``{"error": ...}`` with a 4xx status, and the server goes on serving. Inference runs in worker
 threads, at most ``slots`` requests at once (the cores divided by each session's threads), so
-concurrent requests queue instead of oversubscribing the CPU. The page's files are read into
-memory when the app is made: no request path reaches the file system.
+concurrent requests queue instead of oversubscribing the CPU, and what their images take decoded
+is reserved from a memory budget (:mod:`search.serving.budget`). The connection itself (deadlines,
+header cap, overload) is guarded below the app, in :mod:`search.serving.guard`. The page's files
+are read into memory when the app is made: no request path reaches the file system.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from search.serving.budget import MemoryBudget
+from search.serving.budget import MemoryBudget, Reservation
 from search.serving.images import BadImage, Decoded, decode_image
 from search.serving.models import ServedModel
 from search.serving.schema import ErrorBody, Health, ModelInfo, Prediction
@@ -122,8 +124,8 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
     ) -> Prediction:
         try:
             body = await read_capped(request.headers.get("content-length"), request.stream(), limits.max_upload_bytes)
-        except ClientDisconnect:  # gone (or timed out by the connection's deadline): nobody to answer
-            return Response(status_code=400)  # type: ignore[return-value]
+        except ClientDisconnect:  # gone, or refused by the connection's guard (its JSON 408 already written)
+            return Response(status_code=400)  # type: ignore[return-value]  # never sent: nobody reads it
         data = image_bytes(request.headers.get("content-type", ""), body)
         async with slots:
             return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels, budget)
@@ -139,7 +141,12 @@ def _answer(
 
 
 def _predict(
-    data: bytes, k: int, models: list[ServedModel], baseline: ServedModel | None, max_pixels: int, reservation: Any
+    data: bytes,
+    k: int,
+    models: list[ServedModel],
+    baseline: ServedModel | None,
+    max_pixels: int,
+    reservation: Reservation,
 ) -> Prediction:
     """Decode (once per native size), preprocess (once per distinct record) and run every model; the
     answers with top-k each.
