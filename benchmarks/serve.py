@@ -19,6 +19,12 @@ Writes ``benchmarks/serve.json`` and the "Serving" section of BENCHMARKS.md.
     python benchmarks/serve.py            # about 15 minutes on the 2-core dev machine (a quiet one)
     python benchmarks/serve.py --quick    # a minute or two on tiny digits: checks the script, writes nothing
     python benchmarks/serve.py --render   # rewrite the section from serve.json
+
+Side by side with another checkout's ``cli.py serve`` (say ``git worktree add /tmp/main main``), on
+the same exports and the same load client, in alternating rounds (this, other, this, ...); prints
+each one's requests/s and the ratio, writes nothing:
+
+    python benchmarks/serve.py --compare /tmp/main --work /tmp/serve-bench    # --quick for a check
 """
 
 from __future__ import annotations
@@ -166,12 +172,13 @@ def onnxruntime_latency(model: Path, runs: int, input_size: int) -> dict[str, fl
     return {"median_ms": round(statistics.median(times), 4), "p99_ms": round(times[int(0.99 * len(times))], 4)}
 
 
-def start_serve(args: list[str]) -> tuple[subprocess.Popen[str], str, float]:
-    """``cli.py serve ARGS --port 0``: the process, its URL, and when it was started (perf_counter)."""
+def start_serve(args: list[str], checkout: Path = ROOT) -> tuple[subprocess.Popen[str], str, float]:
+    """``cli.py serve ARGS --port 0`` of ``checkout``: the process, its URL, and when it was started (perf_counter)."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "cli.py", "serve", *args, "--port", "0", "-q"],
-        cwd=ROOT,
+        cwd=checkout,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -258,6 +265,40 @@ def measure(setup_: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def compare(setup_: dict[str, Any], sizes: dict[str, Any], other: Path, rounds: int) -> dict[str, Any]:
+    """Requests/s of this checkout's server and ``other``'s, in alternating rounds on the same exports."""
+    image = Path(setup_["image"]).read_bytes()
+    results: dict[str, Any] = {}
+    for key, folder in setup_["exports"].items():
+        rates: dict[str, list[float]] = {"this": [], "other": []}
+        cpu: dict[str, list[float]] = {"this": [], "other": []}
+        for _ in range(rounds):
+            for name, checkout in (("this", ROOT), ("other", other)):
+                proc, url, started = start_serve([str(folder)], checkout)
+                try:
+                    first_answer(url, image, started)
+                    done = load(url, image, sizes["clients"], sizes["seconds"], proc.pid)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+                if done["failed"] or set(done["statuses"]) != {"200"}:
+                    raise SystemExit(f"{name} ({checkout}) did not answer every request: {done}")
+                rates[name].append(done["requests_per_second"])
+                cpu[name].append(done["server_cpu_ms_per_request"])
+                log(f"{key}: {name} {done['requests_per_second']} requests/s, {cpu[name][-1]} server CPU ms each")
+        this, theirs = statistics.median(rates["this"]), statistics.median(rates["other"])
+        results[key] = {
+            "requests_per_second": rates,
+            "server_cpu_ms_per_request": cpu,
+            "this_median": this,
+            "other_median": theirs,
+            "ratio": round(this / theirs, 4),
+            "cpu_ratio": round(statistics.median(cpu["this"]) / statistics.median(cpu["other"]), 4),
+        }
+        log(f"{key}: this {this:.1f} vs other {theirs:.1f} requests/s, ratio {this / theirs:.3f}")
+    return results
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["models"]
     lines = [
@@ -308,7 +349,20 @@ def main() -> None:
     parser.add_argument(
         "--work", help="folder for the study and exports, reused by a later run (default: a temporary one)"
     )
+    parser.add_argument(
+        "--compare", metavar="CHECKOUT", help="another checkout of this repository: its server side by side with this"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare: rounds each (default: 3)")
     args = parser.parse_args()
+    if args.compare:
+        other = Path(args.compare).resolve()
+        if not (other / "cli.py").is_file():
+            raise SystemExit(f"{other} has no cli.py; pass a checkout of this repository")
+        sizes = QUICK if args.quick else FULL
+        with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+            made = setup(args.quick, Path(args.work) if args.work else Path(tmp), args.budget_fraction)
+            print(json.dumps(compare(made, sizes, other, 1 if args.quick else args.rounds), indent=2))
+        return
     if args.render:
         write_section(SECTION, render(json.loads(OUT.read_text())))
         return

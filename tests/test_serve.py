@@ -191,7 +191,19 @@ def test_every_bad_upload_is_a_json_4xx_and_the_server_keeps_serving(client: Any
         ({"files": {"image": ("cut.png", _png(_photo())[:-200], "image/png")}}, 422, "truncated or corrupt"),
         ({"files": {"image": ("empty.png", b"", "image/png")}}, 400, "empty"),
         ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
-        ({"files": {"photo": ("a.jpg", photo, "image/jpeg")}}, 400, "no field 'image' (fields sent: 'photo')"),
+        (
+            {
+                "content": b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\nx\r\n--b--\r\n',
+                "headers": {"content-type": "multipart/form-data; boundary=b"},
+            },
+            400,
+            "the form has no file (fields sent: 'name')",
+        ),
+        (
+            {"files": [("image", ("a.jpg", photo, "image/jpeg")), ("file", ("b.jpg", photo, "image/jpeg"))]},
+            400,
+            "the form has 2 files (fields sent: 'image', 'file'); send one image per request",
+        ),
         ({"data": {"image": "not a file"}}, 415, "not an image"),
         ({"files": {"image": ("bomb.png", bomb.getvalue(), "image/png")}}, 413, "megapixels"),
         (
@@ -224,6 +236,31 @@ def test_every_bad_upload_is_a_json_4xx_and_the_server_keeps_serving(client: Any
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_the_one_file_of_a_form_is_the_image_whatever_its_field(client: Any) -> None:
+    """Flask's tutorial and FastAPI's examples post ``file``; a form's single file is taken under any name."""
+    photo = _jpeg(_photo())
+
+    def tops(reply: Any) -> list[Any]:
+        assert reply.status_code == 200, reply.text
+        return [m["top"] for m in reply.json()["models"]]
+
+    want = tops(client.post("/predict", files={"image": ("a.jpg", photo, "image/jpeg")}))
+    for field in ("file", "photo", "upload"):
+        reply = client.post("/predict", files={field: ("a.jpg", photo, "image/jpeg")}, data={"note": "a cat"})
+        assert tops(reply) == want, field
+
+
+def test_the_per_request_decode_cap_refuses_from_the_header(models: list[ServedModel]) -> None:
+    from fastapi.testclient import TestClient
+
+    small = TestClient(create_app(models, Limits(max_decode_bytes=50_000_000, max_decode_total=100_000_000)))
+    sixteen = _png(np.zeros((3000, 3000), dtype=np.uint16))  # 9 megapixels, 72 MB decoded and converted
+    reply = small.post("/predict", content=sixteen, headers={"content-type": "image/png"})
+    assert reply.status_code == 413, reply.text
+    assert "3000x3000 in mode I;16: 72 MB decoded, over the limit of 50 MB per request" in reply.json()["error"]
+    assert small.post("/predict", content=_png(np.zeros((8, 8), np.uint16))).status_code == 200
+
+
 def test_other_pixel_formats_are_converted_and_exif_rotation_is_honoured(client: Any, digits32) -> None:
     digit = _digits(digits32)[3]
     gray = digit[..., 0]
@@ -254,6 +291,10 @@ def test_other_pixel_formats_are_converted_and_exif_rotation_is_honoured(client:
     stored.save(buffer, format="PNG", exif=exif)
     rotated = same_as_upright(buffer.getvalue(), "RGB")
     assert rotated["image"]["exif_rotated"] is True
+    exif[0x0112] = 9  # no orientation EXIF defines: nothing is turned, and the answer says so
+    buffer = io.BytesIO()
+    Image.fromarray(digit).save(buffer, format="PNG", exif=exif)
+    assert same_as_upright(buffer.getvalue(), "RGB")["image"]["exif_rotated"] is False
     unrotated = client.post("/predict", files={"image": ("s.png", _png(np.asarray(stored)), "image/png")}).json()
     assert _probabilities(unrotated, "baseline") != pytest.approx(want, abs=1e-5), "the rotation changes the answer"
 
@@ -264,7 +305,7 @@ def test_no_request_reads_a_file(client: Any, monkeypatch: pytest.MonkeyPatch, d
 
     monkeypatch.setattr(builtins, "open", refuse)
     monkeypatch.setattr(io, "open", refuse)
-    for path in ("/", "/page.js", "/page.css", "/models", "/health", "/openapi.json"):
+    for path in ("/", "/page.js", "/page.css", "/favicon.ico", "/models", "/health", "/openapi.json"):
         assert client.get(path).status_code == 200, path
     reply = client.post("/predict", files={"image": ("d.png", _png(_digits(digits32)[0]), "image/png")})
     assert reply.status_code == 200
@@ -364,8 +405,11 @@ def test_a_running_server_answers_a_concurrent_load_and_refuses_big_uploads_unre
 
 
 def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
-    server: str, digits32, tmp_path: Path
+    server: str, exported: dict[str, Path], digits32, tmp_path: Path
 ) -> None:
+    import urllib.error
+    import urllib.request
+
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:
         pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them as root)")
@@ -380,6 +424,7 @@ def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
     options.add_argument("--window-size=1280,1200")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:
         browser = webdriver.Chrome(service=Service(driver), options=options)
     except WebDriverException as exc:
@@ -408,7 +453,16 @@ def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
             assert "ms in ONNX Runtime" in article.text
             if article.get_attribute("data-model") != "baseline":
                 assert "the baseline" in article.find_element(By.CSS_SELECTOR, ".agree").text
-        assert browser.find_element(By.ID, "preview").get_attribute("hidden") is None, "the image is shown"
+        preview = browser.find_element(By.ID, "preview")
+        assert preview.get_attribute("hidden") is None, "the image is shown"
+        assert preview.size["height"] >= 128 and preview.size["width"] >= 128, f"an 8 px image drawn {preview.size}"
+        roles = {
+            a.get_attribute("data-model"): a.find_element(By.CSS_SELECTOR, ".role").text
+            for a in _articles(browser)
+        }
+        assert roles["baseline"] == "baseline, fp32" and "pruned, fp32" in roles.values(), roles
+        if "int8" in exported:  # the study's unpruned INT8 trial is not called pruned
+            assert "unpruned, int8" in roles.values(), roles
 
         # Dropped on the page instead: a real drop event carrying a file.
         dropped = base64.b64encode(_png(_digits(digits32)[2])).decode()
@@ -422,6 +476,26 @@ def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
         )
         wait.until(lambda b: "dropped.png: 8x8 PNG, answered in" in b.find_element(By.ID, "status").text)
         assert all(len(a.find_elements(By.CSS_SELECTOR, ".row")) == 3 for a in _articles(browser))
+
+        # A failed upload: its error, its preview, and none of the previous image's answers beside them.
+        notes = tmp_path / "notes.png"
+        notes.write_bytes(b"just some text, not a picture")
+        browser.find_element(By.ID, "file").send_keys(str(notes))
+        wait.until(lambda b: "not an image" in b.find_element(By.ID, "status").text)
+        for article in _articles(browser):
+            assert not article.find_elements(By.CSS_SELECTOR, ".row"), "the last image's answers are gone"
+            assert "No answer for this image." in article.text
+
+        # Offline and complete: a favicon, nothing fetched from elsewhere, no /docs that needs a CDN.
+        problems = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not [p for p in problems if "favicon" in p or "404" in p], problems
+        assert "http" not in browser.page_source.replace(server, ""), "the page refers to nothing outside"
+        for path in ("/docs", "/redoc"):
+            try:
+                urllib.request.urlopen(f"{server}{path}", timeout=10)
+                raise AssertionError(f"{path} is served, and would load its scripts from a CDN")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404 and "no such path" in json.loads(exc.read())["error"]
     except (AssertionError, TimeoutException):
         browser.save_screenshot(str(shot))
         print(f"screenshot of the page: {shot}")

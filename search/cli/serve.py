@@ -36,6 +36,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-megapixels", type=positive_float, default=40.0, help="largest image, decoded (default: 40 megapixels)"
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a whole request (headers and body) may take to arrive, from the connection or the previous "
+        "answer; a slower client gets 408 (default: 30)",
+    )
+    parser.add_argument(
+        "--max-header-kb", type=positive_int, default=64, help="largest request line and headers (default: 64 KB; 431)"
+    )
+    parser.add_argument(
+        "--max-decode-mb",
+        type=positive_float,
+        default=400.0,
+        help="memory one request's image may take decoded and converted to RGB, judged from its header "
+        "(default: 400 MB; 413)",
+    )
+    parser.add_argument(
+        "--max-decode-total-mb",
+        type=positive_float,
+        default=800.0,
+        help="memory the images of all requests in flight may take together; others wait (default: 800 MB)",
+    )
+    parser.add_argument(
+        "--max-connections", type=positive_int, default=256, help="open connections before 503 (default: 256)"
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=positive_int,
+        default=128,
+        help="requests in the server at once, queued or running, before 503 (default: 128)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--storage", help="with --baseline: the study's SQLAlchemy URL (default: its SQLite file)")
     parser.add_argument("--studies-dir", default="studies", help="with --baseline: folder of the study databases")
@@ -52,10 +84,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from search.cli.console import RichReporter
     from search.serving.app import Limits, create_app
+    from search.serving.guard import Guard, guarded_protocol
     from search.serving.models import load_export
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
+    if args.max_decode_total_mb < args.max_decode_mb:
+        raise UsageError(
+            f"--max-decode-total-mb ({args.max_decode_total_mb:g}) must be at least --max-decode-mb "
+            f"({args.max_decode_mb:g}): one request's image must fit in what all may take"
+        )
     if not args.baseline and (args.storage or args.weights):
         raise UsageError("--storage and --weights go with --baseline")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -82,7 +120,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 )
             )
     limits = Limits(
-        max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6), slots=slots
+        max_upload_bytes=int(args.max_upload_mb * 1e6),
+        max_pixels=int(args.max_megapixels * 1e6),
+        slots=slots,
+        max_decode_bytes=int(args.max_decode_mb * 1e6),
+        max_decode_total=int(args.max_decode_total_mb * 1e6),
+    )
+    guard = Guard(
+        request_timeout=args.request_timeout,
+        max_header_bytes=args.max_header_kb * 1024,
+        max_connections=args.max_connections,
+        max_requests=args.max_requests,
     )
     about = {"workers": 1, "slots": slots, "threads_per_session": args.threads}
     app = create_app(models, limits, about=about)
@@ -99,7 +147,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"uvicorn: 1 worker process (every model loaded once, one session each), {slots} request(s) at a "
             f"time x {args.threads} ONNX Runtime thread(s) per session on {cores} CPU(s); uploads up to "
-            f"{args.max_upload_mb:g} MB and {args.max_megapixels:g} megapixels"
+            f"{args.max_upload_mb:g} MB and {args.max_megapixels:g} megapixels, {args.max_decode_mb:g} MB decoded "
+            f"({args.max_decode_total_mb:g} MB for all at once); a request must arrive within "
+            f"{args.request_timeout:g} s, headers up to {args.max_header_kb} KB; {args.max_connections} connections "
+            f"and {args.max_requests} requests at once"
         )
     shown = f"[{host}]" if ":" in host else host
     console.print(f"serving on http://{shown}:{port}/ (API: /predict, /models, /health, /openapi.json); Ctrl-C stops")
@@ -108,7 +159,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         workers=1,
         access_log=args.access_log,
         log_level="info" if args.access_log else "warning",
-        limit_concurrency=max(64, 8 * slots),
+        http=guarded_protocol(guard),  # deadlines, header cap and JSON 503s instead of limit_concurrency's
         timeout_keep_alive=5,
         server_header=False,
     )

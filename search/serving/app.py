@@ -3,8 +3,10 @@
 FastAPI, so the OpenAPI schema is at ``/openapi.json``. Every request-shaped mistake is a JSON
 ``{"error": ...}`` with a 4xx status, and the server goes on serving. Inference runs in worker
 threads, at most ``slots`` requests at once (the cores divided by each session's threads), so
-concurrent requests queue instead of oversubscribing the CPU. The page's files are read into
-memory when the app is made: no request path reaches the file system.
+concurrent requests queue instead of oversubscribing the CPU, and what their images take decoded
+is reserved from a memory budget (:mod:`search.serving.budget`). The connection itself (deadlines,
+header cap, overload) is guarded below the app, in :mod:`search.serving.guard`. The page's files
+are read into memory when the app is made: no request path reaches the file system.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from search.serving.budget import MemoryBudget, Reservation
 from search.serving.images import BadImage, Decoded, decode_image
 from search.serving.models import ServedModel
 from search.serving.schema import ErrorBody, Health, ModelInfo, Prediction
@@ -32,7 +36,7 @@ __all__ = ["Limits", "create_app"]
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 413, 415, 422)}
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 408, 413, 415, 422, 431, 503)}
 _BODY = {
     "required": True,
     "content": {
@@ -45,7 +49,8 @@ _BODY = {
         },
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     },
-    "description": f"the image: a multipart form with the file in field `{FIELD}`, or the raw bytes as the body "
+    "description": f"the image: a multipart form with one file (in field `{FIELD}`, `file` or any other name), "
+    "or the raw bytes as the body "
     "(any Content-Type but multipart, e.g. image/jpeg)",
 }
 
@@ -59,6 +64,10 @@ class Limits:
     slots: int = 1
     """Requests whose images are decoded and run at the same time; the rest wait their turn."""
     max_k: int = 100
+    max_decode_bytes: int = 400_000_000
+    """Memory one request's images may take decoded and converted to RGB (checked from the header)."""
+    max_decode_total: int = 800_000_000
+    """Memory the images of all requests in flight may take together; a request waits for room."""
 
 
 def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, Any] | None = None) -> FastAPI:
@@ -67,11 +76,14 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
         title="prune-search serve",
         summary="Top-k predictions of shipped models, beside the unpruned model they replace",
         version="1",
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN: blank offline; /openapi.json stays
+        redoc_url=None,
     )
     slots = asyncio.Semaphore(limits.slots)
+    budget = MemoryBudget(limits.max_decode_total, limits.max_decode_bytes)
     baseline = next((m for m in models if m.role == "baseline"), None)
     started = time.time()
-    page = {name: _asset(name) for name in ("page.html", "page.js", "page.css")}
+    page = {name: _asset(name) for name in ("page.html", "page.js", "page.css", "favicon.svg")}
     _errors(app)
 
     @app.get("/", include_in_schema=False)
@@ -85,6 +97,10 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
     @app.get("/page.css", include_in_schema=False)
     def style() -> Response:
         return Response(page["page.css"], media_type="text/css")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(page["favicon.svg"], media_type="image/svg+xml")
 
     @app.get("/health", response_model=Health, summary="Whether the server is up, and what it serves")
     def health() -> Health:
@@ -106,16 +122,31 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
     async def predict(
         request: Request, k: int = Query(3, ge=1, le=limits.max_k, description="how many classes per model")
     ) -> Prediction:
-        body = await read_capped(request.headers.get("content-length"), request.stream(), limits.max_upload_bytes)
+        try:
+            body = await read_capped(request.headers.get("content-length"), request.stream(), limits.max_upload_bytes)
+        except ClientDisconnect:  # gone, or refused by the connection's guard (its JSON 408 already written)
+            return Response(status_code=400)  # type: ignore[return-value]  # never sent: nobody reads it
         data = image_bytes(request.headers.get("content-type", ""), body)
         async with slots:
-            return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels)
+            return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels, budget)
 
     return app
 
 
 def _answer(
-    data: bytes, k: int, models: list[ServedModel], baseline: ServedModel | None, max_pixels: int
+    data: bytes, k: int, models: list[ServedModel], baseline: ServedModel | None, max_pixels: int, budget: MemoryBudget
+) -> Prediction:
+    with budget.request() as reservation:
+        return _predict(data, k, models, baseline, max_pixels, reservation)
+
+
+def _predict(
+    data: bytes,
+    k: int,
+    models: list[ServedModel],
+    baseline: ServedModel | None,
+    max_pixels: int,
+    reservation: Reservation,
 ) -> Prediction:
     """Decode (once per native size), preprocess (once per distinct record) and run every model; the
     answers with top-k each.
@@ -130,7 +161,9 @@ def _answer(
     for model in models:
         pre = model.preprocessing
         if pre.native_size not in decodes:
-            decodes[pre.native_size] = decode_image(data, max_pixels=max_pixels, draft_size=pre.native_size)
+            decodes[pre.native_size] = decode_image(
+                data, max_pixels=max_pixels, draft_size=pre.native_size, reservation=reservation
+            )
         if pre not in inputs:
             inputs[pre] = pre(decodes[pre.native_size].image)
         logits, ms = model.logits(inputs[pre])

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from search.errors import UsageError
 from search.measuring.timing import open_session
+from search.pruning.policy import Policy
 from search.serving.preprocess import MissingPreprocessing, Preprocessing
 
 __all__ = ["ServedModel", "load_export"]
@@ -31,7 +32,8 @@ class ServedModel:
 
     name: str
     role: str
-    """``pruned`` (an export) or ``baseline`` (the study's unpruned model)."""
+    """``pruned`` or ``unpruned`` (an export, as its card's policy says) or ``baseline`` (the study's unpruned
+    model, exported at start)."""
     precision: str
     file: str
     preprocessing: Preprocessing
@@ -77,7 +79,7 @@ def load_export(folder: Path, threads: int) -> ServedModel:
     _check_shapes(session, pre, str(path))
     return ServedModel(
         name=f"trial-{card.get('trial', folder.name)}",
-        role="pruned",
+        role=_role(card),
         precision=precision,
         file=name,
         preprocessing=pre,
@@ -87,6 +89,14 @@ def load_export(folder: Path, threads: int) -> ServedModel:
         study=card.get("study"),
         folder=str(folder),
     )
+
+
+def _role(card: dict[str, Any]) -> str:
+    """``unpruned`` for an export whose policy removes nothing (such as an unpruned INT8 trial), else ``pruned``."""
+    try:
+        return "unpruned" if Policy.from_dict(card["policy"]).is_unpruned else "pruned"
+    except (KeyError, TypeError, ValueError, AttributeError):  # a card without a readable policy
+        return "pruned"
 
 
 def _reexport(card: dict[str, Any]) -> str:

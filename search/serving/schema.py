@@ -21,7 +21,9 @@ class ClassScore(BaseModel):
 
 class ModelAnswer(BaseModel):
     name: str
-    role: str = Field(description="pruned (an export) or baseline (the study's unpruned model)")
+    role: str = Field(
+        description="pruned or unpruned (an export, as its card's policy says) or baseline (the study's model)"
+    )
     precision: str
     top: list[ClassScore] = Field(description="the k most probable classes, most probable first")
     inference_ms: float = Field(description="ONNX Runtime's run of this model for this request, in milliseconds")

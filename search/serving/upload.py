@@ -3,7 +3,9 @@
 The cap is enforced before the body is read: a ``Content-Length`` over it is refused at once, and
 a body without one (chunked) is counted as it streams and refused the moment it passes the cap.
 A ``multipart/form-data`` body is parsed in memory (python-multipart's streaming parser, no
-spooled temporary files); any other body is the image itself. Nothing here touches a file.
+spooled temporary files) and its one file taken, whatever its field's name (``image`` as the
+page and the README send it, ``file`` as Flask and FastAPI examples do); any other body is the
+image itself. Nothing here touches a file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from search.serving.images import BadImage
 __all__ = ["FIELD", "image_bytes", "read_capped"]
 
 FIELD = "image"
-"""The multipart field that carries the image."""
+"""The multipart field the page and the README send the image in."""
+_NAMED = (FIELD, "file")
+"""Fields taken as the image even when the client sends them without a filename (``curl -F image=<photo.jpg``)."""
 
 
 async def read_capped(declared: str | None, stream: AsyncIterator[bytes], limit: int) -> bytes:
@@ -59,19 +63,27 @@ def image_bytes(content_type: str, body: bytes) -> bytes:
     if not boundary:
         raise BadImage(400, "the multipart body has no boundary in its Content-Type; let the client set it")
     parts = _parse_multipart(body, boundary)
-    if FIELD not in parts:
-        named = ", ".join(repr(n) for n in parts) or "none"
+    files = [
+        (name, data)
+        for name, data, filename in parts
+        if name in _NAMED or (filename is not None and (filename or data))  # "" and no bytes: no file chosen
+    ]
+    if len(files) == 1:
+        return files[0][1]
+    named = ", ".join(repr(name) for name, _, _ in parts) or "none"
+    if not files:
         raise BadImage(
-            400, f"the form has no field {FIELD!r} (fields sent: {named}); send the image as -F {FIELD}=@photo.jpg"
+            400, f"the form has no file (fields sent: {named}); send the image as a file, -F {FIELD}=@photo.jpg"
         )
-    return parts[FIELD]
+    raise BadImage(400, f"the form has {len(files)} files (fields sent: {named}); send one image per request")
 
 
 class _Parts:
     """python-multipart's callbacks, collecting each part's headers and bytes."""
 
     def __init__(self) -> None:
-        self.found: dict[str, bytes] = {}
+        self.found: list[tuple[str, bytes, str | None]] = []
+        """Each part: its field name, its bytes, and its filename (None when it is not a file)."""
         self._headers: dict[bytes, bytes] = {}
         self._field, self._value = b"", b""
         self._data: list[bytes] = []
@@ -95,11 +107,13 @@ class _Parts:
     def on_part_end(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        self.found.setdefault(name, b"".join(self._data))  # the first part of each name
+        filename = options.get(b"filename")
+        shown = None if filename is None else filename.decode("utf-8", "replace")
+        self.found.append((name, b"".join(self._data), shown))
 
 
-def _parse_multipart(body: bytes, boundary: bytes) -> dict[str, bytes]:
-    """Field name -> bytes of each part, parsed in memory."""
+def _parse_multipart(body: bytes, boundary: bytes) -> list[tuple[str, bytes, str | None]]:
+    """Each part's field name, bytes and filename, parsed in memory."""
     parts = _Parts()
     names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end")
     parser = MultipartParser(boundary, {name: getattr(parts, name) for name in names})  # type: ignore[arg-type]

@@ -42,6 +42,11 @@ function showModels(models) {
   });
 }
 
+function clearAnswers(text) {
+  cards.forEach((box) => box.querySelector(".answer").replaceWith(
+    el("div", { class: "answer" }, el("p", { class: "timing" }, text))));
+}
+
 function showAnswer(result) {
   result.models.forEach((m) => {
     const box = cards.get(m.name);
@@ -68,6 +73,8 @@ async function send(file) {
   if (!file) return;
   status.className = "";
   status.textContent = `Sending ${file.name} (${(file.size / 1e3).toFixed(0)} kB)...`;
+  clearAnswers("Waiting for the answer...");
+  if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   const form = new FormData();
@@ -80,10 +87,14 @@ async function send(file) {
     const rotated = body.image.exif_rotated ? ", EXIF rotation applied" : "";
     status.textContent = `${file.name}: ${body.image.width}x${body.image.height} ${body.image.format}${rotated}, answered in ${body.total_ms.toFixed(1)} ms`;
   } catch (err) {
+    clearAnswers("No answer for this image.");
     status.className = "error";
     status.textContent = `error: ${err.message}`;
   }
 }
+
+// A small image (a 32 px CIFAR picture, an 8 px digit) is enlarged to the preview's box, pixels kept sharp.
+preview.addEventListener("load", () => preview.classList.toggle("small", preview.naturalWidth < 256));
 
 picker.addEventListener("change", () => send(picker.files[0]));
 ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
