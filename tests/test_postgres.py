@@ -29,6 +29,7 @@ from search.models.checkpoint import file_sha256
 from search.study.coordination import progress
 from search.study.storage import open_storage
 from tests.conftest import ROOT, run_cli
+from tests.test_workers import open_at_once
 
 ENV = "PRUNE_SEARCH_TEST_POSTGRES"
 
@@ -131,6 +132,32 @@ def _finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 240) -
     text = log.read_text(errors="replace")
     assert code == 0, text
     return text
+
+
+def test_workers_opening_one_fresh_database_at_once_all_succeed(postgres_url: str, tmp_path: Path) -> None:
+    """Eight workers released together onto a new, empty database, six times, each a fresh database.
+
+    Worker N starts N x 40 ms after the release: PostgreSQL reports the race differently depending on
+    whether the first worker has committed the schema yet (DuplicateTable, or a unique violation)."""
+    server = sqlalchemy.make_url(postgres_url)
+    names = [f"prune_search_fresh_{uuid.uuid4().hex[:8]}" for _ in range(6)]
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        urls = [server.set(database=name).render_as_string(hide_password=False) for name in names]
+        failures = open_at_once(urls, tmp_path, processes=8, stagger=0.04)
+        assert failures == [], failures
+        for url in urls:
+            storage = open_storage(url)
+            assert optuna.get_all_study_summaries(storage) == [], "one schema, usable"
+            storage.engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def test_two_workers_on_two_machines_create_and_share_one_study(postgres_url: str, tmp_path: Path) -> None:
