@@ -48,14 +48,18 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
     assert study.user_attrs["budget_ms"] == budget
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 6
-    recipes = [t.user_attrs.get("recipe").removesuffix(" at the budget") for t in trials[:4]]
-    assert recipes == ["unpruned", "uniform 0.2 l1", "uniform 0.35 l1", "uniform 0.5 l1"]
+    # What creation measured within the budget runs first; then the unpruned model and the fixed recipes.
+    labels = [t.user_attrs["recipe"] for t in trials]
+    known = [t for t in trials if t.user_attrs.get("recipe") and "latency_at_creation" in t.user_attrs]
+    assert known and trials[: len(known)] == known, labels
+    assert all(t.user_attrs["feasible"] for t in known)
+    assert trials[len(known)].user_attrs["recipe"] == "unpruned"
 
-    unpruned = trials[0]
+    unpruned = trials[len(known)]
     assert unpruned.user_attrs["feasible"] is False, "the unpruned model is over a budget of 80% of itself"
     assert unpruned.user_attrs["fine_tuned"] is False
     assert unpruned.values[0] == pytest.approx(study.user_attrs["baseline_accuracy"])
-    half = trials[3]
+    half = next(t for t in study.trials if t.user_attrs.get("recipe") == "uniform 0.5 l1")
     assert half.user_attrs["feasible"] is True and half.user_attrs["fine_tuned"] is True
     for key in (
         "policy",
@@ -78,7 +82,7 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
     assert set(half.user_attrs["seconds"]) >= {"prune", "latency", "bn_recalibration", "finetune", "evaluate"}
     for key in ("baseline_latency_ms", "budget_ms", "settings", "versions", "hardware", "space"):
         assert key in study.user_attrs, key
-    assert any("Trial 3" in line for line in reporter.infos)
+    assert any(f"Trial {trials[3].number}" in line for line in reporter.infos)
 
     best = recommended(rows(study))
     assert best is not None and best.latency_ms <= budget
@@ -117,6 +121,18 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
         run_search(replace(config, budget_fraction=0.4, trials=10, study=config.study_name))
     after = optuna.load_study(study_name=config.study_name, storage=config.storage_url).trials
     assert len(after) == stored, "study left intact"
+
+
+@pytest.mark.slow
+def test_a_short_search_ends_with_a_policy_within_the_budget(config: SearchConfig) -> None:
+    """--trials 1 on a budget the unpruned model misses: the one trial is a recipe measured within it."""
+    config = replace(config, budget_ms=None, budget_fraction=0.8, study="short", trials=1, precisions=("fp32",))
+    result = run_search(config)
+    trials = result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 1
+    assert trials[0].user_attrs["recipe"].endswith("at the budget"), trials[0].user_attrs["recipe"]
+    best = recommended(rows(result.study))
+    assert best is not None and best.latency_ms <= result.budget_ms, "not 'No policy within the budget yet'"
 
 
 @pytest.mark.slow

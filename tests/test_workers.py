@@ -22,13 +22,12 @@ from search.study.coordination import (
     OVER_BUDGET_FACTOR,
     TrialSeededSampler,
     check_same_hardware,
-    is_ready,
     mark_ready,
     next_step,
     progress,
     use_study_heartbeat,
-    wait_until_ready,
 )
+from search.study.creator import is_ready, wait_until_ready
 from search.study.retry import failure_reason, retries_first
 from search.study.storage import open_storage
 from search.study.workers import parse_cpus, plan_cpus, worker_argv
@@ -184,12 +183,11 @@ def test_joining_checks(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
     assert not is_ready(study)
-    with pytest.raises(UsageError, match="never finished setting it up"):
-        wait_until_ready(storage, "s", timeout=0.3, poll=0.1)
     here = fingerprint(1)
     study.set_user_attr("hardware", here)
     mark_ready(study, 7)
-    assert wait_until_ready(storage, "s").study_name == "s"
+    ready, record = wait_until_ready(storage, "s")
+    assert ready is not None and ready.study_name == "s" and record is None
     check_same_hardware(study, here, "s")
     elsewhere = dict(here, cpu="Some Other CPU", logical_cpus=64)
     with pytest.raises(
