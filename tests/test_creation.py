@@ -151,9 +151,8 @@ def test_ctrl_c_during_creation_is_finished_by_the_rerun_at_once(
     assert "latency_aware" in half.user_attrs and not half.trials and not is_ready(half)
 
     reporter = RecordingReporter()
-    started = time.monotonic()
     result = run_search(config, reporter)
-    assert time.monotonic() - started < 120
+    assert not [line for line in reporter.infos if line.startswith("Waiting for")], "taken over without waiting"
     assert any("was stopped before it finished: this worker takes over" in line for line in reporter.infos)
     assert any(line.startswith("Finishing the creation of study 'c9'") for line in reporter.infos), reporter.infos
     assert measured["n"] == 1, "the tables measured before Ctrl-C were kept"

@@ -306,8 +306,9 @@ def wait_until_ready(
                 f"waiting for {_who(record)} to finish creating study {name!r} (now: {record.get('step')}); "
                 f"it is taken for stopped after {SILENT_SECONDS:g} s without a heartbeat"
             )
-        if waiting != said:
-            reporter.info(waiting[0].upper() + waiting[1:])
+        if waiting != said:  # a line for each creator waited for; its steps as they change
+            if said.partition(" to ")[0] != waiting.partition(" to ")[0]:
+                reporter.info(waiting[0].upper() + waiting[1:])
             reporter.phase(waiting)
             said = waiting
         time.sleep(poll)
