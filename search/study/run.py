@@ -194,7 +194,7 @@ def _why_not_resumable(
 ) -> str | None:
     """Why a study whose creation stopped cannot be finished by this worker, or None if it can."""
     if not resumable(study):
-        return "its creation stopped before its settings were recorded"
+        return "its creation stopped before a step that can be built on was recorded"
     try:
         check_resumable(study, settings, config)
         check_same_hardware(study, hardware, config.study_name)
