@@ -305,6 +305,7 @@ def open_at_once(urls: Sequence[str], folder: Path, processes: int = 4, stagger:
     return [r for r in results if r != "ok"]
 
 
+@pytest.mark.slow
 def test_workers_opening_one_fresh_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
     urls = [f"sqlite:///{tmp_path / f'fresh-{i}.db'}" for i in range(6)]
     failures = open_at_once(urls, tmp_path)
