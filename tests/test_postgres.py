@@ -8,6 +8,7 @@ fresh database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,12 @@ from search.models.checkpoint import file_sha256
 from search.study.coordination import progress
 from search.study.storage import open_storage
 from tests.conftest import ROOT, run_cli
+from tests.test_creation import (  # noqa: F401 (quick_beats is a fixture)
+    check_a_live_creator_is_waited_for_as_long_as_it_works,
+    check_a_silent_or_stopped_creator_is_taken_over_by_exactly_one_waiter,
+    quick_beats,
+)
+from tests.test_workers import open_at_once
 
 ENV = "PRUNE_SEARCH_TEST_POSTGRES"
 
@@ -132,6 +139,45 @@ def _finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 240) -
     text = log.read_text(errors="replace")
     assert code == 0, text
     return text
+
+
+@contextlib.contextmanager
+def fresh_databases(postgres_url: str, count: int) -> Iterator[list[str]]:
+    """URLs of ``count`` new, empty databases on the test server, dropped afterwards."""
+    server = sqlalchemy.make_url(postgres_url)
+    names = [f"prune_search_fresh_{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        yield [server.set(database=name).render_as_string(hide_password=False) for name in names]
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_workers_opening_one_fresh_database_at_once_all_succeed(postgres_url: str, tmp_path: Path) -> None:
+    """Eight workers released together onto a new, empty database, six times, each a fresh database.
+
+    Worker N starts N x 40 ms after the release: PostgreSQL reports the race differently depending on
+    whether the first worker has committed the schema yet (DuplicateTable, or a unique violation)."""
+    with fresh_databases(postgres_url, 6) as urls:
+        failures = open_at_once(urls, tmp_path, processes=8, stagger=0.04)
+        assert failures == [], failures
+        for url in urls:
+            storage = open_storage(url)
+            assert optuna.get_all_study_summaries(storage) == [], "one schema, usable"
+            storage.engine.dispose()
+
+
+@pytest.mark.usefixtures("quick_beats")
+def test_a_live_creator_is_waited_for_and_a_stopped_one_taken_over(postgres_url: str) -> None:
+    with fresh_databases(postgres_url, 2) as (live, stopped):
+        check_a_live_creator_is_waited_for_as_long_as_it_works(live)
+        check_a_silent_or_stopped_creator_is_taken_over_by_exactly_one_waiter(stopped)
 
 
 def test_two_workers_on_two_machines_create_and_share_one_study(postgres_url: str, tmp_path: Path) -> None:

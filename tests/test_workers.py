@@ -4,7 +4,10 @@ sampling, joining checks, and the single-worker SQLite path with pinning."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -19,17 +22,16 @@ from search.study.coordination import (
     OVER_BUDGET_FACTOR,
     TrialSeededSampler,
     check_same_hardware,
-    is_ready,
     mark_ready,
     next_step,
     progress,
     use_study_heartbeat,
-    wait_until_ready,
 )
+from search.study.creator import is_ready, wait_until_ready
 from search.study.retry import failure_reason, retries_first
 from search.study.storage import open_storage
 from search.study.workers import parse_cpus, plan_cpus, worker_argv
-from tests.conftest import run_cli, run_main
+from tests.conftest import ROOT, run_cli, run_main
 
 
 def test_cpu_lists_and_core_plans() -> None:
@@ -181,12 +183,11 @@ def test_joining_checks(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
     assert not is_ready(study)
-    with pytest.raises(UsageError, match="never finished setting it up"):
-        wait_until_ready(storage, "s", timeout=0.3, poll=0.1)
     here = fingerprint(1)
     study.set_user_attr("hardware", here)
     mark_ready(study, 7)
-    assert wait_until_ready(storage, "s").study_name == "s"
+    ready, record = wait_until_ready(storage, "s")
+    assert ready is not None and ready.study_name == "s" and record is None
     check_same_hardware(study, here, "s")
     elsewhere = dict(here, cpu="Some Other CPU", logical_cpus=64)
     with pytest.raises(
@@ -250,3 +251,96 @@ def test_single_pinned_worker_on_sqlite_and_refusal_of_other_hardware(tmp_path: 
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "hardware fingerprint" in refused.stderr and "Some Other CPU" in refused.stderr
     assert len(optuna.load_study(study_name="pinned", storage=storage).trials) == before, "nothing ran"
+
+
+_OPENER = """
+import pathlib, sys, time
+from search.study.storage import open_storage
+folder, me, stagger, urls = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+for i, url in enumerate(urls):
+    (folder / f"ready-{i}-{me}").touch()
+    while not (folder / f"go-{i}").exists():
+        time.sleep(0.0005)
+    time.sleep(int(me) * stagger)
+    try:
+        open_storage(url).engine.dispose()
+        out = "ok"
+    except Exception as exc:
+        out = f"{type(exc).__name__}: {exc}"
+    (folder / f"result-{i}-{me}").write_text(out)
+"""
+
+
+def open_at_once(urls: Sequence[str], folder: Path, processes: int = 4, stagger: float = 0.0) -> list[str]:
+    """``processes`` workers open each of ``urls`` (fresh databases) at the same instant, one URL after the
+    other; every worker is released by a file only once all of them wait for it, worker N then waits
+    N x ``stagger`` seconds (so some start while the first is midway through creating the schema).
+    Returns the failures."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER, str(folder), str(n), str(stagger), *urls],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for n in range(processes)
+    ]
+    try:
+        for i in range(len(urls)):
+            deadline = time.monotonic() + 120
+            while len(list(folder.glob(f"ready-{i}-*"))) < processes:
+                assert time.monotonic() < deadline and all(c.poll() is None for c in children), "a worker died"
+                time.sleep(0.01)
+            (folder / f"go-{i}").touch()  # all of them are waiting for it: released together
+        for child in children:
+            assert child.wait(timeout=120) == 0, child.stderr.read().decode() if child.stderr else ""
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    results = [(folder / f"result-{i}-{n}").read_text() for i in range(len(urls)) for n in range(processes)]
+    return [r for r in results if r != "ok"]
+
+
+@pytest.mark.slow
+def test_workers_opening_one_fresh_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
+    urls = [f"sqlite:///{tmp_path / f'fresh-{i}.db'}" for i in range(6)]
+    failures = open_at_once(urls, tmp_path)
+    assert failures == [], failures
+    for url in urls:
+        assert optuna.get_all_study_summaries(open_storage(url)) == [], "one schema, usable"
+
+
+def test_every_form_of_the_schema_race_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL reports a table created a moment earlier by another worker as DuplicateTable (a
+    ProgrammingError), SQLite as an OperationalError: both are retried, other errors are not."""
+    import sqlalchemy.exc
+
+    from search.study import storage as storage_module
+
+    real = storage_module.RDBStorage
+    raised: list[str] = []
+
+    def racing(errors: list[Exception]):
+        def make(*args, **kwargs):
+            if errors:
+                raised.append(str(errors[0]))
+                raise errors.pop(0)
+            return real(*args, **kwargs)
+
+        return make
+
+    duplicate = sqlalchemy.exc.ProgrammingError(
+        "CREATE TABLE studies", {}, Exception('relation "studies" already exists')
+    )
+    exists = sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+    monkeypatch.setattr(storage_module, "RDBStorage", racing([duplicate, exists]))
+    assert open_storage(f"sqlite:///{tmp_path / 'a.db'}") is not None
+    assert len(raised) == 2, "both forms of the race were retried"
+    denied = sqlalchemy.exc.OperationalError("connect", {}, Exception('password authentication failed for "x"'))
+    monkeypatch.setattr(storage_module, "RDBStorage", racing([denied]))
+    with pytest.raises(UsageError, match="password authentication failed"):
+        open_storage(f"sqlite:///{tmp_path / 'b.db'}")

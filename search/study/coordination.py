@@ -3,10 +3,11 @@
 Any number of processes, on one machine or many, may run ``cli.py search`` against the same
 storage URL and study name. This module holds the rules they follow, all through the storage:
 
-* **Creation.** A worker that finds no study measures the baseline and then creates the study;
-  the storage's unique study name makes exactly one creator win. The winner records its
-  settings, enqueues the recipes and finally sets the ``ready`` attribute. Everyone else waits
-  for ``ready`` before reading the study (:func:`wait_until_ready`).
+* **Creation.** A worker that finds no study creates it at once; the storage's unique study name
+  makes exactly one creator win. The winner measures the baseline, records its settings,
+  enqueues the recipes and finally sets the ``ready`` attribute, keeping a heartbeat on the study
+  meanwhile. Everyone else waits for ``ready`` while that heartbeat is fresh, and takes creation
+  over once it is not (:mod:`search.study.creator`).
 * **Joining.** A worker joins only if its hardware fingerprint equals the study's
   (:func:`check_same_hardware`): latency measured on other hardware is not comparable.
 * **Heartbeat.** The study fixes its heartbeat interval when it is created; every worker uses that
@@ -28,11 +29,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import optuna
@@ -42,9 +41,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UsageError
 from search.measuring.hardware import fingerprint_id
-from search.progress import NullReporter, Reporter
 from search.study.origin import is_enqueued
-from search.study.storage import HEARTBEAT_SECONDS, load_existing
+from search.study.storage import HEARTBEAT_SECONDS
 
 __all__ = [
     "OVER_BUDGET_FACTOR",
@@ -52,12 +50,10 @@ __all__ = [
     "StudyProgress",
     "TrialSeededSampler",
     "check_same_hardware",
-    "is_ready",
     "mark_ready",
     "next_step",
     "progress",
     "use_study_heartbeat",
-    "wait_until_ready",
     "worker_identity",
 ]
 
@@ -65,12 +61,6 @@ READY_ATTR = "ready"
 """Study user attribute the creating worker sets last: the study is complete and may be joined."""
 
 HEARTBEAT_ATTR = "heartbeat_seconds"
-
-CREATION_TIMEOUT_SECONDS = 60.0
-"""How long a joining worker waits for the creator to finish setting the study up."""
-
-LEGACY_AGE = timedelta(minutes=2)
-"""Studies made before ``ready`` existed count as ready once they are this old."""
 
 
 def worker_identity() -> dict[str, Any]:
@@ -81,53 +71,10 @@ def worker_identity() -> dict[str, Any]:
 # --------------------------------------------------------------------------- creation and joining
 
 
-def is_ready(study: optuna.Study) -> bool:
-    """True once the creating worker has finished setting the study up."""
-    attrs = study.user_attrs
-    if attrs.get(READY_ATTR):
-        return True
-    created = attrs.get("created")
-    if "settings" not in attrs or not created:
-        return False
-    try:
-        when = datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z")
-    except ValueError:
-        return False
-    return datetime.now(when.tzinfo) - when > LEGACY_AGE
-
-
 def mark_ready(study: optuna.Study, heartbeat_seconds: int) -> None:
     """Called by the creating worker once everything else is recorded and enqueued."""
     study.set_user_attr(HEARTBEAT_ATTR, heartbeat_seconds)
     study.set_user_attr(READY_ATTR, True)
-
-
-def wait_until_ready(
-    storage: RDBStorage,
-    name: str,
-    reporter: Reporter | None = None,
-    *,
-    timeout: float = CREATION_TIMEOUT_SECONDS,
-    poll: float = 0.5,
-) -> optuna.Study:
-    """The study ``name`` once its creator has marked it ready (another worker may be creating it)."""
-    reporter = reporter or NullReporter()
-    deadline = time.monotonic() + timeout
-    waited = False
-    while True:
-        study = load_existing(storage, name)
-        if study is not None and is_ready(study):
-            return study
-        if time.monotonic() > deadline:
-            raise UsageError(
-                f"study {name!r} exists but the worker that created it never finished setting it up "
-                f"(it was probably stopped); delete it with `optuna delete-study --study-name {name} "
-                f"--storage URL` or pass --study NEW"
-            )
-        if not waited:
-            reporter.phase(f"waiting for another worker to finish creating study {name!r}")
-            waited = True
-        time.sleep(poll)
 
 
 def check_same_hardware(study: optuna.Study, hardware: dict[str, Any], name: str) -> None:

@@ -2,8 +2,12 @@
 
 Time the unpruned model (the study's reference for every drift-corrected latency), resolve the
 budget, decide the precisions to search (INT8 only where it is measured faster), check that the
-budget is reachable at all, score the baseline, create the study with its provenance, and
-enqueue the recipes so every study contains them. Each step is a call into one room.
+budget is reachable at all, score the baseline, record the study's provenance, and enqueue the
+recipes so every study contains them. Each step is a call into one room.
+
+The study's name is claimed first, and the creator keeps a heartbeat on it while it works
+(:mod:`search.study.creator`); each finished step is recorded, so a worker that takes creation
+over from a stopped creator finishes it from there (:func:`resume_creation`).
 """
 
 from __future__ import annotations
@@ -26,20 +30,22 @@ from search.pruning.latency_aware import SensitivityTable, path_policies
 from search.pruning.policy import Policy
 from search.pruning.recipes import Recipe, global_grid, study_recipes
 from search.pruning.space import SearchSpace
+from search.study.baseline_store import publish_baseline
 from search.study.config import SearchConfig
-from search.study.coordination import TrialSeededSampler
+from search.study.coordination import TrialSeededSampler, mark_ready
+from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
 from search.study.sensitivity import measure_sensitivity
-from search.study.storage import masked
+from search.study.storage import HEARTBEAT_SECONDS, masked
 from search.study.trial import LATENCY_AT_CREATION
 from search.training.baseline import Baseline
 from search.training.evaluate import top1
 
-__all__ = ["create_study", "fastest_reachable", "sampler"]
+__all__ = ["create_study", "fastest_reachable", "resumable", "resume_creation", "sampler"]
 
 
 def create_study(
     config: SearchConfig,
-    storage: optuna.storages.BaseStorage,
+    storage: optuna.storages.RDBStorage,
     data: Dataset,
     space: SearchSpace,
     baseline: Baseline,
@@ -49,44 +55,109 @@ def create_study(
     train_device: dict[str, Any],
     reporter: Reporter,
 ) -> optuna.Study:
-    """Create study ``config.study_name`` in ``storage`` with its recipes enqueued (sets ``meter.baseline_ms``).
+    """Create study ``config.study_name`` in ``storage``, set it up and mark it ready (sets ``meter.baseline_ms``).
 
-    Raises :class:`UsageError` before anything is stored when the budget cannot be met.
-    Raises optuna's ``DuplicatedStudyError`` when another worker created the study meanwhile.
+    The name is claimed first, so other workers wait for this one (it keeps a heartbeat meanwhile,
+    :mod:`search.study.creator`). Raises :class:`UsageError` when the budget cannot be met, and the
+    study is deleted again. Raises optuna's ``DuplicatedStudyError`` when another worker created it first.
     """
-    base = _time_baseline(meter, config, data, reporter)
-    config = _resolve_budget(config, base, settings, reporter)
-    precisions, int8_check = choose_precisions(space.precisions, meter, reporter)
-    space = space.with_precisions(precisions)
-    meter.space = space
-    fastest_ms = fastest_reachable(space, meter, reporter)
-    _check_budget(config, space, fastest_ms, base, reporter)
-    reporter.phase("evaluate the baseline")
-    accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=reporter, device=config.device)
-    reporter.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
-    _warn_near_chance(accuracy, data, reporter)
     study = optuna.create_study(
         study_name=config.study_name,
         storage=storage,
         directions=["maximize", "minimize"],
         sampler=sampler(config, space),
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["accuracy", "latency_ms"])
-    provenance = _provenance(
-        config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware, train_device
-    )
-    for key, value in provenance.items():
-        study.set_user_attr(key, value)
-    study.set_user_attr("latency_measured_on", meter.timer.where)  # "local", or the latency target's URL
-    recipes = _recipes(config, space, baseline, meter, reporter, study, accuracy)
-    _enqueue(study, space, recipes)
-    labelled = sum(1 for r in recipes if r.label)
-    reporter.info(
-        f"Created study {config.study_name!r} in {masked(config.storage_url)}; enqueued {labelled} recipes"
-        f" and {len(recipes) - labelled} start-up policies near the budget"
-    )
+    record = claim(storage, study, None, "measure the baseline")
+    if record is None:  # a waiting worker took it over in the instant before this one claimed it
+        raise optuna.exceptions.DuplicatedStudyError(f"study {config.study_name!r} is being created elsewhere")
+    with creating(storage, study, record) as beat:
+        told = beat.reporter(reporter)
+        base = _time_baseline(meter, config, data, told)
+        config = _resolve_budget(config, base, settings, told)
+        precisions, int8_check = choose_precisions(space.precisions, meter, told)
+        space = space.with_precisions(precisions)
+        meter.space = space
+        fastest_ms = fastest_reachable(space, meter, told)
+        _check_budget(config, space, fastest_ms, base, told)
+        told.phase("evaluate the baseline")
+        accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=told, device=config.device)
+        told.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
+        _warn_near_chance(accuracy, data, told)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["accuracy", "latency_ms"])
+        provenance = _provenance(
+            config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware, train_device
+        )
+        for key, value in provenance.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("latency_measured_on", meter.timer.where)  # "local", or the latency target's URL
+        record_step(study, PROVENANCE)
+        return _finish(config, storage, study, space, baseline, meter, told, beat)
+
+
+PROVENANCE = "baseline measured and settings recorded"
+RECIPES = "recipes enqueued"
+LATENCY_AWARE = "latency-aware tables measured"
+BASELINE_STORED = "baseline stored"
+
+
+def resumable(study: optuna.Study) -> bool:
+    """Whether a study whose creation stopped can be finished from its recorded steps."""
+    done = steps_done(study)
+    return PROVENANCE in done and (RECIPES in done or not study.get_trials(deepcopy=False))
+
+
+def resume_creation(
+    config: SearchConfig,
+    storage: optuna.storages.RDBStorage,
+    study: optuna.Study,
+    record: str,
+    space: SearchSpace,
+    baseline: Baseline,
+    meter: CandidateMeter,
+    reporter: Reporter,
+) -> optuna.Study:
+    """Finish creating ``study`` (this worker claimed it as ``record``) after the steps already recorded."""
+    with creating(storage, study, record) as beat:
+        told = beat.reporter(reporter)
+        attrs = study.user_attrs
+        config = config.with_budget_ms(float(attrs["budget_ms"]))
+        space = space.with_precisions(attrs.get("precisions", ["fp32"]))
+        meter.space = space
+        meter.baseline_ms = attrs["baseline_latency_ms"]
+        told.info(
+            f"Finishing the creation of study {config.study_name!r}; kept from before: {', '.join(steps_done(study))}"
+        )
+        return _finish(config, storage, study, space, baseline, meter, told, beat)
+
+
+def _finish(
+    config: SearchConfig,
+    storage: optuna.storages.RDBStorage,
+    study: optuna.Study,
+    space: SearchSpace,
+    baseline: Baseline,
+    meter: CandidateMeter,
+    reporter: Reporter,
+    beat: CreatorHeartbeat,
+) -> optuna.Study:
+    """The creation steps after the provenance, each skipped when already recorded; then the study is ready."""
+    if RECIPES not in steps_done(study):
+        accuracy = study.user_attrs["baseline_accuracy"]
+        recipes = _recipes(config, space, baseline, meter, reporter, study, accuracy)
+        _enqueue(study, space, recipes, config.budget_ms)
+        record_step(study, RECIPES)
+        labelled = sum(1 for r in recipes if r.label)
+        reporter.info(
+            f"Created study {config.study_name!r} in {masked(config.storage_url)}; enqueued {labelled} recipes"
+            f" and {len(recipes) - labelled} start-up policies near the budget"
+        )
+    if BASELINE_STORED not in steps_done(study):
+        publish_baseline(storage, study, baseline)
+        record_step(study, BASELINE_STORED)
+    beat.stop()
+    mark_ready(study, config.heartbeat_seconds or HEARTBEAT_SECONDS)
     return study
 
 
@@ -226,6 +297,9 @@ def _recipes(
         return global_grid(space, baseline.model, meter.data.example_input(), precision)
 
     def latency_aware_grid_of(precision: str) -> list[tuple[float, Policy]]:
+        if not tables and LATENCY_AWARE in steps_done(study):  # measured before creation was interrupted
+            tables.append(SensitivityTable.from_dict(study.user_attrs["latency_aware"]))
+            reporter.info("Latency-aware tables: kept from before")
         if not tables:
             reporter.phase("measure each stage pruned alone (latency-aware recipe)")
             table = measure_sensitivity(
@@ -240,6 +314,7 @@ def _recipes(
             )
             tables.append(table)
             study.set_user_attr("latency_aware", table.to_dict())
+            record_step(study, LATENCY_AWARE)
             probes = sum(len(p) for p in table.stages.values())
             reporter.info(
                 f"Latency-aware tables: {probes} prunings of one stage each ({len(table.stages)} stages), timed and"
@@ -259,9 +334,21 @@ def _recipes(
     )
 
 
-def _enqueue(study: optuna.Study, space: SearchSpace, recipes: list[Recipe]) -> None:
-    """Enqueue each recipe, labelled, with the latency record that chose it (its trial reuses it)."""
-    for recipe in recipes:
+def known_within_first(recipes: list[Recipe], budget_ms: float) -> list[Recipe]:
+    """The recipes measured within the budget when they were chosen first, then the rest in their order.
+
+    The unpruned model and the fixed recipes are often over the budget and count towards ``--trials``:
+    run first, they used up a short search, which then ended with no policy within the budget."""
+    within = [
+        r for r in recipes if r.label and r.latency is not None and r.latency["corrected_ms"] <= budget_ms
+    ]
+    return within + [r for r in recipes if not any(r is w for w in within)]
+
+
+def _enqueue(study: optuna.Study, space: SearchSpace, recipes: list[Recipe], budget_ms: float) -> None:
+    """Enqueue each recipe, labelled, with the latency record that chose it (its trial reuses it); those known
+    to meet the budget first (:func:`known_within_first`)."""
+    for recipe in known_within_first(recipes, budget_ms):
         attrs: dict[str, Any] = {"recipe": recipe.label} if recipe.label else {"start": "near the budget"}
         if recipe.latency is not None:
             attrs[LATENCY_AT_CREATION] = recipe.latency

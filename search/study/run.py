@@ -31,19 +31,18 @@ from search.progress import NullReporter, Reporter
 from search.pruning.auto_space import space_for
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
-from search.study.baseline_store import adopt_baseline, publish_baseline
+from search.study.baseline_store import adopt_baseline
 from search.study.config import SearchConfig
 from search.study.coordination import (
     OVER_BUDGET_FACTOR,
     check_same_hardware,
-    mark_ready,
     next_step,
     use_study_heartbeat,
-    wait_until_ready,
     worker_identity,
 )
 from search.study.coordination import progress as study_progress
-from search.study.create import create_study, sampler
+from search.study.create import create_study, resumable, resume_creation, sampler
+from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
 from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
@@ -125,20 +124,10 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     train_device = device_record(torch.device(config.device))
     settings = settings_that_must_match(config, data, space, baseline)
     meter = CandidateMeter(baseline.model, data, space=space, timer=timer, quantize=quantize_settings(config))
-    study = load_existing(storage, config.study_name)
-    created = False
-    if study is None:
-        try:
-            study = create_study(
-                config, storage, data, space, baseline, meter, settings, hardware, train_device, reporter
-            )
-            publish_baseline(storage, study, baseline)
-            mark_ready(study, config.heartbeat_seconds or HEARTBEAT_SECONDS)
-            created = True
-        except optuna.exceptions.DuplicatedStudyError:  # another worker created it meanwhile: join it
-            reporter.info(f"Another worker created study {config.study_name!r} first; joining it")
+    study, created = _create_or_join(
+        config, storage, data, space, baseline, meter, settings, hardware, train_device, reporter
+    )
     if not created:
-        study = wait_until_ready(storage, config.study_name, reporter)
         stored_sha = (study.user_attrs.get("settings") or {}).get("baseline_sha256")
         if baseline.sha256 != stored_sha and adopt_baseline(storage, config, data, cache_dir, reporter):
             return run_search(config, reporter, timer=timer)  # lost the creation race: use the study's baseline
@@ -158,6 +147,60 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
         interrupted=interrupted,
         stopped=stopped,
     )
+
+
+def _create_or_join(
+    config: SearchConfig,
+    storage: RDBStorage,
+    data: Dataset,
+    space: SearchSpace,
+    baseline: Baseline,
+    meter: CandidateMeter,
+    settings: dict[str, Any],
+    hardware: dict[str, Any],
+    train_device: dict[str, Any],
+    reporter: Reporter,
+) -> tuple[optuna.Study, bool]:
+    """The study, ready, and whether this worker created it (or finished creating it).
+
+    A study another worker is creating is waited for while that worker shows it is alive; one whose
+    creator stopped is taken over: finished from its recorded steps when this worker's settings and
+    hardware are the study's, else discarded (it has no trials yet) and created again.
+    """
+    for _ in range(5):  # a study can vanish while waited for (its creator was refused, or discarded it)
+        if load_existing(storage, config.study_name) is None:
+            try:
+                args = (config, storage, data, space, baseline, meter, settings, hardware, train_device, reporter)
+                return create_study(*args), True
+            except optuna.exceptions.DuplicatedStudyError:  # another worker created it meanwhile: join it
+                reporter.info(f"Another worker created study {config.study_name!r} first; joining it")
+        study, record = wait_until_ready(storage, config.study_name, reporter)
+        if study is None:
+            continue
+        if record is None:
+            return study, False
+        why = _why_not_resumable(study, settings, config, hardware)
+        if why is None:
+            return resume_creation(config, storage, study, record, space, baseline, meter, reporter), True
+        if any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False)):  # never lose a trial
+            raise UsageError(f"study {config.study_name!r} was never set up completely yet has trials; use --study NEW")
+        reporter.info(f"Discarding the half-built study {config.study_name!r} ({why}) and creating it again")
+        optuna.delete_study(study_name=config.study_name, storage=storage)
+    raise UsageError(f"study {config.study_name!r} kept disappearing while this worker waited for it; run it again")
+
+
+def _why_not_resumable(
+    study: optuna.Study, settings: dict[str, Any], config: SearchConfig, hardware: dict[str, Any]
+) -> str | None:
+    """Why a study whose creation stopped cannot be finished by this worker, or None if it can."""
+    if not resumable(study):
+        return "its creation stopped before a step that can be built on was recorded"
+    try:
+        check_resumable(study, settings, config)
+        check_same_hardware(study, hardware, config.study_name)
+    except UsageError as exc:
+        return f"it was begun differently: {exc}"
+    return None
 
 
 def _data_and_space(config: SearchConfig, reporter: Reporter) -> tuple[Dataset, SearchSpace, nn.Module]:

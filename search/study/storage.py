@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -95,23 +99,80 @@ def open_study(name: str, url: str) -> optuna.Study:
     return study
 
 
+SCHEMA_LOCK_KEY = 0x70727365  # "prse": the PostgreSQL advisory lock every worker takes to create the schema
+"""Workers opening one fresh database at once would each create Optuna's tables; one of them would fail."""
+
+_RACE_MARKS = ("already exists", "duplicate", "database is locked")
+"""What drivers say when another worker created the same table a moment earlier (PostgreSQL raises
+``DuplicateTable``, a ``ProgrammingError``, or a unique violation on ``pg_type``; SQLite an
+``OperationalError``; MySQL error 1050), or held the file while doing so."""
+
+
 def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
-    """RDBStorage, retried when workers starting together race to create Optuna's tables."""
+    """RDBStorage, its schema created by one worker at a time (workers may open a fresh database together).
+
+    On PostgreSQL a session advisory lock serializes the creation; on SQLite an exclusive ``flock``
+    on the database's folder. Errors that still show the race (a worker of an older version that
+    takes no lock) are retried; any other error is raised at once.
+    """
     import sqlalchemy.exc
 
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
-                    url,
-                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-                    heartbeat_interval=heartbeat_seconds,
-                    grace_period=2 * heartbeat_seconds,
-                    heartbeat_stale_trial_callback=RetryStaleTrial(),
-                )
-        except sqlalchemy.exc.IntegrityError:  # another worker created the same table a moment earlier
-            if attempt == 4:
+            with _schema_lock(url):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(
+                        url,
+                        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                        heartbeat_interval=heartbeat_seconds,
+                        grace_period=2 * heartbeat_seconds,
+                        heartbeat_stale_trial_callback=RetryStaleTrial(),
+                    )
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            if attempt == 4 or not _is_creation_race(exc):
                 raise
-            time.sleep(0.5 + attempt)
+            time.sleep(0.2 + 0.5 * attempt)
     raise AssertionError("unreachable")
+
+
+def _is_creation_race(exc: Exception) -> bool:
+    import sqlalchemy.exc
+
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return isinstance(exc, sqlalchemy.exc.IntegrityError) or any(mark in text for mark in _RACE_MARKS)
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Held while this worker opens (and maybe creates) the storage: one worker at a time per database."""
+    if url.startswith("sqlite:///"):
+        folder = Path(url[len("sqlite:///") :]).parent
+        try:
+            fd: int | None = os.open(folder if str(folder) else ".", os.O_RDONLY)
+        except OSError:  # an unusual path: RDBStorage says what is wrong with it
+            fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+        return
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()

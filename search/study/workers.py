@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 from search.errors import UsageError
 from search.progress import NullReporter, Reporter
 from search.study.config import SearchConfig
-from search.study.coordination import is_ready, progress
+from search.study.coordination import progress
+from search.study.creator import is_ready
 from search.study.origin import origin
 from search.study.storage import load_existing, open_storage
 
