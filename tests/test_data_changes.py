@@ -178,3 +178,16 @@ def test_a_baseline_trained_here_near_chance_is_not_blamed_on_weights_nobody_gav
     reporter = RecordingReporter()
     _warn_near_chance(0.1, digits32, reporter, trained_here=False)  # type: ignore[arg-type]
     assert "check that --weights were trained on this data" in reporter.warnings[0]
+
+
+def test_entries_of_the_same_folder_held_out_with_other_seeds_are_kept(cache_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    for k, name in enumerate(("cat", "dog")):
+        for i in range(5):
+            _bmp(root / name / f"{i}.bmp", (80 * k, 10 * i, 50))
+    for seed in (0, 1):
+        load_dataset(DataSpec(f"imagefolder:{root}", input_size=16, seed=seed))
+    assert len(_entries(cache_root)) == 2  # two studies with different --seed do not evict each other
+    _replace_in_place(root / "cat" / "0.bmp", (9, 9, 9))
+    load_dataset(DataSpec(f"imagefolder:{root}", input_size=16, seed=0))
+    assert len(_entries(cache_root)) == 2  # seed 0's old entry replaced, seed 1's kept

@@ -78,7 +78,10 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
             with reporter.task("decode images", total) as task:
                 return _decode_to_file(lists, stored, handle, task)
 
-        found, layout = open_or_decode(cache, needed, decode, source=["imagefolder", str(root), stored])
+        source = ["imagefolder", str(root), stored, sorted(lists)]
+        if "val" not in _split_folders(root):  # the held-out part depends on these: entries of each are kept
+            source += [spec.seed, spec.val_fraction]
+        found, layout = open_or_decode(cache, needed, decode, source=source)
         splits = {"train": None, "val": None, "test": None, **found}
         content = layout.get("notes", {}).get("content_sha256")
         for warning in layout.get("notes", {}).get("warnings", []):
