@@ -191,3 +191,21 @@ def test_entries_of_the_same_folder_held_out_with_other_seeds_are_kept(cache_roo
     _replace_in_place(root / "cat" / "0.bmp", (9, 9, 9))
     load_dataset(DataSpec(f"imagefolder:{root}", input_size=16, seed=0))
     assert len(_entries(cache_root)) == 2  # seed 0's old entry replaced, seed 1's kept
+
+
+def test_a_rerun_with_other_data_is_refused_before_a_baseline_is_trained_for_it(tmp_path: Path) -> None:
+    import optuna
+
+    from search.study.run import run_search
+    from search.study.settings import data_settings
+
+    config = SearchConfig(
+        budget_ms=10, data=DataSpec("digits", input_size=32), study="here", studies_dir=str(tmp_path / "studies")
+    )
+    (tmp_path / "studies").mkdir()
+    study = optuna.create_study(study_name="here", storage=config.storage_url)
+    study.set_user_attr("settings", data_settings(load_dataset(config.data)))  # no --weights: trained here
+    other = replace(config, data=DataSpec("digits", input_size=32, mean=(0.5, 0.5, 0.5)))
+    with pytest.raises(UsageError, match=r"different --mean \(0\.3057,0\.3057,0\.3057, now 0\.5,0\.5,0\.5\)"):
+        run_search(other)
+    assert not (tmp_path / "studies" / "cache").exists()  # no baseline was trained for the other data

@@ -23,7 +23,9 @@ from search.training.finetune import TrainSettings
 
 __all__ = [
     "check_resumable",
+    "check_same_data",
     "check_same_device_kind",
+    "data_settings",
     "finetune_settings",
     "quantize_settings",
     "settings_that_must_match",
@@ -37,12 +39,8 @@ def settings_that_must_match(
     return {
         "budget": config.budget_ms if config.budget_ms is not None else f"{config.budget_fraction:g}x",
         "model": config.model,
+        **data_settings(data),  # before the baseline: a baseline trained here follows the data
         "baseline_sha256": baseline.sha256,
-        "input_size": data.input_size,  # the parts of the data a user names, compared before the fingerprint
-        "mean": [round(float(v), 6) for v in data.mean],
-        "std": [round(float(v), 6) for v in data.std],
-        "data_files": data.content_sha256,
-        "data_fingerprint": data.fingerprint,
         "space_sha256": hashlib.sha256(space.text.encode()).hexdigest()[:16],
         "threads": config.threads,
         "finetune_steps": config.finetune_steps,
@@ -55,6 +53,23 @@ def settings_that_must_match(
         "calibration_method": config.calibration_method,
         "calibration_images": config.calibration_images,
     }
+
+
+def data_settings(data: Dataset) -> dict[str, Any]:
+    """The data's part of :func:`settings_that_must_match`: what a user names first, the hashes last."""
+    return {
+        "input_size": data.input_size,
+        "mean": [round(float(v), 6) for v in data.mean],
+        "std": [round(float(v), 6) for v in data.std],
+        "data_files": data.content_sha256,
+        "data_fingerprint": data.fingerprint,
+    }
+
+
+def check_same_data(study: optuna.Study, data: Dataset, config: SearchConfig) -> None:
+    """Refuse different data before a baseline is trained for it (a study still being created is let through)."""
+    if study.user_attrs.get("settings") is not None:
+        check_resumable(study, data_settings(data), config)
 
 
 _FLAGS = {
