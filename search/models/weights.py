@@ -5,8 +5,9 @@ Weights come from a file (a plain state_dict, the same saved from ``nn.DataParal
 see :func:`~search.models.checkpoint.save_checkpoint`) or are torchvision's published ImageNet
 weights (``"imagenet"``), read from the torch hub cache (``torch.hub.get_dir()/checkpoints``) and
 downloaded there first when missing, as torchvision does: with its progress bar and its check of the
-SHA-256 prefix in the file name. Offline, or on a hash mismatch, the error is one line naming the URL
-and the file to put it at.
+SHA-256 prefix in the file name. A file already in the cache is read as it is, as torchvision
+does (its SHA-256 is recorded with the baseline). Offline, or on a hash mismatch, the error is one
+line naming the URL and the file to put it at.
 Every file is read with ``torch.load(weights_only=True)``, and weights that don't fit the model
 are refused with a :class:`~search.errors.UsageError` naming the mismatching layers and their shapes.
 """
