@@ -108,6 +108,8 @@ def test_bad_data_inputs(tiny_study: dict[str, str], tmp_path: Path) -> None:
         (broken / cls / "x.jpg").write_bytes(b"not an image")
     assert_usage_error(_bad(tiny_study, "--data", f"imagefolder:{broken}"), "could be decoded")
     assert_usage_error(_bad(tiny_study, "--data", "mnist"), "mnist")
+    assert_usage_error(_bad(tiny_study, "--mean", "0.5,0.5,0.5"), "different --mean", "now 0.5,0.5,0.5")
+    assert_usage_error(_bad(tiny_study, "--input-size", "40"), "different --input-size (32, now 40)")
 
 
 @pytest.mark.slow

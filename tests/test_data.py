@@ -314,10 +314,10 @@ def test_cifar10_pickles_load(tmp_path: Path, nested: bool) -> None:
     assert next(upscaled.batches("val", 4, shuffle=False, augment=True))[0].shape == (4, 3, 64, 64)
 
 
-def test_cifar10_missing_file_says_we_never_download(tmp_path: Path) -> None:
+def test_cifar10_missing_file_is_named_with_the_download_alternative(tmp_path: Path) -> None:
     _write_cifar(tmp_path)
     (tmp_path / "data_batch_3").unlink()
-    with pytest.raises(UsageError, match=r"data_batch_3.*never downloads"):
+    with pytest.raises(UsageError, match=r"data_batch_3 is missing; .*pass plain --data cifar10 to download it"):
         load_dataset(DataSpec(f"cifar10:{tmp_path}"))
 
 

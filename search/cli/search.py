@@ -77,7 +77,10 @@ def _add_budget_model_and_data(parser: argparse.ArgumentParser) -> None:
         help="state_dict file, this tool's checkpoint, or 'imagenet'; omit to train a baseline here (cached)",
     )
     parser.add_argument(
-        "--data", default="digits", help="digits (built in), imagefolder:PATH, or cifar10:PATH (default: digits)"
+        "--data",
+        default="digits",
+        help="digits (built in), imagefolder:PATH, cifar10 (downloaded once into a cache folder), or cifar10:PATH "
+        "(default: digits)",
     )
     parser.add_argument("--input-size", type=positive_int, help="input resolution (default: per dataset)")
     parser.add_argument("--mean", type=triple, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: per dataset)")

@@ -3,7 +3,10 @@
 One pair of files per decoded data set in ``decoded/`` under the folder :data:`DECODED_CACHE_ENV`
 names: ``KEY.bin`` (every split's uint8 3×h×w rows, one split after the other) and ``KEY.json``
 (where each split starts, its labels, and what decoding noted). The key hashes what the source
-says identifies the images (exact file listing, byte sizes, stored size). Written once: one
+says identifies the images (exact file listing, byte sizes, modification times, stored size), so a
+file replaced in place is decoded again. Each entry records its source (folder and stored size):
+writing a new entry removes the older entries of the same source, which describe files that have
+since changed, so the folder holds one entry per data set and stored size. Written once: one
 process decodes while holding ``KEY.lock`` (others wait on it, then read what it wrote), into a
 partial file renamed into place, the ``.json`` last; a file that does not match its ``.json`` is
 decoded again. The images are then served by :class:`~search.data.store.DiskImages`, so a
@@ -36,7 +39,7 @@ DECODED_CACHE_ENV = "PRUNE_SEARCH_CACHE"
 """Environment variable naming the folder for decoded images (default ``~/.cache/prune-search``;
 an empty string turns the cache off, and images are then held in memory)."""
 
-FORMAT = 2
+FORMAT = 3
 """Version of the files' layout, part of every key."""
 
 Layout = dict[str, Any]
@@ -54,11 +57,13 @@ def decoded_cache_path(identity: Any) -> Path | None:
 
 
 def open_or_decode(
-    base: Path, needed_bytes: int, decode: Callable[[BinaryIO], Layout]
+    base: Path, needed_bytes: int, decode: Callable[[BinaryIO], Layout], source: Any = None
 ) -> tuple[dict[str, Split], Layout]:
     """The splits kept at ``base``, decoding them first (``decode`` writes rows to a file) if needed.
 
-    Returns the splits and the layout. Safe when several
+    ``source`` (JSON-able: the folder and stored size, without the file listing) names what the
+    entry is the decoded form of; once a new entry is written, other entries of the same source are
+    stale and removed. Returns the splits and the layout. Safe when several
     processes start at once: one decodes, the others wait and read its files.
     """
     found = _open(base)
@@ -78,7 +83,8 @@ def open_or_decode(
                 f"the decoded images need {needed_bytes / 1024**3:.1f} GiB in {base.parent} but only "
                 f"{free / 1024**3:.1f} GiB are free; {_fix()} or pass a smaller --input-size"
             )
-        _write(base, decode)
+        _write(base, decode, source)
+    _remove_stale(base, source)
     found = _open(base)
     if found is None:
         raise UsageError(f"the decoded images written to {base}.bin cannot be read back; {_fix()}")
@@ -99,7 +105,7 @@ def _locked(base: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _write(base: Path, decode: Callable[[BinaryIO], Layout]) -> None:
+def _write(base: Path, decode: Callable[[BinaryIO], Layout], source: Any) -> None:
     partial = base.with_name(f"{base.name}.{os.getpid()}.partial")
     partial_json = base.with_name(f"{base.name}.{os.getpid()}.json.partial")
     try:
@@ -107,7 +113,9 @@ def _write(base: Path, decode: Callable[[BinaryIO], Layout]) -> None:
             layout = decode(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        partial_json.write_text(json.dumps({"format": FORMAT, "bytes": partial.stat().st_size, **layout}))
+        partial_json.write_text(
+            json.dumps({"format": FORMAT, "bytes": partial.stat().st_size, "source": source, **layout})
+        )
         os.replace(partial, base.with_suffix(".bin"))
         os.replace(partial_json, base.with_suffix(".json"))  # the commit point: readers look for it
     except OSError as error:
@@ -115,6 +123,34 @@ def _write(base: Path, decode: Callable[[BinaryIO], Layout]) -> None:
     finally:
         for leftover in (partial, partial_json):
             leftover.unlink(missing_ok=True)
+
+
+def _remove_stale(base: Path, source: Any) -> None:
+    """Remove the entries of ``source`` other than ``base``: images of files that have changed since.
+
+    An entry another process is decoding right now (its lock held) is left alone. A run still reading
+    a removed entry keeps the file it has open.
+    """
+    if source is None:
+        return
+    for meta in base.parent.glob("*.json"):
+        if meta.stem == base.name:
+            continue
+        try:
+            if json.loads(meta.read_text()).get("source") != json.loads(json.dumps(source)):
+                continue
+        except (OSError, ValueError, AttributeError):
+            continue
+        other = meta.with_suffix("")
+        lock = other.with_name(other.name + ".lock")
+        try:
+            with open(lock, "a+b") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for path in (meta, other.with_suffix(".bin")):
+                    path.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+        except OSError:  # being written by another process, or not ours to remove
+            continue
 
 
 def _open(base: Path) -> tuple[dict[str, Split], Layout] | None:

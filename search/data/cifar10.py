@@ -1,13 +1,18 @@
 """``cifar10:PATH``: the CIFAR-10 python version (``cifar-10-batches-py``), read from its pickles.
 
-Never downloaded. ``PATH`` is the extracted folder or the folder holding it. The test split is
+``PATH`` is the extracted folder or the folder holding it; plain ``cifar10`` downloads the archive
+once into a cache folder (:mod:`search.data.cifar10_download`). The test split is
 ``test_batch``; val is the last 10% of each class (by index order) of ``data_batch_1..5``. The
 images are written once to the on-disk cache (:mod:`search.data.cache`) and read from there a
-batch at a time: at 32 px for small inputs, already resized for full-size ones.
+batch at a time: at 32 px for small inputs, already resized for full-size ones. The cache is keyed on
+the pickles' sizes and modification times; their bytes are hashed while decoding (the study's
+:attr:`~search.data.dataset.Dataset.content_sha256`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from search.data.cache import DECODED_CACHE_ENV, MAX_MEMORY_BYTES, Layout, decoded_cache_path, open_or_decode
+from search.data.cifar10_download import CIFAR10_FILES
 from search.data.dataset import Dataset, Split
 from search.data.fingerprint import base_payload, fingerprint
 from search.data.spec import CIFAR10_MEAN, CIFAR10_STD, DataSpec, input_size, normalisation
@@ -30,7 +36,7 @@ __all__ = ["load_cifar10"]
 
 """Largest CIFAR-10 held in memory (when the on-disk cache is off)."""
 _CIFAR10_VAL_FRACTION = 0.1  # last 10% of each class (by index order) of data_batch_*
-_CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+_CIFAR10_FILES = CIFAR10_FILES
 
 
 def load_cifar10(path: Path, spec: DataSpec) -> Dataset:
@@ -43,7 +49,7 @@ def load_cifar10(path: Path, spec: DataSpec) -> Dataset:
         if not (folder / name).is_file():
             raise UsageError(
                 f"CIFAR-10 file {folder / name} is missing; put the python version "
-                "(cifar-10-batches-py) there yourself, this tool never downloads data"
+                "(cifar-10-batches-py) there, or pass plain --data cifar10 to download it"
             )
     meta = _read_pickle(folder / "batches.meta")
     classes = [_text(n) for n in _field(meta, b"label_names", folder / "batches.meta")]
@@ -51,23 +57,33 @@ def load_cifar10(path: Path, spec: DataSpec) -> Dataset:
     crop = crop_for(size)
     stored = 32 if crop == "pad" else stored_size(size, crop)  # small inputs upscale per batch
     files = {n: (folder / n).stat().st_size for n in _CIFAR10_FILES}
-    cache = decoded_cache_path(["cifar10", str(folder), stored, files])
+    mtimes = {n: (folder / n).stat().st_mtime_ns for n in _CIFAR10_FILES}
+    cache = decoded_cache_path(["cifar10", str(folder), stored, files, mtimes])
+    digests: dict[str, str] = {}
     if cache is None:
-        splits = {name: Split(*_resized(images, labels, stored)) for name, (images, labels) in _parts(folder, classes)}
+        splits = {
+            name: Split(*_resized(images, labels, stored))
+            for name, (images, labels) in _parts(folder, classes, digests)
+        }
+        content = _content(digests)
     else:
 
         def decode(handle: BinaryIO) -> Layout:
             layout: Layout = {"splits": {}}
-            for name, (images, labels) in _parts(folder, classes):
+            for name, (images, labels) in _parts(folder, classes, digests):
                 sink = FileSink(handle)
                 for start in range(0, len(images), _CHUNK):
                     for image in _resize(images[start : start + _CHUNK], stored):
                         sink.add(image.numpy())
                 part = {"count": sink.count, "height": stored, "width": stored, "labels": labels.tolist()}
                 layout["splits"][name] = part
+            layout["notes"] = {"content_sha256": _content(digests)}
             return layout
 
-        splits, _ = open_or_decode(cache, 60000 * 3 * stored * stored, decode)
+        splits, layout = open_or_decode(
+            cache, 60000 * 3 * stored * stored, decode, source=["cifar10", str(folder), stored]
+        )
+        content = layout.get("notes", {}).get("content_sha256")
     train, val, test = splits["train"], splits["val"], splits["test"]
     mean, std = normalisation(spec, CIFAR10_MEAN, CIFAR10_STD)
     payload = base_payload("cifar10", classes, {"train": train, "val": val, "test": test}, size, mean, std)
@@ -76,16 +92,36 @@ def load_cifar10(path: Path, spec: DataSpec) -> Dataset:
     if crop != "pad":
         payload["transforms"] = describe(crop, size, True, "bilinear", stored)
     return Dataset(
-        "cifar10", classes, train, val, test, size, mean, std, flip=True, fingerprint=fingerprint(payload), crop=crop
+        "cifar10",
+        classes,
+        train,
+        val,
+        test,
+        size,
+        mean,
+        std,
+        flip=True,
+        fingerprint=fingerprint(payload),
+        content_sha256=content,
+        crop=crop,
     )
+
+
+def _content(digests: dict[str, str]) -> str:
+    """One short hash of the batch files' SHA-256s (batches.meta only names the classes)."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _CHUNK = 500  # images resized at a time while decoding
 
 
-def _parts(folder: Path, classes: list[str]) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(split name, (uint8 N×3×32×32 images, labels)) for train, val and test, in that order."""
-    batches = [_cifar_batch(folder / f"data_batch_{i}", len(classes)) for i in range(1, 6)]
+def _parts(
+    folder: Path, classes: list[str], digests: dict[str, str]
+) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(split name, (uint8 N×3×32×32 images, labels)) for train, val and test, in that order.
+
+    Fills ``digests`` with each batch file's SHA-256, taken from the bytes read anyway."""
+    batches = [_cifar_batch(folder / f"data_batch_{i}", len(classes), digests) for i in range(1, 6)]
     images = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
     del batches
@@ -94,7 +130,7 @@ def _parts(folder: Path, classes: list[str]) -> Iterator[tuple[str, tuple[torch.
         part = select(images, labels, index)
         yield name, (part.images, part.labels)  # type: ignore[misc]
     del images
-    yield "test", _cifar_batch(folder / "test_batch", len(classes))
+    yield "test", _cifar_batch(folder / "test_batch", len(classes), digests)
 
 
 def _resize(images: torch.Tensor, stored: int) -> torch.Tensor:
@@ -119,10 +155,12 @@ def _cifar_folder(folder: Path) -> Path:
     return nested if nested.is_dir() else folder
 
 
-def _read_pickle(path: Path) -> dict[Any, Any]:
+def _read_pickle(path: Path, digests: dict[str, str] | None = None) -> dict[Any, Any]:
     try:
-        with path.open("rb") as handle:
-            content = pickle.load(handle, encoding="bytes")
+        raw = path.read_bytes()
+        if digests is not None:
+            digests[path.name] = hashlib.sha256(raw).hexdigest()
+        content = pickle.loads(raw, encoding="bytes")
     except (
         OSError,
         pickle.UnpicklingError,
@@ -150,9 +188,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _cifar_batch(path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cifar_batch(path: Path, num_classes: int, digests: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 N×3×32×32 images and int64 labels of one CIFAR-10 batch file."""
-    content = _read_pickle(path)
+    content = _read_pickle(path, digests)
     data = np.asarray(_field(content, b"data", path), dtype=np.uint8)
     labels = np.asarray(_field(content, b"labels", path), dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:

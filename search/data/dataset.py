@@ -53,7 +53,11 @@ class Dataset:
     flip: bool
     """Whether a horizontal flip is a valid augmentation (False for digits)."""
     fingerprint: str
-    """Short sha256 hex of source contents, splits, size and normalisation; stable across runs."""
+    """Short sha256 hex of the source (file names and sizes), splits, size and normalisation; stable across runs
+    and machines (a study stores it: what it hashes stays as it was, so existing studies resume)."""
+    content_sha256: str | None = None
+    """Short sha256 hex of the source files' bytes (``None`` for the built-in digits), which tells a file
+    replaced by another of the same size; a study stores it next to :attr:`fingerprint`."""
     upsample: str = "bilinear"
     """How stored images are enlarged to ``input_size``: ``nearest`` keeps the sharp pixel edges
     of tiny images (digits are 8x8), ``bilinear`` suits photos."""

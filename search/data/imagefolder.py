@@ -9,6 +9,8 @@ batch at a time (see :mod:`search.data.cache`); with the cache off they are held
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ class _FileList:
     """Paths relative to ``root`` (posix separators on posix systems)."""
     labels: list[int]
     sizes: list[int]
+    mtimes: list[int]
+    """Modification times (ns): with the sizes, what the decoded-image cache is keyed on."""
 
 
 def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
@@ -67,15 +71,19 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
     needed = total * 3 * stored * stored
     cache = decoded_cache_path(_identity(root, stored, lists))
     if cache is None:
-        splits = _decode_in_memory(lists, total, needed, stored, size, reporter)
+        splits, content = _decode_in_memory(lists, total, needed, stored, size, reporter)
     else:
 
         def decode(handle: BinaryIO) -> Layout:
             with reporter.task("decode images", total) as task:
                 return _decode_to_file(lists, stored, handle, task)
 
-        found, layout = open_or_decode(cache, needed, decode)
+        source = ["imagefolder", str(root), stored, sorted(lists)]
+        if "val" not in _split_folders(root):  # the held-out part depends on these: entries of each are kept
+            source += [spec.seed, spec.val_fraction]
+        found, layout = open_or_decode(cache, needed, decode, source=source)
         splits = {"train": None, "val": None, "test": None, **found}
+        content = layout.get("notes", {}).get("content_sha256")
         for warning in layout.get("notes", {}).get("warnings", []):
             reporter.warn(warning)  # the same words on every run that reads these images
     mean, std = normalisation(spec, IMAGENET_MEAN, IMAGENET_STD)
@@ -102,6 +110,7 @@ def load_imagefolder(root: Path, spec: DataSpec, reporter: Reporter) -> Dataset:
         std,
         flip=True,
         fingerprint=fingerprint(payload),
+        content_sha256=content,
         crop=crop,
     )
 
@@ -173,15 +182,17 @@ def _scan_classes(folder: Path, root: Path) -> tuple[list[str], _FileList]:
     files: list[str] = []
     labels: list[int] = []
     sizes: list[int] = []
+    mtimes: list[int] = []
     empty: list[str] = []
     for label, name in enumerate(class_dirs):
         found = _walk_images(folder / name, root)
         if not found:
             empty.append(name)
-        for path, size in found:
+        for path, size, mtime in found:
             files.append(path)
             labels.append(label)
             sizes.append(size)
+            mtimes.append(mtime)
     if not files:
         raise UsageError(
             f"no images found under {folder}; expected {root}/<class>/<image> or {root}/train/<class>/<image>"
@@ -196,13 +207,13 @@ def _scan_classes(folder: Path, root: Path) -> tuple[list[str], _FileList]:
             f"{folder} has only 1 class folder ({class_dirs[0]}); a classifier needs at least 2 class folders"
         )
     label_text = f"{folder.relative_to(root).as_posix()}/" if folder != root else f"{folder}/"
-    return class_dirs, _FileList(label_text, root, files, labels, sizes)
+    return class_dirs, _FileList(label_text, root, files, labels, sizes, mtimes)
 
 
-def _walk_images(folder: Path, root: Path) -> list[tuple[str, int]]:
+def _walk_images(folder: Path, root: Path) -> list[tuple[str, int, int]]:
     """Image files under ``folder`` (recursively, hidden entries skipped) as paths relative to
-    ``root`` with their byte sizes, sorted by relative path."""
-    found: list[tuple[str, int]] = []
+    ``root`` with their byte sizes and modification times (ns), sorted by relative path."""
+    found: list[tuple[str, int, int]] = []
     skip = len(str(root)) + 1
     for current, dirs, names in os.walk(str(folder), followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -210,7 +221,8 @@ def _walk_images(folder: Path, root: Path) -> list[tuple[str, int]]:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             path = os.path.join(current, name)
-            found.append((path[skip:], os.stat(path).st_size))
+            stat = os.stat(path)
+            found.append((path[skip:], stat.st_size, stat.st_mtime_ns))
     found.sort()
     return found
 
@@ -226,19 +238,21 @@ def _holdout(files: _FileList, spec: DataSpec) -> dict[str, _FileList]:
             [files.files[i] for i in index],
             [files.labels[i] for i in index],
             [files.sizes[i] for i in index],
+            [files.mtimes[i] for i in index],
         )
 
     return {"train": pick(train_i, "train"), "val": pick(val_i, "val")}
 
 
 def _identity(root: Path, stored: int, lists: dict[str, _FileList]) -> list[Any]:
-    """What the decoded images are a function of: the folder, the exact files and the stored size."""
-    return ["imagefolder", str(root), stored, {n: [f.files, f.sizes, f.labels] for n, f in lists.items()}]
+    """What the decoded images are a function of: the folder, the exact files (names, sizes, modification
+    times) and the stored size. A file replaced in place gets a new modification time, so new images."""
+    return ["imagefolder", str(root), stored, {n: [f.files, f.sizes, f.mtimes, f.labels] for n, f in lists.items()}]
 
 
 def _decode_in_memory(
     lists: dict[str, _FileList], total: int, needed: int, stored: int, size: int, reporter: Reporter
-) -> dict[str, Split | None]:
+) -> tuple[dict[str, Split | None], str]:
     """Every split decoded into memory (the cache is off), within :data:`MAX_MEMORY_BYTES`."""
     if needed > MAX_MEMORY_BYTES:
         raise UsageError(
@@ -247,32 +261,39 @@ def _decode_in_memory(
             f"set {DECODED_CACHE_ENV} to a folder to read them from disk, or pass a smaller --input-size"
         )
     splits: dict[str, Split | None] = {"train": None, "val": None, "test": None}
+    content = hashlib.sha256()
     with reporter.task("decode images", total) as task:
         for name, file_list in lists.items():
             sink = MemorySink(len(file_list.files), stored, stored)
-            labels, warning = _decode_split(file_list, stored, task, sink)
+            labels, warning = _decode_split(file_list, stored, task, sink, content)
             if warning:
                 reporter.warn(warning)
             splits[name] = Split(sink.result(), labels)
-    return splits
+    return splits, content.hexdigest()[:16]
 
 
 def _decode_to_file(lists: dict[str, _FileList], stored: int, handle: BinaryIO, task: Any) -> Layout:
     """Every split decoded, rows appended to ``handle``; the layout :mod:`search.data.cache` keeps."""
     layout: Layout = {"splits": {}, "notes": {"warnings": []}}
+    content = hashlib.sha256()
     for name, file_list in lists.items():
         sink = FileSink(handle)
-        labels, warning = _decode_split(file_list, stored, task, sink)
+        labels, warning = _decode_split(file_list, stored, task, sink, content)
         layout["splits"][name] = {"count": sink.count, "height": stored, "width": stored, "labels": labels.tolist()}
         if warning:
             layout["notes"]["warnings"].append(warning)
+    layout["notes"]["content_sha256"] = content.hexdigest()[:16]
     return layout
 
 
-def _decode_split(files: _FileList, size: int, task: Any, sink: ImageSink) -> tuple[torch.Tensor, str | None]:
+def _decode_split(
+    files: _FileList, size: int, task: Any, sink: ImageSink, content: Any
+) -> tuple[torch.Tensor, str | None]:
     """Decode every file of ``files`` to uint8 3×size×size into ``sink``; unreadable files are skipped.
 
-    Returns the kept images' labels and the warning that names skipped files (``None`` if none).
+    Each file's name and bytes go into ``content`` (a hashlib object) as they are read: the content
+    hash costs no second read. Returns the kept images' labels and the warning that names skipped
+    files (``None`` if none).
     """
     kept: list[int] = []
     failures: list[tuple[str, str]] = []
@@ -283,8 +304,12 @@ def _decode_split(files: _FileList, size: int, task: Any, sink: ImageSink) -> tu
             chunk = files.files[start : start + _DECODE_CHUNK]
             for offset, relative in enumerate(chunk):
                 path = os.path.join(root, relative)
+                content.update(relative.encode() + b"\0")
                 try:
-                    image = _decode_image(path, size).transpose(2, 0, 1)
+                    with open(path, "rb") as handle:
+                        raw = handle.read()
+                    content.update(hashlib.sha256(raw).digest())
+                    image = _decode_image(raw, size).transpose(2, 0, 1)
                 except Exception as error:  # any decoder failure means the file is unreadable
                     failures.append((path, _reason(error)))
                     continue
@@ -311,9 +336,9 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _decode_image(path: str, size: int) -> np.ndarray:
-    """RGB uint8 size×size×3: shorter side resized to ``size``, then centre-cropped."""
-    with Image.open(path) as opened:
+def _decode_image(raw: bytes, size: int) -> np.ndarray:
+    """RGB uint8 size×size×3 of an image file's bytes: shorter side resized to ``size``, then centre-cropped."""
+    with Image.open(io.BytesIO(raw)) as opened:
         opened.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size (fast)
         image = opened.convert("RGB")
     return np.asarray(resize_centre_crop(image, size), dtype=np.uint8)

@@ -2,7 +2,8 @@
 
 Three sources are understood (the ``source`` string of :class:`DataSpec`): ``digits``
 (:mod:`search.data.digits`), ``imagefolder:PATH`` (:mod:`search.data.imagefolder`) and
-``cifar10:PATH`` (:mod:`search.data.cifar10`). This module checks the spec and the path, hands
+``cifar10:PATH`` or plain ``cifar10``, downloaded once (:mod:`search.data.cifar10`,
+:mod:`search.data.cifar10_download`). This module checks the spec and the path, hands
 the spec to its source and checks every split the source returns.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from search.data.cifar10 import load_cifar10
+from search.data.cifar10_download import downloaded_cifar10
 from search.data.dataset import SPLIT_NAMES, Dataset, Split
 from search.data.digits import load_digits
 from search.data.imagefolder import load_imagefolder
@@ -23,7 +25,7 @@ from search.progress import NullReporter, Reporter
 
 __all__ = ["default_input_size", "load_dataset"]
 
-_ACCEPTED_FORMS = "digits, imagefolder:PATH or cifar10:PATH"
+_ACCEPTED_FORMS = "digits, imagefolder:PATH, cifar10 (downloaded) or cifar10:PATH"
 
 
 def default_input_size(source: str) -> int:
@@ -41,6 +43,8 @@ def load_dataset(spec: DataSpec, reporter: Reporter | None = None) -> Dataset:
     _check_spec(spec)
     if kind == "digits":
         data = load_digits(spec)
+    elif kind == "cifar10" and path is None:
+        data = load_cifar10(downloaded_cifar10(reporter).resolve(), spec)
     elif kind == "cifar10":
         data = load_cifar10(_existing_folder(_required(path, kind)), spec)
     else:
@@ -61,11 +65,11 @@ def _parse_source(source: str) -> tuple[str, str | None]:
     """Split ``source`` into its kind and (for folder sources) its path text."""
     kind, sep, path = source.strip().partition(":")
     kind = kind.strip().lower()
-    if kind == "digits" and not sep:
+    if kind in ("digits", "cifar10") and not sep:
         return kind, None
     if kind in ("imagefolder", "cifar10") and sep:
         return kind, path.strip()
-    if kind in ("imagefolder", "cifar10"):
+    if kind == "imagefolder":
         raise UsageError(f"data source {source!r} needs a folder; write {kind}:PATH")
     raise UsageError(f"unknown data source {source!r}; use {_ACCEPTED_FORMS}")
 

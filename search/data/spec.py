@@ -35,7 +35,7 @@ class DataSpec:
     """What the user asked for; :func:`load_dataset` turns it into a :class:`Dataset`."""
 
     source: str
-    """``"digits"``, ``"imagefolder:PATH"`` or ``"cifar10:PATH"``."""
+    """``"digits"``, ``"imagefolder:PATH"``, ``"cifar10"`` (downloaded once) or ``"cifar10:PATH"``."""
     input_size: int | None = None
     """Side of the square model input; ``None`` means the source's default."""
     mean: Triple | None = None

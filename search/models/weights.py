@@ -3,7 +3,11 @@
 Weights come from a file (a plain state_dict, the same saved from ``nn.DataParallel``, the
 ``{"state_dict": ...}`` wrappers of common training scripts, or this tool's own checkpoint,
 see :func:`~search.models.checkpoint.save_checkpoint`) or are torchvision's published ImageNet
-weights (``"imagenet"``), which must already be in the torch hub cache: nothing is downloaded.
+weights (``"imagenet"``), read from the torch hub cache (``torch.hub.get_dir()/checkpoints``) and
+downloaded there first when missing, as torchvision does: with its progress bar and its check of the
+SHA-256 prefix in the file name. A file already in the cache is read as it is, as torchvision
+does (its SHA-256 is recorded with the baseline). Offline, or on a hash mismatch, the error is one
+line naming the URL and the file to put it at.
 Every file is read with ``torch.load(weights_only=True)``, and weights that don't fit the model
 are refused with a :class:`~search.errors.UsageError` naming the mismatching layers and their shapes.
 """
@@ -11,6 +15,7 @@ are refused with a :class:`~search.errors.UsageError` naming the mismatching lay
 from __future__ import annotations
 
 import os
+import urllib.error
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from search.models.checkpoint import (
     _torch_load,
     file_sha256,
 )
+from search.progress import NullReporter, Reporter
 
 __all__ = [
     "LoadedWeights",
@@ -62,10 +68,10 @@ class LoadedWeights:
 # --------------------------------------------------------------------------- loading
 
 
-def load_weights(model: nn.Module, source: str, *, model_name: str) -> LoadedWeights:
+def load_weights(model: nn.Module, source: str, *, model_name: str, reporter: Reporter | None = None) -> LoadedWeights:
     """Load ``source`` (a weights file or ``"imagenet"``) into ``model`` after checking the fit."""
     if source == "imagenet":
-        return _load_imagenet(model, model_name)
+        return _load_imagenet(model, model_name, reporter or NullReporter())
     path = _existing_file(source)
     obj = _torch_load(path, source)
     state, kind, saved_for = _unwrap(obj, source)
@@ -75,16 +81,14 @@ def load_weights(model: nn.Module, source: str, *, model_name: str) -> LoadedWei
     return LoadedWeights(source=source, kind=kind, sha256=file_sha256(path), stripped_prefix=prefix)
 
 
-def _load_imagenet(model: nn.Module, model_name: str) -> LoadedWeights:
+def _load_imagenet(model: nn.Module, model_name: str, reporter: Reporter) -> LoadedWeights:
     """Load torchvision's published weights for ``model_name`` from the torch hub cache."""
     weights = _imagenet_weights(model_name)
     arch = model_family(model_name)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cached):
-        raise UsageError(
-            f"torchvision's ImageNet weights for {arch} are not in the torch hub cache "
-            f"({cached}) and cannot be downloaded here; copy the file there or pass --weights PATH"
-        )
+        reporter.info(f"downloading torchvision's ImageNet weights for {arch} from {weights.url} to {cached}")
+        _download(weights.url, cached)
     described = f"torchvision's ImageNet weights for {arch} ({cached})"
     try:
         state = weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
@@ -98,6 +102,30 @@ def _load_imagenet(model: nn.Module, model_name: str) -> LoadedWeights:
     _check_fits(model, state, described, model_name, None)
     _load_strict(model, state, described)
     return LoadedWeights(source="imagenet", kind="imagenet", sha256=file_sha256(cached), stripped_prefix=None)
+
+
+def _download(url: str, cached: str) -> None:
+    """Download ``url`` to ``cached`` as ``torch.hub.load_state_dict_from_url`` does (progress bar on
+    stderr, the file's SHA-256 checked against the prefix in its name), or a one-line UsageError."""
+    where = f"download it yourself and put it at {cached}, or pass --weights PATH"
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url))
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        torch.hub.download_url_to_file(url, cached, match.group(1) if match else None, progress=True)
+    except urllib.error.URLError as error:  # offline, refused, name not resolved, HTTP errors
+        raise UsageError(f"cannot download {url} ({_url_reason(error)}); {where}") from error
+    except RuntimeError as error:  # torch.hub: 'invalid hash value (expected "...", got "...")'
+        raise UsageError(
+            f"the file downloaded from {url} does not match the hash in its name ({_reason(error)}); "
+            f"try again, or {where}"
+        ) from error
+    except OSError as error:  # a full or read-only disk, a connection reset
+        raise UsageError(f"cannot download {url} to {cached} ({_reason(error)}); {where}") from error
+
+
+def _url_reason(error: urllib.error.URLError) -> str:
+    reason = str(error.reason).splitlines() if not isinstance(error, urllib.error.HTTPError) else [str(error)]
+    return reason[0] if reason and reason[0] else type(error).__name__
 
 
 _AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")

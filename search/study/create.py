@@ -82,7 +82,7 @@ def create_study(
         told.phase("evaluate the baseline")
         accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=told, device=config.device)
         told.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
-        _warn_near_chance(accuracy, data, told)
+        _warn_near_chance(accuracy, data, told, trained_here=baseline.trained_here)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["accuracy", "latency_ms"])
@@ -215,14 +215,24 @@ NEAR_CHANCE = 1.5
 """A baseline whose top-1 is below this many times chance (1 / classes) is warned about."""
 
 
-def _warn_near_chance(accuracy: float, data: Dataset, reporter: Reporter) -> None:
-    """Say so when the baseline scores near chance: most often weights whose class order is not the data's."""
+def _warn_near_chance(accuracy: float, data: Dataset, reporter: Reporter, *, trained_here: bool = False) -> None:
+    """Say so when the baseline scores near chance: most often weights whose class order is not the data's,
+    or (for a baseline trained here) too few epochs or labels that do not match the images."""
     chance = 1 / data.num_classes
     if data.num_classes > 1 and accuracy < NEAR_CHANCE * chance:
+        head = (
+            f"the baseline's top-1 on {data.name} val is {accuracy:.1%}, near chance ({chance:.1%} for "
+            f"{data.num_classes} classes): "
+        )
+        if trained_here:
+            reporter.warn(
+                head + "the baseline trained here (no --weights given) learned little; pass more "
+                "--baseline-epochs, or check that the images and their class folders/labels match"
+            )
+            return
         shown = ", ".join(data.classes[:6]) + (", ..." if data.num_classes > 6 else "")
         reporter.warn(
-            f"the baseline's top-1 on {data.name} val is {accuracy:.1%}, near chance ({chance:.1%} for "
-            f"{data.num_classes} classes): check that --weights were trained on this data with the classes in "
+            head + f"check that --weights were trained on this data with the classes in "
             f"this order ({shown}) and with the same --mean/--std"
         )
 

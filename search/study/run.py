@@ -47,6 +47,7 @@ from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
 from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
     check_resumable,
+    check_same_data,
     check_same_device_kind,
     finetune_settings,
     quantize_settings,
@@ -106,8 +107,11 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
 def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
     """:func:`run_search` once the storage is open."""
     data, space, fresh = _data_and_space(config, reporter)
-    if load_existing(storage, config.study_name) is None:  # refuse what a trial would crash on, before training
+    existing = load_existing(storage, config.study_name)
+    if existing is None:  # refuse what a trial would crash on, before training
         check_searchable(config.model, fresh, space, data.example_input())
+    else:  # refuse other data before training a baseline for it
+        check_same_data(existing, data, config)
     cache_dir = Path(config.studies_dir) / "cache"
     adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
     baseline = prepare_baseline(

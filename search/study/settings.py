@@ -23,7 +23,9 @@ from search.training.finetune import TrainSettings
 
 __all__ = [
     "check_resumable",
+    "check_same_data",
     "check_same_device_kind",
+    "data_settings",
     "finetune_settings",
     "quantize_settings",
     "settings_that_must_match",
@@ -37,9 +39,8 @@ def settings_that_must_match(
     return {
         "budget": config.budget_ms if config.budget_ms is not None else f"{config.budget_fraction:g}x",
         "model": config.model,
+        **data_settings(data),  # before the baseline: a baseline trained here follows the data
         "baseline_sha256": baseline.sha256,
-        "data_fingerprint": data.fingerprint,
-        "input_size": data.input_size,
         "space_sha256": hashlib.sha256(space.text.encode()).hexdigest()[:16],
         "threads": config.threads,
         "finetune_steps": config.finetune_steps,
@@ -54,12 +55,32 @@ def settings_that_must_match(
     }
 
 
+def data_settings(data: Dataset) -> dict[str, Any]:
+    """The data's part of :func:`settings_that_must_match`: what a user names first, the hashes last."""
+    return {
+        "input_size": data.input_size,
+        "mean": [round(float(v), 6) for v in data.mean],
+        "std": [round(float(v), 6) for v in data.std],
+        "data_files": data.content_sha256,
+        "data_fingerprint": data.fingerprint,
+    }
+
+
+def check_same_data(study: optuna.Study, data: Dataset, config: SearchConfig) -> None:
+    """Refuse different data before a baseline is trained for it (a study still being created is let through)."""
+    if study.user_attrs.get("settings") is not None:
+        check_resumable(study, data_settings(data), config)
+
+
 _FLAGS = {
     "budget": "--budget-ms/--budget-fraction",
     "model": "--model",
     "baseline_sha256": "--weights",
-    "data_fingerprint": "--data",
     "input_size": "--input-size",
+    "mean": "--mean",
+    "std": "--std",
+    "data_files": "--data (its files' contents)",
+    "data_fingerprint": "--data",
     "space_sha256": "--space (its contents)",
     "threads": "--threads",
     "finetune_steps": "--finetune-steps",
@@ -85,8 +106,22 @@ def check_resumable(study: optuna.Study, settings: dict[str, Any], config: Searc
         if key in stored and stored[key] != value:
             raise UsageError(
                 f"study {config.study_name!r} was created with a different {_FLAGS.get(key, key)} "
-                f"({stored[key]!r}, now {value!r}); rerun with the same settings to resume, or pass --study NEW"
+                f"({_shown(key, stored[key])}, now {_shown(key, value)}){_DETAIL.get(key, '')}; "
+                "rerun with the same settings to resume, or pass --study NEW"
             )
+
+
+_DETAIL = {
+    "data_files": " (an image file was replaced or edited since: the hash covers every file's bytes)",
+    "data_fingerprint": " (the data source, its file names or sizes, the split, --input-size, --mean or --std)",
+}
+"""What a changed hash stands for, since the two hashes alone say nothing."""
+
+
+def _shown(key: str, value: Any) -> str:
+    if key in ("mean", "std") and isinstance(value, list):
+        return ",".join(f"{v:g}" for v in value)
+    return repr(value)
 
 
 def quantize_settings(config: SearchConfig) -> QuantizeSettings:

@@ -58,7 +58,7 @@ def prepare_baseline(
         torch.manual_seed(seed)
         model = build_model(model_name, data.num_classes)
     if weights is not None:
-        loaded = load_weights(model, weights, model_name=model_name)
+        loaded = load_weights(model, weights, model_name=model_name, reporter=reporter)
         model.eval()
         return Baseline(model, model_name, weights, loaded.sha256, trained_here=False)
     path = baseline_cache_path(cache_dir, model_name, data, epochs, seed)
