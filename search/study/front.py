@@ -11,8 +11,24 @@ from optuna.trial import TrialState
 from search.errors import UsageError
 from search.pruning.policy import Policy
 from search.study.retry import failure_reason
+from search.study.uncertainty import ALPHA, mcnemar_p, paired_counts, unpack_correct, wilson
 
-__all__ = ["Row", "finished_trial", "pareto_front", "pick_best", "recommended", "rows"]
+__all__ = [
+    "TIE_RULE",
+    "Recommendation",
+    "Row",
+    "Verdict",
+    "compare",
+    "finished_trial",
+    "pareto_front",
+    "pick_best",
+    "recommendation",
+    "recommended",
+    "rows",
+]
+
+TIE_RULE = "the fastest of the tied trials"
+"""How the recommendation picks among trials the validation images cannot tell apart."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,31 @@ class Row:
     feasible: bool
     recipe: str | None
     policy: Policy
+    images: int | None = None
+    """Validation images the accuracy was read on (None: not recorded, a study from an older version)."""
+    per_image: str | None = None
+    """Which of those images it got right, packed (:func:`search.study.uncertainty.pack_correct`)."""
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """Wilson 95% interval of the accuracy, when the number of images it was read on is known."""
+        if self.accuracy is None or not self.images:
+            return None
+        return wilson(round(self.accuracy * self.images), self.images)
+
+    @property
+    def margin(self) -> float | None:
+        """Half the interval's width (the ``±`` the tables show)."""
+        interval = self.interval
+        return None if interval is None else (interval[1] - interval[0]) / 2
+
+    def correct(self) -> list[bool] | None:
+        if self.per_image is None or not self.images:
+            return None
+        try:
+            return unpack_correct(self.per_image, self.images)
+        except ValueError:
+            return None
 
     @property
     def precision(self) -> str:
@@ -51,6 +92,8 @@ class Row:
             "feasible": self.feasible,
             "recipe": self.recipe,
             "precision": self.precision,
+            "images": self.images,
+            "accuracy_interval": list(self.interval) if self.interval else None,
             "policy": self.policy.to_dict(),
         }
 
@@ -61,6 +104,8 @@ def rows(study: optuna.Study) -> list[Row]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
         evaluated = a.get("fine_tuned") or Policy.from_dict(a["policy"]).is_unpruned  # unpruned: FP32 or INT8 baseline
+        record = a.get("accuracy_record") if evaluated else None
+        record = record if isinstance(record, dict) else {}
         result.append(
             Row(
                 number=t.number,
@@ -76,6 +121,8 @@ def rows(study: optuna.Study) -> list[Row]:
                 feasible=bool(a.get("feasible")),
                 recipe=a.get("recipe"),
                 policy=Policy.from_dict(a["policy"]),
+                images=int(record["images"]) if record.get("images") else None,
+                per_image=record.get("per_image"),
             )
         )
     return result
@@ -97,12 +144,115 @@ def pareto_front(all_rows: list[Row], *, feasible_only: bool = True) -> list[Row
     return sorted(front, key=lambda r: r.latency_ms)
 
 
-def recommended(all_rows: list[Row]) -> Row | None:
-    """The most accurate policy within the budget (the faster one on a tie)."""
+@dataclass(frozen=True)
+class Verdict:
+    """The most accurate trial against another one: can the validation images tell them apart?"""
+
+    other: Row
+    tied: bool
+    method: str
+    """``paired`` (exact McNemar test on the same images) or ``intervals`` (overlapping Wilson intervals)."""
+    p_value: float | None = None
+    discordant: tuple[int, int] | None = None
+    """Images right only by the most accurate trial, and right only by the other one (paired)."""
+
+    def how(self) -> str:
+        if self.method == "paired":
+            assert self.discordant is not None and self.p_value is not None
+            a, b = self.discordant
+            return (
+                f"paired on the same {self.other.images} validation images: {a} right only by the more accurate, "
+                f"{b} only by the other, exact McNemar p = {self.p_value:.3g}, "
+                f"{'above' if self.tied else 'at or below'} {ALPHA:g}"
+            )
+        overlap = "overlap" if self.tied else "do not overlap"
+        return f"their Wilson 95% intervals {overlap} (not read on the same images)"
+
+
+def compare(best: Row, other: Row) -> Verdict | None:
+    """Whether ``other`` is tied with ``best``; None when neither record allows telling (older studies)."""
+    a, b = best.correct(), other.correct()
+    if a is not None and b is not None and len(a) == len(b):
+        only_a, only_b = paired_counts(a, b)
+        p = mcnemar_p(only_a, only_b)
+        return Verdict(other, p > ALPHA, "paired", p, (only_a, only_b))
+    ia, ib = best.interval, other.interval
+    if ia is None or ib is None:
+        return None
+    return Verdict(other, ia[0] <= ib[1] and ib[0] <= ia[1], "intervals")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The recommended trial within the budget, and the trials tied with the most accurate one."""
+
+    pick: Row
+    top: Row
+    """The most accurate trial within the budget (the faster one on equal accuracy)."""
+    tied: list[Verdict]
+    """Trials the validation images cannot tell apart from :attr:`top`."""
+    runner_up: Verdict | None
+    """The most accurate of the others, when it is separable from :attr:`top` (nothing is tied)."""
+
+    @property
+    def candidates(self) -> list[Row]:
+        """The top trial and those tied with it, fastest first."""
+        return sorted([self.top, *(v.other for v in self.tied)], key=lambda r: (r.latency_ms, r.number))
+
+    def lines(self) -> list[str]:
+        """What the recommendation says about ties, for the reports (empty when nothing can be told)."""
+        if self.tied:
+            numbers = ", ".join(str(r.number) for r in self.candidates)
+            out = [
+                f"Tied: trials {numbers} cannot be told apart on the validation images (the most accurate is "
+                f"trial {self.top.number}); rule: {TIE_RULE} is recommended, trial {self.pick.number}. "
+                "More --val-images, or the final fine-tune, can separate them."
+            ]
+            for r in self.candidates:
+                out.append(f"  trial {r.number}: top-1 {_with_margin(r)} at {r.latency_ms:.2f} ms")
+            out += [f"  trial {v.other.number} vs {self.top.number}: {v.how()}" for v in self.tied]
+            return out
+        if self.runner_up is not None:
+            v = self.runner_up
+            return [
+                f"Separable: trial {self.top.number} (top-1 {_with_margin(self.top)}) is more accurate than the "
+                f"runner-up, trial {v.other.number} (top-1 {_with_margin(v.other)}): {v.how()}."
+            ]
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trial": self.pick.number,
+            "most_accurate": self.top.number,
+            "rule": TIE_RULE,
+            "tied": [r.number for r in self.candidates] if self.tied else [],
+            "separable_from_runner_up": None if self.runner_up is None else self.runner_up.other.number,
+        }
+
+
+def _with_margin(r: Row) -> str:
+    margin = r.margin
+    return f"{r.accuracy:.2%}" + ("" if margin is None else f" ±{margin * 100:.1f}")
+
+
+def recommendation(all_rows: list[Row]) -> Recommendation | None:
+    """Among the trials within the budget: the most accurate, those tied with it, and the fastest of these."""
     feasible = [r for r in all_rows if r.feasible and r.accuracy is not None]
     if not feasible:
         return None
-    return max(feasible, key=lambda r: (r.accuracy, -r.latency_ms))
+    ranked = sorted(feasible, key=lambda r: (-r.accuracy, r.latency_ms, r.number))  # type: ignore[operator]
+    top, others = ranked[0], ranked[1:]
+    verdicts = [compare(top, r) for r in others]
+    tied = [v for v in verdicts if v is not None and v.tied]
+    pick = min([top, *(v.other for v in tied)], key=lambda r: (r.latency_ms, -r.accuracy, r.number))  # type: ignore
+    runner_up = verdicts[0] if verdicts and not tied and verdicts[0] is not None else None
+    return Recommendation(pick=pick, top=top, tied=tied, runner_up=runner_up)
+
+
+def recommended(all_rows: list[Row]) -> Row | None:
+    """The recommended policy within the budget: the most accurate, or the fastest of those tied with it."""
+    found = recommendation(all_rows)
+    return None if found is None else found.pick
 
 
 def finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -121,7 +271,7 @@ def finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial
 
 
 def pick_best(study: optuna.Study) -> int:
-    """The recommended trial: the most accurate one within the budget."""
+    """The recommended trial: the most accurate within the budget, or the fastest of those tied with it."""
     all_rows = rows(study)
     best = recommended(all_rows)
     if best is None:

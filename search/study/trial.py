@@ -25,7 +25,8 @@ from search.pruning.channels import prune_copy
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.origin import LATENCY_AT_CREATION, is_enqueued
-from search.training.evaluate import onnx_top1, top1
+from search.study.uncertainty import accuracy_record, wilson
+from search.training.evaluate import onnx_top1_correct, top1, top1_correct
 from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
 __all__ = [
@@ -138,6 +139,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
         # The baseline's own top-1; quantized, it is measured in ONNX Runtime (never fine-tuned).
         if policy.precision == "fp32":
             accuracy = ctx.baseline_accuracy
+            _baseline_record(trial, ctx)
         else:
             accuracy = _int8_top1(trial, ctx, pruned.model, seconds)
         trial.set_user_attr("accuracy_before", accuracy)
@@ -185,11 +187,13 @@ def _finetune_and_score(
 
     reporter.phase("evaluate")
     started = time.perf_counter()
-    after = top1(model, ctx.data, "val", limit=ctx.val_images, device=device)
+    correct = top1_correct(model, ctx.data, "val", limit=ctx.val_images, device=device)
+    after = float(correct.mean())
     seconds["evaluate"] += time.perf_counter() - started
     if precision == "int8":
         trial.set_user_attr("accuracy_fp32", after)
-        after = _int8_top1(trial, ctx, model, seconds)
+        return _int8_top1(trial, ctx, model, seconds)
+    trial.set_user_attr("accuracy_record", accuracy_record(correct.tolist()))
     return after
 
 
@@ -200,11 +204,24 @@ def _int8_top1(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds
     seconds["quantize"] = seconds.get("quantize", 0.0) + quantized.seconds
     ctx.reporter.phase("evaluate INT8 in ONNX Runtime")
     started = time.perf_counter()
-    accuracy = onnx_top1(quantized.int8_onnx, ctx.data, "val", limit=ctx.val_images)
+    correct = onnx_top1_correct(quantized.int8_onnx, ctx.data, "val", limit=ctx.val_images)
+    accuracy = float(correct.mean())
     seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - started
+    trial.set_user_attr("accuracy_record", accuracy_record(correct.tolist()))  # the INT8 model's, as the objective
     record = {**trial.user_attrs.get("quantization", {}), "evaluated_in": "onnxruntime"}
     trial.set_user_attr("quantization", {**record, "seconds": round(quantized.seconds, 2)})
     return accuracy
+
+
+def _baseline_record(trial: optuna.Trial, ctx: TrialContext) -> None:
+    """The unpruned FP32 trial's accuracy is the study's baseline top-1: its image count and interval (no per-image
+    record, that was read when the study was created)."""
+    images = len(ctx.data.split("val"))
+    images = images if ctx.val_images is None else min(images, ctx.val_images)
+    if images > 0:
+        hits = round(ctx.baseline_accuracy * images)
+        record = {"images": images, "correct": hits, "interval": list(wilson(hits, images))}
+        trial.set_user_attr("accuracy_record", record)
 
 
 def _latency(

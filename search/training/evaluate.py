@@ -21,10 +21,9 @@ from search.measuring.timing import open_session
 from search.progress import NullReporter, Reporter
 from search.training.finetune import on_device, to_device
 
-__all__ = ["Agreement", "compare_top1", "onnx_top1", "top1", "top1_agreement"]
+__all__ = ["Agreement", "compare_top1", "onnx_top1", "onnx_top1_correct", "top1", "top1_agreement", "top1_correct"]
 
 
-@torch.no_grad()  # not inference_mode: the channels_last copy of the weights must stay trainable
 def top1(
     model: nn.Module,
     data: Dataset,
@@ -41,26 +40,43 @@ def top1(
     a class-sorted split still gives every class its share. The model runs on ``device`` and
     goes back to where it was.
     """
+    correct = top1_correct(model, data, split, batch_size=batch_size, limit=limit, reporter=reporter, device=device)
+    return float(correct.mean())
+
+
+@torch.no_grad()  # not inference_mode: the channels_last copy of the weights must stay trainable
+def top1_correct(
+    model: nn.Module,
+    data: Dataset,
+    split: str = "val",
+    *,
+    batch_size: int = 64,
+    limit: int | None = None,
+    reporter: Reporter | None = None,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Per image of ``split`` (in the fixed evaluation order of :func:`top1`): is its highest logit the true class."""
     reporter = reporter or NullReporter()
     model.eval()
     total = len(getattr(data, split))
     if limit is not None:
         total = min(total, limit)
-    correct = seen = 0
+    hits: list[torch.Tensor] = []
+    seen = 0
     with on_device(device, model):
         stream = data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit)
         try:
             with reporter.task(f"top-1 on {split}", total) as task:
                 for x, y in stream:
                     logits = model(to_device(x, device))
-                    correct = correct + (logits.argmax(dim=1) == y.to(device, non_blocking=True)).sum()  # no sync
+                    hits.append(logits.argmax(dim=1) == y.to(device, non_blocking=True))  # no sync
                     seen += len(y)
                     task.advance(len(y))
         finally:
             stream.close()
     if seen == 0:
         raise ValueError(f"split {split!r} is empty")
-    return int(correct) / seen
+    return torch.cat(hits).cpu().numpy().astype(bool)
 
 
 @dataclass(frozen=True)
@@ -85,13 +101,30 @@ def onnx_top1(
     reporter: Reporter | None = None,
 ) -> float:
     """Fraction of images in ``split`` whose highest logit is the true class, run in ONNX Runtime."""
-    correct = seen = 0
-    for logits, labels in _logits([onnx_model], data, split, threads, batch_size, limit, reporter):
-        correct += int((logits[0].argmax(axis=1) == labels).sum())
-        seen += len(labels)
-    if seen == 0:
+    correct = onnx_top1_correct(
+        onnx_model, data, split, threads=threads, batch_size=batch_size, limit=limit, reporter=reporter
+    )
+    return float(correct.mean())
+
+
+def onnx_top1_correct(
+    onnx_model: bytes,
+    data: Dataset,
+    split: str = "val",
+    *,
+    threads: int | None = None,
+    batch_size: int = 64,
+    limit: int | None = None,
+    reporter: Reporter | None = None,
+) -> np.ndarray:
+    """Per image of ``split``, in the order :func:`onnx_top1` reads them: is the model's top-1 the true class."""
+    hits = [
+        logits[0].argmax(axis=1) == labels
+        for logits, labels in _logits([onnx_model], data, split, threads, batch_size, limit, reporter)
+    ]
+    if not hits:
         raise ValueError(f"split {split!r} is empty")
-    return correct / seen
+    return np.concatenate(hits).astype(bool)
 
 
 def compare_top1(
