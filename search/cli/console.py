@@ -119,7 +119,15 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
-def front_table(title: str, shown: list[Row], *, budget_ms: float, recommended: Row | None) -> Table:
+def _with_interval(r: Row) -> str:
+    """The accuracy and, when known, half its Wilson 95% interval in points: ``84.30% ±1.6``."""
+    margin = r.margin
+    return _percent(r.accuracy) + ("" if margin is None else f" ±{margin * 100:.1f}")
+
+
+def front_table(
+    title: str, shown: list[Row], *, budget_ms: float, recommended: Row | None, tied: bool = False
+) -> Table:
     table = Table(title=title, title_justify="left", show_lines=False)
     for name, justify in [
         ("trial", "right"),
@@ -142,7 +150,7 @@ def front_table(title: str, shown: list[Row], *, budget_ms: float, recommended: 
             number = f"[bold green]*{r.number}[/]"
         table.add_row(
             number,
-            _percent(r.accuracy),
+            _with_interval(r),
             _percent(r.accuracy_before),
             f"{r.latency_ms:.2f}",
             f"{r.ratio:.0%}",
@@ -153,9 +161,22 @@ def front_table(title: str, shown: list[Row], *, budget_ms: float, recommended: 
             Text(label),
         )
     if recommended is not None and any(r.number == recommended.number for r in shown):
-        table.caption = "* the recommended trial: the most accurate within the budget"
+        table.caption = "* the recommended trial: the most accurate within the budget" + (
+            ", or the fastest of those tied with it" if tied else ""
+        )
+        if any(r.margin is not None for r in shown):
+            table.caption += "; ± is half the top-1's Wilson 95% interval, in points"
         table.caption_justify = "left"
     return table
+
+
+def _top1_cell(a: dict[str, Any]) -> str:
+    record = a.get("accuracy_record") or {}
+    if not record.get("interval") or not record.get("images"):
+        return f"{a['accuracy']:.4f}"
+    low, high = record["interval"]
+    paired = ", per-image record kept for paired comparison" if record.get("per_image") else ""
+    return f"{a['accuracy']:.4f} (Wilson 95% interval {low:.4f}-{high:.4f} on {record['images']} images{paired})"
 
 
 def show_trial(trial: Any, budget_ms: float) -> Table:
@@ -171,7 +192,7 @@ def show_trial(trial: Any, budget_ms: float) -> Table:
     if retried is not None:
         table.add_row("retry of", f"trial {retried} (its run did not finish; this trial ran its policy again)")
     table.add_row("within budget", f"{'yes' if a.get('feasible') else 'no'} (budget {budget_ms:g} ms)")
-    table.add_row("top-1 (val)", f"{a['accuracy']:.4f}" if evaluated else "- (not fine-tuned)")
+    table.add_row("top-1 (val)", _top1_cell(a) if evaluated else "- (not fine-tuned)")
     if a.get("accuracy_before") is not None:
         table.add_row("top-1 before fine-tune", f"{a['accuracy_before']:.4f}")
     table.add_row(

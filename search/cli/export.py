@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from search.cli.console import RichReporter, export_summary
 from search.cli.options import (
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from search.shipping.card import attach_artifacts
     from search.shipping.export import export_trial
     from search.shipping.rebuild import load_study_baseline
-    from search.study.front import pick_best
+    from search.study.front import pick_best, recommendation, rows
     from search.study.urls import masked_command
 
     study, _ = study_of(args)
@@ -95,6 +96,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     command = "python cli.py " + " ".join(shlex.quote(a) for a in masked_command(sys.argv[1:]))  # no password
     with RichReporter(console, verbose=not args.quiet) as reporter:
         numbers = [pick_best(study)] if args.best else list(dict.fromkeys(args.trial))
+        found = recommendation(rows(study)) if args.best else None
+        for line in found.lines() if found else []:
+            console.print(escape(line), soft_wrap=True)
         base = load_study_baseline(study, weights=args.weights, reporter=reporter)
         cards = []
         for number in numbers:

@@ -18,7 +18,7 @@ from search.cli.options import add_study_options, study_of
 from search.cli.plot import plot_front
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, parse_space
-from search.study.front import pareto_front, recommended, rows
+from search.study.front import pareto_front, recommendation, rows
 from search.study.urls import PASSWORD_ENV, has_secret, without_secrets
 
 __all__ = ["HELP", "add_arguments", "limits_hint", "print_front", "run"]
@@ -37,7 +37,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     study, url = study_of(args)
     if args.format == "json":
         all_rows = rows(study)
-        best = recommended(all_rows)
+        found = recommendation(all_rows)
+        best = found.pick if found else None
         console.print_json(
             json.dumps(
                 {
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     "baseline_accuracy": study.user_attrs["baseline_accuracy"],
                     "recommended": best.number if best else None,
                     "recommended_at_space_limits": _pinned(study, best.policy) if best else [],
+                    "recommendation": found.to_dict() if found else None,
                     "front": [r.to_dict() for r in pareto_front(all_rows)],
                     "recipes": [r.to_dict() for r in all_rows if r.recipe],
                 }
@@ -67,7 +69,8 @@ def print_front(
     budget = float(study.user_attrs["budget_ms"])
     all_rows = rows(study)
     front = pareto_front(all_rows)
-    best = recommended(all_rows)
+    found = recommendation(all_rows)
+    best = found.pick if found else None
     comparison = [r for r in all_rows if r.recipe and r not in front]
     shown = sorted(front + comparison, key=lambda r: r.latency_ms)
     base_ms = float(study.user_attrs["baseline_latency_ms"])
@@ -79,15 +82,18 @@ def print_front(
             shown,
             budget_ms=budget,
             recommended=best,
+            tied=bool(found and found.tied),
         )
     )
     if best is None:
         console.print("[red]No policy within the budget yet.[/] Run more trials (--trials) or widen the space.")
     else:
         console.print(
-            f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%} at {best.latency_ms:.2f} ms "
-            f"({best.ratio:.0%} of the baseline): {best.policy.describe()}"
+            f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%}{_margin(best.margin)} at "
+            f"{best.latency_ms:.2f} ms ({best.ratio:.0%} of the baseline): {best.policy.describe()}"
         )
+        for line in found.lines() if found else []:
+            console.print(escape(line), soft_wrap=True)
         hint = limits_hint(study, best.policy)
         if hint:
             console.print(f"[yellow]{escape(hint)}[/]")
@@ -114,6 +120,10 @@ def print_front(
                 f"(the URL's password is left out: set {PASSWORD_ENV} to it, or keep it in ~/.pgpass, "
                 "and PostgreSQL's client reads it from there)"
             )
+
+
+def _margin(margin: float | None) -> str:
+    return "" if margin is None else f" ±{margin * 100:.1f}"
 
 
 def _stored_space(study: object) -> SearchSpace | None:
