@@ -27,7 +27,8 @@ from search.pruning.space import SPACES_DIR, load_space
 from search.study.config import SearchConfig
 from search.study.front import rows
 from search.study.run import run_search
-from search.training.evaluate import compare_top1, onnx_top1, top1
+from search.study.uncertainty import unpack_correct
+from search.training.evaluate import compare_top1, onnx_top1, onnx_top1_correct, top1, top1_correct
 
 FAST = LatencySettings(threads=1, warmup=3, round_size=5, min_rounds=2, max_seconds=5)
 SMALL = QuantizeSettings(calibration_images=64)
@@ -119,6 +120,12 @@ def test_onnx_runtime_top1_matches_pytorch_top1(trained: torch.nn.Module, quanti
     assert onnx_top1(quantized.fp32_onnx, digits32, "val") == pytest.approx(expected, abs=2 / len(digits32.val))
     static = export_onnx(trained, digits32.example_input())  # a batch-1 model is fed one image at a time
     assert onnx_top1(static, digits32, "val", limit=40) == pytest.approx(top1(trained, digits32, "val", limit=40))
+    # Per image, in the same fixed order: the record a trial keeps for paired comparisons.
+    torch_correct = top1_correct(trained, digits32, "val", limit=40)
+    onnx_correct = onnx_top1_correct(static, digits32, "val", limit=40)
+    assert len(torch_correct) == len(onnx_correct) == 40
+    assert torch_correct.mean() == pytest.approx(top1(trained, digits32, "val", limit=40))
+    assert (torch_correct == onnx_correct).mean() >= 0.95, "the same images, in the same order"
 
 
 def test_fix_batch_turns_a_dynamic_batch_into_batch_one(quantized: QuantizedModel) -> None:
@@ -156,7 +163,7 @@ def test_int8_is_timed_against_fp32_and_dropped_with_one_warning_where_not_faste
 
 @pytest.mark.slow
 def test_search_with_int8_records_the_quantized_candidates(
-    tmp_path: Path, trained_weights: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, trained_weights: Path, monkeypatch: pytest.MonkeyPatch, digits32
 ) -> None:
     monkeypatch.setattr(int8_check, "MAX_INT8_RATIO", 100.0)  # search INT8 whatever this CPU gains from it
     space = tmp_path / "space.toml"
@@ -204,8 +211,21 @@ def test_search_with_int8_records_the_quantized_candidates(
     assert {"quantize", "finetune", "evaluate"} <= set(attrs["seconds"])
     assert pruned.values[0] == attrs["accuracy"] and abs(attrs["accuracy"] - attrs["accuracy_fp32"]) < 0.15
 
+    # Each accuracy carries its record: images read, Wilson interval, and which images it got right (the
+    # INT8 model's in ONNX Runtime for int8, the objective; the baseline's image count for the unpruned FP32).
+    images = len(digits32.val) if config.val_images is None else min(len(digits32.val), config.val_images)
+    record = attrs["accuracy_record"]
+    assert record["images"] == images and record["interval"][0] <= attrs["accuracy"] <= record["interval"][1]
+    assert sum(unpack_correct(record["per_image"], images)) / images == pytest.approx(attrs["accuracy"])
+    fp32 = done[1].user_attrs["accuracy_record"]
+    assert sum(unpack_correct(fp32["per_image"], images)) / images == pytest.approx(done[1].values[0])
+    assert (
+        done[0].user_attrs["accuracy_record"]["images"] == images
+        and "per_image" not in done[0].user_attrs["accuracy_record"]
+    )
     by_number = {r.number: r for r in rows(study)}
     assert by_number[2].precision == "int8" and by_number[2].accuracy is not None
+    assert by_number[3].images == images and by_number[3].interval is not None
     assert by_number[3].to_dict()["precision"] == "int8"
 
 
