@@ -167,3 +167,14 @@ def test_older_studies_without_the_record_keep_the_most_accurate(tmp_path: Path)
     assert "Tied:" not in out and "Separable:" not in out and "±" not in out
     found = recommendation(rows(optuna.load_study(study_name="ties", storage=f"sqlite:///{tmp_path / 'ties.db'}")))
     assert found is not None and found.pick.number == 0 and found.lines() == []
+
+
+def test_a_tied_trial_beaten_on_both_objectives_is_never_recommended(tmp_path: Path) -> None:
+    first = [i < 430 for i in range(IMAGES)]
+    # Trial 1 (80.0% of 100 other images, 4 ms) is within its wide interval of trial 0, but trial 2 (82.0%,
+    # 4 ms, separable from trial 0) beats it on both objectives: the recommendation is among the front only.
+    noisy = [i < 80 for i in range(100)]
+    _make_study(tmp_path / "ties.db", [(0.2, first, 9.0), (0.5, noisy, 4.0), (0.4, _flip(first, 20, 0), 4.0)])
+    found = recommendation(rows(optuna.load_study(study_name="ties", storage=f"sqlite:///{tmp_path / 'ties.db'}")))
+    assert found is not None and found.pick.number != 1
+    assert all(v.other.number != 1 for v in found.tied)

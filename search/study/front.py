@@ -236,11 +236,15 @@ def _with_margin(r: Row) -> str:
 
 
 def recommendation(all_rows: list[Row]) -> Recommendation | None:
-    """Among the trials within the budget: the most accurate, those tied with it, and the fastest of these."""
-    feasible = [r for r in all_rows if r.feasible and r.accuracy is not None]
-    if not feasible:
+    """Among the trials within the budget: the most accurate, those tied with it, and the fastest of these.
+
+    Only trials on the front are candidates: one that another trial within the budget beats on both
+    accuracy and latency is never recommended, whatever the noise.
+    """
+    front = pareto_front(all_rows)
+    if not front:
         return None
-    ranked = sorted(feasible, key=lambda r: (-r.accuracy, r.latency_ms, r.number))  # type: ignore[operator]
+    ranked = sorted(front, key=lambda r: (-r.accuracy, r.latency_ms, r.number))  # type: ignore[operator]
     top, others = ranked[0], ranked[1:]
     verdicts = [compare(top, r) for r in others]
     tied = [v for v in verdicts if v is not None and v.tied]
