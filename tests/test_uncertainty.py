@@ -156,7 +156,7 @@ def test_trials_read_on_different_images_fall_back_to_their_intervals(tmp_path: 
     _make_study(tmp_path / "ties.db", [(0.2, first, 9.0), (0.3, fewer, 6.0)])
     out = _pareto(tmp_path)
     assert "Recommended: trial 1" in out and "Tied: trials 1, 0" in out, out
-    assert "their Wilson 95% intervals overlap (not read on the same images)" in out
+    assert "their Wilson 95% intervals overlap (no per-image record on the same images to pair)" in out
 
 
 def test_older_studies_without_the_record_keep_the_most_accurate(tmp_path: Path) -> None:

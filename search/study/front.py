@@ -166,7 +166,7 @@ class Verdict:
                 f"{'above' if self.tied else 'at or below'} {ALPHA:g}"
             )
         overlap = "overlap" if self.tied else "do not overlap"
-        return f"their Wilson 95% intervals {overlap} (not read on the same images)"
+        return f"their Wilson 95% intervals {overlap} (no per-image record on the same images to pair)"
 
 
 def compare(best: Row, other: Row) -> Verdict | None:
