@@ -26,8 +26,13 @@ each candidate's score per fidelity and seed; each reference per seed) is kept i
 latest rung, so an interrupted run resumes. Writes ``benchmarks/signal.json`` and the "Signal" section of
 BENCHMARKS.md (not with ``--quick``, which prints its JSON).
 
-Estimated full run on this 2-core AMD EPYC shared with other jobs, from the ``--quick`` run's per-image
-seconds (see ``estimate`` in its output): ESTIMATE.
+How long the full run takes (20 candidates; each trains about 238,000 images, three quarters of them in its
+two reference fine-tunes, and reads 65,000): ``--quick`` prints an estimate from its own seconds per trained
+and per read image. On 2026-12-05 on the 2-core AMD EPYC (AVX-512, BF16) of the development machine, nice'd
+at 1 PyTorch thread under a load average near 10 (22 trained and 67 read images a second), that was about
+66 hours; the allocation benchmark trained the unpruned MobileNetV2 at 127 images a second on the same
+machine with both cores, at which rate the training alone takes about 10 hours: plan on 11-12 hours on a
+quiet machine, and let it resume.
 """
 
 from __future__ import annotations
@@ -37,27 +42,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from dataclasses import asdict
+from typing import Any
 
-import optuna  # noqa: E402
-import torch  # noqa: E402
+import optuna
+import torch
 
-from benchmarks.allocation import COMMITTED, MOBILENET, ROOT, SHARED, cpu_label, log  # noqa: E402
-from benchmarks.sections import write_section  # noqa: E402
-from benchmarks.signal_lib.analysis import analyse  # noqa: E402
-from benchmarks.signal_lib.bench import Bench, load_data  # noqa: E402
-from benchmarks.signal_lib.candidates import candidates  # noqa: E402
-from benchmarks.signal_lib.plan import Plan  # noqa: E402
-from benchmarks.signal_lib.render import choose_rungs, render  # noqa: E402
-from benchmarks.signal_lib.scoring import reference, run_chain  # noqa: E402
-from search.measuring.hardware import fingerprint, git_revision, package_versions  # noqa: E402
-from search.measuring.timing import LatencySettings  # noqa: E402
-from search.models.build import build_model  # noqa: E402
-from search.training.finetune import TrainSettings, train  # noqa: E402
+from benchmarks.allocation import COMMITTED, MOBILENET, ROOT, SHARED, cpu_label, log
+from benchmarks.sections import write_section
+from benchmarks.signal_lib.analysis import analyse
+from benchmarks.signal_lib.bench import Bench, load_data
+from benchmarks.signal_lib.candidates import candidates
+from benchmarks.signal_lib.plan import Plan
+from benchmarks.signal_lib.render import choose_rungs, render
+from benchmarks.signal_lib.scoring import reference, reference_key, run_chain, score_key
+from search.measuring.hardware import fingerprint, git_revision, package_versions
+from search.measuring.timing import LatencySettings
+from search.models.build import build_model
+from search.training.finetune import TrainSettings, train
 
 SECTION = "Signal"
 BASELINE = COMMITTED / f"{MOBILENET}-15ep.pth"
@@ -76,8 +81,8 @@ def parser() -> argparse.ArgumentParser:
         "--allocation-work", default=str(ROOT / "benchmarks" / ".allocation"), help="allocation.py's working folder"
     )
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5], help="fractions of the baseline's latency")
-    p.add_argument("--candidates", type=int, default=14, help="candidates at budgets of 25%% or less")
-    p.add_argument("--candidates-loose", type=int, default=10, help="candidates at looser budgets")
+    p.add_argument("--candidates", type=int, default=12, help="candidates at budgets of 25%% or less")
+    p.add_argument("--candidates-loose", type=int, default=8, help="candidates at looser budgets")
     p.add_argument("--search-best", type=int, default=4, help="at most this many of a study's best trials")
     p.add_argument("--batch", type=int, default=64, help="brief fine-tune batch")
     p.add_argument("--lr", type=float, default=0.01, help="brief fine-tune peak learning rate (the search's)")
@@ -86,9 +91,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-epochs", type=float, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="reference seeds (fidelities: the first)")
     p.add_argument("--bootstrap", type=int, default=300, help="bootstrap draws of the noise floor")
-    p.add_argument("--shared", default=str(SHARED), help="the shared material's folder (CIFAR-10 under data/cifar10)")
+    p.add_argument("--shared", default=str(shared()), help="the shared material's folder (CIFAR-10 under data/cifar10)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="PyTorch threads (default: PyTorch's; --quick: 1, since on a shared machine spinning threads stall)",
+    )
     p.add_argument("--render", action="store_true", help="only rewrite the section from benchmarks/signal.json")
     return p
+
+
+def shared() -> Path:
+    """The shared material: beside the repository (``../shared``, allocation.py's) or inside it (``shared/``)."""
+    return next((p for p in (SHARED, ROOT / "shared") if p.is_dir()), SHARED)
 
 
 def quick_baseline(work: Path, data: Any) -> Path:
@@ -123,13 +139,8 @@ def run_budget(bench: Bench, plan: Plan, fraction: float, allocation_work: Path)
     for chain in plan.chains():
         for steps in chain.rungs:
             fidelity = chain.fidelity(steps)
-            scores[fidelity] = {c["id"]: bench.cache[f"score {tag} {c['id']} {fidelity} seed {first}"] for c in found}
-    refs = {
-        c["id"]: [
-            bench.cache[f"reference {tag} {c['id']} epochs {plan.reference_epochs:g} seed {s}"] for s in plan.seeds
-        ]
-        for c in found
-    }
+            scores[fidelity] = {c["id"]: bench.cache[score_key(plan, tag, c["id"], chain, steps, first)] for c in found}
+    refs = {c["id"]: [bench.cache[reference_key(plan, tag, c["id"], s)] for s in plan.seeds] for c in found}
     return {
         "fraction": fraction,
         **{k: v for k, v in budget.items() if k != "candidates"},
@@ -194,18 +205,15 @@ def main() -> None:
     if not folder.is_dir():
         sys.exit(f"error: this benchmark needs the shared CIFAR-10 at {folder}; not found (pass --shared FOLDER)")
     work = Path(args.work if not args.quick else str(Path(args.work).with_name(".signal-quick")))
-    data = load_data(folder)
-    if args.quick:
-        weights = quick_baseline(work, data)
-    elif not BASELINE.is_file():
+    if not args.quick and not BASELINE.is_file():
         sys.exit(
             f"error: the MobileNetV2 baseline {BASELINE.relative_to(ROOT)} is missing; train it with "
             "`python benchmarks/allocation.py --baseline-only` (or merge the commit that adds it), or run --quick"
         )
-    else:
-        weights = BASELINE
+    torch.set_num_threads(args.threads or (1 if args.quick else torch.get_num_threads()))
+    data = load_data(folder)
+    weights = quick_baseline(work, data) if args.quick else BASELINE
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     plan = Plan.of(args, MOBILENET)
     started = time.perf_counter()
     bench = Bench(work, MOBILENET, weights, QUICK_TIMING if args.quick else TIMING, data)

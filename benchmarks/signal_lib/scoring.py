@@ -23,7 +23,24 @@ from search.study.uncertainty import pack_correct
 from search.training.evaluate import top1_correct
 from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
-__all__ = ["reference", "run_chain"]
+__all__ = ["reference", "reference_key", "run_chain", "score_key"]
+
+
+def score_key(plan: Plan, tag: str, cid: str, chain: Chain, steps: int, seed: int) -> str:
+    """The cache key of one fidelity's score: what decides it is in the key, so changed settings never reuse it."""
+    read = plan.val_limit or "all"
+    return (
+        f"score {tag} {cid} {chain.fidelity(steps)} seed {seed} "
+        f"(batch {plan.batch}, lr {chain.lr:g}, distill {chain.distill:g}, bn {plan.bn_batches}, val {read})"
+    )
+
+
+def reference_key(plan: Plan, tag: str, cid: str, seed: int) -> str:
+    read = plan.test_limit or "all"
+    return (
+        f"reference {tag} {cid} epochs {plan.reference_epochs:g} seed {seed} (batch {plan.reference_batch}, "
+        f"lr {plan.reference_lr:g}, distill {plan.reference_distill:g}, bn {plan.bn_batches}, test {read})"
+    )
 
 
 def _pruned(bench: Bench, candidate: dict[str, Any]) -> nn.Module:
@@ -53,7 +70,7 @@ def run_chain(bench: Bench, plan: Plan, tag: str, candidate: dict[str, Any], cha
     model: nn.Module | None = None
     previous: tuple[int, Path] | None = None
     for steps in chain.rungs:
-        key = f"score {tag} {candidate['id']} {chain.fidelity(steps)} seed {seed}"
+        key = score_key(plan, tag, candidate["id"], chain, steps, seed)
         path = folder / f"{chain.name}-{steps}-seed{seed}.pt"
         if bench.has(key):
             bench.cached(key, lambda: None)  # logs the reuse
@@ -142,7 +159,7 @@ def _rung(
 
 def reference(bench: Bench, plan: Plan, tag: str, candidate: dict[str, Any], seed: int) -> dict[str, Any]:
     """The candidate fine-tuned as export does (``reference_epochs``, distillation), read on the test images."""
-    key = f"reference {tag} {candidate['id']} epochs {plan.reference_epochs:g} seed {seed}"
+    key = reference_key(plan, tag, candidate["id"], seed)
 
     def run() -> dict[str, Any]:
         model, bn_seconds = _recalibrated(bench, plan, candidate, seed)
