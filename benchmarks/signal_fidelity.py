@@ -30,9 +30,9 @@ How long the full run takes (20 candidates; each trains about 238,000 images, th
 two reference fine-tunes, and reads 65,000): ``--quick`` prints an estimate from its own seconds per trained
 and per read image. On 2026-12-05 on the 2-core AMD EPYC (AVX-512, BF16) of the development machine, nice'd
 at 1 PyTorch thread under load averages of 10 to 19 (17-22 trained and 67-69 read images a second, reads
-including the loader's start), two runs estimated 66 and 82 hours; the allocation benchmark trained the unpruned MobileNetV2 at 127 images a second on the same
-machine with both cores, at which rate the training alone takes about 10 hours: plan on 11-12 hours on a
-quiet machine, and let it resume.
+including the loader's start), two runs estimated 66 and 82 hours. The allocation benchmark trained the
+unpruned MobileNetV2 at 127 images a second on the same machine with both cores, at which rate the training
+alone takes about 10 hours: plan on 11-12 hours on a quiet machine, and let it resume.
 """
 
 from __future__ import annotations
