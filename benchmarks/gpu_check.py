@@ -252,7 +252,15 @@ def main() -> int:
     if reason is not None:
         print(f"gpu_check: skipped: {reason}")
         return 0
-    result = run(args)
+    try:
+        result = run(args)
+    except subprocess.CalledProcessError as error:
+        command = " ".join(str(a) for a in error.cmd[:4])
+        hint = (
+            "" if args.current else " (offline without the dependencies? try --current in an environment that has them)"
+        )
+        print(f"gpu_check: failed: `{command} ...` exited with status {error.returncode}{hint}")
+        return 1
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {args.out}")
     if "speedup_trials_per_minute" not in result:
