@@ -44,6 +44,7 @@ from search.study.coordination import progress as study_progress
 from search.study.create import create_study, resumable, resume_creation, sampler
 from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
+from search.study.promotion import promote_all, promote_next, promotion_settings
 from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
     check_resumable,
@@ -247,6 +248,7 @@ def _trial_context(
         val_images=config.val_images,
         fit_budget=config.fit_budget,
         train_device=train_device,
+        promotion=promotion_settings(config),
     )
     return ctx, config
 
@@ -307,6 +309,8 @@ def _run_trials(
                 break
             mine.clear()
             try:
+                if promote_next(study, ctx, reporter) is not None:  # ASHA: a due promotion before a new trial
+                    continue
                 if step[0] == "wait":
                     reporter.phase(f"waiting for {step[1].running} trial(s) running on other workers")
                     time.sleep(2.0)
@@ -330,6 +334,10 @@ def _run_trials(
             done = min(_finished(study), config.trials)
             progress.advance(done - shown)
             shown = done
+    try:  # the promotions the last trials made due (or a killed worker left), until none is
+        promote_all(study, ctx, reporter, None if config.timeout is None else started + config.timeout)
+    except KeyboardInterrupt:
+        return ran, True, None
     now = study_progress(study)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if waiting and now.finished >= config.trials:
