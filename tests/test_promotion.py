@@ -205,3 +205,106 @@ def test_trials_tied_at_the_same_rung_are_paired(tmp_path: Path) -> None:
     assert found is not None and found.top.number == 0 and found.pick.number == 1
     assert [v.method for v in found.tied] == ["paired"]
     assert " ".join(" ".join(found.lines()).split()).count("rung 1: 60 fine-tune steps") == 2
+
+
+def _open_claims(url: str) -> tuple[list[tuple[int, int]], dict]:
+    """Promotions claimed and not finished, and the study's user attributes (read without loading torch)."""
+    try:
+        study = optuna.load_study(study_name="promo", storage=url)
+    except KeyError:
+        return [], {}
+    attrs = study.user_attrs
+    claims = []
+    for key, value in attrs.items():
+        if key.startswith("promotion:") and isinstance(value, dict) and not value.get("done"):
+            number, rung = (int(part) for part in key.split(":")[1:])
+            claims.append((number, rung))
+    return claims, attrs
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_promotion_then_a_rerun_completes_it_from_the_saved_weights(
+    tmp_path: Path, trained_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import torch
+
+    from search.study import promotion as promotion_module
+    from search.study.trial_weights import weights_path
+
+    flags = [
+        "search",
+        "--budget-ms",
+        "1000000",
+        "--precision",
+        "fp32",
+        "--weights",
+        str(trained_weights),
+        "--input-size",
+        "32",
+        "--finetune-steps",
+        "2",
+        "--bn-batches",
+        "2",
+        "--trials",
+        "4",
+        "--rungs",
+        "4,8",
+        "--promote-fraction",
+        "0.5",
+        "--studies-dir",
+        str(tmp_path),
+        "--study",
+        "promo",
+    ]
+    url = f"sqlite:///{tmp_path / 'promo.db'}"
+    process = subprocess.Popen(
+        [sys.executable, "cli.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killed: tuple[int, int] | None = None
+    deadline = time.time() + 1200
+    while process.poll() is None and time.time() < deadline:
+        claims, attrs = _open_claims(url)
+        finished = {k: v for k, v in attrs.items() if k.startswith("rung:")}
+        pruned = [
+            (n, r)
+            for n, r in claims
+            if weights_path(tmp_path / "promo" / "trial-weights", n, 0).exists()  # a fine-tuned, pruned trial
+        ]
+        if pruned and finished:  # some rung is finished, and a pruned trial's promotion is under way
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            killed = pruned[0]
+            break
+        time.sleep(0.2)
+    assert killed is not None, "the search ended before a promotion could be killed"
+    _, before = _open_claims(url)
+    number, rung = killed
+    assert len(before.get(rung_key(number), [])) == rung - 1, "the killed rung was not recorded"
+    finished = {k: v for k, v in before.items() if k.startswith("rung:")}
+
+    real = promotion_module.train
+    started_from: list[tuple[int, int, bool]] = []
+
+    def checked(model, *args, **kwargs):  # the model a promotion trains on is the previous rung's saved one
+        n, r = (int(w) for w in kwargs["description"].split()[2::3])
+        saved = torch.load(weights_path(tmp_path / "promo" / "trial-weights", n, r - 1), weights_only=True)
+        same = all(torch.equal(v, saved["state_dict"][k]) for k, v in model.state_dict().items())
+        started_from.append((n, r, same))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(promotion_module, "train", checked)
+    rerun = run_main(*flags)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"Taking over the promotion of trial {number} to rung {rung}" in " ".join(rerun.stdout.split())
+    study = optuna.load_study(study_name="promo", storage=url)
+    attrs = study.user_attrs
+    for key, records in finished.items():  # nothing finished before the kill was lost or redone
+        assert attrs[key][: len(records)] == records, key
+    completed = attrs[rung_key(number)][rung - 1]
+    assert completed["rung"] == rung and completed["steps"] == (4, 8)[rung - 1]
+    assert completed["continued_from"]["steps"] == (2, 4)[rung - 1]
+    assert (number, rung, True) in started_from and all(same for _, _, same in started_from), started_from
+    assert completed["images"] == 269, "a promoted rung is read on all of the validation split"
+    assert next(r for r in rows(study) if r.number == number).rung >= rung, "the reports use the new rung"
