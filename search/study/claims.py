@@ -130,10 +130,10 @@ class Claim:
                 return False
             try:
                 text = _swap(self._storage, self._study_id, self.key, self._text, {**json.loads(self._text), **changes})
+                if text is None:  # another worker took the claim over (or the database was busy: beat again)
+                    self.lost = read_claim(self._storage, self._study_id, self.key) != self._text
+                    return False
             except Exception:  # the database is unreachable for a moment: beat again later
-                return False
-            if text is None:
-                self.lost = read_claim(self._storage, self._study_id, self.key) != self._text
                 return False
             self._text = text
             return True

@@ -41,7 +41,7 @@ from search.study.uncertainty import accuracy_record
 from search.training.evaluate import onnx_top1_correct, top1_correct
 from search.training.finetune import train
 
-__all__ = ["promote_all", "promote_next", "promotion_settings"]
+__all__ = ["describe_promotion", "promote_all", "promote_next", "promotion_settings"]
 
 
 def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
@@ -53,6 +53,16 @@ def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
     if not config.trial_weights:
         folder = folder / "trial-weights"
     return PromotionSettings(rung_steps=steps, fraction=config.promote_fraction, folder=folder)
+
+
+def describe_promotion(settings: PromotionSettings, finetune_steps: int) -> str:
+    """One line for the log: the rungs, who goes on, where the weights are kept."""
+    rungs = ", ".join(f"rung {i} at {steps}" for i, steps in enumerate(settings.rung_steps, 1))
+    return (
+        f"Promotion: the best {settings.fraction:.0%} of the trials at each rung are fine-tuned on from their "
+        f"weights and read on all validation images (rung 0 at {finetune_steps} steps, {rungs}; weights in "
+        f"{settings.folder}); --no-promotion turns it off"
+    )
 
 
 def _rdb(study: optuna.Study) -> RDBStorage:
@@ -114,6 +124,9 @@ def _promote(
     """Run the claimed promotion; None when it failed (recorded on the claim, not tried again)."""
     try:
         record = _run(trial, rung, ctx, settings, reporter)
+        if claim.lost:  # silent too long: another worker took this promotion over and records it
+            reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
+            return None
         study.set_user_attr(rung_key(trial.number), [*stored_rungs(study.user_attrs, trial.number)[: rung - 1], record])
     except Exception as exc:  # e.g. a weights file that cannot be read: the search goes on without this rung
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]

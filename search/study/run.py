@@ -44,7 +44,7 @@ from search.study.coordination import progress as study_progress
 from search.study.create import create_study, resumable, resume_creation, sampler
 from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
-from search.study.promotion import promote_all, promote_next, promotion_settings
+from search.study.promotion import describe_promotion, promote_all, promote_next, promotion_settings
 from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
     check_resumable,
@@ -250,6 +250,8 @@ def _trial_context(
         train_device=train_device,
         promotion=promotion_settings(config),
     )
+    if ctx.promotion is not None:
+        reporter.info(describe_promotion(ctx.promotion, config.finetune_steps))
     return ctx, config
 
 
