@@ -308,3 +308,5 @@ def test_kill_9_during_a_promotion_then_a_rerun_completes_it_from_the_saved_weig
     assert (number, rung, True) in started_from and all(same for _, _, same in started_from), started_from
     assert completed["images"] == 269, "a promoted rung is read on all of the validation split"
     assert next(r for r in rows(study) if r.number == number).rung >= rung, "the reports use the new rung"
+    notes = study._storage.get_study_system_attrs(study._study_id)
+    assert any(f"rung {rung}: top-1" in str(v) for k, v in notes.items() if "note_str" in k), "the dashboard says it"

@@ -137,8 +137,26 @@ def _promote(
         claim.stopped()
         raise
     claim.done()
+    _dashboard_note(study, trial)
     reporter.info(_line(trial, record, study))
     return record
+
+
+def _dashboard_note(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Say in optuna-dashboard's note of the trial which rung the reports use (its values stay rung 0's)."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:  # the dashboard is optional: the rungs are in the study's user attributes anyway
+        return
+    lines = [f"## Trial {trial.number}: rungs", ""]
+    for r in trial_rungs(trial, study.user_attrs):
+        images = f" on {r.images} validation images" if r.images else ""
+        lines.append(f"- rung {r.rung}: top-1 {r.accuracy:.4f}{images} after {r.steps} fine-tune steps")
+    lines += ["", "The reports use the highest rung; the trial's values (what TPE learns from) are rung 0's."]
+    try:
+        save_note(optuna.Trial(study, trial._trial_id), "\n".join(lines))
+    except Exception:  # a note is a courtesy: never fail a finished promotion over it
+        pass
 
 
 def _run(
