@@ -310,3 +310,29 @@ def test_kill_9_during_a_promotion_then_a_rerun_completes_it_from_the_saved_weig
     assert next(r for r in rows(study) if r.number == number).rung >= rung, "the reports use the new rung"
     notes = study._storage.get_study_system_attrs(study._study_id)
     assert any(f"rung {rung}: top-1" in str(v) for k, v in notes.items() if "note_str" in k), "the dashboard says it"
+
+
+def test_a_promoted_int8_trial_is_read_on_its_int8_model_on_all_validation_images(digits32) -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from search.measuring.quantize import QuantizeSettings
+    from search.study.promotion import _score
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+    ctx = SimpleNamespace(
+        data=digits32, finetune=SimpleNamespace(device="cpu"), quantize=QuantizeSettings(calibration_images=32)
+    )
+    seconds: dict[str, float] = {}
+    correct, extra = _score(model, ctx, "int8", seconds)  # type: ignore[arg-type]
+    assert len(correct) == len(digits32.split("val")), "all of the validation split"
+    assert extra["evaluated_in"] == "onnxruntime" and 0.0 <= extra["accuracy_fp32"] <= 1.0
+    assert set(seconds) == {"quantize", "evaluate"}
