@@ -144,6 +144,8 @@ def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
     assert run_main(*common, "--rungs", "300,100").returncode == 2
     both = run_main(*common, "--rungs", "100", "--no-promotion")
     assert both.returncode == 2 and "not allowed with" in both.stderr
+    unwritable = run_main(*common, "--trial-weights", "/proc/no/weights")
+    assert unwritable.returncode == 2 and "pass a writable --trial-weights DIR" in unwritable.stderr, unwritable.stderr
     assert not list(tmp_path.glob("*.db")), "nothing was started"
 
 

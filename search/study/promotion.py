@@ -27,6 +27,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from search.errors import UsageError
 from search.measuring.quantize import quantize_model
 from search.progress import Reporter
 from search.pruning.groups import replay
@@ -41,7 +42,7 @@ from search.study.uncertainty import accuracy_record
 from search.training.evaluate import onnx_top1_correct, top1_correct
 from search.training.finetune import train
 
-__all__ = ["describe_promotion", "promote_all", "promote_next", "promotion_settings"]
+__all__ = ["prepare_promotion", "promote_all", "promote_next", "promotion_settings"]
 
 
 def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
@@ -55,8 +56,15 @@ def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
     return PromotionSettings(rung_steps=steps, fraction=config.promote_fraction, folder=folder)
 
 
-def describe_promotion(settings: PromotionSettings, finetune_steps: int) -> str:
-    """One line for the log: the rungs, who goes on, where the weights are kept."""
+def prepare_promotion(settings: PromotionSettings, finetune_steps: int) -> str:
+    """Make the weights folder (a one-line error when it cannot be); one line for the log saying what promotes."""
+    try:
+        settings.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot make the trial weights folder {settings.folder}: {exc.strerror or exc}; pass a writable "
+            "--trial-weights DIR (shared by all hosts' workers), or --no-promotion"
+        ) from None
     rungs = ", ".join(f"rung {i} at {steps}" for i, steps in enumerate(settings.rung_steps, 1))
     return (
         f"Promotion: the best {settings.fraction:.0%} of the trials at each rung are fine-tuned on from their "

@@ -44,7 +44,7 @@ from search.study.coordination import progress as study_progress
 from search.study.create import create_study, resumable, resume_creation, sampler
 from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
-from search.study.promotion import describe_promotion, promote_all, promote_next, promotion_settings
+from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_settings
 from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
     check_resumable,
@@ -107,6 +107,9 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
 
 def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
     """:func:`run_search` once the storage is open."""
+    promotion = promotion_settings(config)
+    if promotion is not None:  # its folder is made (or refused) before any work
+        reporter.info(prepare_promotion(promotion, config.finetune_steps))
     data, space, fresh = _data_and_space(config, reporter)
     existing = load_existing(storage, config.study_name)
     if existing is None:  # refuse what a trial would crash on, before training
@@ -250,8 +253,6 @@ def _trial_context(
         train_device=train_device,
         promotion=promotion_settings(config),
     )
-    if ctx.promotion is not None:
-        reporter.info(describe_promotion(ctx.promotion, config.finetune_steps))
     return ctx, config
 
 
