@@ -322,3 +322,22 @@ def test_a_storage_password_reaches_no_file_artifact_or_message_of_a_search_and_
     system = study._storage.get_study_system_attrs(study._study_id)  # the dashboard's artifact records
     stored = [study.user_attrs, system] + [[t.user_attrs, t.system_attrs] for t in study.trials]
     assert password not in json.dumps(stored, default=str), "nor in what the study stores"
+
+
+def test_workers_on_postgresql_never_claim_the_same_promotion(postgres_url: str) -> None:
+    from search.study.storage import open_storage
+    from tests.test_promotion import _CLAIMER
+
+    optuna.create_study(study_name="ties", storage=open_storage(postgres_url), directions=["maximize", "minimize"])
+    start = time.time() + 8.0  # all four processes are up by then and race for the same eight claims
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIMER, postgres_url, str(start)], cwd=ROOT, stdout=subprocess.PIPE, env=env
+        )
+        for _ in range(4)
+    ]
+    outputs = [w.communicate(timeout=120)[0].decode().split() for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    claimed = sorted(int(n) for out in outputs for n in out)
+    assert claimed == list(range(8)), f"each promotion claimed exactly once: {outputs}"

@@ -24,6 +24,8 @@ from rich.text import Text
 from search.study.front import Row
 from search.study.origin import origin
 from search.study.retry import retry_of
+from search.study.rungs import Rung
+from search.study.uncertainty import wilson
 
 __all__ = ["RichReporter", "export_summary", "front_table", "show_trial"]
 
@@ -125,6 +127,13 @@ def _with_interval(r: Row) -> str:
     return _percent(r.accuracy) + ("" if margin is None else f" ±{margin * 100:.1f}")
 
 
+def _rung_cell(r: Row) -> str:
+    """``1/60``: the rung the top-1 comes from and the fine-tune steps behind it (``-``: not evaluated)."""
+    if r.accuracy is None:
+        return "-"
+    return f"{r.rung}/{r.steps}" if r.steps is not None else f"{r.rung}/-"
+
+
 def front_table(
     title: str, shown: list[Row], *, budget_ms: float, recommended: Row | None, tied: bool = False
 ) -> Table:
@@ -132,6 +141,7 @@ def front_table(
     for name, justify in [
         ("trial", "right"),
         ("top-1", "right"),
+        ("rung", "right"),
         ("before FT", "right"),
         ("latency ms", "right"),
         ("of base", "right"),
@@ -151,6 +161,7 @@ def front_table(
         table.add_row(
             number,
             _with_interval(r),
+            _rung_cell(r),
             _percent(r.accuracy_before),
             f"{r.latency_ms:.2f}",
             f"{r.ratio:.0%}",
@@ -166,6 +177,10 @@ def front_table(
         )
         if any(r.margin is not None for r in shown):
             table.caption += "; ± is half the top-1's Wilson 95% interval, in points"
+        table.caption += (
+            "; rung: where the top-1 comes from, R/steps (0: the brief fine-tune; higher: promoted, "
+            "fine-tuned on and read on all validation images)"
+        )
         table.caption_justify = "left"
     return table
 
@@ -179,8 +194,17 @@ def _top1_cell(a: dict[str, Any]) -> str:
     return f"{a['accuracy']:.4f} (Wilson 95% interval {low:.4f}-{high:.4f} on {record['images']} images{paired})"
 
 
-def show_trial(trial: Any, budget_ms: float) -> Table:
-    """One trial as a two-column table: policy, measurements, phase times, channels."""
+def _rung_line(r: Rung) -> str:
+    interval = ""
+    if r.images:
+        low, high = wilson(round(r.accuracy * r.images), r.images)
+        interval = f" (Wilson 95% interval {low:.4f}-{high:.4f} on {r.images} images)"
+    took = f", {r.seconds:.1f} s" if r.seconds is not None else ""
+    return f"{r.accuracy:.4f}{interval} after {r.steps} fine-tune steps{took}"
+
+
+def show_trial(trial: Any, budget_ms: float, rungs: list[Rung] | None = None) -> Table:
+    """One trial as a two-column table: policy, measurements, phase times, channels (and each rung it reached)."""
     a = trial.user_attrs
     table = Table(title=f"Trial {trial.number}", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
@@ -193,6 +217,10 @@ def show_trial(trial: Any, budget_ms: float) -> Table:
         table.add_row("retry of", f"trial {retried} (its run did not finish; this trial ran its policy again)")
     table.add_row("within budget", f"{'yes' if a.get('feasible') else 'no'} (budget {budget_ms:g} ms)")
     table.add_row("top-1 (val)", _top1_cell(a) if evaluated else "- (not fine-tuned)")
+    if rungs and len(rungs) > 1:
+        table.add_row("highest rung", f"{rungs[-1].rung}: the reports use its top-1 {_rung_line(rungs[-1])}")
+        for r in rungs:
+            table.add_row(f"rung {r.rung}", _rung_line(r))
     if a.get("accuracy_before") is not None:
         table.add_row("top-1 before fine-tune", f"{a['accuracy_before']:.4f}")
     table.add_row(

@@ -8,6 +8,7 @@ one-line ``error:`` with exit status 2, before anything heavy is imported.
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +32,12 @@ __all__ = [
     "fraction",
     "non_negative_float",
     "non_negative_int",
+    "open_fraction",
     "positive_float",
     "positive_int",
     "precisions",
     "speed_fraction",
+    "step_counts",
     "study_of",
     "target_timer",
     "triple",
@@ -67,6 +70,7 @@ positive_int = _number(int, lambda v: v >= 1, "a positive whole number")
 non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+open_fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number between 0 and 1, e.g. 0.333 for the top third")
 speed_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1], e.g. 0.5 for half the latency")
 
 
@@ -76,6 +80,17 @@ def precisions(text: str) -> tuple[str, ...]:
     if not values or any(v not in ("fp32", "int8") for v in values):
         raise argparse.ArgumentTypeError(f"must be fp32, int8 or fp32,int8, got {text!r}")
     return tuple(p for p in ("fp32", "int8") if p in values)  # one order, so a resumed study's settings match
+
+
+def step_counts(text: str) -> tuple[int, ...]:
+    """``"100,300"`` as ``(100, 300)``: positive step counts, strictly increasing."""
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be increasing step counts like 100,300, got {text!r}") from None
+    if not values or values[0] < 1 or any(b <= a for a, b in itertools.pairwise(values)):
+        raise argparse.ArgumentTypeError(f"must be increasing step counts like 100,300, got {text!r}")
+    return values
 
 
 def triple(text: str) -> tuple[float, float, float]:

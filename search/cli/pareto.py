@@ -90,7 +90,8 @@ def print_front(
     else:
         console.print(
             f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%}{_margin(best.margin)} at "
-            f"{best.latency_ms:.2f} ms ({best.ratio:.0%} of the baseline): {best.policy.describe()}"
+            f"{best.latency_ms:.2f} ms ({best.ratio:.0%} of the baseline; top-1 from {best.source()}): "
+            f"{best.policy.describe()}"
         )
         for line in found.lines() if found else []:
             console.print(escape(line), soft_wrap=True)

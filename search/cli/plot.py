@@ -142,6 +142,18 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
             zorder=3,  # above the front's line and dots, which would otherwise hide it
             label="INT8 (ONNX Runtime)",
         )
+    promoted = [r for r in shown if r.rung > 0]
+    if promoted:
+        ax.scatter(
+            [r.latency_ms for r in promoted],
+            [r.accuracy for r in promoted],
+            s=70,
+            marker="s",
+            facecolors="none",
+            edgecolors="0.25",
+            zorder=3,
+            label="promoted: top-1 of its highest rung",
+        )
     front = pareto_front(all_rows)
     if front:
         ax.plot(
@@ -166,7 +178,7 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
             label=f"recommended (trial {best.number})",
         )
     ax.set_xlabel("latency, ms (ONNX Runtime, batch 1, drift-corrected median)")
-    ax.set_ylabel("top-1 accuracy (validation)")
+    ax.set_ylabel("top-1 (validation, each trial's highest rung)" if promoted else "top-1 accuracy (validation)")
     unevaluated = [r for r in all_rows if r.accuracy is None]
     if unevaluated:  # over budget, never fine-tuned: shown on the floor of the plot at their latency
         floor = ax.get_ylim()[0]

@@ -23,17 +23,19 @@ from search.cli.options import (
     add_worker_options,
     fraction,
     non_negative_int,
+    open_fraction,
     positive_float,
     positive_int,
     precisions,
     speed_fraction,
+    step_counts,
     target_timer,
     triple,
 )
 from search.cli.pareto import print_front
 from search.data.spec import DataSpec
 from search.errors import UsageError
-from search.study.config import SearchConfig
+from search.study.config import PROMOTION_FACTOR, SearchConfig
 
 __all__ = ["DEFAULTS", "HELP", "add_arguments", "run"]
 
@@ -148,11 +150,41 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
         help="training arithmetic; auto uses bf16 where the device has it natively (fp16 with loss scaling on "
         "older GPUs, FP32 on other CPUs)",
     )
+    _add_promotion_options(parser)
     add_device_option(parser)
     parser.add_argument(
         "--allow-mixed-devices",
         action="store_true",
         help="let this run add trials fine-tuned on another kind of device (cpu, cuda) than the study's first",
+    )
+
+
+def _add_promotion_options(parser: argparse.ArgumentParser) -> None:
+    """Promotion of the best trials to longer fine-tunes: see README, 'Promotion'."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--rungs",
+        type=step_counts,
+        help="total fine-tune steps of the rungs above the brief fine-tune (rung 0, --finetune-steps), "
+        "comma-separated and increasing, e.g. 100,300; the best trials of each rung are fine-tuned on to the "
+        f"next and read on all validation images (default: one rung of {PROMOTION_FACTOR}x --finetune-steps)",
+    )
+    which.add_argument(
+        "--no-promotion",
+        action="store_true",
+        help="only the brief fine-tune for every trial, no promotion (the behaviour before promotion existed)",
+    )
+    parser.add_argument(
+        "--promote-fraction",
+        type=open_fraction,
+        default=DEFAULTS.promote_fraction,
+        help="the best this fraction of the trials at a rung go on to the next (default: 0.333, the top third)",
+    )
+    parser.add_argument(
+        "--trial-weights",
+        metavar="DIR",
+        help="folder for each trial's fine-tuned weights, which promotions continue from; workers on several "
+        "hosts need a path all of them see (default: studies/<study>/trial-weights)",
     )
 
 
@@ -181,6 +213,11 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> SearchConfig:
     """The search's settings from the parsed flags."""
+    if args.rungs and args.rungs[0] <= args.finetune_steps:
+        raise UsageError(
+            f"--rungs {','.join(map(str, args.rungs))}: each rung's total steps must be above --finetune-steps "
+            f"{args.finetune_steps} (rung 0); pass e.g. --rungs {PROMOTION_FACTOR * max(args.finetune_steps, 1)}"
+        )
     return SearchConfig(
         budget_ms=args.budget_ms,
         budget_fraction=args.budget_fraction,
@@ -210,6 +247,10 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         calibration_images=args.calibration_images,
         studies_dir=args.studies_dir,
         heartbeat_seconds=args.heartbeat,
+        promotion=not args.no_promotion,
+        rungs=args.rungs,
+        promote_fraction=args.promote_fraction,
+        trial_weights=args.trial_weights,
     )
 
 

@@ -24,11 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     from search.study.front import finished_trial
     from search.study.retry import retry_of
+    from search.study.rungs import trial_rungs
 
     study, _ = study_of(args)
     trial = finished_trial(study, args.trial)
     attrs = dict(trial.user_attrs)
     history = attrs.pop("pruning_history", None)
+    rungs = trial_rungs(trial, study.user_attrs)
     if args.format == "json":
         console.print_json(
             json.dumps(
@@ -38,10 +40,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     "params": trial.params,
                     **attrs,
                     "retry_of": retry_of(trial),
+                    "rungs": [r.to_dict() for r in rungs],
+                    "highest_rung": rungs[-1].rung if rungs else None,
                     "pruning_history_entries": len(history or []),
                 }
             )
         )
         return 0
-    console.print(show_trial(trial, float(study.user_attrs["budget_ms"])))
+    console.print(show_trial(trial, float(study.user_attrs["budget_ms"]), rungs))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -9,7 +10,10 @@ from typing import Any
 
 from search.data.spec import DataSpec
 
-__all__ = ["SearchConfig"]
+__all__ = ["PROMOTION_FACTOR", "SearchConfig"]
+
+PROMOTION_FACTOR = 3
+"""Without ``--rungs``, the one promoted rung fine-tunes this many times ``--finetune-steps`` in total."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,16 @@ class SearchConfig:
     """INT8 activation-range calibration: minmax, entropy or percentile (ONNX Runtime's calibrators)."""
     calibration_images: int = 256
     """Training images that calibrate each INT8 model."""
+    promotion: bool = True
+    """Promote the best trials to longer fine-tunes as the study runs (:mod:`search.study.promotion`)."""
+    rungs: tuple[int, ...] | None = None
+    """Total fine-tune steps of rungs 1, 2, ... (rung 0 is ``finetune_steps``); None: one rung of
+    ``PROMOTION_FACTOR`` times ``finetune_steps``."""
+    promote_fraction: float = 1 / 3
+    """The best this fraction of the trials at a rung are promoted to the next (ASHA's 1/eta)."""
+    trial_weights: str | None = None
+    """Folder for each trial's fine-tuned weights, which promotions continue from; None:
+    ``<studies_dir>/<study>/trial-weights``. Workers on several hosts need a path they all see."""
     studies_dir: str = "studies"
     heartbeat_seconds: int | None = None
     """Heartbeat interval of a new study (a trial silent for twice this is failed and retried once);
@@ -84,6 +98,12 @@ class SearchConfig:
             raise ValueError("budget_fraction must be in (0, 1]")
         if self.val_images is not None and self.val_images < 1:
             raise ValueError("val_images must be >= 1")
+        if self.rungs is not None:
+            steps = (self.finetune_steps, *self.rungs)
+            if any(b <= a for a, b in itertools.pairwise(steps)):
+                raise ValueError("rungs must be increasing step counts, each above finetune_steps")
+        if not 0 < self.promote_fraction < 1:
+            raise ValueError("promote_fraction must be in (0, 1)")
         if not self.precisions or any(p not in ("fp32", "int8") for p in self.precisions):
             raise ValueError(f"precisions must be some of fp32, int8; got {self.precisions!r}")
 
@@ -95,6 +115,15 @@ class SearchConfig:
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
         budget = f"{self.budget_ms:g}ms" if self.budget_ms is not None else f"{self.budget_fraction:g}x"
         return f"{model}-{data}-{budget}"
+
+    @property
+    def rung_steps(self) -> tuple[int, ...]:
+        """Total fine-tune steps of the rungs above 0 (empty: no promotion)."""
+        if not self.promotion:
+            return ()
+        if self.rungs is not None:
+            return tuple(self.rungs)
+        return (PROMOTION_FACTOR * self.finetune_steps,) if self.finetune_steps > 0 else ()
 
     @property
     def storage_url(self) -> str:

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from search.errors import UsageError
 from search.pruning.policy import Policy
 from search.study.retry import failure_reason
+from search.study.rungs import highest_rung
 from search.study.uncertainty import ALPHA, mcnemar_p, paired_counts, unpack_correct, wilson
 
 __all__ = [
@@ -52,6 +53,10 @@ class Row:
     """Validation images the accuracy was read on (None: not recorded, a study from an older version)."""
     per_image: str | None = None
     """Which of those images it got right, packed (:func:`search.study.uncertainty.pack_correct`)."""
+    rung: int = 0
+    """The highest rung the trial reached, which :attr:`accuracy` comes from (0: the brief fine-tune)."""
+    steps: int | None = None
+    """Fine-tune steps behind :attr:`accuracy` (None: not fine-tuned)."""
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -59,6 +64,12 @@ class Row:
         if self.accuracy is None or not self.images:
             return None
         return wilson(round(self.accuracy * self.images), self.images)
+
+    def source(self) -> str:
+        """Where :attr:`accuracy` comes from: ``rung 1: 60 fine-tune steps, 1797 validation images``."""
+        steps = "not fine-tuned" if not self.steps else f"{self.steps} fine-tune steps"
+        images = f", {self.images} validation images" if self.images else ""
+        return f"rung {self.rung}: {steps}{images}"
 
     @property
     def margin(self) -> float | None:
@@ -93,23 +104,24 @@ class Row:
             "recipe": self.recipe,
             "precision": self.precision,
             "images": self.images,
+            "rung": self.rung,
+            "finetune_steps": self.steps,
             "accuracy_interval": list(self.interval) if self.interval else None,
             "policy": self.policy.to_dict(),
         }
 
 
 def rows(study: optuna.Study) -> list[Row]:
-    """Every completed trial of the study, in trial order."""
+    """Every completed trial of the study, in trial order, each at the highest rung it reached."""
     result = []
+    study_attrs = study.user_attrs
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
-        evaluated = a.get("fine_tuned") or Policy.from_dict(a["policy"]).is_unpruned  # unpruned: FP32 or INT8 baseline
-        record = a.get("accuracy_record") if evaluated else None
-        record = record if isinstance(record, dict) else {}
+        top = highest_rung(t, study_attrs)  # None: over the budget, never evaluated
         result.append(
             Row(
                 number=t.number,
-                accuracy=float(t.values[0]) if evaluated else None,
+                accuracy=None if top is None else top.accuracy,
                 accuracy_before=a.get("accuracy_before"),
                 latency_ms=float(t.values[1]),
                 ratio=float(a["latency"]["ratio"]),
@@ -121,8 +133,10 @@ def rows(study: optuna.Study) -> list[Row]:
                 feasible=bool(a.get("feasible")),
                 recipe=a.get("recipe"),
                 policy=Policy.from_dict(a["policy"]),
-                images=int(record["images"]) if record.get("images") else None,
-                per_image=record.get("per_image"),
+                images=None if top is None else top.images,
+                per_image=None if top is None else top.per_image,
+                rung=0 if top is None else top.rung,
+                steps=None if top is None or not (a.get("fine_tuned") or top.rung) else top.steps,
             )
         )
     return result
@@ -155,6 +169,8 @@ class Verdict:
     p_value: float | None = None
     discordant: tuple[int, int] | None = None
     """Images right only by the most accurate trial, and right only by the other one (paired)."""
+    best_rung: int | None = None
+    """The rung the most accurate trial's accuracy comes from."""
 
     def how(self) -> str:
         if self.method == "paired":
@@ -166,20 +182,27 @@ class Verdict:
                 f"{'above' if self.tied else 'at or below'} {ALPHA:g}"
             )
         overlap = "overlap" if self.tied else "do not overlap"
-        return f"their Wilson 95% intervals {overlap} (no per-image record on the same images to pair)"
+        return f"their Wilson 95% intervals {overlap} ({_why_unpaired(self)})"
+
+
+def _why_unpaired(verdict: Verdict) -> str:
+    other = verdict.other
+    if other.per_image is not None and verdict.best_rung is not None and verdict.best_rung != other.rung:
+        return f"read at different rungs, {verdict.best_rung} and {other.rung}: not paired"
+    return "no per-image record on the same images to pair"
 
 
 def compare(best: Row, other: Row) -> Verdict | None:
     """Whether ``other`` is tied with ``best``; None when neither record allows telling (older studies)."""
     a, b = best.correct(), other.correct()
-    if a is not None and b is not None and len(a) == len(b):
+    if a is not None and b is not None and len(a) == len(b) and best.rung == other.rung:
         only_a, only_b = paired_counts(a, b)
         p = mcnemar_p(only_a, only_b)
         return Verdict(other, p > ALPHA, "paired", p, (only_a, only_b))
     ia, ib = best.interval, other.interval
     if ia is None or ib is None:
         return None
-    return Verdict(other, ia[0] <= ib[1] and ib[0] <= ia[1], "intervals")
+    return Verdict(other, ia[0] <= ib[1] and ib[0] <= ia[1], "intervals", best_rung=best.rung)
 
 
 @dataclass(frozen=True)
@@ -209,7 +232,7 @@ class Recommendation:
                 "More --val-images, or the final fine-tune, can separate them."
             ]
             for r in self.candidates:
-                out.append(f"  trial {r.number}: top-1 {_with_margin(r)} at {r.latency_ms:.2f} ms")
+                out.append(f"  trial {r.number}: top-1 {_with_margin(r)} at {r.latency_ms:.2f} ms ({r.source()})")
             out += [f"  trial {v.other.number} vs {self.top.number}: {v.how()}" for v in self.tied]
             return out
         if self.runner_up is not None:

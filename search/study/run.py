@@ -44,6 +44,7 @@ from search.study.coordination import progress as study_progress
 from search.study.create import create_study, resumable, resume_creation, sampler
 from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
+from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_settings
 from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
     check_resumable,
@@ -106,6 +107,9 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
 
 def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
     """:func:`run_search` once the storage is open."""
+    promotion = promotion_settings(config)
+    if promotion is not None:  # its folder is made (or refused) before any work
+        reporter.info(prepare_promotion(promotion, config.finetune_steps))
     data, space, fresh = _data_and_space(config, reporter)
     existing = load_existing(storage, config.study_name)
     if existing is None:  # refuse what a trial would crash on, before training
@@ -247,6 +251,7 @@ def _trial_context(
         val_images=config.val_images,
         fit_budget=config.fit_budget,
         train_device=train_device,
+        promotion=promotion_settings(config),
     )
     return ctx, config
 
@@ -307,6 +312,8 @@ def _run_trials(
                 break
             mine.clear()
             try:
+                if promote_next(study, ctx, reporter) is not None:  # ASHA: a due promotion before a new trial
+                    continue
                 if step[0] == "wait":
                     reporter.phase(f"waiting for {step[1].running} trial(s) running on other workers")
                     time.sleep(2.0)
@@ -330,6 +337,10 @@ def _run_trials(
             done = min(_finished(study), config.trials)
             progress.advance(done - shown)
             shown = done
+    try:  # the promotions the last trials made due (or a killed worker left), until none is
+        promote_all(study, ctx, reporter, None if config.timeout is None else started + config.timeout)
+    except KeyboardInterrupt:
+        return ran, True, None
     now = study_progress(study)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if waiting and now.finished >= config.trials:

@@ -52,6 +52,8 @@ def settings_that_must_match(
         "precisions": list(config.precisions),
         "calibration_method": config.calibration_method,
         "calibration_images": config.calibration_images,
+        "rungs": list(config.rung_steps),  # a trial's rung-r accuracy means the same steps in every run
+        "promote_fraction": round(config.promote_fraction, 6) if config.rung_steps else None,
     }
 
 
@@ -92,6 +94,8 @@ _FLAGS = {
     "precisions": "--precision",
     "calibration_method": "--calibration-method",
     "calibration_images": "--calibration-images",
+    "rungs": "--rungs/--no-promotion",
+    "promote_fraction": "--promote-fraction",
 }
 
 

@@ -25,6 +25,8 @@ from search.pruning.channels import prune_copy
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.origin import LATENCY_AT_CREATION, is_enqueued
+from search.study.rungs import PromotionSettings
+from search.study.trial_weights import save_weights, weights_path
 from search.study.uncertainty import accuracy_record, wilson
 from search.training.evaluate import onnx_top1_correct, top1, top1_correct
 from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
@@ -66,6 +68,8 @@ class TrialContext:
     fit_budget: bool = False
     """Fit each sampled policy's strength to the budget (:mod:`search.pruning.budget_fit`); enqueued ones run as
     they are."""
+    promotion: PromotionSettings | None = None
+    """With promotion on, each fine-tuned trial's weights are kept for promotions (:mod:`search.study.promotion`)."""
 
     @property
     def baseline(self) -> nn.Module:
@@ -174,6 +178,9 @@ def _finetune_and_score(
     settings = dataclasses.replace(ctx.finetune, seed=trial.number)
     result = train(model, ctx.data, settings, teacher=ctx.baseline, reporter=reporter, description="fine-tune")
     seconds["finetune"] = result.seconds
+    if ctx.promotion is not None:  # what a promotion to rung 1 continues from (FP32, before any quantization)
+        path = weights_path(ctx.promotion.folder, trial.number, 0)
+        save_weights(path, model, steps=result.steps, arch_hash=trial.user_attrs.get("arch_hash"))
     trial.set_user_attr(
         "finetune",
         {

@@ -1,0 +1,183 @@
+"""Exactly one worker promotes a trial to a rung: a claim row in the study, kept alive by a heartbeat.
+
+A promotion is claimed by inserting the study user attribute ``promotion:N:R`` (trial N to rung
+R). Optuna's schema makes ``(study_id, key)`` unique, so of several workers inserting the same
+claim at once exactly one succeeds, on SQLite and PostgreSQL alike. The claim holds its worker's
+host, process and a heartbeat renewed every :data:`BEAT_SECONDS` by a thread. A claim whose
+worker stopped can be taken over, by a compare-and-swap on the row (again exactly one winner):
+when it was marked stopped (Ctrl-C), when its process is gone (same host), or when its heartbeat
+is older than :data:`SILENT_SECONDS` (any host; the hosts' clocks must agree to well within that).
+A finished promotion's rung is recorded before its claim is marked done, so nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+
+__all__ = [
+    "BEAT_SECONDS",
+    "CLAIM_PREFIX",
+    "SILENT_SECONDS",
+    "Claim",
+    "claim_key",
+    "claim_promotion",
+    "read_claim",
+    "stale_reason",
+]
+
+CLAIM_PREFIX = "promotion:"
+BEAT_SECONDS = 5.0
+SILENT_SECONDS = 120.0
+"""A claim whose heartbeat is this old is taken for abandoned (24 missed beats: a busy machine still beats)."""
+
+
+def claim_key(number: int, rung: int) -> str:
+    return f"{CLAIM_PREFIX}{number}:{rung}"
+
+
+def read_claim(storage: RDBStorage, study_id: int, key: str) -> str | None:
+    """The claim row's JSON text, or None when nobody claimed it."""
+    import sqlalchemy
+
+    with storage.engine.connect() as conn:
+        row = conn.execute(
+            sqlalchemy.text("SELECT value_json FROM study_user_attributes WHERE study_id = :s AND key = :k"),
+            {"s": study_id, "k": key},
+        ).first()
+    return None if row is None else row[0]
+
+
+def _swap(storage: RDBStorage, study_id: int, key: str, old: str | None, new: dict[str, Any]) -> str | None:
+    """Insert (``old`` None) or replace the row ``old`` by ``new`` if nobody changed it; the new text or None."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    text = json.dumps(new)
+    try:
+        with storage.engine.begin() as conn:
+            if old is None:
+                conn.execute(
+                    sqlalchemy.text(
+                        "INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (:s, :k, :v)"
+                    ),
+                    {"s": study_id, "k": key, "v": text},
+                )
+                return text
+            changed = conn.execute(
+                sqlalchemy.text(
+                    "UPDATE study_user_attributes SET value_json = :v"
+                    " WHERE study_id = :s AND key = :k AND value_json = :o"
+                ),
+                {"s": study_id, "k": key, "v": text, "o": old},
+            ).rowcount
+    except sqlalchemy.exc.IntegrityError:  # another worker inserted its claim first
+        return None
+    except sqlalchemy.exc.OperationalError:  # SQLite busy past its timeout: treat as lost, try again later
+        return None
+    return text if changed == 1 else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def stale_reason(record: dict[str, Any], now: float | None = None) -> str | None:
+    """Why a claim may be taken over, or None while its worker may still be promoting."""
+    if record.get("done"):
+        return None
+    if record.get("stopped"):
+        return "its worker was stopped before it finished"
+    if record.get("host") == socket.gethostname() and not _alive(int(record.get("pid", -1))):
+        return f"its worker (process {record.get('pid')}) is gone"
+    silent = (now or time.time()) - float(record.get("beat", 0))
+    if silent > SILENT_SECONDS:
+        return f"its worker ({record.get('host')}, process {record.get('pid')}) has been silent for {silent:.0f} s"
+    return None
+
+
+class Claim:
+    """This worker's claim on one promotion: renews its heartbeat until :meth:`done` or :meth:`stopped`."""
+
+    def __init__(self, storage: RDBStorage, study_id: int, key: str, text: str, taken_over: str | None) -> None:
+        self._storage, self._study_id, self.key = storage, study_id, key
+        self._text = text
+        self.taken_over = taken_over
+        """Why the previous claim was taken over (None: this worker was first)."""
+        self.lost = False
+        self._lock = threading.Lock()
+        self._quit = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="promotion-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _update(self, **changes: Any) -> bool:
+        with self._lock:
+            if self.lost:
+                return False
+            try:
+                text = _swap(self._storage, self._study_id, self.key, self._text, {**json.loads(self._text), **changes})
+                if text is None:  # another worker took the claim over (or the database was busy: beat again)
+                    self.lost = read_claim(self._storage, self._study_id, self.key) != self._text
+                    return False
+            except Exception:  # the database is unreachable for a moment: beat again later
+                return False
+            self._text = text
+            return True
+
+    def _run(self) -> None:
+        while not self._quit.wait(BEAT_SECONDS):
+            self._update(beat=time.time())
+
+    def _end(self) -> None:
+        self._quit.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def done(self) -> None:
+        """The promotion's rung is recorded: nobody takes this claim over again."""
+        self._end()
+        self._update(done=True, beat=time.time())
+
+    def failed(self, message: str) -> None:
+        """The promotion failed for a reason a retry would meet again: it is recorded and not tried again."""
+        self._end()
+        self._update(done=True, failed=message, beat=time.time())
+
+    def stopped(self) -> None:
+        """The promotion stopped unfinished (Ctrl-C, an error): a rerun takes it over at once."""
+        self._end()
+        self._update(stopped=True)
+
+
+def claim_promotion(storage: RDBStorage, study: optuna.Study, number: int, rung: int) -> Claim | None:
+    """Claim promoting trial ``number`` to ``rung``: a :class:`Claim`, or None when another worker holds it."""
+    key = claim_key(number, rung)
+    old = read_claim(storage, study._study_id, key)
+    why = None
+    if old is not None:
+        why = stale_reason(json.loads(old))
+        if why is None:
+            return None
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "token": uuid.uuid4().hex,
+        "beat": time.time(),
+        "every": BEAT_SECONDS,
+    }
+    text = _swap(storage, study._study_id, key, old, me)
+    return None if text is None else Claim(storage, study._study_id, key, text, why)

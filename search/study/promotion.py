@@ -1,0 +1,241 @@
+"""Promotion inside the search: the best trials go on to longer fine-tunes, asynchronously (ASHA).
+
+After each trial (and, once the study has its trials, until none is left) a worker asks
+:func:`search.study.rungs.promotable` which trials belong in the next rung, claims one through the
+study (:mod:`search.study.claims`, so two workers never promote the same trial), rebuilds the
+trial's pruned model, loads the weights its last rung left (:mod:`search.study.trial_weights`),
+fine-tunes it on to the rung's total steps, saves the new weights and reads its top-1 on the whole
+validation split. The rung's record goes into the study attribute ``rung:N`` before the claim is
+marked done, so a worker killed at any point loses no finished rung, and a rerun (or another
+worker) takes the claim over and does the rung again from the previous rung's weights.
+
+The trial's own values stay those of rung 0: every trial reached it, so the sampler compares like
+with like and never favours a policy for having been trained longer. The reports use each trial's
+highest rung (:func:`search.study.front.rows`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from search.errors import UsageError
+from search.measuring.quantize import quantize_model
+from search.progress import Reporter
+from search.pruning.groups import replay
+from search.pruning.policy import Policy
+from search.study.claims import Claim, claim_promotion
+from search.study.config import SearchConfig
+from search.study.coordination import worker_identity
+from search.study.rungs import PromotionSettings, promotable, rung_key, stored_rungs, trial_rungs
+from search.study.trial import TrialContext
+from search.study.trial_weights import file_sha256, load_weights_into, save_weights, weights_path
+from search.study.uncertainty import accuracy_record
+from search.training.evaluate import onnx_top1_correct, top1_correct
+from search.training.finetune import train
+
+__all__ = ["prepare_promotion", "promote_all", "promote_next", "promotion_settings"]
+
+
+def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
+    """The search's promotion settings, or None with ``--no-promotion`` (or no rung above 0)."""
+    steps = config.rung_steps
+    if not steps:
+        return None
+    folder = Path(config.trial_weights) if config.trial_weights else Path(config.studies_dir) / config.study_name
+    if not config.trial_weights:
+        folder = folder / "trial-weights"
+    return PromotionSettings(rung_steps=steps, fraction=config.promote_fraction, folder=folder)
+
+
+def prepare_promotion(settings: PromotionSettings, finetune_steps: int) -> str:
+    """Make the weights folder (a one-line error when it cannot be); one line for the log saying what promotes."""
+    try:
+        settings.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot make the trial weights folder {settings.folder}: {exc.strerror or exc}; pass a writable "
+            "--trial-weights DIR (shared by all hosts' workers), or --no-promotion"
+        ) from None
+    rungs = ", ".join(f"rung {i} at {steps}" for i, steps in enumerate(settings.rung_steps, 1))
+    return (
+        f"Promotion: the best {settings.fraction:.0%} of the trials at each rung are fine-tuned on from their "
+        f"weights and read on all validation images (rung 0 at {finetune_steps} steps, {rungs}; weights in "
+        f"{settings.folder}); --no-promotion turns it off"
+    )
+
+
+def _rdb(study: optuna.Study) -> RDBStorage:
+    storage = study._storage
+    return getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a cache
+
+
+def _can_continue(trial: FrozenTrial, rung: int, settings: PromotionSettings) -> bool:
+    """This worker sees the weights the trial's previous rung left (none are needed for the unpruned model)."""
+    if Policy.from_dict(trial.user_attrs["policy"]).is_unpruned:
+        return True
+    return weights_path(settings.folder, trial.number, rung - 1).is_file()
+
+
+def promote_next(study: optuna.Study, ctx: TrialContext, reporter: Reporter) -> dict[str, Any] | None:
+    """Promote one trial that ASHA says is due and nobody else is promoting; its new rung's record, or None."""
+    settings = ctx.promotion
+    if settings is None:
+        return None
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    by_number = {t.number: t for t in trials}
+    for number, rung in promotable(trials, study.user_attrs, settings.rung_steps, settings.fraction):
+        trial = by_number[number]
+        if not _can_continue(trial, rung, settings):
+            continue
+        claim = claim_promotion(_rdb(study), study, number, rung)
+        if claim is None:
+            continue
+        if len(stored_rungs(study.user_attrs, number)) >= rung:  # finished by a worker that died before 'done'
+            claim.done()
+            continue
+        if claim.taken_over:
+            reporter.info(f"Taking over the promotion of trial {number} to rung {rung}: {claim.taken_over}")
+        record = _promote(study, trial, rung, ctx, settings, claim, reporter)
+        if record is not None:
+            return record
+    return None
+
+
+def promote_all(study: optuna.Study, ctx: TrialContext, reporter: Reporter, deadline: float | None = None) -> int:
+    """Promote until nothing is due (or ``deadline``, a ``time.monotonic()`` value, passes); how many were."""
+    done = 0
+    while deadline is None or time.monotonic() < deadline:
+        if promote_next(study, ctx, reporter) is None:
+            break
+        done += 1
+    return done
+
+
+def _promote(
+    study: optuna.Study,
+    trial: FrozenTrial,
+    rung: int,
+    ctx: TrialContext,
+    settings: PromotionSettings,
+    claim: Claim,
+    reporter: Reporter,
+) -> dict[str, Any] | None:
+    """Run the claimed promotion; None when it failed (recorded on the claim, not tried again)."""
+    try:
+        record = _run(trial, rung, ctx, settings, reporter)
+        if claim.lost:  # silent too long: another worker took this promotion over and records it
+            reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
+            return None
+        study.set_user_attr(rung_key(trial.number), [*stored_rungs(study.user_attrs, trial.number)[: rung - 1], record])
+    except Exception as exc:  # e.g. a weights file that cannot be read: the search goes on without this rung
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        claim.failed(message)
+        reporter.warn(f"promoting trial {trial.number} to rung {rung} failed: {message}")
+        return None
+    except BaseException:  # Ctrl-C, a stop by the launcher: a rerun takes the claim over at once
+        claim.stopped()
+        raise
+    claim.done()
+    _dashboard_note(study, trial)
+    reporter.info(_line(trial, record, study))
+    return record
+
+
+def _dashboard_note(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Say in optuna-dashboard's note of the trial which rung the reports use (its values stay rung 0's)."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:  # the dashboard is optional: the rungs are in the study's user attributes anyway
+        return
+    lines = [f"## Trial {trial.number}: rungs", ""]
+    for r in trial_rungs(trial, study.user_attrs):
+        images = f" on {r.images} validation images" if r.images else ""
+        lines.append(f"- rung {r.rung}: top-1 {r.accuracy:.4f}{images} after {r.steps} fine-tune steps")
+    lines += ["", "The reports use the highest rung; the trial's values (what TPE learns from) are rung 0's."]
+    try:
+        save_note(optuna.Trial(study, trial._trial_id), "\n".join(lines))
+    except Exception:  # a note is a courtesy: never fail a finished promotion over it
+        pass
+
+
+def _run(
+    trial: FrozenTrial, rung: int, ctx: TrialContext, settings: PromotionSettings, reporter: Reporter
+) -> dict[str, Any]:
+    """Fine-tune trial ``trial`` on from its previous rung to ``rung``'s total steps and score it on all of val."""
+    attrs = trial.user_attrs
+    policy = Policy.from_dict(attrs["policy"])
+    total = settings.rung_steps[rung - 1]
+    seconds: dict[str, float] = {}
+    model = copy.deepcopy(ctx.baseline)
+    continued: dict[str, Any] | None = None
+    steps = 0
+    if not policy.is_unpruned:  # the unpruned model is never fine-tuned: only read on more images
+        reporter.phase(f"promote trial {trial.number} to rung {rung}: rebuild")
+        replay(model, attrs["pruning_history"], ctx.data.example_input())
+        source = weights_path(settings.folder, trial.number, rung - 1)
+        saved = load_weights_into(model, source)
+        steps = int(saved["steps"])
+        continued = {"rung": rung - 1, "steps": steps, "weights_sha256": file_sha256(source)}
+        extra = max(0, total - steps)
+        train_settings = dataclasses.replace(ctx.finetune, steps=extra, seed=trial.number + 1000 * rung)
+        description = f"promote trial {trial.number} to rung {rung}"
+        reporter.phase(description)
+        teacher = ctx.baseline
+        result = train(model, ctx.data, train_settings, teacher=teacher, reporter=reporter, description=description)
+        seconds["finetune"] = result.seconds
+        steps += result.steps
+        target = weights_path(settings.folder, trial.number, rung)
+        save_weights(target, model, steps=steps, arch_hash=attrs.get("arch_hash"))
+    reporter.phase(f"promote trial {trial.number} to rung {rung}: evaluate on all validation images")
+    correct, extra_record = _score(model, ctx, policy.precision, seconds)
+    return {
+        "rung": rung,
+        "steps": steps,
+        "accuracy": float(correct.mean()),
+        **accuracy_record(correct.tolist()),
+        **extra_record,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "continued_from": continued,
+        "worker": worker_identity(),
+        "finished_at": time.time(),
+    }
+
+
+def _score(model: nn.Module, ctx: TrialContext, precision: str, seconds: dict[str, float]) -> tuple[Any, dict]:
+    """Per-image top-1 on the whole validation split: of the INT8 model in ONNX Runtime for ``int8``."""
+    started = time.perf_counter()
+    if precision != "int8":
+        correct = top1_correct(model, ctx.data, "val", device=ctx.finetune.device)
+        seconds["evaluate"] = time.perf_counter() - started
+        return correct, {}
+    fp32 = float(top1_correct(model, ctx.data, "val", device=ctx.finetune.device).mean())
+    quantized = quantize_model(model, ctx.data, ctx.quantize)
+    seconds["quantize"] = quantized.seconds
+    correct = onnx_top1_correct(quantized.int8_onnx, ctx.data, "val")
+    seconds["evaluate"] = time.perf_counter() - started - quantized.seconds
+    return correct, {"accuracy_fp32": fp32, "evaluated_in": "onnxruntime"}
+
+
+def _line(trial: FrozenTrial, record: dict[str, Any], study: optuna.Study) -> str:
+    reached = trial_rungs(trial, study.user_attrs)
+    before = next((r for r in reached if r.rung == record["rung"] - 1), None)
+    low, high = record["interval"]
+    was = ""
+    if before is not None:
+        images = f" on {before.images} images" if before.images else ""
+        was = f"; rung {before.rung}: {before.accuracy:.4f}{images} after {before.steps} steps"
+    took = sum(record["seconds"].values())
+    return (
+        f"Promoted trial {trial.number} to rung {record['rung']} ({record['steps']} fine-tune steps): "
+        f"top-1 {record['accuracy']:.4f} ±{(high - low) * 50:.1f} pp on all {record['images']} validation images"
+        f"{was}, {took:.0f} s"
+    )

@@ -1,0 +1,340 @@
+"""Promotion: which trials ASHA promotes, that exactly one worker claims each, and how the reports show rungs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.cli.search import _config, add_arguments
+from search.study.claims import SILENT_SECONDS, claim_key, claim_promotion, read_claim, stale_reason
+from search.study.front import pick_best, recommendation, rows
+from search.study.promotion import promotion_settings
+from search.study.rungs import promotable, rung_key, trial_rungs
+from search.study.storage import open_storage
+from search.study.uncertainty import accuracy_record
+from tests.conftest import ROOT, run_main
+from tests.test_uncertainty import _flip, _make_study
+
+IMAGES = 500
+
+
+def _study(path: Path) -> optuna.Study:
+    return optuna.load_study(study_name="ties", storage=f"sqlite:///{path}")
+
+
+def _promoted(study: optuna.Study, number: int, correct: list[bool], steps: int = 60, rung: int = 1) -> None:
+    """Record trial ``number`` at ``rung`` as a promotion stores it."""
+    record = {"rung": rung, "steps": steps, "accuracy": sum(correct) / len(correct), **accuracy_record(correct)}
+    earlier = list(study.user_attrs.get(rung_key(number), []))[: rung - 1]
+    study.set_user_attr(rung_key(number), [*earlier, {**record, "seconds": {"finetune": 3.0, "evaluate": 1.0}}])
+
+
+def test_asha_promotes_the_best_third_of_each_rung_once(tmp_path: Path) -> None:
+    base = [i < 400 for i in range(IMAGES)]  # 80%
+    # Six fine-tuned trials within the budget (80%..85%), one over it; then one copy of an earlier policy.
+    trials = [(0.1 * k, _flip(base, 0, 5 * k), 5.0 + k * 0.1) for k in range(6)] + [(0.9, None, 20.0)]
+    _make_study(tmp_path / "ties.db", trials)
+    study = _study(tmp_path / "ties.db")
+    completed = study.get_trials(deepcopy=False)
+    # floor(6 / 3) = 2: the two most accurate (trials 5 and 4) go on to rung 1.
+    assert promotable(completed, study.user_attrs, (60,), 1 / 3) == [(5, 1), (4, 1)]
+    assert promotable(completed, study.user_attrs, (), 1 / 3) == [], "no rung above 0: no promotion"
+    assert promotable(completed, study.user_attrs, (60,), 0.5) == [(5, 1), (4, 1), (3, 1)]
+
+    _promoted(study, 5, _flip(base, 0, 60))
+    study = _study(tmp_path / "ties.db")
+    completed = study.get_trials(deepcopy=False)
+    # Trial 5 reached rung 1 (not promoted again to it); with two rungs, the one trial at rung 1 is too few to
+    # promote anything (floor(1 / 3) = 0).
+    assert promotable(completed, study.user_attrs, (60, 180), 1 / 3) == [(4, 1)]
+    _promoted(study, 4, _flip(base, 0, 20))
+    _promoted(study, 3, _flip(base, 0, 10))
+    study = _study(tmp_path / "ties.db")
+    completed = study.get_trials(deepcopy=False)
+    # Rung 1 now holds 3 trials: its best (trial 5) goes on to rung 2, highest rung first.
+    assert promotable(completed, study.user_attrs, (60, 180), 1 / 3) == [(5, 2)]
+    reached = trial_rungs(completed[5], study.user_attrs)
+    assert [(r.rung, r.steps, r.images) for r in reached] == [(0, 0, IMAGES), (1, 60, IMAGES)]
+    assert reached[1].seconds == 4.0
+
+
+_CLAIMER = """
+import sys, time
+import optuna
+from search.study.claims import claim_promotion
+from search.study.storage import open_storage
+url, start = sys.argv[1], float(sys.argv[2])
+storage = open_storage(url)
+study = optuna.load_study(study_name="ties", storage=storage)
+while time.time() < start:
+    time.sleep(0.01)
+for number in range(8):
+    claim = claim_promotion(storage, study, number, 1)
+    if claim is not None:
+        print(number, flush=True)
+        claim.done()
+"""
+
+
+def test_workers_on_one_sqlite_study_never_claim_the_same_promotion(tmp_path: Path) -> None:
+    path = tmp_path / "ties.db"
+    _make_study(path, [(0.1, [True] * 10, 5.0)])
+    url = f"sqlite:///{path}"
+    start = time.time() + 8.0  # all four processes are up by then and race for the same eight claims
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _CLAIMER, url, str(start)], cwd=ROOT, stdout=subprocess.PIPE, env=env)
+        for _ in range(4)
+    ]
+    outputs = [w.communicate(timeout=120)[0].decode().split() for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    claimed = [int(n) for out in outputs for n in out]
+    assert sorted(claimed) == list(range(8)), f"each promotion claimed exactly once: {outputs}"
+
+
+def test_a_claim_whose_worker_is_gone_is_taken_over_by_exactly_one(tmp_path: Path) -> None:
+    path = tmp_path / "ties.db"
+    _make_study(path, [(0.1, [True] * 10, 5.0)])
+    storage = open_storage(f"sqlite:///{path}")
+    study = optuna.load_study(study_name="ties", storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = {"host": os.uname().nodename, "pid": dead.pid, "beat": time.time()}
+    study.set_user_attr(claim_key(3, 1), gone)  # what kill -9 leaves: a claim neither done nor stopped
+    assert "is gone" in (stale_reason(gone) or "")
+    assert stale_reason({**gone, "pid": os.getpid()}) is None, "a live worker's claim holds"
+    assert stale_reason({**gone, "pid": os.getpid(), "beat": time.time() - SILENT_SECONDS - 1}) is not None
+    first = claim_promotion(storage, study, 3, 1)
+    assert first is not None and "is gone" in (first.taken_over or "")
+    assert claim_promotion(storage, study, 3, 1) is None, "the new claim's worker (this one) is alive"
+    first.stopped()  # Ctrl-C: a rerun takes over at once
+    again = claim_promotion(storage, study, 3, 1)
+    assert again is not None and "stopped" in (again.taken_over or "")
+    again.done()
+    assert claim_promotion(storage, study, 3, 1) is None, "a finished promotion is never redone"
+    assert json.loads(read_claim(storage, study._study_id, claim_key(3, 1)) or "{}")["done"] is True
+
+
+def _parse(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--budget-ms", "5", *flags])
+
+
+def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
+    default = _config(_parse("--finetune-steps", "20"))
+    assert default.rung_steps == (60,) and default.promote_fraction == pytest.approx(1 / 3)
+    settings = promotion_settings(default)
+    assert settings is not None and settings.folder == Path("studies") / default.study_name / "trial-weights"
+    chosen = _config(_parse("--rungs", "100,300", "--promote-fraction", "0.5", "--trial-weights", str(tmp_path)))
+    assert chosen.rung_steps == (100, 300) and promotion_settings(chosen).folder == tmp_path  # type: ignore[union-attr]
+    off = _config(_parse("--no-promotion"))
+    assert off.rung_steps == () and promotion_settings(off) is None, "today's search: no rung above 0, no weights kept"
+    common = ["search", "--budget-ms", "5", "--studies-dir", str(tmp_path)]
+    refused = run_main(*common, "--rungs", "20", "--finetune-steps", "20")
+    assert refused.returncode == 2 and "each rung's total steps must be above --finetune-steps 20" in refused.stderr
+    assert run_main(*common, "--rungs", "300,100").returncode == 2
+    both = run_main(*common, "--rungs", "100", "--no-promotion")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    unwritable = run_main(*common, "--trial-weights", "/proc/no/weights")
+    assert unwritable.returncode == 2 and "pass a writable --trial-weights DIR" in unwritable.stderr, unwritable.stderr
+    assert not list(tmp_path.glob("*.db")), "nothing was started"
+
+
+def test_reports_and_export_best_use_each_trials_highest_rung(tmp_path: Path) -> None:
+    base = [i < 430 for i in range(IMAGES)]
+    _make_study(
+        tmp_path / "ties.db",
+        [
+            (0.2, _flip(base, 30, 0), 5.0),  # trial 0: 80.0% at rung 0, the fastest
+            (0.3, _flip(base, 10, 0), 6.0),  # trial 1: 84.0% at rung 0 ...
+            (0.1, None, 20.0),  # trial 2: over the budget
+        ],
+    )
+    study = _study(tmp_path / "ties.db")
+    full = [i < 1800 for i in range(2000)]
+    _promoted(study, 1, full)  # ... but 90.0% on 2,000 images after 60 steps at rung 1
+    all_rows = rows(study)
+    assert [(r.number, r.rung, r.steps, r.images) for r in all_rows[:2]] == [(0, 0, 0, 500), (1, 1, 60, 2000)]
+    assert all_rows[1].accuracy == pytest.approx(0.9)
+    found = recommendation(all_rows)
+    assert found is not None and found.top.number == 1
+    # Different rungs read different images: never paired, their intervals decide.
+    verdicts = [*found.tied, *([found.runner_up] if found.runner_up else [])]
+    assert verdicts and all(v.method == "intervals" and "different rungs" in v.how() for v in verdicts)
+    assert pick_best(study) == 1, "export --best takes the trial whose highest rung is best"
+
+    shown = run_main("pareto", "--study", "ties", "--studies-dir", str(tmp_path), "--plot", str(tmp_path / "p.png"))
+    assert shown.returncode == 0, shown.stderr
+    words = " ".join(shown.stdout.split())
+    assert (
+        "Recommended: trial 1, top-1 90.00%" in words and "rung 1: 60 fine-tune steps, 2000 validation images" in words
+    )
+    assert "1/60" in words and "rung: where the top-1 comes from" in words
+    as_json = json.loads(
+        run_main("pareto", "--study", "ties", "--studies-dir", str(tmp_path), "--format", "json").stdout
+    )
+    front = {r["trial"]: r for r in as_json["front"]}
+    assert front[1]["rung"] == 1 and front[1]["finetune_steps"] == 60 and front[1]["images"] == 2000
+
+    table = run_main("show", "--study", "ties", "--studies-dir", str(tmp_path), "--trial", "1")
+    assert table.returncode == 0, table.stderr
+    text = " ".join(table.stdout.split())
+    assert "highest rung" in text and "rung 0" in text and "rung 1" in text and "after 60 fine-tune steps" in text
+    one = json.loads(
+        run_main("show", "--study", "ties", "--studies-dir", str(tmp_path), "--trial", "1", "--format", "json").stdout
+    )
+    assert one["highest_rung"] == 1 and [r["rung"] for r in one["rungs"]] == [0, 1]
+    assert one["values"][0] == pytest.approx(0.84), "the trial's own value (what TPE learns from) stays rung 0's"
+
+
+def test_trials_tied_at_the_same_rung_are_paired(tmp_path: Path) -> None:
+    base = [i < 430 for i in range(IMAGES)]
+    _make_study(tmp_path / "ties.db", [(0.2, base, 9.0), (0.3, base, 6.0)])
+    study = _study(tmp_path / "ties.db")
+    full = [i < 1800 for i in range(2000)]
+    _promoted(study, 0, full)
+    _promoted(study, 1, _flip(full, 12, 4))  # 89.6%, 16 discordant images split 12:4
+    found = recommendation(rows(study))
+    assert found is not None and found.top.number == 0 and found.pick.number == 1
+    assert [v.method for v in found.tied] == ["paired"]
+    assert " ".join(" ".join(found.lines()).split()).count("rung 1: 60 fine-tune steps") == 2
+
+
+def _open_claims(url: str) -> tuple[list[tuple[int, int]], dict]:
+    """Promotions claimed and not finished, and the study's user attributes (read without loading torch)."""
+    try:
+        study = optuna.load_study(study_name="promo", storage=url)
+    except KeyError:
+        return [], {}
+    attrs = study.user_attrs
+    claims = []
+    for key, value in attrs.items():
+        if key.startswith("promotion:") and isinstance(value, dict) and not value.get("done"):
+            number, rung = (int(part) for part in key.split(":")[1:])
+            claims.append((number, rung))
+    return claims, attrs
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_promotion_then_a_rerun_completes_it_from_the_saved_weights(
+    tmp_path: Path, trained_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import torch
+
+    from search.study import promotion as promotion_module
+    from search.study.trial_weights import weights_path
+
+    flags = [
+        "search",
+        "--budget-ms",
+        "1000000",
+        "--precision",
+        "fp32",
+        "--weights",
+        str(trained_weights),
+        "--input-size",
+        "32",
+        "--finetune-steps",
+        "2",
+        "--bn-batches",
+        "2",
+        "--trials",
+        "4",
+        "--rungs",
+        "4,8",
+        "--promote-fraction",
+        "0.5",
+        "--studies-dir",
+        str(tmp_path),
+        "--study",
+        "promo",
+    ]
+    url = f"sqlite:///{tmp_path / 'promo.db'}"
+    process = subprocess.Popen(
+        [sys.executable, "cli.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killed: tuple[int, int] | None = None
+    deadline = time.time() + 1200
+    while process.poll() is None and time.time() < deadline:
+        claims, attrs = _open_claims(url)
+        finished = {k: v for k, v in attrs.items() if k.startswith("rung:")}
+        pruned = [
+            (n, r)
+            for n, r in claims
+            if weights_path(tmp_path / "promo" / "trial-weights", n, 0).exists()  # a fine-tuned, pruned trial
+        ]
+        if pruned and finished:  # some rung is finished, and a pruned trial's promotion is under way
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            killed = pruned[0]
+            break
+        time.sleep(0.2)
+    assert killed is not None, "the search ended before a promotion could be killed"
+    _, before = _open_claims(url)
+    number, rung = killed
+    assert len(before.get(rung_key(number), [])) == rung - 1, "the killed rung was not recorded"
+    finished = {k: v for k, v in before.items() if k.startswith("rung:")}
+
+    real = promotion_module.train
+    started_from: list[tuple[int, int, bool]] = []
+
+    def checked(model, *args, **kwargs):  # the model a promotion trains on is the previous rung's saved one
+        n, r = (int(w) for w in kwargs["description"].split()[2::3])
+        saved = torch.load(weights_path(tmp_path / "promo" / "trial-weights", n, r - 1), weights_only=True)
+        same = all(torch.equal(v, saved["state_dict"][k]) for k, v in model.state_dict().items())
+        started_from.append((n, r, same))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(promotion_module, "train", checked)
+    rerun = run_main(*flags)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"Taking over the promotion of trial {number} to rung {rung}" in " ".join(rerun.stdout.split())
+    study = optuna.load_study(study_name="promo", storage=url)
+    attrs = study.user_attrs
+    for key, records in finished.items():  # nothing finished before the kill was lost or redone
+        assert attrs[key][: len(records)] == records, key
+    completed = attrs[rung_key(number)][rung - 1]
+    assert completed["rung"] == rung and completed["steps"] == (4, 8)[rung - 1]
+    assert completed["continued_from"]["steps"] == (2, 4)[rung - 1]
+    assert (number, rung, True) in started_from and all(same for _, _, same in started_from), started_from
+    assert completed["images"] == 269, "a promoted rung is read on all of the validation split"
+    assert next(r for r in rows(study) if r.number == number).rung >= rung, "the reports use the new rung"
+    notes = study._storage.get_study_system_attrs(study._study_id)
+    assert any(f"rung {rung}: top-1" in str(v) for k, v in notes.items() if "note_str" in k), "the dashboard says it"
+
+
+def test_a_promoted_int8_trial_is_read_on_its_int8_model_on_all_validation_images(digits32) -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from search.measuring.quantize import QuantizeSettings
+    from search.study.promotion import _score
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+    ctx = SimpleNamespace(
+        data=digits32, finetune=SimpleNamespace(device="cpu"), quantize=QuantizeSettings(calibration_images=32)
+    )
+    seconds: dict[str, float] = {}
+    correct, extra = _score(model, ctx, "int8", seconds)  # type: ignore[arg-type]
+    assert len(correct) == len(digits32.split("val")), "all of the validation split"
+    assert extra["evaluated_in"] == "onnxruntime" and 0.0 <= extra["accuracy_fp32"] <= 1.0
+    assert set(seconds) == {"quantize", "evaluate"}
