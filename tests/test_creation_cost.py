@@ -35,10 +35,16 @@ def test_the_clock_says_each_phase_with_its_seconds_records_them_on_the_study_an
     clock.attach(study)  # recorded from the start, the phases before the study existed included
     with clock.phase("latency-aware tables"):
         time.sleep(0.35)  # longer than every=0.1: lines while it runs
+    with clock.phase("uniform recipe's bisection"):
+        clock.count()
+        clock.count()
     time.sleep(0.1)
     clock.settle()
     clock.stop()
-    assert reporter.phases == ["baseline (load, or train)", "latency-aware tables"]
+    assert reporter.phases == ["baseline (load, or train)", "latency-aware tables", "uniform recipe's bisection"]
+    assert any(
+        line.startswith("Setup: uniform recipe's bisection, 0.0 s, 2 latency measurements (") for line in reporter.infos
+    )
     ended = [line for line in reporter.infos if line.startswith("Setup: latency-aware tables, 0.")]
     assert len(ended) == 1 and "s since the data was ready" in ended[0], reporter.infos
     assert any(line.startswith("Setup: latency-aware tables, running for") for line in reporter.infos)
@@ -49,6 +55,7 @@ def test_the_clock_says_each_phase_with_its_seconds_records_them_on_the_study_an
     line = creation_line(optuna.load_study(study_name="s", storage=storage))
     assert line is not None and line.startswith("Set-up before the first trial: ")
     assert line.index("latency-aware tables") < line.index("baseline"), "the costliest phase first"
+    assert "uniform recipe's bisection 0.0 s (2 measured)" in line
 
     rerun = CreationClock(RecordingReporter())  # a rerun that finishes the creation adds to what was recorded
     rerun.attach(study)

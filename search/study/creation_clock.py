@@ -23,7 +23,8 @@ from search.progress import Reporter
 __all__ = ["CREATION_SECONDS", "LINE_EVERY_S", "CreationClock", "creation_line"]
 
 CREATION_SECONDS = "creation_seconds"
-"""Study user attribute: ``{"phases": {phase: seconds}, "total": seconds}``, from the data being ready."""
+"""Study user attribute: ``{"phases": {phase: seconds}, "total": seconds, "measurements": {phase: count}}``,
+from the data being ready (the latency measurements the recipes' searches and start-up samples took)."""
 
 OTHER = "other (between the phases)"
 
@@ -37,10 +38,13 @@ class CreationClock:
     def __init__(self, reporter: Reporter, *, every: float = LINE_EVERY_S) -> None:
         self.reporter = reporter
         self.seconds: dict[str, float] = {}
+        self.measurements: dict[str, int] = {}
+        """Latency measurements counted in each phase (:meth:`count`)."""
         self._started = time.monotonic()
         self._every = every
         self._study: optuna.Study | None = None
         self._kept: dict[str, float] = {}
+        self._kept_counts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._current: tuple[str, float] | None = None
         self._done = threading.Event()
@@ -56,6 +60,7 @@ class CreationClock:
         self._study = study
         stored = study.user_attrs.get(CREATION_SECONDS) or {}
         self._kept = {k: float(v) for k, v in (stored.get("phases") or {}).items()}
+        self._kept_counts = {k: int(v) for k, v in (stored.get("measurements") or {}).items()}
         self._store()
 
     @contextmanager
@@ -73,8 +78,17 @@ class CreationClock:
             with self._lock:
                 self._current = None
                 self.seconds[name] = self.seconds.get(name, 0.0) + took
-            self.reporter.info(f"Setup: {name}, {took:.1f} s ({self.elapsed:.0f} s since the data was ready)")
+            counted = self.measurements.get(name)
+            said = f", {counted} latency measurement{'s' if counted != 1 else ''}" if counted else ""
+            self.reporter.info(f"Setup: {name}, {took:.1f} s{said} ({self.elapsed:.0f} s since the data was ready)")
             self._store()
+
+    def count(self) -> None:
+        """One more latency measurement in the current phase."""
+        with self._lock:
+            if self._current is not None:
+                name = self._current[0]
+                self.measurements[name] = self.measurements.get(name, 0) + 1
 
     def phases(self) -> dict[str, float]:
         """Every phase's seconds, those a stopped creation recorded before included."""
@@ -85,7 +99,11 @@ class CreationClock:
 
     def to_dict(self) -> dict[str, Any]:
         phases = self.phases()
-        return {"phases": {k: round(v, 1) for k, v in phases.items()}, "total": round(sum(phases.values()), 1)}
+        return {
+            "phases": {k: round(v, 1) for k, v in phases.items()},
+            "total": round(sum(phases.values()), 1),
+            "measurements": {**self._kept_counts, **self.measurements},
+        }
 
     def settle(self) -> None:
         """Count the time between the phases (the settings, the study's records) as a phase of its own."""
@@ -137,5 +155,9 @@ def creation_line(study: optuna.Study) -> str | None:
     if not stored or not stored.get("phases"):
         return None
     phases = sorted(stored["phases"].items(), key=lambda item: -float(item[1]))
-    shown = ", ".join(f"{name} {float(seconds):.1f} s" for name, seconds in phases)
+    counts = stored.get("measurements") or {}
+    shown = ", ".join(
+        f"{name} {float(seconds):.1f} s" + (f" ({counts[name]} measured)" if counts.get(name) else "")
+        for name, seconds in phases
+    )
     return f"Set-up before the first trial: {float(stored.get('total', 0.0)):.0f} s since the data was ready ({shown})"
