@@ -67,6 +67,9 @@ def test_search_end_to_end_prints_front_plot_and_dashboard_command(tiny_study: d
     assert "Pareto front of study 'cli-tiny'" in out
     assert "Recommended: trial" in out
     assert f"optuna-dashboard sqlite:///{tiny_study['studies']}/cli-tiny.db" in out
+    assert "Setup: measure the baseline's latency, " in out, "each creation phase says its seconds"
+    summary = out.split("Pareto front of study")[1]
+    assert "Set-up before the first trial: " in summary and "measure the baseline's latency" in summary
     assert (Path(tiny_study["studies"]) / "cli-tiny" / "pareto.png").stat().st_size > 10_000
     assert "already meets the budget" in tiny_study["first_err"] + out  # 1000 ms: the unpruned model fits
     assert _trials(tiny_study) == 5

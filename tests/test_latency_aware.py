@@ -40,6 +40,10 @@ inner = [0.0, 0.8]
 """
 
 
+THREE_LEVELS = (1 / 3, 2 / 3, 1.0)
+"""The levels studies measured every stage at before the cheaper tables (their stored tables stay valid)."""
+
+
 def _table() -> SensitivityTable:
     """10 ms unpruned; 'early' gives 4 ms for 1 pp, 'late' 2 ms for 20 pp, 'head' 0.5 ms for nothing."""
 
@@ -78,9 +82,9 @@ def test_allocation_meets_the_estimated_budget_and_takes_the_cheap_stages_first(
 
 def test_allocation_skips_a_level_that_saves_nothing_and_ignores_noise_in_accuracy() -> None:
     # 'early' at its first level measured slower than unpruned (channel rounding), and more accurate (noise).
-    low, mid, high = PROBE_LEVELS
+    low, mid, high = THREE_LEVELS
     early = (Probe(low, 10.1, 0.91), Probe(mid, 8.0, 0.895), Probe(high, 7.0, 0.85))
-    late = tuple(Probe(level, 10.0 - level, 0.9 - 0.2 * level) for level in PROBE_LEVELS)
+    late = tuple(Probe(level, 10.0 - level, 0.9 - 0.2 * level) for level in THREE_LEVELS)
     table = SensitivityTable(10.0, 0.9, {"early": early, "late": late})
     assert table.accuracy_drop("early", low) == 0.0 and table.saved_ms("early", low) < 0
     path = allocation_path(table)
@@ -133,13 +137,16 @@ def test_a_new_study_enqueues_the_latency_aware_recipe_labelled_and_stores_its_t
     study = result.study
     tables = study.user_attrs["latency_aware"]
     assert set(tables["stages"]) == {"early", "late"} and tables["seconds"] > 0
-    assert all(len(probes) == len(PROBE_LEVELS) for probes in tables["stages"].values())
+    probed = {name: [p["level"] for p in probes] for name, probes in tables["stages"].items()}
+    assert all(levels in ([1.0], list(PROBE_LEVELS)) for levels in probed.values()), probed
+    assert len(tables["skipped"]) == sum(levels == [1.0] for levels in probed.values()), "each skip says why"
     early = tables["stages"]["early"]
     assert early[-1]["latency_ms"] < tables["baseline_ms"], "pruning a stage fully makes the model faster"
-    assert any(
-        line.startswith(f"Latency-aware tables: {2 * len(PROBE_LEVELS)} prunings") and " s" in line
-        for line in reporter.infos
-    )
+    count = sum(len(levels) for levels in probed.values())
+    assert any(line.startswith(f"Latency-aware tables: {count} prunings") and " s" in line for line in reporter.infos)
+    phases = study.user_attrs["creation_seconds"]["phases"]
+    assert phases["latency-aware tables"] > 0 and "latency-aware recipe's bisection" in phases, phases
+    assert any(line.startswith("Set-up before the first trial: ") for line in reporter.infos)
     assert any(line.startswith("Latency-aware meets the budget") for line in reporter.infos), reporter.infos
 
     label = "latency-aware l1 at the budget"

@@ -270,6 +270,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             timer.reporter = reporter  # its waits and retries show in the progress line
         result = run_search(config, reporter, timer=timer)
     print_front(console, result.study, config.study_name, config.storage_url, Path(config.studies_dir))
+    _print_creation(console, result.study)
     if result.stopped:
         console.print(f"[yellow]Stopped:[/] {result.stopped}")
         return EXIT_TARGET_LOST
@@ -277,6 +278,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print("[yellow]Interrupted.[/] The study is saved; run the same command again to resume it.")
         return EXIT_INTERRUPTED
     return 0
+
+
+def _print_creation(console: Console, study: object) -> None:
+    """What setting the study up cost before its first trial, phase by phase (where the study recorded it)."""
+    from search.study.creation_clock import creation_line
+
+    line = creation_line(study)  # type: ignore[arg-type]
+    if line:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _run_with_workers(args: argparse.Namespace, config: SearchConfig, console: Console) -> int:
@@ -295,6 +305,7 @@ def _run_with_workers(args: argparse.Namespace, config: SearchConfig, console: C
         console.print(f"Trials finished by each worker: {counts}")
     study = open_study(config.study_name, config.storage_url)
     print_front(console, study, config.study_name, config.storage_url, Path(config.studies_dir))
+    _print_creation(console, study)
     if launched.interrupted:
         console.print("[yellow]Interrupted.[/] The study is saved; run the same command again to resume it.")
         return EXIT_INTERRUPTED

@@ -18,6 +18,8 @@ A stage's "level" is a fraction of its ratio ranges in the space: level 0.5 of a
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,18 +27,29 @@ from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 
 __all__ = [
+    "FLAT_SAVING",
+    "FULL_LEVEL",
+    "MID_LEVEL",
     "PROBE_LEVELS",
     "Allocation",
     "Probe",
     "SensitivityTable",
     "allocation_path",
     "path_policies",
+    "probe_stages",
     "stage_fractions",
     "tunable_stages",
 ]
 
-PROBE_LEVELS = (1 / 3, 2 / 3, 1.0)
-"""Levels (fractions of each stage's ranges) at which every stage is pruned alone and measured."""
+FULL_LEVEL = 1.0
+MID_LEVEL = 0.5
+PROBE_LEVELS = (MID_LEVEL, FULL_LEVEL)
+"""Levels (fractions of each stage's ranges) at which a stage is pruned alone and measured: every stage at its
+full level, and at the middle one where that can change the allocation (:func:`probe_stages`). Studies made
+before measured every stage at 1/3, 2/3 and 1 (their stored tables are read as they are)."""
+
+FLAT_SAVING = 0.02
+"""A stage whose full pruning saves less than this fraction of the baseline's latency is not probed in between."""
 
 LEVEL_STEP = 1 / 6
 """The allocation moves stages on this grid of levels, interpolating the tables between probes."""
@@ -64,6 +77,10 @@ class SensitivityTable:
     """How channels were ranked in the probes (the recipe uses the same)."""
     seconds: float = 0.0
     """What measuring the table cost."""
+    skipped: tuple[str, ...] = ()
+    """Stages probed at their full level only, and why (``"layer1: saves 1% at most"``)."""
+    val_images: int | None = None
+    """Validation images each probe's top-1 was read on (None: not recorded, older tables)."""
 
     def saved_ms(self, stage: str, level: float) -> float:
         """Estimated milliseconds saved by pruning ``stage`` alone at ``level`` (interpolated between probes)."""
@@ -86,6 +103,8 @@ class SensitivityTable:
             "baseline_accuracy": self.baseline_accuracy,
             "criterion": self.criterion,
             "seconds": round(self.seconds, 1),
+            "skipped": list(self.skipped),
+            "val_images": self.val_images,
             "stages": {
                 name: [{"level": p.level, "latency_ms": p.latency_ms, "accuracy": p.accuracy} for p in probes]
                 for name, probes in self.stages.items()
@@ -100,7 +119,44 @@ class SensitivityTable:
             stages={name: tuple(Probe(**p) for p in probes) for name, probes in data["stages"].items()},
             criterion=str(data.get("criterion", "l1")),
             seconds=float(data.get("seconds", 0.0)),
+            skipped=tuple(data.get("skipped", ())),
+            val_images=data.get("val_images"),
         )
+
+
+def probe_stages(
+    stages: list[str],
+    probe: Callable[[str, float], Probe],
+    *,
+    baseline_ms: float,
+    baseline_accuracy: float,
+    val_images: int,
+) -> tuple[dict[str, tuple[Probe, ...]], tuple[str, ...]]:
+    """Each stage pruned alone at its full level, then at the middle level only where that can inform the allocation.
+
+    ``probe(stage, level)`` measures one entry. The middle level is skipped for a stage whose full
+    pruning saves under :data:`FLAT_SAVING` of the baseline's latency (the allocation takes it last,
+    whatever its accuracy), or loses no more top-1 than the sampling error of ``val_images`` images
+    (``sqrt(p(1 - p) / n)``: the accuracy is flat, and the straight line from the unpruned model to the
+    full level is what a middle probe would say within noise). Returns the probes by stage and the
+    stages probed at the full level only, with why.
+    """
+    noise = math.sqrt(max(baseline_accuracy * (1 - baseline_accuracy), 1e-4) / max(val_images, 1))
+    full = {name: probe(name, FULL_LEVEL) for name in stages}
+    probes: dict[str, tuple[Probe, ...]] = {}
+    skipped: list[str] = []
+    for name in stages:
+        saved = (baseline_ms - full[name].latency_ms) / baseline_ms
+        drop = baseline_accuracy - full[name].accuracy
+        if saved < FLAT_SAVING:
+            skipped.append(f"{name}: saves {saved:.0%} at most")
+        elif drop <= noise:
+            skipped.append(f"{name}: loses {max(drop, 0.0):.1%} at most (noise {noise:.1%})")
+        else:
+            probes[name] = (probe(name, MID_LEVEL), full[name])
+            continue
+        probes[name] = (full[name],)
+    return probes, tuple(skipped)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from search.pruning.space import SearchSpace
 from search.study.baseline_store import publish_baseline
 from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler, mark_ready
+from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
 from search.study.sensitivity import measure_sensitivity
 from search.study.storage import HEARTBEAT_SECONDS, masked
@@ -54,8 +55,12 @@ def create_study(
     hardware: dict[str, Any],
     train_device: dict[str, Any],
     reporter: Reporter,
+    clock: CreationClock | None = None,
 ) -> optuna.Study:
     """Create study ``config.study_name`` in ``storage``, set it up and mark it ready (sets ``meter.baseline_ms``).
+
+    ``clock`` times the phases (run before it by the caller too: the baseline) and records them on the
+    study (:mod:`search.study.creation_clock`).
 
     The name is claimed first, so other workers wait for this one (it keeps a heartbeat meanwhile,
     :mod:`search.study.creator`). Raises :class:`UsageError` when the budget cannot be met, and the
@@ -72,15 +77,19 @@ def create_study(
         raise optuna.exceptions.DuplicatedStudyError(f"study {config.study_name!r} is being created elsewhere")
     with creating(storage, study, record) as beat:
         told = beat.reporter(reporter)
-        base = _time_baseline(meter, config, data, told)
+        clock = _clock(clock, told, study)
+        with clock.phase("measure the baseline's latency"):
+            base = _time_baseline(meter, config, data, told)
         config = _resolve_budget(config, base, settings, told)
-        precisions, int8_check = choose_precisions(space.precisions, meter, told)
+        with clock.phase("INT8 check"):
+            precisions, int8_check = choose_precisions(space.precisions, meter, told)
         space = space.with_precisions(precisions)
         meter.space = space
-        fastest_ms = fastest_reachable(space, meter, told)
+        with clock.phase("measure the fastest policy the space allows"):
+            fastest_ms = fastest_reachable(space, meter, told)
         _check_budget(config, space, fastest_ms, base, told)
-        told.phase("evaluate the baseline")
-        accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=told, device=config.device)
+        with clock.phase("evaluate the baseline"):
+            accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=told, device=config.device)
         told.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
         _warn_near_chance(accuracy, data, told, trained_here=baseline.trained_here)
         with warnings.catch_warnings():
@@ -93,7 +102,7 @@ def create_study(
             study.set_user_attr(key, value)
         study.set_user_attr("latency_measured_on", meter.timer.where)  # "local", or the latency target's URL
         record_step(study, PROVENANCE)
-        return _finish(config, storage, study, space, baseline, meter, told, beat)
+        return _finish(config, storage, study, space, baseline, meter, told, beat, clock)
 
 
 PROVENANCE = "baseline measured and settings recorded"
@@ -117,10 +126,12 @@ def resume_creation(
     baseline: Baseline,
     meter: CandidateMeter,
     reporter: Reporter,
+    clock: CreationClock | None = None,
 ) -> optuna.Study:
     """Finish creating ``study`` (this worker claimed it as ``record``) after the steps already recorded."""
     with creating(storage, study, record) as beat:
         told = beat.reporter(reporter)
+        clock = _clock(clock, told, study)
         attrs = study.user_attrs
         config = config.with_budget_ms(float(attrs["budget_ms"]))
         space = space.with_precisions(attrs.get("precisions", ["fp32"]))
@@ -129,7 +140,15 @@ def resume_creation(
         told.info(
             f"Finishing the creation of study {config.study_name!r}; kept from before: {', '.join(steps_done(study))}"
         )
-        return _finish(config, storage, study, space, baseline, meter, told, beat)
+        return _finish(config, storage, study, space, baseline, meter, told, beat, clock)
+
+
+def _clock(clock: CreationClock | None, reporter: Reporter, study: optuna.Study) -> CreationClock:
+    """``clock`` (or a new one) saying its lines through ``reporter`` and recording on ``study``."""
+    clock = clock or CreationClock(reporter)
+    clock.reporter = reporter  # the creator's reporter: each phase is also shown to waiting workers
+    clock.attach(study)
+    return clock
 
 
 def _finish(
@@ -141,11 +160,12 @@ def _finish(
     meter: CandidateMeter,
     reporter: Reporter,
     beat: CreatorHeartbeat,
+    clock: CreationClock,
 ) -> optuna.Study:
     """The creation steps after the provenance, each skipped when already recorded; then the study is ready."""
     if RECIPES not in steps_done(study):
         accuracy = study.user_attrs["baseline_accuracy"]
-        recipes = _recipes(config, space, baseline, meter, reporter, study, accuracy)
+        recipes = _recipes(config, space, baseline, meter, reporter, study, accuracy, clock)
         _enqueue(study, space, recipes, config.budget_ms)
         record_step(study, RECIPES)
         labelled = sum(1 for r in recipes if r.label)
@@ -154,8 +174,14 @@ def _finish(
             f" and {len(recipes) - labelled} start-up policies near the budget"
         )
     if BASELINE_STORED not in steps_done(study):
-        publish_baseline(storage, study, baseline)
+        with clock.phase("store the baseline with the study"):
+            publish_baseline(storage, study, baseline)
         record_step(study, BASELINE_STORED)
+    clock.settle()
+    clock.stop()
+    line = creation_line(study)
+    if line:
+        reporter.info(line)
     beat.stop()
     mark_ready(study, config.heartbeat_seconds or HEARTBEAT_SECONDS)
     return study
@@ -295,6 +321,7 @@ def _recipes(
     reporter: Reporter,
     study: optuna.Study,
     accuracy: float,
+    clock: CreationClock,
 ) -> list[Recipe]:
     """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`).
 
@@ -304,43 +331,51 @@ def _recipes(
     tables: list[SensitivityTable] = []
 
     def global_grid_of(precision: str) -> list[tuple[float, Policy]]:
-        return global_grid(space, baseline.model, meter.data.example_input(), precision)
+        with clock.phase("global magnitude allocations"):
+            return global_grid(space, baseline.model, meter.data.example_input(), precision)
 
     def latency_aware_grid_of(precision: str) -> list[tuple[float, Policy]]:
         if not tables and LATENCY_AWARE in steps_done(study):  # measured before creation was interrupted
             tables.append(SensitivityTable.from_dict(study.user_attrs["latency_aware"]))
             reporter.info("Latency-aware tables: kept from before")
         if not tables:
-            reporter.phase("measure each stage pruned alone (latency-aware recipe)")
-            table = measure_sensitivity(
-                space,
-                baseline.model,
-                meter,
-                baseline_accuracy=accuracy,
-                bn_batches=config.bn_batches,
-                val_images=config.val_images,
-                device=config.device,
-                reporter=reporter,
-            )
+            with clock.phase("latency-aware tables"):
+                reporter.phase("measure each stage pruned alone (latency-aware recipe)")
+                table = measure_sensitivity(
+                    space,
+                    baseline.model,
+                    meter,
+                    baseline_accuracy=accuracy,
+                    bn_batches=config.bn_batches,
+                    val_images=config.val_images,
+                    device=config.device,
+                    reporter=reporter,
+                )
             tables.append(table)
             study.set_user_attr("latency_aware", table.to_dict())
             record_step(study, LATENCY_AWARE)
             probes = sum(len(p) for p in table.stages.values())
             reporter.info(
                 f"Latency-aware tables: {probes} prunings of one stage each ({len(table.stages)} stages), timed and"
-                f" scored (BatchNorm recalibrated, no fine-tune) in {table.seconds:.0f} s"
+                f" scored (BatchNorm recalibrated, no fine-tune, {table.val_images} images) in {table.seconds:.0f} s"
+                + (f"; at the full level only: {'; '.join(table.skipped)}" if table.skipped else "")
             )
         return path_policies(space, tables[0], precision)
+
+    def record_of(policy: Policy) -> dict[str, Any]:
+        clock.count()  # each phase's line says how many latency measurements it took
+        return meter.record(policy)
 
     return study_recipes(
         space,
         config.budget_ms,
         meter.baseline_ms,
-        meter.record,
+        record_of,
         reporter,
         global_grid_of,
         seed=config.seed,
         latency_aware_grid_of=latency_aware_grid_of,
+        phase=clock.phase,
     )
 
 
@@ -349,9 +384,7 @@ def known_within_first(recipes: list[Recipe], budget_ms: float) -> list[Recipe]:
 
     The unpruned model and the fixed recipes are often over the budget and count towards ``--trials``:
     run first, they used up a short search, which then ended with no policy within the budget."""
-    within = [
-        r for r in recipes if r.label and r.latency is not None and r.latency["corrected_ms"] <= budget_ms
-    ]
+    within = [r for r in recipes if r.label and r.latency is not None and r.latency["corrected_ms"] <= budget_ms]
     return within + [r for r in recipes if not any(r is w for w in within)]
 
 

@@ -42,6 +42,7 @@ from search.study.coordination import (
 )
 from search.study.coordination import progress as study_progress
 from search.study.create import create_study, resumable, resume_creation, sampler
+from search.study.creation_clock import CreationClock
 from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
 from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_settings
@@ -111,30 +112,37 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     if promotion is not None:  # its folder is made (or refused) before any work
         reporter.info(prepare_promotion(promotion, config.finetune_steps))
     data, space, fresh = _data_and_space(config, reporter)
+    clock = CreationClock(reporter)  # what this run spends before its first trial, phase by phase
     existing = load_existing(storage, config.study_name)
     if existing is None:  # refuse what a trial would crash on, before training
-        check_searchable(config.model, fresh, space, data.example_input())
+        with clock.phase("check that the model can be pruned and exported"):
+            check_searchable(config.model, fresh, space, data.example_input())
     else:  # refuse other data before training a baseline for it
         check_same_data(existing, data, config)
     cache_dir = Path(config.studies_dir) / "cache"
-    adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
-    baseline = prepare_baseline(
-        config.model,
-        config.weights,
-        data,
-        cache_dir=cache_dir,
-        epochs=config.baseline_epochs,
-        seed=config.seed,
-        reporter=reporter,
-        device=config.device,
-    )
+    with clock.phase("baseline (load, or train)"):
+        adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
+        baseline = prepare_baseline(
+            config.model,
+            config.weights,
+            data,
+            cache_dir=cache_dir,
+            epochs=config.baseline_epochs,
+            seed=config.seed,
+            reporter=reporter,
+            device=config.device,
+        )
     hardware = timer.fingerprint()
     train_device = device_record(torch.device(config.device))
     settings = settings_that_must_match(config, data, space, baseline)
-    meter = CandidateMeter(baseline.model, data, space=space, timer=timer, quantize=quantize_settings(config))
-    study, created = _create_or_join(
-        config, storage, data, space, baseline, meter, settings, hardware, train_device, reporter
-    )
+    with clock.phase("export the baseline to ONNX"):
+        meter = CandidateMeter(baseline.model, data, space=space, timer=timer, quantize=quantize_settings(config))
+    try:
+        study, created = _create_or_join(
+            config, storage, data, space, baseline, meter, settings, hardware, train_device, reporter, clock
+        )
+    finally:
+        clock.stop()
     if not created:
         stored_sha = (study.user_attrs.get("settings") or {}).get("baseline_sha256")
         if baseline.sha256 != stored_sha and adopt_baseline(storage, config, data, cache_dir, reporter):
@@ -168,6 +176,7 @@ def _create_or_join(
     hardware: dict[str, Any],
     train_device: dict[str, Any],
     reporter: Reporter,
+    clock: CreationClock | None = None,
 ) -> tuple[optuna.Study, bool]:
     """The study, ready, and whether this worker created it (or finished creating it).
 
@@ -179,7 +188,7 @@ def _create_or_join(
         if load_existing(storage, config.study_name) is None:
             try:
                 args = (config, storage, data, space, baseline, meter, settings, hardware, train_device, reporter)
-                return create_study(*args), True
+                return create_study(*args, clock=clock), True
             except optuna.exceptions.DuplicatedStudyError:  # another worker created it meanwhile: join it
                 reporter.info(f"Another worker created study {config.study_name!r} first; joining it")
         study, record = wait_until_ready(storage, config.study_name, reporter)
@@ -189,7 +198,7 @@ def _create_or_join(
             return study, False
         why = _why_not_resumable(study, settings, config, hardware)
         if why is None:
-            return resume_creation(config, storage, study, record, space, baseline, meter, reporter), True
+            return resume_creation(config, storage, study, record, space, baseline, meter, reporter, clock=clock), True
         if any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False)):  # never lose a trial
             raise UsageError(f"study {config.study_name!r} was never set up completely yet has trials; use --study NEW")
         reporter.info(f"Discarding the half-built study {config.study_name!r} ({why}) and creating it again")

@@ -1,29 +1,51 @@
 """Measuring the tables of the latency-aware recipe: each stage pruned alone, timed and scored.
 
-For every stage the space lets vary and every level of :data:`search.pruning.latency_aware.PROBE_LEVELS`,
-a copy of the baseline has only that stage pruned (the space's uniform criterion), is timed
-through the study's :class:`~search.measuring.candidate.CandidateMeter` (interleaved with the
-unpruned model, drift-corrected, as every candidate) and, after BatchNorm recalibration and no
-fine-tune, scored on the validation subset the trials use. The allocation itself is
-:mod:`search.pruning.latency_aware`; the study stores the tables (``latency_aware`` user attribute).
+For every stage the space lets vary, a copy of the baseline has only that stage pruned (the space's
+uniform criterion) at its full level and, where that can inform the allocation, at its middle one
+(:func:`search.pruning.latency_aware.probe_stages`). Each is timed through the study's
+:class:`~search.measuring.candidate.CandidateMeter` (interleaved with the unpruned model,
+drift-corrected, as every candidate, with fewer rounds: :data:`PROBE_TIMING`) and, after
+BatchNorm recalibration and no fine-tune, scored on at most :data:`PROBE_VAL_IMAGES` of the
+validation images the trials use. These numbers only rank where channels cost least; no trial's
+latency comes from them. The allocation itself is :mod:`search.pruning.latency_aware`; the study
+stores the tables (``latency_aware`` user attribute).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 
 import torch
 from torch import nn
 
-from search.measuring.candidate import CandidateMeter
+from search.measuring.candidate import CandidateMeter, LocalTimer
 from search.progress import Reporter
 from search.pruning.channels import prune_copy
-from search.pruning.latency_aware import PROBE_LEVELS, Probe, SensitivityTable, stage_fractions, tunable_stages
+from search.pruning.latency_aware import Probe, SensitivityTable, probe_stages, stage_fractions, tunable_stages
 from search.pruning.space import SearchSpace
 from search.training.evaluate import top1
 from search.training.finetune import recalibrate_batchnorm
 
-__all__ = ["measure_sensitivity"]
+__all__ = ["PROBE_TIMING", "PROBE_VAL_IMAGES", "measure_sensitivity", "probe_meter"]
+
+PROBE_VAL_IMAGES = 1000
+"""A probe's top-1 is read on at most this many validation images (a fixed subset): it ranks stages, whose
+drops at their full level differ by far more than the sampling error of 1,000 images (about 1 pp)."""
+
+PROBE_TIMING = {"warmup": 3, "min_rounds": 2, "tolerance": 0.05, "max_seconds": 5.0}
+"""How a probe is timed on this machine (the trials' timing: 10 warm-up runs, 3 rounds or more, 2%,
+up to 30 s). A probe only ranks stages; a busy machine spent up to 30 s on each at the trials' settings."""
+
+
+def probe_meter(meter: CandidateMeter) -> CandidateMeter:
+    """``meter`` timing with :data:`PROBE_TIMING` where it times on this machine (a latency target keeps its own)."""
+    if not isinstance(meter.timer, LocalTimer):
+        return meter
+    quick = copy.copy(meter)
+    quick.timer = LocalTimer(dataclasses.replace(meter.timer.settings, **PROBE_TIMING))
+    return quick
 
 
 def measure_sensitivity(
@@ -36,7 +58,6 @@ def measure_sensitivity(
     val_images: int | None,
     device: str | torch.device,
     reporter: Reporter,
-    levels: tuple[float, ...] = PROBE_LEVELS,
 ) -> SensitivityTable:
     """The per-stage latency and accuracy tables (``meter.baseline_ms`` must be set)."""
     if meter.baseline_ms is None:
@@ -45,21 +66,30 @@ def measure_sensitivity(
     data = meter.data
     stages = tunable_stages(space)
     criterion = space.uniform_criterion
-    probes: dict[str, list[Probe]] = {name: [] for name in stages}
-    with reporter.task("latency-aware tables: each stage pruned alone", len(stages) * len(levels)) as task:
-        for name in stages:
-            for level in levels:
-                policy = space.allocated(stage_fractions(space, {name: level}), criterion, "fp32")
-                model = prune_copy(baseline, policy, space, data).model
-                latency_ms = meter.time_model(model, "fp32").record["corrected_ms"]
-                recalibrate_batchnorm(model, data, batches=bn_batches, seed=0, device=device)
-                accuracy = top1(model, data, "val", limit=val_images, device=device)
-                probes[name].append(Probe(level, latency_ms, accuracy))
-                task.advance(1, stage=name, level=level)
+    quick = probe_meter(meter)
+    limit = min(val_images or len(data.val), PROBE_VAL_IMAGES, len(data.val))
+    if limit != min(val_images or len(data.val), len(data.val)):  # the baseline on the probes' images too
+        baseline_accuracy = top1(baseline, data, "val", limit=limit, device=device)
+    with reporter.task("latency-aware tables: each stage pruned alone", 2 * len(stages)) as task:
+
+        def probe(name: str, level: float) -> Probe:
+            policy = space.allocated(stage_fractions(space, {name: level}), criterion, "fp32")
+            model = prune_copy(baseline, policy, space, data).model
+            latency_ms = quick.time_model(model, "fp32").record["corrected_ms"]
+            recalibrate_batchnorm(model, data, batches=bn_batches, seed=0, device=device)
+            accuracy = top1(model, data, "val", limit=limit, device=device)
+            task.advance(1, stage=name, level=level)
+            return Probe(level, latency_ms, accuracy)
+
+        probes, skipped = probe_stages(
+            stages, probe, baseline_ms=meter.baseline_ms, baseline_accuracy=baseline_accuracy, val_images=limit
+        )
     return SensitivityTable(
         baseline_ms=meter.baseline_ms,
         baseline_accuracy=baseline_accuracy,
-        stages={name: tuple(found) for name, found in probes.items()},
+        stages=probes,
         criterion=criterion,
         seconds=time.perf_counter() - started,
+        skipped=skipped,
+        val_images=limit,
     )
