@@ -71,3 +71,40 @@ def test_fake_quantization_uses_onnxruntimes_ranges(digits32, trained_weights: P
     int8_weights = [values.get(n.input[0]) for n in int8.graph.node if n.op_type == "DequantizeLinear"]
     int8_weights = [w for w in int8_weights if w is not None and w.dtype == np.int8 and w.ndim >= 2]
     assert int8_weights and max(int(np.abs(w).max()) for w in int8_weights) == 64
+
+
+def test_a_relu6_is_quantized_as_onnxruntime_folds_its_clip(digits32) -> None:
+    """MobileNetV2's Conv-BN-ReLU6: ONNX Runtime drops the Clip and quantizes the convolution with its range."""
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        Conv2dNormActivation(3, 16, activation_layer=torch.nn.ReLU6),
+        Conv2dNormActivation(16, 16, groups=16, activation_layer=torch.nn.ReLU6),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    )
+    with torch.no_grad():
+        model[0][0].weight.mul_(8)  # outputs well past 6, so the cap matters
+    quantize = QuantizeSettings(calibration_images=64, reduce_range=False)
+    calibration = calibration_batches(digits32, quantize)
+    prepared = prepare_qat(model, digits32.example_input(), reduce_range=False)
+    calibrate(prepared, calibration)
+    assert type(model[0][2]) is torch.nn.ReLU6, "the model itself keeps its ReLU6"
+    int8 = onnx.load_from_string(
+        quantize_onnx(export_onnx(model, digits32.example_input(), dynamic_batch=True), calibration, quantize)
+    )
+    values = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    ort_scales = sorted(float(values[n.input[1]]) for n in int8.graph.node if n.op_type == "QuantizeLinear")
+    torch_scales = sorted(float(m.scale) for _, m in fake_quant_modules(prepared, weights=False))
+    assert any(abs(s - 6 / 255) < 1e-6 for s in torch_scales), "the first block's range is [0, 6]"
+    for scale in torch_scales:
+        assert min(abs(scale - s) / s for s in ort_scales) < 1e-4, (scale, ort_scales)
+    x = np.concatenate(calibration)[:64]
+    with torch.no_grad():
+        expected = prepared(torch.from_numpy(x)).numpy()
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(int8.SerializeToString()).run(None, {"input": x})[0]
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()

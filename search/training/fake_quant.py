@@ -19,6 +19,9 @@ weight, as here, rounds the same as quantizing the folded one, as ONNX Runtime d
 
 from __future__ import annotations
 
+import copy
+import itertools
+import math
 import warnings
 from collections.abc import Iterable
 
@@ -43,12 +46,28 @@ def weight_range(reduce_range: bool) -> tuple[int, int]:
     return (-64, 64) if reduce_range else (-127, 127)
 
 
+def _capped_fake_quantize():
+    from torch.ao.quantization import FakeQuantize
+
+    class CappedFakeQuantize(FakeQuantize):
+        """Fake quantization of values clipped at ``cap`` first: a ReLU6 folded into the fake quantization
+        after the convolution it follows, as ONNX Runtime removes a Clip after a convolution and
+        quantizes the convolution's output with the Clip's range (calibration sees clipped values too)."""
+
+        cap = math.inf
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.clamp(max=self.cap) if self.cap < math.inf else x)
+
+    return CappedFakeQuantize
+
+
 def _qconfig(reduce_range: bool):
     from torch.ao.quantization import FakeQuantize, QConfig
     from torch.ao.quantization.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 
     low, high = weight_range(reduce_range)
-    activation = FakeQuantize.with_args(
+    activation = _capped_fake_quantize().with_args(
         observer=MovingAverageMinMaxObserver,
         quant_min=0,
         quant_max=255,
@@ -79,18 +98,45 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor, *, reduce_range: 
 
     mapping = QConfigMapping().set_global(_qconfig(reduce_range))
     model.cpu().train()
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    copied = copy.deepcopy(model, shared)  # the same parameters and buffers, in modules that may be swapped
+    capped = _relu6_as_relu(copied)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's FX flow is deprecated in favour of PT2E, still supported
         try:
             prepared = prepare_qat_fx(
-                model, mapping, (example_input.cpu(),), backend_config=get_fbgemm_backend_config()
+                copied, mapping, (example_input.cpu(),), backend_config=get_fbgemm_backend_config()
             )
         except Exception as exc:  # torch.fx cannot trace data-dependent control flow
             why = f"the model cannot be prepared for fake quantization ({type(exc).__name__}: {exc})"
             raise ValueError(why.splitlines()[0]) from exc
     if not any(True for _ in fake_quant_modules(prepared, weights=True)):
         raise ValueError("nothing in the model was prepared for fake quantization (no Conv2d or Linear found)")
+    for node in prepared.graph.nodes:  # the ReLU6 swapped for a ReLU (fused) caps the range after it at 6
+        if node.op == "call_module" and node.target in capped:
+            for user in node.users:
+                after = prepared.get_submodule(user.target) if user.op == "call_module" else None
+                if after is not None and hasattr(after, "cap"):
+                    after.cap = 6.0
     return prepared
+
+
+def _relu6_as_relu(model: nn.Module) -> set[str]:
+    """Swap each ReLU6 that follows a Conv2d (and BatchNorm) in a Sequential for a ReLU, which torch.ao fuses
+    with them; returns the convolutions' names, whose output range is then capped at 6 (see CappedFakeQuantize)."""
+    capped = set()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        kids = list(module.named_children())
+        for i, (kid_name, kid) in enumerate(kids):
+            if type(kid) is not nn.ReLU6:
+                continue
+            conv = i - 2 if i >= 2 and isinstance(kids[i - 1][1], nn.BatchNorm2d) else i - 1
+            if conv >= 0 and type(kids[conv][1]) is nn.Conv2d:
+                setattr(module, kid_name, nn.ReLU())
+                capped.add(f"{name}.{kids[conv][0]}" if name else kids[conv][0])
+    return capped
 
 
 def fake_quant_modules(model: nn.Module, *, weights: bool | None = None) -> Iterable[tuple[str, nn.Module]]:
