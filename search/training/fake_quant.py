@@ -87,13 +87,27 @@ def _qconfig(reduce_range: bool):
     return QConfig(activation=activation, weight=weight)
 
 
+def _backend_config():
+    """torch.ao's x86 (fbgemm) patterns, except that global average pooling has its own output range, as in
+    ONNX Runtime (which quantizes GlobalAveragePool's output with the range calibrated on it)."""
+    import torch.nn.functional as F
+    from torch.ao.quantization.backend_config import BackendConfig, ObservationType, get_fbgemm_backend_config
+
+    own_range = {nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d, torch.mean}
+    configs = []
+    for config in get_fbgemm_backend_config().configs:
+        if config.pattern in own_range:
+            config.set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
+        configs.append(config)
+    return BackendConfig("onnxruntime_qdq").set_backend_pattern_configs(configs)
+
+
 def prepare_qat(model: nn.Module, example_input: torch.Tensor, *, reduce_range: bool) -> torch.fx.GraphModule:
     """A fake-quantized ``model`` in train mode, on the CPU, sharing its parameters (:func:`copy_back` after training).
 
     Raises ValueError when the model cannot be traced symbolically (torch.fx) or nothing in it is quantized.
     """
     from torch.ao.quantization import QConfigMapping
-    from torch.ao.quantization.backend_config import get_fbgemm_backend_config
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     mapping = QConfigMapping().set_global(_qconfig(reduce_range))
@@ -104,9 +118,7 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor, *, reduce_range: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's FX flow is deprecated in favour of PT2E, still supported
         try:
-            prepared = prepare_qat_fx(
-                copied, mapping, (example_input.cpu(),), backend_config=get_fbgemm_backend_config()
-            )
+            prepared = prepare_qat_fx(copied, mapping, (example_input.cpu(),), backend_config=_backend_config())
         except Exception as exc:  # torch.fx cannot trace data-dependent control flow
             why = f"the model cannot be prepared for fake quantization ({type(exc).__name__}: {exc})"
             raise ValueError(why.splitlines()[0]) from exc
