@@ -6,8 +6,10 @@ else ``[-127, 127]``), UINT8 asymmetric activations (``[0, 255]``, never reduced
 over the calibration images, BatchNorm folded into the convolution before quantizing. This module
 prepares a PyTorch model that computes the same thing in float (torch.ao FX quantization-aware
 training): Conv+BatchNorm(+ReLU) fused with BatchNorm folding simulated, weights fake-quantized per
-output channel with the same integer range, activations fake-quantized per tensor where the
-x86 backend puts them (convolution and linear outputs, additions, pooling).
+output channel with the same integer range, activations fake-quantized per tensor where ONNX
+Runtime's QDQ quantizer puts them: torch.ao's x86 places (model input, convolution and linear
+outputs, additions, pooling), with a ReLU6 after a convolution folded into its range (ONNX Runtime
+drops the Clip) and global average pooling given its own range (ONNX Runtime calibrates it).
 
 Scales are observed, not learned. During training, activation ranges follow a moving average and
 weight scales the current weights; at the end :func:`calibrate` sets every activation range to the
