@@ -330,9 +330,10 @@ def test_qat_for_a_policy_it_cannot_train_is_a_one_line_error(tiny: SearchConfig
     study, number = _unpruned_int8(tiny)
     fp32 = next(t.number for t in study.trials if t.user_attrs.get("precision") == "fp32")
     common = ["export", "--study", "tiny", "--studies-dir", tiny.studies_dir, "--out", str(tmp_path / "x")]
+    both = ["--trial", str(number), "--trial", str(fp32)]
     for args, words in [
         (["--trial", str(fp32), "--quantization", "qat"], "--quantization ptq"),
-        (["--trial", str(number), "--trial", str(fp32), "--quantization", "qat"], f"trial {fp32} is an FP32 policy"),
+        ([*both, "--quantization", "qat", "--finetune-unpruned"], f"trial {fp32} is an FP32 policy"),
         (["--trial", str(number), "--quantization", "qat"], "pass --finetune-unpruned"),
     ]:
         bad = run_main(*common, *args)
