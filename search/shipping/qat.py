@@ -30,6 +30,7 @@ from search.progress import Reporter
 from search.pruning.policy import Policy
 from search.shipping.checks import CheckFailed
 from search.shipping.settings import QUANTIZATION_MODES, ExportSettings
+from search.training.device import resolve
 from search.training.fake_quant import calibrate, copy_back, follow_ranges, freeze, prepare_qat, shared_names
 from search.training.finetune import TrainSettings, train
 
@@ -121,7 +122,7 @@ def qat_finetune(
         distill=settings.distill,
         train_dtype="fp32",  # fake quantization is defined on FP32 values
         seed=settings.seed + 1,  # other batches than the FP32 fine-tune's first epoch
-        device=settings.device,
+        device=str(resolve(settings.device)),  # auto -> cpu or cuda:0
     )
     result = train(prepared, data, train_settings, teacher=teacher, reporter=reporter, description=description)
     copy_back(prepared, model, names)
