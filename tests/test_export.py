@@ -290,6 +290,7 @@ def test_int8_export_writes_both_models_and_checks_their_agreement(tiny: SearchC
     agreement = card["int8"]["top1_agreement_with_fp32"]
     assert 0.5 <= agreement <= 1.0
     assert {"top1", "fp32_top1_onnxruntime", "fp32_latency_ms", "quantization"} <= set(card["int8"])
+    assert card["quantization"] == "ptq" and "| quantization | PTQ" in (tmp_path / "int8" / "card.md").read_text()
     x, _ = next(base.data.batches("test", 8, shuffle=False, augment=False))
     logits = ort.InferenceSession(str(tmp_path / "int8" / "model.int8.onnx")).run(None, {"input": x.numpy()})[0]
     assert logits.shape == (8, 10)
@@ -299,6 +300,46 @@ def test_int8_export_writes_both_models_and_checks_their_agreement(tiny: SearchC
         strict = replace(loose, min_int8_agreement=min(1.0, agreement + 0.05))
         with pytest.raises(RuntimeError, match="agrees with the FP32 model on only"):
             export_trial(base, number, strict, tmp_path / "strict", command="python cli.py export")
+
+
+@pytest.mark.slow
+def test_qat_export_ships_an_int8_model_that_predicts_what_it_trained_as(tiny: SearchConfig, tmp_path: Path) -> None:
+    study, number = _unpruned_int8(tiny)
+    base = load_study_baseline(study)
+    settings = replace(QUICK, quantization="qat", finetune_unpruned=True, min_int8_agreement=0.5)
+    card = export_trial(base, number, settings, tmp_path / "qat", command="python cli.py export --quantization qat")
+    assert card["quantization"] == "qat" and card["precision"] == "int8"
+    qat = card["int8"]["qat"]
+    assert qat["steps"] == 2 and card["finetune"]["steps"] == QUICK.steps, "the last of the 6 steps, total unchanged"
+    assert qat["agreement_with_fake_quant"] >= 0.99 and qat["images"] == card["int8"]["images"]
+    assert qat["int8_top1"] == card["int8"]["top1"], "the INT8 model checked is the one measured and shipped"
+    x, _ = next(base.data.batches("test", 8, shuffle=False, augment=False))
+    logits = ort.InferenceSession(str(tmp_path / "qat" / "model.int8.onnx")).run(None, {"input": x.numpy()})[0]
+    assert logits.shape == (8, 10)
+    text = (tmp_path / "qat" / "card.md").read_text()
+    assert "| quantization | QAT: the last 2 steps" in text and "fake-quantized PyTorch model on" in text
+
+    strict = replace(settings, min_qat_agreement=1.01)  # a bar no export reaches is enforced
+    with pytest.raises(RuntimeError, match="agrees with the fake-quantized PyTorch model"):
+        export_trial(base, number, strict, tmp_path / "strict", command="")
+    assert not (tmp_path / "strict").exists()
+
+
+@pytest.mark.slow
+def test_qat_for_a_policy_it_cannot_train_is_a_one_line_error(tiny: SearchConfig, tmp_path: Path) -> None:
+    study, number = _unpruned_int8(tiny)
+    fp32 = next(t.number for t in study.trials if t.user_attrs.get("precision") == "fp32")
+    common = ["export", "--study", "tiny", "--studies-dir", tiny.studies_dir, "--out", str(tmp_path / "x")]
+    both = ["--trial", str(number), "--trial", str(fp32)]
+    for args, words in [
+        (["--trial", str(fp32), "--quantization", "qat"], "--quantization ptq"),
+        ([*both, "--quantization", "qat", "--finetune-unpruned"], f"trial {fp32} is an FP32 policy"),
+        (["--trial", str(number), "--quantization", "qat"], "pass --finetune-unpruned"),
+    ]:
+        bad = run_main(*common, *args)
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (tmp_path / "x").exists(), "refused before any trial was exported"
 
 
 @pytest.mark.slow

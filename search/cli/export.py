@@ -22,7 +22,7 @@ from search.cli.options import (
     study_of,
     target_timer,
 )
-from search.shipping.settings import ExportSettings
+from search.shipping.settings import QUANTIZATION_MODES, ExportSettings
 
 __all__ = ["EXPORT_DEFAULTS", "HELP", "add_arguments", "run"]
 
@@ -63,6 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fine-tune a policy that prunes nothing too (by default it keeps the baseline's weights)",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=list(QUANTIZATION_MODES),
+        default=EXPORT_DEFAULTS.quantization,
+        help="INT8 policies: quantize after the FP32 fine-tune (ptq) or train its last --qat-epochs with fake "
+        f"quantization (qat) (default: {EXPORT_DEFAULTS.quantization})",
+    )
+    parser.add_argument(
+        "--qat-epochs",
+        type=positive_float,
+        default=EXPORT_DEFAULTS.qat_epochs,
+        help=f"with --quantization qat: how many of --epochs (the last) train with fake quantization "
+        f"(default: {EXPORT_DEFAULTS.qat_epochs:g})",
+    )
     parser.add_argument("--out", help="output folder (default: studies/<study>/export)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
     parser.add_argument("--weights", help="a copy of the study's baseline file, if it moved (checked by hash)")
@@ -75,6 +89,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from search.shipping.card import attach_artifacts
     from search.shipping.export import export_trial
+    from search.shipping.qat import check_quantization
     from search.shipping.rebuild import load_study_baseline
     from search.study.front import pick_best, recommendation, rows
     from search.study.urls import masked_command
@@ -91,6 +106,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         device=args.device,
         seed=args.seed,
         finetune_unpruned=args.finetune_unpruned,
+        quantization=args.quantization,
+        qat_epochs=args.qat_epochs,
     )
     out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
     command = "python cli.py " + " ".join(shlex.quote(a) for a in masked_command(sys.argv[1:]))  # no password
@@ -99,6 +116,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         found = recommendation(rows(study)) if args.best else None
         for line in found.lines() if found else []:
             console.print(escape(line), soft_wrap=True)
+        for number in numbers:  # a mode a trial cannot take is refused before any trial is exported
+            check_quantization(study, number, settings)
         base = load_study_baseline(study, weights=args.weights, reporter=reporter)
         cards = []
         for number in numbers:

@@ -58,7 +58,21 @@ def _int8_rows(card: dict[str, Any]) -> list[str]:
         f"on {q['images']} images; FP32 top-1 {q['fp32_top1_onnxruntime']:.4f} |",
         f"| FP32 export latency, same run | {q['fp32_latency_ms']:.2f} ms (ratio {q['fp32_ratio']:.3f}); "
         f"the INT8 model above is what ships (`model.int8.onnx`) |",
+        _quantization_row(q),
     ]
+
+
+def _quantization_row(q: dict[str, Any]) -> str:
+    """Which INT8 model shipped: post-training quantized (PTQ), or trained with fake quantization (QAT)."""
+    qat = q.get("qat")
+    if not qat:
+        return "| quantization | PTQ: the fine-tuned FP32 model quantized after training (`--quantization ptq`) |"
+    return (
+        f"| quantization | QAT: the last {qat['steps']} steps ({qat['epochs']:g} epochs) trained with fake "
+        f"quantization, {qat['weights']} weights, lr {qat['lr']:g}, {qat['batchnorm']}; INT8 agrees with the "
+        f"fake-quantized PyTorch model on {qat['agreement_with_fake_quant']:.3f} of {qat['images']} images "
+        f"(needs {qat['min_agreement']:g}); FP32 top-1 before QAT {qat['fp32_top1_before_qat']:.4f} |"
+    )
 
 
 def _relative(check: dict[str, Any]) -> str:

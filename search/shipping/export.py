@@ -27,6 +27,7 @@ from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
 from search.measuring.complexity import macs_and_params
 from search.measuring.hardware import git_revision, package_versions
 from search.measuring.onnx_export import export_onnx, fix_batch
+from search.measuring.quantize import QuantizeSettings
 from search.measuring.timing import Latency, LatencySettings
 from search.progress import NullReporter, Reporter
 from search.pruning.channels import layer_channels
@@ -36,6 +37,7 @@ from search.shipping.card import card_markdown
 from search.shipping.checks import check_parity, quantize_and_check
 from search.shipping.model_file import save_pruned, save_torchscript
 from search.shipping.preprocessing import preprocessing_record
+from search.shipping.qat import QatResult, check_against_fake_quant, check_quantization, qat_finetune, split_steps
 from search.shipping.rebuild import StudyBaseline, rebuild_pruned
 from search.shipping.settings import ExportSettings
 from search.study.front import Row, finished_trial, rows
@@ -88,6 +90,7 @@ def export_trial(
     reporter = reporter or NullReporter()
     settings = replace(settings, device=str(resolve(settings.device)))  # auto -> cpu or cuda:0
     trial = finished_trial(base.study, number)
+    check_quantization(base.study, number, settings)
     timer = _timer_for(base, timer)
     work = _prepare(out_dir, force, reporter)  # moved into place once every check has passed
     started = time.perf_counter()
@@ -105,10 +108,21 @@ def export_trial(
     reporter.phase(f"trial {number}: fine-tune")
     t = time.perf_counter()
     unpruned = Policy.from_dict(trial.user_attrs["policy"]).is_unpruned
-    tuned = _finetune(base, model, number, settings, split, work / "finetune-state.pt", reporter, unpruned)
+    fp32_settings, qat_steps = split_steps(settings, math.ceil(len(base.data.train) / settings.batch_size))
+    tuned = _finetune(base, model, number, fp32_settings, split, work / "finetune-state.pt", reporter, unpruned)
     seconds["finetune"] = time.perf_counter() - t
+    qat = None
+    if qat_steps:  # the last part of the fine-tune, with fake quantization (search.shipping.qat)
+        reporter.phase(f"trial {number}: quantization-aware training")
+        quantize = QuantizeSettings.from_dict(trial.user_attrs.get("quantization", {}))
+        what = f"QAT trial {number} ({qat_steps} steps, seed {settings.seed})"
+        qat = qat_finetune(model, base.model, base.data, settings, quantize, qat_steps, reporter, what)
+        qat.record["fp32_top1_before_qat"] = tuned.after
+        after = top1(model, base.data, split, limit=settings.test_images, reporter=reporter, device=settings.device)
+        tuned = replace(tuned, after=after, settings=replace(tuned.settings, steps=tuned.settings.steps + qat_steps))
+        seconds["qat"] = qat.record["seconds"]
 
-    checked = _export_and_check(base, model, trial, settings, split, seconds, reporter)
+    checked = _export_and_check(base, model, trial, settings, split, seconds, reporter, qat)
     (work / "model.onnx").write_bytes(checked.onnx)
     shipped = checked.onnx
     if checked.int8 is not None:
@@ -272,6 +286,7 @@ def _export_and_check(
     split: str,
     seconds: dict[str, float],
     reporter: Reporter,
+    qat: QatResult | None = None,
 ) -> _Checked:
     """The FP32 ONNX export checked against PyTorch, and for an INT8 trial its INT8 model checked against it."""
     reporter.phase(f"trial {trial.number}: export and check ONNX")
@@ -285,6 +300,9 @@ def _export_and_check(
         reporter.phase(f"trial {trial.number}: quantize to INT8 and check it")
         t = time.perf_counter()
         int8 = quantize_and_check(model, onnx_model, base.data, split, settings, trial, base.threads, reporter)
+        int8["mode"] = "ptq" if qat is None else "qat"
+        if qat is not None:  # the INT8 model must compute what the fake-quantized model trained
+            int8["qat"] = check_against_fake_quant(qat, int8["onnx"], base.data, split, settings, base.threads)
         seconds["quantize"] = time.perf_counter() - t
     return _Checked(onnx=onnx_model, parity=parity, int8=int8)
 
@@ -347,6 +365,7 @@ def _card(
         },
         "onnx_check": checked.parity,
         "precision": "int8" if checked.int8 is not None else "fp32",
+        "quantization": None if checked.int8 is None else checked.int8["mode"],
         "int8": checked.int8,
         "macs": macs,
         "params": params,

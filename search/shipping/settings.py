@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ExportSettings"]
+__all__ = ["QUANTIZATION_MODES", "ExportSettings"]
+
+QUANTIZATION_MODES: tuple[str, ...] = ("ptq", "qat")
+"""How an INT8 policy's model is made: quantized after the FP32 fine-tune (``ptq``), or fine-tuned with
+fake quantization for its last ``qat_epochs`` first (``qat``, :mod:`search.shipping.qat`)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,16 @@ class ExportSettings:
     finetune_unpruned: bool = False
     """Fine-tune a policy that prunes nothing too (its weights are the baseline's, which the brief
     fine-tune at export rarely improves: one epoch took an unpruned INT8 pick from 97.77% to 97.03%)."""
+    quantization: str = "ptq"
+    """One of :data:`QUANTIZATION_MODES` (INT8 policies only). PTQ stays the default until
+    benchmarks/recovery.py has measured QAT against it."""
+    qat_epochs: float = 1
+    """With ``qat``: the last this many of ``epochs`` train with fake quantization (all of them if fewer)."""
+    min_qat_agreement: float = 0.99
+    """With ``qat``: the INT8 model must predict the fake-quantized PyTorch model's class on this fraction of images."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
+        if self.qat_epochs <= 0:
+            raise ValueError("qat_epochs must be > 0")
