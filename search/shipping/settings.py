@@ -35,7 +35,17 @@ class ExportSettings:
     finetune_unpruned: bool = False
     """Fine-tune a policy that prunes nothing too (its weights are the baseline's, which the brief
     fine-tune at export rarely improves: one epoch took an unpruned INT8 pick from 97.77% to 97.03%)."""
+    prune_steps: int = 1
+    """Reach the trial's channels in this many pruning steps, fine-tuning after each (1: one shot);
+    the fine-tune's steps are split between them (:mod:`search.shipping.iterative`)."""
+    feature_distill: float = 0.0
+    """Weight of matching the space's stage outputs to the unpruned model's (0 turns it off;
+    :mod:`search.training.feature_distill`)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
+        if self.prune_steps < 1:
+            raise ValueError("prune_steps must be >= 1")
+        if self.feature_distill < 0:
+            raise ValueError("feature_distill must be >= 0")
