@@ -302,7 +302,10 @@ def main() -> None:
     parser.add_argument("--long-seeds", type=int, nargs="+", default=list(Plan.long_seeds))
     parser.add_argument("--no-resnet", action="store_true")
     parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--shared", default=str(allocation.SHARED), help="the shared CIFAR-10 material's folder")
     args = parser.parse_args()
+    allocation.DATA = Path(args.shared) / "data" / "cifar10"  # (a worktree elsewhere points at the same material)
+    allocation.RESNET_WEIGHTS = Path(args.shared) / "models" / "cifar10_resnet18.pth"
     if not allocation.DATA.is_dir() or not allocation.RESNET_WEIGHTS.is_file():
         sys.exit(f"error: this benchmark needs {allocation.DATA} and {allocation.RESNET_WEIGHTS}; not found")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -28,6 +28,10 @@ from tests.test_export import QUICK, _study, tiny  # noqa: F401  (the tiny study
 SPACE = load_space(ROOT / "spaces" / "resnet18.toml")
 
 
+class Interrupted(Exception):
+    """An export stopped part-way."""
+
+
 @pytest.fixture(scope="module")
 def baseline(trained_weights: Path) -> torch.nn.Module:
     model = build_model("resnet18", 10)
@@ -122,11 +126,11 @@ def test_an_interrupted_iterative_export_resumes_after_its_finished_steps(
     def stop_in_step_2(*args, **kwargs):
         calls.append(kwargs["description"])
         if "prune step 2/3" in kwargs["description"]:
-            raise KeyboardInterrupt
+            raise Interrupted  # as if the machine stopped there
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(iterative, "train", stop_in_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         export_trial(base, 3, settings, tmp_path / "out", command="python cli.py export")
     partial = tmp_path / ".out.partial"
     recorded = json.loads((partial / iterative.SCHEDULE_FILE).read_text())
