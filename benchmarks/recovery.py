@@ -165,7 +165,8 @@ class Bench:
                 "top1": int8.get("top1", card["accuracy"]["after_finetune"]),
                 "fp32_top1": card["accuracy"]["after_finetune"],
                 "int8_agreement": int8.get("top1_agreement_with_fp32"),
-                "quantization": card.get("quantization_mode") or (int8.get("mode") if int8 else None),
+                "quantization": card.get("quantization") or int8.get("mode"),
+                "qat_check": int8.get("qat"),  # the INT8 model against the fake-quantized one (QAT exports)
                 "finetune_seconds": card["finetune"]["seconds"],
                 "export_seconds": round(time.perf_counter() - started, 1),
                 "schedule": [s["total_channels"] for s in card.get("pruning_schedule", {}).get("steps", [])],
