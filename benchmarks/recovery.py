@@ -266,16 +266,15 @@ def measure_latencies(bench: Bench, tracks: list[dict[str, Any]]) -> None:
                 todo.append((track["model"], r))
     for model, r in todo:
         meter = bench.alloc.meter(model)
-        key = f"latency {r['runs'][0]['onnx']}"
-        got = bench.cached(
-            key,
-            lambda meter=meter, r=r: [
-                asdict(timer.time(r["runs"][0]["onnx"], meter.input_shape, reference=meter.baseline_onnx))
-                for _ in range(LATENCY_PASSES)
-            ],
-        )
+        key = f"latency passes {r['runs'][0]['onnx']}"
+        got = bench.cached(key, lambda meter=meter, r=r: [_timed(timer, meter, r) for _ in range(LATENCY_PASSES)])
         r["latency_ms"] = statistics.median(g["median_ms"] for g in got)
         r["latency_fraction"] = statistics.median(g["ratio"] for g in got)
+
+
+def _timed(timer: LocalTimer, meter: Any, r: dict[str, Any]) -> dict[str, float]:
+    got = timer.time(r["runs"][0]["onnx"], meter.input_shape, reference=meter.baseline_onnx)
+    return {"median_ms": got.median_ms, "ratio": got.ratio or 0.0, "baseline_ms": got.reference_median_ms or 0.0}
 
 
 def main() -> None:
