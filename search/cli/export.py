@@ -56,6 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=EXPORT_DEFAULTS.distill,
         help=f"distillation weight from the unpruned model (default: {EXPORT_DEFAULTS.distill})",
     )
+    parser.add_argument(
+        "--prune-steps",
+        type=positive_int,
+        default=EXPORT_DEFAULTS.prune_steps,
+        help="reach the trial's channels in this many pruning steps, fine-tuning after each; the epochs are "
+        f"split between them (default: {EXPORT_DEFAULTS.prune_steps}, one shot)",
+    )
+    parser.add_argument(
+        "--feature-distill",
+        type=non_negative_float,
+        default=EXPORT_DEFAULTS.feature_distill,
+        help="weight of matching the space's stage outputs to the unpruned model's through 1x1 adapters "
+        f"(default: {EXPORT_DEFAULTS.feature_distill:g}, off)",
+    )
     parser.add_argument("--train-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     add_device_option(parser)
     parser.add_argument(
@@ -108,6 +122,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         finetune_unpruned=args.finetune_unpruned,
         quantization=args.quantization,
         qat_epochs=args.qat_epochs,
+        prune_steps=args.prune_steps,
+        feature_distill=args.feature_distill,
     )
     out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
     command = "python cli.py " + " ".join(shlex.quote(a) for a in masked_command(sys.argv[1:]))  # no password

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 
 from search.pruning.policy import Policy
+from search.shipping.recovery_card import recovery_rows
 
 __all__ = ["DASHBOARD_TRIAL_ARTIFACTS", "attach_artifacts", "card_markdown"]
 
@@ -129,6 +130,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"{_relative(card['onnx_check'])}, top-1 agreement "
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
         finetuned,
+        *recovery_rows(card),
         *_int8_rows(card),
         f"| data | {card['data']['source']} at {card['data']['input_size']}px{_transforms(card)} |",
         f"| hardware | {card['hardware']['cpu']}, onnxruntime {card['hardware']['onnxruntime']} |",

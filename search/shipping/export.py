@@ -35,6 +35,7 @@ from search.pruning.policy import Policy
 from search.shipping.best_epoch import BestEpoch
 from search.shipping.card import card_markdown
 from search.shipping.checks import check_parity, quantize_and_check
+from search.shipping.iterative import SCHEDULE_FILE, Recovery
 from search.shipping.model_file import save_pruned, save_torchscript
 from search.shipping.preprocessing import preprocessing_record
 from search.shipping.qat import QatResult, check_against_fake_quant, check_quantization, qat_finetune, split_steps
@@ -109,7 +110,11 @@ def export_trial(
     t = time.perf_counter()
     unpruned = Policy.from_dict(trial.user_attrs["policy"]).is_unpruned
     fp32_settings, qat_steps = split_steps(settings, math.ceil(len(base.data.train) / settings.batch_size))
-    tuned = _finetune(base, model, number, fp32_settings, split, work / "finetune-state.pt", reporter, unpruned)
+    planned, per_epoch = _planned(base, fp32_settings), _epoch_steps(base, fp32_settings)
+    recovery = Recovery(base, trial, model, fp32_settings, work, reporter, planned, per_epoch)
+    model = recovery.prune(model)  # K > 1: the baseline taken through steps 1..K-1, now at the trial's channels
+    state = work / "finetune-state.pt"
+    tuned = _finetune(base, model, number, fp32_settings, split, state, reporter, unpruned, recovery)
     seconds["finetune"] = time.perf_counter() - t
     qat = None
     if qat_steps:  # the last part of the fine-tune, with fake quantization (search.shipping.qat)
@@ -143,8 +148,10 @@ def export_trial(
     save_pruned(work / "model.pt", model, base, trial)
     save_torchscript(work / "model.torchscript.pt", model, base.data)
     (work / "finetune-state.pt").unlink(missing_ok=True)
+    recovery.discard()
     seconds["total"] = time.perf_counter() - started
     card = _card(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
+    recovery.annotate(card, round(tuned.result.seconds, 1))
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["augmentation"] = base.data.transforms()  # what the fine-tune trained on, and how top-1 was scored
     card["train_device"] = device_record(torch.device(settings.device))
@@ -184,7 +191,7 @@ def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> Path:
             raise UsageError(f"{out_dir} already holds an export; pass --force to replace it or --out elsewhere")
         raise UsageError(f"{out_dir} exists and is not an export; pass --force or --out elsewhere")
     work = _partial(out_dir)
-    if (work / "finetune-state.pt").exists():
+    if (work / "finetune-state.pt").exists() or (work / SCHEDULE_FILE).exists():
         reporter.info(f"Resuming the unfinished export in {work}")
     elif work.exists():
         shutil.rmtree(work)  # what a failed export left: nothing in it passed its checks
@@ -222,6 +229,7 @@ def _finetune(
     state: Path,
     reporter: Reporter,
     unpruned: bool = False,
+    recovery: Recovery | None = None,
 ) -> _FineTuned:
     """BatchNorm recalibration (unless resuming), top-1, whole epochs of fine-tuning, top-1 again.
 
@@ -237,8 +245,8 @@ def _finetune(
     elif not state.exists():
         recalibrate_batchnorm(model, data, batches=8, seed=settings.seed, device=settings.device)
     before = top1(model, data, split, limit=settings.test_images, reporter=reporter, device=settings.device)
-    steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
-    planned = settings.steps if settings.steps is not None else max(1, round(settings.epochs * steps_per_epoch))
+    steps_per_epoch = _epoch_steps(base, settings)
+    planned = recovery.final_steps if recovery is not None else _planned(base, settings)
     train_settings = TrainSettings(
         steps=0 if skip else planned,
         batch_size=settings.batch_size,
@@ -261,6 +269,7 @@ def _finetune(
         steps_per_epoch=steps_per_epoch,
         checkpoint=state,
         after_epoch=None if skip else epochs.consider,
+        features=None if skip or recovery is None else recovery.distiller(model),
     )
     kept = epochs.restore(model)
     if kept is not None and kept != max(epochs.scores):
@@ -276,6 +285,17 @@ def _finetune(
     scores = {str(e): round(v, 4) for e, v in sorted(epochs.scores.items())}
     epochs.discard()
     return _FineTuned(before, after, train_settings, result, skipped=skip, kept_epoch=kept, val_top1=scores)
+
+
+def _epoch_steps(base: StudyBaseline, settings: ExportSettings) -> int:
+    return math.ceil(len(base.data.train) / settings.batch_size)
+
+
+def _planned(base: StudyBaseline, settings: ExportSettings) -> int:
+    """Optimizer steps of the whole fine-tune (over every pruning step)."""
+    return (
+        settings.steps if settings.steps is not None else max(1, round(settings.epochs * _epoch_steps(base, settings)))
+    )
 
 
 def _export_and_check(

@@ -46,9 +46,19 @@ class ExportSettings:
     """With ``qat``: the last this many of ``epochs`` train with fake quantization (all of them if fewer)."""
     min_qat_agreement: float = 0.99
     """With ``qat``: the INT8 model must predict the fake-quantized PyTorch model's class on this fraction of images."""
+    prune_steps: int = 1
+    """Reach the trial's channels in this many pruning steps, fine-tuning after each (1: one shot);
+    the fine-tune's steps are split between them (:mod:`search.shipping.iterative`)."""
+    feature_distill: float = 0.0
+    """Weight of matching the space's stage outputs to the unpruned model's (0 turns it off;
+    :mod:`search.training.feature_distill`)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
         if self.qat_epochs <= 0:
             raise ValueError("qat_epochs must be > 0")
+        if self.prune_steps < 1:
+            raise ValueError("prune_steps must be >= 1")
+        if self.feature_distill < 0:
+            raise ValueError("feature_distill must be >= 0")

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,7 @@ def train(
     steps_per_epoch: int | None = None,
     checkpoint: Path | None = None,
     after_epoch: Callable[[int, nn.Module], None] | None = None,
+    features: Any = None,
 ) -> FinetuneResult:
     """Train ``model`` for ``settings.steps`` SGD steps on the training split.
 
@@ -152,18 +153,23 @@ def train(
     the end of every epoch, and a later call with the same arguments resumes after the last
     saved epoch instead of starting again. ``after_epoch(epoch, model)`` is called at the end of
     every epoch (numbered from 1; a last, partial one counts), in eval mode, before it is saved.
+    ``features`` (a :class:`~search.training.feature_distill.FeatureDistiller` of ``model`` and
+    ``teacher``) adds its loss, and its adapters train (and are checkpointed) beside the model.
     """
     reporter = reporter or NullReporter()
     if settings.steps == 0:
         return FinetuneResult(0, 0.0, 0.0, float("nan"))
     torch.manual_seed(settings.seed)
     model.train()
-    if teacher is not None and settings.distill > 0:
+    if teacher is not None and (settings.distill > 0 or features is not None):
         teacher.eval()
     else:
         teacher = None
-    with on_device(settings.device, model, teacher):
-        return _train(model, data, settings, teacher, reporter, description, steps_per_epoch, checkpoint, after_epoch)
+    hooked = features.attached() if features is not None else nullcontext()
+    with on_device(settings.device, model, teacher, features), hooked:
+        return _train(
+            model, data, settings, teacher, reporter, description, steps_per_epoch, checkpoint, after_epoch, features
+        )
 
 
 def _train(
@@ -176,13 +182,14 @@ def _train(
     steps_per_epoch: int | None,
     checkpoint: Path | None,
     after_epoch: Callable[[int, nn.Module], None] | None,
+    features: Any = None,
 ) -> FinetuneResult:
     """:func:`train` with the models already on the device."""
     device = torch.device(settings.device)
     mixed = precision(device, settings.train_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed.scale_loss)
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in itertools.chain(model.parameters(), features.parameters() if features is not None else ()):
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -203,6 +210,8 @@ def _train(
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
+        if features is not None:
+            features.load_state_dict(state["features"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done = int(state["step"])
@@ -220,6 +229,8 @@ def _train(
                 with torch.autocast(device.type, dtype=mixed.dtype or torch.bfloat16, enabled=mixed.dtype is not None):
                     logits = model(x)
                     loss = _loss(logits, y, x, teacher, settings)
+                    if features is not None:
+                        loss = loss + features.loss()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -235,7 +246,7 @@ def _train(
                     after_epoch(math.ceil((step + 1) / steps_per_epoch), model)
                     model.train()
                 if checkpoint is not None and epoch_ends:
-                    _save_state(checkpoint, model, optimizer, scheduler, step + 1)
+                    _save_state(checkpoint, model, optimizer, scheduler, step + 1, features)
     finally:
         stream.close()  # loader workers stop before anything is timed
     model.eval()
@@ -243,10 +254,12 @@ def _train(
     return FinetuneResult(settings.steps - done, seconds, images / max(seconds, 1e-9), loss_value)
 
 
-def _save_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, step: int) -> None:
+def _save_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, step: int, features: Any = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if features is not None:
+        state["features"] = features.state_dict()
     torch.save({**state, "step": step}, partial)
     os.replace(partial, path)
 
@@ -254,11 +267,14 @@ def _save_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, st
 def _loss(
     logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher: nn.Module | None, settings: TrainSettings
 ) -> torch.Tensor:
-    hard = F.cross_entropy(logits.float(), y, label_smoothing=0.1 if teacher is None else 0.0)
+    logit_distill = teacher is not None and settings.distill > 0
+    hard = F.cross_entropy(logits.float(), y, label_smoothing=0.0 if logit_distill else 0.1)
     if teacher is None:
         return hard
     with torch.no_grad():
-        target = teacher(x).float()
+        target = teacher(x).float()  # also when only feature distillation needs the teacher's forward
+    if not logit_distill:
+        return hard
     t = settings.temperature
     soft = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.softmax(target / t, dim=1), reduction="batchmean") * (
         t * t
