@@ -26,7 +26,8 @@ from search.errors import UsageError
 from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
 from search.measuring.complexity import macs_and_params
 from search.measuring.hardware import git_revision, package_versions
-from search.measuring.onnx_export import export_onnx, fix_batch
+from search.measuring.onnx_export import export_onnx
+from search.measuring.runtimes.registry import get_runtime, require_runtime
 from search.measuring.timing import Latency, LatencySettings
 from search.progress import NullReporter, Reporter
 from search.pruning.channels import layer_channels
@@ -37,6 +38,7 @@ from search.shipping.checks import check_parity, quantize_and_check
 from search.shipping.model_file import save_pruned, save_torchscript
 from search.shipping.preprocessing import preprocessing_record
 from search.shipping.rebuild import StudyBaseline, rebuild_pruned
+from search.shipping.runtime_files import ship_runtime_files, study_runtime, timed_file_of
 from search.shipping.settings import ExportSettings
 from search.study.front import Row, finished_trial, rows
 from search.training.device import device_record, resolve
@@ -110,17 +112,32 @@ def export_trial(
 
     checked = _export_and_check(base, model, trial, settings, split, seconds, reporter)
     (work / "model.onnx").write_bytes(checked.onnx)
-    shipped = checked.onnx
-    if checked.int8 is not None:
-        (work / "model.int8.onnx").write_bytes(checked.int8.pop("onnx"))
-        shipped = fix_batch((work / "model.int8.onnx").read_bytes())
+    int8_onnx = checked.int8.pop("onnx") if checked.int8 is not None else None
+    if int8_onnx is not None:
+        (work / "model.int8.onnx").write_bytes(int8_onnx)
+    t = time.perf_counter()
+    quantization = trial.user_attrs.get("quantization")
+    runtime_record = ship_runtime_files(
+        timer.runtime,
+        model,
+        checked.onnx,
+        int8_onnx,
+        quantization,
+        base.data,
+        split,
+        settings,
+        work,
+        base.threads,
+        reporter,
+    )
+    seconds["runtime_files"] = time.perf_counter() - t
 
     reporter.phase(f"trial {number}: latency")
     t = time.perf_counter()
     meter = CandidateMeter(base.model, base.data, timer=timer)
-    measured = meter.time_onnx(shipped)
+    measured = meter.time_onnx(timed_file_of(timer, work, checked.onnx, int8_onnx))
     if checked.int8 is not None:  # the FP32 export too, so the card can show what INT8 gained
-        fp32_measured = meter.time_onnx(fix_batch(checked.onnx))
+        fp32_measured = meter.time_onnx(timed_file_of(timer, work, checked.onnx, None))
         checked.int8["fp32_latency_ms"] = round(fp32_measured.median_ms, 4)
         checked.int8["fp32_ratio"] = round(fp32_measured.ratio or 0.0, 5)
         checked.int8["fp32_after_finetune"] = tuned.after
@@ -131,6 +148,7 @@ def export_trial(
     (work / "finetune-state.pt").unlink(missing_ok=True)
     seconds["total"] = time.perf_counter() - started
     card = _card(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
+    card["runtime_files"] = runtime_record
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["augmentation"] = base.data.transforms()  # what the fine-tune trained on, and how top-1 was scored
     card["train_device"] = device_record(torch.device(settings.device))
@@ -144,13 +162,20 @@ def export_trial(
 def _timer_for(base: StudyBaseline, timer: Timer | None) -> Timer:
     """``timer``, or a local one; refused before any work when it cannot time like the search did."""
     measured_on = base.study.user_attrs.get("latency_measured_on", "local")
+    runtime = study_runtime(base.study)
+    if timer is not None and timer.runtime != runtime:
+        raise UsageError(
+            f"study {base.study.study_name!r} was timed in {runtime}, the latency target {timer.where} times in "
+            f"{timer.runtime}; start it with --runtime {runtime}"
+        )
     if timer is None:
         if measured_on != "local":
             raise UsageError(
                 f"study {base.study.study_name!r} was timed on the latency target {measured_on}; pass --target "
                 f"{measured_on} (and its token) so the export is timed there too"
             )
-        return LocalTimer(LatencySettings(threads=base.threads))
+        require_runtime(runtime)
+        return LocalTimer(LatencySettings(threads=base.threads, runtime=runtime))
     if timer.threads != base.threads:
         raise UsageError(
             f"the latency target {timer.where} times with {timer.threads} thread(s), but the study used "
@@ -342,7 +367,8 @@ def _card(
             "search_ms": row.latency_ms,
             "threads": base.threads,
             "batch": 1,
-            "runtime": "onnxruntime CPUExecutionProvider",
+            "runtime": get_runtime(timer.runtime).info.label,
+            "runtime_name": timer.runtime,
             "measured_on": timer.where,
         },
         "onnx_check": checked.parity,
@@ -352,7 +378,10 @@ def _card(
         "params": params,
         "files": {
             name: (out_dir / name).stat().st_size
-            for name in ("model.onnx", "model.int8.onnx", "model.pt", "model.torchscript.pt")
+            for name in (
+                *("model.onnx", "model.int8.onnx", "model.pt", "model.torchscript.pt"),
+                *("model.xml", "model.bin", "model.int8.xml", "model.int8.bin", "model.pte", "model.int8.pte"),
+            )
             if (out_dir / name).exists()
         },
         "data": {
