@@ -119,8 +119,7 @@ def add_runtime_option(parser: argparse.ArgumentParser, what: str) -> None:
         "--runtime",
         choices=RUNTIME_NAMES,
         default=None,
-        help=f"{what}: onnxruntime (default), openvino or executorch; the last two are extras: "
-        'pip install -e ".[openvino]" or ".[executorch]"',
+        help=f'{what}; openvino and executorch are extras: pip install -e ".[openvino]" or ".[executorch]"',
     )
 
 

@@ -105,7 +105,7 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=positive_int, default=1, help="the runtime's threads for latency (default: 1)"
     )
-    add_runtime_option(parser, "the runtime every latency is measured in, recorded on the study")
+    add_runtime_option(parser, "the runtime every latency is measured in, recorded on the study (default: onnxruntime)")
     parser.add_argument(
         "--finetune-steps",
         type=non_negative_int,
