@@ -33,7 +33,22 @@ PTE_MAGIC = b"ET"
 """A ``.pte`` file's flatbuffer identifier starts at byte 4 with these (``ET12`` in 1.x)."""
 
 
-def load_method(model: bytes | str | Path, threads: int) -> Any:
+class _Loaded:
+    """A program's ``forward`` method with what it points into: the program and its bytes must outlive it
+    (a method whose program was collected crashes the process when it runs)."""
+
+    def __init__(self, data: bytes, program: Any, method: Any) -> None:
+        self.data, self.program, self.method = data, program, method
+
+    @property
+    def metadata(self) -> Any:
+        return self.method.metadata
+
+    def execute(self, inputs: list[Any]) -> Any:
+        return self.method.execute(inputs)
+
+
+def load_method(model: bytes | str | Path, threads: int) -> _Loaded:
     """The program's ``forward`` method, loaded with XNNPACK's thread pool at ``threads`` threads."""
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
@@ -44,7 +59,7 @@ def load_method(model: bytes | str | Path, threads: int) -> Any:
     if data[4:6] != PTE_MAGIC:
         raise ValueError("not an ExecuTorch program (.pte)")
     program = Runtime.get().load_program(data)
-    return program.load_method("forward")
+    return _Loaded(data, program, program.load_method("forward"))
 
 
 class ExecuTorch:
