@@ -6,7 +6,8 @@ the unpruned model, identical architectures reused. Below it: ``timing`` (the ti
 needs only numpy and the runtime, so it runs where PyTorch is not installed), ``runtimes`` (ONNX
 Runtime, OpenVINO and ExecuTorch, each one small class, and the files they time),
 ``onnx_export`` (PyTorch to ONNX), ``quantize`` (static INT8 in ONNX Runtime), ``int8_check``
-(is INT8 faster in this runtime on this CPU?), ``complexity`` (MACs and parameters) and ``hardware`` (the fingerprint that says which machine a latency belongs to).
+(is INT8 faster in this runtime on this CPU?), ``complexity`` (MACs and parameters) and ``hardware``
+(the fingerprint that says which machine a latency belongs to).
 
 Nothing is imported here, so that importing ``search.measuring.timing`` loads no torch.
 """
