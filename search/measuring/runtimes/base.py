@@ -70,11 +70,22 @@ class Runtime(Protocol):
 
 
 def import_problem(module: str) -> str | None:
-    """Why ``module`` cannot be imported, in one line, or None when it can."""
-    import importlib
+    """Why ``module`` cannot be imported, in one line, or None when it can.
 
+    Warnings the import logs (ExecuTorch's import makes torch log a deprecation) are not the user's.
+    """
+    import importlib
+    import logging
+    import warnings
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        importlib.import_module(module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importlib.import_module(module)
     except Exception as exc:  # ImportError, or a broken dependency inside the package
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    finally:
+        logging.disable(previous)
     return None
