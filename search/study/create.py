@@ -349,7 +349,9 @@ def known_within_first(recipes: list[Recipe], budget_ms: float) -> list[Recipe]:
 
     The unpruned model and the fixed recipes are often over the budget and count towards ``--trials``:
     run first, they used up a short search, which then ended with no policy within the budget."""
-    within = [r for r in recipes if r.label and r.latency is not None and r.latency["corrected_ms"] <= budget_ms]
+    within = [
+        r for r in recipes if r.label and r.latency is not None and r.latency["corrected_ms"] <= budget_ms
+    ]
     return within + [r for r in recipes if not any(r is w for w in within)]
 
 
