@@ -14,12 +14,14 @@ import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
+from copy import deepcopy as copy_module
 
 import numpy as np
 import torch
 from torch import nn
 
 from search.data.dataset import Dataset
+from search.errors import UsageError
 from search.measuring.onnx_export import export_onnx
 from search.measuring.quantize import (
     LATENCY_CALIBRATION_IMAGES,
@@ -36,9 +38,17 @@ def timed_file(runtime: str, model: nn.Module, data: Dataset, precision: str, qu
     """``model`` as ``runtime`` times it at batch 1: ONNX, or an ExecuTorch program (INT8 for ``int8``)."""
     example = data.example_input()
     if get_runtime(runtime).info.file_format == "pte":
-        if precision == "int8":
-            return quantize_pte(model, example, calibration_batches(data, quantize, images=LATENCY_CALIBRATION_IMAGES))
-        return lower_pte(model, example)
+        try:
+            if precision == "int8":
+                batches = calibration_batches(data, quantize, images=LATENCY_CALIBRATION_IMAGES)
+                return quantize_pte(model, example, batches)
+            return lower_pte(model, example)
+        except Exception as exc:  # torch.export and the lowering passes raise many types
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            raise UsageError(
+                f"ExecuTorch cannot lower this model to XNNPACK ({precision}): {reason}; "
+                "search it with --runtime onnxruntime or openvino"
+            ) from exc
     if precision == "int8":
         return int8_latency_model(model, data, quantize)
     return export_onnx(model, example)
@@ -76,8 +86,11 @@ def quantize_pte(model: nn.Module, example_input: torch.Tensor, calibration: Ite
 
 
 def _export(model: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
+    """``model`` through ``torch.export``: a copy in contiguous (NCHW) memory format, since XNNPACK's lowering
+    refuses weights left channels-last by training (``ChannelsLastTaggedReshapePass``)."""
+    copy = copy_module(model).eval().to(memory_format=torch.contiguous_format)
     with torch.no_grad():
-        return torch.export.export(model.eval(), (example_input,))
+        return torch.export.export(copy, (example_input.contiguous(),))
 
 
 @contextlib.contextmanager
