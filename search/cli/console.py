@@ -242,9 +242,8 @@ def show_trial(trial: Any, budget_ms: float, rungs: list[Rung] | None = None) ->
     channels = a.get("channels", {})
     table.add_row("channels", Text(", ".join(f"{k} {v}" for k, v in channels.items())))
     hw = a.get("hardware", {})
-    table.add_row(
-        "hardware", Text(f"{hw.get('cpu')}, {hw.get('threads')} thread(s), onnxruntime {hw.get('onnxruntime')}")
-    )
+    rt = hw.get("runtime", "onnxruntime")
+    table.add_row("hardware", Text(f"{hw.get('cpu')}, {hw.get('threads')} thread(s), {rt} {hw.get(rt)}"))
     if a.get("error"):
         table.add_row("error", Text(a["error"]))
     return table
@@ -263,6 +262,12 @@ def export_summary(card: dict[str, Any], out_dir: Any) -> Text:
             f"; INT8 model.int8.onnx: top-1 {card['int8']['top1']:.4f}, agreement with FP32 "
             f"{card['int8']['top1_agreement_with_fp32']:.3f} (FP32 export {card['int8']['fp32_latency_ms']:.2f} ms)"
             if card.get("int8")
+            else ""
+        )
+        + (
+            f"; {card['runtime_files']['runtime']} {card['runtime_files']['file']}: top-1 agreement with PyTorch "
+            f"{card['runtime_files']['parity']['top1_agreement']:.3f}"
+            if card.get("runtime_files")
             else ""
         )
     )

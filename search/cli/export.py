@@ -12,6 +12,7 @@ from rich.markup import escape
 from search.cli.console import RichReporter, export_summary
 from search.cli.options import (
     add_device_option,
+    add_runtime_option,
     add_study_options,
     add_target_options,
     fraction,
@@ -22,6 +23,7 @@ from search.cli.options import (
     study_of,
     target_timer,
 )
+from search.errors import UsageError
 from search.shipping.settings import QUANTIZATION_MODES, ExportSettings
 
 __all__ = ["EXPORT_DEFAULTS", "HELP", "add_arguments", "run"]
@@ -94,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default: studies/<study>/export)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
     parser.add_argument("--weights", help="a copy of the study's baseline file, if it moved (checked by hash)")
+    add_runtime_option(parser, "the runtime whose files are shipped and timed (default and only choice: the study's)")
     add_target_options(parser)
     add_study_options(parser)
 
@@ -105,10 +108,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from search.shipping.export import export_trial
     from search.shipping.qat import check_quantization
     from search.shipping.rebuild import load_study_baseline
+    from search.shipping.runtime_files import study_runtime
     from search.study.front import pick_best, recommendation, rows
     from search.study.urls import masked_command
 
     study, _ = study_of(args)
+    runtime = study_runtime(study)
+    if args.runtime and args.runtime != runtime:
+        raise UsageError(
+            f"study {args.study!r} was timed in {runtime}, so its export ships and times {runtime} files; "
+            f"omit --runtime, or search a study with --runtime {args.runtime}"
+        )
     timer = target_timer(args)
     settings = ExportSettings(
         epochs=args.epochs,

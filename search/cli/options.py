@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_USAGE",
     "TOKEN_ENV",
     "add_device_option",
+    "add_runtime_option",
     "add_study_options",
     "add_target_options",
     "add_worker_options",
@@ -123,6 +124,18 @@ def device(text: str) -> str:
     if value is None:
         raise argparse.ArgumentTypeError(f"must be {DEVICE_FORMS}, got {text!r}")
     return value
+
+
+def add_runtime_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--runtime``: which runtime latency is measured (and models are shipped or served) in."""
+    from search.measuring.runtimes.registry import RUNTIME_NAMES
+
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_NAMES,
+        default=None,
+        help=f'{what}; openvino and executorch are extras: pip install -e ".[openvino]" or ".[executorch]"',
+    )
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:

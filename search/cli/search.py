@@ -18,6 +18,7 @@ from search.cli.options import (
     EXIT_TARGET_LOST,
     EXIT_USAGE,
     add_device_option,
+    add_runtime_option,
     add_study_options,
     add_target_options,
     add_worker_options,
@@ -104,8 +105,9 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=positive_float, help="stop starting new trials after this many seconds")
     parser.add_argument("--seed", type=int, default=0, help="sampler and training seed (default: 0)")
     parser.add_argument(
-        "--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads for latency (default: 1)"
+        "--threads", type=positive_int, default=1, help="the runtime's threads for latency (default: 1)"
     )
+    add_runtime_option(parser, "the runtime every latency is measured in, recorded on the study (default: onnxruntime)")
     parser.add_argument(
         "--finetune-steps",
         type=non_negative_int,
@@ -231,6 +233,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         timeout=args.timeout,
         seed=args.seed,
         threads=args.threads,
+        runtime=args.runtime or "onnxruntime",
         finetune_steps=args.finetune_steps,
         finetune_batch=args.finetune_batch,
         finetune_lr=args.finetune_lr,

@@ -8,7 +8,7 @@ import socket
 
 from rich.console import Console
 
-from search.cli.options import positive_float, positive_int
+from search.cli.options import add_runtime_option, positive_float, positive_int
 from search.errors import UsageError
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -29,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive_int,
         default=1,
-        help="ONNX Runtime intra-op threads per model session (default: 1; requests run side by side on the "
+        help="the runtime's threads per model session (default: 1; requests run side by side on the "
         "cores, cores / threads at a time)",
     )
+    add_runtime_option(parser, "the runtime to serve in, its shipped file (default: the one each export was timed in)")
     parser.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest upload (default: 20 MB)")
     parser.add_argument(
         "--max-megapixels", type=positive_float, default=40.0, help="largest image, decoded (default: 40 megapixels)"
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--storage and --weights go with --baseline")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     slots = max(1, cores // args.threads)
-    models = [load_export(Path(folder), args.threads) for folder in args.exports]
+    models = [load_export(Path(folder), args.threads, args.runtime) for folder in args.exports]
     names = [m.name for m in models]
     if len(set(names)) != len(names):  # the same trial number from two studies
         for m in models:
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     models,
                     args.storage,
                     args.threads,
+                    runtime=models[0].runtime,
                     studies_dir=Path(args.studies_dir),
                     weights=args.weights,
                     reporter=reporter,
@@ -146,7 +148,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
         console.print(
             f"uvicorn: 1 worker process (every model loaded once, one session each), {slots} request(s) at a "
-            f"time x {args.threads} ONNX Runtime thread(s) per session on {cores} CPU(s); uploads up to "
+            f"time x {args.threads} {', '.join(sorted({m.runtime for m in models}))} thread(s) per session on {cores} "
+            f"CPU(s); uploads up to "
             f"{args.max_upload_mb:g} MB and {args.max_megapixels:g} megapixels, {args.max_decode_mb:g} MB decoded "
             f"({args.max_decode_total_mb:g} MB for all at once); a request must arrive within "
             f"{args.request_timeout:g} s, headers up to {args.max_header_kb} KB; {args.max_connections} connections "

@@ -81,6 +81,11 @@ class RemoteTimer:
     def threads(self) -> int:
         return int(self.info()["threads"])
 
+    @property
+    def runtime(self) -> str:
+        """The runtime the target times in (a target from before ``--runtime`` times in ONNX Runtime)."""
+        return str(self.info().get("runtime") or "onnxruntime")
+
     def fingerprint(self) -> dict[str, Any]:
         return dict(self.info()["fingerprint"])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["ModelRejected", "check_self_contained"]
+__all__ = ["ModelRejected", "check_self_contained", "check_upload"]
 
 # Field numbers of onnx.proto3 (https://github.com/onnx/onnx/blob/main/onnx/onnx.proto).
 _MODEL_GRAPH, _MODEL_TRAINING_INFO, _MODEL_FUNCTIONS = 7, 20, 25
@@ -29,6 +29,19 @@ _MAX_DEPTH = 64
 
 class ModelRejected(ValueError):
     """The upload is not a self-contained ONNX model (the message says why)."""
+
+
+def check_upload(data: bytes, runtime: str) -> None:
+    """Raise :class:`ModelRejected` unless ``data`` is a model file ``runtime`` times.
+
+    ONNX Runtime and OpenVINO time ONNX models (checked by :func:`check_self_contained`; OpenVINO's
+    ONNX reader follows external data as ONNX Runtime does). ExecuTorch times ``.pte`` programs,
+    which name no files: checked by their flatbuffer identifier, the rest by ExecuTorch's loader.
+    """
+    if runtime != "executorch":
+        check_self_contained(data)
+    elif len(data) < 8 or data[4:6] != b"ET":
+        raise ModelRejected("not an ExecuTorch program (.pte); this target times in executorch")
 
 
 def check_self_contained(data: bytes) -> None:

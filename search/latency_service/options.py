@@ -10,7 +10,14 @@ from pathlib import Path
 
 from search.latency_service.timing_process import default_memory_mb
 
-__all__ = ["BODY_BYTES_PER_S", "DEFAULT_PORT", "DEFAULT_TOKEN_FILE", "add_arguments", "load_or_create_token"]
+__all__ = [
+    "BODY_BYTES_PER_S",
+    "DEFAULT_PORT",
+    "DEFAULT_TOKEN_FILE",
+    "add_arguments",
+    "argument_problem",
+    "load_or_create_token",
+]
 
 DEFAULT_PORT = 8765
 DEFAULT_TOKEN_FILE = "~/.config/prune-search/target.token"
@@ -22,7 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The service's options (shared by ``cli.py target`` and ``python -m search.latency_service``)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks one)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="the runtime's threads (default: 1)")
+    parser.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "openvino", "executorch"),
+        default="onnxruntime",
+        help="the runtime that times: onnxruntime (default), openvino or executorch; install only that one",
+    )
     parser.add_argument(
         "--token-file",
         default=DEFAULT_TOKEN_FILE,
@@ -52,6 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM); needs --tls-key")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the service's options (one line), or None."""
+    if args.threads < 1 or args.max_upload_mb <= 0 or not 0 <= args.port <= 65535:
+        return "--threads must be >= 1, --max-upload-mb > 0 and --port 0..65535"
+    if args.max_memory_mb < 512 or args.max_timing_s <= 0 or args.request_timeout_s <= 0:
+        return "--max-memory-mb must be >= 512, --max-timing-s and --request-timeout-s > 0"
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together"
+    from search.errors import UsageError
+    from search.measuring.runtimes.registry import require_runtime
+
+    try:
+        require_runtime(args.runtime)
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def load_or_create_token(path: str | Path) -> tuple[str, bool]:

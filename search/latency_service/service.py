@@ -1,13 +1,14 @@
-"""``cli.py target``: a small HTTP service that times ONNX models on the device that will run them.
+"""``cli.py target``: a small HTTP service that times models on the device that will run them.
 
-It times exactly as the search does locally (:func:`search.measuring.timing.measure`: ONNX
-Runtime on the CPU, batch 1, the service's intra-op threads, warm-up, rounds until the median
-is stable, interleaved with a reference model) and answers with median, p90, runs, stability,
-the ratio to the reference and the device's hardware fingerprint. One model is timed at a time
-(a lock is the queue), so workers that share a target never overlap on it.
+It times exactly as the search does locally (:func:`search.measuring.timing.measure`: its
+``--runtime`` on the CPU, ONNX Runtime by default, batch 1, the service's threads, warm-up,
+rounds until the median is stable, interleaved with a reference model) and answers with median,
+p90, runs, stability, the ratio to the reference and the device's hardware fingerprint. One model
+is timed at a time (a lock is the queue), so workers that share a target never overlap on it.
 
-It needs only onnxruntime and numpy: it imports no torch, so it runs on a board where PyTorch is
-not installed (``python -m search.latency_service``).
+It needs only numpy and its runtime (onnxruntime, or openvino; executorch brings torch): with
+ONNX Runtime or OpenVINO it imports no torch, so it runs on a board where PyTorch is not
+installed (``python -m search.latency_service``).
 
 The protocol (every request carries ``Authorization: Bearer TOKEN``; errors are JSON
 ``{"error": ...}`` with a 4xx status, and the service keeps serving):
@@ -51,12 +52,13 @@ from search.latency_service.connections import (
     linger,
 )
 from search.latency_service.model_store import ModelStore
-from search.latency_service.onnx_check import ModelRejected, check_self_contained
+from search.latency_service.onnx_check import ModelRejected, check_upload
 from search.latency_service.options import (
     BODY_BYTES_PER_S,
     DEFAULT_PORT,
     DEFAULT_TOKEN_FILE,
     add_arguments,
+    argument_problem,
     load_or_create_token,
 )
 from search.latency_service.protocol import SHA256, Refused, check_shape, timing_request
@@ -81,10 +83,10 @@ class Target:
     def __init__(self, token: str, args: argparse.Namespace) -> None:
         threads, max_upload_bytes = args.threads, int(args.max_upload_mb * 1024**2)
         self.token = token.encode()
-        self.settings = LatencySettings(threads=threads)
+        self.settings = LatencySettings(threads=threads, runtime=args.runtime)
         self.max_upload_bytes = max_upload_bytes
         self.request_timeout_s = float(args.request_timeout_s)
-        self.timing = TimingProcess(threads, args.max_memory_mb, args.max_timing_s)  # used under ``device``
+        self.timing = TimingProcess(threads, args.max_memory_mb, args.max_timing_s, args.runtime)  # under ``device``
         self.models = ModelStore(capacity=max(4 * max_upload_bytes, 256 * 1024**2))
         self.device = threading.Lock()
         self.waiting = threading.BoundedSemaphore(MAX_WAITING)
@@ -92,7 +94,7 @@ class Target:
         self.queued = 0
         """Timing requests waiting for the device (changed under ``_counting``)."""
         self._counting = threading.Lock()
-        self.fingerprint = fingerprint(threads)
+        self.fingerprint = fingerprint(threads, args.runtime)
 
     def count_waiting(self, change: int) -> None:
         with self._counting:
@@ -254,6 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
             "fingerprint": t.fingerprint,
             "fingerprint_id": fingerprint_id(t.fingerprint),
             "threads": t.settings.threads,
+            "runtime": t.settings.runtime,
             "waiting": t.queued,
             "max_upload_bytes": t.max_upload_bytes,
             "limits": t.limits(),
@@ -274,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
         if hashlib.sha256(data).hexdigest() != sha:
             raise Refused(HTTPStatus.BAD_REQUEST, "the body's SHA-256 is not the one in the URL")
         try:
-            check_self_contained(data)
+            check_upload(data, t.settings.runtime)
         except ModelRejected as exc:
             raise Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
         with t.device:  # loading a model is CPU work: never while another is timed
@@ -282,7 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
                 inputs = t.timing.inspect(data)
             except TimingFailed as exc:
                 if exc.kind == "model":
-                    raise Refused(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load the model: {exc}") from None
+                    raise Refused(HTTPStatus.BAD_REQUEST, f"{t.settings.runtime} cannot load it: {exc}") from None
                 raise Refused(HTTPStatus.UNPROCESSABLE_ENTITY, f"model {sha[:12]} was not loaded: {exc}") from None
         if len(inputs) != 1:
             raise Refused(HTTPStatus.BAD_REQUEST, f"the model has {len(inputs)} inputs; a CNN takes one image tensor")
@@ -352,14 +355,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> int:
     """Run the service until interrupted; returns the exit status."""
-    if args.threads < 1 or args.max_upload_mb <= 0 or not 0 <= args.port <= 65535:
-        print("error: --threads must be >= 1, --max-upload-mb > 0 and --port 0..65535", flush=True)
-        return 2
-    if args.max_memory_mb < 512 or args.max_timing_s <= 0 or args.request_timeout_s <= 0:
-        print("error: --max-memory-mb must be >= 512, --max-timing-s and --request-timeout-s > 0", flush=True)
-        return 2
-    if bool(args.tls_cert) != bool(args.tls_key):
-        print("error: --tls-cert and --tls-key go together", flush=True)
+    problem = argument_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", flush=True)
         return 2
     try:
         token, created = load_or_create_token(args.token_file)
@@ -389,7 +387,7 @@ def serve(args: argparse.Namespace, *, ready: threading.Event | None = None) -> 
     fp = target.fingerprint
     print(
         f"latency target listening on {scheme}://{host}:{port}/ ({fp['cpu']}, {args.threads} thread(s), "
-        f"onnxruntime {fp['onnxruntime']}, fingerprint {fingerprint_id(fp)}); one model timed at a time",
+        f"{args.runtime} {fp[args.runtime]}, fingerprint {fingerprint_id(fp)}); one model timed at a time",
         flush=True,
     )
     print(

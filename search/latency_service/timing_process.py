@@ -52,8 +52,9 @@ def default_memory_mb() -> int:
 class TimingProcess:
     """One child that loads and times models; not thread-safe (the service calls it under its device lock)."""
 
-    def __init__(self, threads: int, max_memory_mb: int, max_seconds: float) -> None:
+    def __init__(self, threads: int, max_memory_mb: int, max_seconds: float, runtime: str = "onnxruntime") -> None:
         self.threads = threads
+        self.runtime = runtime
         self.max_memory_mb = max_memory_mb
         self.max_seconds = max_seconds
         self._child: subprocess.Popen[bytes] | None = None
@@ -65,7 +66,7 @@ class TimingProcess:
         if self._child is not None and self._child.poll() is None:
             return
         argv = [sys.executable, "-m", "search.latency_service.timing_worker"]
-        argv += ["--threads", str(self.threads), "--max-memory-mb", str(self.max_memory_mb)]
+        argv += ["--threads", str(self.threads), "--max-memory-mb", str(self.max_memory_mb), "--runtime", self.runtime]
         self._child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._held = set()
         try:
@@ -74,7 +75,7 @@ class TimingProcess:
             status = self.stop()
             raise RuntimeError(f"the timing process did not start ({exc or 'exit status ' + str(status)})") from None
         if not ready.get("ready"):
-            raise RuntimeError(f"the timing process did not start: {ready}")
+            raise RuntimeError(f"the timing process did not start: {ready.get('error') or ready}")
 
     def stop(self) -> int | None:
         """Kill the child; its exit status."""

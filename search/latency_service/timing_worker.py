@@ -60,20 +60,22 @@ def _limit_memory(megabytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _answer(header: dict[str, Any], blobs: list[bytes], threads: int, held: dict[str, bytes]) -> dict[str, Any]:
-    from search.measuring.timing import LatencySettings, measure, open_session
+def _answer(
+    header: dict[str, Any], blobs: list[bytes], threads: int, held: dict[str, bytes], runtime: str = "onnxruntime"
+) -> dict[str, Any]:
+    from search.measuring.runtimes.registry import get_runtime
+    from search.measuring.timing import LatencySettings, measure
 
     try:
         if header["op"] == "inspect":
-            inputs = open_session(blobs[0], 1).get_inputs()
-            return {"ok": True, "inputs": [[d if isinstance(d, int) else str(d) for d in i.shape] for i in inputs]}
+            return {"ok": True, "inputs": [get_runtime(runtime).input_shape(blobs[0])]}
         known = {**held, **dict(zip(header["sent"], blobs, strict=True))}
         model_sha, reference_sha = header["models"]
         wanted = {sha: known[sha] for sha in (model_sha, reference_sha) if sha is not None}
         held.clear()
         held.update(wanted)
         reference = held[reference_sha] if reference_sha is not None else None
-        settings = LatencySettings(threads=threads)
+        settings = LatencySettings(threads=threads, runtime=runtime)
         latency = measure(held[model_sha], tuple(header["shape"]), settings, reference=reference)
         return {"ok": True, "latency": asdict(latency)}
     except MemoryError:
@@ -92,20 +94,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m search.latency_service.timing_worker")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--max-memory-mb", type=int, required=True)
+    parser.add_argument("--runtime", default="onnxruntime")
     args = parser.parse_args(argv)
     _limit_memory(args.max_memory_mb)
     replies = os.fdopen(os.dup(1), "wb")
     requests = sys.stdin.buffer
-    import onnxruntime
+    from search.measuring.runtimes.registry import get_runtime
 
-    onnxruntime.set_default_logger_severity(4)
+    problem = get_runtime(args.runtime).unavailable()  # imports the runtime (under the memory limit)
+    if problem is not None:
+        write_frame(replies, {"ok": False, "error": f"{args.runtime} cannot be imported ({problem})"})
+        return 1
+    if args.runtime == "onnxruntime":
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)
     quiet = os.open(os.devnull, os.O_WRONLY)
     os.dup2(quiet, 1)  # failures are answered (one line in the service's log), not also printed here
     os.dup2(quiet, 2)
     write_frame(replies, {"ok": True, "ready": True})
     held: dict[str, bytes] = {}  # the models of the last timing, by SHA-256
     while (frame := read_frame(requests)) is not None:
-        write_frame(replies, _answer(*frame, args.threads, held))
+        write_frame(replies, _answer(*frame, args.threads, held, args.runtime))
     return 0
 
 

@@ -1,18 +1,19 @@
 """Measuring a candidate: the one place the tool times a model.
 
-policy -> pruned model -> ONNX (FP32, or INT8 when the policy says so) -> a latency record,
+policy -> pruned model -> the runtime's file (ONNX, or an ExecuTorch program; FP32, or INT8 when
+the policy says so) -> a latency record,
 timed interleaved with the unpruned model so machine drift cancels, with a record reused for an
 identical architecture instead of timing it again.
 
 Two layers:
 
-* a :class:`Timer` times ONNX models, one against a reference, on one machine. :class:`LocalTimer`
-  does it here with :func:`search.measuring.timing.measure`;
+* a :class:`Timer` times model files of one runtime (:mod:`search.measuring.runtimes`), one against
+  a reference, on one machine. :class:`LocalTimer` does it here with :func:`search.measuring.timing.measure`;
   :class:`search.latency_service.client.RemoteTimer` does it on the device that will run the model,
   through ``cli.py target`` there.
 * a :class:`CandidateMeter` is what everything else calls: study creation (the baseline, the INT8
   check, the fastest policy, the recipes), budget fitting, trials, export and ``bench``. It owns the
-  study's reference (the baseline's ONNX and its latency) and turns timings into the records that
+  study's reference (the baseline's file in the timer's runtime and its latency) and turns timings into the records that
   trials store (:meth:`search.measuring.timing.Latency.record`).
 """
 
@@ -27,8 +28,9 @@ from torch import nn
 
 from search.data.dataset import Dataset
 from search.measuring.hardware import fingerprint
-from search.measuring.onnx_export import export_onnx
-from search.measuring.quantize import QuantizeSettings, int8_latency_model
+from search.measuring.quantize import QuantizeSettings
+from search.measuring.runtimes.lowering import timed_file
+from search.measuring.runtimes.registry import DEFAULT_RUNTIME
 from search.measuring.timing import Latency, LatencySettings, measure
 from search.progress import NullReporter, Reporter
 from search.pruning.channels import prune_copy
@@ -39,11 +41,16 @@ __all__ = ["CandidateMeter", "Known", "LocalTimer", "Timed", "Timer"]
 
 
 class Timer(Protocol):
-    """Times ONNX models at batch 1 on one machine, exactly as :func:`search.measuring.timing.measure` does."""
+    """Times models at batch 1 on one machine, exactly as :func:`search.measuring.timing.measure` does."""
 
     @property
     def threads(self) -> int:
-        """ONNX Runtime intra-op threads the timings use."""
+        """The runtime's threads the timings use."""
+        ...
+
+    @property
+    def runtime(self) -> str:
+        """The runtime that times (:data:`search.measuring.runtimes.registry.RUNTIME_NAMES`)."""
         ...
 
     @property
@@ -64,7 +71,7 @@ class Timer(Protocol):
 
 @dataclass(frozen=True)
 class LocalTimer:
-    """ONNX Runtime on this machine's CPU."""
+    """A runtime (``settings.runtime``, ONNX Runtime by default) on this machine's CPU."""
 
     settings: LatencySettings
 
@@ -73,11 +80,15 @@ class LocalTimer:
         return self.settings.threads
 
     @property
+    def runtime(self) -> str:
+        return self.settings.runtime
+
+    @property
     def where(self) -> str:
         return "local"
 
     def fingerprint(self) -> dict[str, Any]:
-        return fingerprint(self.settings.threads)
+        return fingerprint(self.settings.threads, self.settings.runtime)
 
     def time(
         self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | str | None = None
@@ -106,7 +117,7 @@ class Known:
 
 
 class CandidateMeter:
-    """Latency records of candidates, each timed interleaved with the unpruned model's ONNX.
+    """Latency records of candidates, each timed interleaved with the unpruned model in the timer's runtime.
 
     ``baseline_ms`` is the study's reference latency for the unpruned model (measured alone when
     the study was created, :meth:`time_baseline`): a record's ``corrected_ms`` is the candidate's
@@ -129,7 +140,8 @@ class CandidateMeter:
         self.space = space
         self.timer: Timer = timer or LocalTimer(LatencySettings())
         self.quantize = quantize or QuantizeSettings()
-        self.baseline_onnx = baseline_onnx if baseline_onnx is not None else export_onnx(baseline, data.example_input())
+        self.baseline_onnx = baseline_onnx if baseline_onnx is not None else self.candidate_onnx(baseline, "fp32")
+        """The unpruned model's file in the runtime (ONNX, or ``.pte`` for ExecuTorch): the reference."""
         self.baseline_ms = baseline_ms
 
     @property
@@ -137,32 +149,38 @@ class CandidateMeter:
         return self.timer.threads
 
     @property
+    def runtime(self) -> str:
+        return getattr(self.timer, "runtime", DEFAULT_RUNTIME)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.data.example_input().shape)
 
-    # -- timing ONNX models ------------------------------------------------------------------
+    # -- timing model files ------------------------------------------------------------------
 
     def time_baseline(self) -> Latency:
         """The unpruned model alone: the study's reference latency."""
         return self.timer.time(self.baseline_onnx, self.input_shape)
 
     def time_onnx(self, onnx_model: bytes | str) -> Latency:
-        """An ONNX model of the study's input, timed interleaved with the unpruned model."""
+        """A model file of the study's input in the runtime, timed interleaved with the unpruned model."""
         return self.timer.time(onnx_model, self.input_shape, reference=self.baseline_onnx)
 
     def record_of(self, latency: Latency, precision: str) -> dict[str, Any]:
         """What a trial stores about ``latency`` (see :meth:`Latency.record`), and where it was measured."""
         if self.baseline_ms is None:
             raise ValueError("the study's baseline latency is not known yet: call time_baseline first")
-        return {**latency.record(self.baseline_ms, self.threads, precision), "measured_on": self.timer.where}
+        record = {**latency.record(self.baseline_ms, self.threads, precision), "measured_on": self.timer.where}
+        if self.runtime != DEFAULT_RUNTIME:  # records of the default runtime stay as they always were
+            record["runtime"] = self.runtime
+        return record
 
     # -- timing PyTorch models ---------------------------------------------------------------
 
     def candidate_onnx(self, model: nn.Module, precision: str) -> bytes:
-        """The ONNX model that is timed for ``model`` in ``precision`` (batch 1; INT8 quantized for timing)."""
-        if precision == "int8":
-            return int8_latency_model(model, self.data, self.quantize)
-        return export_onnx(model, self.data.example_input())
+        """The file that is timed for ``model`` in ``precision`` in the timer's runtime (batch 1; INT8 quantized
+        for timing): ONNX for ONNX Runtime and OpenVINO, an ExecuTorch program for ExecuTorch."""
+        return timed_file(self.runtime, model, self.data, precision, self.quantize)
 
     def time_model(self, model: nn.Module, precision: str, reporter: Reporter | None = None) -> Timed:
         """``model`` exported (quantized for ``int8``) and timed: its latency record."""

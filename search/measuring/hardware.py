@@ -51,25 +51,38 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "torch-pruning", "onnxruntime", "onnx", "optuna"):
+    for name in ("torch", "torchvision", "torch-pruning", "onnxruntime", "onnx", "optuna", "openvino", "executorch"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
-            versions[name] = "missing"
+            if name not in ("openvino", "executorch"):  # optional: named only where installed
+                versions[name] = "missing"
     return versions
 
 
-def fingerprint(threads: int) -> dict[str, Any]:
-    """What decides a latency measurement: CPU model and features, cores, threads, runtime."""
-    versions = package_versions()
-    return {
+def fingerprint(threads: int, runtime: str = "onnxruntime") -> dict[str, Any]:
+    """What decides a latency measurement: CPU model and features, cores, threads, runtime.
+
+    The default runtime's fingerprint is the one studies recorded before ``--runtime`` existed (no
+    ``runtime`` key, its version under ``onnxruntime``), so they resume unchanged; another runtime
+    adds ``runtime`` and that package's version instead.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    print_ = {
         "cpu": cpu_model(),
         "cpu_flags": sorted(f for f in _INTERESTING_FLAGS if f in cpu_flags()),
         "logical_cpus": os.cpu_count(),
         "machine": platform.machine(),
         "threads": threads,
-        "onnxruntime": versions["onnxruntime"],
     }
+    if runtime != "onnxruntime":
+        print_["runtime"] = runtime
+    try:
+        print_[runtime] = version(runtime)
+    except PackageNotFoundError:
+        print_[runtime] = "missing"
+    return print_
 
 
 def fingerprint_id(print_: dict[str, Any]) -> str:

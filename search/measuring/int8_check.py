@@ -1,9 +1,10 @@
 """Is INT8 worth searching on this machine? Measured on the unpruned model, never assumed.
 
 Whether INT8 pays is a property of the CPU (VNNI or AMX make it several times faster; plain
-AVX2 may not) and of the model, so a new study quantizes the unpruned model, times it
-interleaved with FP32 (through :class:`search.measuring.candidate.CandidateMeter`, like every
-candidate) and lets the search choose INT8 only if it is faster by a margin.
+AVX2 may not), of the runtime's INT8 kernels and of the model. So a new study quantizes the
+unpruned model, times it in the study's runtime interleaved with FP32 (through
+:class:`search.measuring.candidate.CandidateMeter`, like every candidate) and lets the search
+choose INT8 only if it is faster by a margin.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def check_int8(
 ) -> Int8Check:
     """Quantize the unpruned model and time it interleaved with the FP32 baseline ONNX."""
     started = time.perf_counter()
-    missing = quantization_unavailable()
+    missing = quantization_unavailable() if meter.runtime != "executorch" else None  # ExecuTorch quantizes in PT2E
     if missing is not None:
         return Int8Check(False, None, None, None, time.perf_counter() - started, reason=missing)
     try:
@@ -97,7 +98,10 @@ def choose_precisions(
         )
         return allowed, check
     if check.available:
-        why = f"the INT8 baseline takes {check.ratio:.0%} of FP32's time on this CPU (needs <= {MAX_INT8_RATIO:.0%})"
+        why = (
+            f"the INT8 baseline takes {check.ratio:.0%} of FP32's time in {meter.runtime} on this CPU "
+            f"(needs <= {MAX_INT8_RATIO:.0%})"
+        )
     else:
         why = check.reason
     kept = tuple(p for p in allowed if p != "int8")

@@ -1,4 +1,4 @@
-"""Measured CPU latency in ONNX Runtime: batch 1, a fixed number of intra-op threads.
+"""Measured CPU latency in a runtime (ONNX Runtime by default): batch 1, a fixed number of threads.
 
 Latency is always measured, never estimated. Timing follows the usual discipline: export,
 warm up, then time in rounds until the median stops moving (or a time cap is reached), and
@@ -7,8 +7,11 @@ apart, a candidate can be timed *interleaved* with a reference model (the unprun
 one run of each in turn, so both see the same machine state, and their ratio is what the
 budget is judged on.
 
-This module needs only onnxruntime and numpy (no torch), so the same timing runs on a device
-where PyTorch is not installed. Callers time candidates through :mod:`search.measuring.candidate`.
+The runtime (:mod:`search.measuring.runtimes`: ONNX Runtime, OpenVINO or ExecuTorch) only loads
+the model and runs a batch; the discipline above is this module's, the same for every runtime.
+This module needs only numpy and the runtime's package (no torch for ONNX Runtime and OpenVINO),
+so the same timing runs on a device where PyTorch is not installed. Callers time candidates
+through :mod:`search.measuring.candidate`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+from search.measuring.runtimes.base import Run
+from search.measuring.runtimes.onnxruntime import open_session
+from search.measuring.runtimes.registry import DEFAULT_RUNTIME, require_runtime
 
 __all__ = ["Latency", "LatencySettings", "measure", "open_session"]
 
@@ -27,7 +33,9 @@ __all__ = ["Latency", "LatencySettings", "measure", "open_session"]
 @dataclass(frozen=True)
 class LatencySettings:
     threads: int = 1
-    """ONNX Runtime intra-op threads (the deployment target's, usually 1 on edge CPUs)."""
+    """The runtime's threads (the deployment target's, usually 1 on edge CPUs)."""
+    runtime: str = DEFAULT_RUNTIME
+    """Which runtime times: ``onnxruntime``, ``openvino`` or ``executorch`` (:mod:`search.measuring.runtimes`)."""
     warmup: int = 10
     """Untimed runs per model before timing starts."""
     round_size: int = 10
@@ -82,38 +90,31 @@ class Latency:
         }
 
 
-def open_session(onnx_model: bytes | str, threads: int) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads and full graph optimisation."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+def _runner(run: Run, shape: tuple[int, ...]):
+    batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
-
-def _runner(session: ort.InferenceSession, shape: tuple[int, ...]):
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-
-    def run() -> float:
+    def timed() -> float:
         start = time.perf_counter()
-        session.run(None, feed)
+        run(batch)
         return (time.perf_counter() - start) * 1000.0
 
-    return run
+    return timed
 
 
 def measure(
-    onnx_model: bytes | str,
+    model: bytes | str,
     input_shape: tuple[int, ...],
     settings: LatencySettings,
     *,
     reference: bytes | str | None = None,
 ) -> Latency:
-    """Time ``onnx_model`` (and, interleaved, ``reference``) on inputs of ``input_shape``."""
-    candidate = _runner(open_session(onnx_model, settings.threads), input_shape)
-    ref = _runner(open_session(reference, settings.threads), input_shape) if reference is not None else None
+    """Time ``model`` (and, interleaved, ``reference``) on inputs of ``input_shape`` in ``settings.runtime``.
+
+    Both are files of that runtime (ONNX for ONNX Runtime and OpenVINO, ``.pte`` for ExecuTorch).
+    """
+    runtime = require_runtime(settings.runtime)
+    candidate = _runner(runtime.load(model, settings.threads), input_shape)
+    ref = _runner(runtime.load(reference, settings.threads), input_shape) if reference is not None else None
     for _ in range(settings.warmup):
         candidate()
         if ref is not None:

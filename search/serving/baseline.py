@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import UsageError
-from search.measuring.timing import open_session
+from search.measuring.runtimes.onnxruntime import open_session
 from search.progress import Reporter
 from search.serving.models import ServedModel
 from search.serving.preprocess import Preprocessing
@@ -24,6 +24,7 @@ def baseline_model(
     storage: str | None,
     threads: int,
     *,
+    runtime: str = "onnxruntime",
     studies_dir: Path = Path("studies"),
     weights: str | None = None,
     reporter: Reporter,
@@ -87,10 +88,25 @@ def baseline_model(
         name="baseline",
         role="baseline",
         precision="fp32",
-        file=f"{base.model_name} (unpruned, exported to ONNX at start)",
+        file=f"{base.model_name} (unpruned, exported to {'ONNX' if runtime != 'executorch' else '.pte'} at start)",
         preprocessing=Preprocessing.from_card(card),
         summary=summary,
         card=card,
-        session=open_session(onnx, threads),
+        run=_runner(base, onnx, threads, runtime),
         study=studies[0],
+        runtime=runtime,
     )
+
+
+def _runner(base: Any, onnx: bytes, threads: int, runtime: str) -> Any:
+    """The unpruned model in ``runtime``: its ONNX (ONNX Runtime, OpenVINO) or lowered to ``.pte`` (ExecuTorch)."""
+    if runtime == "onnxruntime":
+        session = open_session(onnx, threads)
+        return lambda x: session.run(None, {"input": x})[0]
+    from search.serving.runtime_models import runtime_runner
+
+    if runtime == "executorch":
+        from search.measuring.runtimes.lowering import lower_pte
+
+        return runtime_runner(runtime, lower_pte(base.model, base.data.example_input()), threads, "the baseline")
+    return runtime_runner(runtime, onnx, threads, "the baseline")

@@ -1,9 +1,10 @@
-"""The models a server answers with: each export folder's card and ONNX file in one shared session.
+"""The models a server answers with: each export folder's card and shipped file in one shared session.
 
 An export folder (``cli.py export``'s ``OUT/trial-N``) is loaded once: its card (which must carry
 the ``preprocessing`` record), and the file it ships (``model.int8.onnx`` when the card's precision
-is INT8, else ``model.onnx``) in one ONNX Runtime session that every request shares (``run`` is
-thread-safe). The study's unpruned model can be added, exported to ONNX the same way
+is INT8, else ``model.onnx``; for OpenVINO ``model(.int8).xml``, for ExecuTorch ``model(.int8).pte``)
+in one ONNX Runtime session (or OpenVINO compiled model, or ExecuTorch program) that every request
+shares (:mod:`search.serving.runtime_models`). The study's unpruned model can be added, exported to ONNX the same way
 (:func:`baseline_model`), so every answer can be compared with the model the export replaces.
 """
 
@@ -11,17 +12,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from search.errors import UsageError
-from search.measuring.timing import open_session
+from search.measuring.runtimes.onnxruntime import open_session
+from search.measuring.runtimes.registry import require_runtime
 from search.pruning.policy import Policy
 from search.serving.preprocess import MissingPreprocessing, Preprocessing
+from search.serving.runtime_models import runtime_runner
 
 __all__ = ["ServedModel", "load_export"]
 
@@ -40,20 +43,25 @@ class ServedModel:
     summary: dict[str, Any]
     """The card at a glance: latency at search, accuracy, MACs, params, size (what the page shows)."""
     card: dict[str, Any]
-    session: ort.InferenceSession = field(repr=False)
+    run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    """Input batch -> logits in the model's runtime (safe to call from several threads)."""
     study: str | None = None
     folder: str | None = None
     """The export folder it was loaded from (None for the baseline, exported at start)."""
+    runtime: str = "onnxruntime"
 
     def logits(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """The model's logits for input batch ``x`` and the milliseconds ``run`` took."""
         started = time.perf_counter()
-        out = self.session.run(None, {self.preprocessing.input_name: x})[0]
+        out = self.run(x)
         return out, (time.perf_counter() - started) * 1000.0
 
 
-def load_export(folder: Path, threads: int) -> ServedModel:
-    """Load export folder ``folder``; a one-line :class:`UsageError` for anything that is not a usable export."""
+def load_export(folder: Path, threads: int, runtime: str | None = None) -> ServedModel:
+    """Load export folder ``folder``; a one-line :class:`UsageError` for anything that is not a usable export.
+
+    ``runtime`` serves that runtime's file (default: the runtime the export was timed in, as its card says).
+    """
     card_path = folder / "card.json"
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder; pass an export folder (`cli.py export` writes OUT/trial-N)")
@@ -68,15 +76,28 @@ def load_export(folder: Path, threads: int) -> ServedModel:
     except MissingPreprocessing as exc:
         raise UsageError(f"{folder} cannot be served: {exc}; re-export it: {_reexport(card)}") from None
     precision = card.get("precision", "fp32")
-    name = "model.int8.onnx" if precision == "int8" else "model.onnx"
+    shipped_in = card.get("latency", {}).get("runtime_name", "onnxruntime")
+    runtime = runtime or shipped_in
+    info = require_runtime(runtime).info
+    name = info.int8_file if precision == "int8" else info.fp32_file
     path = folder / name
+    if not path.is_file() and runtime != shipped_in:
+        raise UsageError(
+            f"{folder} has no {name}: it was exported for {shipped_in}; serve it with --runtime {shipped_in}, "
+            f"or export a study searched with --runtime {runtime}"
+        )
     if not path.is_file():
         raise UsageError(f"{folder} has no {name}, which its card says it ships; export the trial again")
-    try:
-        session = open_session(str(path), threads)
-    except Exception as exc:  # ONNX Runtime's own errors are not one class
-        raise UsageError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
-    _check_shapes(session, pre, str(path))
+    if runtime == "onnxruntime":
+        try:
+            session = open_session(str(path), threads)
+        except Exception as exc:  # ONNX Runtime's own errors are not one class
+            raise UsageError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+        _check_shapes(session, pre, str(path))
+        run = _session_runner(session, pre.input_name)
+    else:
+        run = runtime_runner(runtime, path, threads, str(path))
+        _check_output(run, pre, str(path))
     return ServedModel(
         name=f"trial-{card.get('trial', folder.name)}",
         role=_role(card),
@@ -85,10 +106,28 @@ def load_export(folder: Path, threads: int) -> ServedModel:
         preprocessing=pre,
         summary=_summary(card, path.stat().st_size),
         card=card,
-        session=session,
+        run=run,
         study=card.get("study"),
         folder=str(folder),
+        runtime=runtime,
     )
+
+
+def _session_runner(session: Any, input_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: session.run(None, {input_name: x})[0]
+
+
+def _check_output(run: Callable[[np.ndarray], np.ndarray], pre: Preprocessing, where: str) -> None:
+    """The model runs on one ``1×3×S×S`` image at the card's input size and gives one logit per class."""
+    try:
+        out = run(np.zeros((1, 3, pre.input_size, pre.input_size), np.float32))
+    except Exception as exc:  # the runtime's own error types
+        raise UsageError(
+            f"{where} does not run on a 1x3x{pre.input_size}x{pre.input_size} image as its card says "
+            f"({str(exc).splitlines()[0][:200]}); export the trial again"
+        ) from None
+    if out.shape[-1] != len(pre.classes):
+        raise UsageError(f"{where} gives {out.shape[-1]} outputs, but its card names {len(pre.classes)} classes")
 
 
 def _role(card: dict[str, Any]) -> str:
@@ -105,7 +144,7 @@ def _reexport(card: dict[str, Any]) -> str:
     return "python cli.py export ... --force"
 
 
-def _check_shapes(session: ort.InferenceSession, pre: Preprocessing, where: str) -> None:
+def _check_shapes(session: Any, pre: Preprocessing, where: str) -> None:
     """The model takes ``N×3×S×S`` at the card's input size and gives one logit per class."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     shape = list(inputs[0].shape)

@@ -109,6 +109,10 @@ def card_markdown(card: dict[str, Any]) -> str:
     if card.get("precision") == "int8":
         what += ", INT8"
     shipped = "model.int8.onnx" if card.get("precision") == "int8" else "model.onnx"
+    runtime = lat.get("runtime_name", "onnxruntime")
+    rt = card.get("runtime_files") or {}
+    if rt:
+        shipped = rt["int8"]["file"] if card.get("precision") == "int8" and rt.get("int8") else rt["file"]
     finetuned = _finetune_row(ft)
     lines = [
         f"# {card['baseline']['model']} {what}: study {card['study']}, trial {card['trial']}",
@@ -121,7 +125,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"| top-1 on {on} before fine-tune | {acc['before_finetune']:.4f} |",
         f"| baseline top-1 on {on} | {acc['baseline']:.4f} |",
         f"| latency median / p90 | {lat['median_ms']:.2f} / {lat['p90_ms']:.2f} ms "
-        f"(batch 1, {lat['threads']} thread(s)) |",
+        f"(batch 1, {lat['threads']} thread(s), {runtime}) |",
         f"| baseline latency, same run | {lat['baseline_median_ms']:.2f} ms (ratio {lat['ratio']:.3f}) |",
         f"| budget | {card['budget_ms']} ms (drift-corrected: {lat['corrected_ms']:.2f} ms) |",
         f"| MACs / params | {card['macs'] / 1e6:.1f} M / {card['params'] / 1e6:.2f} M |",
@@ -129,11 +133,12 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"| ONNX check | max abs diff {card['onnx_check']['max_abs_diff']:.2e}"
         f"{_relative(card['onnx_check'])}, top-1 agreement "
         f"{card['onnx_check']['top1_agreement']:.3f} on {card['onnx_check']['images']} images |",
+        *_runtime_rows(rt),
         finetuned,
         *recovery_rows(card),
         *_int8_rows(card),
         f"| data | {card['data']['source']} at {card['data']['input_size']}px{_transforms(card)} |",
-        f"| hardware | {card['hardware']['cpu']}, onnxruntime {card['hardware']['onnxruntime']} |",
+        f"| hardware | {card['hardware']['cpu']}, {runtime} {card['hardware'].get(runtime, '?')} |",
         "",
         "## Policy",
         "",
@@ -141,7 +146,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         json.dumps(card["policy"], indent=2),
         "```",
         "",
-        f"Load it: `onnxruntime.InferenceSession('{shipped}')`, or the FP32 model in PyTorch: "
+        f"Load it: `{_LOAD.get(runtime, _LOAD['onnxruntime']).format(shipped)}`, or the FP32 model in PyTorch: "
         "`torch.jit.load('model.torchscript.pt')` or `search.shipping.model_file.load_pruned('model.pt')`.",
         "",
     ]
@@ -156,3 +161,28 @@ def _transforms(card: dict[str, Any]) -> str:
         return ""
     where = f" on {device}" if device else ""
     return f"; fine-tuned{where} on {seen['train']}; evaluated on the {seen['evaluation']}"
+
+
+_LOAD = {
+    "onnxruntime": "onnxruntime.InferenceSession('{}')",
+    "openvino": "openvino.Core().compile_model('{}', 'CPU')",
+    "executorch": "executorch.runtime.Runtime.get().load_program('{}').load_method('forward')",
+}
+
+
+def _runtime_rows(record: dict[str, Any]) -> list[str]:
+    """The checks of the runtime's own files (an OpenVINO or ExecuTorch export)."""
+    if not record:
+        return []
+    parity = record["parity"]
+    rows = [
+        f"| {record['runtime']} check | `{record['file']}`: max abs diff {parity['max_abs_diff']:.2e}, top-1 "
+        f"agreement {parity['top1_agreement']:.3f} on {parity['images']} images |"
+    ]
+    if record.get("int8"):
+        q = record["int8"]
+        rows.append(
+            f"| {record['runtime']} INT8 | `{q['file']}`: top-1 {q['top1']:.4f} (FP32 file {q['fp32_top1']:.4f}), "
+            f"agreement with FP32 {q['top1_agreement_with_fp32']:.3f} on {q['images']} images |"
+        )
+    return rows

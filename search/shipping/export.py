@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,52 +24,28 @@ from torch import nn
 
 from search.errors import UsageError
 from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
-from search.measuring.complexity import macs_and_params
-from search.measuring.hardware import git_revision, package_versions
-from search.measuring.onnx_export import export_onnx, fix_batch
+from search.measuring.onnx_export import export_onnx
 from search.measuring.quantize import QuantizeSettings
-from search.measuring.timing import Latency, LatencySettings
+from search.measuring.runtimes.registry import require_runtime
+from search.measuring.timing import LatencySettings
 from search.progress import NullReporter, Reporter
-from search.pruning.channels import layer_channels
 from search.pruning.policy import Policy
 from search.shipping.best_epoch import BestEpoch
 from search.shipping.card import card_markdown
 from search.shipping.checks import check_parity, quantize_and_check
+from search.shipping.export_record import Checked, FineTuned, card_record
 from search.shipping.iterative import SCHEDULE_FILE, Recovery
 from search.shipping.model_file import save_pruned, save_torchscript
-from search.shipping.preprocessing import preprocessing_record
 from search.shipping.qat import QatResult, check_against_fake_quant, check_quantization, qat_finetune, split_steps
 from search.shipping.rebuild import StudyBaseline, rebuild_pruned
+from search.shipping.runtime_files import ship_runtime_files, study_runtime, timed_file_of
 from search.shipping.settings import ExportSettings
-from search.study.front import Row, finished_trial, rows
+from search.study.front import finished_trial, rows
 from search.training.device import device_record, resolve
 from search.training.evaluate import top1
-from search.training.finetune import FinetuneResult, TrainSettings, recalibrate_batchnorm, train
+from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
 __all__ = ["export_trial"]
-
-
-@dataclass(frozen=True)
-class _FineTuned:
-    before: float
-    after: float
-    settings: TrainSettings
-    result: FinetuneResult
-    skipped: bool = False
-    """Not fine-tuned: the policy prunes nothing (and fine-tuning it was not asked for)."""
-    kept_epoch: int | None = None
-    """The epoch whose weights were kept: the best validation top-1 (0: before fine-tuning)."""
-    val_top1: dict[str, float] | None = None
-    """Validation top-1 after each epoch (``"0"``: before fine-tuning)."""
-
-
-@dataclass(frozen=True)
-class _Checked:
-    onnx: bytes
-    """The FP32 export (dynamic batch), as written to ``model.onnx``."""
-    parity: dict[str, Any]
-    int8: dict[str, Any] | None
-    """The INT8 check (its model bytes under ``"onnx"``) when the trial searched INT8."""
 
 
 def export_trial(
@@ -129,17 +105,32 @@ def export_trial(
 
     checked = _export_and_check(base, model, trial, settings, split, seconds, reporter, qat)
     (work / "model.onnx").write_bytes(checked.onnx)
-    shipped = checked.onnx
-    if checked.int8 is not None:
-        (work / "model.int8.onnx").write_bytes(checked.int8.pop("onnx"))
-        shipped = fix_batch((work / "model.int8.onnx").read_bytes())
+    int8_onnx = checked.int8.pop("onnx") if checked.int8 is not None else None
+    if int8_onnx is not None:
+        (work / "model.int8.onnx").write_bytes(int8_onnx)
+    t = time.perf_counter()
+    quantization = trial.user_attrs.get("quantization")
+    runtime_record = ship_runtime_files(
+        timer.runtime,
+        model,
+        checked.onnx,
+        int8_onnx,
+        quantization,
+        base.data,
+        split,
+        settings,
+        work,
+        base.threads,
+        reporter,
+    )
+    seconds["runtime_files"] = time.perf_counter() - t
 
     reporter.phase(f"trial {number}: latency")
     t = time.perf_counter()
     meter = CandidateMeter(base.model, base.data, timer=timer)
-    measured = meter.time_onnx(shipped)
+    measured = meter.time_onnx(timed_file_of(timer, work, checked.onnx, int8_onnx))
     if checked.int8 is not None:  # the FP32 export too, so the card can show what INT8 gained
-        fp32_measured = meter.time_onnx(fix_batch(checked.onnx))
+        fp32_measured = meter.time_onnx(timed_file_of(timer, work, checked.onnx, None))
         checked.int8["fp32_latency_ms"] = round(fp32_measured.median_ms, 4)
         checked.int8["fp32_ratio"] = round(fp32_measured.ratio or 0.0, 5)
         checked.int8["fp32_after_finetune"] = tuned.after
@@ -150,8 +141,9 @@ def export_trial(
     (work / "finetune-state.pt").unlink(missing_ok=True)
     recovery.discard()
     seconds["total"] = time.perf_counter() - started
-    card = _card(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
+    card = card_record(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
     recovery.annotate(card, round(tuned.result.seconds, 1))
+    card["runtime_files"] = runtime_record
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["augmentation"] = base.data.transforms()  # what the fine-tune trained on, and how top-1 was scored
     card["train_device"] = device_record(torch.device(settings.device))
@@ -165,13 +157,20 @@ def export_trial(
 def _timer_for(base: StudyBaseline, timer: Timer | None) -> Timer:
     """``timer``, or a local one; refused before any work when it cannot time like the search did."""
     measured_on = base.study.user_attrs.get("latency_measured_on", "local")
+    runtime = study_runtime(base.study)
+    if timer is not None and timer.runtime != runtime:
+        raise UsageError(
+            f"study {base.study.study_name!r} was timed in {runtime}, the latency target {timer.where} times in "
+            f"{timer.runtime}; start it with --runtime {runtime}"
+        )
     if timer is None:
         if measured_on != "local":
             raise UsageError(
                 f"study {base.study.study_name!r} was timed on the latency target {measured_on}; pass --target "
                 f"{measured_on} (and its token) so the export is timed there too"
             )
-        return LocalTimer(LatencySettings(threads=base.threads))
+        require_runtime(runtime)
+        return LocalTimer(LatencySettings(threads=base.threads, runtime=runtime))
     if timer.threads != base.threads:
         raise UsageError(
             f"the latency target {timer.where} times with {timer.threads} thread(s), but the study used "
@@ -230,7 +229,7 @@ def _finetune(
     reporter: Reporter,
     unpruned: bool = False,
     recovery: Recovery | None = None,
-) -> _FineTuned:
+) -> FineTuned:
     """BatchNorm recalibration (unless resuming), top-1, whole epochs of fine-tuning, top-1 again.
 
     A policy that prunes nothing keeps the baseline's weights unless ``settings.finetune_unpruned``.
@@ -284,7 +283,7 @@ def _finetune(
     )
     scores = {str(e): round(v, 4) for e, v in sorted(epochs.scores.items())}
     epochs.discard()
-    return _FineTuned(before, after, train_settings, result, skipped=skip, kept_epoch=kept, val_top1=scores)
+    return FineTuned(before, after, train_settings, result, skipped=skip, kept_epoch=kept, val_top1=scores)
 
 
 def _epoch_steps(base: StudyBaseline, settings: ExportSettings) -> int:
@@ -307,7 +306,7 @@ def _export_and_check(
     seconds: dict[str, float],
     reporter: Reporter,
     qat: QatResult | None = None,
-) -> _Checked:
+) -> Checked:
     """The FP32 ONNX export checked against PyTorch, and for an INT8 trial its INT8 model checked against it."""
     reporter.phase(f"trial {trial.number}: export and check ONNX")
     t = time.perf_counter()
@@ -324,90 +323,4 @@ def _export_and_check(
         if qat is not None:  # the INT8 model must compute what the fake-quantized model trained
             int8["qat"] = check_against_fake_quant(qat, int8["onnx"], base.data, split, settings, base.threads)
         seconds["quantize"] = time.perf_counter() - t
-    return _Checked(onnx=onnx_model, parity=parity, int8=int8)
-
-
-def _card(
-    base: StudyBaseline,
-    trial: optuna.trial.FrozenTrial,
-    row: Row,
-    model: nn.Module,
-    out_dir: Path,
-    settings: ExportSettings,
-    split: str,
-    baseline_top1: float,
-    tuned: _FineTuned,
-    checked: _Checked,
-    measured: Latency,
-    timer: Timer,
-) -> dict[str, Any]:
-    """``card.json``: what was exported, how it scored and timed, and what it was made from.
-
-    ``seconds`` and ``command`` are left for the caller to fill in (their places are kept).
-    """
-    data = base.data
-    study_base_ms = float(base.study.user_attrs["baseline_latency_ms"])
-    macs, params = macs_and_params(model, data.input_size)
-    return {
-        "study": base.study.study_name,
-        "trial": trial.number,
-        "recipe": row.recipe,
-        "policy": trial.user_attrs["policy"],
-        "channels": layer_channels(model),
-        "accuracy": {
-            "split": split,
-            "images": min(len(data.split(split)), settings.test_images or len(data.split(split))),
-            "search_brief_finetune_val": row.accuracy,
-            "before_finetune": tuned.before,
-            "after_finetune": tuned.after,
-            "baseline": baseline_top1,
-        },
-        "finetune": {
-            **asdict(settings),
-            "steps": tuned.settings.steps,
-            "seconds": round(tuned.result.seconds, 1),
-            "images_per_second": round(tuned.result.images_per_second, 1),
-            "skipped": "nothing was pruned" if tuned.skipped else None,
-            "kept_epoch": tuned.kept_epoch,
-            "val_top1_by_epoch": tuned.val_top1,
-        },
-        "latency": {
-            "median_ms": round(measured.median_ms, 4),
-            "p90_ms": round(measured.p90_ms, 4),
-            "baseline_median_ms": round(measured.reference_median_ms or 0.0, 4),
-            "ratio": round(measured.ratio or 0.0, 5),
-            "corrected_ms": round((measured.ratio or 0.0) * study_base_ms, 4),
-            "search_ms": row.latency_ms,
-            "threads": base.threads,
-            "batch": 1,
-            "runtime": "onnxruntime CPUExecutionProvider",
-            "measured_on": timer.where,
-        },
-        "onnx_check": checked.parity,
-        "precision": "int8" if checked.int8 is not None else "fp32",
-        "quantization": None if checked.int8 is None else checked.int8["mode"],
-        "int8": checked.int8,
-        "macs": macs,
-        "params": params,
-        "files": {
-            name: (out_dir / name).stat().st_size
-            for name in ("model.onnx", "model.int8.onnx", "model.pt", "model.torchscript.pt")
-            if (out_dir / name).exists()
-        },
-        "data": {
-            "source": base.study.user_attrs["config"]["data"]["source"],
-            "input_size": data.input_size,
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "classes": data.classes,
-        },
-        "preprocessing": preprocessing_record(data),
-        "baseline": {"model": base.model_name, "weights": base.weights, "sha256": base.sha256},
-        "budget_ms": base.study.user_attrs["budget_ms"],
-        "seconds": {},
-        "command": "",
-        "versions": package_versions(),
-        "git_revision": git_revision(),
-        "hardware": timer.fingerprint(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return Checked(onnx=onnx_model, parity=parity, int8=int8)

@@ -46,7 +46,9 @@ class SearchConfig:
     """Stop starting new trials after this many seconds."""
     seed: int = 0
     threads: int = 1
-    """ONNX Runtime intra-op threads for latency measurements."""
+    """The runtime's threads for latency measurements."""
+    runtime: str = "onnxruntime"
+    """The runtime every latency is measured in (``--runtime``); recorded in the study's hardware fingerprint."""
     finetune_steps: int = 20
     finetune_batch: int = 32
     finetune_lr: float = 0.01

@@ -41,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UsageError
 from search.measuring.hardware import fingerprint_id
+from search.measuring.runtimes.registry import DEFAULT_RUNTIME
 from search.study.origin import is_enqueued
 from search.study.storage import HEARTBEAT_SECONDS
 
@@ -50,6 +51,7 @@ __all__ = [
     "StudyProgress",
     "TrialSeededSampler",
     "check_same_hardware",
+    "check_same_runtime",
     "mark_ready",
     "next_step",
     "progress",
@@ -82,6 +84,7 @@ def check_same_hardware(study: optuna.Study, hardware: dict[str, Any], name: str
     stored = study.user_attrs.get("hardware")
     if not stored or stored == hardware:
         return
+    check_same_runtime(study, hardware.get("runtime", DEFAULT_RUNTIME), name)
     differ = sorted(k for k in set(stored) | set(hardware) if stored.get(k) != hardware.get(k))
     detail = "; ".join(f"{k}: {stored.get(k)!r} in the study, {hardware.get(k)!r} here" for k in differ)
     raise UsageError(
@@ -89,6 +92,17 @@ def check_same_hardware(study: optuna.Study, hardware: dict[str, Any], name: str
         f"was measured on ({fingerprint_id(stored)}; {detail}), so its latencies would not be comparable and "
         f"this worker does not join; run it on a machine like the study's, or start a separate study with --study NEW"
     )
+
+
+def check_same_runtime(study: optuna.Study, runtime: str, name: str) -> None:
+    """Refuse to add latencies of another runtime to a study (as another machine's are refused)."""
+    stored = study.user_attrs.get("hardware")
+    was = (stored or {}).get("runtime", DEFAULT_RUNTIME)  # absent: a study made before --runtime (ONNX Runtime)
+    if stored and was != runtime:
+        raise UsageError(
+            f"study {name!r} was timed in {was}, this run times in {runtime}; its latencies would not be comparable: "
+            f"pass --runtime {was} to resume it, or start a separate study with --study NEW"
+        )
 
 
 def use_study_heartbeat(storage: RDBStorage, study: optuna.Study, requested: int | None) -> int:

@@ -25,6 +25,7 @@ from search.errors import UsageError
 from search.latency_service.client import TargetLost
 from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
 from search.measuring.preflight import check_searchable
+from search.measuring.runtimes.registry import require_runtime
 from search.measuring.timing import LatencySettings
 from search.models.build import build_model, check_model_name
 from search.progress import NullReporter, Reporter
@@ -36,6 +37,7 @@ from search.study.config import SearchConfig
 from search.study.coordination import (
     OVER_BUDGET_FACTOR,
     check_same_hardware,
+    check_same_runtime,
     next_step,
     use_study_heartbeat,
     worker_identity,
@@ -90,7 +92,14 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     check_model_name(config.model)  # before any data is loaded
     config = replace(config, device=str(resolve(config.device)))  # auto -> cpu or cuda:0; a bad one is refused
     precision(torch.device(config.device), config.train_dtype)  # fp16 without a GPU is refused before any work
-    timer = timer or LocalTimer(LatencySettings(threads=config.threads))
+    if timer is None:
+        require_runtime(config.runtime)  # a missing package is one line naming it, before any work
+        timer = LocalTimer(LatencySettings(threads=config.threads, runtime=config.runtime))
+    if timer.runtime != config.runtime:
+        raise UsageError(
+            f"the latency target {timer.where} times in {timer.runtime}, not --runtime {config.runtime}; "
+            f"pass --runtime {timer.runtime} or start the target with --runtime {config.runtime}"
+        )
     if timer.threads != config.threads:
         raise UsageError(
             f"the latency target {timer.where} times with {timer.threads} thread(s), not --threads {config.threads}; "
@@ -117,8 +126,9 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     if existing is None:  # refuse what a trial would crash on, before training
         with clock.phase("check that the model can be pruned and exported"):
             check_searchable(config.model, fresh, space, data.example_input())
-    else:  # refuse other data before training a baseline for it
+    else:  # refuse other data (or another runtime) before training a baseline for it
         check_same_data(existing, data, config)
+        check_same_runtime(existing, timer.runtime, config.study_name)
     cache_dir = Path(config.studies_dir) / "cache"
     with clock.phase("baseline (load, or train)"):
         adopt_baseline(storage, config, data, cache_dir, reporter)  # a worker joining from another machine
