@@ -143,6 +143,8 @@ def export_trial(
     seconds["total"] = time.perf_counter() - started
     card = card_record(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
     recovery.annotate(card, round(tuned.result.seconds, 1))
+    if qat_steps and card["finetune"]["steps"]:  # the schedule counts the FP32 steps; QAT's came after them
+        card["finetune"]["steps"] += qat_steps
     card["runtime_files"] = runtime_record
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["augmentation"] = base.data.transforms()  # what the fine-tune trained on, and how top-1 was scored

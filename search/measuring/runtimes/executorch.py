@@ -8,6 +8,8 @@ program is loaded. ExecuTorch's runtime takes and returns torch tensors, so it n
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,10 @@ PTE_MAGIC = b"ET"
 """A ``.pte`` file's flatbuffer identifier starts at byte 4 with these (``ET12`` in 1.x)."""
 
 
+_ALIVE: weakref.WeakSet[_Loaded] = weakref.WeakSet()
+"""Methods loaded in this process: XNNPACK's thread pool must not be replaced under them (it crashes)."""
+
+
 class _Loaded:
     """A program's ``forward`` method with what it points into: the program and its bytes must outlive it
     (a method whose program was collected crashes the process when it runs)."""
@@ -48,18 +54,28 @@ class _Loaded:
         return self.method.execute(inputs)
 
 
-def load_method(model: bytes | str | Path, threads: int) -> _Loaded:
-    """The program's ``forward`` method, loaded with XNNPACK's thread pool at ``threads`` threads."""
+def load_method(model: bytes | str | Path, threads: int | None) -> _Loaded:
+    """The program's ``forward`` method, loaded with XNNPACK's thread pool at ``threads`` threads
+    (None: as it is, e.g. to read the program's metadata)."""
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
-    if portable_lib._threadpool_get_thread_count() != threads:  # resetting it logs a line each time
+    # resetting it logs a line each time
+    if threads is not None and portable_lib._threadpool_get_thread_count() != threads:
+        gc.collect()  # methods nobody holds any more go first
+        if len(_ALIVE):
+            raise RuntimeError(
+                f"ExecuTorch's thread pool is process-wide and {len(_ALIVE)} loaded program(s) use "
+                f"{portable_lib._threadpool_get_thread_count()} threads; time with {threads} in another process"
+            )
         portable_lib._unsafe_reset_threadpool(threads)
     data = model if isinstance(model, bytes) else Path(model).read_bytes()
     if data[4:6] != PTE_MAGIC:
         raise ValueError("not an ExecuTorch program (.pte)")
     program = Runtime.get().load_program(data)
-    return _Loaded(data, program, program.load_method("forward"))
+    loaded = _Loaded(data, program, program.load_method("forward"))
+    _ALIVE.add(loaded)
+    return loaded
 
 
 class ExecuTorch:
@@ -79,5 +95,8 @@ class ExecuTorch:
         return run
 
     def input_shape(self, model: bytes | str) -> list[int | str]:
-        meta = load_method(model, 1).metadata.input_tensor_meta(0)
-        return [int(d) for d in meta.sizes()]
+        loaded = load_method(model, None)  # held while its metadata is read: the metadata points into it
+        meta = loaded.metadata.input_tensor_meta(0)
+        shape = [int(d) for d in meta.sizes()]
+        del meta, loaded
+        return shape
