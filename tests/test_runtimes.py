@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,23 +63,6 @@ def _cnn(width: int) -> nn.Module:
 
 @pytest.mark.parametrize("runtime", ALL)
 def test_each_runtime_times_fp32_and_int8_interleaved_with_its_own_baseline(runtime: str, digits32) -> None:
-    if runtime != "onnxruntime":
-        # In a fresh process, as a search runs: after the rest of the suite in one process, the pytest process
-        # has crashed (SIGSEGV) at this point with OpenVINO and ExecuTorch timed in it; alone it never has
-        # (root cause open).
-        code = f"from tests.test_runtimes import _times_interleaved as t; t({runtime!r})"
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return
-    _times_interleaved(runtime, digits32)
-
-
-def _times_interleaved(runtime: str, digits32=None) -> None:
-    if digits32 is None:
-        from search.data.loading import load_dataset
-        from search.data.spec import DataSpec
-
-        digits32 = load_dataset(DataSpec("digits", input_size=32))
     trained = _cnn(96).to(memory_format=torch.channels_last)  # as training leaves a search's baseline
     meter = CandidateMeter(trained, digits32, timer=LocalTimer(replace(FAST, runtime=runtime)), quantize=SMALL)
     meter.baseline_ms = meter.time_baseline().median_ms
@@ -91,6 +75,43 @@ def _times_interleaved(runtime: str, digits32=None) -> None:
     assert narrow.get("runtime", "onnxruntime") == runtime == int8.get("runtime", "onnxruntime")
     if runtime == "executorch":
         assert meter.baseline_onnx[4:6] == b"ET", "ExecuTorch times a .pte program, not ONNX"
+
+
+@_needs("openvino")
+def test_openvino_leaves_the_threads_signal_stack_as_it_found_it(tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin swaps in a signal stack of its own while compiling and puts back the one it
+    found when the model is freed: models freed out of order left a freed stack installed, and the next
+    signal Python handled (a child exiting, with PyTorch's SIGCHLD handler) killed the process with SIGSEGV."""
+    code = textwrap.dedent(
+        """
+        import gc, os, signal, threading
+        import numpy as np, torch
+        from search.measuring.onnx_export import export_onnx
+        from search.measuring.runtimes.openvino import OpenVino
+        from search.measuring.runtimes.signal_stack import current_signal_stack
+        from tests.test_runtimes import _cnn
+
+        onnx, x = export_onnx(_cnn(8), torch.zeros(1, 3, 32, 32)), np.zeros((1, 3, 32, 32), np.float32)
+        before = current_signal_stack()
+        assert before is not None and before[2] > 0, before  # faulthandler's stack (python -X faulthandler)
+        first, second = OpenVino().load(onnx, 1), OpenVino().load(onnx, 1)
+        first(x), second(x)
+        del first  # freed in the order they were made, as an interleaved timing does
+        gc.collect()
+        del second
+        gc.collect()
+        assert current_signal_stack() == before, (current_signal_stack(), before)
+        handled = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *_: handled.set())
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handled.wait(5)
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_the_default_fingerprint_is_the_one_studies_always_recorded() -> None:

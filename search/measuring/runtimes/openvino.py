@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from search.measuring.runtimes.base import Run, RuntimeInfo, import_problem
+from search.measuring.runtimes.signal_stack import kept_signal_stack
 
 __all__ = ["OPENVINO", "OpenVino", "compile_model", "read_model"]
 
@@ -37,7 +38,11 @@ def read_model(model: bytes | str | Path) -> Any:
 
 
 def compile_model(model: Any, threads: int) -> Any:
-    """``model`` compiled for the CPU with ``threads`` inference threads, one stream, FP32 precision."""
+    """``model`` compiled for the CPU with ``threads`` inference threads, one stream, FP32 precision.
+
+    The calling thread keeps its alternate signal stack (the plugin swaps in one of its own, which
+    dangles once models are freed out of order: :mod:`search.measuring.runtimes.signal_stack`).
+    """
     import openvino as ov
 
     config = {
@@ -46,7 +51,8 @@ def compile_model(model: Any, threads: int) -> Any:
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "f32",
     }
-    return ov.Core().compile_model(model, "CPU", config)
+    with kept_signal_stack():
+        return ov.Core().compile_model(model, "CPU", config)
 
 
 class OpenVino:
@@ -57,7 +63,8 @@ class OpenVino:
 
     def load(self, model: bytes | str, threads: int) -> Run:
         compiled = compile_model(read_model(model), threads)
-        request = compiled.create_infer_request()
+        with kept_signal_stack():
+            request = compiled.create_infer_request()
 
         def run(batch: np.ndarray) -> np.ndarray:
             request.infer({0: batch})
