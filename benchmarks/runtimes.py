@@ -18,8 +18,8 @@ Writes ``benchmarks/runtimes.json`` (cached per timing: a rerun resumes) and the
 of BENCHMARKS.md. ``--quick`` writes neither. Needs ``pip install -e ".[openvino,executorch]"``;
 a runtime that is missing is left out and the log says so.
 
-Not yet here: the issue's short search at 50% of the baseline in each runtime (whether the fronts
-pick different policies, and each pick's latency in the other runtimes).
+Then one short search per runtime at 50% of its baseline, its front exported and the shipped files
+timed with ``bench --runtime`` (:mod:`benchmarks.runtimes_search`); ``--grid-only`` skips it.
 """
 
 from __future__ import annotations
@@ -118,8 +118,12 @@ def bench_model(
                 "file_seconds": round(made, 2),
             }
             log(f"{model_name}@{size} {key}: {timed.median_ms:.3f} ms, ratio {timed.ratio:.3f} (file {made:.1f} s)")
-            if cache.get("_path"):
-                Path(cache["_path"]).write_text(json.dumps({k: v for k, v in cache.items() if k != "_path"}, indent=1))
+            _save(cache)
+
+
+def _save(cache: dict[str, Any]) -> None:
+    if cache.get("_path"):
+        Path(cache["_path"]).write_text(json.dumps({k: v for k, v in cache.items() if k != "_path"}, indent=1))
 
 
 def agreement(entries: dict[str, dict[str, Any]], runtimes: list[str]) -> dict[str, float | None]:
@@ -155,6 +159,7 @@ def table(results: dict[str, Any], runtimes: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one CIFAR model, short timings; writes nothing")
+    parser.add_argument("--grid-only", action="store_true", help="only the latency grid, no searches")
     args = parser.parse_args()
     runtimes = []
     for name in RUNTIME_NAMES:
@@ -169,24 +174,35 @@ def main() -> None:
     ratios = (0.5,) if args.quick else RATIOS
     cache: dict[str, Any] = {}
     if not args.quick:
-        if OUT.exists():  # resume: the timings already taken (the summaries are computed again)
-            cache = {k: v for k, v in json.loads(OUT.read_text()).items() if not k.startswith("_")}
+        if OUT.exists():  # resume: the timings and searches already done (the summaries are computed again)
+            cache = {k: v for k, v in json.loads(OUT.read_text()).items() if not k.startswith("_") or k == "_searches"}
         cache["_path"] = str(OUT)
     started = time.perf_counter()
     for model_name, size in models:
         bench_model(model_name, size, runtimes, timing, ratios, cache)
-    results = {k: v for k, v in cache.items() if k != "_path"}
+    results = {k: v for k, v in cache.items() if not k.startswith("_")}
     taus = {model: agreement(entries, runtimes) for model, entries in results.items()}
     merged = [{**e, "candidate": f"{m} {e['candidate']}"} for m, entries in results.items() for e in entries.values()]
     pooled = agreement({f"{e['candidate']} {e['precision']} {e['runtime']}": e for e in merged}, runtimes)
+    searches: dict[str, Any] | None = None
+    if not args.grid_only:
+        from benchmarks.runtimes_search import render, run_searches
+
+        searches = cache.setdefault("_searches", {})
+        searches = run_searches(runtimes, args.quick, searches, lambda: _save(cache))
     log(f"done in {time.perf_counter() - started:.0f} s")
     print(table(results, runtimes))
+    if searches is not None:
+        print(render(searches, runtimes))
     print(json.dumps({"kendall_tau": taus, "kendall_tau_all_models": pooled}, indent=1))
     if args.quick:
         log("--quick: smoke run on a possibly busy machine; nothing written")
         return
     meta = {"cpu": lscpu(), "versions": package_versions(), "git_revision": git_revision(), "timing": str(TIMING)}
-    OUT.write_text(json.dumps({**results, "_kendall_tau": taus, "_kendall_tau_all": pooled, "_meta": meta}, indent=1))
+    extra = {} if searches is None else {"_searches": searches}
+    OUT.write_text(
+        json.dumps({**results, **extra, "_kendall_tau": taus, "_kendall_tau_all": pooled, "_meta": meta}, indent=1)
+    )
     from benchmarks.sections import write_section
 
     body = (
@@ -195,6 +211,8 @@ def main() -> None:
         f"model):\n\n{table(results, runtimes)}\n\nKendall tau of the candidates' ratios between runtimes, per model: "
         f"{json.dumps(taus)}; over all models: {json.dumps(pooled)}. Numbers: `benchmarks/runtimes.json`."
     )
+    if searches is not None:
+        body += "\n\n" + render(searches, runtimes)
     write_section(SECTION, body)
 
 

@@ -139,13 +139,13 @@ def add_runtime_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
-    """``--device``: where training and evaluation run (latency is ONNX Runtime on the CPU or the target)."""
+    """``--device``: where training and evaluation run (latency is --runtime on the CPU or the target)."""
     parser.add_argument(
         "--device",
         type=device,
         default="auto",
         help="where fine-tuning and evaluation run: auto (a CUDA GPU when there is one, else the CPU), cpu, "
-        "cuda or cuda:N; latency is always measured in ONNX Runtime on the CPU (or --target) (default: auto)",
+        "cuda or cuda:N; latency is always measured in --runtime on the CPU (or --target) (default: auto)",
     )
 
 

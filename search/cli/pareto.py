@@ -16,8 +16,10 @@ from rich.markup import escape
 from search.cli.console import front_table
 from search.cli.options import add_study_options, study_of
 from search.cli.plot import plot_front
+from search.measuring.runtimes.registry import get_runtime
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, parse_space
+from search.shipping.runtime_files import study_runtime
 from search.study.front import pareto_front, recommendation, rows
 from search.study.urls import PASSWORD_ENV, has_secret, without_secrets
 
@@ -100,7 +102,10 @@ def print_front(
             console.print(f"[yellow]{escape(hint)}[/]")
     target = plot_path or studies_dir / name / "pareto.png"
     try:
-        plot = plot_front(all_rows, budget, target, title=f"{name}: accuracy vs latency (budget {budget:g} ms)")
+        runtime = get_runtime(study_runtime(study)).info.label
+        plot = plot_front(
+            all_rows, budget, target, title=f"{name}: accuracy vs latency (budget {budget:g} ms)", runtime=runtime
+        )
         console.print(f"Plot: {escape(str(plot))}")
     except OSError as exc:  # a read-only studies folder: the table above is the answer, the plot is extra
         console.print(

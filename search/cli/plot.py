@@ -113,7 +113,7 @@ def _place_labels(ax: Any, labelled: list[Row], dots: list[tuple[float, float]],
         )
 
 
-def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str) -> Path:
+def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str, runtime: str = "ONNX Runtime") -> Path:
     """Accuracy against latency: every trial, infeasible ones grey, the front joined, the budget a line."""
     import matplotlib
 
@@ -140,7 +140,7 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
             facecolors="none",
             edgecolors="tab:purple",
             zorder=3,  # above the front's line and dots, which would otherwise hide it
-            label="INT8 (ONNX Runtime)",
+            label=f"INT8 ({runtime})",
         )
     promoted = [r for r in shown if r.rung > 0]
     if promoted:
@@ -177,7 +177,7 @@ def plot_front(all_rows: list[Row], budget_ms: float, path: Path, *, title: str)
             zorder=4,
             label=f"recommended (trial {best.number})",
         )
-    ax.set_xlabel("latency, ms (ONNX Runtime, batch 1, drift-corrected median)")
+    ax.set_xlabel(f"latency, ms ({runtime}, batch 1, drift-corrected median)")
     ax.set_ylabel("top-1 (validation, each trial's highest rung)" if promoted else "top-1 accuracy (validation)")
     unevaluated = [r for r in all_rows if r.accuracy is None]
     if unevaluated:  # over budget, never fine-tuned: shown on the floor of the plot at their latency

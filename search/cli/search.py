@@ -61,7 +61,7 @@ def _add_budget_model_and_data(parser: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--budget-ms",
         type=positive_float,
-        help="latency budget in ms (batch 1, ONNX Runtime on this CPU, --threads threads)",
+        help="latency budget in ms (batch 1, --runtime on this CPU or --target, --threads threads)",
     )
     budget.add_argument(
         "--budget-fraction",
@@ -196,8 +196,8 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         type=precisions,
         default=DEFAULTS.precisions,
-        help="deployment precisions to search, comma-separated: fp32, int8 (ONNX Runtime static quantization, "
-        "dropped where this CPU does not run it faster) (default: fp32,int8)",
+        help="deployment precisions to search, comma-separated: fp32, int8 (static quantization, "
+        "dropped where the runtime does not run it faster on this CPU) (default: fp32,int8)",
     )
     parser.add_argument(
         "--calibration-method",
