@@ -183,6 +183,17 @@ def test_shipped_runtime_files_pass_parity_and_a_broken_int8_file_is_refused(
     assert (tmp_path / info.fp32_file).stat().st_size > 0 and (tmp_path / info.int8_file).stat().st_size > 0
     if runtime == "openvino":
         assert (tmp_path / "model.bin").stat().st_size > 0 and (tmp_path / "model.int8.bin").stat().st_size > 0
+        from search.measuring.runtimes.openvino import read_model
+        from search.serving.runtime_models import runtime_runner
+
+        # Batch 1, the shape the search timed (a dynamic batch compiles to slower kernels); served in batches.
+        for name in (info.fp32_file, info.int8_file):
+            assert [d.get_length() for d in read_model(tmp_path / name).inputs[0].get_partial_shape()] == [1, 3, 32, 32]
+        run = runtime_runner(runtime, tmp_path / info.fp32_file, 1, "test")
+        x, _ = next(digits32.batches("test", 3, shuffle=False, augment=False))
+        together = run(x.numpy())
+        assert together.shape == (3, 10)
+        np.testing.assert_allclose(together[2:], run(x.numpy()[2:]), rtol=1e-5, atol=1e-5)
     assert record is not None and record["parity"]["images"] == 32 and record["parity"]["top1_agreement"] >= 0.99
     assert record["int8"]["images"] == 48 and record["int8"]["top1_agreement_with_fp32"] >= 0.5
     # An INT8 file that cannot agree with its FP32 one (everything must agree) is refused, nothing said quietly.

@@ -1,8 +1,9 @@
 """Serving a shipped model in OpenVINO or ExecuTorch: the file, loaded once, safe to share.
 
 ONNX Runtime sessions may run from many threads at once; an OpenVINO infer request or an ExecuTorch
-method may not. Each thread gets its own OpenVINO infer request on the one compiled model, and an
-ExecuTorch program (batch 1) runs one image at a time under a lock.
+method may not. Each thread gets its own OpenVINO infer request on the one compiled model (the IR
+export ships takes batch 1: a batch runs one image at a time), and an ExecuTorch program (batch 1)
+runs one image at a time under a lock.
 """
 
 from __future__ import annotations
@@ -38,14 +39,21 @@ def _openvino(model: bytes | Path, threads: int) -> Callable[[np.ndarray], np.nd
     from search.measuring.runtimes.openvino import compile_model, read_model
 
     compiled = compile_model(read_model(model if isinstance(model, bytes) else str(model)), threads)
+    batch_dim = compiled.inputs[0].get_partial_shape()[0]
+    one_at_a_time = batch_dim.is_static and batch_dim.get_length() == 1  # the IR export ships (batch 1)
     local = threading.local()
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def infer(batch: np.ndarray) -> np.ndarray:
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = compiled.create_infer_request()
         request.infer({0: batch})
         return np.array(request.get_output_tensor(0).data, copy=True)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if one_at_a_time and len(batch) != 1:
+            return np.concatenate([infer(batch[i : i + 1]) for i in range(len(batch))])
+        return infer(batch)
 
     return run
 

@@ -68,28 +68,30 @@ def ship_runtime_files(
         if int8_onnx is not None:
             quantize = QuantizeSettings.from_dict(quantization or {})
             int8_path.write_bytes(quantize_pte(model, example, calibration_batches(data, quantize)))
-    fp32_run = _batched(engine.load(str(fp32_path), threads), info.file_format == "pte")
+    fp32_run = _batched(engine.load(str(fp32_path), threads))
     record: dict[str, Any] = {"runtime": runtime, "file": info.fp32_file}
     record["parity"] = _parity(model, fp32_run, data, split, settings, runtime)
     if int8_onnx is not None:
-        int8_run = _batched(engine.load(str(int8_path), threads), info.file_format == "pte")
+        int8_run = _batched(engine.load(str(int8_path), threads))
         record["int8"] = _int8_agreement(fp32_run, int8_run, data, split, settings, runtime)
         record["int8"]["file"] = info.int8_file
     return record
 
 
 def _save_ir(onnx_model: bytes, path: Path) -> None:
+    """The IR at batch 1, the shape the search timed: OpenVINO's CPU plugin compiles a model with a dynamic
+    batch into slower kernels (MobileNetV2 at batch 1: 5-10% slower than static, BENCHMARKS.md "Runtimes"), so an IR
+    loaded the obvious way (``compile_model("model.int8.xml")``) keeps the budget's promise. Other batch
+    sizes: ``model.reshape`` before compiling."""
     import openvino as ov
 
     from search.measuring.runtimes.openvino import read_model
 
-    ov.save_model(read_model(onnx_model), str(path), compress_to_fp16=False)
+    ov.save_model(read_model(fix_batch(onnx_model)), str(path), compress_to_fp16=False)
 
 
-def _batched(run: Callable[[np.ndarray], np.ndarray], one_at_a_time: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """``run`` on any batch size: a ``.pte`` program is exported for batch 1 and gets one image at a time."""
-    if not one_at_a_time:
-        return run
+def _batched(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``run`` on any batch size: the shipped IR and ``.pte`` take batch 1, so one image at a time."""
     return lambda batch: np.concatenate([np.array(run(batch[i : i + 1]), copy=True) for i in range(len(batch))])
 
 
