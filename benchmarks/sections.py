@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = (
     "# Benchmarks\n\nMeasured on the 2-core development machine; every script in `benchmarks/` rewrites its own "
-    "section. Latencies are ONNX Runtime, batch 1, medians; speeds are compared as ratios measured side by side "
+    "section. Latencies are ONNX Runtime unless a section names another runtime, batch 1, medians; speeds are "
+    "compared as ratios measured side by side "
     "in one run.\n"
 )
 
