@@ -186,14 +186,14 @@ def main() -> None:
     pooled = agreement({f"{e['candidate']} {e['precision']} {e['runtime']}": e for e in merged}, runtimes)
     searches: dict[str, Any] | None = None
     if not args.grid_only:
-        from benchmarks.runtimes_search import render, run_searches
+        from benchmarks.runtimes_search import render_all, run_all
 
         searches = cache.setdefault("_searches", {})
-        searches = run_searches(runtimes, args.quick, searches, lambda: _save(cache))
+        searches = run_all(runtimes, args.quick, searches, lambda: _save(cache))
     log(f"done in {time.perf_counter() - started:.0f} s")
     print(table(results, runtimes))
     if searches is not None:
-        print(render(searches, runtimes))
+        print(render_all(searches, runtimes))
     print(json.dumps({"kendall_tau": taus, "kendall_tau_all_models": pooled}, indent=1))
     if args.quick:
         log("--quick: smoke run on a possibly busy machine; nothing written")
@@ -212,7 +212,7 @@ def main() -> None:
         f"{json.dumps(taus)}; over all models: {json.dumps(pooled)}. Numbers: `benchmarks/runtimes.json`."
     )
     if searches is not None:
-        body += "\n\n" + render(searches, runtimes)
+        body += "\n\n" + render_all(searches, runtimes)
     write_section(SECTION, body)
 
 
