@@ -48,7 +48,7 @@ FULL = {  # the models searched in every runtime, in turn (each cached on its ow
                            "fraction": 0.5, "baseline_epochs": 3, "export_epochs": 1},
     # a 12 ms baseline: the shipped files' latencies read against a smaller run-to-run spread than sub-ms models
     "resnet18_cifar": {"model": "resnet18_cifar", "size": 32, "trials": 6, "steps": 10, "exports": 2,
-                       "fraction": 0.5, "baseline_epochs": 3, "export_epochs": 1},
+                       "fraction": 0.5, "baseline_epochs": 3, "export_epochs": 1, "pruned_fp32": True},
 }  # fmt: skip
 QUICK = {"model": "resnet18_cifar", "size": 32, "trials": 3, "steps": 2, "exports": 1, "fraction": 0.5,
          "baseline_epochs": 2, "export_epochs": 0.5}  # fmt: skip
@@ -112,6 +112,20 @@ def _reference(runtime: str, study_name: str, studies: Path) -> Path:
     return path
 
 
+def _best_pruned_fp32(result: dict[str, Any], studies: Path) -> dict[str, Any] | None:
+    """The most accurate pruned FP32 trial within the budget, as the front's rows are recorded."""
+    study = optuna.load_study(study_name=result["study"], storage=f"sqlite:///{studies}/{result['study']}.db")
+    found = [
+        r for r in rows(study)
+        if r.feasible and r.accuracy is not None and r.policy.precision == "fp32" and not r.policy.is_unpruned
+    ]  # fmt: skip
+    if not found:
+        return None
+    r = max(found, key=lambda r: r.accuracy or 0.0)
+    return {"trial": r.number, "ms": round(r.latency_ms, 4), "ratio": round(r.ratio, 5), "accuracy": r.accuracy,
+            "policy": r.policy.to_dict()}  # fmt: skip
+
+
 def _export_and_bench(
     runtime: str, result: dict[str, Any], sizes: dict[str, Any], studies: Path
 ) -> list[dict[str, Any]]:
@@ -119,6 +133,8 @@ def _export_and_bench(
     members = [result["pick"], *[r for r in result["front"] if r["trial"] != result["pick"]["trial"]]][
         : sizes["exports"]
     ]
+    if sizes.get("pruned_fp32"):  # a front of the unpruned INT8 model alone checks no pruned shape: add one
+        members += [m for m in [_best_pruned_fp32(result, studies)] if m and m["trial"] not in {x["trial"] for x in members}]
     out = studies / "exports" / runtime
     reference = _reference(runtime, result["study"], studies)
     checks = []
