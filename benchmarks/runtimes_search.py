@@ -134,7 +134,9 @@ def _export_and_bench(
         : sizes["exports"]
     ]
     if sizes.get("pruned_fp32"):  # a front of the unpruned INT8 model alone checks no pruned shape: add one
-        members += [m for m in [_best_pruned_fp32(result, studies)] if m and m["trial"] not in {x["trial"] for x in members}]
+        members += [
+            m for m in [_best_pruned_fp32(result, studies)] if m and m["trial"] not in {x["trial"] for x in members}
+        ]
     out = studies / "exports" / runtime
     reference = _reference(runtime, result["study"], studies)
     checks = []
