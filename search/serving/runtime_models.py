@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from search.errors import UsageError
+from search.measuring.runtimes.base import one_image_at_a_time
 from search.measuring.runtimes.registry import require_runtime
 
 __all__ = ["runtime_runner"]
@@ -50,19 +51,15 @@ def _openvino(model: bytes | Path, threads: int) -> Callable[[np.ndarray], np.nd
         request.infer({0: batch})
         return np.array(request.get_output_tensor(0).data, copy=True)
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        if one_at_a_time and len(batch) != 1:
-            return np.concatenate([infer(batch[i : i + 1]) for i in range(len(batch))])
-        return infer(batch)
-
-    return run
+    return one_image_at_a_time(infer) if one_at_a_time else infer
 
 
 def _executorch(method: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     lock = threading.Lock()
+    each = one_image_at_a_time(method)
 
     def run(batch: np.ndarray) -> np.ndarray:
         with lock:
-            return np.concatenate([np.array(method(batch[i : i + 1]), copy=True) for i in range(len(batch))])
+            return each(batch)
 
     return run

@@ -26,6 +26,7 @@ from search.errors import UsageError
 from search.measuring.candidate import Timer
 from search.measuring.onnx_export import fix_batch
 from search.measuring.quantize import QuantizeSettings, calibration_batches
+from search.measuring.runtimes.base import one_image_at_a_time
 from search.measuring.runtimes.lowering import lower_pte, quantize_pte
 from search.measuring.runtimes.registry import DEFAULT_RUNTIME, get_runtime, require_runtime
 from search.progress import Reporter
@@ -68,11 +69,11 @@ def ship_runtime_files(
         if int8_onnx is not None:
             quantize = QuantizeSettings.from_dict(quantization or {})
             int8_path.write_bytes(quantize_pte(model, example, calibration_batches(data, quantize)))
-    fp32_run = _batched(engine.load(str(fp32_path), threads))
+    fp32_run = one_image_at_a_time(engine.load(str(fp32_path), threads))
     record: dict[str, Any] = {"runtime": runtime, "file": info.fp32_file}
     record["parity"] = _parity(model, fp32_run, data, split, settings, runtime)
     if int8_onnx is not None:
-        int8_run = _batched(engine.load(str(int8_path), threads))
+        int8_run = one_image_at_a_time(engine.load(str(int8_path), threads))
         record["int8"] = _int8_agreement(fp32_run, int8_run, data, split, settings, runtime)
         record["int8"]["file"] = info.int8_file
     return record
@@ -88,11 +89,6 @@ def _save_ir(onnx_model: bytes, path: Path) -> None:
     from search.measuring.runtimes.openvino import read_model
 
     ov.save_model(read_model(fix_batch(onnx_model)), str(path), compress_to_fp16=False)
-
-
-def _batched(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """``run`` on any batch size: the shipped IR and ``.pte`` take batch 1, so one image at a time."""
-    return lambda batch: np.concatenate([np.array(run(batch[i : i + 1]), copy=True) for i in range(len(batch))])
 
 
 def _parity(

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Run", "Runtime", "RuntimeInfo"]
+__all__ = ["Run", "Runtime", "RuntimeInfo", "one_image_at_a_time"]
 
 Run = Callable[[np.ndarray], np.ndarray]
 """One batch (float32 NCHW) in, the first output (the logits) out."""
@@ -67,6 +67,12 @@ class Runtime(Protocol):
     def input_shape(self, model: bytes | str) -> list[int | str]:
         """The model's input dimensions (a symbolic one as its name)."""
         ...
+
+
+def one_image_at_a_time(run: Run) -> Run:
+    """``run`` of a batch-1 file (the shipped IR, a ``.pte`` program) on any batch: one image after another,
+    each output copied out of the runtime's buffer before the next run overwrites it."""
+    return lambda batch: np.concatenate([np.array(run(batch[i : i + 1]), copy=True) for i in range(len(batch))])
 
 
 def import_problem(module: str) -> str | None:
