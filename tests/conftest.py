@@ -15,6 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
+# Tests time tiny models, and each timing would last the product's floor of 1 s (search.measuring.timing's
+# DEFAULT_MIN_SECONDS); the floor itself is tested in test_latency.py with this variable unset. Set here, at
+# import, so module-level settings and the CLI subprocesses tests start see it too.
+MIN_TIMING_ENV = "PRUNE_SEARCH_MIN_TIMING_S"
+os.environ[MIN_TIMING_ENV] = "0"
+
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

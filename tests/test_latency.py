@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 
@@ -41,3 +42,51 @@ def test_measurement_reports_median_p90_and_an_interleaved_ratio() -> None:
     assert result.reference_median_ms is not None and result.ratio is not None
     # Removing 70% of the channels removes ~90% of the MACs: it must time clearly faster.
     assert result.ratio < 0.6
+
+
+def test_a_fast_model_is_timed_for_at_least_min_seconds() -> None:
+    """A sub-millisecond model meets min_rounds within milliseconds; min_seconds keeps it timing, so one
+    preemption of a busy machine cannot decide its ratio (benchmarks/timing_floor.py)."""
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    onnx = export_onnx(tiny, X)
+    quick = measure(onnx, tuple(X.shape), FAST, reference=onnx)
+    settings = LatencySettings(threads=1, warmup=3, round_size=5, min_rounds=2, min_seconds=0.3, max_seconds=5)
+    held = measure(onnx, tuple(X.shape), settings, reference=onnx)
+    per_pair_ms = held.median_ms + (held.reference_median_ms or 0.0)
+    assert held.runs * per_pair_ms >= 0.5 * 300  # most of 0.3 s spent in timed runs, not overhead
+    assert held.runs > quick.runs
+
+
+def test_min_seconds_cannot_exceed_max_seconds() -> None:
+    with pytest.raises(ValueError, match="min_seconds"):
+        LatencySettings(min_seconds=10, max_seconds=5)
+
+
+def test_the_product_times_each_model_for_at_least_a_second(tmp_path) -> None:
+    """``cli.py bench`` (as the search, export and the target) times for DEFAULT_MIN_SECONDS at least, unless
+    the environment variable says otherwise; a bad value is a one-line error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import MIN_TIMING_ENV, ROOT
+
+    from search.measuring.timing import DEFAULT_MIN_SECONDS, MIN_SECONDS_ENV
+
+    assert MIN_SECONDS_ENV == MIN_TIMING_ENV  # the variable the test suite sets is the product's
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(export_onnx(tiny, X))
+    env = {k: v for k, v in os.environ.items() if k != MIN_SECONDS_ENV}
+    argv = [sys.executable, "cli.py", "bench", str(path), "--reference", str(path), "--format", "json"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    timed_ms = record["runs"] * (record["median_ms"] + record["reference_median_ms"])
+    assert timed_ms >= 0.5 * DEFAULT_MIN_SECONDS * 1000, record
+
+    bad = subprocess.run(argv, cwd=ROOT, env={**env, MIN_SECONDS_ENV: "soon"}, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert MIN_SECONDS_ENV in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

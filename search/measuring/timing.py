@@ -16,18 +16,48 @@ through :mod:`search.measuring.candidate`.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from search.errors import UsageError
 from search.measuring.runtimes.base import Run
 from search.measuring.runtimes.onnxruntime import open_session
 from search.measuring.runtimes.registry import DEFAULT_RUNTIME, require_runtime
 
-__all__ = ["Latency", "LatencySettings", "measure", "open_session"]
+__all__ = [
+    "DEFAULT_MIN_SECONDS",
+    "MIN_SECONDS_ENV",
+    "Latency",
+    "LatencySettings",
+    "default_min_seconds",
+    "measure",
+    "open_session",
+]
+
+DEFAULT_MIN_SECONDS = 1.0
+"""How long every timing lasts at least (``benchmarks/timing_floor.py``: fresh-process timings of the same
+sub-millisecond pair spread 7-10% without it in ONNX Runtime, about 3% with 1 s; 2 s bought no more)."""
+MIN_SECONDS_ENV = "PRUNE_SEARCH_MIN_TIMING_S"
+"""Environment variable that overrides :data:`DEFAULT_MIN_SECONDS` (0 turns the floor off)."""
+
+
+def default_min_seconds() -> float:
+    """:data:`DEFAULT_MIN_SECONDS`, or the seconds :data:`MIN_SECONDS_ENV` sets."""
+    raw = os.environ.get(MIN_SECONDS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MIN_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 10:
+        raise UsageError(f"{MIN_SECONDS_ENV}={raw!r} must be seconds from 0 to 10 (e.g. 1); unset it for the default")
+    return value
 
 
 @dataclass(frozen=True)
@@ -43,12 +73,20 @@ class LatencySettings:
     min_rounds: int = 3
     tolerance: float = 0.02
     """The median is stable when a new round moves it by less than this fraction."""
+    min_seconds: float = field(default_factory=default_min_seconds)
+    """Keep adding rounds until this long has been timed, even when the median is already stable.
+
+    A sub-millisecond model meets ``min_rounds`` in a few dozen milliseconds, shorter than one time
+    slice of a busy machine, so a single preemption or frequency step decides its ratio.
+    """
     max_seconds: float = 30.0
     """Stop adding rounds after this long, stable or not (the result says which)."""
 
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
+        if not 0 <= self.min_seconds <= self.max_seconds:
+            raise ValueError("min_seconds must lie between 0 and max_seconds")
 
 
 @dataclass(frozen=True)
@@ -136,7 +174,8 @@ def measure(
         if len(medians) >= settings.min_rounds:
             recent = medians[-2:]
             stable = abs(recent[1] - recent[0]) <= settings.tolerance * recent[0]
-            if stable or time.perf_counter() - start > settings.max_seconds:
+            elapsed = time.perf_counter() - start
+            if (stable and elapsed >= settings.min_seconds) or elapsed > settings.max_seconds:
                 break
     return Latency(
         median_ms=statistics.median(times),
