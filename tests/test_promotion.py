@@ -338,3 +338,24 @@ def test_a_promoted_int8_trial_is_read_on_its_int8_model_on_all_validation_image
     assert len(correct) == len(digits32.split("val")), "all of the validation split"
     assert extra["evaluated_in"] == "onnxruntime" and 0.0 <= extra["accuracy_fp32"] <= 1.0
     assert set(seconds) == {"quantize", "evaluate"}
+
+
+def test_the_unpruned_model_is_not_read_again_above_rung_1() -> None:
+    """It is never fine-tuned, and rung 1 read it on all validation images: a higher rung reuses that record."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from search.pruning.space import load_space
+    from search.study.promotion import _run
+
+    space = load_space("spaces/resnet18.toml")
+    trial = create_trial(
+        values=[0.9, 1.0],
+        params={"x": 0.5},
+        distributions={"x": FloatDistribution(0, 1)},
+        user_attrs={"policy": space.unpruned().to_dict()},
+    )
+    rung1 = {"rung": 1, "steps": 0, "accuracy": 0.9, "images": 400, "correct": 360, "seconds": {"evaluate": 16.0}}
+    record = _run(trial, 2, None, None, None, [rung1])  # type: ignore[arg-type]  # nothing to train or read
+    assert record["rung"] == 2 and record["reused_from_rung"] == 1
+    assert record["accuracy"] == 0.9 and record["images"] == 400 and record["seconds"] == {}

@@ -131,7 +131,7 @@ def _promote(
 ) -> dict[str, Any] | None:
     """Run the claimed promotion; None when it failed (recorded on the claim, not tried again)."""
     try:
-        record = _run(trial, rung, ctx, settings, reporter)
+        record = _run(trial, rung, ctx, settings, reporter, stored_rungs(study.user_attrs, trial.number))
         if claim.lost:  # silent too long: another worker took this promotion over and records it
             reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
             return None
@@ -168,11 +168,29 @@ def _dashboard_note(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def _run(
-    trial: FrozenTrial, rung: int, ctx: TrialContext, settings: PromotionSettings, reporter: Reporter
+    trial: FrozenTrial,
+    rung: int,
+    ctx: TrialContext,
+    settings: PromotionSettings,
+    reporter: Reporter,
+    earlier: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune trial ``trial`` on from its previous rung to ``rung``'s total steps and score it on all of val."""
+    """Fine-tune trial ``trial`` on from its previous rung to ``rung``'s total steps and score it on all of val.
+
+    The unpruned model is never fine-tuned, so above rung 1 (read on all of val already) it is not read
+    again: the record of its previous promoted rung (``earlier``, rung 1 first) stands for this one.
+    """
     attrs = trial.user_attrs
     policy = Policy.from_dict(attrs["policy"])
+    if policy.is_unpruned and rung >= 2 and earlier and len(earlier) >= rung - 1:
+        return {
+            **earlier[rung - 2],
+            "rung": rung,
+            "seconds": {},
+            "reused_from_rung": rung - 1,
+            "worker": worker_identity(),
+            "finished_at": time.time(),
+        }
     total = settings.rung_steps[rung - 1]
     seconds: dict[str, float] = {}
     model = copy.deepcopy(ctx.baseline)
