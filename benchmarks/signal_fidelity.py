@@ -23,7 +23,8 @@ It needs the MobileNetV2 baseline committed at ``benchmarks/allocation/mobilenet
 ``--quick`` trains a throwaway baseline of a few steps instead. Every result (the candidates of a budget;
 each candidate's score per fidelity and seed; each reference per seed) is kept in
 ``benchmarks/.signal/results.json`` (``--work``) and reused by a rerun, with the weights of each chain's
-latest rung, so an interrupted run resumes. Writes ``benchmarks/signal.json`` and the "Signal" section of
+latest rung, so an interrupted run resumes. The results (not the weights) are also written to the tracked
+``benchmarks/signal_results.json``: commit it when a session ends, and a new machine carries on from it. Writes ``benchmarks/signal.json`` and the "Signal" section of
 BENCHMARKS.md (not with ``--quick``, which prints its JSON).
 
 How long the full run takes (20 candidates; each trains about 238,000 images, three quarters of them in its
@@ -65,6 +66,8 @@ from search.models.build import build_model
 from search.training.finetune import TrainSettings, train
 
 SECTION = "Signal"
+MIRROR = Path(__file__).resolve().parent / "signal_results.json"
+"""Every result so far, tracked: commit it between sessions so the next machine resumes (Bench.mirror)."""
 BASELINE = COMMITTED / f"{MOBILENET}-15ep.pth"
 """The MobileNetV2 baseline of the allocation benchmark, committed beside it."""
 QUICK_BASELINE_STEPS = 20
@@ -216,7 +219,9 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plan = Plan.of(args, MOBILENET)
     started = time.perf_counter()
-    bench = Bench(work, MOBILENET, weights, QUICK_TIMING if args.quick else TIMING, data)
+    bench = Bench(
+        work, MOBILENET, weights, QUICK_TIMING if args.quick else TIMING, data, None if args.quick else MIRROR
+    )
     hardware = fingerprint(1)
     log(f"on {cpu_label(hardware)}, {torch.get_num_threads()} PyTorch threads; plan {plan}")
     budgets = [run_budget(bench, plan, f, Path(args.allocation_work)) for f in plan.budgets]

@@ -33,11 +33,22 @@ def load_data(folder: Path = DATA) -> Dataset:
 class Bench:
     """Everything a candidate's scoring needs, and ``results.json`` (one entry per candidate, fidelity and seed)."""
 
-    def __init__(self, work: Path, model: str, weights: Path, timing: LatencySettings, data: Dataset) -> None:
+    def __init__(
+        self, work: Path, model: str, weights: Path, timing: LatencySettings, data: Dataset, mirror: Path | None = None
+    ) -> None:
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         self.cache_path = work / "results.json"
         self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        self.mirror = mirror
+        """A tracked copy of the results, committed between sessions: the working folder is ignored and vanishes
+        with the machine, so a run that takes several sessions picks up what an earlier machine computed
+        (a chain whose kept weights are gone is replayed up to its last scored rung)."""
+        if mirror is not None and mirror.is_file():
+            carried = {k: v for k, v in json.loads(mirror.read_text()).items() if k not in self.cache}
+            if carried:
+                log(f"{len(carried)} results carried over from {mirror.name}")
+                self.cache.update(carried)
         self.computed: list[str] = []
         self.reused: list[str] = []
         self.data = data
@@ -59,6 +70,10 @@ class Bench:
             partial = self.cache_path.with_suffix(".partial")
             partial.write_text(json.dumps(self.cache, indent=1))
             os.replace(partial, self.cache_path)
+            if self.mirror is not None:
+                partial = self.mirror.with_suffix(".partial")
+                partial.write_text(json.dumps(self.cache, indent=1) + "\n")
+                os.replace(partial, self.mirror)
         elif key not in self.computed and key not in self.reused:
             self.reused.append(key)
             log(f"reused from an earlier run: {key}")
