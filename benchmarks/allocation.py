@@ -74,6 +74,7 @@ from search.pruning.budget_fit import fit_to_budget  # noqa: E402
 from search.pruning.latency_aware import tunable_stages  # noqa: E402
 from search.study.front import Row, recommended, rows  # noqa: E402
 from search.study.origin import LATENCY_AT_CREATION  # noqa: E402
+from search.study.rungs import RUNG_PREFIX  # noqa: E402
 from search.training.evaluate import top1  # noqa: E402
 from search.training.finetune import TrainSettings, train  # noqa: E402
 
@@ -274,13 +275,19 @@ class Bench:
     def study(self, name: str) -> optuna.Study:
         return optuna.load_study(study_name=name, storage=f"sqlite:///{self.studies / name}.db")
 
-    def export(self, study: str, number: int, seed: int, unpruned: bool = False) -> dict[str, Any]:
+    def export(
+        self, study: str, number: int, seed: int, unpruned: bool = False, epochs: float | None = None
+    ) -> dict[str, Any]:
+        """Trial ``number`` exported with ``epochs`` (default: the plan's) of fine-tuning, one seed."""
+        epochs = self.plan.epochs if epochs is None else epochs
+
         def run() -> dict[str, Any]:
-            out = self.work / "exports" / study / f"seed-{seed}"
+            suffix = "" if epochs == self.plan.epochs else f"-{epochs:g}ep"
+            out = self.work / "exports" / study / f"seed-{seed}{suffix}"
             cli(
                 "export",
                 *("--study", study, "--studies-dir", str(self.studies), "--trial", str(number)),
-                *("--epochs", f"{self.plan.epochs:g}", "--seed", str(seed), "--out", str(out), "--force", "--quiet"),
+                *("--epochs", f"{epochs:g}", "--seed", str(seed), "--out", str(out), "--force", "--quiet"),
                 *(("--test-images", str(self.plan.test_images)) if self.plan.test_images else ()),
                 *(("--finetune-unpruned",) if unpruned else ()),
             )
@@ -293,13 +300,22 @@ class Bench:
                 "onnx": str(out / f"trial-{number}" / "model.onnx"),
             }
 
-        return self.cached(f"export {study} {number} seed {seed} epochs {self.plan.epochs:g}", run)
+        return self.cached(f"export {study} {number} seed {seed} epochs {epochs:g}", run)
 
     # ---- random allocations at the budget, as trials of a study of their own -----------------
-    def random_study(self, model: str, fraction: float) -> str:
-        """``--random`` random allocations fitted to the budget, brief-fine-tuned exactly as the search's trials."""
-        main = self.study_name(model, fraction)
+    def random_study(
+        self,
+        model: str,
+        fraction: float,
+        count: int | None = None,
+        source: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> str:
+        """``count`` (default ``--random``) random allocations fitted to the budget of study ``source`` (default:
+        the track's), brief-fine-tuned exactly as the search's trials (``extra``: more ``search`` options)."""
+        main = source or self.study_name(model, fraction)
         name = f"{main}-random"
+        count = self.plan.random if count is None else count
 
         def run() -> dict[str, Any]:
             started = time.perf_counter()  # fitting the allocations to the budget is part of their cost
@@ -316,11 +332,11 @@ class Bench:
                 pass
             target = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
             for key, value in source.user_attrs.items():  # the same baseline, settings, budget and hardware
-                if key != "latency_aware":
+                if key != "latency_aware" and not key.startswith(RUNG_PREFIX):  # not the source's promotions
                     target.set_user_attr(key, value)
             fitted = 0
-            for attempt in range(4 * self.plan.random):
-                if fitted == self.plan.random:
+            for attempt in range(4 * count):
+                if fitted == count:
                     break
                 fractions = {
                     s.name: (rng.uniform(s.stream.low, s.stream.high), rng.uniform(s.inner.low, s.inner.high))
@@ -335,10 +351,10 @@ class Bench:
                 attrs = {"recipe": f"random allocation {fitted}", LATENCY_AT_CREATION: fit.latency}
                 target.enqueue_trial(space.params_for(fit.policy), user_attrs=attrs)
                 log(f"random allocation {fitted}: {fit.policy.describe()} at {fit.latency['ratio']:.3f}")
-            cli("search", *self.search_args(model, fraction, name, fitted))
+            cli("search", *self.search_args(model, fraction, name, fitted), *extra)
             return {"allocations": fitted, "seconds": round(time.perf_counter() - started, 1)}
 
-        self.cached(f"random {name} {self.plan.random}", run)
+        self.cached(f"random {name} {count}" + (f" {' '.join(extra)}" if extra else ""), run)
         return name
 
 
