@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import optuna
@@ -46,7 +46,6 @@ import optuna
 from benchmarks.allocation import (
     DATA,
     MOBILENET,
-    RESNET,
     RESNET_WEIGHTS,
     ROOT,
     Bench,
@@ -72,21 +71,9 @@ ARMS = {
 
 
 def plan_of(args: argparse.Namespace) -> Plan:
-    if args.quick:
-        return Plan(((MOBILENET, 0.5),), 0.02, 6, 2, 32, 2, 200, 0.004, (0,), 0, test_images=300)
-    tracks = tuple((MOBILENET, f) for f in args.mobilenet_budgets) + tuple((RESNET, f) for f in args.resnet_budgets)
-    return Plan(
-        tracks,
-        15,
-        args.trials,
-        args.trial_steps,
-        args.trial_batch,
-        args.bn_batches,
-        args.val_images,
-        args.epochs,
-        tuple(args.seeds),
-        0,
-    )
+    """allocation.py's plan (its tracks, baseline and trial settings), without its random and widened tracks."""
+    plan = Plan.of(argparse.Namespace(**vars(args), baseline_epochs=15, random=0, wide_budgets=[]))
+    return replace(plan, trials=6, random=0, wide=()) if args.quick else plan
 
 
 def compute(study: optuna.Study, batch: int) -> dict[str, Any]:
