@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import time
+import weakref
 from io import BytesIO
 from typing import Any
 
@@ -68,6 +69,7 @@ class TimingProcess:
         argv = [sys.executable, "-m", "search.latency_service.timing_worker"]
         argv += ["--threads", str(self.threads), "--max-memory-mb", str(self.max_memory_mb), "--runtime", self.runtime]
         self._child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        weakref.finalize(self, _kill, self._child)  # a process object dropped without stop() takes its child along
         self._held = set()
         try:
             ready = self._read(time.monotonic() + STARTUP_S)
@@ -173,6 +175,12 @@ class TimingProcess:
             if not chunk:
                 raise EOFError("the timing process ended")
             data += chunk
+
+
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
 
 
 def _complete_frame(data: bytearray) -> dict[str, Any] | None:

@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     held: dict[str, bytes | str] = {}  # the models of the last timing, by SHA-256
     while (frame := read_frame(requests)) is not None:
         write_frame(replies, _answer(*frame, args.threads, held, args.runtime))
-    return 0
+    replies.flush()
+    # The caller is gone (end of input). Leave without the runtimes' teardown: two OpenVINO workers whose
+    # parent had exited were found hanging at exit, one thread left in a futex wait, holding their memory.
+    os._exit(0)
 
 
 if __name__ == "__main__":
