@@ -90,3 +90,32 @@ def test_the_product_times_each_model_for_at_least_a_second(tmp_path) -> None:
     assert bad.returncode != 0
     assert MIN_SECONDS_ENV in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_the_search_bench_and_export_time_in_a_process_that_does_nothing_else() -> None:
+    """IsolatedTimer: one child process, reused (the reference is sent once), agreeing with in-process timing
+    of a clearly different pair; quicker probe settings share the child; a bad model is one clear error."""
+    import os
+
+    from search.measuring.isolated import IsolatedTimer
+
+    space = load_space("spaces/resnet18.toml")
+    base = torchvision.models.resnet18(num_classes=10).eval()
+    pruned = apply_policy(torchvision.models.resnet18(num_classes=10), space.uniform(0.7), space, X).model
+    reference, candidate = export_onnx(base, X), export_onnx(pruned, X)
+    timer = IsolatedTimer(FAST)
+    try:
+        first = timer.time(candidate, tuple(X.shape), reference=reference)
+        child = timer._process._child
+        assert child is not None and child.pid != os.getpid() and child.poll() is None
+        assert first.ratio is not None and first.ratio < 0.6  # the same judgement as in-process timing
+        quick = timer.with_settings(LatencySettings(warmup=1, round_size=3, min_rounds=2, max_seconds=5))
+        second = quick.time(candidate, tuple(X.shape), reference=reference)
+        assert timer._process._child is child, "probes reuse the search's timing process"
+        assert second.runs < first.runs and quick.threads == timer.threads and quick.runtime == timer.runtime
+        with pytest.raises(RuntimeError, match="onnxruntime could not time the model"):
+            timer.time(b"not a model", tuple(X.shape), reference=reference)
+        assert timer.time(candidate, tuple(X.shape)).median_ms > 0, "the child keeps serving after a bad model"
+    finally:
+        timer.close()
+    assert child.poll() is not None

@@ -3,8 +3,9 @@
 ``--runtime`` picks the runtime (by default the file's: ``.xml`` OpenVINO IR, ``.pte`` ExecuTorch,
 anything else ONNX Runtime); OpenVINO also times an ``.onnx`` file, compiled as the search does.
 
-It times through :class:`search.measuring.candidate.LocalTimer`, the timer every candidate of a
-search is timed with, so ``bench`` and the search cannot measure differently.
+It times through :class:`search.measuring.isolated.IsolatedTimer`, the timer every candidate of a
+search is timed with (in a process that does nothing else), so ``bench`` and the search cannot measure
+differently.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _measure(
 
     ``timer`` is the latency target's (``--target``); by default the model is timed here, in ``runtime``.
     """
-    from search.measuring.candidate import LocalTimer
+    from search.measuring.isolated import IsolatedTimer
     from search.measuring.runtimes.registry import require_runtime
     from search.measuring.timing import LatencySettings
 
@@ -69,7 +70,7 @@ def _measure(
     if reference and shape_of(reference) != shape:
         raise UsageError(f"--reference takes input {shape_of(reference)}, but {onnx} takes {shape}")
     if timer is None:
-        timer = LocalTimer(LatencySettings(threads=threads, runtime=name))
+        timer = IsolatedTimer(LatencySettings(threads=threads, runtime=name))
     elif timer.threads != threads:
         raise UsageError(f"the latency target times with {timer.threads} thread(s); pass --threads {timer.threads}")
     elif timer.runtime != name:

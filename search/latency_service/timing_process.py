@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import time
+import weakref
 from io import BytesIO
 from typing import Any
 
@@ -68,6 +69,7 @@ class TimingProcess:
         argv = [sys.executable, "-m", "search.latency_service.timing_worker"]
         argv += ["--threads", str(self.threads), "--max-memory-mb", str(self.max_memory_mb), "--runtime", self.runtime]
         self._child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        weakref.finalize(self, _kill, self._child)  # a process object dropped without stop() takes its child along
         self._held = set()
         try:
             ready = self._read(time.monotonic() + STARTUP_S)
@@ -93,15 +95,32 @@ class TimingProcess:
         """The model's input shapes, as ONNX Runtime loads it."""
         return self._call({"op": "inspect"}, (model,))["inputs"]
 
-    def time(self, shape: list[int], model: tuple[str, bytes], reference: tuple[str, bytes] | None) -> Latency:
-        """``model`` (and ``reference``), each as (SHA-256, bytes), timed on inputs of ``shape``."""
+    def time(
+        self,
+        shape: list[int],
+        model: tuple[str, bytes | str],
+        reference: tuple[str, bytes | str] | None,
+        settings: dict[str, Any] | None = None,
+    ) -> Latency:
+        """``model`` (and ``reference``), each as (key, bytes or a path the child reads itself, e.g. an IR's
+        ``.xml`` beside its ``.bin``), timed on inputs of ``shape``; ``settings`` overrides
+        :class:`search.measuring.timing.LatencySettings` fields other than threads and runtime."""
         self.start()
         named = [model] if reference is None else [model, reference]
-        sent = [(sha, data) for sha, data in named if sha not in self._held]
-        header = {"op": "time", "shape": shape, "models": [model[0], reference[0] if reference else None]}
+        sent = [(key, data) for key, data in named if key not in self._held and isinstance(data, bytes)]
+        paths = {key: data for key, data in named if isinstance(data, str)}
+        header: dict[str, Any] = {
+            "op": "time",
+            "shape": shape,
+            "models": [model[0], reference[0] if reference else None],
+        }
+        if paths:
+            header["paths"] = paths
+        if settings:
+            header["settings"] = settings
         self._held = set()  # until the child answers
-        answer = self._call({**header, "sent": [sha for sha, _ in sent]}, tuple(data for _, data in sent))
-        self._held = {sha for sha, _ in named}
+        answer = self._call({**header, "sent": [key for key, _ in sent]}, tuple(data for _, data in sent))
+        self._held = {key for key, _ in named}
         return Latency(**answer["latency"])
 
     def _call(self, header: dict[str, Any], blobs: tuple[bytes, ...]) -> dict[str, Any]:
@@ -156,6 +175,12 @@ class TimingProcess:
             if not chunk:
                 raise EOFError("the timing process ended")
             data += chunk
+
+
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
 
 
 def _complete_frame(data: bytearray) -> dict[str, Any] | None:

@@ -12,7 +12,14 @@ a JSON header, then the blobs (model bytes) whose sizes the header lists.
   blobs of the models named in ``sent`` (the others are the ones of the previous timing, kept here,
   so the reference goes over the pipe once): ``{"ok": true, "latency": {...}}`` from
   :func:`search.measuring.timing.measure`, the same timing as the search's (interleaved with the
-  reference in this one process).
+  reference in this one process). An optional ``"paths"`` object names models by a file this process reads itself
+  (key -> path: an OpenVINO IR's ``.xml`` needs its ``.bin`` beside it; the search's own timing process
+  only, the service never sends it). An optional ``"settings"`` object overrides fields of
+  :class:`search.measuring.timing.LatencySettings` other than threads and runtime (the search's own
+  timing process uses it for its quicker probes; the service never sends it).
+
+The search, ``bench`` and ``export`` time in such a process too (:mod:`search.measuring.isolated`,
+``--max-memory-mb 0``: no limit), so every timing runs in a process that does nothing else.
 * A failure: ``{"ok": false, "kind": "memory" | "model", "error": "one line"}``.
 """
 
@@ -52,6 +59,8 @@ def read_frame(source: BinaryIO) -> tuple[dict[str, Any], list[bytes]] | None:
 
 
 def _limit_memory(megabytes: int) -> None:
+    if megabytes <= 0:  # the search's own timing process: no limit but the machine's
+        return
     try:
         import resource
     except ImportError:  # not a POSIX system: the deadline still holds
@@ -61,7 +70,7 @@ def _limit_memory(megabytes: int) -> None:
 
 
 def _answer(
-    header: dict[str, Any], blobs: list[bytes], threads: int, held: dict[str, bytes], runtime: str = "onnxruntime"
+    header: dict[str, Any], blobs: list[bytes], threads: int, held: dict[str, bytes | str], runtime: str = "onnxruntime"
 ) -> dict[str, Any]:
     from search.measuring.runtimes.registry import get_runtime
     from search.measuring.timing import LatencySettings, measure
@@ -69,13 +78,17 @@ def _answer(
     try:
         if header["op"] == "inspect":
             return {"ok": True, "inputs": [get_runtime(runtime).input_shape(blobs[0])]}
-        known = {**held, **dict(zip(header["sent"], blobs, strict=True))}
+        known: dict[str, bytes | str] = {
+            **held,
+            **header.get("paths", {}),
+            **dict(zip(header["sent"], blobs, strict=True)),
+        }
         model_sha, reference_sha = header["models"]
         wanted = {sha: known[sha] for sha in (model_sha, reference_sha) if sha is not None}
         held.clear()
         held.update(wanted)
         reference = held[reference_sha] if reference_sha is not None else None
-        settings = LatencySettings(threads=threads, runtime=runtime)
+        settings = LatencySettings(threads=threads, runtime=runtime, **header.get("settings", {}))
         latency = measure(held[model_sha], tuple(header["shape"]), settings, reference=reference)
         return {"ok": True, "latency": asdict(latency)}
     except MemoryError:
@@ -113,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(quiet, 1)  # failures are answered (one line in the service's log), not also printed here
     os.dup2(quiet, 2)
     write_frame(replies, {"ok": True, "ready": True})
-    held: dict[str, bytes] = {}  # the models of the last timing, by SHA-256
+    held: dict[str, bytes | str] = {}  # the models of the last timing, by SHA-256
     while (frame := read_frame(requests)) is not None:
         write_frame(replies, _answer(*frame, args.threads, held, args.runtime))
-    return 0
+    replies.flush()
+    # The caller is gone (end of input). Leave without the runtimes' teardown: two OpenVINO workers whose
+    # parent had exited were found hanging at exit, one thread left in a futex wait, holding their memory.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from torch import nn
@@ -89,6 +89,10 @@ class LocalTimer:
 
     def fingerprint(self) -> dict[str, Any]:
         return fingerprint(self.settings.threads, self.settings.runtime)
+
+    def with_settings(self, settings: LatencySettings) -> LocalTimer:
+        """This timer with other rounds (threads and runtime stay)."""
+        return LocalTimer(replace(settings, threads=self.threads, runtime=self.runtime))
 
     def time(
         self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | str | None = None

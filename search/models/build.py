@@ -83,9 +83,7 @@ def classifier_name(model: nn.Module) -> str:
     """Qualified name of the model's classifier (``"fc"``, ``"classifier.1"``): see :func:`classifier_module`."""
     name = _find_classifier(model)
     if name is None:
-        raise UsageError(
-            f"the model ({type(model).__name__}) has no nn.Linear or nn.Conv2d layer to be its classifier"
-        )
+        raise UsageError(f"the model ({type(model).__name__}) has no nn.Linear or nn.Conv2d layer to be its classifier")
     return name
 
 

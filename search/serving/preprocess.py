@@ -20,6 +20,7 @@ from search.shipping.preprocessing import PREPROCESSING_VERSION
 
 __all__ = ["MissingPreprocessing", "Preprocessing"]
 
+
 class MissingPreprocessing(ValueError):
     """A card without a usable ``preprocessing`` record (written by an older export)."""
 

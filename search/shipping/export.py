@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from search.errors import UsageError
-from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
+from search.measuring.candidate import CandidateMeter, Timer
+from search.measuring.isolated import IsolatedTimer
 from search.measuring.onnx_export import export_onnx
 from search.measuring.quantize import QuantizeSettings
 from search.measuring.runtimes.registry import require_runtime
@@ -172,7 +173,7 @@ def _timer_for(base: StudyBaseline, timer: Timer | None) -> Timer:
                 f"{measured_on} (and its token) so the export is timed there too"
             )
         require_runtime(runtime)
-        return LocalTimer(LatencySettings(threads=base.threads, runtime=runtime))
+        return IsolatedTimer(LatencySettings(threads=base.threads, runtime=runtime))
     if timer.threads != base.threads:
         raise UsageError(
             f"the latency target {timer.where} times with {timer.threads} thread(s), but the study used "

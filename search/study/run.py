@@ -23,7 +23,8 @@ from search.data.dataset import Dataset
 from search.data.loading import load_dataset
 from search.errors import UsageError
 from search.latency_service.client import TargetLost
-from search.measuring.candidate import CandidateMeter, LocalTimer, Timer
+from search.measuring.candidate import CandidateMeter, Timer
+from search.measuring.isolated import IsolatedTimer
 from search.measuring.preflight import check_searchable
 from search.measuring.runtimes.registry import require_runtime
 from search.measuring.timing import LatencySettings
@@ -94,7 +95,7 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     precision(torch.device(config.device), config.train_dtype)  # fp16 without a GPU is refused before any work
     if timer is None:
         require_runtime(config.runtime)  # a missing package is one line naming it, before any work
-        timer = LocalTimer(LatencySettings(threads=config.threads, runtime=config.runtime))
+        timer = IsolatedTimer(LatencySettings(threads=config.threads, runtime=config.runtime))
     if timer.runtime != config.runtime:
         raise UsageError(
             f"the latency target {timer.where} times in {timer.runtime}, not --runtime {config.runtime}; "

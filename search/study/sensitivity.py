@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from search.measuring.candidate import CandidateMeter, LocalTimer
+from search.measuring.candidate import CandidateMeter
 from search.progress import Reporter
 from search.pruning.channels import prune_copy
 from search.pruning.latency_aware import Probe, SensitivityTable, probe_stages, stage_fractions, tunable_stages
@@ -42,10 +42,11 @@ settings, and the 1 s floor would add a second to each of a table's probes."""
 
 def probe_meter(meter: CandidateMeter) -> CandidateMeter:
     """``meter`` timing with :data:`PROBE_TIMING` where it times on this machine (a latency target keeps its own)."""
-    if not isinstance(meter.timer, LocalTimer):
+    settings = getattr(meter.timer, "settings", None)
+    if not hasattr(meter.timer, "with_settings") or settings is None:
         return meter
     quick = copy.copy(meter)
-    quick.timer = LocalTimer(dataclasses.replace(meter.timer.settings, **PROBE_TIMING))
+    quick.timer = meter.timer.with_settings(dataclasses.replace(settings, **PROBE_TIMING))  # type: ignore[attr-defined]
     return quick
 
 

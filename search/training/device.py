@@ -18,6 +18,7 @@ from search.training.device_names import DEVICE_FORMS, normalise_device
 
 __all__ = ["DEVICE_FORMS", "Precision", "check_device_text", "device_record", "loader_plan", "precision", "resolve"]
 
+
 def check_device_text(text: str) -> str:
     """``text`` normalised (lower case, trimmed) when it is one of :data:`DEVICE_FORMS`."""
     value = normalise_device(text)
