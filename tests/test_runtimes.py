@@ -114,6 +114,33 @@ def test_openvino_leaves_the_threads_signal_stack_as_it_found_it(tmp_path: Path)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+@_needs("openvino")
+def test_openvino_neither_forks_nor_starts_threads_to_send_telemetry() -> None:
+    """``import openvino`` sends a usage event by forking the process from a thread pool; a fork taken while the
+    timing worker read its pipe left a child hanging forever in its exit (orphaned workers after test runs), and a
+    fork in the middle of a timing is noise. Loaded and run through the runtime seam, OpenVINO does neither."""
+    code = textwrap.dedent(
+        """
+        import os, threading, time
+        forks = []
+        os.register_at_fork(before=lambda: forks.append(1))
+        import numpy as np, torch
+        from search.measuring.onnx_export import export_onnx
+        from search.measuring.runtimes.openvino import OpenVino
+        from tests.test_runtimes import _cnn
+
+        assert OpenVino().unavailable() is None
+        run = OpenVino().load(export_onnx(_cnn(8), torch.zeros(1, 3, 32, 32)), 1)
+        run(np.zeros((1, 3, 32, 32), np.float32))
+        time.sleep(1)  # the telemetry's thread forks within milliseconds of the import
+        print(len(forks), sorted(t.name for t in threading.enumerate()))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "0 ['MainThread']", done.stdout
+
+
 def test_the_default_fingerprint_is_the_one_studies_always_recorded() -> None:
     default = fingerprint(1)
     assert "runtime" not in default and "onnxruntime" in default, "old studies resume unchanged"

@@ -84,9 +84,9 @@ def _save_ir(onnx_model: bytes, path: Path) -> None:
     batch into slower kernels (MobileNetV2 at batch 1: 5-10% slower than static, BENCHMARKS.md "Runtimes"), so an IR
     loaded the obvious way (``compile_model("model.int8.xml")``) keeps the budget's promise. Other batch
     sizes: ``model.reshape`` before compiling."""
-    import openvino as ov
+    from search.measuring.runtimes.openvino import import_openvino, read_model
 
-    from search.measuring.runtimes.openvino import read_model
+    ov = import_openvino()
 
     ov.save_model(read_model(fix_batch(onnx_model)), str(path), compress_to_fp16=False)
 

@@ -3,10 +3,13 @@
 Compiled with the thread count pinned (``INFERENCE_NUM_THREADS``), one stream and the latency
 hint, and FP32 inference precision: on CPUs with bf16 (AVX-512 BF16, AMX) the plugin would
 otherwise run FP32 models in bf16, which is another model's numbers, not the shipped one's.
+
+OpenVINO is imported with its usage telemetry off (:func:`import_openvino`).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import numpy as np
 from search.measuring.runtimes.base import Run, RuntimeInfo, import_problem
 from search.measuring.runtimes.signal_stack import kept_signal_stack
 
-__all__ = ["OPENVINO", "OpenVino", "compile_model", "read_model"]
+__all__ = ["OPENVINO", "OpenVino", "compile_model", "import_openvino", "read_model"]
 
 OPENVINO = RuntimeInfo(
     name="openvino",
@@ -30,9 +33,27 @@ OPENVINO = RuntimeInfo(
 )
 
 
+def import_openvino() -> Any:
+    """The ``openvino`` module, imported without its usage telemetry.
+
+    ``import openvino`` loads the model converter, whose telemetry (on unless the user opted out with
+    ``opt_in_out --opt_out``) sends a usage event from a thread pool by forking the process. A fork
+    taken while the main thread reads a pipe (the timing worker reads its requests from stdin) leaves
+    a child that hangs forever in its exit, holding memory: the orphaned timing workers seen after
+    test runs. A tool that times models should neither fork nor talk to the network behind the
+    user's back, so the telemetry module is hidden before the first import and the converter falls
+    back to its own no-op stub. Where OpenVINO was already imported, it is left as it is.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # a None entry makes its import fail
+    import openvino
+
+    return openvino
+
+
 def read_model(model: bytes | str | Path) -> Any:
     """An ONNX model's bytes, or an ONNX or IR (``.xml`` beside its ``.bin``) file, as an ``openvino.Model``."""
-    import openvino as ov
+    ov = import_openvino()
 
     return ov.Core().read_model(model if isinstance(model, bytes) else str(model))
 
@@ -43,7 +64,7 @@ def compile_model(model: Any, threads: int) -> Any:
     The calling thread keeps its alternate signal stack (the plugin swaps in one of its own, which
     dangles once models are freed out of order: :mod:`search.measuring.runtimes.signal_stack`).
     """
-    import openvino as ov
+    ov = import_openvino()
 
     config = {
         "INFERENCE_NUM_THREADS": threads,
@@ -59,6 +80,8 @@ class OpenVino:
     info = OPENVINO
 
     def unavailable(self) -> str | None:
+        if "openvino" not in sys.modules:
+            sys.modules.setdefault("openvino_telemetry", None)  # as import_openvino does
         return import_problem(self.info.module)
 
     def load(self, model: bytes | str, threads: int) -> Run:
