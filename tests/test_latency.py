@@ -119,3 +119,28 @@ def test_the_search_bench_and_export_time_in_a_process_that_does_nothing_else() 
     finally:
         timer.close()
     assert child.poll() is not None
+
+
+def test_bench_repeats_in_fresh_processes_and_reports_the_spread(tmp_path) -> None:
+    """``bench --repeat 3``: the median over three timing processes, with each ratio and their spread."""
+    import json
+
+    from tests.conftest import run_cli
+
+    space = load_space("spaces/resnet18.toml")
+    base = torchvision.models.resnet18(num_classes=10).eval()
+    pruned = apply_policy(torchvision.models.resnet18(num_classes=10), space.uniform(0.7), space, X).model
+    (tmp_path / "base.onnx").write_bytes(export_onnx(base, X))
+    (tmp_path / "pruned.onnx").write_bytes(export_onnx(pruned, X))
+    args = ["bench", str(tmp_path / "pruned.onnx"), "--reference", str(tmp_path / "base.onnx")]
+    done = run_cli(*args, "--repeat", "3", "--format", "json", timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    ratios = record["repeat_ratios"]
+    assert record["repeats"] == 3 and len(ratios) == 3 and len(record["repeat_median_ms"]) == 3
+    assert min(ratios) <= record["ratio"] <= max(ratios) < 0.6
+    assert record["spread"] == pytest.approx((max(ratios) - min(ratios)) / record["ratio"], abs=1e-3)
+    table = run_cli(*args, "--repeat", "2", timeout=300)
+    assert table.returncode == 0 and "median of 2 processes" in table.stdout and "spread" in table.stdout
+    bad = run_cli(*args, "--repeat", "0")
+    assert bad.returncode == 2 and "--repeat" in bad.stderr and "Traceback" not in bad.stderr

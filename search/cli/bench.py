@@ -6,12 +6,17 @@ anything else ONNX Runtime); OpenVINO also times an ``.onnx`` file, compiled as 
 It times through :class:`search.measuring.isolated.IsolatedTimer`, the timer every candidate of a
 search is timed with (in a process that does nothing else), so ``bench`` and the search cannot measure
 differently.
+
+``--repeat N`` times it in N fresh timing processes and reports the median over them with their spread:
+on sub-millisecond models a ratio moves by a few percent from one process to the next (BENCHMARKS.md
+"Runtimes: reading the numbers"), which one timing cannot show.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--reference", help="another model to time interleaved with it (e.g. the unpruned model)")
     add_runtime_option(parser, "the runtime to time in (default: the file's: .xml openvino, .pte executorch)")
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        help="time it this many times, each in a fresh timing process (on --target: that many requests), and "
+        "report the median with the spread (default: 1)",
+    )
     parser.add_argument("--format", choices=["table", "json"], default="table")
     add_target_options(parser)
 
@@ -70,40 +82,70 @@ def _measure(
     if reference and shape_of(reference) != shape:
         raise UsageError(f"--reference takes input {shape_of(reference)}, but {onnx} takes {shape}")
     if timer is None:
-        timer = IsolatedTimer(LatencySettings(threads=threads, runtime=name))
-    elif timer.threads != threads:
+        fresh = IsolatedTimer(LatencySettings(threads=threads, runtime=name))
+        try:
+            return shape, fresh.time(onnx, shape, reference=reference)
+        finally:
+            fresh.close()  # the next repeat starts a fresh process
+    if timer.threads != threads:
         raise UsageError(f"the latency target times with {timer.threads} thread(s); pass --threads {timer.threads}")
-    elif timer.runtime != name:
+    if timer.runtime != name:
         raise UsageError(f"the latency target times in {timer.runtime}; pass --runtime {timer.runtime}")
     return shape, timer.time(onnx, shape, reference=reference)
 
 
+def _spread(values: list[float]) -> float:
+    """(max - min) / median: how far apart the repeats came out."""
+    return (max(values) - min(values)) / statistics.median(values) if values else 0.0
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     runtime = runtime_of(args.onnx, args.runtime)
-    shape, result = _measure(args.onnx, args.reference, args.threads, target_timer(args), runtime)
+    timer = target_timer(args)
+    timings = []
+    for _ in range(args.repeat):
+        shape, result = _measure(args.onnx, args.reference, args.threads, timer, runtime)
+        timings.append(result)
+    medians = [t.median_ms for t in timings]
+    ratios = [t.ratio for t in timings if t.ratio is not None]
+    median_ms = statistics.median(medians)
+    ratio = statistics.median(ratios) if ratios else None
+    reference_ms = statistics.median([t.reference_median_ms for t in timings]) if ratios else None
     record = {
         "onnx": args.onnx,
         "runtime": runtime,
         "measured_on": args.target or "local",
         "input": list(shape),
         "threads": args.threads,
-        "median_ms": result.median_ms,
-        "p90_ms": result.p90_ms,
-        "runs": result.runs,
-        "stable": result.stable,
-        "reference_median_ms": result.reference_median_ms,
-        "ratio": result.ratio,
+        "median_ms": median_ms,
+        "p90_ms": statistics.median([t.p90_ms for t in timings]),
+        "runs": sum(t.runs for t in timings),
+        "stable": all(t.stable for t in timings),
+        "reference_median_ms": reference_ms,
+        "ratio": ratio,
+        "repeats": len(timings),
     }
+    if args.repeat > 1:
+        record["repeat_median_ms"] = medians
+        record["repeat_ratios"] = ratios or None
+        record["spread"] = round(_spread(ratios if ratios else medians), 4)
     if args.format == "json":
         console.print_json(json.dumps(record))
         return 0
+    over = f"over {record['runs']} runs" if args.repeat == 1 else f"median of {args.repeat} processes"
     line = (
-        f"{args.onnx}: median {result.median_ms:.3f} ms, p90 {result.p90_ms:.3f} ms over {result.runs} runs "
+        f"{args.onnx}: median {median_ms:.3f} ms, p90 {record['p90_ms']:.3f} ms {over} "
         f"(batch 1, input {list(shape)}, {runtime}, {args.threads} thread(s)"
-        f"{'' if result.stable else ', not yet stable'}"
+        f"{'' if record['stable'] else ', not yet stable'}"
         f"{f', on {args.target}' if args.target else ''})"
     )
-    if result.ratio is not None:
-        line += f"; reference {result.reference_median_ms:.3f} ms, ratio {result.ratio:.3f}"
+    if ratio is not None:
+        line += f"; reference {reference_ms:.3f} ms, ratio {ratio:.3f}"
+    if args.repeat > 1:
+        what = "ratios" if ratios else "medians"
+        values = ratios if ratios else medians
+        line += (
+            f"; {what} of the {args.repeat} timings {min(values):.3f}-{max(values):.3f} (spread {record['spread']:.1%})"
+        )
     console.print(line)
     return 0

@@ -1,0 +1,120 @@
+"""Benchmark: how long a search takes to reach its first trial at small inputs (issue #25's 60 s aim).
+
+Creating a study comes before any trial: the baseline's latency, the INT8 check, the fastest policy,
+the latency-aware tables, the recipes' bisections and the start-up samples. The study keeps what each
+phase took, from the moment the data is ready (``creation_seconds``, :mod:`search.study.creation_clock`).
+This runs ``cli.py search`` as a user would, on the built-in digits at 32 px (so it needs nothing on disk),
+one trial, FP32 pruning alone and one baseline epoch, for a CIFAR-style ResNet-18, MobileNetV2 and
+torchvision's DenseNet-121, and reports the set-up before the first trial phase by phase, with the
+command's wall time and the baseline's training beside it.
+
+    python benchmarks/first_trial.py            # writes benchmarks/first_trial.json and its BENCHMARKS.md section
+    python benchmarks/first_trial.py --quick    # one model, prints its JSON
+
+Time latency only on a quiet machine: the set-up is mostly latency measurements.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import optuna
+
+from benchmarks.allocation import ROOT, log
+from benchmarks.sections import write_section
+from search.measuring.hardware import fingerprint, git_revision, package_versions
+from search.study.creation_clock import CREATION_SECONDS
+
+OUT = Path(__file__).resolve().parent / "first_trial.json"
+WORK = Path(__file__).resolve().parent / ".first-trial"
+MODELS = ("resnet18_cifar", "mobilenet_v2_cifar", "densenet121")
+AIM_S = 60.0
+
+
+def run_one(model: str) -> dict[str, Any]:
+    folder = WORK / model
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    storage = f"sqlite:///{folder / 'study.db'}"
+    command = [
+        sys.executable, "cli.py", "search", "--budget-fraction", "0.5", "--model", model, "--data", "digits",
+        "--input-size", "32", "--trials", "1", "--precision", "fp32", "--baseline-epochs", "1",
+        "--storage", storage, "--study", "first", "--studies-dir", str(folder), "-q",
+    ]  # fmt: skip
+    log("$ " + " ".join(command[1:]))
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{model}: search failed ({done.returncode}): {done.stderr[-2000:]}")
+    study = optuna.load_study(study_name="first", storage=storage)
+    creation = study.user_attrs.get(CREATION_SECONDS) or {}
+    trials = study.get_trials(deepcopy=False)
+    row = {
+        "model": model,
+        "wall_seconds": round(wall, 1),
+        "creation_total_s": creation.get("total"),
+        "phases": creation.get("phases", {}),
+        "measurements": creation.get("measurements", {}),
+        "trials": len(trials),
+    }
+    log(f"{model}: set-up before the first trial {row['creation_total_s']} s (command {wall:.0f} s)")
+    return row
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"`benchmarks/first_trial.py` on {result['cpu']} ({result['date']}; {result['note']}): "
+        "`cli.py search --budget-fraction 0.5 --data digits --input-size 32 --trials 1 --precision fp32 "
+        "--baseline-epochs 1`, the set-up from the data being ready to the first trial (the study's "
+        f"`creation_seconds`), against the aim of {AIM_S:.0f} s.",
+        "",
+        "| model | set-up before the first trial | costliest phases (s; latency measurements) | whole command |",
+        "|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        phases = sorted(row["phases"].items(), key=lambda kv: -kv[1])[:4]
+        costly = "; ".join(
+            f"{name} {seconds:.1f}" + (f" ({row['measurements'][name]})" if row["measurements"].get(name) else "")
+            for name, seconds in phases
+        )
+        total = row["creation_total_s"]
+        mark = "within" if total is not None and total <= AIM_S else "over"
+        lines.append(f"| {row['model']} | {total} s ({mark} {AIM_S:.0f} s) | {costly} | {row['wall_seconds']} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the first model only; prints, writes nothing")
+    parser.add_argument("--note", default="quiet machine", help="the machine's state, for the section")
+    args = parser.parse_args()
+    hw = fingerprint(1)
+    rows = [run_one(m) for m in (MODELS[:1] if args.quick else MODELS)]
+    result = {
+        "cpu": f"{hw['cpu']} ({', '.join(hw.get('cpu_flags', []))}; {hw['logical_cpus']} logical CPUs)",
+        "date": time.strftime("%Y-%m-%d"),
+        "note": args.note,
+        "git_revision": git_revision(),
+        "versions": package_versions(),
+        "rows": rows,
+    }
+    print(json.dumps(result, indent=1))
+    if args.quick:
+        return
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    write_section("Time to the first trial", render(result))
+
+
+if __name__ == "__main__":
+    main()
