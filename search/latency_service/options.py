@@ -8,7 +8,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from search.latency_service.timing_process import default_memory_mb
+from search.measuring.timing_process import default_memory_mb
 
 __all__ = [
     "BODY_BYTES_PER_S",

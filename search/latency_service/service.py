@@ -24,7 +24,7 @@ Bounds (README, "Time on the target device"): the token is checked on the header
 body is read or ``100 Continue`` sent; headers must arrive within ``--request-timeout-s`` and a
 body within that plus 1 s per MiB; at most :data:`~search.latency_service.connections.MAX_CONNECTIONS`
 connections at once, more queued; models are loaded and timed in a child process
-(:mod:`search.latency_service.timing_process`) limited to ``--max-memory-mb`` and killed past
+(:mod:`search.measuring.timing_process`) limited to ``--max-memory-mb`` and killed past
 ``--max-timing-s`` for a whole timing, warm-up included.
 """
 
@@ -62,9 +62,9 @@ from search.latency_service.options import (
     load_or_create_token,
 )
 from search.latency_service.protocol import SHA256, Refused, check_shape, timing_request
-from search.latency_service.timing_process import TimingFailed, TimingProcess
 from search.measuring.hardware import fingerprint, fingerprint_id
 from search.measuring.timing import LatencySettings
+from search.measuring.timing_process import TimingFailed, TimingProcess
 
 __all__ = ["DEFAULT_PORT", "DEFAULT_TOKEN_FILE", "Target", "add_arguments", "load_or_create_token", "serve"]
 

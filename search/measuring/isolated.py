@@ -6,7 +6,7 @@ MobileNetV2 CIFAR candidates timed 3-5% slower against the unpruned model inside
 ``export``) than ``bench`` measured on the shipped file in a fresh process, in three reruns out of three
 (BENCHMARKS.md "Runtimes: reading the numbers"). So every timing goes to one child process, started
 once and reused, that imports only the runtime and times with :func:`search.measuring.timing.measure`:
-the latency target's timing worker (:mod:`search.latency_service.timing_worker`), here without its
+the latency target's timing worker (:mod:`search.measuring.timing_worker`), here without its
 memory limit. The reference goes over the pipe once and is kept there, so a timing costs what it did
 in-process plus sending the candidate (milliseconds).
 """
@@ -20,9 +20,9 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from search.latency_service.timing_process import TimingFailed, TimingProcess
 from search.measuring.hardware import fingerprint
 from search.measuring.timing import Latency, LatencySettings
+from search.measuring.timing_process import TimingFailed, TimingProcess
 
 __all__ = ["IsolatedTimer"]
 

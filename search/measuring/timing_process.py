@@ -1,7 +1,7 @@
 """The service's side of its timing process: every ONNX Runtime call, bounded in memory and in time.
 
 The service loads and times models in one child process
-(:mod:`search.latency_service.timing_worker`), started once and reused, so timings cost no more
+(:mod:`search.measuring.timing_worker`), started once and reused, so timings cost no more
 than in-process ones (the models travel over a pipe; the timing itself, baseline interleaved, is
 :func:`search.measuring.timing.measure` in that one process). The child's address space is
 limited to ``max_memory_mb``; a whole call (loading, warm-up, every run) that takes longer than
@@ -20,8 +20,8 @@ import weakref
 from io import BytesIO
 from typing import Any
 
-from search.latency_service.timing_worker import read_frame, write_frame
 from search.measuring.timing import Latency
+from search.measuring.timing_worker import read_frame, write_frame
 
 __all__ = ["TimingFailed", "TimingProcess", "default_memory_mb"]
 
@@ -66,7 +66,7 @@ class TimingProcess:
         """Start the child (if none runs) and wait until it has imported ONNX Runtime."""
         if self._child is not None and self._child.poll() is None:
             return
-        argv = [sys.executable, "-m", "search.latency_service.timing_worker"]
+        argv = [sys.executable, "-m", "search.measuring.timing_worker"]
         argv += ["--threads", str(self.threads), "--max-memory-mb", str(self.max_memory_mb), "--runtime", self.runtime]
         self._child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         weakref.finalize(self, _kill, self._child)  # a process object dropped without stop() takes its child along

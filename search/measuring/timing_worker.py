@@ -1,7 +1,7 @@
 """The latency target's timing process: ONNX Runtime runs here, under a memory limit, killed past a deadline.
 
-``python -m search.latency_service.timing_worker --threads T --max-memory-mb M`` is started by
-:class:`search.latency_service.timing_process.TimingProcess`. It limits its own address space to
+``python -m search.measuring.timing_worker --threads T --max-memory-mb M`` is started by
+:class:`search.measuring.timing_process.TimingProcess`. It limits its own address space to
 ``M`` MiB (``RLIMIT_AS``) before importing ONNX Runtime, so a model whose tensors need more fails
 to allocate here, and the service, in another process, answers with a 4xx and keeps serving.
 It reads requests from stdin and answers on stdout, one frame each: a 4-byte big-endian length,
@@ -104,7 +104,7 @@ def _answer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search.latency_service.timing_worker")
+    parser = argparse.ArgumentParser(prog="python -m search.measuring.timing_worker")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--max-memory-mb", type=int, required=True)
     parser.add_argument("--runtime", default="onnxruntime")
