@@ -241,6 +241,7 @@ def run_searches(
     studies.mkdir(parents=True, exist_ok=True)
     if "settings" not in cache:  # a fresh entry: its timings have today's floor (older entries had none)
         cache["min_timing_s"] = default_min_seconds()
+        cache["isolated"] = True  # the search, export and bench time in a child process (search/measuring/isolated.py)
     cache.setdefault("settings", sizes)
     for runtime in runtimes:
         entry = cache.setdefault(runtime, {})
@@ -266,8 +267,13 @@ def render(cache: dict[str, Any], runtimes: list[str]) -> str:
         f"A short search in each runtime ({sizes['model']} on digits at {sizes['size']} px, budget "
         f"{sizes['fraction']:g} of each runtime's own baseline, {sizes['trials']} trials of {sizes['steps']} steps, "
         "seed 0, no promotion), its front exported and the shipped files timed with `bench --runtime`"
-        + (f" (every timing at least {cache['min_timing_s']:g} s)" if cache.get("min_timing_s") else
-           " (timed before the 1 s floor: each timing stopped once its median was stable)")
+        + (
+            f" (every timing at least {cache['min_timing_s']:g} s"
+            + (", each in a timing process of its own" if cache.get("isolated") else "")
+            + ")"
+            if cache.get("min_timing_s")
+            else " (timed before the 1 s floor: each timing stopped once its median was stable)"
+        )
         + ":",
         "",
         "| runtime | baseline ms | budget ms | front (trial: ratio) | pick | pick's ratio in "
