@@ -56,11 +56,13 @@ def runtime_of(path: str, runtime: str | None) -> str:
 
 
 def _measure(
-    onnx: str, reference: str | None, threads: int, timer: Any = None, runtime: str | None = None
+    onnx: str, reference: str | None, threads: int, timer: Any = None, runtime: str | None = None, repeat: int = 1
 ) -> tuple[tuple[int, ...], Any]:
     """The batch-1 input shape of ``onnx`` and its latency, timed interleaved with ``reference`` if given.
 
-    ``timer`` is the latency target's (``--target``); by default the model is timed here, in ``runtime``.
+    ``timer`` is the latency target's (``--target``); by default the model is timed here, in ``runtime``, in a
+    fresh timing process. With ``repeat`` > 1 the latency is a list of ``repeat`` timings, each in a fresh
+    process (on a target: ``repeat`` requests); the files are checked once.
     """
     from search.measuring.isolated import IsolatedTimer
     from search.measuring.runtimes.registry import require_runtime
@@ -79,19 +81,24 @@ def _measure(
         return tuple(1 if not isinstance(d, int) or d < 1 else d for d in dims)
 
     shape = shape_of(onnx)
-    if reference and shape_of(reference) != shape:
-        raise UsageError(f"--reference takes input {shape_of(reference)}, but {onnx} takes {shape}")
-    if timer is None:
+    if reference and (reference_shape := shape_of(reference)) != shape:
+        raise UsageError(f"--reference takes input {reference_shape}, but {onnx} takes {shape}")
+    if timer is not None and timer.threads != threads:
+        raise UsageError(f"the latency target times with {timer.threads} thread(s); pass --threads {timer.threads}")
+    if timer is not None and timer.runtime != name:
+        raise UsageError(f"the latency target times in {timer.runtime}; pass --runtime {timer.runtime}")
+
+    def once() -> Any:
+        if timer is not None:
+            return timer.time(onnx, shape, reference=reference)
         fresh = IsolatedTimer(LatencySettings(threads=threads, runtime=name))
         try:
-            return shape, fresh.time(onnx, shape, reference=reference)
+            return fresh.time(onnx, shape, reference=reference)
         finally:
             fresh.close()  # the next repeat starts a fresh process
-    if timer.threads != threads:
-        raise UsageError(f"the latency target times with {timer.threads} thread(s); pass --threads {timer.threads}")
-    if timer.runtime != name:
-        raise UsageError(f"the latency target times in {timer.runtime}; pass --runtime {timer.runtime}")
-    return shape, timer.time(onnx, shape, reference=reference)
+
+    timings = [once() for _ in range(repeat)]
+    return shape, timings if repeat > 1 else timings[0]
 
 
 def _spread(values: list[float]) -> float:
@@ -101,11 +108,8 @@ def _spread(values: list[float]) -> float:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     runtime = runtime_of(args.onnx, args.runtime)
-    timer = target_timer(args)
-    timings = []
-    for _ in range(args.repeat):
-        shape, result = _measure(args.onnx, args.reference, args.threads, timer, runtime)
-        timings.append(result)
+    shape, timed = _measure(args.onnx, args.reference, args.threads, target_timer(args), runtime, args.repeat)
+    timings = timed if args.repeat > 1 else [timed]
     medians = [t.median_ms for t in timings]
     ratios = [t.ratio for t in timings if t.ratio is not None]
     median_ms = statistics.median(medians)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from search.data.dataset import Dataset
-from search.measuring.hardware import fingerprint
+from search.measuring.hardware import OnThisMachine
 from search.measuring.quantize import QuantizeSettings
 from search.measuring.runtimes.lowering import timed_file
 from search.measuring.runtimes.registry import DEFAULT_RUNTIME
@@ -70,25 +70,10 @@ class Timer(Protocol):
 
 
 @dataclass(frozen=True)
-class LocalTimer:
-    """A runtime (``settings.runtime``, ONNX Runtime by default) on this machine's CPU."""
+class LocalTimer(OnThisMachine):
+    """A runtime (``settings.runtime``, ONNX Runtime by default) on this machine's CPU, timed in this process."""
 
     settings: LatencySettings
-
-    @property
-    def threads(self) -> int:
-        return self.settings.threads
-
-    @property
-    def runtime(self) -> str:
-        return self.settings.runtime
-
-    @property
-    def where(self) -> str:
-        return "local"
-
-    def fingerprint(self) -> dict[str, Any]:
-        return fingerprint(self.settings.threads, self.settings.runtime)
 
     def with_settings(self, settings: LatencySettings) -> LocalTimer:
         """This timer with other rounds (threads and runtime stay)."""

@@ -13,9 +13,20 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["cpu_flags", "fingerprint", "fingerprint_id", "git_revision", "package_versions", "supports_bf16"]
+if TYPE_CHECKING:
+    from search.measuring.timing import LatencySettings
+
+__all__ = [
+    "OnThisMachine",
+    "cpu_flags",
+    "fingerprint",
+    "fingerprint_id",
+    "git_revision",
+    "package_versions",
+    "supports_bf16",
+]
 
 _INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
 
@@ -96,3 +107,31 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+class OnThisMachine:
+    """What a timer on this machine's CPU says about itself, from its ``settings``: threads, runtime, where
+    (``local``: every record of such a timer says so) and this machine's fingerprint. Shared by
+    :class:`search.measuring.candidate.LocalTimer` (in-process) and
+    :class:`search.measuring.isolated.IsolatedTimer` (in a child process): the machine is the same."""
+
+    settings: LatencySettings
+
+    @property
+    def threads(self) -> int:
+        return self.settings.threads
+
+    @property
+    def runtime(self) -> str:
+        return self.settings.runtime
+
+    @property
+    def where(self) -> str:
+        return "local"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.settings.threads, self.settings.runtime)
+
+    def with_settings(self, settings: LatencySettings) -> OnThisMachine:
+        """This timer timing with other rounds (threads and runtime stay)."""
+        raise NotImplementedError

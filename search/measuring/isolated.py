@@ -18,9 +18,8 @@ import dataclasses
 import hashlib
 import weakref
 from pathlib import Path
-from typing import Any
 
-from search.measuring.hardware import fingerprint
+from search.measuring.hardware import OnThisMachine
 from search.measuring.timing import Latency, LatencySettings
 from search.measuring.timing_process import TimingFailed, TimingProcess
 
@@ -46,7 +45,7 @@ def _named(model: bytes | str) -> tuple[str, bytes | str]:
     return f"file:{path}:{stat.st_mtime_ns}:{stat.st_size}", str(path)
 
 
-class IsolatedTimer:
+class IsolatedTimer(OnThisMachine):
     """A runtime on this machine's CPU, timing in a child process of its own (see the module's docstring).
 
     Records say ``local``, as :class:`search.measuring.candidate.LocalTimer`'s do: the machine is the same.
@@ -58,21 +57,6 @@ class IsolatedTimer:
             settings.threads, 0, settings.max_seconds + _LOAD_SECONDS, runtime=settings.runtime
         )
         _ALIVE.add(self._process)
-
-    @property
-    def threads(self) -> int:
-        return self.settings.threads
-
-    @property
-    def runtime(self) -> str:
-        return self.settings.runtime
-
-    @property
-    def where(self) -> str:
-        return "local"
-
-    def fingerprint(self) -> dict[str, Any]:
-        return fingerprint(self.settings.threads, self.settings.runtime)
 
     def with_settings(self, settings: LatencySettings) -> IsolatedTimer:
         """The same child process, timing with other rounds (threads and runtime stay)."""

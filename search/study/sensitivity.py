@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from search.measuring.candidate import CandidateMeter
+from search.measuring.hardware import OnThisMachine
 from search.progress import Reporter
 from search.pruning.channels import prune_copy
 from search.pruning.latency_aware import Probe, SensitivityTable, probe_stages, stage_fractions, tunable_stages
@@ -42,11 +43,10 @@ settings, and the 1 s floor would add a second to each of a table's probes."""
 
 def probe_meter(meter: CandidateMeter) -> CandidateMeter:
     """``meter`` timing with :data:`PROBE_TIMING` where it times on this machine (a latency target keeps its own)."""
-    settings = getattr(meter.timer, "settings", None)
-    if not hasattr(meter.timer, "with_settings") or settings is None:
+    if not isinstance(meter.timer, OnThisMachine):
         return meter
     quick = copy.copy(meter)
-    quick.timer = meter.timer.with_settings(dataclasses.replace(settings, **PROBE_TIMING))  # type: ignore[attr-defined]
+    quick.timer = meter.timer.with_settings(dataclasses.replace(meter.timer.settings, **PROBE_TIMING))
     return quick
 
 

@@ -44,11 +44,16 @@ def import_openvino() -> Any:
     user's back, so the telemetry module is hidden before the first import and the converter falls
     back to its own no-op stub. Where OpenVINO was already imported, it is left as it is.
     """
-    if "openvino" not in sys.modules:
-        sys.modules.setdefault("openvino_telemetry", None)  # a None entry makes its import fail
+    _hide_telemetry()
     import openvino
 
     return openvino
+
+
+def _hide_telemetry() -> None:
+    """Make ``import openvino_telemetry`` fail (a None entry), unless OpenVINO was imported before us."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)
 
 
 def read_model(model: bytes | str | Path) -> Any:
@@ -80,8 +85,7 @@ class OpenVino:
     info = OPENVINO
 
     def unavailable(self) -> str | None:
-        if "openvino" not in sys.modules:
-            sys.modules.setdefault("openvino_telemetry", None)  # as import_openvino does
+        _hide_telemetry()  # the check imports openvino too
         return import_problem(self.info.module)
 
     def load(self, model: bytes | str, threads: int) -> Run:
