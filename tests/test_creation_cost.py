@@ -18,7 +18,7 @@ from search.pruning.latency_aware import (
     allocation_path,
     probe_stages,
 )
-from search.pruning.recipes import bracket_search, budget_matched
+from search.pruning.recipes import Measured, bracket_search, budget_matched
 from search.study.creation_clock import CREATION_SECONDS, OTHER, CreationClock, creation_line
 from search.study.storage import open_storage
 
@@ -38,10 +38,19 @@ def test_the_clock_says_each_phase_with_its_seconds_records_them_on_the_study_an
     with clock.phase("uniform recipe's bisection"):
         clock.count()
         clock.count()
+    with clock.phase("start-up samples near the budget"):
+        clock.count(probe=True)
+        clock.count(probe=True)
+        clock.count()
     time.sleep(0.1)
     clock.settle()
     clock.stop()
-    assert reporter.phases == ["baseline (load, or train)", "latency-aware tables", "uniform recipe's bisection"]
+    assert reporter.phases == [
+        "baseline (load, or train)",
+        "latency-aware tables",
+        "uniform recipe's bisection",
+        "start-up samples near the budget",
+    ]
     assert any(
         line.startswith("Setup: uniform recipe's bisection, 0.0 s, 2 latency measurements (") for line in reporter.infos
     )
@@ -56,6 +65,8 @@ def test_the_clock_says_each_phase_with_its_seconds_records_them_on_the_study_an
     assert line is not None and line.startswith("Set-up before the first trial: ")
     assert line.index("latency-aware tables") < line.index("baseline"), "the costliest phase first"
     assert "uniform recipe's bisection 0.0 s (2 measured)" in line
+    assert "start-up samples near the budget 0.0 s (3 measured, 2 by quick probe)" in line
+    assert any("near the budget, 0.0 s, 3 latency measurements (2 of them quick probes)" in x for x in reporter.infos)
 
     rerun = CreationClock(RecordingReporter())  # a rerun that finishes the creation adds to what was recorded
     rerun.attach(study)
@@ -112,6 +123,56 @@ def test_the_estimated_start_is_told_by_measurement_not_by_the_estimates() -> No
     assert bracket_search(wrong, 0.45, lambda i: ratios[i]) == 5
     assert bracket_search([1.0] * len(ratios), 0.45, lambda i: ratios[i]) == 5
     assert bracket_search(wrong, 0.1, lambda i: ratios[i]) is None, "nothing meets it: measured, not estimated"
+
+
+def test_probes_search_the_grid_and_only_the_answer_is_timed_in_full_stepping_on_where_it_misses() -> None:
+    """Quick probes choose the point; the full timing judges it (and the next ones, should it miss)."""
+    full_ratios = [0.9, 0.8, 0.7, 0.6, 0.52, 0.45, 0.3, 0.2]
+    grid = [(float(i), i) for i in range(len(full_ratios))]
+    for probe_ratios, expected, timed in (
+        ([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.3, 0.2], 5, [4, 5]),  # the probe put index 4 within 0.5; it is not
+        ([0.88, 0.79, 0.71, 0.61, 0.53, 0.44, 0.31, 0.2], 5, [5]),  # probe and full timing agree
+    ):
+        probed: list[int] = []
+        full: list[int] = []
+
+        def probe(i: int, ratios: list[float] = probe_ratios, probed: list[int] = probed) -> float:
+            probed.append(i)
+            return ratios[i]
+
+        def confirm(i: int, full: list[int] = full) -> float:
+            full.append(i)
+            return full_ratios[i]
+
+        found = budget_matched(grid, 0.5, probe, [1 - i / 8 for i in range(8)], confirm)  # type: ignore[arg-type]
+        assert found is not None and found[0] == expected and found[2] == full_ratios[expected]
+        assert full == timed, "only the answer (and what follows it, on a miss) is timed in full"
+        assert len(probed) >= 2
+    missed = budget_matched(grid, 0.1, lambda i: 0.05, None, lambda i: 0.5)  # type: ignore[arg-type,misc]
+    assert missed is None, "no point meets the budget in full: none is returned on the probes' word"
+
+
+def test_measured_probes_once_and_a_probed_policy_has_no_full_record() -> None:
+    from search.pruning.policy import Policy
+
+    calls: list[str] = []
+
+    def record_of(policy: Policy) -> dict[str, float]:
+        calls.append("full")
+        return {"corrected_ms": 4.0}
+
+    def probe_of(policy: Policy) -> dict[str, float]:
+        calls.append("probe")
+        return {"corrected_ms": 3.0}
+
+    policy = Policy(stages={}, precision="fp32")
+    measured = Measured(record_of, 10.0, probe_of)
+    assert measured.rough(policy) == measured.rough(policy) == 0.3 and calls == ["probe"]
+    assert measured.full(policy) is None, "a start-up sample chosen by a probe: its trial times it in full"
+    assert measured.ratio(policy) == 0.4 and measured.rough(policy) == 0.4, "a full timing, once known, is the word"
+    assert calls == ["probe", "full"] and measured.full(policy) == {"corrected_ms": 4.0}
+    plain = Measured(record_of, 10.0)
+    assert plain.rough(policy) == 0.4 and plain.full(policy) is not None, "without probes, rough is the full timing"
 
 
 def _truth(stage: str, level: float) -> Probe:

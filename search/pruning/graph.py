@@ -7,6 +7,9 @@ embedding is the channel dimension (checked by the tests on a layer-scaled model
 pruned with the channels they scale; a learned scalar has no channels and is left alone. It also
 warns ``Unwrapped parameters detected`` about them on every graph it builds, twenty times in one
 ``convnext_tiny`` search: :func:`build_graph` keeps that warning, and only that one, quiet.
+
+Importing this module puts :mod:`search.pruning.fast_concat`'s equivalent of torch-pruning's
+concatenation re-indexing in place of its own (pruning DenseNet-121 took 2.2 s a copy, most of it there).
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import warnings
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from search.pruning import fast_concat
+
+fast_concat.install()
 
 __all__ = ["build_graph"]
 

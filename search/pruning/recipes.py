@@ -10,7 +10,11 @@
 * then a few start-up samples near the budget (:func:`near_budget`), in place of the sampler's
   random start-up policies, which mostly miss a tight budget.
 
-Whatever was chosen by measuring it carries that latency record, and its trial reuses it.
+Where the study gives a quick probe timing (fewer rounds, no floor), the bisections and the
+start-up samples search with it, and only a bisection's answer is timed in full (stepping on to the
+next more pruned policy in the rare case the full timing misses the budget): the probes only choose
+what to time. A recipe chosen by a full timing carries that latency record, and its trial reuses it;
+a start-up sample chosen by a probe carries none, and its trial times it in full as any trial.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ def budget_matched(
     fraction: float,
     ratio_of: Callable[[Policy], float],
     estimates: list[float] | None = None,
+    confirm: Callable[[Policy], float] | None = None,
 ) -> tuple[float, Policy, float] | None:
     """The least-pruned policy of ``grid`` (ordered by ratio) whose latency ratio is within ``fraction``.
 
@@ -108,7 +113,9 @@ def budget_matched(
     falling along the grid) it starts where they put the budget and interpolates between the
     measurements that bracket it (:func:`bracket_search`), usually in 2 or 3 measurements instead
     of bisection's 5 or 6; the estimates only choose what to measure, every answer is measured.
-    Returns the grid ratio, the policy and its measured latency ratio.
+    With ``confirm`` (the full measurement, where ``ratio_of`` is a quick probe) the answer is
+    measured again by it and, should that miss the budget, the next more pruned policies are, until
+    one meets it. Returns the grid ratio, the policy and its latency ratio (``confirm``'s if given).
     """
     measured: dict[int, float] = {}
 
@@ -121,17 +128,26 @@ def budget_matched(
         return None
     if estimates is not None:
         found = bracket_search(estimates, fraction, ratio)
-        return None if found is None else (grid[found][0], grid[found][1], measured[found])
-    if ratio(len(grid) - 1) > fraction:
+    elif ratio(len(grid) - 1) > fraction:
+        found = None
+    else:
+        low, high = -1, len(grid) - 1  # grid[low] is over the budget (-1: the unpruned model), grid[high] meets it
+        while high - low > 1:
+            middle = (low + high) // 2
+            if ratio(middle) <= fraction:
+                high = middle
+            else:
+                low = middle
+        found = high
+    if found is None:
         return None
-    low, high = -1, len(grid) - 1  # grid[low] is over the budget (-1: the unpruned model), grid[high] meets it
-    while high - low > 1:
-        middle = (low + high) // 2
-        if ratio(middle) <= fraction:
-            high = middle
-        else:
-            low = middle
-    return grid[high][0], grid[high][1], measured[high]
+    if confirm is None:
+        return grid[found][0], grid[found][1], measured[found]
+    for i in range(found, len(grid)):
+        full = confirm(grid[i][1])
+        if full <= fraction:
+            return grid[i][0], grid[i][1], full
+    return None
 
 
 def bracket_search(estimates: list[float], fraction: float, ratio: Callable[[int], float]) -> int | None:
@@ -191,6 +207,7 @@ def study_recipes(
     seed: int = 0,
     latency_aware_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
     phase: Callable[[str], AbstractContextManager[object]] | None = None,
+    probe_of: Callable[[Policy], dict[str, Any]] | None = None,
 ) -> list[Recipe]:
     """The policies a new study runs first, in order: recipes, then start-up samples near the budget.
 
@@ -202,7 +219,9 @@ def study_recipes(
     ``latency_aware_grid_of(precision)`` gives the latency-aware allocation path
     (:func:`search.pruning.latency_aware.path_policies`, each policy with its estimated latency
     fraction), if wanted. ``phase(name)`` times each bisection and the start-up samples (a context
-    manager, :meth:`search.study.creation_clock.CreationClock.phase`).
+    manager, :meth:`search.study.creation_clock.CreationClock.phase`). ``probe_of`` gives a quick latency
+    record (fewer rounds) that the bisections and the start-up samples search with; without it they
+    use ``record_of`` throughout.
     """
     timed = phase or (lambda name: nullcontext())
     recipes = [Recipe("unpruned", space.unpruned())] + [
@@ -213,7 +232,7 @@ def study_recipes(
     if baseline_ms <= budget_ms:
         return recipes
     reporter.phase("find the recipes that just meet the budget")
-    measured = Measured(record_of, baseline_ms)
+    measured = Measured(record_of, baseline_ms, probe_of)
     matched: list[Recipe] = []
     for precision in space.precisions:
         suffix = " int8" if precision == "int8" else ""
@@ -237,7 +256,7 @@ def study_recipes(
             # Where to start measuring: the tables' estimates, or (1 - r)^2, the MACs a ratio r leaves.
             estimates = [r if kind == "latency-aware" else (1 - r) ** 2 for r, _ in grid]
             with timed(f"{kind} recipe's bisection{suffix}"):
-                found = budget_matched(grid, budget_ms / baseline_ms, measured.ratio, estimates)
+                found = budget_matched(grid, budget_ms / baseline_ms, measured.rough, estimates, measured.ratio)
             if found is None:
                 continue
             r, policy, ratio = found
@@ -256,27 +275,51 @@ def study_recipes(
     reporter.phase("sample start-up policies near the budget")
     anchors = [r.policy for r in recipes + matched if r.label and r.label.endswith("at the budget")]
     with timed("start-up samples near the budget"):
-        nearby = near_budget(space, anchors, budget_ms / baseline_ms, measured.ratio, seed)
-    reporter.info(f"{len(nearby)} start-up policies between {NEAR_BUDGET_FLOOR:.0%} and 100% of the budget; enqueued")
-    return recipes + matched + [Recipe(None, p, measured.record(p)) for p in nearby]
+        nearby = near_budget(space, anchors, budget_ms / baseline_ms, measured.rough, seed)
+    how = "probed" if probe_of is not None else "measured"
+    reporter.info(
+        f"{len(nearby)} start-up policies {how} between {NEAR_BUDGET_FLOOR:.0%} and 100% of the budget; enqueued"
+    )
+    return recipes + matched + [Recipe(None, p, measured.full(p)) for p in nearby]
 
 
 class Measured:
-    """Latency records by policy, each policy measured once."""
+    """Latency records by policy, each policy measured once (and probed at most once, where probes are given)."""
 
-    def __init__(self, record_of: Callable[[Policy], dict[str, Any]], baseline_ms: float) -> None:
+    def __init__(
+        self,
+        record_of: Callable[[Policy], dict[str, Any]],
+        baseline_ms: float,
+        probe_of: Callable[[Policy], dict[str, Any]] | None = None,
+    ) -> None:
         self._record_of = record_of
+        self._probe_of = probe_of
         self._baseline_ms = baseline_ms
         self._records: dict[str, dict[str, Any]] = {}
+        self._probes: dict[str, dict[str, Any]] = {}
 
     def record(self, policy: Policy) -> dict[str, Any]:
+        """``policy``'s full latency record (measured now if it was not before)."""
         if policy.key() not in self._records:
             self._records[policy.key()] = self._record_of(policy)
         return self._records[policy.key()]
 
+    def full(self, policy: Policy) -> dict[str, Any] | None:
+        """``policy``'s full latency record if one was measured, else None (it was only probed)."""
+        return self._records.get(policy.key())
+
     def ratio(self, policy: Policy) -> float:
         """The drift-corrected latency over the study's baseline: exactly the trial's budget test."""
         return self.record(policy)["corrected_ms"] / self._baseline_ms
+
+    def rough(self, policy: Policy) -> float:
+        """The latency ratio a quick probe gives (the full one where measured already, or without probes)."""
+        key = policy.key()
+        if self._probe_of is None or key in self._records:
+            return self.ratio(policy)
+        if key not in self._probes:
+            self._probes[key] = self._probe_of(policy)
+        return self._probes[key]["corrected_ms"] / self._baseline_ms
 
 
 def near_budget(

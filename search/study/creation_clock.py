@@ -23,8 +23,9 @@ from search.progress import Reporter
 __all__ = ["CREATION_SECONDS", "LINE_EVERY_S", "CreationClock", "creation_line"]
 
 CREATION_SECONDS = "creation_seconds"
-"""Study user attribute: ``{"phases": {phase: seconds}, "total": seconds, "measurements": {phase: count}}``,
-from the data being ready (the latency measurements the recipes' searches and start-up samples took)."""
+"""Study user attribute: ``{"phases": {phase: seconds}, "total": seconds, "measurements": {phase: count},
+"probes": {phase: count}}``, from the data being ready (the latency measurements the recipes' searches and
+start-up samples took, and how many of them were quick probes)."""
 
 OTHER = "other (between the phases)"
 
@@ -40,11 +41,14 @@ class CreationClock:
         self.seconds: dict[str, float] = {}
         self.measurements: dict[str, int] = {}
         """Latency measurements counted in each phase (:meth:`count`)."""
+        self.probes: dict[str, int] = {}
+        """How many of them were quick probes."""
         self._started = time.monotonic()
         self._every = every
         self._study: optuna.Study | None = None
         self._kept: dict[str, float] = {}
         self._kept_counts: dict[str, int] = {}
+        self._kept_probes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._current: tuple[str, float] | None = None
         self._done = threading.Event()
@@ -61,6 +65,7 @@ class CreationClock:
         stored = study.user_attrs.get(CREATION_SECONDS) or {}
         self._kept = {k: float(v) for k, v in (stored.get("phases") or {}).items()}
         self._kept_counts = {k: int(v) for k, v in (stored.get("measurements") or {}).items()}
+        self._kept_probes = {k: int(v) for k, v in (stored.get("probes") or {}).items()}
         self._store()
 
     @contextmanager
@@ -80,15 +85,19 @@ class CreationClock:
                 self.seconds[name] = self.seconds.get(name, 0.0) + took
             counted = self.measurements.get(name)
             said = f", {counted} latency measurement{'s' if counted != 1 else ''}" if counted else ""
+            if counted and self.probes.get(name):
+                said += f" ({self.probes[name]} of them quick probes)"
             self.reporter.info(f"Setup: {name}, {took:.1f} s{said} ({self.elapsed:.0f} s since the data was ready)")
             self._store()
 
-    def count(self) -> None:
-        """One more latency measurement in the current phase."""
+    def count(self, *, probe: bool = False) -> None:
+        """One more latency measurement in the current phase (``probe``: a quick one, fewer rounds)."""
         with self._lock:
             if self._current is not None:
                 name = self._current[0]
                 self.measurements[name] = self.measurements.get(name, 0) + 1
+                if probe:
+                    self.probes[name] = self.probes.get(name, 0) + 1
 
     def phases(self) -> dict[str, float]:
         """Every phase's seconds, those a stopped creation recorded before included."""
@@ -103,6 +112,7 @@ class CreationClock:
             "phases": {k: round(v, 1) for k, v in phases.items()},
             "total": round(sum(phases.values()), 1),
             "measurements": {**self._kept_counts, **self.measurements},
+            "probes": {**self._kept_probes, **self.probes},
         }
 
     def settle(self) -> None:
@@ -156,8 +166,12 @@ def creation_line(study: optuna.Study) -> str | None:
         return None
     phases = sorted(stored["phases"].items(), key=lambda item: -float(item[1]))
     counts = stored.get("measurements") or {}
-    shown = ", ".join(
-        f"{name} {float(seconds):.1f} s" + (f" ({counts[name]} measured)" if counts.get(name) else "")
-        for name, seconds in phases
-    )
+    probes = stored.get("probes") or {}
+
+    def measured(name: str) -> str:
+        if not counts.get(name):
+            return ""
+        return f" ({counts[name]} measured" + (f", {probes[name]} by quick probe)" if probes.get(name) else ")")
+
+    shown = ", ".join(f"{name} {float(seconds):.1f} s{measured(name)}" for name, seconds in phases)
     return f"Set-up before the first trial: {float(stored.get('total', 0.0)):.0f} s since the data was ready ({shown})"
