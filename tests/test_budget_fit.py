@@ -86,7 +86,8 @@ def test_sampled_policies_are_fitted_to_the_budget_and_recipes_are_not(digits32,
     assert {s.criterion for s in fitted.stages.values()} == {"l2"}
     measured = attrs["budget_fit"]["measured"]
     chosen = attrs["budget_fit"]["strength"]
-    assert any(m["strength"] == chosen and m["ratio"] <= 0.5 for m in measured)
+    assert any(m["strength"] == chosen and m["how"] == "full" and m["ratio"] <= 0.5 for m in measured), measured
+    assert sum(m["how"] == "full" for m in measured) < len(measured), "probed, then timed in full"
     weaker = [m for m in measured if m["strength"] < chosen]
     assert weaker and all(m["ratio"] > 0.5 for m in weaker), "the least pruned of its shape that meets the budget"
     study.tell(trial, (outcome.accuracy, outcome.latency_ms))

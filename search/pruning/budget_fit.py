@@ -7,8 +7,8 @@ budget unused, which costs accuracy. With ``--fit-budget`` a sampled policy is r
 at ``r`` (``s = 1`` is the sample itself; a stage the sample leaves alone stays alone), and the
 strength is found by bisection on measured latency, so that the trial runs the least pruned
 policy of its shape that meets the budget. AMC constrains its agent's actions to the budget in
-the same spirit. Criteria, rounding and precision stay as sampled; the measurement that chose
-the policy is the trial's latency record.
+the same spirit. Criteria, rounding and precision stay as sampled; the bisection probes (quick
+timings) and the full timing of its answer is the trial's latency record.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class Fit:
     strength: float
     latency: dict[str, Any]
     """The latency record (with ``arch_hash``) of ``policy``: the measurement that chose it."""
-    measured: list[dict[str, float]]
-    """Every strength measured on the way, with its latency over the baseline's: ``{"strength", "ratio"}``."""
+    measured: list[dict[str, Any]]
+    """Every strength measured on the way, with its latency over the baseline's and how it was timed:
+    ``{"strength", "ratio", "how": "probe" | "full"}``."""
 
     def summary(self, sampled: Policy) -> dict[str, Any]:
         """What a trial records about its fit (user attribute ``budget_fit``)."""
@@ -66,26 +67,33 @@ def fit_to_budget(
     budget_ms: float,
     baseline_ms: float,
     record_of: Callable[[Policy], dict[str, Any]],
+    probe_of: Callable[[Policy], dict[str, Any]] | None = None,
 ) -> Fit | None:
     """The least pruned policy of ``policy``'s shape whose drift-corrected latency meets ``budget_ms``.
 
-    ``record_of`` measures a policy's latency record (:meth:`search.measuring.candidate.CandidateMeter.record`).
-    None when no strength meets the budget (the trial then runs the sample as it is) or when the
-    sample prunes nothing (it has no shape to scale).
+    ``record_of`` measures a policy's latency record (:meth:`search.measuring.candidate.CandidateMeter.record`);
+    with ``probe_of`` (a quick timing) the bisection probes and only its answer is timed in full
+    (:func:`search.pruning.recipes.budget_matched`). None when no strength meets the budget (the
+    trial then runs the sample as it is) or when the sample prunes nothing (it has no shape to scale).
     """
     if policy.is_unpruned:
         return None
     grid = strength_grid(space, policy)
-    measurements = Measured(record_of, baseline_ms)
+    measurements = Measured(record_of, baseline_ms, probe_of)
     measured: list[dict[str, float]] = []
     strength_of = {p.key(): s for s, p in grid}
 
-    def ratio_of(candidate: Policy) -> float:
-        ratio = measurements.ratio(candidate)
-        measured.append({"strength": round(strength_of[candidate.key()], 4), "ratio": round(ratio, 4)})
+    def note(candidate: Policy, ratio: float, how: str) -> float:
+        measured.append({"strength": round(strength_of[candidate.key()], 4), "ratio": round(ratio, 4), "how": how})
         return ratio
 
-    found = budget_matched(grid, budget_ms / baseline_ms, ratio_of)
+    def rough(candidate: Policy) -> float:
+        return note(candidate, measurements.rough(candidate), "probe" if probe_of is not None else "full")
+
+    def full(candidate: Policy) -> float:
+        return note(candidate, measurements.ratio(candidate), "full")
+
+    found = budget_matched(grid, budget_ms / baseline_ms, rough, confirm=full if probe_of is not None else None)
     if found is None:
         return None
     strength, fitted, _ = found
