@@ -225,8 +225,8 @@ class Bench:
         state.unlink(missing_ok=True)
         got = {
             "test_top1": top1(model, self.data, "test", limit=self.plan.test_images),
-        "trained_on": fingerprint(1).get("cpu", "unknown"),
-        "date": time.strftime("%Y-%m-%d"),
+            "trained_on": fingerprint(1).get("cpu", "unknown"),
+            "date": time.strftime("%Y-%m-%d"),
             "val_top1": top1(model, self.data, "val"),
             "seconds": round(result.seconds, 1),
             "images_per_second": round(result.images_per_second, 1),

@@ -169,6 +169,7 @@ def test_ctrl_c_before_anything_is_recorded_discards_the_study(
     config: SearchConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stopped while the baseline was timed: nothing of the study is kept, and the rerun creates it anew."""
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

@@ -457,8 +457,7 @@ def test_the_page_shows_three_classes_for_each_model_in_headless_chromium(
         assert preview.get_attribute("hidden") is None, "the image is shown"
         assert preview.size["height"] >= 128 and preview.size["width"] >= 128, f"an 8 px image drawn {preview.size}"
         roles = {
-            a.get_attribute("data-model"): a.find_element(By.CSS_SELECTOR, ".role").text
-            for a in _articles(browser)
+            a.get_attribute("data-model"): a.find_element(By.CSS_SELECTOR, ".role").text for a in _articles(browser)
         }
         assert roles["baseline"] == "baseline, fp32" and "pruned, fp32" in roles.values(), roles
         if "int8" in exported:  # the study's unpruned INT8 trial is not called pruned

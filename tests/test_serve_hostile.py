@@ -72,7 +72,12 @@ def _start(export: Path, *options: str) -> tuple[subprocess.Popen[str], int]:
 @pytest.fixture(scope="module")
 def server(export: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     proc, port = _start(
-        export, "--request-timeout", str(TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS), "--max-decode-total-mb",
+        export,
+        "--request-timeout",
+        str(TIMEOUT_S),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+        "--max-decode-total-mb",
         "400",
     )
     try:
