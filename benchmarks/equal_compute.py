@@ -9,7 +9,9 @@ shared ResNet-18 at 25% (the tracks, baselines and search settings of ``benchmar
 * c) random allocations fitted to the budget, as many as b trained, with the same promotion: a search with
   the same compute that chooses no allocation (``--trials``, fitted by measured bisection as allocation.py's);
 * d) uniform L1 at the budget (the study's own recipe trial), with b's whole search compute added to its final
-  fine-tune as extra epochs (b's training images over the 45,000 training images).
+  fine-tune as extra epochs (b's training images over the 45,000 training images);
+* e) and f): b with ``--sampler gp`` (Optuna's GPSampler) and ``--sampler random``, the same trials and promotion
+  (``--samplers`` picks them), so the default sampler is chosen by measurement.
 
 Each arm's pick (a: its recommendation; b and c: their recommendation at the highest rung each trial
 reached; d: the uniform trial) is exported with the same final fine-tune (``--epochs``, distillation 0.5,
@@ -67,7 +69,11 @@ ARMS = {
     "b": "the search with promotion",
     "c": "random allocations at the budget, same promotion and compute as b",
     "d": "uniform L1 at the budget, b's search compute added to its fine-tune",
+    "e": "the search with promotion, GPSampler (--sampler gp)",
+    "f": "the search with promotion, random sampling (--sampler random)",
 }
+SAMPLER_ARMS = {"gp": "e", "random": "f"}
+"""b searches with TPE (the default); these arms are b with another ``--sampler``, to decide the default."""
 
 
 def plan_of(args: argparse.Namespace) -> Plan:
@@ -115,19 +121,21 @@ def final_row(bench: Bench, study: str, arm: str, pick: Row, epochs: float | Non
     )
 
 
-def run_track(bench: Bench, model: str, fraction: float) -> dict[str, Any]:
+def run_track(bench: Bench, model: str, fraction: float, samplers: tuple[str, ...] = ()) -> dict[str, Any]:
     plan = bench.plan
     track: dict[str, Any] = {"model": model, "fraction": fraction, "rows": [], "compute": {}}
     studies = {
         "a": search_arm(bench, model, fraction, "a", ("--no-promotion",)),
         "b": search_arm(bench, model, fraction, "b", ()),
     }
-    for arm in ("a", "b"):
+    for kind in samplers:
+        studies[SAMPLER_ARMS[kind]] = search_arm(bench, model, fraction, SAMPLER_ARMS[kind], ("--sampler", kind))
+    for arm in studies:
         track["compute"][arm] = compute(bench.study(studies[arm]), plan.trial_batch)
     b_trained = track["compute"]["b"]["trained_trials"]
     studies["c"] = bench.random_study(model, fraction, count=b_trained, source=studies["b"])
     track["compute"]["c"] = compute(bench.study(studies["c"]), plan.trial_batch)
-    for arm in ("a", "b", "c"):
+    for arm in ("a", "b", "c", *(SAMPLER_ARMS[k] for k in samplers)):
         feasible = [r for r in rows(bench.study(studies[arm])) if r.feasible and r.accuracy is not None]
         pick = recommended(feasible) if arm != "c" else recommended([r for r in feasible if r.recipe])
         if pick is None:
@@ -162,6 +170,17 @@ def verdicts(track: dict[str, Any]) -> list[str]:
         f"the recommendation (b) is {gap * 100:.2f} pp below the best row ({best['kind']}); seed spread up to "
         f"{noise * 100:.2f} pp: {'within' if gap <= noise else 'outside'} it"
     )
+    tried = [k for k in ("b", "e", "f") if k in done]
+    if len(tried) > 1:
+        ranked = sorted(tried, key=lambda k: -done[k]["mean"])
+        lead = done[ranked[0]]["mean"] - done[ranked[1]]["mean"]
+        spread = max(done[k]["spread"] for k in tried)
+        names = {"b": "TPE", "e": "GPSampler", "f": "random"}
+        means = ", ".join(f"{names[k]} {done[k]['mean'] * 100:.2f}%" for k in ranked)
+        out.append(
+            f"samplers with promotion: {means}; {names[ranked[0]]} leads by {lead * 100:.2f} pp, "
+            f"{'beyond' if lead > spread else 'within'} the seed spread ({spread * 100:.2f} pp)"
+        )
     if track["model"] == MOBILENET and track["fraction"] <= 0.25:
         for other, need in (("c", 0.005), ("d", 0.01)):
             if other in done:
@@ -219,6 +238,13 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=2000, help="val images each trial is read on at rung 0")
     p.add_argument("--epochs", type=float, default=2, help="final fine-tune epochs of every row (d gets more)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument(
+        "--samplers",
+        nargs="*",
+        choices=sorted(SAMPLER_ARMS),
+        default=sorted(SAMPLER_ARMS),
+        help="other samplers to run as b (arms e: gp, f: random); none to skip them",
+    )
     p.add_argument("--render", action="store_true", help="only rewrite the section from benchmarks/equal_compute.json")
     args = p.parse_args()
     out = ROOT / "benchmarks" / "equal_compute.json"
@@ -233,7 +259,8 @@ def main() -> None:
     started = time.perf_counter()
     bench = Bench(plan, work)
     log(f"plan {plan}")
-    tracks = [run_track(bench, model, fraction) for model, fraction in plan.tracks]
+    samplers = tuple(args.samplers)
+    tracks = [run_track(bench, model, fraction, samplers) for model, fraction in plan.tracks]
     measure_latencies(bench, tracks)
     result = {
         "plan": asdict(plan),

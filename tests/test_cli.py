@@ -143,6 +143,9 @@ def test_bad_budget_and_storage(tiny_study: dict[str, str]) -> None:
     assert_usage_error(_bad(tiny_study, "--storage", "notaurl"), "SQLAlchemy URL")
     assert_usage_error(_bad(tiny_study, "--storage", "postgresql+nodriver://x@localhost/db"), "storage")
     assert_usage_error(_bad(tiny_study, "--budget-ms", "900"), "different --budget-ms")
+    assert_usage_error(_bad(tiny_study, "--sampler", "gp"), "different --sampler ('tpe', now 'gp')")
+    unknown = _bad(tiny_study, "--sampler", "cmaes")
+    assert unknown.returncode == 2 and "--sampler" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
 def test_a_storage_password_never_appears_in_a_message(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from search.cli.main import main
@@ -177,6 +177,32 @@ def test_sampler_depends_on_seed_and_trial_number_only() -> None:
     assert sample(0, 3) == sample(0, 3)
     assert sample(0, 3) != sample(0, 4), "two workers sampling trials 3 and 4 at once get different policies"
     assert sample(0, 3) != sample(1, 3)
+
+
+@pytest.mark.parametrize("kind", ["tpe", "gp", "random"])
+def test_every_sampler_proposes_by_seed_and_trial_number_past_its_start_up_under_the_constraint(kind: str) -> None:
+    """Two objectives and the latency-style constraint, as a search has; proposals after the start-up come from the
+    sampler's model (TPE, the GP) and depend only on the seed and the trial number."""
+    space = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1), "c": CategoricalDistribution(["l1", "l2"])}
+
+    def run(seed: int, trials: int) -> list[dict[str, object]]:
+        study = optuna.create_study(
+            directions=["maximize", "minimize"], sampler=TrialSeededSampler(seed, n_startup_trials=4, kind=kind)
+        )
+        for _ in range(trials):
+            trial = study.ask(space)
+            x, y = trial.params["x"], trial.params["y"]
+            latency = 1.0 - 0.5 * x - 0.3 * y
+            trial.set_constraint("latency_over_budget_ms", latency - 0.6)
+            study.tell(trial, (1.0 - x * y - (0.1 if trial.params["c"] == "l1" else 0.0), latency))
+        return [t.params for t in study.trials]
+
+    first = run(0, 7)
+    assert first == run(0, 7), "reproducible from the seed"
+    assert first[4:] != run(1, 7)[4:], "another seed, other proposals after the start-up"
+    assert len({(p["x"], p["y"]) for p in first}) == 7, "no proposal repeats"
+    with pytest.raises(ValueError, match="unknown sampler"):
+        TrialSeededSampler(0, 4, kind="cmaes")
 
 
 def test_joining_checks(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from search.cli.options import (
 from search.cli.pareto import print_front
 from search.data.spec import DataSpec
 from search.errors import UsageError
-from search.study.config import PROMOTION_FACTOR, SearchConfig
+from search.study.config import PROMOTION_FACTOR, SAMPLERS, SearchConfig
 
 __all__ = ["DEFAULTS", "HELP", "add_arguments", "run"]
 
@@ -132,6 +132,14 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
         "--val-images",
         type=positive_int,
         help="evaluate trials on a fixed random subset of this many validation images (default: all)",
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=DEFAULTS.sampler,
+        help="how the policies after the recipes are proposed: multi-objective TPE, Optuna's Gaussian-process "
+        "sampler (gp: log expected hypervolume improvement under the latency constraint) or random sampling "
+        f"(default: {DEFAULTS.sampler})",
     )
     parser.add_argument(
         "--fit-budget",
@@ -253,6 +261,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         promotion=not args.no_promotion,
         rungs=args.rungs,
         promote_fraction=args.promote_fraction,
+        sampler=args.sampler,
         trial_weights=args.trial_weights,
     )
 

@@ -10,7 +10,10 @@ from typing import Any
 
 from search.data.spec import DataSpec
 
-__all__ = ["PROMOTION_FACTOR", "SearchConfig"]
+__all__ = ["PROMOTION_FACTOR", "SAMPLERS", "SearchConfig"]
+
+SAMPLERS = ("tpe", "gp", "random")
+"""``--sampler``: Optuna's multi-objective TPE, its Gaussian-process sampler (GPSampler) or random sampling."""
 
 PROMOTION_FACTOR = 3
 """Without ``--rungs``, the one promoted rung fine-tunes this many times ``--finetune-steps`` in total."""
@@ -83,6 +86,8 @@ class SearchConfig:
     ``PROMOTION_FACTOR`` times ``finetune_steps``."""
     promote_fraction: float = 1 / 3
     """The best this fraction of the trials at a rung are promoted to the next (ASHA's 1/eta)."""
+    sampler: str = "tpe"
+    """How the policies after the recipes are proposed: one of :data:`SAMPLERS` (``--sampler``)."""
     trial_weights: str | None = None
     """Folder for each trial's fine-tuned weights, which promotions continue from; None:
     ``<studies_dir>/<study>/trial-weights``. Workers on several hosts need a path they all see."""
@@ -106,6 +111,8 @@ class SearchConfig:
                 raise ValueError("rungs must be increasing step counts, each above finetune_steps")
         if not 0 < self.promote_fraction < 1:
             raise ValueError("promote_fraction must be in (0, 1)")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
         if not self.precisions or any(p not in ("fp32", "int8") for p in self.precisions):
             raise ValueError(f"precisions must be some of fp32, int8; got {self.precisions!r}")
 

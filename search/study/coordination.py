@@ -203,24 +203,37 @@ def _trial_seed(seed: int, number: int) -> int:
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """Multi-objective TPE whose random state depends on the study seed and the trial number.
+    """An Optuna sampler (multi-objective TPE by default) whose random state depends on the study seed and the
+    trial number.
 
-    One TPE sampler per process with the same seed would make workers that sample at the same
-    time propose the same policy. Seeding from the trial number (which the storage hands out
-    uniquely) keeps a single worker's run reproducible and gives concurrent workers different
-    proposals; ``constant_liar`` additionally steers TPE away from policies that are still running.
+    One sampler per process with the same seed would make workers that sample at the same time
+    propose the same policy. Seeding from the trial number (which the storage hands out uniquely)
+    keeps a single worker's run reproducible and gives concurrent workers different proposals;
+    TPE's ``constant_liar`` additionally steers it away from policies that are still running
+    (GPSampler accounts for running trials on its own). ``kind`` is one of ``tpe``, ``gp`` (GPSampler)
+    and ``random``; each honours the latency constraint every trial sets (``Trial.set_constraint``).
     """
 
-    def __init__(self, seed: int, n_startup_trials: int) -> None:
+    def __init__(self, seed: int, n_startup_trials: int, kind: str = "tpe") -> None:
+        if kind not in ("tpe", "gp", "random"):
+            raise ValueError(f"unknown sampler {kind!r}")
         self._seed = seed
         self._n_startup_trials = n_startup_trials
+        self.kind = kind
         self._tpe = self._make(0)
 
-    def _make(self, number: int) -> optuna.samplers.TPESampler:
+    def _make(self, number: int) -> optuna.samplers.BaseSampler:
+        seed = _trial_seed(self._seed, number)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if self.kind == "random":
+                return optuna.samplers.RandomSampler(seed=seed)
+            if self.kind == "gp":
+                return optuna.samplers.GPSampler(
+                    seed=seed, n_startup_trials=self._n_startup_trials, warn_independent_sampling=False
+                )
             return optuna.samplers.TPESampler(
-                seed=_trial_seed(self._seed, number),
+                seed=seed,
                 multivariate=True,
                 n_startup_trials=self._n_startup_trials,
                 constant_liar=True,

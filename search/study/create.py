@@ -406,6 +406,7 @@ def _enqueue(study: optuna.Study, space: SearchSpace, recipes: list[Recipe], bud
 
 
 def sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """Multi-objective TPE; it honours the latency constraint each trial sets (``Trial.set_constraint``)."""
+    """``--sampler`` (multi-objective TPE by default), seeded per trial; it honours the latency constraint each
+    trial sets (``Trial.set_constraint``). Its start-up trials are the recipes and the samples near the budget."""
     recipes = 1 + len(space.uniform_ratios) + (1 if len(space.precisions) > 1 else 0) + 3 * len(space.precisions)
-    return TrialSeededSampler(seed=config.seed, n_startup_trials=recipes + 3)
+    return TrialSeededSampler(seed=config.seed, n_startup_trials=recipes + 3, kind=config.sampler)

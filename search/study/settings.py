@@ -54,6 +54,7 @@ def settings_that_must_match(
         "calibration_images": config.calibration_images,
         "rungs": list(config.rung_steps),  # a trial's rung-r accuracy means the same steps in every run
         "promote_fraction": round(config.promote_fraction, 6) if config.rung_steps else None,
+        "sampler": config.sampler,  # workers of one study propose policies the same way
     }
 
 
@@ -96,6 +97,7 @@ _FLAGS = {
     "calibration_images": "--calibration-images",
     "rungs": "--rungs/--no-promotion",
     "promote_fraction": "--promote-fraction",
+    "sampler": "--sampler",
 }
 
 
