@@ -146,7 +146,7 @@ def test_pareto_says_the_most_accurate_is_separable_from_the_runner_up(tmp_path:
     _make_study(tmp_path / "ties.db", [(0.2, first, 9.0), (0.5, _flip(first, 35, 5), 4.0)])
     out = _pareto(tmp_path)
     assert "Recommended: trial 0, top-1 86.00% ±3.0 at 9.00 ms" in out, out
-    assert "Separable: trial 0 (top-1 86.00% ±3.0) is more accurate than the runner-up, trial 1" in out
+    assert "Separable: trial 0 (top-1 86.00% ±3.0) is more accurate than the runner-up on the front, trial 1" in out
     assert "Tied:" not in out
 
 

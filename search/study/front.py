@@ -239,7 +239,8 @@ class Recommendation:
             v = self.runner_up
             return [
                 f"Separable: trial {self.top.number} (top-1 {_with_margin(self.top)}) is more accurate than the "
-                f"runner-up, trial {v.other.number} (top-1 {_with_margin(v.other)}): {v.how()}."
+                f"runner-up on the front, trial {v.other.number} (top-1 {_with_margin(v.other)}): {v.how()}. "
+                "(A trial it beats on both top-1 and latency is no candidate, however close its top-1.)"
             ]
         return []
 
