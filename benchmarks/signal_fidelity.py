@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import optuna
@@ -102,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
         help="PyTorch threads (default: PyTorch's; --quick: 1, since on a shared machine spinning threads stall)",
     )
     p.add_argument("--render", action="store_true", help="only rewrite the section from benchmarks/signal.json")
+    p.add_argument(
+        "--interim",
+        action="store_true",
+        help="analyse what the cache holds so far (against the references of the first seed where the second is "
+        "missing), computing nothing: prints it and writes benchmarks/signal.interim.json; safe beside a running run",
+    )
     return p
 
 
@@ -198,8 +204,69 @@ def replace_quick(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(defaults), "quick": False})
 
 
+def interim(args: argparse.Namespace) -> dict[str, Any]:
+    """The analysis of what is cached so far, per budget, without training or timing anything.
+
+    Candidates whose first-seed reference is done are ranked against it alone (the plan's seeds reduced to
+    the first), so the numbers can be read while the second seed's references still run; the seed-to-seed
+    noise floor waits for them. Reads ``results.json`` of ``--work`` (or the tracked mirror) and writes nothing
+    there."""
+    work = Path(args.work)
+    cache_path = work / "results.json"
+    cache = json.loads((cache_path if cache_path.is_file() else MIRROR).read_text())
+    plan = Plan.of(args, MOBILENET)
+    first = plan.seeds[0]
+    one_seed = replace(plan, seeds=(first,))
+    budgets = []
+    for fraction in plan.budgets:
+        key = f"candidates {MOBILENET} {fraction:g} count {plan.candidates[fraction]}"
+        if key not in cache:
+            continue
+        budget, tag = cache[key], f"{fraction:g}"
+        found = budget["candidates"]
+        refs = {
+            c["id"]: [cache[reference_key(plan, tag, c["id"], first)]]
+            for c in found
+            if reference_key(plan, tag, c["id"], first) in cache
+        }
+        scores: dict[str, dict[str, Any]] = {}
+        for chain in plan.chains():
+            for steps in chain.rungs:
+                by_id = {
+                    c["id"]: cache[score_key(plan, tag, c["id"], chain, steps, first)]
+                    for c in found
+                    if score_key(plan, tag, c["id"], chain, steps, first) in cache
+                }
+                scores[chain.fidelity(steps)] = by_id
+        both = sum(all(reference_key(plan, tag, c["id"], s) in cache for s in plan.seeds) for c in found)
+        analysis = analyse(one_seed, budget, scores, refs)
+        budgets.append(
+            {
+                "fraction": fraction,
+                "candidates": len(found),
+                "first_seed_references": len(refs),
+                "all_seed_references": both,
+                "analysis": analysis,
+            }
+        )
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "git_revision": git_revision(), "budgets": budgets}
+    (ROOT / "benchmarks" / "signal.interim.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    for b in budgets:
+        log(
+            f"budget {b['fraction']:g}: {b['first_seed_references']} of {b['candidates']} candidates have the "
+            f"seed-{first} reference ({b['all_seed_references']} have every seed's)"
+        )
+        for f in b["analysis"]["fidelities"]:
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in f.items() if k != "fidelity"}
+            log(f"  {f['fidelity']}: {shown}")
+    return result
+
+
 def main() -> None:
     args = parser().parse_args()
+    if args.interim:
+        interim(args)
+        return
     if args.render:
         result = json.loads((ROOT / "benchmarks" / "signal.json").read_text())
         write_section(SECTION, render(result))
