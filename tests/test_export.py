@@ -417,6 +417,33 @@ def test_the_best_epoch_on_val_is_kept_when_fine_tuning_makes_it_worse(
 
 
 @pytest.mark.slow
+def test_an_export_that_dies_after_its_fine_tune_resumes_from_the_epoch_it_kept(
+    tiny: SearchConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.shipping import export as export_module
+
+    base = load_study_baseline(_study(tiny))
+    per_epoch = -(-len(base.data.train) // QUICK.batch_size)
+    longer = replace(QUICK, steps=per_epoch + 2)  # an epoch and a bit: a checkpoint to resume from, epochs to keep
+    whole = export_trial(base, 2, longer, tmp_path / "whole", command="python cli.py export")
+    assert set(whole["finetune"]["val_top1_by_epoch"]) == {"0", "1", "2"}
+    real = export_module._export_and_check
+
+    def dies(*args, **kwargs):  # killed after the fine-tune, while exporting and checking
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_export_and_check", dies)
+    with pytest.raises(KeyboardInterrupt):
+        export_trial(base, 2, longer, tmp_path / "again", command="python cli.py export")
+    monkeypatch.setattr(export_module, "_export_and_check", real)
+    resumed = export_trial(base, 2, longer, tmp_path / "again", command="python cli.py export")
+    assert resumed["finetune"]["val_top1_by_epoch"] == whole["finetune"]["val_top1_by_epoch"], "the scores survive"
+    assert resumed["finetune"]["kept_epoch"] == whole["finetune"]["kept_epoch"]
+    assert resumed["accuracy"]["after_finetune"] == whole["accuracy"]["after_finetune"], "the same weights ship"
+    assert not [p.name for p in (tmp_path / "again").iterdir() if p.name.startswith(("best-epoch", "finetune-state"))]
+
+
+@pytest.mark.slow
 def test_the_card_records_the_epochs_scored_on_val_and_the_one_kept(tiny: SearchConfig, tmp_path: Path) -> None:
     card = export_trial(load_study_baseline(_study(tiny)), 2, QUICK, tmp_path / "e", command="python cli.py export")
     scores = card["finetune"]["val_top1_by_epoch"]

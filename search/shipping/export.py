@@ -140,6 +140,7 @@ def export_trial(
     save_pruned(work / "model.pt", model, base, trial)
     save_torchscript(work / "model.torchscript.pt", model, base.data)
     (work / "finetune-state.pt").unlink(missing_ok=True)
+    BestEpoch(work, base.data).discard()
     recovery.discard()
     seconds["total"] = time.perf_counter() - started
     card = card_record(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
@@ -285,7 +286,8 @@ def _finetune(
         else top1(model, data, split, limit=settings.test_images, reporter=reporter, device=settings.device)
     )
     scores = {str(e): round(v, 4) for e, v in sorted(epochs.scores.items())}
-    epochs.discard()
+    # The best epoch's files stay until the export is complete (export_trial): one that dies after the
+    # fine-tune (in QAT, the checks or the timing) resumes from the kept epoch, not the last.
     return FineTuned(before, after, train_settings, result, skipped=skip, kept_epoch=kept, val_top1=scores)
 
 

@@ -150,8 +150,8 @@ def train(
     """Train ``model`` for ``settings.steps`` SGD steps on the training split.
 
     With ``checkpoint`` and ``steps_per_epoch``, the model, optimizer and schedule are saved at
-    the end of every epoch, and a later call with the same arguments resumes after the last
-    saved epoch instead of starting again. ``after_epoch(epoch, model)`` is called at the end of
+    the end of every epoch and after the last step, and a later call with the same arguments
+    resumes from the last save instead of starting again. ``after_epoch(epoch, model)`` is called at the end of
     every epoch (numbered from 1; a last, partial one counts), in eval mode, before it is saved.
     ``features`` (a :class:`~search.training.feature_distill.FeatureDistiller` of ``model`` and
     ``teacher``) adds its loss, and its adapters train (and are checkpointed) beside the model.
@@ -245,7 +245,8 @@ def _train(
                     model.eval()
                     after_epoch(math.ceil((step + 1) / steps_per_epoch), model)
                     model.train()
-                if checkpoint is not None and epoch_ends:
+                if checkpoint is not None and (epoch_ends or step + 1 == settings.steps):
+                    # the last step too: a run that dies after its fine-tune (a partial last epoch) never redoes it
                     _save_state(checkpoint, model, optimizer, scheduler, step + 1, features)
     finally:
         stream.close()  # loader workers stop before anything is timed
