@@ -23,6 +23,8 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 
+from search.study.attr_row import read_attr, swap_attr
+
 __all__ = [
     "BEAT_SECONDS",
     "CLAIM_PREFIX",
@@ -46,44 +48,12 @@ def claim_key(number: int, rung: int) -> str:
 
 def read_claim(storage: RDBStorage, study_id: int, key: str) -> str | None:
     """The claim row's JSON text, or None when nobody claimed it."""
-    import sqlalchemy
-
-    with storage.engine.connect() as conn:
-        row = conn.execute(
-            sqlalchemy.text("SELECT value_json FROM study_user_attributes WHERE study_id = :s AND key = :k"),
-            {"s": study_id, "k": key},
-        ).first()
-    return None if row is None else row[0]
+    return read_attr(storage, study_id, key)
 
 
 def _swap(storage: RDBStorage, study_id: int, key: str, old: str | None, new: dict[str, Any]) -> str | None:
-    """Insert (``old`` None) or replace the row ``old`` by ``new`` if nobody changed it; the new text or None."""
-    import sqlalchemy
-    import sqlalchemy.exc
-
-    text = json.dumps(new)
-    try:
-        with storage.engine.begin() as conn:
-            if old is None:
-                conn.execute(
-                    sqlalchemy.text(
-                        "INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (:s, :k, :v)"
-                    ),
-                    {"s": study_id, "k": key, "v": text},
-                )
-                return text
-            changed = conn.execute(
-                sqlalchemy.text(
-                    "UPDATE study_user_attributes SET value_json = :v"
-                    " WHERE study_id = :s AND key = :k AND value_json = :o"
-                ),
-                {"s": study_id, "k": key, "v": text, "o": old},
-            ).rowcount
-    except sqlalchemy.exc.IntegrityError:  # another worker inserted its claim first
-        return None
-    except sqlalchemy.exc.OperationalError:  # SQLite busy past its timeout: treat as lost, try again later
-        return None
-    return text if changed == 1 else None
+    """:func:`~search.study.attr_row.swap_attr`; SQLite busy past its timeout is a lost race, tried again later."""
+    return swap_attr(storage, study_id, key, old, new, busy_is_lost=True)
 
 
 def _alive(pid: int) -> bool:

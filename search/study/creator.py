@@ -29,6 +29,7 @@ from optuna.storages import RDBStorage
 
 from search.errors import UsageError
 from search.progress import NullReporter, Reporter
+from search.study.attr_row import read_attr, swap_attr
 from search.study.coordination import READY_ATTR
 from search.study.storage import load_existing
 
@@ -62,44 +63,14 @@ SILENT_SECONDS = 30.0
 
 def read_record(storage: RDBStorage, study_id: int) -> str | None:
     """The creator record as stored (its JSON text), or None when there is none."""
-    import sqlalchemy
-
-    with storage.engine.connect() as conn:
-        row = conn.execute(
-            sqlalchemy.text("SELECT value_json FROM study_user_attributes WHERE study_id = :s AND key = :k"),
-            {"s": study_id, "k": CREATOR_ATTR},
-        ).first()
-    return None if row is None else row[0]
+    return read_attr(storage, study_id, CREATOR_ATTR)
 
 
 def _swap(storage: RDBStorage, study_id: int, old: str | None, new: dict[str, Any]) -> str | None:
     """Replace the creator record ``old`` (None: no record) by ``new`` if nobody changed it meanwhile.
 
     Returns the new record's text, or None when another worker changed the record first."""
-    import sqlalchemy
-    import sqlalchemy.exc
-
-    text = json.dumps(new)
-    try:
-        with storage.engine.begin() as conn:
-            if old is None:
-                conn.execute(
-                    sqlalchemy.text(
-                        "INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (:s, :k, :v)"
-                    ),
-                    {"s": study_id, "k": CREATOR_ATTR, "v": text},
-                )
-                return text
-            changed = conn.execute(
-                sqlalchemy.text(
-                    "UPDATE study_user_attributes SET value_json = :v"
-                    " WHERE study_id = :s AND key = :k AND value_json = :o"
-                ),
-                {"s": study_id, "k": CREATOR_ATTR, "v": text, "o": old},
-            ).rowcount
-    except sqlalchemy.exc.IntegrityError:  # another worker inserted its record first
-        return None
-    return text if changed == 1 else None
+    return swap_attr(storage, study_id, CREATOR_ATTR, old, new)
 
 
 def _me(step: str) -> dict[str, Any]:
