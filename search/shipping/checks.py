@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from search.progress import Reporter
 from search.shipping.settings import ExportSettings
 from search.training.evaluate import compare_top1
 
-__all__ = ["CheckFailed", "check_parity", "quantize_and_check"]
+__all__ = ["CheckFailed", "check_parity", "compare_logits", "quantize_and_check"]
 
 
 class CheckFailed(UsageError, RuntimeError):
@@ -34,23 +35,19 @@ def check_parity(
     absolute bar alone refuses correct exports of larger models. Top-1 must agree as well.
     """
     session = open_session(onnx_model, threads)
-    worst = scale = 0.0
-    agree = total = 0
-    for x, _ in data.batches(split, 32, shuffle=False, augment=False, limit=settings.parity_images):
-        with torch.inference_mode():
-            expected = model(x).numpy()
-        got = session.run(None, {"input": x.numpy()})[0]
-        worst = max(worst, float(np.abs(got - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-        agree += int((got.argmax(1) == expected.argmax(1)).sum())
-        total += len(x)
-    allowed = max(settings.max_abs_diff, settings.max_rel_diff * scale)
+    compared = compare_logits(model, lambda x: session.run(None, {"input": x})[0], data, split, settings)
+    worst, scale, total, allowed = (
+        compared["max_abs_diff"],
+        compared["logit_scale"],
+        compared["images"],
+        compared["allowed_abs_diff"],
+    )
     result = {
         "images": total,
         "max_abs_diff": worst,
         "logit_scale": scale,
         "max_rel_diff": worst / scale if scale else 0.0,
-        "top1_agreement": agree / max(total, 1),
+        "top1_agreement": compared["top1_agreement"],
         "tolerance": settings.max_abs_diff,
         "rel_tolerance": settings.max_rel_diff,
         "min_agreement": settings.min_agreement,
@@ -63,6 +60,35 @@ def check_parity(
             "nothing was exported"
         )
     return result
+
+
+def compare_logits(
+    model: nn.Module,
+    run: Callable[[np.ndarray], np.ndarray],
+    data: Dataset,
+    split: str,
+    settings: ExportSettings,
+) -> dict[str, Any]:
+    """``run`` (a runtime's file, on a batch of images) against PyTorch's ``model`` on ``settings.parity_images``
+    of ``split``: the largest logit difference, the logits' scale, top-1 agreement and the difference allowed
+    (``max_abs_diff``, or ``max_rel_diff`` of the scale, whichever is larger). Whoever calls it decides."""
+    worst = scale = 0.0
+    agree = total = 0
+    for x, _ in data.batches(split, 32, shuffle=False, augment=False, limit=settings.parity_images):
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = np.asarray(run(x.numpy()))
+        worst = max(worst, float(np.abs(got - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+        agree += int((got.argmax(1) == expected.argmax(1)).sum())
+        total += len(x)
+    return {
+        "images": total,
+        "max_abs_diff": worst,
+        "logit_scale": scale,
+        "top1_agreement": agree / max(total, 1),
+        "allowed_abs_diff": max(settings.max_abs_diff, settings.max_rel_diff * scale),
+    }
 
 
 def quantize_and_check(

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-import torch
 from torch import nn
 
 from search.data.dataset import Dataset
@@ -30,6 +29,7 @@ from search.measuring.runtimes.base import one_image_at_a_time
 from search.measuring.runtimes.lowering import lower_pte, quantize_pte
 from search.measuring.runtimes.registry import DEFAULT_RUNTIME, get_runtime, require_runtime
 from search.progress import Reporter
+from search.shipping.checks import compare_logits
 from search.shipping.settings import ExportSettings
 
 __all__ = ["RuntimeCheckFailed", "ship_runtime_files", "study_runtime", "timed_file_of"]
@@ -100,24 +100,13 @@ def _parity(
     runtime: str,
 ) -> dict[str, Any]:
     """The runtime's FP32 file against PyTorch on real images, with the ONNX check's tolerances."""
-    worst = scale = 0.0
-    agree = total = 0
-    for x, _ in data.batches(split, 32, shuffle=False, augment=False, limit=settings.parity_images):
-        with torch.inference_mode():
-            expected = model(x).numpy()
-        got = np.asarray(run(x.numpy()))
-        worst = max(worst, float(np.abs(got - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-        agree += int((got.argmax(1) == expected.argmax(1)).sum())
-        total += len(x)
-    allowed = max(settings.max_abs_diff, settings.max_rel_diff * scale)
-    result = {
-        "images": total,
-        "max_abs_diff": worst,
-        "logit_scale": scale,
-        "top1_agreement": agree / max(total, 1),
-        "allowed_abs_diff": allowed,
-    }
+    result = compare_logits(model, run, data, split, settings)
+    worst, scale, total, allowed = (
+        result["max_abs_diff"],
+        result["logit_scale"],
+        result["images"],
+        result["allowed_abs_diff"],
+    )
     if worst > allowed or result["top1_agreement"] < settings.min_agreement:
         raise RuntimeCheckFailed(
             f"{runtime} disagrees with PyTorch: max |diff| {worst:.3g} on logits up to {scale:.3g} (allowed "
