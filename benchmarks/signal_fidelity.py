@@ -66,6 +66,7 @@ from search.models.build import build_model
 from search.training.finetune import TrainSettings, train
 
 SECTION = "Signal"
+INTERIM_SECTION = "Signal: interim"
 MIRROR = Path(__file__).resolve().parent / "signal_results.json"
 """Every result so far, tracked: commit it between sessions so the next machine resumes (Bench.mirror)."""
 BASELINE = COMMITTED / f"{MOBILENET}-15ep.pth"
@@ -107,6 +108,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="analyse what the cache holds so far (against the references of the first seed where the second is "
         "missing), computing nothing: prints it and writes benchmarks/signal.interim.json; safe beside a running run",
+    )
+    p.add_argument(
+        "--write-interim",
+        action="store_true",
+        help="with --interim: also write the interim numbers as the 'Signal: interim' section of BENCHMARKS.md",
     )
     return p
 
@@ -249,8 +255,17 @@ def interim(args: argparse.Namespace) -> dict[str, Any]:
                 "analysis": analysis,
             }
         )
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "git_revision": git_revision(), "budgets": budgets}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "git_revision": git_revision(),
+        "hardware": fingerprint(1),
+        "seed": first,
+        "labels": {c.fidelity(s): c.label(s, plan.epoch_steps) for c in plan.chains() for s in c.rungs},
+        "budgets": budgets,
+    }
     (ROOT / "benchmarks" / "signal.interim.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if args.write_interim and budgets:
+        write_section(INTERIM_SECTION, render_interim(result))
     for b in budgets:
         log(
             f"budget {b['fraction']:g}: {b['first_seed_references']} of {b['candidates']} candidates have the "
@@ -260,6 +275,44 @@ def interim(args: argparse.Namespace) -> dict[str, Any]:
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in f.items() if k != "fidelity"}
             log(f"  {f['fidelity']}: {shown}")
     return result
+
+
+def render_interim(result: dict[str, Any]) -> str:
+    """The interim section: per budget, τ and regret of each fidelity against the first seed's references."""
+    labels = result["labels"]
+    lines = [
+        f"`python benchmarks/signal_fidelity.py --interim --write-interim` on {result['date']}, commit "
+        f"`{result['git_revision']}`, {cpu_label(result['hardware'])}: **interim**, while the full run goes on. Each "
+        f"candidate's reference here is one fine-tune (seed {result['seed']}; 2 epochs, distillation 0.5, 10,000 "
+        "test images), not the mean of two seeds, and there is no seed-to-seed noise floor yet; the full run's "
+        'section ("Signal") replaces these numbers. τ: Kendall τ of the fidelity\'s validation top-1 against the '
+        "reference's test top-1; regret: the reference top-1 of the truly best candidate minus that of the "
+        "fidelity's pick; cost: seconds per candidate to reach the fidelity along its chain.",
+    ]
+    for b in result["budgets"]:
+        a = b["analysis"]
+        refs = sorted(r["mean"] for r in a["reference"].values())
+        spread = f"{100 * refs[0]:.2f}-{100 * refs[-1]:.2f}%" if refs else "-"
+        lines += [
+            "",
+            f"**{100 * b['fraction']:.0f}% of the baseline's latency**: {b['first_seed_references']} of "
+            f"{b['candidates']} candidates have their reference (test top-1 {spread}).",
+            "",
+            "| fidelity | τ (2,000 val images) | τ (all val) | regret (pp, 2,000 / all) | best kept in top third | "
+            "cost (s) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for f in a["fidelities"]:
+            lines.append(
+                f"| {labels.get(f['fidelity'], f['fidelity'])} | {_tau(f['tau_search_images'])} | "
+                f"{_tau(f['tau_all_val'])} | {100 * f['regret_search_images']:.2f} / {100 * f['regret_all_val']:.2f} | "
+                f"{'yes' if f['best_in_top_third'] else 'no'} | {f['cumulative_seconds']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def _tau(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def main() -> None:
