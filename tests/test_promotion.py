@@ -220,7 +220,8 @@ def _open_claims(url: str) -> tuple[list[tuple[int, int]], dict]:
     for key, value in attrs.items():
         if key.startswith("promotion:") and isinstance(value, dict) and not value.get("done"):
             number, rung = (int(part) for part in key.split(":")[1:])
-            claims.append((number, rung))
+            if len(attrs.get(f"rung:{number}", [])) < rung:  # its rung is recorded before the claim is marked done
+                claims.append((number, rung))
     return claims, attrs
 
 
