@@ -35,7 +35,7 @@ from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler, mark_ready
 from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
-from search.study.sensitivity import measure_sensitivity, probe_meter
+from search.study.sensitivity import measure_sensitivity, probe_record_of
 from search.study.storage import HEARTBEAT_SECONDS, masked
 from search.study.trial import LATENCY_AT_CREATION
 from search.training.baseline import Baseline
@@ -366,11 +366,12 @@ def _recipes(
         clock.count()  # each phase's line says how many latency measurements it took
         return meter.record(policy)
 
-    quick = probe_meter(meter)
+    quick = probe_record_of(meter)
 
     def probe_of(policy: Policy) -> dict[str, Any]:
+        assert quick is not None
         clock.count(probe=True)
-        return quick.record(policy)
+        return quick(policy)
 
     return study_recipes(
         space,
@@ -382,7 +383,7 @@ def _recipes(
         seed=config.seed,
         latency_aware_grid_of=latency_aware_grid_of,
         phase=clock.phase,
-        probe_of=probe_of if quick is not meter else None,  # a latency target keeps its own timing
+        probe_of=probe_of if quick is not None else None,  # a latency target keeps its own timing
     )
 
 

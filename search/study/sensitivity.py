@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,11 +27,12 @@ from search.measuring.hardware import OnThisMachine
 from search.progress import Reporter
 from search.pruning.channels import prune_copy
 from search.pruning.latency_aware import Probe, SensitivityTable, probe_stages, stage_fractions, tunable_stages
+from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.training.evaluate import top1
 from search.training.finetune import recalibrate_batchnorm
 
-__all__ = ["PROBE_TIMING", "PROBE_VAL_IMAGES", "measure_sensitivity", "probe_meter"]
+__all__ = ["PROBE_TIMING", "PROBE_VAL_IMAGES", "measure_sensitivity", "probe_meter", "probe_record_of"]
 
 PROBE_VAL_IMAGES = 1000
 """A probe's top-1 is read on at most this many validation images (a fixed subset): it ranks stages, whose
@@ -48,6 +51,13 @@ def probe_meter(meter: CandidateMeter) -> CandidateMeter:
     quick = copy.copy(meter)
     quick.timer = meter.timer.with_settings(dataclasses.replace(meter.timer.settings, **PROBE_TIMING))
     return quick
+
+
+def probe_record_of(meter: CandidateMeter) -> Callable[[Policy], dict[str, Any]] | None:
+    """A quick latency record of a policy (:func:`probe_meter`'s), or None where ``meter`` keeps its own timing
+    (a latency target): what the budget searches probe with before they time their answer in full."""
+    quick = probe_meter(meter)
+    return None if quick is meter else quick.record
 
 
 def measure_sensitivity(

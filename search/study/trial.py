@@ -26,7 +26,7 @@ from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.origin import LATENCY_AT_CREATION, is_enqueued
 from search.study.rungs import PromotionSettings
-from search.study.sensitivity import probe_meter
+from search.study.sensitivity import probe_record_of
 from search.study.trial_weights import save_weights, weights_path
 from search.study.uncertainty import accuracy_record, wilson
 from search.training.evaluate import onnx_top1_correct, top1, top1_correct
@@ -99,8 +99,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     if ctx.fit_budget and not is_enqueued(trial.user_attrs):
         reporter.phase("fit to the budget")
         started = time.perf_counter()
-        quick = probe_meter(ctx.meter)  # probes where timing is on this machine; a latency target keeps its own
-        probe_of = quick.record if quick is not ctx.meter else None
+        probe_of = probe_record_of(ctx.meter)
         fit = fit_to_budget(policy, ctx.space, ctx.budget_ms, _baseline_ms(ctx), ctx.meter.record, probe_of)
         if fit is not None:
             trial.set_user_attr("budget_fit", fit.summary(policy))
