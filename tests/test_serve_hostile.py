@@ -302,9 +302,76 @@ def test_malformed_requests_and_overload_are_answered_in_json(server: Any) -> No
     assert _request(port, "GET", "/health")[0] == 200
 
 
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory from /proc")
+def test_uploads_in_flight_are_bounded_in_memory_together_and_the_rest_get_503(export: Path) -> None:
+    """5 MB uploads, 20 MB for all at once (each counted twice): 40 at once peak near 20 MB, not 200."""
+    proc, port = _start(
+        export, "--request-timeout", str(TIMEOUT_S), "--max-upload-mb", "5", "--max-upload-total-mb", "20"
+    )
+    try:
+        for _ in range(3):  # warm: what the first answers allocate is not the uploads' memory
+            assert _request(port, "POST", "/predict", DIGIT, "Content-Type: image/png\r\n")[0] == 200
+        before = _peak_rss_kb(proc.pid)
+
+        # Two clients declare 4.9 MB and stall: 19.6 MB held. A third is refused at once, in JSON, with
+        # Retry-After; a small image still fits and is served.
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 4900000\r\n\r\n"
+        stalled = [_connect(port) for _ in range(2)]
+        for sock in stalled:
+            sock.sendall(head + b"x" * 1000)
+        time.sleep(0.3)
+        started = time.monotonic()
+        with _connect(port) as sock:
+            sock.sendall(head + b"x" * 1000)
+            status, headers, data = _read_answer(sock, started + 5)
+        assert status == 503 and headers.get("retry-after") == "1", (status, data)
+        assert "uploads" in json.loads(data)["error"] and time.monotonic() - started < 1.5
+        status, body, _ = _request(port, "POST", "/predict", DIGIT, "Content-Type: image/png\r\n")
+        assert status == 200 and body["models"][0]["top"], (status, body)
+        for sock in stalled:  # they time out (408) and give their room back
+            assert _read_answer(sock, time.monotonic() + TIMEOUT_S + 3)[0] == 408
+            sock.close()
+
+        # 40 clients send 4.9 MB each at once: each is answered (415 for these bytes, or 503), and the
+        # server's peak memory grows by about the budget, not by the 196 MB sent.
+        body_bytes = bytes(4_900_000)
+        answers: list[Any] = []
+
+        def upload() -> None:
+            with _connect(port, timeout=30) as sock:
+                try:
+                    sock.sendall(head + body_bytes)
+                except OSError:  # refused before it was all sent
+                    pass
+                answers.append(_read_answer(sock, time.monotonic() + 30)[0])
+
+        threads = [threading.Thread(target=upload) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(answers) == 40 and set(answers) <= {415, 503} and 415 in answers, sorted(map(str, answers))
+        grown_mb = (_peak_rss_kb(proc.pid) - before) / 1000
+        assert grown_mb < 80, f"the server's peak memory grew by {grown_mb:.0f} MB for uploads capped at 20 MB"
+        assert _request(port, "POST", "/predict", DIGIT, "Content-Type: image/png\r\n")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_limits_that_contradict_each_other_are_a_usage_error(export: Path) -> None:
     done = run_main("serve", str(export), "--max-decode-mb", "500", "--max-decode-total-mb", "100")
     assert done.returncode == 2 and "--max-decode-total-mb (100) must be at least --max-decode-mb (500)" in done.stderr
     assert "Traceback" not in done.stderr
+    done = run_main("serve", str(export), "--max-upload-mb", "30", "--max-upload-total-mb", "50")
+    assert done.returncode == 2
+    assert "--max-upload-total-mb (50) must be at least twice --max-upload-mb (30)" in done.stderr
     done = run_main("serve", str(export), "--request-timeout", "0")
     assert done.returncode == 2 and "--request-timeout" in done.stderr and "Traceback" not in done.stderr

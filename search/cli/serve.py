@@ -61,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory the images of all requests in flight may take together; others wait (default: 800 MB)",
     )
     parser.add_argument(
+        "--max-upload-total-mb",
+        type=positive_float,
+        default=400.0,
+        help="memory the uploads of all requests in flight may take together, each twice its size; more are "
+        "answered 503 (default: 400 MB)",
+    )
+    parser.add_argument(
         "--max-connections", type=positive_int, default=256, help="open connections before 503 (default: 256)"
     )
     parser.add_argument(
@@ -95,6 +102,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"--max-decode-total-mb ({args.max_decode_total_mb:g}) must be at least --max-decode-mb "
             f"({args.max_decode_mb:g}): one request's image must fit in what all may take"
         )
+    if args.max_upload_total_mb < 2 * args.max_upload_mb:
+        raise UsageError(
+            f"--max-upload-total-mb ({args.max_upload_total_mb:g}) must be at least twice --max-upload-mb "
+            f"({args.max_upload_mb:g}): an upload takes twice its size while it is read"
+        )
     if not args.baseline and (args.storage or args.weights):
         raise UsageError("--storage and --weights go with --baseline")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -123,6 +135,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
     limits = Limits(
         max_upload_bytes=int(args.max_upload_mb * 1e6),
+        max_upload_total=int(args.max_upload_total_mb * 1e6),
         max_pixels=int(args.max_megapixels * 1e6),
         slots=slots,
         max_decode_bytes=int(args.max_decode_mb * 1e6),
@@ -150,7 +163,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"uvicorn: 1 worker process (every model loaded once, one session each), {slots} request(s) at a "
             f"time x {args.threads} {', '.join(sorted({m.runtime for m in models}))} thread(s) per session on {cores} "
             f"CPU(s); uploads up to "
-            f"{args.max_upload_mb:g} MB and {args.max_megapixels:g} megapixels, {args.max_decode_mb:g} MB decoded "
+            f"{args.max_upload_mb:g} MB ({args.max_upload_total_mb:g} MB for all at once) and "
+            f"{args.max_megapixels:g} megapixels, {args.max_decode_mb:g} MB decoded "
             f"({args.max_decode_total_mb:g} MB for all at once); a request must arrive within "
             f"{args.request_timeout:g} s, headers up to {args.max_header_kb} KB; {args.max_connections} connections "
             f"and {args.max_requests} requests at once"

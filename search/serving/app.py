@@ -4,7 +4,8 @@ FastAPI, so the OpenAPI schema is at ``/openapi.json``. Every request-shaped mis
 ``{"error": ...}`` with a 4xx status, and the server goes on serving. Inference runs in worker
 threads, at most ``slots`` requests at once (the cores divided by each session's threads), so
 concurrent requests queue instead of oversubscribing the CPU, and what their images take decoded
-is reserved from a memory budget (:mod:`search.serving.budget`). The connection itself (deadlines,
+is reserved from a memory budget, as are their bodies while they arrive and wait
+(:mod:`search.serving.budget`). The connection itself (deadlines,
 header cap, overload) is guarded below the app, in :mod:`search.serving.guard`. The page's files
 are read into memory when the app is made: no request path reaches the file system.
 """
@@ -26,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from search.serving.budget import MemoryBudget, Reservation
+from search.serving.budget import BodyBudget, MemoryBudget, NoRoom, Reservation
 from search.serving.images import BadImage, Decoded, decode_image
 from search.serving.models import ServedModel
 from search.serving.schema import ErrorBody, Health, ModelInfo, Prediction
@@ -60,6 +61,8 @@ class Limits:
     """What one request may ask of the server."""
 
     max_upload_bytes: int = 20_000_000
+    max_upload_total: int = 400_000_000
+    """Memory the bodies of all requests in flight may take together (each twice its size); more are 503."""
     max_pixels: int = 40_000_000
     slots: int = 1
     """Requests whose images are decoded and run at the same time; the rest wait their turn."""
@@ -81,6 +84,7 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
     )
     slots = asyncio.Semaphore(limits.slots)
     budget = MemoryBudget(limits.max_decode_total, limits.max_decode_bytes)
+    bodies = BodyBudget(limits.max_upload_total)
     baseline = next((m for m in models if m.role == "baseline"), None)
     started = time.time()
     page = {name: _asset(name) for name in ("page.html", "page.js", "page.css", "favicon.svg")}
@@ -122,13 +126,25 @@ def create_app(models: list[ServedModel], limits: Limits, *, about: dict[str, An
     async def predict(
         request: Request, k: int = Query(3, ge=1, le=limits.max_k, description="how many classes per model")
     ) -> Prediction:
-        try:
-            body = await read_capped(request.headers.get("content-length"), request.stream(), limits.max_upload_bytes)
-        except ClientDisconnect:  # gone, or refused by the connection's guard (its JSON 408 already written)
-            return Response(status_code=400)  # type: ignore[return-value]  # never sent: nobody reads it
-        data = image_bytes(request.headers.get("content-type", ""), body)
-        async with slots:
-            return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels, budget)
+        with bodies.hold() as hold:  # held until answered: a request queued for a slot keeps its image in memory
+            try:
+                body = await read_capped(
+                    request.headers.get("content-length"), request.stream(), limits.max_upload_bytes, hold
+                )
+            except ClientDisconnect:  # gone, or refused by the connection's guard (its JSON 408 already written)
+                return Response(status_code=400)  # type: ignore[return-value]  # never sent: nobody reads it
+            except NoRoom:
+                log.warning("uploads in flight hold %d of %d bytes: 503", bodies.used, bodies.total)
+                return JSONResponse(  # type: ignore[return-value]
+                    {"error": "the server holds as many uploads as it may at once; retry after a second"},
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+            data = image_bytes(request.headers.get("content-type", ""), body)
+            del body  # a form's image was copied out of it
+            hold.shrink_to(len(data))
+            async with slots:
+                return await run_in_threadpool(_answer, data, k, models, baseline, limits.max_pixels, budget)
 
     return app
 

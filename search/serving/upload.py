@@ -15,20 +15,28 @@ from collections.abc import AsyncIterator
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
+from search.serving.budget import BodyHold
 from search.serving.images import BadImage
 
-__all__ = ["FIELD", "image_bytes", "read_capped"]
+__all__ = ["COPIES", "FIELD", "image_bytes", "read_capped"]
 
 FIELD = "image"
 """The multipart field the page and the README send the image in."""
 _NAMED = (FIELD, "file")
+COPIES = 2
+"""Copies of a body in memory at its peak: its chunks and their join, or a form and the image copied out of it."""
 """Fields taken as the image even when the client sends them without a filename (``curl -F image=<photo.jpg``)."""
 
 
-async def read_capped(declared: str | None, stream: AsyncIterator[bytes], limit: int) -> bytes:
+async def read_capped(
+    declared: str | None, stream: AsyncIterator[bytes], limit: int, hold: BodyHold | None = None
+) -> bytes:
     """The body, or :class:`BadImage` 413 once it is known to be over ``limit`` bytes (400 for a bad length).
 
-    ``declared`` is the request's Content-Length header, if it has one.
+    ``declared`` is the request's Content-Length header, if it has one. With ``hold``, the memory the
+    body will take is reserved from the server's upload budget before it is read, twice its size
+    (:data:`COPIES`): the declared length at once, a chunked body chunk by chunk;
+    :class:`~search.serving.budget.NoRoom` when the budget is spent.
     """
     if declared is not None:
         try:
@@ -37,12 +45,16 @@ async def read_capped(declared: str | None, stream: AsyncIterator[bytes], limit:
             raise BadImage(400, f"Content-Length {declared[:40]!r} is not a number") from None
         if length > limit:
             raise BadImage(413, _too_large(limit, f" {length / 1e6:.1f} MB,"))
+        if hold is not None:
+            hold.grow(max(length, 0) * COPIES)
     chunks: list[bytes] = []
     total = 0
     async for chunk in stream:
         total += len(chunk)
         if total > limit:
             raise BadImage(413, _too_large(limit, ""))
+        if hold is not None and total * COPIES > hold.held:  # a chunked body
+            hold.grow(total * COPIES - hold.held)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -86,7 +98,7 @@ class _Parts:
         """Each part: its field name, its bytes, and its filename (None when it is not a file)."""
         self._headers: dict[bytes, bytes] = {}
         self._field, self._value = b"", b""
-        self._data: list[bytes] = []
+        self._data: list[memoryview] = []
 
     def on_part_begin(self) -> None:
         self._headers, self._data = {}, []
@@ -102,7 +114,7 @@ class _Parts:
         self._field, self._value = b"", b""
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._data.append(data[start:end])
+        self._data.append(memoryview(data)[start:end])  # a view of the body: the part is copied once, when joined
 
     def on_part_end(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
