@@ -366,6 +366,20 @@ def test_uploads_in_flight_are_bounded_in_memory_together_and_the_rest_get_503(e
         proc.wait(timeout=30)
 
 
+def test_serving_an_export_loads_no_torch(export: Path) -> None:
+    """The server needs its runtime, not PyTorch: importing torch alone takes about 500 MB and a second or two."""
+    probe = (
+        "import sys; from pathlib import Path; "
+        "from search.cli.main import main; from search.serving.app import Limits, create_app; "
+        "from search.serving.models import load_export; "
+        f"create_app([load_export(Path({str(export)!r}), 1, None)], Limits()); "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False", "serve imported torch"
+
+
 def test_limits_that_contradict_each_other_are_a_usage_error(export: Path) -> None:
     done = run_main("serve", str(export), "--max-decode-mb", "500", "--max-decode-total-mb", "100")
     assert done.returncode == 2 and "--max-decode-total-mb (100) must be at least --max-decode-mb (500)" in done.stderr

@@ -104,11 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     import shlex
 
+    from search.measuring.runtimes.registry import study_runtime
     from search.shipping.card import attach_artifacts
     from search.shipping.export import export_trial
     from search.shipping.qat import check_quantization
     from search.shipping.rebuild import load_study_baseline
-    from search.shipping.runtime_files import study_runtime
     from search.study.front import pick_best, recommendation, rows
     from search.study.urls import masked_command
 

@@ -16,10 +16,9 @@ from rich.markup import escape
 from search.cli.console import front_table
 from search.cli.options import add_study_options, study_of
 from search.cli.plot import plot_front
-from search.measuring.runtimes.registry import get_runtime
+from search.measuring.runtimes.registry import get_runtime, study_runtime
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, parse_space
-from search.shipping.runtime_files import study_runtime
 from search.study.front import pareto_front, recommendation, rows
 from search.study.urls import PASSWORD_ENV, has_secret, without_secrets
 

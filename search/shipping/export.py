@@ -27,7 +27,7 @@ from search.measuring.candidate import CandidateMeter, Timer
 from search.measuring.isolated import IsolatedTimer
 from search.measuring.onnx_export import export_onnx
 from search.measuring.quantize import QuantizeSettings
-from search.measuring.runtimes.registry import require_runtime
+from search.measuring.runtimes.registry import require_runtime, study_runtime
 from search.measuring.timing import LatencySettings
 from search.progress import NullReporter, Reporter
 from search.pruning.policy import Policy
@@ -39,7 +39,7 @@ from search.shipping.iterative import SCHEDULE_FILE, Recovery
 from search.shipping.model_file import save_pruned, save_torchscript
 from search.shipping.qat import QatResult, check_against_fake_quant, check_quantization, qat_finetune, split_steps
 from search.shipping.rebuild import StudyBaseline, rebuild_pruned
-from search.shipping.runtime_files import ship_runtime_files, study_runtime, timed_file_of
+from search.shipping.runtime_files import ship_runtime_files, timed_file_of
 from search.shipping.settings import ExportSettings
 from search.study.front import finished_trial, rows
 from search.training.device import device_record, resolve

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 from torch import nn
 
 from search.data.dataset import Dataset
@@ -27,12 +26,12 @@ from search.measuring.onnx_export import fix_batch
 from search.measuring.quantize import QuantizeSettings, calibration_batches
 from search.measuring.runtimes.base import one_image_at_a_time
 from search.measuring.runtimes.lowering import lower_pte, quantize_pte
-from search.measuring.runtimes.registry import DEFAULT_RUNTIME, get_runtime, require_runtime
+from search.measuring.runtimes.registry import get_runtime, require_runtime
 from search.progress import Reporter
 from search.shipping.checks import compare_logits
 from search.shipping.settings import ExportSettings
 
-__all__ = ["RuntimeCheckFailed", "ship_runtime_files", "study_runtime", "timed_file_of"]
+__all__ = ["RuntimeCheckFailed", "ship_runtime_files", "timed_file_of"]
 
 
 class RuntimeCheckFailed(UsageError, RuntimeError):
@@ -162,8 +161,3 @@ def timed_file_of(timer: Timer, work: Path, fp32_onnx: bytes, int8_onnx: bytes |
     if timer.runtime == "openvino" and timer.where == "local":
         return str(work / name)
     return fix_batch(fp32_onnx if int8_onnx is None else int8_onnx)
-
-
-def study_runtime(study: optuna.Study) -> str:
-    """The runtime a study's latencies were measured in (a study from before ``--runtime``: ONNX Runtime)."""
-    return (study.user_attrs.get("hardware") or {}).get("runtime", DEFAULT_RUNTIME)

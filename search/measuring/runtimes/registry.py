@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from search.errors import UsageError
 from search.measuring.runtimes.base import Runtime
 from search.measuring.runtimes.executorch import ExecuTorch
 from search.measuring.runtimes.onnxruntime import OnnxRuntime
 from search.measuring.runtimes.openvino import OpenVino
 
-__all__ = ["DEFAULT_RUNTIME", "RUNTIME_NAMES", "get_runtime", "require_runtime"]
+__all__ = ["DEFAULT_RUNTIME", "RUNTIME_NAMES", "get_runtime", "require_runtime", "study_runtime"]
 
 DEFAULT_RUNTIME = "onnxruntime"
 """What a study that records no runtime was timed in (every study made before ``--runtime``)."""
@@ -36,3 +38,8 @@ def require_runtime(name: str | None) -> Runtime:
             f"install it: {info.install_hint()}"
         )
     return runtime
+
+
+def study_runtime(study: Any) -> str:
+    """The runtime a study's latencies were measured in (a study from before ``--runtime``: ONNX Runtime)."""
+    return (study.user_attrs.get("hardware") or {}).get("runtime", DEFAULT_RUNTIME)
