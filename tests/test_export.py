@@ -326,6 +326,53 @@ def test_qat_export_ships_an_int8_model_that_predicts_what_it_trained_as(tiny: S
 
 
 @pytest.mark.slow
+def test_a_qat_export_killed_during_qat_resumes_from_its_last_qat_epoch(
+    tiny: SearchConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.training import finetune
+
+    study, number = _unpruned_int8(tiny)
+    base = load_study_baseline(study)
+    per_epoch = -(-len(base.data.train) // QUICK.batch_size)
+    settings = replace(  # every step with fake quantization: an epoch and two steps of QAT
+        QUICK, steps=per_epoch + 2, epochs=1, qat_epochs=1, quantization="qat", finetune_unpruned=True
+    )
+    # The bars are the other tests' business: this tiny model's near-tied logits flip under INT8 rounding.
+    settings = replace(settings, min_int8_agreement=0.5, min_qat_agreement=0.9)
+    whole = export_trial(base, number, settings, tmp_path / "whole", command="")
+    assert whole["int8"]["qat"]["steps"] == per_epoch + 2
+    save = finetune._save_state
+    saved: list[int] = []
+
+    def dies_after_the_first_epoch(path, model, optimizer, scheduler, step, features=None):
+        save(path, model, optimizer, scheduler, step, features)
+        saved.append(step)
+        raise KeyboardInterrupt  # killed right after QAT's first epoch was saved
+
+    monkeypatch.setattr(finetune, "_save_state", dies_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        export_trial(base, number, settings, tmp_path / "again", command="")
+    assert saved == [per_epoch] and (tmp_path / ".again.partial" / "qat-state.pt").exists()
+    monkeypatch.setattr(finetune, "_save_state", save)
+    steps_run: list[int] = []
+    train = finetune.train
+
+    def counting(*args, **kwargs):
+        result = train(*args, **kwargs)
+        steps_run.append(result.steps)
+        return result
+
+    monkeypatch.setattr("search.shipping.qat.train", counting)
+    resumed = export_trial(base, number, settings, tmp_path / "again", command="")
+    assert steps_run == [2], "QAT resumed after its first epoch: only its last 2 steps ran again"
+    for key in ("top1", "top1_agreement_with_fp32"):
+        assert resumed["int8"][key] == whole["int8"][key], key
+    assert resumed["int8"]["qat"]["agreement_with_fake_quant"] == whole["int8"]["qat"]["agreement_with_fake_quant"]
+    assert resumed["accuracy"]["after_finetune"] == whole["accuracy"]["after_finetune"], "the same weights ship"
+    assert not (tmp_path / "again" / "qat-state.pt").exists()
+
+
+@pytest.mark.slow
 def test_qat_for_a_policy_it_cannot_train_is_a_one_line_error(tiny: SearchConfig, tmp_path: Path) -> None:
     study, number = _unpruned_int8(tiny)
     fp32 = next(t.number for t in study.trials if t.user_attrs.get("precision") == "fp32")

@@ -46,7 +46,10 @@ from search.training.device import device_record, resolve
 from search.training.evaluate import top1
 from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
-__all__ = ["export_trial"]
+__all__ = ["QAT_STATE", "export_trial"]
+
+QAT_STATE = "qat-state.pt"
+"""The quantization-aware training's checkpoint in an unfinished export (removed when it is done)."""
 
 
 def export_trial(
@@ -98,7 +101,9 @@ def export_trial(
         reporter.phase(f"trial {number}: quantization-aware training")
         quantize = QuantizeSettings.from_dict(trial.user_attrs.get("quantization", {}))
         what = f"QAT trial {number} ({qat_steps} steps, seed {settings.seed})"
-        qat = qat_finetune(model, base.model, base.data, settings, quantize, qat_steps, reporter, what)
+        qat = qat_finetune(
+            model, base.model, base.data, settings, quantize, qat_steps, reporter, what, work / QAT_STATE
+        )
         qat.record["fp32_top1_before_qat"] = tuned.after
         after = top1(model, base.data, split, limit=settings.test_images, reporter=reporter, device=settings.device)
         tuned = replace(tuned, after=after, settings=replace(tuned.settings, steps=tuned.settings.steps + qat_steps))
@@ -140,6 +145,7 @@ def export_trial(
     save_pruned(work / "model.pt", model, base, trial)
     save_torchscript(work / "model.torchscript.pt", model, base.data)
     (work / "finetune-state.pt").unlink(missing_ok=True)
+    (work / QAT_STATE).unlink(missing_ok=True)
     BestEpoch(work, base.data).discard()
     recovery.discard()
     seconds["total"] = time.perf_counter() - started
@@ -194,7 +200,7 @@ def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> Path:
             raise UsageError(f"{out_dir} already holds an export; pass --force to replace it or --out elsewhere")
         raise UsageError(f"{out_dir} exists and is not an export; pass --force or --out elsewhere")
     work = _partial(out_dir)
-    if (work / "finetune-state.pt").exists() or (work / SCHEDULE_FILE).exists():
+    if any((work / name).exists() for name in ("finetune-state.pt", QAT_STATE, SCHEDULE_FILE)):
         reporter.info(f"Resuming the unfinished export in {work}")
     elif work.exists():
         shutil.rmtree(work)  # what a failed export left: nothing in it passed its checks

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -103,8 +104,14 @@ def qat_finetune(
     steps: int,
     reporter: Reporter,
     description: str,
+    checkpoint: Path | None = None,
 ) -> QatResult:
-    """Train ``model`` (in place: its FP32 weights end QAT-trained) with fake quantization for ``steps`` steps."""
+    """Train ``model`` (in place: its FP32 weights end QAT-trained) with fake quantization for ``steps`` steps.
+
+    With ``checkpoint``, the fake-quantized model (its weights and its ranges), the optimizer and the
+    schedule are saved at the end of every epoch and after the last step, and a call after an
+    interruption resumes from there: the model is prepared and calibrated as before, then takes the saved state.
+    """
     started = time.perf_counter()
     try:
         prepared = prepare_qat(model, data.example_input(), reduce_range=bool(quantize.reduce_range))
@@ -124,7 +131,16 @@ def qat_finetune(
         seed=settings.seed + 1,  # other batches than the FP32 fine-tune's first epoch
         device=str(resolve(settings.device)),  # auto -> cpu or cuda:0
     )
-    result = train(prepared, data, train_settings, teacher=teacher, reporter=reporter, description=description)
+    result = train(
+        prepared,
+        data,
+        train_settings,
+        teacher=teacher,
+        reporter=reporter,
+        description=description,
+        steps_per_epoch=math.ceil(len(data.train) / settings.batch_size),
+        checkpoint=checkpoint,
+    )
     copy_back(prepared, model, names)
     calibrate(prepared, calibration)  # the final ranges, as ONNX Runtime will compute them on these weights
     model.eval()
