@@ -22,7 +22,11 @@ MobileNetV2 baseline, its searches with the same settings; reused from its worki
     python benchmarks/recovery.py --quick                           # a smoke run (numbers meaningless)
 
 Every export and latency is cached in ``benchmarks/.recovery/results.json`` (``--work``) and
-reused when the script runs again, so an interrupted run resumes. Writes
+reused when the script runs again, so an interrupted run resumes. The working folders are ignored
+and vanish with the machine, and the full run takes several sessions, so what a later session needs
+is also kept in tracked files: the results in ``benchmarks/recovery_results.json`` and each finished
+search's database (small: no weights) in ``benchmarks/recovery/studies/``, put back into the working
+folders when they are missing there (a search found there only resumes, adding no trial). Writes
 ``benchmarks/recovery.json`` and the "Recovery" section of BENCHMARKS.md (not with ``--quick``).
 """
 
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,12 +105,39 @@ def allocation_plan(quick: bool) -> allocation.Plan:
     return allocation.Plan.of(args)
 
 
+MIRROR = ROOT / "benchmarks" / "recovery_results.json"
+"""A tracked copy of the results cache, carried between machines (not with ``--quick``)."""
+STUDIES_MIRROR = ROOT / "benchmarks" / "recovery" / "studies"
+"""Tracked copies of the searches' databases (not with ``--quick``)."""
+
+
+def carry_study(studies: Path, name: str, mirror: Path | None) -> None:
+    """Copy a finished search's database into ``mirror`` (tracked), or back from it when the work folder lacks it."""
+    if mirror is None:
+        return
+    here, kept = studies / f"{name}.db", mirror / f"{name}.db"
+    if here.is_file():
+        mirror.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(here, kept)
+    elif kept.is_file():
+        studies.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, here)
+        log(f"study {name} carried over from {kept.relative_to(ROOT)}")
+
+
 class Bench:
-    def __init__(self, plan: Plan, work: Path, studies: allocation.Bench) -> None:
+    def __init__(self, plan: Plan, work: Path, studies: allocation.Bench, carry: bool = True) -> None:
         self.plan, self.work, self.alloc = plan, work, studies
         work.mkdir(parents=True, exist_ok=True)
         self.cache_path = work / "results.json"
         self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        self.mirror = MIRROR if carry else None
+        self.studies_mirror = STUDIES_MIRROR if carry else None
+        if self.mirror is not None and self.mirror.is_file():
+            carried = {k: v for k, v in json.loads(self.mirror.read_text()).items() if k not in self.cache}
+            if carried:
+                log(f"{len(carried)} results carried over from {self.mirror.name}")
+                self.cache.update(carried)
         self.reused: list[str] = []
         self.quantization_flag = "--quantization" in _run(["export", "--help"]).stdout
 
@@ -116,6 +149,10 @@ class Bench:
             return self.cache[key]
         self.cache[key] = compute()
         self.cache_path.write_text(json.dumps(self.cache, indent=1))
+        if self.mirror is not None:
+            partial = self.mirror.with_suffix(".partial")
+            partial.write_text(json.dumps(self.cache, indent=1) + "\n")
+            os.replace(partial, self.mirror)
         return self.cache[key]
 
     def int8_study(self, model: str) -> tuple[Path, str]:
@@ -130,7 +167,9 @@ class Bench:
             allocation.cli("search", *args)
             return {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
+        carry_study(studies, name, self.studies_mirror)  # back from the tracked copy, if the work folder lost it
         self.cached(f"search {name} trials {self.alloc.plan.trials}", run)
+        carry_study(studies, name, self.studies_mirror)
         return studies, name
 
     def export(self, where: tuple[Path, str], number: int, recipe: Recipe, seed: int, epochs: float) -> dict[str, Any]:
@@ -247,8 +286,11 @@ def resnet_track(bench: Bench, best: Recipe) -> dict[str, Any]:
 
 
 def _searched(bench: Bench, model: str) -> tuple[Path, str]:
+    name = bench.alloc.study_name(model, bench.plan.fraction)
+    carry_study(bench.alloc.studies, name, bench.studies_mirror)  # a search found there only resumes
     bench.alloc.search(model, bench.plan.fraction)
-    return bench.alloc.studies, bench.alloc.study_name(model, bench.plan.fraction)
+    carry_study(bench.alloc.studies, name, bench.studies_mirror)
+    return bench.alloc.studies, name
 
 
 def _study(where: tuple[Path, str]) -> optuna.Study:
@@ -313,7 +355,7 @@ def main() -> None:
         work = work.with_name(".recovery-quick")
         alloc_work = work / "allocation"
     started = time.perf_counter()
-    bench = Bench(plan, work, allocation.Bench(allocation_plan(args.quick), alloc_work))
+    bench = Bench(plan, work, allocation.Bench(allocation_plan(args.quick), alloc_work), carry=not args.quick)
     log(f"plan {plan}; export takes --quantization: {bench.quantization_flag}")
     tracks = [mobilenet_track(bench)]
     best = Recipe(**tracks[0]["best"])
