@@ -60,6 +60,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
+from benchmarks.carry import ResultsCache, carry_study  # noqa: E402
 from benchmarks.sections import write_section  # noqa: E402
 from search.cli.console import RichReporter  # noqa: E402
 from search.data.loading import load_dataset  # noqa: E402
@@ -146,13 +147,15 @@ def cli(*args: str) -> None:
 
 
 class Bench:
-    def __init__(self, plan: Plan, work: Path) -> None:
+    def __init__(self, plan: Plan, work: Path, mirror: Path | None = None, studies_mirror: Path | None = None) -> None:
+        """``mirror`` and ``studies_mirror``: tracked copies of the results and of the searches' databases, which
+        a run that takes several sessions carries between machines (:mod:`benchmarks.carry`)."""
         self.plan = plan
         self.work = work
         self.studies = work / "studies"
-        work.mkdir(parents=True, exist_ok=True)
-        self.cache_path = work / "results.json"
-        self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        self.store = ResultsCache(work, mirror)
+        self.cache: dict[str, Any] = self.store.data
+        self.studies_mirror = studies_mirror
         self.computed: list[str] = []
         self.reused: list[str] = []
         mean, std = (tuple(float(v) for v in s.split(",")) for s in (MEAN, STD))
@@ -163,7 +166,7 @@ class Bench:
         if key not in self.cache:
             self.cache[key] = compute()
             self.computed.append(key)
-            self.cache_path.write_text(json.dumps(self.cache, indent=1))
+            self.store.save()
         elif key not in self.computed and key not in self.reused:
             self.reused.append(key)
             log(f"reused from an earlier run: {key}")
@@ -188,7 +191,7 @@ class Bench:
         got = self._train_mobilenet(path)
         record.write_text(json.dumps(got, indent=1) + "\n")
         self.cache[key] = got
-        self.cache_path.write_text(json.dumps(self.cache, indent=1))
+        self.store.save()
         return path
 
     def _train_mobilenet(self, path: Path) -> dict[str, Any]:
@@ -270,7 +273,15 @@ class Bench:
             cli("search", *self.search_args(model, fraction, name, self.plan.trials), *extra)
             return {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # its time is read from the study (study_seconds)
 
-        return self.cached(f"search {name} trials {self.plan.trials}", run)
+        return self.searched(name, lambda: self.cached(f"search {name} trials {self.plan.trials}", run))
+
+    def searched(self, name: str, search: Any) -> Any:
+        """``search()`` of study ``name``, its database first put back from the tracked copy if the work folder
+        lost it (the search then only resumes), and copied there after."""
+        carry_study(self.studies, name, self.studies_mirror)
+        done = search()
+        carry_study(self.studies, name, self.studies_mirror)
+        return done
 
     def study(self, name: str) -> optuna.Study:
         return optuna.load_study(study_name=name, storage=f"sqlite:///{self.studies / name}.db")
@@ -354,7 +365,9 @@ class Bench:
             cli("search", *self.search_args(model, fraction, name, fitted), *extra)
             return {"allocations": fitted, "seconds": round(time.perf_counter() - started, 1)}
 
-        self.cached(f"random {name} {count}" + (f" {' '.join(extra)}" if extra else ""), run)
+        self.searched(
+            name, lambda: self.cached(f"random {name} {count}" + (f" {' '.join(extra)}" if extra else ""), run)
+        )
         return name
 
 

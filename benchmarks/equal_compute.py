@@ -26,7 +26,9 @@ worse than the best arm by more than the spread.
     python benchmarks/equal_compute.py --quick                                # a smoke run in minutes
 
 Every search, export and latency is cached in ``benchmarks/.equal-compute/results.json`` (``--work``) and
-reused by a rerun, as in allocation.py. Writes ``benchmarks/equal_compute.json`` and the "Equal compute"
+reused by a rerun, as in allocation.py; the cache and the arms' study databases are also kept in tracked
+files (``benchmarks/equal_compute_results.json``, ``benchmarks/equal_compute/studies/``) that a new machine
+starts from, since the full run takes several sessions. Writes ``benchmarks/equal_compute.json`` and the "Equal compute"
 section of BENCHMARKS.md (not with ``--quick``, which prints its JSON).
 """
 
@@ -72,6 +74,10 @@ ARMS = {
     "e": "the search with promotion, GPSampler (--sampler gp)",
     "f": "the search with promotion, random sampling (--sampler random)",
 }
+MIRROR = ROOT / "benchmarks" / "equal_compute_results.json"
+"""A tracked copy of the results cache (:mod:`benchmarks.carry`), carried between machines."""
+STUDIES_MIRROR = ROOT / "benchmarks" / "equal_compute" / "studies"
+"""Tracked copies of the arms' study databases."""
 SAMPLER_ARMS = {"gp": "e", "random": "f"}
 """b searches with TPE (the default); these arms are b with another ``--sampler``, to decide the default."""
 
@@ -103,7 +109,9 @@ def search_arm(bench: Bench, model: str, fraction: float, arm: str, extra: tuple
         cli("search", *bench.search_args(model, fraction, name, bench.plan.trials), *extra)
         return {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-    bench.cached(f"search {name} trials {bench.plan.trials} {' '.join(extra)}".strip(), run)
+    bench.searched(
+        name, lambda: bench.cached(f"search {name} trials {bench.plan.trials} {' '.join(extra)}".strip(), run)
+    )
     return name
 
 
@@ -257,7 +265,8 @@ def main() -> None:
     plan = plan_of(args)
     work = Path(args.work if not args.quick else str(Path(args.work).with_name(".equal-compute-quick")))
     started = time.perf_counter()
-    bench = Bench(plan, work)
+    carry = not args.quick  # the full run takes several sessions: what they need is kept in tracked files too
+    bench = Bench(plan, work, mirror=MIRROR if carry else None, studies_mirror=STUDIES_MIRROR if carry else None)
     log(f"plan {plan}")
     samplers = tuple(args.samplers)
     tracks = [run_track(bench, model, fraction, samplers) for model, fraction in plan.tracks]

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 
 from benchmarks import allocation  # noqa: E402
+from benchmarks.carry import ResultsCache, carry_study  # noqa: E402
 from benchmarks.sections import write_section  # noqa: E402
 from search.measuring.candidate import LocalTimer  # noqa: E402
 from search.measuring.hardware import fingerprint, git_revision, package_versions  # noqa: E402
@@ -111,33 +110,12 @@ STUDIES_MIRROR = ROOT / "benchmarks" / "recovery" / "studies"
 """Tracked copies of the searches' databases (not with ``--quick``)."""
 
 
-def carry_study(studies: Path, name: str, mirror: Path | None) -> None:
-    """Copy a finished search's database into ``mirror`` (tracked), or back from it when the work folder lacks it."""
-    if mirror is None:
-        return
-    here, kept = studies / f"{name}.db", mirror / f"{name}.db"
-    if here.is_file():
-        mirror.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(here, kept)
-    elif kept.is_file():
-        studies.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(kept, here)
-        log(f"study {name} carried over from {kept.relative_to(ROOT)}")
-
-
 class Bench:
     def __init__(self, plan: Plan, work: Path, studies: allocation.Bench, carry: bool = True) -> None:
         self.plan, self.work, self.alloc = plan, work, studies
-        work.mkdir(parents=True, exist_ok=True)
-        self.cache_path = work / "results.json"
-        self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
-        self.mirror = MIRROR if carry else None
+        self.store = ResultsCache(work, MIRROR if carry else None)
+        self.cache: dict[str, Any] = self.store.data
         self.studies_mirror = STUDIES_MIRROR if carry else None
-        if self.mirror is not None and self.mirror.is_file():
-            carried = {k: v for k, v in json.loads(self.mirror.read_text()).items() if k not in self.cache}
-            if carried:
-                log(f"{len(carried)} results carried over from {self.mirror.name}")
-                self.cache.update(carried)
         self.reused: list[str] = []
         self.quantization_flag = "--quantization" in _run(["export", "--help"]).stdout
 
@@ -148,11 +126,7 @@ class Bench:
                 log(f"reused from an earlier run: {key}")
             return self.cache[key]
         self.cache[key] = compute()
-        self.cache_path.write_text(json.dumps(self.cache, indent=1))
-        if self.mirror is not None:
-            partial = self.mirror.with_suffix(".partial")
-            partial.write_text(json.dumps(self.cache, indent=1) + "\n")
-            os.replace(partial, self.mirror)
+        self.store.save()
         return self.cache[key]
 
     def int8_study(self, model: str) -> tuple[Path, str]:
@@ -286,11 +260,8 @@ def resnet_track(bench: Bench, best: Recipe) -> dict[str, Any]:
 
 
 def _searched(bench: Bench, model: str) -> tuple[Path, str]:
-    name = bench.alloc.study_name(model, bench.plan.fraction)
-    carry_study(bench.alloc.studies, name, bench.studies_mirror)  # a search found there only resumes
-    bench.alloc.search(model, bench.plan.fraction)
-    carry_study(bench.alloc.studies, name, bench.studies_mirror)
-    return bench.alloc.studies, name
+    bench.alloc.search(model, bench.plan.fraction)  # its database carried as the allocation bench's mirror says
+    return bench.alloc.studies, bench.alloc.study_name(model, bench.plan.fraction)
 
 
 def _study(where: tuple[Path, str]) -> optuna.Study:
@@ -355,7 +326,11 @@ def main() -> None:
         work = work.with_name(".recovery-quick")
         alloc_work = work / "allocation"
     started = time.perf_counter()
-    bench = Bench(plan, work, allocation.Bench(allocation_plan(args.quick), alloc_work), carry=not args.quick)
+    carry = not args.quick
+    studies = allocation.Bench(
+        allocation_plan(args.quick), alloc_work, studies_mirror=STUDIES_MIRROR if carry else None
+    )
+    bench = Bench(plan, work, studies, carry=carry)
     log(f"plan {plan}; export takes --quantization: {bench.quantization_flag}")
     tracks = [mobilenet_track(bench)]
     best = Recipe(**tracks[0]["best"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import torch
 
 from benchmarks.allocation import DATA, MEAN, STD, log
+from benchmarks.carry import ResultsCache
 from search.data.dataset import Dataset
 from search.data.loading import load_dataset
 from search.data.spec import DataSpec
@@ -37,18 +36,11 @@ class Bench:
         self, work: Path, model: str, weights: Path, timing: LatencySettings, data: Dataset, mirror: Path | None = None
     ) -> None:
         self.work = work
-        work.mkdir(parents=True, exist_ok=True)
-        self.cache_path = work / "results.json"
-        self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
-        self.mirror = mirror
-        """A tracked copy of the results, committed between sessions: the working folder is ignored and vanishes
-        with the machine, so a run that takes several sessions picks up what an earlier machine computed
+        self.store = ResultsCache(work, mirror)
+        """``mirror``: a tracked copy of the results, committed between sessions: the working folder is ignored and
+        vanishes with the machine, so a run that takes several sessions picks up what an earlier machine computed
         (a chain whose kept weights are gone is replayed up to its last scored rung)."""
-        if mirror is not None and mirror.is_file():
-            carried = {k: v for k, v in json.loads(mirror.read_text()).items() if k not in self.cache}
-            if carried:
-                log(f"{len(carried)} results carried over from {mirror.name}")
-                self.cache.update(carried)
+        self.cache: dict[str, Any] = self.store.data
         self.computed: list[str] = []
         self.reused: list[str] = []
         self.data = data
@@ -67,13 +59,7 @@ class Bench:
         if key not in self.cache:
             self.cache[key] = compute()
             self.computed.append(key)
-            partial = self.cache_path.with_suffix(".partial")
-            partial.write_text(json.dumps(self.cache, indent=1))
-            os.replace(partial, self.cache_path)
-            if self.mirror is not None:
-                partial = self.mirror.with_suffix(".partial")
-                partial.write_text(json.dumps(self.cache, indent=1) + "\n")
-                os.replace(partial, self.mirror)
+            self.store.save()
         elif key not in self.computed and key not in self.reused:
             self.reused.append(key)
             log(f"reused from an earlier run: {key}")

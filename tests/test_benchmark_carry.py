@@ -1,0 +1,39 @@
+"""The long benchmarks carry their results and search databases between machines (benchmarks/carry.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.carry import ResultsCache, carry_study
+
+
+def test_a_new_machine_starts_from_the_tracked_results_and_the_work_folder_wins(tmp_path: Path) -> None:
+    mirror = tmp_path / "tracked.json"
+    mirror.write_text(json.dumps({"export a": 1, "export b": 2}))
+    work = tmp_path / "work"
+    (work).mkdir()
+    (work / "results.json").write_text(json.dumps({"export b": 3}))  # newer here than in the tracked copy
+    cache = ResultsCache(work, mirror)
+    assert cache.data == {"export a": 1, "export b": 3}
+    cache.data["export c"] = 4
+    cache.save()
+    for path in (work / "results.json", mirror):
+        assert json.loads(path.read_text()) == {"export a": 1, "export b": 3, "export c": 4}
+    assert not list(tmp_path.rglob("*.partial"))
+    fresh = ResultsCache(tmp_path / "new-machine", mirror)  # the work folder vanished with the machine
+    assert fresh.data == {"export a": 1, "export b": 3, "export c": 4}
+
+
+def test_a_search_database_is_kept_and_put_back_where_the_work_folder_lost_it(tmp_path: Path) -> None:
+    studies, mirror = tmp_path / "work" / "studies", tmp_path / "tracked"
+    studies.mkdir(parents=True)
+    (studies / "s.db").write_bytes(b"trials")
+    carry_study(studies, "s", mirror)
+    assert (mirror / "s.db").read_bytes() == b"trials"
+    (studies / "s.db").unlink()
+    carry_study(studies, "s", mirror)
+    assert (studies / "s.db").read_bytes() == b"trials"
+    carry_study(studies, "other", mirror)  # neither has it: nothing happens
+    assert not (studies / "other.db").exists() and not (mirror / "other.db").exists()
+    carry_study(studies, "s", None)  # no mirror (--quick): nothing is kept
