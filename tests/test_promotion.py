@@ -233,6 +233,7 @@ def test_kill_9_during_a_promotion_then_a_rerun_completes_it_from_the_saved_weig
 
     import torch
 
+    from search.pruning.policy import Policy
     from search.study import promotion as promotion_module
     from search.study.trial_weights import weights_path
 
@@ -313,6 +314,12 @@ def test_kill_9_during_a_promotion_then_a_rerun_completes_it_from_the_saved_weig
     assert next(r for r in rows(study) if r.number == number).rung >= rung, "the reports use the new rung"
     notes = study._storage.get_study_system_attrs(study._study_id)
     assert any(f"rung {rung}: top-1" in str(v) for k, v in notes.items() if "note_str" in k), "the dashboard says it"
+    unpruned = next(t for t in study.trials if Policy.from_dict(t.user_attrs["policy"]).is_unpruned)
+    baseline = unpruned.user_attrs["accuracy_record"]
+    assert baseline["images"] == 269 and baseline["per_image"], "the baseline pairs with the others, image by image"
+    above = study.user_attrs.get(rung_key(unpruned.number), [])
+    for record in above:  # where promoted: it was read when the study was created, on all 269 images, never again
+        assert record["reused_from_rung"] == record["rung"] - 1 and record["seconds"] == {}, record
 
 
 def test_a_promoted_int8_trial_is_read_on_its_int8_model_on_all_validation_images(digits32) -> None:
@@ -360,3 +367,51 @@ def test_the_unpruned_model_is_not_read_again_above_rung_1() -> None:
     record = _run(trial, 2, None, None, None, [rung1])  # type: ignore[arg-type]  # nothing to train or read
     assert record["rung"] == 2 and record["reused_from_rung"] == 1
     assert record["accuracy"] == 0.9 and record["images"] == 400 and record["seconds"] == {}
+
+
+def test_the_unpruned_model_that_read_every_image_at_rung_0_is_not_read_again_at_rung_1(digits32) -> None:
+    """When the trials read the whole validation split (``--val-images`` at least its size), the unpruned model's
+    rung-0 record is already the full read a promotion would make: it stands for rung 1, image by image."""
+    from types import SimpleNamespace
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from search.pruning.space import load_space
+    from search.study.promotion import _unpruned_reuse
+
+    size = len(digits32.split("val"))
+    space = load_space("spaces/resnet18.toml")
+    ctx = SimpleNamespace(data=digits32)
+
+    def unpruned(images: int):
+        correct = [i % 10 != 0 for i in range(images)]
+        return create_trial(
+            values=[sum(correct) / images, 1.0],
+            params={"x": 0.5},
+            distributions={"x": FloatDistribution(0, 1)},
+            user_attrs={"policy": space.unpruned().to_dict(), "accuracy_record": accuracy_record(correct)},
+        )
+
+    whole = unpruned(size)
+    record = _unpruned_reuse(whole, 1, ctx, [])  # type: ignore[arg-type]
+    assert record is not None and record["rung"] == 1 and record["reused_from_rung"] == 0
+    assert record["images"] == size and record["steps"] == 0 and record["seconds"] == {}
+    assert record["per_image"] == whole.user_attrs["accuracy_record"]["per_image"], "pairs with the promoted trials"
+    assert record["accuracy"] == pytest.approx(whole.values[0])
+    assert _unpruned_reuse(unpruned(size // 2), 1, ctx, []) is None, "read on a subset: rung 1 reads all of val"
+
+
+def test_a_read_of_at_least_the_whole_split_is_in_the_splits_own_order(digits32) -> None:
+    """A brief score with ``--val-images`` past the split's size pairs image by image with a full read."""
+    import numpy as np
+    from torch import nn
+
+    from search.training.evaluate import top1_correct
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    full = top1_correct(model, digits32, "val")
+    past = top1_correct(model, digits32, "val", limit=len(digits32.split("val")) + 100)
+    assert np.array_equal(full, past)
+    subset = top1_correct(model, digits32, "val", limit=len(digits32.split("val")) - 1)
+    assert len(subset) == len(full) - 1

@@ -37,9 +37,10 @@ from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
 from search.study.sensitivity import measure_sensitivity, probe_record_of
 from search.study.storage import HEARTBEAT_SECONDS, masked
-from search.study.trial import LATENCY_AT_CREATION
+from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION
+from search.study.uncertainty import accuracy_record
 from search.training.baseline import Baseline
-from search.training.evaluate import top1
+from search.training.evaluate import top1_correct
 
 __all__ = ["create_study", "fastest_reachable", "resumable", "resume_creation", "sampler"]
 
@@ -89,7 +90,10 @@ def create_study(
             fastest_ms = fastest_reachable(space, meter, told)
         _check_budget(config, space, fastest_ms, base, told)
         with clock.phase("evaluate the baseline"):
-            accuracy = top1(baseline.model, data, "val", limit=config.val_images, reporter=told, device=config.device)
+            correct = top1_correct(
+                baseline.model, data, "val", limit=config.val_images, reporter=told, device=config.device
+            )
+            accuracy = float(correct.mean())
         told.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
         _warn_near_chance(accuracy, data, told, trained_here=baseline.trained_here)
         with warnings.catch_warnings():
@@ -98,6 +102,7 @@ def create_study(
         provenance = _provenance(
             config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware, train_device
         )
+        provenance[BASELINE_RECORD] = accuracy_record(correct.tolist())  # pairs the unpruned trial with the others
         for key, value in provenance.items():
             study.set_user_attr(key, value)
         study.set_user_attr("latency_measured_on", meter.timer.where)  # "local", or the latency target's URL

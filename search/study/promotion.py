@@ -177,20 +177,15 @@ def _run(
 ) -> dict[str, Any]:
     """Fine-tune trial ``trial`` on from its previous rung to ``rung``'s total steps and score it on all of val.
 
-    The unpruned model is never fine-tuned, so above rung 1 (read on all of val already) it is not read
-    again: the record of its previous promoted rung (``earlier``, rung 1 first) stands for this one.
+    The unpruned model is never fine-tuned, so once it has been read on all of val it is not read again: the
+    record of its previous rung stands for this one (rung 0's when the trial itself read every image).
     """
     attrs = trial.user_attrs
     policy = Policy.from_dict(attrs["policy"])
-    if policy.is_unpruned and rung >= 2 and earlier and len(earlier) >= rung - 1:
-        return {
-            **earlier[rung - 2],
-            "rung": rung,
-            "seconds": {},
-            "reused_from_rung": rung - 1,
-            "worker": worker_identity(),
-            "finished_at": time.time(),
-        }
+    if policy.is_unpruned:
+        reused = _unpruned_reuse(trial, rung, ctx, earlier or [])
+        if reused is not None:
+            return reused
     total = settings.rung_steps[rung - 1]
     seconds: dict[str, float] = {}
     model = copy.deepcopy(ctx.baseline)
@@ -228,6 +223,31 @@ def _run(
     }
 
 
+def _unpruned_reuse(
+    trial: FrozenTrial, rung: int, ctx: TrialContext, earlier: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The unpruned trial's record at ``rung`` copied from its previous rung when that one read all of val."""
+    if rung >= 2:
+        previous = earlier[rung - 2] if len(earlier) >= rung - 1 else None
+    else:
+        record = trial.user_attrs.get("accuracy_record")
+        complete = (
+            isinstance(record, dict) and record.get("per_image") and record.get("images") == len(ctx.data.split("val"))
+        )
+        previous = {"steps": 0, "accuracy": float(trial.values[0]), **record} if complete else None
+    if previous is None:
+        return None
+    return {
+        **previous,
+        "rung": rung,
+        "seconds": {},
+        "continued_from": None,
+        "reused_from_rung": rung - 1,
+        "worker": worker_identity(),
+        "finished_at": time.time(),
+    }
+
+
 def _score(model: nn.Module, ctx: TrialContext, precision: str, seconds: dict[str, float]) -> tuple[Any, dict]:
     """Per-image top-1 on the whole validation split: of the INT8 model in ONNX Runtime for ``int8``."""
     started = time.perf_counter()
@@ -252,6 +272,11 @@ def _line(trial: FrozenTrial, record: dict[str, Any], study: optuna.Study) -> st
         images = f" on {before.images} images" if before.images else ""
         was = f"; rung {before.rung}: {before.accuracy:.4f}{images} after {before.steps} steps"
     took = sum(record["seconds"].values())
+    if "reused_from_rung" in record:
+        return (
+            f"Promoted trial {trial.number} (the unpruned model, never fine-tuned) to rung {record['rung']}: its rung "
+            f"{record['reused_from_rung']} reading on all {record['images']} validation images stands, nothing rerun"
+        )
     return (
         f"Promoted trial {trial.number} to rung {record['rung']} ({record['steps']} fine-tune steps): "
         f"top-1 {record['accuracy']:.4f} ±{(high - low) * 50:.1f} pp on all {record['images']} validation images"

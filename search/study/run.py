@@ -59,7 +59,7 @@ from search.study.settings import (
     settings_that_must_match,
 )
 from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
-from search.study.trial import TrialContext, run_trial
+from search.study.trial import BASELINE_RECORD, TrialContext, run_trial
 from search.training.baseline import Baseline, prepare_baseline
 from search.training.device import device_record, loader_plan, precision, resolve
 
@@ -261,6 +261,7 @@ def _trial_context(
     ctx = TrialContext(
         meter=meter,
         baseline_accuracy=attrs["baseline_accuracy"],
+        baseline_record=attrs.get(BASELINE_RECORD),
         data=data,
         space=space,
         budget_ms=config.budget_ms,

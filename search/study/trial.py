@@ -33,6 +33,7 @@ from search.training.evaluate import onnx_top1_correct, top1, top1_correct
 from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
 __all__ = [
+    "BASELINE_RECORD",
     "INFEASIBLE_ACCURACY",
     "LATENCY_AT_CREATION",
     "LATENCY_CONSTRAINT",
@@ -43,6 +44,9 @@ __all__ = [
 
 LATENCY_CONSTRAINT = "latency_over_budget_ms"
 """The Optuna constraint each trial sets: drift-corrected latency minus the budget."""
+
+BASELINE_RECORD = "baseline_accuracy_record"
+"""Study user attribute: the baseline's per-image record on the trials' validation images (read at creation)."""
 
 INFEASIBLE_ACCURACY = 0.0
 """Objective value stored for policies over the budget: they are never fine-tuned or evaluated."""
@@ -71,6 +75,8 @@ class TrialContext:
     they are."""
     promotion: PromotionSettings | None = None
     """With promotion on, each fine-tuned trial's weights are kept for promotions (:mod:`search.study.promotion`)."""
+    baseline_record: dict[str, Any] | None = None
+    """The baseline's accuracy record on the trials' validation images (None in studies made before it was kept)."""
 
     @property
     def baseline(self) -> nn.Module:
@@ -223,8 +229,11 @@ def _int8_top1(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds
 
 
 def _baseline_record(trial: optuna.Trial, ctx: TrialContext) -> None:
-    """The unpruned FP32 trial's accuracy is the study's baseline top-1: its image count and interval (no per-image
-    record, that was read when the study was created)."""
+    """The unpruned FP32 trial's accuracy is the study's baseline top-1, read when the study was created: its
+    per-image record from then (older studies kept only the accuracy: its image count and interval then)."""
+    if ctx.baseline_record is not None:
+        trial.set_user_attr("accuracy_record", ctx.baseline_record)
+        return
     images = len(ctx.data.split("val"))
     images = images if ctx.val_images is None else min(images, ctx.val_images)
     if images > 0:

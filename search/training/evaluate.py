@@ -21,7 +21,25 @@ from search.measuring.timing import open_session
 from search.progress import NullReporter, Reporter
 from search.training.finetune import on_device, to_device
 
-__all__ = ["Agreement", "compare_top1", "onnx_top1", "onnx_top1_correct", "top1", "top1_agreement", "top1_correct"]
+__all__ = [
+    "Agreement",
+    "compare_top1",
+    "onnx_top1",
+    "onnx_top1_correct",
+    "subset_limit",
+    "top1",
+    "top1_agreement",
+    "top1_correct",
+]
+
+
+def subset_limit(size: int, limit: int | None) -> int | None:
+    """``limit`` when it reads a subset of a split of ``size`` images; None when it covers the whole split.
+
+    A subset is read in a fixed shuffled order; the whole split always in its own order, so two reads of every
+    image (a trial's brief score and a promotion's) pair image by image whatever ``limit`` they were given.
+    """
+    return None if limit is None or limit >= size else limit
 
 
 def top1(
@@ -59,6 +77,7 @@ def top1_correct(
     reporter = reporter or NullReporter()
     model.eval()
     total = len(getattr(data, split))
+    limit = subset_limit(total, limit)
     if limit is not None:
         total = min(total, limit)
     hits: list[torch.Tensor] = []
@@ -174,7 +193,8 @@ def _logits(
     step = 1 if any(fixed_batch(p) == 1 for p in parsed) else batch_size
     sessions = [open_session(m, threads) for m in models]
     names = [s.get_inputs()[0].name for s in sessions]
-    total = len(data.split(split)) if limit is None else min(limit, len(data.split(split)))
+    limit = subset_limit(len(data.split(split)), limit)
+    total = len(data.split(split)) if limit is None else limit
     with reporter.task(f"ONNX Runtime top-1 on {split}", total) as task:
         for x, y in data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit):
             feed = x.numpy()
