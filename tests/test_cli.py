@@ -40,7 +40,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory, trained_weights: Path) 
         "--study",
         "cli-tiny",
         "--finetune-steps",
-        "2",
+        "3",
         "--bn-batches",
         "2",
     ]
@@ -68,6 +68,8 @@ def test_search_end_to_end_prints_front_plot_and_dashboard_command(tiny_study: d
     assert "Recommended: trial" in out
     assert f"optuna-dashboard sqlite:///{tiny_study['studies']}/cli-tiny.db" in out
     assert "Setup: measure the baseline's latency, " in out, "each creation phase says its seconds"
+    # The default rung, 10x the 3 steps of rung 0, is cut to one epoch of digits' 1,259 training images at batch 64.
+    assert "rung 0 at 3 steps, rung 1 at 20;" in " ".join(out.split())
     summary = out.split("Pareto front of study")[1]
     assert "Set-up before the first trial: " in summary and "measure the baseline's latency" in summary
     assert (Path(tiny_study["studies"]) / "cli-tiny" / "pareto.png").stat().st_size > 10_000

@@ -130,8 +130,16 @@ def _parse(*flags: str) -> argparse.Namespace:
 
 
 def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
-    default = _config(_parse("--finetune-steps", "20"))
-    assert default.rung_steps == (60,) and default.promote_fraction == pytest.approx(1 / 3)
+    default = _config(_parse())
+    assert (default.finetune_steps, default.finetune_batch) == (30, 64), "the signal benchmark's screen"
+    assert default.rung_steps == (300,) and default.promote_fraction == pytest.approx(1 / 3)
+    # The default rung is fitted to the training split: at most one epoch, none where that is rung 0 already.
+    assert default.with_default_rungs(45_000).rung_steps == (300,), "CIFAR-10's training split: 300 steps"
+    assert default.with_default_rungs(5_000).rung_steps == (79,), "one epoch of 5,000 images at batch 64"
+    assert default.with_default_rungs(1_259).rung_steps == (), "digits: 30 steps of 64 already pass its 1,259"
+    assert promotion_settings(default.with_default_rungs(1_259)) is None
+    assert _config(_parse("--rungs", "500")).with_default_rungs(1_259).rung_steps == (500,), "--rungs as given"
+    assert _config(_parse("--finetune-steps", "20")).rung_steps == (200,)
     settings = promotion_settings(default)
     assert settings is not None and settings.folder == Path("studies") / default.study_name / "trial-weights"
     chosen = _config(_parse("--rungs", "100,300", "--promote-fraction", "0.5", "--trial-weights", str(tmp_path)))

@@ -114,7 +114,12 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.finetune_steps,
         help=f"SGD steps of brief fine-tuning per trial (default: {DEFAULTS.finetune_steps})",
     )
-    parser.add_argument("--finetune-batch", type=positive_int, default=32, help="fine-tune batch size (default: 32)")
+    parser.add_argument(
+        "--finetune-batch",
+        type=positive_int,
+        default=DEFAULTS.finetune_batch,
+        help=f"fine-tune batch size (default: {DEFAULTS.finetune_batch})",
+    )
     parser.add_argument("--finetune-lr", type=positive_float, default=0.01, help="fine-tune peak learning rate")
     parser.add_argument(
         "--distill",
@@ -177,7 +182,8 @@ def _add_promotion_options(parser: argparse.ArgumentParser) -> None:
         type=step_counts,
         help="total fine-tune steps of the rungs above the brief fine-tune (rung 0, --finetune-steps), "
         "comma-separated and increasing, e.g. 100,300; the best trials of each rung are fine-tuned on to the "
-        f"next and read on all validation images (default: one rung of {PROMOTION_FACTOR}x --finetune-steps)",
+        f"next and read on all validation images (default: one rung of {PROMOTION_FACTOR}x --finetune-steps, at most "
+        "one epoch of the training split; none where that is no more than --finetune-steps)",
     )
     which.add_argument(
         "--no-promotion",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,8 +16,10 @@ __all__ = ["PROMOTION_FACTOR", "SAMPLERS", "SearchConfig"]
 SAMPLERS = ("tpe", "gp", "random")
 """``--sampler``: Optuna's multi-objective TPE, its Gaussian-process sampler (GPSampler) or random sampling."""
 
-PROMOTION_FACTOR = 3
-"""Without ``--rungs``, the one promoted rung fine-tunes this many times ``--finetune-steps`` in total."""
+PROMOTION_FACTOR = 10
+"""Without ``--rungs``, the one promoted rung fine-tunes this many times ``--finetune-steps`` in total (300 steps
+at the default 30), at most one epoch of the training split: the rungs the signal benchmark chose (BENCHMARKS.md,
+"Signal"), where a whole epoch ranked candidates no better than 300 steps."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ class SearchConfig:
     """The runtime's threads for latency measurements."""
     runtime: str = "onnxruntime"
     """The runtime every latency is measured in (``--runtime``); recorded in the study's hardware fingerprint."""
-    finetune_steps: int = 20
-    finetune_batch: int = 32
+    finetune_steps: int = 30
+    finetune_batch: int = 64
     finetune_lr: float = 0.01
     distill: float = 0.0
     """Weight of distillation from the unpruned model in the brief fine-tune (0 = off)."""
@@ -83,7 +86,7 @@ class SearchConfig:
     """Promote the best trials to longer fine-tunes as the study runs (:mod:`search.study.promotion`)."""
     rungs: tuple[int, ...] | None = None
     """Total fine-tune steps of rungs 1, 2, ... (rung 0 is ``finetune_steps``); None: one rung of
-    ``PROMOTION_FACTOR`` times ``finetune_steps``."""
+    ``PROMOTION_FACTOR`` times ``finetune_steps``, fitted to the training split by :meth:`with_default_rungs`."""
     promote_fraction: float = 1 / 3
     """The best this fraction of the trials at a rung are promoted to the next (ASHA's 1/eta)."""
     sampler: str = "tpe"
@@ -137,6 +140,18 @@ class SearchConfig:
     @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.studies_dir) / self.study_name}.db"
+
+    def with_default_rungs(self, train_images: int) -> SearchConfig:
+        """This config with the default rung (no ``--rungs``) fixed for a training split of ``train_images``.
+
+        The rung is ``PROMOTION_FACTOR`` times ``finetune_steps``, at most the steps of one epoch; where one epoch
+        is no more than the brief fine-tune itself, there is nothing to promote to: no rung (``rungs == ()``).
+        """
+        if self.rungs is not None or not self.promotion or self.finetune_steps <= 0:
+            return self
+        epoch = max(1, math.ceil(train_images / self.finetune_batch))
+        steps = min(PROMOTION_FACTOR * self.finetune_steps, epoch)
+        return replace(self, rungs=(steps,) if steps > self.finetune_steps else ())
 
     def with_budget_ms(self, budget_ms: float) -> SearchConfig:
         """This config with its budget resolved to milliseconds, keeping the study name and storage it had."""

@@ -42,7 +42,7 @@ from search.study.uncertainty import accuracy_record
 from search.training.evaluate import onnx_top1_correct, top1_correct
 from search.training.finetune import train
 
-__all__ = ["prepare_promotion", "promote_all", "promote_next", "promotion_settings"]
+__all__ = ["prepare_promotion", "promote_all", "promote_next", "promotion_line", "promotion_settings"]
 
 
 def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
@@ -70,6 +70,19 @@ def prepare_promotion(settings: PromotionSettings, finetune_steps: int) -> str:
         f"Promotion: the best {settings.fraction:.0%} of the trials at each rung are fine-tuned on from their "
         f"weights and read on all validation images (rung 0 at {finetune_steps} steps, {rungs}; weights in "
         f"{settings.folder}); --no-promotion turns it off"
+    )
+
+
+def promotion_line(config: SearchConfig, settings: PromotionSettings | None) -> str:
+    """What this search promotes (after :meth:`SearchConfig.with_default_rungs`), or why it promotes nothing."""
+    if settings is not None:
+        return prepare_promotion(settings, config.finetune_steps)
+    if not config.promotion:
+        return "Promotion: off (--no-promotion): every trial gets the brief fine-tune only"
+    return (
+        f"Promotion: none: one epoch of the training split is no more than the brief fine-tune's "
+        f"{config.finetune_steps} steps of {config.finetune_batch}, so every trial already trains on all of it; "
+        f"--rungs sets longer rungs anyway"
     )
 
 

@@ -48,7 +48,7 @@ from search.study.create import create_study, resumable, resume_creation, sample
 from search.study.creation_clock import CreationClock
 from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
-from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_settings
+from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_line, promotion_settings
 from search.study.retry import RETRY_OF, retries_first
 from search.study.settings import (
     check_resumable,
@@ -120,8 +120,10 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     """:func:`run_search` once the storage is open."""
     promotion = promotion_settings(config)
     if promotion is not None:  # its folder is made (or refused) before any work
-        reporter.info(prepare_promotion(promotion, config.finetune_steps))
+        prepare_promotion(promotion, config.finetune_steps)
     data, space, fresh = _data_and_space(config, reporter)
+    config = config.with_default_rungs(len(data.split("train")))
+    reporter.info(promotion_line(config, promotion_settings(config)))
     clock = CreationClock(reporter)  # what this run spends before its first trial, phase by phase
     existing = load_existing(storage, config.study_name)
     if existing is None:  # refuse what a trial would crash on, before training
