@@ -16,7 +16,7 @@ import pytest
 from search.cli.search import _config, add_arguments
 from search.study.claims import SILENT_SECONDS, claim_key, claim_promotion, read_claim, stale_reason
 from search.study.front import pick_best, recommendation, rows
-from search.study.promotion import promotion_settings
+from search.study.promotion import promotion_line, promotion_settings
 from search.study.rungs import promotable, rung_key, trial_rungs
 from search.study.storage import open_storage
 from search.study.uncertainty import accuracy_record
@@ -140,6 +140,11 @@ def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
     assert promotion_settings(default.with_default_rungs(1_259)) is None
     assert _config(_parse("--rungs", "500")).with_default_rungs(1_259).rung_steps == (500,), "--rungs as given"
     assert _config(_parse("--finetune-steps", "20")).rung_steps == (200,)
+    digits = default.with_default_rungs(1_259)  # what the search says instead of a rung
+    assert "Promotion: none: one epoch of the training split is no more than the brief fine-tune's 30 steps of 64" in (
+        promotion_line(digits, promotion_settings(digits))
+    )
+    assert "off (--no-promotion)" in promotion_line(_config(_parse("--no-promotion")), None)
     settings = promotion_settings(default)
     assert settings is not None and settings.folder == Path("studies") / default.study_name / "trial-weights"
     chosen = _config(_parse("--rungs", "100,300", "--promote-fraction", "0.5", "--trial-weights", str(tmp_path)))
