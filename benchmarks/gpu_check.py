@@ -38,6 +38,10 @@ PROMOTION = re.compile(r"--(promot[\w-]*|rungs?\b[\w-]*)")
 """Flags of a search that promotes its best trials to longer fine-tunes."""
 
 
+PROMOTED = 3
+"""The one rung, in multiples of ``--steps``: named, since one epoch of the subset is shorter than the default rung."""
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -149,7 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     helptext = search_help(python)
     promotion = sorted(set(PROMOTION.findall(helptext)))
     log(
-        f"promotion flags in `search --help`: {', '.join('--' + f for f in promotion)} (their defaults are used)"
+        f"promotion flags in `search --help`: {', '.join('--' + f for f in promotion)} (one rung of "
+        f"{PROMOTED}x --finetune-steps is named)"
         if promotion
         else "this version's search has no promotion (no --promotion/--rungs flag): the searches run without it"
     )
@@ -171,6 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             *model_args,
             *("--data", data, "--input-size", "32", "--budget-fraction", "0.5", "--precision", "fp32"),
             *("--trials", str(args.trials), "--finetune-steps", str(args.steps), "--finetune-batch", "64"),
+            *(("--rungs", str(PROMOTED * args.steps)) if promotion else ()),
             *("--device", device, "--study", study, "--studies-dir", str(studies), "--quiet"),
         )
         results[device] = summary(python, studies / f"{study}.db", study, wall)
@@ -216,7 +222,12 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"`python benchmarks/gpu_check.py` on {result['date']}: {device} against {result['cpu_name']}; "
         f"{result['trials']} trials of {result['finetune_steps']} steps, data `{result['data']}`, "
-        + ("with promotion (its defaults)." if result["promotion"] else "without promotion (not in this version)."),
+        + (
+            f"with promotion (one rung of {PROMOTED * result['finetune_steps']} steps, named: the subset's epoch is "
+            "shorter than the default rung, which would leave none)."
+            if result["promotion"]
+            else "without promotion (not in this version)."
+        ),
         "",
         "| device | trials | search s | trials/min | trials/min (trials alone) | phase shares |",
         "| --- | --- | --- | --- | --- | --- |",

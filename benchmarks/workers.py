@@ -53,6 +53,7 @@ def _settings(sizes: dict[str, int]) -> list[str]:
         "--budget-ms", "1000",  # every pruned policy is within budget, so every trial fine-tunes
         "--input-size", str(sizes["input_size"]),
         "--finetune-steps", str(sizes["finetune_steps"]),
+        "--finetune-batch", "32",  # the batch its recorded numbers were measured at (the default is 64 since)
         "--trials", str(sizes["trials"]),
     ]  # fmt: skip
 

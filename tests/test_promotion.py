@@ -397,13 +397,16 @@ def test_the_unpruned_model_that_read_every_image_at_rung_0_is_not_read_again_at
     space = load_space("spaces/resnet18.toml")
     ctx = SimpleNamespace(data=digits32)
 
-    def unpruned(images: int):
+    def unpruned(images: int, whole_split: bool = True):
         correct = [i % 10 != 0 for i in range(images)]
         return create_trial(
             values=[sum(correct) / images, 1.0],
             params={"x": 0.5},
             distributions={"x": FloatDistribution(0, 1)},
-            user_attrs={"policy": space.unpruned().to_dict(), "accuracy_record": accuracy_record(correct)},
+            user_attrs={
+                "policy": space.unpruned().to_dict(),
+                "accuracy_record": accuracy_record(correct, whole_split=whole_split),
+            },
         )
 
     whole = unpruned(size)
@@ -412,7 +415,8 @@ def test_the_unpruned_model_that_read_every_image_at_rung_0_is_not_read_again_at
     assert record["images"] == size and record["steps"] == 0 and record["seconds"] == {}
     assert record["per_image"] == whole.user_attrs["accuracy_record"]["per_image"], "pairs with the promoted trials"
     assert record["accuracy"] == pytest.approx(whole.values[0])
-    assert _unpruned_reuse(unpruned(size // 2), 1, ctx, []) is None, "read on a subset: rung 1 reads all of val"
+    assert _unpruned_reuse(unpruned(size // 2, False), 1, ctx, []) is None, "read on a subset: rung 1 reads all of val"
+    assert _unpruned_reuse(unpruned(size, False), 1, ctx, []) is None, "an older study's shuffled read: read again"
 
 
 def test_a_read_of_at_least_the_whole_split_is_in_the_splits_own_order(digits32) -> None:

@@ -78,12 +78,19 @@ def _policy(strength: float) -> dict:
     return Policy(stages=stages).to_dict()
 
 
-def _make_study(path: Path, trials: list[tuple[float, list[bool] | None, float]], *, images: bool = True) -> None:
-    """A study stored as a search stores it: (strength, per-image correctness, latency) per fine-tuned trial."""
+def _make_study(
+    path: Path,
+    trials: list[tuple[float, list[bool] | None, float]],
+    *,
+    images: bool = True,
+    split: tuple[int, ...] = (),
+) -> None:
+    """A study stored as a search stores it: (strength, per-image correctness, latency) per fine-tuned trial;
+    the trials numbered in ``split`` read the whole split in its own order."""
     study = optuna.create_study(study_name="ties", storage=f"sqlite:///{path}", directions=["maximize", "minimize"])
     for key, value in {"budget_ms": 10.0, "baseline_latency_ms": 12.0, "baseline_accuracy": 0.9}.items():
         study.set_user_attr(key, value)
-    for strength, correct, ms in trials:
+    for number, (strength, correct, ms) in enumerate(trials):
         feasible = ms <= 10.0
         attrs = {
             "policy": _policy(strength),
@@ -95,7 +102,7 @@ def _make_study(path: Path, trials: list[tuple[float, list[bool] | None, float]]
         accuracy = 0.0
         if feasible and correct is not None:
             accuracy = sum(correct) / len(correct)
-            record = accuracy_record(correct)
+            record = accuracy_record(correct, whole_split=number in split)
             attrs["accuracy_record"] = record if images else {}
         attrs["accuracy"] = accuracy
         study.add_trial(optuna.trial.create_trial(values=[accuracy, ms], user_attrs=attrs, params={}, distributions={}))
@@ -157,6 +164,19 @@ def test_trials_read_on_different_images_fall_back_to_their_intervals(tmp_path: 
     out = _pareto(tmp_path)
     assert "Recommended: trial 1" in out and "Tied: trials 1, 0" in out, out
     assert "their Wilson 95% intervals overlap (no per-image record on the same images to pair)" in out
+
+
+def test_a_read_of_the_split_in_its_own_order_never_pairs_with_a_shuffled_one(tmp_path: Path) -> None:
+    """Studies made before whole-split reads kept the split's order went through it shuffled: the same count of
+    images in another order must not be paired image by image (their intervals decide)."""
+    first = [i < 430 for i in range(IMAGES)]
+    _make_study(tmp_path / "ties.db", [(0.2, first, 9.0), (0.5, _flip(first, 35, 5), 4.0)], split=(0,))
+    out = _pareto(tmp_path)
+    assert "Separable" not in out and "Tied: trials 1, 0" in out, out
+    assert "their Wilson 95% intervals overlap (no per-image record on the same images to pair)" in out
+    _make_study(tmp_path / "same.db", [(0.2, first, 9.0), (0.5, _flip(first, 35, 5), 4.0)], split=(0, 1))
+    (tmp_path / "same.db").rename(tmp_path / "ties.db")
+    assert "Separable: trial 0" in _pareto(tmp_path), "read the same way: paired, and told apart"
 
 
 def test_older_studies_without_the_record_keep_the_most_accurate(tmp_path: Path) -> None:

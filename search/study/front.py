@@ -55,6 +55,8 @@ class Row:
     """Which of those images it got right, packed (:func:`search.study.uncertainty.pack_correct`)."""
     rung: int = 0
     """The highest rung the trial reached, which :attr:`accuracy` comes from (0: the brief fine-tune)."""
+    order: str | None = None
+    """How :attr:`per_image`'s images are ordered (:attr:`search.study.rungs.Rung.order`): only one order pairs."""
     steps: int | None = None
     """Fine-tune steps behind :attr:`accuracy` (None: not fine-tuned)."""
 
@@ -136,6 +138,7 @@ def rows(study: optuna.Study) -> list[Row]:
                 images=None if top is None else top.images,
                 per_image=None if top is None else top.per_image,
                 rung=0 if top is None else top.rung,
+                order=None if top is None else top.order,
                 steps=None if top is None or not (a.get("fine_tuned") or top.rung) else top.steps,
             )
         )
@@ -195,7 +198,7 @@ def _why_unpaired(verdict: Verdict) -> str:
 def compare(best: Row, other: Row) -> Verdict | None:
     """Whether ``other`` is tied with ``best``; None when neither record allows telling (older studies)."""
     a, b = best.correct(), other.correct()
-    if a is not None and b is not None and len(a) == len(b) and best.rung == other.rung:
+    if a is not None and b is not None and len(a) == len(b) and (best.rung, best.order) == (other.rung, other.order):
         only_a, only_b = paired_counts(a, b)
         p = mcnemar_p(only_a, only_b)
         return Verdict(other, p > ALPHA, "paired", p, (only_a, only_b))

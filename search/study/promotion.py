@@ -38,7 +38,7 @@ from search.study.coordination import worker_identity
 from search.study.rungs import PromotionSettings, promotable, rung_key, stored_rungs, trial_rungs
 from search.study.trial import TrialContext
 from search.study.trial_weights import file_sha256, load_weights_into, save_weights, weights_path
-from search.study.uncertainty import accuracy_record
+from search.study.uncertainty import SPLIT_ORDER, accuracy_record
 from search.training.evaluate import onnx_top1_correct, top1_correct
 from search.training.finetune import train
 
@@ -79,6 +79,8 @@ def promotion_line(config: SearchConfig, settings: PromotionSettings | None) -> 
         return prepare_promotion(settings, config.finetune_steps)
     if not config.promotion:
         return "Promotion: off (--no-promotion): every trial gets the brief fine-tune only"
+    if config.finetune_steps <= 0:
+        return "Promotion: none: with --finetune-steps 0 no trial is fine-tuned, so none has weights to continue from"
     return (
         f"Promotion: none: one epoch of the training split is no more than the brief fine-tune's "
         f"{config.finetune_steps} steps of {config.finetune_batch}, so every trial already trains on all of it; "
@@ -227,7 +229,7 @@ def _run(
         "rung": rung,
         "steps": steps,
         "accuracy": float(correct.mean()),
-        **accuracy_record(correct.tolist()),
+        **accuracy_record(correct.tolist(), whole_split=True),
         **extra_record,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "continued_from": continued,
@@ -244,8 +246,11 @@ def _unpruned_reuse(
         previous = earlier[rung - 2] if len(earlier) >= rung - 1 else None
     else:
         record = trial.user_attrs.get("accuracy_record")
-        complete = (
-            isinstance(record, dict) and record.get("per_image") and record.get("images") == len(ctx.data.split("val"))
+        complete = (  # read on every image in the split's own order: what a promotion's read would give
+            isinstance(record, dict)
+            and record.get("per_image")
+            and record.get("order") == SPLIT_ORDER
+            and record.get("images") == len(ctx.data.split("val"))
         )
         previous = {"steps": 0, "accuracy": float(trial.values[0]), **record} if complete else None
     if previous is None:

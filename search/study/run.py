@@ -7,6 +7,7 @@ made with the same settings on like hardware), and runs trials until the study h
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -119,10 +120,14 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
 def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
     """:func:`run_search` once the storage is open."""
     promotion = promotion_settings(config)
+    made = promotion is not None and not promotion.folder.exists()
     if promotion is not None:  # its folder is made (or refused) before any work
         prepare_promotion(promotion, config.finetune_steps)
     data, space, fresh = _data_and_space(config, reporter)
     config = config.with_default_rungs(len(data.split("train")))
+    if made and promotion_settings(config) is None:  # the default rung was cut away: leave no empty folder
+        with contextlib.suppress(OSError):
+            promotion.folder.rmdir()
     reporter.info(promotion_line(config, promotion_settings(config)))
     clock = CreationClock(reporter)  # what this run spends before its first trial, phase by phase
     existing = load_existing(storage, config.study_name)

@@ -20,6 +20,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from search.pruning.policy import Policy
+from search.study.uncertainty import SPLIT_ORDER
 
 __all__ = [
     "RUNG_PREFIX",
@@ -63,6 +64,9 @@ class Rung:
     images: int | None
     per_image: str | None
     seconds: float | None = None
+    order: str | None = None
+    """How the images were ordered (:data:`search.study.uncertainty.SPLIT_ORDER`, or None: a shuffled subset, or
+    a rung-0 read of a study made before the split's own order existed); only records of one order pair."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +100,7 @@ def _rung0(trial: FrozenTrial) -> Rung | None:
         images=int(record["images"]) if record.get("images") else None,
         per_image=record.get("per_image"),
         seconds=round(spent, 2) if seconds else None,
+        order=record.get("order"),
     )
 
 
@@ -116,6 +121,7 @@ def trial_rungs(trial: FrozenTrial, study_attrs: Mapping[str, Any]) -> list[Rung
                 images=int(r["images"]) if r.get("images") else None,
                 per_image=r.get("per_image"),
                 seconds=_total(r.get("seconds")),
+                order=SPLIT_ORDER,  # a promotion always reads the whole split in its own order
             )
         )
     return out

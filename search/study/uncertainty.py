@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "ALPHA",
+    "SPLIT_ORDER",
     "Z95",
     "accuracy_record",
     "mcnemar_p",
@@ -63,11 +64,20 @@ def unpack_correct(packed: str, images: int) -> list[bool]:
     return [bool(data[i >> 3] & (0x80 >> (i & 7))) for i in range(images)]
 
 
-def accuracy_record(correct: Sequence[bool]) -> dict[str, Any]:
-    """What a trial stores beside its accuracy: image count, Wilson interval and the packed correctness."""
+SPLIT_ORDER = "split"
+"""``order`` of a record read on the whole validation split in its own order (a subset's record has none)."""
+
+
+def accuracy_record(correct: Sequence[bool], *, whole_split: bool = False) -> dict[str, Any]:
+    """What a trial stores beside its accuracy: image count, Wilson interval and the packed correctness.
+
+    ``whole_split``: the images are the whole split in its own order, marked ``order`` so that such a record is
+    only ever paired with another read the same way (before that order existed, a read of ``--val-images`` at
+    least the split's size went through the split shuffled, unmarked)."""
     images, hits = len(correct), sum(bool(c) for c in correct)
     low, high = wilson(hits, images)
-    return {"images": images, "correct": hits, "interval": [low, high], "per_image": pack_correct(correct)}
+    record = {"images": images, "correct": hits, "interval": [low, high], "per_image": pack_correct(correct)}
+    return {**record, "order": SPLIT_ORDER} if whole_split else record
 
 
 def paired_counts(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int]:
