@@ -47,3 +47,15 @@ def test_a_fidelity_in_the_references_order_has_tau_one_and_no_regret() -> None:
     assert got["noise"]["tau_between_seeds"] == pytest.approx(1.0)  # 10 pp apart on 300 images: the same order
     small, large = got["noise"]["subsets"]
     assert small["sd_pp_mean"] > large["sd_pp_mean"]  # fewer images read, a wider spread
+
+
+def test_one_candidate_trained_on_a_busy_machine_does_not_move_a_fidelitys_cost() -> None:
+    args = argparse.Namespace(quick=True, lr=0.01, second_lr=0.05)
+    plan = Plan.of(args, "m")
+    rng = np.random.default_rng(0)
+    ids = ["c0", "c1", "c2", "c3"]
+    refs = {i: [_record(rng.random(300) < 0.7), _record(rng.random(300) < 0.7)] for i in ids}
+    val = {i: _record(rng.random(300) < 0.7) for i in ids}
+    val["c3"] = {**val["c3"], "train_seconds": 2291.0}  # paused, or sharing the cores, while it trained
+    (row,) = analyse(plan, {"candidates": [{"id": i} for i in ids]}, {"plain 2": val}, refs)["fidelities"]
+    assert row["rung_seconds"] == pytest.approx(1.5) and row["cumulative_seconds"] == pytest.approx(1.5)

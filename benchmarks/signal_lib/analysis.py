@@ -72,8 +72,10 @@ def analyse(
                 "regret_all_val": regret(full, ref),
                 "best_in_top_third": best_kept(read, ref),
                 "val_images": images,
-                "rung_seconds": statistics.fmean(_own(by_id[i]) for i in have),
-                "cumulative_seconds": statistics.fmean(cumulative),
+                # Medians: a candidate trained while the shared machine was busy (or the run paused) must not
+                # move a fidelity's cost; the work itself is the same for every candidate (train_images).
+                "rung_seconds": statistics.median(_own(by_id[i]) for i in have),
+                "cumulative_seconds": statistics.median(cumulative),
                 "cumulative_train_images": statistics.fmean(
                     _cumulative(scores, fidelity, i, "train_images") for i in have
                 ),
@@ -81,7 +83,7 @@ def analyse(
         )
     result["noise"] = noise(plan, ids, truth, refs)
     result["reference"] = {
-        i: {"top1": [r["top1"] for r in refs[i]], "mean": t, "seconds": statistics.fmean(_own(r) for r in refs[i])}
+        i: {"top1": [r["top1"] for r in refs[i]], "mean": t, "seconds": statistics.median(_own(r) for r in refs[i])}
         for i, t in zip(ids, truth, strict=True)
     }
     return result

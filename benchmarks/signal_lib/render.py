@@ -147,7 +147,8 @@ def render(result: dict[str, Any]) -> str:
         f"from the pruned model, seeds {', '.join(map(str, plan['seeds']))}, mean test top-1 over the seeds "
         f"({result['test_images']} test images). τ: Kendall's τ against the reference; regret: reference top-1 of the "
         "truly best candidate minus that of the fidelity's pick; cost: seconds a candidate spent to reach the "
-        "fidelity (its chain's earlier rungs included, reads included).",
+        "fidelity (its chain's earlier rungs included, reads included; the median over the candidates, so that one "
+        "trained while the shared machine was busy does not move it).",
         "",
     ]
     for b in result["budgets"]:
