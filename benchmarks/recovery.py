@@ -138,7 +138,7 @@ class Bench:
             args = self.alloc.search_args(model, self.plan.fraction, name, self.alloc.plan.trials)
             args[args.index("--precision") + 1] = "int8"
             args[args.index("--studies-dir") + 1] = str(studies)
-            allocation.cli("search", *args)
+            allocation.cli("search", *args, "--no-promotion")  # as allocation.py's own searches
             return {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
         carry_study(studies, name, self.studies_mirror)  # back from the tracked copy, if the work folder lost it
