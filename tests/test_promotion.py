@@ -385,7 +385,6 @@ def test_the_unpruned_model_is_not_read_again_above_rung_1() -> None:
 def test_the_unpruned_model_that_read_every_image_at_rung_0_is_not_read_again_at_rung_1(digits32) -> None:
     """When the trials read the whole validation split (``--val-images`` at least its size), the unpruned model's
     rung-0 record is already the full read a promotion would make: it stands for rung 1, image by image."""
-    from types import SimpleNamespace
 
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
@@ -395,7 +394,6 @@ def test_the_unpruned_model_that_read_every_image_at_rung_0_is_not_read_again_at
 
     size = len(digits32.split("val"))
     space = load_space("spaces/resnet18.toml")
-    ctx = SimpleNamespace(data=digits32)
 
     def unpruned(images: int, whole_split: bool = True):
         correct = [i % 10 != 0 for i in range(images)]
@@ -410,13 +408,13 @@ def test_the_unpruned_model_that_read_every_image_at_rung_0_is_not_read_again_at
         )
 
     whole = unpruned(size)
-    record = _unpruned_reuse(whole, 1, ctx, [])  # type: ignore[arg-type]
+    record = _unpruned_reuse(whole, 1, [])
     assert record is not None and record["rung"] == 1 and record["reused_from_rung"] == 0
     assert record["images"] == size and record["steps"] == 0 and record["seconds"] == {}
     assert record["per_image"] == whole.user_attrs["accuracy_record"]["per_image"], "pairs with the promoted trials"
     assert record["accuracy"] == pytest.approx(whole.values[0])
-    assert _unpruned_reuse(unpruned(size // 2, False), 1, ctx, []) is None, "read on a subset: rung 1 reads all of val"
-    assert _unpruned_reuse(unpruned(size, False), 1, ctx, []) is None, "an older study's shuffled read: read again"
+    assert _unpruned_reuse(unpruned(size // 2, False), 1, []) is None, "read on a subset: rung 1 reads all of val"
+    assert _unpruned_reuse(unpruned(size, False), 1, []) is None, "an older study's shuffled read: read again"
 
 
 def test_a_read_of_at_least_the_whole_split_is_in_the_splits_own_order(digits32) -> None:

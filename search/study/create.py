@@ -40,7 +40,7 @@ from search.study.storage import HEARTBEAT_SECONDS, masked
 from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION
 from search.study.uncertainty import accuracy_record
 from search.training.baseline import Baseline
-from search.training.evaluate import subset_limit, top1_correct
+from search.training.evaluate import reads_whole_split, top1_correct
 
 __all__ = ["create_study", "fastest_reachable", "resumable", "resume_creation", "sampler"]
 
@@ -102,7 +102,7 @@ def create_study(
         provenance = _provenance(
             config, data, space, baseline, base, accuracy, fastest_ms, int8_check, settings, hardware, train_device
         )
-        whole = subset_limit(len(data.split("val")), config.val_images) is None
+        whole = reads_whole_split(data, config.val_images)
         provenance[BASELINE_RECORD] = accuracy_record(correct.tolist(), whole_split=whole)  # pairs with the trials
         for key, value in provenance.items():
             study.set_user_attr(key, value)

@@ -198,7 +198,7 @@ def _run(
     attrs = trial.user_attrs
     policy = Policy.from_dict(attrs["policy"])
     if policy.is_unpruned:
-        reused = _unpruned_reuse(trial, rung, ctx, earlier or [])
+        reused = _unpruned_reuse(trial, rung, earlier or [])
         if reused is not None:
             return reused
     total = settings.rung_steps[rung - 1]
@@ -238,20 +238,14 @@ def _run(
     }
 
 
-def _unpruned_reuse(
-    trial: FrozenTrial, rung: int, ctx: TrialContext, earlier: list[dict[str, Any]]
-) -> dict[str, Any] | None:
+def _unpruned_reuse(trial: FrozenTrial, rung: int, earlier: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The unpruned trial's record at ``rung`` copied from its previous rung when that one read all of val."""
     if rung >= 2:
         previous = earlier[rung - 2] if len(earlier) >= rung - 1 else None
     else:
         record = trial.user_attrs.get("accuracy_record")
-        complete = (  # read on every image in the split's own order: what a promotion's read would give
-            isinstance(record, dict)
-            and record.get("per_image")
-            and record.get("order") == SPLIT_ORDER
-            and record.get("images") == len(ctx.data.split("val"))
-        )
+        # Read on every image in the split's own order (only such a read is marked so): what a promotion reads.
+        complete = isinstance(record, dict) and record.get("per_image") and record.get("order") == SPLIT_ORDER
         previous = {"steps": 0, "accuracy": float(trial.values[0]), **record} if complete else None
     if previous is None:
         return None

@@ -29,7 +29,7 @@ from search.study.rungs import PromotionSettings
 from search.study.sensitivity import probe_record_of
 from search.study.trial_weights import save_weights, weights_path
 from search.study.uncertainty import accuracy_record, wilson
-from search.training.evaluate import onnx_top1_correct, subset_limit, top1, top1_correct
+from search.training.evaluate import onnx_top1_correct, reads_whole_split, top1, top1_correct
 from search.training.finetune import TrainSettings, recalibrate_batchnorm, train
 
 __all__ = [
@@ -208,7 +208,8 @@ def _finetune_and_score(
     if precision == "int8":
         trial.set_user_attr("accuracy_fp32", after)
         return _int8_top1(trial, ctx, model, seconds)
-    trial.set_user_attr("accuracy_record", accuracy_record(correct.tolist(), whole_split=_whole_split(ctx)))
+    whole = reads_whole_split(ctx.data, ctx.val_images)
+    trial.set_user_attr("accuracy_record", accuracy_record(correct.tolist(), whole_split=whole))
     return after
 
 
@@ -222,16 +223,11 @@ def _int8_top1(trial: optuna.Trial, ctx: TrialContext, model: nn.Module, seconds
     correct = onnx_top1_correct(quantized.int8_onnx, ctx.data, "val", limit=ctx.val_images)
     accuracy = float(correct.mean())
     seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - started
-    measured = accuracy_record(correct.tolist(), whole_split=_whole_split(ctx))
+    measured = accuracy_record(correct.tolist(), whole_split=reads_whole_split(ctx.data, ctx.val_images))
     trial.set_user_attr("accuracy_record", measured)  # the INT8 model's, as the objective
     record = {**trial.user_attrs.get("quantization", {}), "evaluated_in": "onnxruntime"}
     trial.set_user_attr("quantization", {**record, "seconds": round(quantized.seconds, 2)})
     return accuracy
-
-
-def _whole_split(ctx: TrialContext) -> bool:
-    """The trials read the whole validation split, in its own order (:func:`subset_limit`)."""
-    return subset_limit(len(ctx.data.split("val")), ctx.val_images) is None
 
 
 def _baseline_record(trial: optuna.Trial, ctx: TrialContext) -> None:

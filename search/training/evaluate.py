@@ -26,6 +26,7 @@ __all__ = [
     "compare_top1",
     "onnx_top1",
     "onnx_top1_correct",
+    "reads_whole_split",
     "subset_limit",
     "top1",
     "top1_agreement",
@@ -40,6 +41,11 @@ def subset_limit(size: int, limit: int | None) -> int | None:
     image (a trial's brief score and a promotion's) pair image by image whatever ``limit`` they were given.
     """
     return None if limit is None or limit >= size else limit
+
+
+def reads_whole_split(data: Dataset, limit: int | None, split: str = "val") -> bool:
+    """A read of ``split`` with ``limit`` covers all of it, in its own order (:func:`subset_limit`)."""
+    return subset_limit(len(data.split(split)), limit) is None
 
 
 def top1(
