@@ -265,7 +265,11 @@ class Bench:
             *("--study", study, "--studies-dir", str(self.studies), "--quiet"),
         ]
 
-    def search(self, model: str, fraction: float, space: Path | None = None, variant: str = "") -> dict[str, Any]:
+    def search(
+        self, model: str, fraction: float, space: Path | None = None, variant: str = "", mirror: Path | None = None
+    ) -> dict[str, Any]:
+        """Today's search (``--no-promotion``) of ``model`` at ``fraction``; ``mirror``: where its database is kept
+        tracked, if not this bench's (recovery.py and equal_compute.py share theirs: :data:`SEARCHES_MIRROR`)."""
         name = self.study_name(model, fraction, variant)
 
         def run() -> dict[str, Any]:
@@ -275,14 +279,15 @@ class Bench:
             cli("search", *self.search_args(model, fraction, name, self.plan.trials), "--no-promotion", *extra)
             return {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # its time is read from the study (study_seconds)
 
-        return self.searched(name, lambda: self.cached(f"search {name} trials {self.plan.trials}", run))
+        return self.searched(name, lambda: self.cached(f"search {name} trials {self.plan.trials}", run), mirror)
 
-    def searched(self, name: str, search: Any) -> Any:
-        """``search()`` of study ``name``, its database first put back from the tracked copy if the work folder
-        lost it (the search then only resumes), and copied there after."""
-        carry_study(self.studies, name, self.studies_mirror)
+    def searched(self, name: str, search: Any, mirror: Path | None = None) -> Any:
+        """``search()`` of study ``name``, its database first put back from the tracked copy (``mirror``, default
+        this bench's) if the work folder lost it (the search then only resumes), and copied there after."""
+        mirror = mirror or self.studies_mirror
+        carry_study(self.studies, name, mirror)
         done = search()
-        carry_study(self.studies, name, self.studies_mirror)
+        carry_study(self.studies, name, mirror)
         return done
 
     def study(self, name: str) -> optuna.Study:
@@ -503,6 +508,9 @@ def run_wide_track(bench: Bench, fraction: float, shipped: dict[str, Any]) -> di
     return result
 
 
+SEARCHES_MIRROR = ROOT / "benchmarks" / "searches"
+"""Tracked databases of today's searches (this benchmark's settings, ``--no-promotion``) that other benchmarks
+share: recovery.py's studies and equal_compute.py's arm a are the same searches, run once."""
 FINAL_TIMING = LatencySettings(threads=1, warmup=50, round_size=50, min_rounds=10, max_seconds=60)
 """The final measurement of each row: at least 500 timed runs, each beside a run of its baseline."""
 FINAL_PASSES = 5

@@ -4,14 +4,16 @@ On the shared CIFAR-10, for MobileNetV2 for small inputs at 25% and 50% of its b
 shared ResNet-18 at 25% (the tracks, baselines and search settings of ``benchmarks/allocation.py``, whose
 ``Bench`` this reuses), four arms:
 
-* a) today's search without promotion (``--no-promotion``): every trial gets the brief fine-tune only;
+* a) today's search without promotion (``--no-promotion``): every trial gets the brief fine-tune only (allocation.py's
+  search, its database shared with recovery.py through ``benchmarks/searches/``, so each track searches it once);
 * b) the search with promotion (the default rungs): the best trials are fine-tuned on and read on all of val;
 * c) random allocations fitted to the budget, as many as b trained, with the same promotion: a search with
   the same compute that chooses no allocation (``--trials``, fitted by measured bisection as allocation.py's);
 * d) uniform L1 at the budget (the study's own recipe trial), with b's whole search compute added to its final
   fine-tune as extra epochs (b's training images over the 45,000 training images);
 * e) and f): b with ``--sampler gp`` (Optuna's GPSampler) and ``--sampler random``, the same trials and promotion
-  (``--samplers`` picks them), so the default sampler is chosen by measurement.
+  (``--samplers`` picks them; on the first ``--sampler-tracks`` tracks, by default MobileNetV2 at 25% only), so
+  the default sampler is chosen by measurement.
 
 Each arm's pick (a: its recommendation; b and c: their recommendation at the highest rung each trial
 reached; d: the uniform trial) is exported with the same final fine-tune (``--epochs``, distillation 0.5,
@@ -24,6 +26,10 @@ worse than the best arm by more than the spread.
 
     python benchmarks/equal_compute.py > benchmarks/equal_compute.log 2>&1   # the full run: many hours here
     python benchmarks/equal_compute.py --quick                                # a smoke run in minutes
+    python benchmarks/equal_compute.py --searches-only   # only the searches, which time latency (a quiet machine)
+
+Every search runs before any export: the searches time latency and need the machine to themselves, while the
+exports only train and may share it (with another benchmark's training, say).
 
 Every search, export and latency is cached in ``benchmarks/.equal-compute/results.json`` (``--work``) and
 reused by a rerun, as in allocation.py; the cache and the arms' study databases are also kept in tracked
@@ -52,6 +58,7 @@ from benchmarks.allocation import (
     MOBILENET,
     RESNET_WEIGHTS,
     ROOT,
+    SEARCHES_MIRROR,
     Bench,
     Plan,
     cpu_label,
@@ -129,13 +136,13 @@ def final_row(bench: Bench, study: str, arm: str, pick: Row, epochs: float | Non
     )
 
 
-def run_track(bench: Bench, model: str, fraction: float, samplers: tuple[str, ...] = ()) -> dict[str, Any]:
+def search_track(bench: Bench, model: str, fraction: float, samplers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every arm's search of one track (each times latency: run them on a quiet machine), and what each trained."""
     plan = bench.plan
     track: dict[str, Any] = {"model": model, "fraction": fraction, "rows": [], "compute": {}}
-    studies = {
-        "a": search_arm(bench, model, fraction, "a", ("--no-promotion",)),
-        "b": search_arm(bench, model, fraction, "b", ()),
-    }
+    # a is allocation.py's search with its settings: the same study recovery.py exports from, run once for both
+    bench.search(model, fraction, mirror=SEARCHES_MIRROR)
+    studies = {"a": bench.study_name(model, fraction), "b": search_arm(bench, model, fraction, "b", ())}
     for kind in samplers:
         studies[SAMPLER_ARMS[kind]] = search_arm(bench, model, fraction, SAMPLER_ARMS[kind], ("--sampler", kind))
     for arm in studies:
@@ -143,7 +150,14 @@ def run_track(bench: Bench, model: str, fraction: float, samplers: tuple[str, ..
     b_trained = track["compute"]["b"]["trained_trials"]
     studies["c"] = bench.random_study(model, fraction, count=b_trained, source=studies["b"])
     track["compute"]["c"] = compute(bench.study(studies["c"]), plan.trial_batch)
-    for arm in ("a", "b", "c", *(SAMPLER_ARMS[k] for k in samplers)):
+    track["studies"] = studies
+    return track
+
+
+def export_track(bench: Bench, track: dict[str, Any]) -> dict[str, Any]:
+    """Every arm's pick of one searched track through the same final fine-tune (no latency timed here)."""
+    plan, studies = bench.plan, track["studies"]
+    for arm in sorted(studies):
         feasible = [r for r in rows(bench.study(studies[arm])) if r.feasible and r.accuracy is not None]
         pick = recommended(feasible) if arm != "c" else recommended([r for r in feasible if r.recipe])
         if pick is None:
@@ -161,7 +175,6 @@ def run_track(bench: Bench, model: str, fraction: float, samplers: tuple[str, ..
         extra = track["compute"]["b"]["train_images"] / train_images
         track["compute"]["d"] = {"extra_epochs": round(extra, 3), "train_images": track["compute"]["b"]["train_images"]}
         track["rows"].append(final_row(bench, studies["b"], "d", uniform, epochs=round(plan.epochs + extra, 3)))
-    track["studies"] = studies
     return track
 
 
@@ -253,6 +266,16 @@ def main() -> None:
         default=sorted(SAMPLER_ARMS),
         help="other samplers to run as b (arms e: gp, f: random); none to skip them",
     )
+    p.add_argument(
+        "--sampler-tracks",
+        type=int,
+        default=1,
+        help="run the sampler arms on this many tracks, first first (default 1: MobileNetV2 at 25%%, the tight budget "
+        "where the choice matters; each arm costs a search and its exports)",
+    )
+    p.add_argument(
+        "--searches-only", action="store_true", help="run every arm's search (quiet machine) and stop before exports"
+    )
     p.add_argument("--render", action="store_true", help="only rewrite the section from benchmarks/equal_compute.json")
     args = p.parse_args()
     out = ROOT / "benchmarks" / "equal_compute.json"
@@ -269,7 +292,15 @@ def main() -> None:
     bench = Bench(plan, work, mirror=MIRROR if carry else None, studies_mirror=STUDIES_MIRROR if carry else None)
     log(f"plan {plan}")
     samplers = tuple(args.samplers)
-    tracks = [run_track(bench, model, fraction, samplers) for model, fraction in plan.tracks]
+    # Every search first (they time latency: a quiet machine), then the exports, which only train and can share it.
+    tracks = [
+        search_track(bench, model, fraction, samplers if i < args.sampler_tracks else ())
+        for i, (model, fraction) in enumerate(plan.tracks)
+    ]
+    if args.searches_only:
+        log("--searches-only: every search is done; the exports and the latency passes are the next run's")
+        return
+    tracks = [export_track(bench, t) for t in tracks]
     measure_latencies(bench, tracks)
     result = {
         "plan": asdict(plan),

@@ -25,7 +25,8 @@ Every export and latency is cached in ``benchmarks/.recovery/results.json`` (``-
 reused when the script runs again, so an interrupted run resumes. The working folders are ignored
 and vanish with the machine, and the full run takes several sessions, so what a later session needs
 is also kept in tracked files: the results in ``benchmarks/recovery_results.json`` and each finished
-search's database (small: no weights) in ``benchmarks/recovery/studies/``, put back into the working
+search's database (small: no weights) in ``benchmarks/recovery/studies/`` (the INT8 search) and
+``benchmarks/searches/`` (today's searches, shared with equal_compute.py's arm a), put back into the working
 folders when they are missing there (a search found there only resumes, adding no trial). Writes
 ``benchmarks/recovery.json`` and the "Recovery" section of BENCHMARKS.md (not with ``--quick``).
 """
@@ -328,7 +329,7 @@ def main() -> None:
     started = time.perf_counter()
     carry = not args.quick
     studies = allocation.Bench(
-        allocation_plan(args.quick), alloc_work, studies_mirror=STUDIES_MIRROR if carry else None
+        allocation_plan(args.quick), alloc_work, studies_mirror=allocation.SEARCHES_MIRROR if carry else None
     )
     bench = Bench(plan, work, studies, carry=carry)
     log(f"plan {plan}; export takes --quantization: {bench.quantization_flag}")
