@@ -141,7 +141,7 @@ def search_track(bench: Bench, model: str, fraction: float, samplers: tuple[str,
     plan = bench.plan
     track: dict[str, Any] = {"model": model, "fraction": fraction, "rows": [], "compute": {}}
     # a is allocation.py's search with its settings: the same study recovery.py exports from, run once for both
-    bench.search(model, fraction, mirror=SEARCHES_MIRROR)
+    bench.search(model, fraction, mirror=SEARCHES_MIRROR if bench.studies_mirror else None)  # not --quick's
     studies = {"a": bench.study_name(model, fraction), "b": search_arm(bench, model, fraction, "b", ())}
     for kind in samplers:
         studies[SAMPLER_ARMS[kind]] = search_arm(bench, model, fraction, SAMPLER_ARMS[kind], ("--sampler", kind))

@@ -355,10 +355,65 @@ def test_a_promoted_int8_trial_is_read_on_its_int8_model_on_all_validation_image
         data=digits32, finetune=SimpleNamespace(device="cpu"), quantize=QuantizeSettings(calibration_images=32)
     )
     seconds: dict[str, float] = {}
-    correct, extra = _score(model, ctx, "int8", seconds)  # type: ignore[arg-type]
+    correct, extra = _score(model, ctx, "int8", seconds, None)  # type: ignore[arg-type]
     assert len(correct) == len(digits32.split("val")), "all of the validation split"
     assert extra["evaluated_in"] == "onnxruntime" and 0.0 <= extra["accuracy_fp32"] <= 1.0
     assert set(seconds) == {"quantize", "evaluate"}
+    subset, _ = _score(model, ctx, "int8", {}, 100)  # type: ignore[arg-type]  # --rung-val-images 100
+    assert len(subset) == 100
+
+
+def test_a_promotion_reads_at_most_rung_val_images_the_same_subset_for_every_trial(digits32, tmp_path: Path) -> None:
+    """On a large validation split (ImageNet's 50,000) a promotion reads a fixed subset of --rung-val-images, the
+    same images for every trial, so its records pair; a split no larger is read whole, as before the flag."""
+    from torch import nn
+
+    from search.study.promotion import _score
+    from search.study.settings import check_resumable
+    from search.study.uncertainty import SUBSET_ORDER
+
+    assert _config(_parse()).promotion_val_images is None, "rung 0 reads all of val: so does every promotion"
+    default = _config(_parse("--val-images", "2000"))
+    assert default.promotion_val_images == 10_000 and promotion_settings(default).val_images == 10_000  # type: ignore[union-attr]
+    assert _config(_parse("--val-images", "20000")).promotion_val_images == 20_000, "never fewer than rung 0 read"
+    assert _config(_parse("--rung-val-images", "all")).promotion_val_images is None
+    assert _config(_parse("--rung-val-images", "all", "--val-images", "500")).promotion_val_images is None
+    assert _config(_parse("--rung-val-images", "800", "--val-images", "500")).promotion_val_images == 800
+    assert "read on a fixed 10,000 of the 50,000 validation images (--rung-val-images)" in promotion_line(
+        default, promotion_settings(default), 50_000
+    )
+    assert "read on all 5,000 validation images" in promotion_line(default, promotion_settings(default), 5_000)
+    refused = run_main("search", "--budget-ms", "5", "--studies-dir", str(tmp_path), "--rung-val-images", "0")
+    assert refused.returncode == 2 and "--rung-val-images: must be a positive whole number or all" in refused.stderr
+
+    torch_model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    ctx = argparse.Namespace(data=digits32, finetune=argparse.Namespace(device="cpu"))
+    first, _ = _score(torch_model.eval(), ctx, "fp32", {}, 120)  # type: ignore[arg-type]
+    again, _ = _score(torch_model.eval(), ctx, "fp32", {}, 120)  # type: ignore[arg-type]
+    assert len(first) == 120 and first.tolist() == again.tolist(), "the same images, in the same order"
+
+    # Two trials' capped rung-1 records pair with each other, never with a whole-split one.
+    base = [i < 430 for i in range(IMAGES)]
+    _make_study(tmp_path / "ties.db", [(0.2, base, 9.0), (0.3, base, 6.0)])
+    study = _study(tmp_path / "ties.db")
+    capped = [i < 1800 for i in range(2000)]
+    for number, correct in ((0, capped), (1, _flip(capped, 12, 4))):
+        record = {"rung": 1, "steps": 60, "accuracy": sum(correct) / len(correct), **accuracy_record(correct)}
+        study.set_user_attr(rung_key(number), [{**record, "order": SUBSET_ORDER, "seconds": {"evaluate": 1.0}}])
+    assert {r.order for r in rows(study)} == {SUBSET_ORDER}
+    found = recommendation(rows(study))
+    assert found is not None and [v.method for v in found.tied] == ["paired"]
+    _promoted(study, 1, _flip(capped, 12, 4))  # recorded before the mark existed: a read of the whole split
+    assert trial_rungs(study.trials[1], study.user_attrs)[-1].order == "split"
+    found = recommendation(rows(study))
+    assert found is not None and [v.method for v in found.tied] == ["intervals"], "other images: no pairing"
+
+    # A study made before the flag promoted on all of val: it resumes with --rung-val-images all, and is refused
+    # with a cap that would read fewer images (one line naming the flag).
+    study.set_user_attr("settings", {"rungs": [300], "val_images": 2000})
+    check_resumable(study, {"rungs": [300], "rung_val_images": None}, default)
+    with pytest.raises(Exception, match=r"different --rung-val-images \(all of val, now 10000\)"):
+        check_resumable(study, {"rungs": [300], "rung_val_images": 10_000}, default)
 
 
 def test_the_unpruned_model_is_not_read_again_above_rung_1() -> None:

@@ -179,7 +179,7 @@ def front_table(
             table.caption += "; ± is half the top-1's Wilson 95% interval, in points"
         table.caption += (
             "; rung: where the top-1 comes from, R/steps (0: the brief fine-tune; higher: promoted, "
-            "fine-tuned on and read on all validation images)"
+            "fine-tuned on and read on more validation images: all, or --rung-val-images of them)"
         )
         table.caption_justify = "left"
     return table

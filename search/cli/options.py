@@ -28,6 +28,7 @@ __all__ = [
     "add_study_options",
     "add_target_options",
     "add_worker_options",
+    "count_or_all",
     "cpus",
     "device",
     "fraction",
@@ -73,6 +74,16 @@ non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >
 fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 open_fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number between 0 and 1, e.g. 0.333 for the top third")
 speed_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1], e.g. 0.5 for half the latency")
+
+
+def count_or_all(text: str) -> int | None:
+    """``"10000"`` as 10000, ``"all"`` as None: a number of images, or all of them."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number or all, got {text!r}") from None
 
 
 def precisions(text: str) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from search.cli.options import (
     add_study_options,
     add_target_options,
     add_worker_options,
+    count_or_all,
     fraction,
     non_negative_int,
     open_fraction,
@@ -182,13 +183,22 @@ def _add_promotion_options(parser: argparse.ArgumentParser) -> None:
         type=step_counts,
         help="total fine-tune steps of the rungs above the brief fine-tune (rung 0, --finetune-steps), "
         "comma-separated and increasing, e.g. 100,300; the best trials of each rung are fine-tuned on to the "
-        f"next and read on all validation images (default: one rung of {PROMOTION_FACTOR}x --finetune-steps, at most "
+        f"next and read on more validation images (--rung-val-images) (default: one rung of {PROMOTION_FACTOR}x --finetune-steps, at most "
         "one epoch of the training split; none where that is no more than --finetune-steps)",
     )
     which.add_argument(
         "--no-promotion",
         action="store_true",
         help="only the brief fine-tune for every trial, no promotion (the behaviour before promotion existed)",
+    )
+    parser.add_argument(
+        "--rung-val-images",
+        type=count_or_all,
+        default=DEFAULTS.rung_val_images,
+        metavar="N|all",
+        help="validation images each promotion reads: a fixed subset of N, the same for every trial, or the whole "
+        f"split when it has no more; all: always the whole split (default: {DEFAULTS.rung_val_images:,}, never "
+        "fewer than --val-images)",
     )
     parser.add_argument(
         "--promote-fraction",
@@ -267,6 +277,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         promotion=not args.no_promotion,
         rungs=args.rungs,
         promote_fraction=args.promote_fraction,
+        rung_val_images=args.rung_val_images,
         sampler=args.sampler,
         trial_weights=args.trial_weights,
     )

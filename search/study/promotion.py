@@ -5,9 +5,10 @@ After each trial (and, once the study has its trials, until none is left) a work
 study (:mod:`search.study.claims`, so two workers never promote the same trial), rebuilds the
 trial's pruned model, loads the weights its last rung left (:mod:`search.study.trial_weights`),
 fine-tunes it on to the rung's total steps, saves the new weights and reads its top-1 on the whole
-validation split. The rung's record goes into the study attribute ``rung:N`` before the claim is
-marked done, so a worker killed at any point loses no finished rung, and a rerun (or another
-worker) takes the claim over and does the rung again from the previous rung's weights.
+validation split (at most ``--rung-val-images`` of it, a fixed subset the same for every trial). The
+rung's record goes into the study attribute ``rung:N`` before the claim is marked done, so a worker
+killed at any point loses no finished rung, and a rerun (or another worker) takes the claim over and
+does the rung again from the previous rung's weights.
 
 The trial's own values stay those of rung 0: every trial reached it, so the sampler compares like
 with like and never favours a policy for having been trained longer. The reports use each trial's
@@ -38,8 +39,8 @@ from search.study.coordination import worker_identity
 from search.study.rungs import PromotionSettings, promotable, rung_key, stored_rungs, trial_rungs
 from search.study.trial import TrialContext
 from search.study.trial_weights import file_sha256, load_weights_into, save_weights, weights_path
-from search.study.uncertainty import SPLIT_ORDER, accuracy_record
-from search.training.evaluate import onnx_top1_correct, top1_correct
+from search.study.uncertainty import SPLIT_ORDER, SUBSET_ORDER, accuracy_record
+from search.training.evaluate import onnx_top1_correct, subset_limit, top1_correct
 from search.training.finetune import train
 
 __all__ = ["prepare_promotion", "promote_all", "promote_next", "promotion_line", "promotion_settings"]
@@ -53,10 +54,12 @@ def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
     folder = Path(config.trial_weights) if config.trial_weights else Path(config.studies_dir) / config.study_name
     if not config.trial_weights:
         folder = folder / "trial-weights"
-    return PromotionSettings(rung_steps=steps, fraction=config.promote_fraction, folder=folder)
+    return PromotionSettings(
+        rung_steps=steps, fraction=config.promote_fraction, folder=folder, val_images=config.promotion_val_images
+    )
 
 
-def prepare_promotion(settings: PromotionSettings, finetune_steps: int) -> str:
+def prepare_promotion(settings: PromotionSettings, finetune_steps: int, val_split: int | None = None) -> str:
     """Make the weights folder (a one-line error when it cannot be); one line for the log saying what promotes."""
     try:
         settings.folder.mkdir(parents=True, exist_ok=True)
@@ -68,15 +71,25 @@ def prepare_promotion(settings: PromotionSettings, finetune_steps: int) -> str:
     rungs = ", ".join(f"rung {i} at {steps}" for i, steps in enumerate(settings.rung_steps, 1))
     return (
         f"Promotion: the best {settings.fraction:.0%} of the trials at each rung are fine-tuned on from their "
-        f"weights and read on all validation images (rung 0 at {finetune_steps} steps, {rungs}; weights in "
-        f"{settings.folder}); --no-promotion turns it off"
+        f"weights and read on {_images_read(settings.val_images, val_split)} (rung 0 at {finetune_steps} steps, "
+        f"{rungs}; weights in {settings.folder}); --no-promotion turns it off"
     )
 
 
-def promotion_line(config: SearchConfig, settings: PromotionSettings | None) -> str:
-    """What this search promotes (after :meth:`SearchConfig.with_default_rungs`), or why it promotes nothing."""
+def _images_read(limit: int | None, val_split: int | None) -> str:
+    """What a promotion reads, in words: all of val, or a fixed subset of ``limit`` of its ``val_split`` images."""
+    if val_split is None:
+        return "all validation images" if limit is None else f"at most {limit:,} validation images"
+    if subset_limit(val_split, limit) is None:
+        return f"all {val_split:,} validation images"
+    return f"a fixed {limit:,} of the {val_split:,} validation images (--rung-val-images)"
+
+
+def promotion_line(config: SearchConfig, settings: PromotionSettings | None, val_split: int | None = None) -> str:
+    """What this search promotes (after :meth:`SearchConfig.with_default_rungs`), or why it promotes nothing;
+    ``val_split``: the validation split's size, to say how much of it a promotion reads."""
     if settings is not None:
-        return prepare_promotion(settings, config.finetune_steps)
+        return prepare_promotion(settings, config.finetune_steps, val_split)
     if not config.promotion:
         return "Promotion: off (--no-promotion): every trial gets the brief fine-tune only"
     if config.finetune_steps <= 0:
@@ -190,7 +203,8 @@ def _run(
     reporter: Reporter,
     earlier: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune trial ``trial`` on from its previous rung to ``rung``'s total steps and score it on all of val.
+    """Fine-tune trial ``trial`` on from its previous rung to ``rung``'s total steps and score it on val (all of it,
+    or the fixed subset ``settings.val_images`` names).
 
     The unpruned model is never fine-tuned, so once it has been read on all of val it is not read again: the
     record of its previous rung stands for this one (rung 0's when the trial itself read every image).
@@ -223,13 +237,16 @@ def _run(
         steps += result.steps
         target = weights_path(settings.folder, trial.number, rung)
         save_weights(target, model, steps=steps, arch_hash=attrs.get("arch_hash"))
-    reporter.phase(f"promote trial {trial.number} to rung {rung}: evaluate on all validation images")
-    correct, extra_record = _score(model, ctx, policy.precision, seconds)
+    limit = subset_limit(len(ctx.data.split("val")), settings.val_images)
+    reporter.phase(f"promote trial {trial.number} to rung {rung}: evaluate on {_images_read(limit, None)}")
+    correct, extra_record = _score(model, ctx, policy.precision, seconds, limit)
+    record = accuracy_record(correct.tolist(), whole_split=limit is None)
     return {
         "rung": rung,
         "steps": steps,
         "accuracy": float(correct.mean()),
-        **accuracy_record(correct.tolist(), whole_split=True),
+        **record,
+        **({} if limit is None else {"order": SUBSET_ORDER}),
         **extra_record,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "continued_from": continued,
@@ -260,17 +277,20 @@ def _unpruned_reuse(trial: FrozenTrial, rung: int, earlier: list[dict[str, Any]]
     }
 
 
-def _score(model: nn.Module, ctx: TrialContext, precision: str, seconds: dict[str, float]) -> tuple[Any, dict]:
-    """Per-image top-1 on the whole validation split: of the INT8 model in ONNX Runtime for ``int8``."""
+def _score(
+    model: nn.Module, ctx: TrialContext, precision: str, seconds: dict[str, float], limit: int | None
+) -> tuple[Any, dict]:
+    """Per-image top-1 on the validation split (``limit``: a fixed subset): of the INT8 model in ONNX Runtime for
+    ``int8``."""
     started = time.perf_counter()
     if precision != "int8":
-        correct = top1_correct(model, ctx.data, "val", device=ctx.finetune.device)
+        correct = top1_correct(model, ctx.data, "val", limit=limit, device=ctx.finetune.device)
         seconds["evaluate"] = time.perf_counter() - started
         return correct, {}
-    fp32 = float(top1_correct(model, ctx.data, "val", device=ctx.finetune.device).mean())
+    fp32 = float(top1_correct(model, ctx.data, "val", limit=limit, device=ctx.finetune.device).mean())
     quantized = quantize_model(model, ctx.data, ctx.quantize)
     seconds["quantize"] = quantized.seconds
-    correct = onnx_top1_correct(quantized.int8_onnx, ctx.data, "val")
+    correct = onnx_top1_correct(quantized.int8_onnx, ctx.data, "val", limit=limit)
     seconds["evaluate"] = time.perf_counter() - started - quantized.seconds
     return correct, {"accuracy_fp32": fp32, "evaluated_in": "onnxruntime"}
 
@@ -284,6 +304,7 @@ def _line(trial: FrozenTrial, record: dict[str, Any], study: optuna.Study) -> st
         images = f" on {before.images} images" if before.images else ""
         was = f"; rung {before.rung}: {before.accuracy:.4f}{images} after {before.steps} steps"
     took = sum(record["seconds"].values())
+    read = f"a fixed {record['images']}" if record.get("order") == SUBSET_ORDER else f"all {record['images']}"
     if "reused_from_rung" in record:
         return (
             f"Promoted trial {trial.number} (the unpruned model, never fine-tuned) to rung {record['rung']}: its rung "
@@ -291,6 +312,6 @@ def _line(trial: FrozenTrial, record: dict[str, Any], study: optuna.Study) -> st
         )
     return (
         f"Promoted trial {trial.number} to rung {record['rung']} ({record['steps']} fine-tune steps): "
-        f"top-1 {record['accuracy']:.4f} ±{(high - low) * 50:.1f} pp on all {record['images']} validation images"
+        f"top-1 {record['accuracy']:.4f} ±{(high - low) * 50:.1f} pp on {read} validation images"
         f"{was}, {took:.0f} s"
     )

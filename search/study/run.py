@@ -128,7 +128,7 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     if made and promotion_settings(config) is None:  # the default rung was cut away: leave no empty folder
         with contextlib.suppress(OSError):
             promotion.folder.rmdir()
-    reporter.info(promotion_line(config, promotion_settings(config)))
+    reporter.info(promotion_line(config, promotion_settings(config), len(data.split("val"))))
     clock = CreationClock(reporter)  # what this run spends before its first trial, phase by phase
     existing = load_existing(storage, config.study_name)
     if existing is None:  # refuse what a trial would crash on, before training

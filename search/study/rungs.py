@@ -47,6 +47,9 @@ class PromotionSettings:
     """The best this fraction of the trials at a rung go on to the next (ASHA's 1/eta)."""
     folder: Path
     """Where each trial's fine-tuned weights are kept (``trial-N/rung-R.pt``)."""
+    val_images: int | None = None
+    """Validation images a promotion reads: a fixed subset of this many, or the whole split when it has no more
+    (None: always the whole split); ``--rung-val-images``."""
 
 
 def rung_key(number: int) -> str:
@@ -65,8 +68,9 @@ class Rung:
     per_image: str | None
     seconds: float | None = None
     order: str | None = None
-    """How the images were ordered (:data:`search.study.uncertainty.SPLIT_ORDER`, or None: a shuffled subset, or
-    a rung-0 read of a study made before the split's own order existed); only records of one order pair."""
+    """How the images were ordered (:data:`search.study.uncertainty.SPLIT_ORDER`; ``SUBSET_ORDER``: a promotion's
+    fixed subset, ``--rung-val-images``; None: rung 0's shuffled subset, or a rung-0 read of a study made before
+    the split's own order existed); only records of one order pair."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,7 +125,8 @@ def trial_rungs(trial: FrozenTrial, study_attrs: Mapping[str, Any]) -> list[Rung
                 images=int(r["images"]) if r.get("images") else None,
                 per_image=r.get("per_image"),
                 seconds=_total(r.get("seconds")),
-                order=SPLIT_ORDER,  # a promotion always reads the whole split in its own order
+                # a promotion's record names its order; one without (older studies) read the whole split in it
+                order=r.get("order", SPLIT_ORDER),
             )
         )
     return out

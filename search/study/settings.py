@@ -19,6 +19,7 @@ from search.pruning.space import SearchSpace
 from search.study.config import SearchConfig
 from search.study.storage import masked
 from search.training.baseline import Baseline
+from search.training.evaluate import subset_limit
 from search.training.finetune import TrainSettings
 
 __all__ = [
@@ -54,6 +55,10 @@ def settings_that_must_match(
         "calibration_images": config.calibration_images,
         "rungs": list(config.rung_steps),  # a trial's rung-r accuracy means the same steps in every run
         "promote_fraction": round(config.promote_fraction, 6) if config.rung_steps else None,
+        # what a promotion reads: the same images in every run, or rung records stop pairing (None: all of val)
+        "rung_val_images": subset_limit(len(data.split("val")), config.promotion_val_images)
+        if config.rung_steps
+        else None,
         "sampler": config.sampler,  # workers of one study propose policies the same way
     }
 
@@ -97,6 +102,7 @@ _FLAGS = {
     "calibration_images": "--calibration-images",
     "rungs": "--rungs/--no-promotion",
     "promote_fraction": "--promote-fraction",
+    "rung_val_images": "--rung-val-images",
     "sampler": "--sampler",
 }
 
@@ -109,6 +115,8 @@ def check_resumable(study: optuna.Study, settings: dict[str, Any], config: Searc
             "pick another --study name"
         )
     for key, value in settings.items():
+        if key not in stored and key in _BEFORE and stored.get("rungs"):
+            stored = {**stored, key: _BEFORE[key]}  # made before the setting existed: it did what it now names
         if key in stored and stored[key] != value:
             raise UsageError(
                 f"study {config.study_name!r} was created with a different {_FLAGS.get(key, key)} "
@@ -116,6 +124,9 @@ def check_resumable(study: optuna.Study, settings: dict[str, Any], config: Searc
                 "rerun with the same settings to resume, or pass --study NEW"
             )
 
+
+_BEFORE = {"rung_val_images": None}
+"""Settings a promoting study made before they existed had, as they are named now (promotions read all of val)."""
 
 _DETAIL = {
     "data_files": " (an image file was replaced or edited since: the hash covers every file's bytes)",
@@ -125,6 +136,8 @@ _DETAIL = {
 
 
 def _shown(key: str, value: Any) -> str:
+    if key == "rung_val_images" and value is None:
+        return "all of val"
     if key in ("mean", "std") and isinstance(value, list):
         return ",".join(f"{v:g}" for v in value)
     return repr(value)

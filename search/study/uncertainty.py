@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "ALPHA",
     "SPLIT_ORDER",
+    "SUBSET_ORDER",
     "Z95",
     "accuracy_record",
     "mcnemar_p",
@@ -65,6 +66,9 @@ def unpack_correct(packed: str, images: int) -> list[bool]:
 
 
 SPLIT_ORDER = "split"
+SUBSET_ORDER = "subset"
+"""``order`` of a promotion's record read on a fixed subset of the split (``--rung-val-images``): it pairs with the
+other promotions' reads of that subset, never with a whole-split record, which lacked the mark before it existed."""
 """``order`` of a record read on the whole validation split in its own order (a subset's record has none)."""
 
 
