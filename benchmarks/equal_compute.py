@@ -202,7 +202,16 @@ def verdicts(track: dict[str, Any]) -> list[str]:
             f"samplers with promotion: {means}; {names[ranked[0]]} leads by {lead * 100:.2f} pp, "
             f"{'beyond' if lead > spread else 'within'} the seed spread ({spread * 100:.2f} pp)"
         )
+    a_s, b_s = (track["compute"].get(k, {}).get("seconds") for k in ("a", "b"))
+    if a_s and b_s:
+        out.append(
+            f"b's search took {b_s / a_s:.2f}x today's (a) for the same number of trials "
+            f"({b_s:.0f} s against {a_s:.0f} s; the issue: at most 2x): {'met' if b_s <= 2 * a_s else 'missed'}"
+        )
     if track["model"] == MOBILENET and track["fraction"] <= 0.25:
+        signal = _signal_tau(track["fraction"])
+        if signal is not None:
+            out.append(signal)
         for other, need in (("c", 0.005), ("d", 0.01)):
             if other in done:
                 diff = b["mean"] - done[other]["mean"]
@@ -213,6 +222,28 @@ def verdicts(track: dict[str, Any]) -> list[str]:
                     f"{spread * 100:.2f} pp): {'met' if met else 'missed'}"
                 )
     return out
+
+
+def _signal_tau(fraction: float) -> str | None:
+    """The issue's signal target (tau >= 0.6 at 25%), read from the signal benchmark for the rung b ranks on."""
+    path = ROOT / "benchmarks" / "signal.json"
+    if not path.is_file():
+        return None
+    signal = json.loads(path.read_text())
+    final = (signal.get("rungs") or {}).get("final")
+    for budget in signal.get("budgets", []):
+        if abs(budget.get("fraction", -1) - fraction) > 1e-9:
+            continue
+        fidelities = (budget.get("analysis") or {}).get("fidelities", [])
+        got = next((f for f in fidelities if f.get("fidelity") == final), None)
+        if got is None or got.get("tau_all_val") is None:
+            return None
+        tau = got["tau_all_val"]
+        return (
+            f"the signal b recommends on (its rung, {final}) has tau {tau:+.2f} against the reference at "
+            f"{fraction:.0%} (the issue: at least +0.60; signal benchmark): {'met' if tau >= 0.6 else 'missed'}"
+        )
+    return None
 
 
 def render(result: dict[str, Any]) -> str:
