@@ -183,8 +183,9 @@ def _add_promotion_options(parser: argparse.ArgumentParser) -> None:
         type=step_counts,
         help="total fine-tune steps of the rungs above the brief fine-tune (rung 0, --finetune-steps), "
         "comma-separated and increasing, e.g. 100,300; the best trials of each rung are fine-tuned on to the "
-        f"next and read on more validation images (--rung-val-images) (default: one rung of {PROMOTION_FACTOR}x --finetune-steps, at most "
-        "one epoch of the training split; none where that is no more than --finetune-steps)",
+        "next and read on more validation images (--rung-val-images) (default: one rung of "
+        f"{PROMOTION_FACTOR}x --finetune-steps, at most one epoch of the training split; none where that is no more "
+        "than --finetune-steps)",
     )
     which.add_argument(
         "--no-promotion",
