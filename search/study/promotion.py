@@ -237,8 +237,9 @@ def _run(
         steps += result.steps
         target = weights_path(settings.folder, trial.number, rung)
         save_weights(target, model, steps=steps, arch_hash=attrs.get("arch_hash"))
-    limit = subset_limit(len(ctx.data.split("val")), settings.val_images)
-    reporter.phase(f"promote trial {trial.number} to rung {rung}: evaluate on {_images_read(limit, None)}")
+    size = len(ctx.data.split("val"))
+    limit = subset_limit(size, settings.val_images)
+    reporter.phase(f"promote trial {trial.number} to rung {rung}: evaluate on {_images_read(limit, size)}")
     correct, extra_record = _score(model, ctx, policy.precision, seconds, limit)
     record = accuracy_record(correct.tolist(), whole_split=limit is None)
     return {
