@@ -180,9 +180,8 @@ def test_reports_and_export_best_use_each_trials_highest_rung(tmp_path: Path) ->
     assert all_rows[1].accuracy == pytest.approx(0.9)
     found = recommendation(all_rows)
     assert found is not None and found.top.number == 1
-    # Different rungs read different images: never paired, their intervals decide.
-    verdicts = [*found.tied, *([found.runner_up] if found.runner_up else [])]
-    assert verdicts and all(v.method == "intervals" and "different rungs" in v.how() for v in verdicts)
+    # Trial 0 stayed at rung 0: its top-1 comes from another fine-tune, so it is neither tied nor separable.
+    assert not found.tied and found.runner_up is None and [r.number for r in found.not_compared] == [0]
     assert pick_best(study) == 1, "export --best takes the trial whose highest rung is best"
 
     shown = run_main("pareto", "--study", "ties", "--studies-dir", str(tmp_path), "--plot", str(tmp_path / "p.png"))
@@ -192,6 +191,9 @@ def test_reports_and_export_best_use_each_trials_highest_rung(tmp_path: Path) ->
         "Recommended: trial 1, top-1 90.00%" in words and "rung 1: 60 fine-tune steps, 2000 validation images" in words
     )
     assert "1/60" in words and "rung: where the top-1 comes from" in words
+    assert "Not compared with trial 1 (rung 1): trials 0 (rung 0) on the front were read after another fine-tune" in (
+        words
+    )
     as_json = json.loads(
         run_main("pareto", "--study", "ties", "--studies-dir", str(tmp_path), "--format", "json").stdout
     )
@@ -220,6 +222,29 @@ def test_trials_tied_at_the_same_rung_are_paired(tmp_path: Path) -> None:
     assert found is not None and found.top.number == 0 and found.pick.number == 1
     assert [v.method for v in found.tied] == ["paired"]
     assert " ".join(" ".join(found.lines()).split()).count("rung 1: 60 fine-tune steps") == 2
+
+
+def test_a_trial_left_at_rung_0_is_never_tied_with_nor_picked_over_promoted_ones(tmp_path: Path) -> None:
+    base = [i < 400 for i in range(IMAGES)]
+    _make_study(
+        tmp_path / "ties.db",
+        [
+            (0.3, _flip(base, 12, 0), 4.7),  # trial 0: 77.6% after 30 steps on 500 images, the fastest; not promoted
+            (0.2, base, 5.3),  # trial 1: 80.0% at rung 0 ...
+            (0.25, _flip(base, 5, 0), 5.0),  # trial 2: 79.0% at rung 0 ...
+        ],
+    )
+    study = _study(tmp_path / "ties.db")
+    full = [i < 1600 for i in range(2000)]
+    _promoted(study, 1, full)  # ... 80.0% on 2,000 images at rung 1, the most accurate
+    _promoted(study, 2, _flip(full, 12, 4))  # ... 79.6%, tied with trial 1 on the same images
+    found = recommendation(rows(study))
+    assert found is not None and found.top.number == 1
+    # Before, trial 0's wide rung-0 interval overlapped trial 1's rung-1 one: "tied", and the fastest "tied"
+    # trial, one that ASHA had not promoted, was recommended on the 30-step signal promotion exists to replace.
+    assert [v.other.number for v in found.tied] == [2] and found.pick.number == 2
+    assert [r.number for r in found.not_compared] == [0] and found.to_dict()["not_compared"] == [0]
+    assert pick_best(study) == 2
 
 
 def _open_claims(url: str) -> tuple[list[tuple[int, int]], dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -219,6 +219,9 @@ class Recommendation:
     """Trials the validation images cannot tell apart from :attr:`top`."""
     runner_up: Verdict | None
     """The most accurate of the others, when it is separable from :attr:`top` (nothing is tied)."""
+    not_compared: list[Row] = field(default_factory=list)
+    """Trials on the front read at another rung than :attr:`top` (a shorter or longer fine-tune): their top-1
+    measures another thing, so they are neither tied with it nor separable from it, and never the pick."""
 
     @property
     def candidates(self) -> list[Row]:
@@ -227,6 +230,19 @@ class Recommendation:
 
     def lines(self) -> list[str]:
         """What the recommendation says about ties, for the reports (empty when nothing can be told)."""
+        return self._tie_lines() + self._not_compared_line()
+
+    def _not_compared_line(self) -> list[str]:
+        if not self.not_compared:
+            return []
+        listed = ", ".join(f"{r.number} (rung {r.rung})" for r in sorted(self.not_compared, key=lambda r: r.number))
+        return [
+            f"Not compared with trial {self.top.number} (rung {self.top.rung}): trials {listed} on the front were "
+            "read after another fine-tune, so their top-1 measures something else; promotion, or an export of each, "
+            "would compare them."
+        ]
+
+    def _tie_lines(self) -> list[str]:
         if self.tied:
             numbers = ", ".join(str(r.number) for r in self.candidates)
             out = [
@@ -254,6 +270,7 @@ class Recommendation:
             "rule": TIE_RULE,
             "tied": [r.number for r in self.candidates] if self.tied else [],
             "separable_from_runner_up": None if self.runner_up is None else self.runner_up.other.number,
+            "not_compared": sorted(r.number for r in self.not_compared),
         }
 
 
@@ -266,18 +283,28 @@ def recommendation(all_rows: list[Row]) -> Recommendation | None:
     """Among the trials within the budget: the most accurate, those tied with it, and the fastest of these.
 
     Only trials on the front are candidates: one that another trial within the budget beats on both
-    accuracy and latency is never recommended, whatever the noise.
+    accuracy and latency is never recommended, whatever the noise. And only trials read at the most accurate
+    one's rung are compared with it: a trial that stayed at rung 0 (30 steps, say) while the top reached
+    rung 1 (300) is scored by another fine-tune, so neither a tie nor a difference with it means anything
+    (the unpruned model, never fine-tuned, compares at any rung).
     """
     front = pareto_front(all_rows)
     if not front:
         return None
     ranked = sorted(front, key=lambda r: (-r.accuracy, r.latency_ms, r.number))  # type: ignore[operator]
-    top, others = ranked[0], ranked[1:]
+    top = ranked[0]
+    others = [r for r in ranked[1:] if _same_fidelity(top, r)]
     verdicts = [compare(top, r) for r in others]
     tied = [v for v in verdicts if v is not None and v.tied]
     pick = min([top, *(v.other for v in tied)], key=lambda r: (r.latency_ms, -r.accuracy, r.number))  # type: ignore
     runner_up = verdicts[0] if verdicts and not tied and verdicts[0] is not None else None
-    return Recommendation(pick=pick, top=top, tied=tied, runner_up=runner_up)
+    not_compared = [r for r in ranked[1:] if not _same_fidelity(top, r)]
+    return Recommendation(pick=pick, top=top, tied=tied, runner_up=runner_up, not_compared=not_compared)
+
+
+def _same_fidelity(a: Row, b: Row) -> bool:
+    """Whether the two trials' top-1 come from the same fine-tune (the same rung), or need none (unpruned)."""
+    return a.rung == b.rung or a.policy.is_unpruned or b.policy.is_unpruned
 
 
 def recommended(all_rows: list[Row]) -> Row | None:
