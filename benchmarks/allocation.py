@@ -73,6 +73,7 @@ from search.models.weights import load_weights  # noqa: E402
 from search.pruning.auto_space import space_for  # noqa: E402
 from search.pruning.budget_fit import fit_to_budget  # noqa: E402
 from search.pruning.latency_aware import tunable_stages  # noqa: E402
+from search.study.claims import CLAIM_PREFIX  # noqa: E402
 from search.study.front import Row, recommended, rows  # noqa: E402
 from search.study.origin import LATENCY_AT_CREATION  # noqa: E402
 from search.study.rungs import RUNG_PREFIX  # noqa: E402
@@ -349,9 +350,8 @@ class Bench:
             except KeyError:
                 pass
             target = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
-            for key, value in source.user_attrs.items():  # the same baseline, settings, budget and hardware
-                if key != "latency_aware" and not key.startswith(RUNG_PREFIX):  # not the source's promotions
-                    target.set_user_attr(key, value)
+            for key, value in study_settings(source.user_attrs).items():
+                target.set_user_attr(key, value)
             fitted = 0
             for attempt in range(4 * count):
                 if fitted == count:
@@ -376,6 +376,13 @@ class Bench:
             name, lambda: self.cached(f"random {name} {count}" + (f" {' '.join(extra)}" if extra else ""), run)
         )
         return name
+
+
+def study_settings(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A study's user attributes that another study of the same track shares: its baseline, settings, budget and
+    hardware, but not its latency-aware tables nor its promotions, neither their records nor their claims (a
+    copied claim, marked done, would keep the new study from ever promoting its trial of the same number)."""
+    return {k: v for k, v in attrs.items() if k != "latency_aware" and not k.startswith((RUNG_PREFIX, CLAIM_PREFIX))}
 
 
 # ---- the run -------------------------------------------------------------------------------

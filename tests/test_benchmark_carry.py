@@ -37,3 +37,17 @@ def test_a_search_database_is_kept_and_put_back_where_the_work_folder_lost_it(tm
     carry_study(studies, "other", mirror)  # neither has it: nothing happens
     assert not (studies / "other.db").exists() and not (mirror / "other.db").exists()
     carry_study(studies, "s", None)  # no mirror (--quick): nothing is kept
+
+
+def test_a_study_made_from_another_takes_its_settings_but_none_of_its_promotions() -> None:
+    from benchmarks.allocation import study_settings
+
+    attrs = {
+        "budget_ms": 0.3,
+        "baseline_latency_ms": 1.2,
+        "latency_aware": {"table": 1},
+        "rung:23": [{"rung": 1}],
+        "promotion:23:1": {"state": "done", "pid": 4383},
+    }
+    # b's claims copied into c, all marked done, kept c from ever promoting its trials of the same numbers
+    assert study_settings(attrs) == {"budget_ms": 0.3, "baseline_latency_ms": 1.2}
