@@ -111,6 +111,12 @@ def test_a_claim_whose_worker_is_gone_is_taken_over_by_exactly_one(tmp_path: Pat
     study.set_user_attr(claim_key(3, 1), gone)  # what kill -9 leaves: a claim neither done nor stopped
     assert "is gone" in (stale_reason(gone) or "")
     assert stale_reason({**gone, "pid": os.getpid()}) is None, "a live worker's claim holds"
+    from search.study.claims import _started
+
+    assert stale_reason({**gone, "pid": os.getpid(), "started": _started(os.getpid())}) is None
+    # A worker restarted in a new container is often the same pid (1) again: its predecessor's claim is not its own.
+    reused = stale_reason({**gone, "pid": os.getpid(), "started": "1"}) or ""
+    assert "now belongs to another process" in reused
     assert stale_reason({**gone, "pid": os.getpid(), "beat": time.time() - SILENT_SECONDS - 1}) is not None
     first = claim_promotion(storage, study, 3, 1)
     assert first is not None and "is gone" in (first.taken_over or "")
@@ -245,6 +251,55 @@ def test_a_trial_left_at_rung_0_is_never_tied_with_nor_picked_over_promoted_ones
     assert [v.other.number for v in found.tied] == [2] and found.pick.number == 2
     assert [r.number for r in found.not_compared] == [0] and found.to_dict()["not_compared"] == [0]
     assert pick_best(study) == 2
+
+
+def test_weights_saved_for_another_architecture_are_refused_not_continued_from(tmp_path: Path) -> None:
+    import torch
+
+    from search.study.trial_weights import load_weights_into, save_weights
+
+    model = torch.nn.Linear(3, 2)
+    save_weights(tmp_path / "rung-0.pt", model, steps=30, arch_hash="aaaa")
+    assert load_weights_into(torch.nn.Linear(3, 2), tmp_path / "rung-0.pt", "aaaa")["steps"] == 30
+    # a deleted study's file of the same name whose shapes happen to fit
+    with pytest.raises(ValueError, match="another architecture"):
+        load_weights_into(torch.nn.Linear(3, 2), tmp_path / "rung-0.pt", "bbbb")
+
+
+def test_a_rung_the_database_could_not_record_is_left_for_a_rerun_not_marked_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    import search.study.promotion as promotion
+    from search.progress import RecordingReporter
+
+    ended: list[str] = []
+    claim = SimpleNamespace(
+        lost=False,
+        failed=lambda message: ended.append("failed"),
+        stopped=lambda: ended.append("stopped"),
+        done=lambda: ended.append("done"),
+    )
+
+    def locked(key: str, value: object) -> None:
+        raise RuntimeError("database is locked")  # SQLite busy past its timeout, say
+
+    study = SimpleNamespace(user_attrs={}, set_user_attr=locked)
+    monkeypatch.setattr(promotion, "_run", lambda *args: {"rung": 1, "accuracy": 0.8})
+    reporter = RecordingReporter()
+    trial = SimpleNamespace(number=3)
+    assert promotion._promote(study, trial, 1, None, None, claim, reporter) is None  # type: ignore[arg-type]
+    # A failed claim is never tried again; a stopped one is taken over by the next worker or a rerun.
+    assert ended == ["stopped"] and "it will be redone" in reporter.warnings[0]
+
+    def broken(*args: object) -> dict:
+        raise OSError("weights file unreadable")  # a fault a retry would meet again
+
+    monkeypatch.setattr(promotion, "_run", broken)
+    ended.clear()
+    assert promotion._promote(study, trial, 1, None, None, claim, reporter) is None  # type: ignore[arg-type]
+    assert ended == ["failed"]
 
 
 def _open_claims(url: str) -> tuple[list[tuple[int, int]], dict]:

@@ -37,7 +37,11 @@ HELP = "fully fine-tune chosen trials and export them to ONNX with a model card"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=non_negative_int, action="append", help="trial number (repeatable)")
-    which.add_argument("--best", action="store_true", help="the most accurate trial within the budget")
+    which.add_argument(
+        "--best",
+        action="store_true",
+        help="the recommended trial: the most accurate within the budget, or the fastest of those tied with it",
+    )
     parser.add_argument(
         "--epochs",
         type=non_negative_float,
@@ -138,8 +142,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
     command = "python cli.py " + " ".join(shlex.quote(a) for a in masked_command(sys.argv[1:]))  # no password
     with RichReporter(console, verbose=not args.quiet) as reporter:
-        numbers = [pick_best(study)] if args.best else list(dict.fromkeys(args.trial))
-        found = recommendation(rows(study)) if args.best else None
+        found = recommendation(rows(study)) if args.best else None  # read once: a live study may move on
+        if args.best and found is None:
+            pick_best(study)  # nothing within the budget: its one-line error
+        numbers = [found.pick.number] if found else list(dict.fromkeys(args.trial))
         for line in found.lines() if found else []:
             console.print(escape(line), soft_wrap=True)
         for number in numbers:  # a mode a trial cannot take is refused before any trial is exported

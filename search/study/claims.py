@@ -56,6 +56,18 @@ def _swap(storage: RDBStorage, study_id: int, key: str, old: str | None, new: di
     return swap_attr(storage, study_id, key, old, new, busy_is_lost=True)
 
 
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), or None where that cannot be read.
+
+    A pid alone names a process only while it lives: a worker restarted in a new container is often pid 1
+    again, and would take its dead predecessor's claim for its own, live one."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]  # field 22, after the command's parentheses
+    except (OSError, IndexError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -72,8 +84,13 @@ def stale_reason(record: dict[str, Any], now: float | None = None) -> str | None
         return None
     if record.get("stopped"):
         return "its worker was stopped before it finished"
-    if record.get("host") == socket.gethostname() and not _alive(int(record.get("pid", -1))):
-        return f"its worker (process {record.get('pid')}) is gone"
+    if record.get("host") == socket.gethostname():
+        pid = int(record.get("pid", -1))
+        if not _alive(pid):
+            return f"its worker (process {pid}) is gone"
+        started = record.get("started")
+        if started is not None and _started(pid) not in (None, started):
+            return f"its worker (process {pid}) is gone: that number now belongs to another process"
     silent = (now or time.time()) - float(record.get("beat", 0))
     if silent > SILENT_SECONDS:
         return f"its worker ({record.get('host')}, process {record.get('pid')}) has been silent for {silent:.0f} s"
@@ -145,6 +162,7 @@ def claim_promotion(storage: RDBStorage, study: optuna.Study, number: int, rung:
     me = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "started": _started(os.getpid()),
         "token": uuid.uuid4().hex,
         "beat": time.time(),
         "every": BEAT_SECONDS,

@@ -160,16 +160,25 @@ def _promote(
     """Run the claimed promotion; None when it failed (recorded on the claim, not tried again)."""
     try:
         record = _run(trial, rung, ctx, settings, reporter, stored_rungs(study.user_attrs, trial.number))
-        if claim.lost:  # silent too long: another worker took this promotion over and records it
-            reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
-            return None
-        study.set_user_attr(rung_key(trial.number), [*stored_rungs(study.user_attrs, trial.number)[: rung - 1], record])
     except Exception as exc:  # e.g. a weights file that cannot be read: the search goes on without this rung
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         claim.failed(message)
         reporter.warn(f"promoting trial {trial.number} to rung {rung} failed: {message}")
         return None
     except BaseException:  # Ctrl-C, a stop by the launcher: a rerun takes the claim over at once
+        claim.stopped()
+        raise
+    if claim.lost:  # silent too long: another worker took this promotion over and records it
+        reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
+        return None
+    try:
+        study.set_user_attr(rung_key(trial.number), [*stored_rungs(study.user_attrs, trial.number)[: rung - 1], record])
+    except Exception as exc:  # the database, for a moment (busy, unreachable): not the promotion's fault
+        claim.stopped()  # a rerun, or another worker, takes it over and redoes the rung from its saved weights
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reporter.warn(f"could not record trial {trial.number}'s rung {rung} ({message}); it will be redone")
+        return None
+    except BaseException:
         claim.stopped()
         raise
     claim.done()
@@ -224,7 +233,7 @@ def _run(
         reporter.phase(f"promote trial {trial.number} to rung {rung}: rebuild")
         replay(model, attrs["pruning_history"], ctx.data.example_input())
         source = weights_path(settings.folder, trial.number, rung - 1)
-        saved = load_weights_into(model, source)
+        saved = load_weights_into(model, source, attrs.get("arch_hash"))
         steps = int(saved["steps"])
         continued = {"rung": rung - 1, "steps": steps, "weights_sha256": file_sha256(source)}
         extra = max(0, total - steps)

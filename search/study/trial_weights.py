@@ -32,9 +32,14 @@ def save_weights(path: Path, model: nn.Module, *, steps: int, arch_hash: str | N
     os.replace(partial, path)
 
 
-def load_weights_into(model: nn.Module, path: Path) -> dict[str, Any]:
-    """Load the weights saved at ``path`` into ``model`` (of the same architecture); the file's other fields."""
+def load_weights_into(model: nn.Module, path: Path, arch_hash: str | None = None) -> dict[str, Any]:
+    """Load the weights saved at ``path`` into ``model`` (of the same architecture); the file's other fields.
+
+    ``arch_hash``: the trial's; a file saved for another architecture (a deleted study's of the same name, whose
+    shapes happen to fit) is refused rather than continued from."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    if arch_hash is not None and saved.get("arch_hash") not in (None, arch_hash):
+        raise ValueError(f"{path} holds weights of another architecture ({saved.get('arch_hash')}, not {arch_hash})")
     model.load_state_dict(saved["state_dict"])
     return {k: v for k, v in saved.items() if k != "state_dict"}
 
