@@ -389,6 +389,29 @@ def test_qat_for_a_policy_it_cannot_train_is_a_one_line_error(tiny: SearchConfig
     assert not (tmp_path / "x").exists(), "refused before any trial was exported"
 
 
+def test_qat_refuses_what_it_cannot_ship_as_trained_in_one_line() -> None:
+    from types import SimpleNamespace
+
+    from search.shipping.qat import check_quantization
+    from tests.test_uncertainty import _policy
+
+    def study(calibration: str, runtime: str) -> SimpleNamespace:
+        attrs = {"precision": "int8", "policy": _policy(0.3), "quantization": {"calibration_method": calibration}}
+        hardware = {"hardware": {"runtime": runtime}}
+        return SimpleNamespace(trials=[SimpleNamespace(user_attrs=attrs)], user_attrs=hardware)
+
+    qat = ExportSettings(epochs=3, quantization="qat")
+    check_quantization(study("minmax", "onnxruntime"), 0, qat)  # what QAT simulates: accepted
+    check_quantization(study("minmax", "openvino"), 0, qat)  # OpenVINO compiles the same QDQ ONNX
+    # QAT trains against MinMax ranges: an entropy-calibrated INT8 model would not be the model trained
+    with pytest.raises(UsageError, match=r"calibrated with entropy.*pass --quantization ptq"):
+        check_quantization(study("entropy", "onnxruntime"), 0, qat)
+    # ExecuTorch's model.int8.pte is quantized by XNNPACK after training, whatever the ONNX model carries
+    with pytest.raises(UsageError, match=r"ExecuTorch study ships model\.int8\.pte.*pass --quantization ptq"):
+        check_quantization(study("minmax", "executorch"), 0, qat)
+    check_quantization(study("entropy", "executorch"), 0, ExportSettings(epochs=3))  # PTQ: anything goes
+
+
 @pytest.mark.slow
 def test_the_card_of_an_unpruned_int8_export_names_what_ships(tiny: SearchConfig, tmp_path: Path) -> None:
     study, number = _unpruned_int8(tiny)

@@ -151,8 +151,9 @@ def export_trial(
     seconds["total"] = time.perf_counter() - started
     card = card_record(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
     recovery.annotate(card, round(tuned.result.seconds, 1))
-    if qat_steps and card["finetune"]["steps"]:  # the schedule counts the FP32 steps; QAT's came after them
+    if qat_steps:  # the schedule counts the FP32 steps and seconds (none when QAT is all of it); QAT's came after
         card["finetune"]["steps"] += qat_steps
+        card["finetune"]["seconds"] = round(card["finetune"]["seconds"] + seconds["qat"], 1)
     card["runtime_files"] = runtime_record
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["augmentation"] = base.data.transforms()  # what the fine-tune trained on, and how top-1 was scored

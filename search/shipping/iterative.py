@@ -88,6 +88,12 @@ class Recovery:
         check_prune_steps(self.steps, self.original, self.final)
         self._file = work / SCHEDULE_FILE
         self._record: dict[str, Any] = {"prune_steps": self.steps, "optimizer_steps": self.shares, "steps": []}
+        self._record["settings"] = {  # what else decides the weights: a resume must not mix them
+            "seed": settings.seed,
+            "feature_distill": settings.feature_distill,
+            "quantization": settings.quantization,
+            "qat_epochs": settings.qat_epochs if settings.quantization == "qat" else None,
+        }
         self._distilled: dict[str, Any] | None = None
 
     @property
@@ -97,9 +103,10 @@ class Recovery:
 
     def prune(self, model: nn.Module) -> nn.Module:
         """The model the last fine-tune starts from: ``model`` (one shot), or the baseline taken through K steps."""
+        self._load()  # whatever K: an unfinished export started with other settings is refused, not mixed
         if self.steps == 1:
+            self._save()
             return model
-        self._load()
         model = copy.deepcopy(self.base.model)
         example = self.base.data.example_input()
         targets = step_targets(self.original, self.final, self.steps)
@@ -238,7 +245,16 @@ class Recovery:
                 f"and {sum(saved.get('optimizer_steps', []))} fine-tune steps; resume it with the same settings "
                 "or delete that folder"
             )
-        self._record = saved
+        trained = saved.get("steps") or any(self.work.glob("*state.pt"))  # weights a resume would continue from
+        was, now = saved.get("settings", {}), self._record["settings"]
+        changed = [f"{k} {was[k]} (now {now[k]})" for k in now if k in was and was[k] != now[k]]
+        if changed and trained:
+            raise UsageError(
+                f"the unfinished export in {self.work} was started with {', '.join(changed)}; resume it with the "
+                "same settings, or delete that folder to start again"
+            )
+        if not changed:
+            self._record = saved
 
     def _save(self) -> None:
         partial = self._file.with_suffix(".partial")

@@ -78,6 +78,19 @@ def check_quantization(study: optuna.Study, number: int, settings: ExportSetting
         )
     if settings.epochs == 0 and not settings.steps:
         raise UsageError("--quantization qat trains during the fine-tune, but --epochs is 0; pass --epochs > 0")
+    method = QuantizeSettings.from_dict(trial.user_attrs.get("quantization", {})).calibration_method
+    if method != "minmax":
+        raise UsageError(
+            f"trial {number}'s INT8 model is calibrated with {method}, and QAT trains against MinMax ranges, so "
+            "the shipped model would not be the one trained; pass --quantization ptq, or search with "
+            "--calibration-method minmax"
+        )
+    runtime = (study.user_attrs.get("hardware") or {}).get("runtime")
+    if runtime == "executorch":
+        raise UsageError(
+            "--quantization qat ships QAT weights in the INT8 ONNX model, but an ExecuTorch study ships "
+            "model.int8.pte, which XNNPACK quantizes post-training; pass --quantization ptq"
+        )
 
 
 def split_steps(settings: ExportSettings, steps_per_epoch: int) -> tuple[ExportSettings, int]:
