@@ -338,6 +338,7 @@ class Bench:
 
         def run() -> dict[str, Any]:
             started = time.perf_counter()  # fitting the allocations to the budget is part of their cost
+            created = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # this study's own start, not its source's
             source = self.study(main)
             meter = self.meter(model)
             meter.baseline_ms = float(source.user_attrs["baseline_latency_ms"])
@@ -350,7 +351,7 @@ class Bench:
             except KeyError:
                 pass
             target = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
-            for key, value in study_settings(source.user_attrs).items():
+            for key, value in {**study_settings(source.user_attrs), "created": created}.items():
                 target.set_user_attr(key, value)
             fitted = 0
             for attempt in range(4 * count):
@@ -522,6 +523,32 @@ FINAL_TIMING = LatencySettings(threads=1, warmup=50, round_size=50, min_rounds=1
 """The final measurement of each row: at least 500 timed runs, each beside a run of its baseline."""
 FINAL_PASSES = 5
 """Passes over all rows (alternately in reverse order); a row's latency is its median over the passes."""
+
+
+def timed_file(work: Path, studies: Path, study: str, number: int, onnx: str) -> tuple[str, bool]:
+    """``onnx`` when it is on disk, else an architecture-identical stand-in; and whether it is one.
+
+    The exports' folders are ignored by git and vanish with the machine, while their results are carried
+    to the next session: a run whose exports finished on an earlier machine would otherwise fail at the
+    latency pass. Latency depends on the architecture, not on the weights, so trial ``number`` is exported
+    again without fine-tuning (``--epochs 0``, a minute) into ``work/stand-ins`` and that file is timed
+    (an INT8 row's stand-in is quantized post-training, whatever its row's quantization was: the same graph).
+    """
+    if Path(onnx).is_file():
+        return onnx, False
+    out = work / "stand-ins" / study
+    folder = out / f"trial-{number}"
+    name = Path(onnx).name
+    if not (folder / name).is_file():
+        log(f"{onnx} is gone (an earlier machine's); timing an architecture-identical stand-in of trial {number}")
+        cli(
+            "export",
+            *("--study", study, "--studies-dir", str(studies), "--trial", str(number), "--epochs", "0"),
+            *("--out", str(out), "--force", "--quiet"),
+        )
+    if not (folder / name).is_file():
+        raise RuntimeError(f"the stand-in export of {study} trial {number} wrote no {name}")
+    return str(folder / name), True
 
 
 def measure_latencies(bench: Bench, tracks: list[dict[str, Any]]) -> None:

@@ -70,13 +70,17 @@ class Recipe:
     feature_distill: float = 0.0
     quantization: str | None = None
     """export's ``--quantization ptq|qat`` (INT8 rows); None: export's default."""
+    qat_epochs: float | None = None
+    """export's ``--qat-epochs`` (QAT rows), passed and keyed explicitly: export's default may change."""
 
     def args(self) -> list[str]:
         out = ["--prune-steps", str(self.prune_steps), "--feature-distill", f"{self.feature_distill:g}"]
-        return out + (["--quantization", self.quantization] if self.quantization else [])
+        out += ["--quantization", self.quantization] if self.quantization else []
+        return out + (["--qat-epochs", f"{self.qat_epochs:g}"] if self.qat_epochs is not None else [])
 
     def key(self) -> str:
-        return f"K{self.prune_steps} W{self.feature_distill:g}" + (f" {self.quantization}" if self.quantization else "")
+        key = f"K{self.prune_steps} W{self.feature_distill:g}" + (f" {self.quantization}" if self.quantization else "")
+        return key + (f" {self.qat_epochs:g}ep" if self.qat_epochs is not None else "")
 
 
 TODAY = Recipe("today's export (one shot, logit distillation)")
@@ -91,6 +95,8 @@ class Plan:
     feature_weights: tuple[float, ...] = (1.0,)
     long_epochs: float = 10
     long_seeds: tuple[int, ...] = (0,)
+    qat_epochs: float = 1.0
+    """Of each QAT row's ``epochs``, the last ones trained with fake quantization."""
     resnet: bool = True
     int8: bool = True
     test_images: int | None = None
@@ -158,8 +164,10 @@ class Bench:
             args += ["--test-images", str(self.plan.test_images)] if self.plan.test_images else []
             started = time.perf_counter()
             done = _run([*args, *recipe.args()], echo=True)
-            if done.returncode != 0:
+            if done.returncode == 2:  # export refused the combination (a one-line error): a row of its own
                 return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+            if done.returncode != 0:  # a crash or a kill (out of memory, say) is not a result: a rerun tries again
+                raise RuntimeError(f"cli.py export failed with status {done.returncode}: {key}")
             card = json.loads((out / f"trial-{number}" / "card.json").read_text())
             int8 = card.get("int8") or {}
             folder = out / f"trial-{number}"
@@ -221,6 +229,7 @@ def mobilenet_track(bench: Bench) -> dict[str, Any]:
     where = _searched(bench, allocation.MOBILENET)
     number = recommended(rows(_study(where))).number
     result: dict[str, Any] = {"model": allocation.MOBILENET, "fraction": plan.fraction, "trial": number, "rows": []}
+    result["studies"], result["study"] = str(where[0]), where[1]
     today = bench.row(where, number, TODAY, plan.seeds, plan.epochs)
     candidates = [Recipe(f"iterative, --prune-steps {k}", prune_steps=k) for k in plan.steps]
     candidates += [
@@ -245,8 +254,10 @@ def int8_track(bench: Bench, best: Recipe) -> dict[str, Any]:
     where = bench.int8_study(model)
     chosen = recommended(rows(_study(where)))
     result["trial"], result["policy"] = chosen.number, chosen.policy.describe()
+    result["studies"], result["study"] = str(where[0]), where[1]
     for mode in ("ptq", "qat"):
-        recipe = replace(best, label=f"{mode.upper()}, {best.label}", quantization=mode)
+        qat_epochs = bench.plan.qat_epochs if mode == "qat" else None
+        recipe = replace(best, label=f"{mode.upper()}, {best.label}", quantization=mode, qat_epochs=qat_epochs)
         result["rows"].append(bench.row(where, chosen.number, recipe, bench.plan.seeds, bench.plan.epochs))
     return result
 
@@ -255,6 +266,7 @@ def resnet_track(bench: Bench, best: Recipe) -> dict[str, Any]:
     where = _searched(bench, allocation.RESNET)
     number = recommended(rows(_study(where))).number
     result: dict[str, Any] = {"model": allocation.RESNET, "fraction": bench.plan.fraction, "trial": number}
+    result["studies"], result["study"] = str(where[0]), where[1]
     recipes = [TODAY] + ([best] if best.key() != TODAY.key() else [])
     result["rows"] = [bench.row(where, number, r, bench.plan.seeds, bench.plan.epochs) for r in recipes]
     return result
@@ -277,17 +289,23 @@ def measure_latencies(bench: Bench, tracks: list[dict[str, Any]]) -> None:
     for track in tracks:
         for r in track["rows"]:
             if "runs" in r and (r["recipe"]["quantization"] or r is track["rows"][0]):
-                todo.append((track["model"], r))
-    for model, r in todo:
+                todo.append((track["model"], r, track))
+    for model, r, track in todo:
         meter = bench.alloc.meter(model)
         key = f"latency passes {r['runs'][0]['onnx']}"
-        got = bench.cached(key, lambda meter=meter, r=r: [_timed(timer, meter, r) for _ in range(LATENCY_PASSES)])
+        if key not in bench.cache:  # an export finished on an earlier machine: its file went with it
+            onnx, r["stand_in"] = allocation.timed_file(
+                bench.work, Path(track["studies"]), track["study"], track["trial"], r["runs"][0]["onnx"]
+            )
+        else:
+            onnx = r["runs"][0]["onnx"]
+        got = bench.cached(key, lambda meter=meter, f=onnx: [_timed(timer, meter, f) for _ in range(LATENCY_PASSES)])
         r["latency_ms"] = statistics.median(g["median_ms"] for g in got)
         r["latency_fraction"] = statistics.median(g["ratio"] for g in got)
 
 
-def _timed(timer: LocalTimer, meter: Any, r: dict[str, Any]) -> dict[str, float]:
-    got = timer.time(r["runs"][0]["onnx"], meter.input_shape, reference=meter.baseline_onnx)
+def _timed(timer: LocalTimer, meter: Any, onnx: str) -> dict[str, float]:
+    got = timer.time(onnx, meter.input_shape, reference=meter.baseline_onnx)
     return {"median_ms": got.median_ms, "ratio": got.ratio or 0.0, "baseline_ms": got.reference_median_ms or 0.0}
 
 
@@ -383,7 +401,8 @@ def render(result: dict[str, Any]) -> str:
             if first.get("int8_agreement") is not None:
                 extra.append(f"FP32 {100 * first['fp32_top1']:.2f}%, agreement {first['int8_agreement']:.3f}")
             if "latency_ms" in r:
-                extra.append(f"{r['latency_ms']:.2f} ms ({r['latency_fraction']:.3f} of baseline)")
+                stand_in = ", an architecture-identical stand-in" if r.get("stand_in") else ""
+                extra.append(f"{r['latency_ms']:.2f} ms ({r['latency_fraction']:.3f} of baseline{stand_in})")
             lines.append(
                 f"| {r['row']} | {r['epochs']:g} | {len(r['seeds'])} | {100 * r['mean']:.2f}% | "
                 f"{100 * r['spread']:.2f} pp | {delta} | {r['finetune_seconds'] / 60:.1f} min | {'; '.join(extra)} |"
@@ -404,7 +423,9 @@ def verdicts(tracks: list[dict[str, Any]]) -> list[str]:
             by_mode = {r["recipe"]["quantization"]: r for r in scored}
             if {"ptq", "qat"} <= set(by_mode):
                 ptq, qat = by_mode["ptq"], by_mode["qat"]
-                fp32 = statistics.fmean(run["fp32_top1"] for run in qat["runs"])
+                # The FP32 export's top-1 is PTQ's FP32 model (the whole fine-tune in FP32); QAT's own FP32
+                # top-1 is of the weights after training with fake quantization, another model.
+                fp32 = statistics.fmean(run["fp32_top1"] for run in ptq["runs"])
                 ptq_loss, qat_loss = fp32 - ptq["mean"], fp32 - qat["mean"]
                 met = qat["mean"] >= ptq["mean"] and (ptq_loss <= 0.003 or qat_loss <= 0.003)
                 out.append(
