@@ -208,6 +208,16 @@ def verdicts(track: dict[str, Any]) -> list[str]:
             f"samplers with promotion: {means}; {names[ranked[0]]} leads by {lead * 100:.2f} pp, "
             f"{'beyond' if lead > spread else 'within'} the seed spread ({spread * 100:.2f} pp)"
         )
+    over = [
+        f"{k} ({r['latency_fraction']:.3f})"
+        for k, r in done.items()
+        if r.get("latency_fraction", 0) > track["fraction"]
+    ]
+    if over:
+        out.append(
+            f"timed above the budget ({track['fraction']:.2f} of the baseline) in the final passes, though within it "
+            f"when its search timed it: {', '.join(over)}"
+        )
     a_s, b_s = (track["compute"].get(k, {}).get("seconds") for k in ("a", "b"))
     if a_s and b_s:
         out.append(
