@@ -336,6 +336,8 @@ def main() -> None:
     if args.render:
         write_section(SECTION, render(json.loads(out.read_text())))
         return
+    if set(args.arms) - set(ARMS):  # before hours of searches, not after them
+        sys.exit(f"error: --arms takes letters of {''.join(ARMS)}, not {args.arms!r}")
     if not DATA.is_dir() or not RESNET_WEIGHTS.is_file():
         sys.exit(f"error: this benchmark needs {DATA} and {RESNET_WEIGHTS} (the shared CIFAR-10 material); not found")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -354,8 +356,6 @@ def main() -> None:
     if args.searches_only:
         log("--searches-only: every search is done; the exports and the latency passes are the next run's")
         return
-    if set(args.arms) - set(ARMS):
-        sys.exit(f"error: --arms takes letters of {''.join(ARMS)}, not {args.arms!r}")
     tracks = [export_track(bench, t, args.arms) for t in tracks]
     for t in tracks:  # an export finished on an earlier machine left its results but not its file
         for r in t["rows"]:

@@ -26,6 +26,7 @@ from torch import nn
 from search.data.dataset import Dataset
 from search.errors import UsageError
 from search.measuring.quantize import QuantizeSettings, calibration_batches
+from search.measuring.runtimes.registry import study_runtime
 from search.measuring.timing import open_session
 from search.progress import Reporter
 from search.pruning.policy import Policy
@@ -85,8 +86,7 @@ def check_quantization(study: optuna.Study, number: int, settings: ExportSetting
             "the shipped model would not be the one trained; pass --quantization ptq, or search with "
             "--calibration-method minmax"
         )
-    runtime = (study.user_attrs.get("hardware") or {}).get("runtime")
-    if runtime == "executorch":
+    if study_runtime(study) == "executorch":
         raise UsageError(
             "--quantization qat ships QAT weights in the INT8 ONNX model, but an ExecuTorch study ships "
             "model.int8.pte, which XNNPACK quantizes post-training; pass --quantization ptq"
