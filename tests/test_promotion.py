@@ -15,6 +15,7 @@ import pytest
 
 from search.cli.search import _config, add_arguments
 from search.study.claims import SILENT_SECONDS, claim_key, claim_promotion, read_claim, stale_reason
+from search.study.fidelity import LearningView, learned_accuracies, rung_gains
 from search.study.front import pick_best, recommendation, rows
 from search.study.promotion import promotion_line, promotion_settings
 from search.study.rungs import promotable, rung_key, trial_rungs
@@ -64,6 +65,60 @@ def test_asha_promotes_the_best_third_of_each_rung_once(tmp_path: Path) -> None:
     reached = trial_rungs(completed[5], study.user_attrs)
     assert [(r.rung, r.steps, r.images) for r in reached] == [(0, 0, IMAGES), (1, 60, IMAGES)]
     assert reached[1].seconds == 4.0
+
+
+def test_the_sampler_learns_each_trials_highest_rung_without_favouring_the_longer_fine_tune(tmp_path: Path) -> None:
+    base = [i < 400 for i in range(IMAGES)]  # 80%
+    # Four trials at rung 0 (81%, 82%, 83%, 84%); the two best were promoted: trial 3 gained 1 pp, trial 2 5 pp.
+    _make_study(tmp_path / "ties.db", [(0.1 * k, _flip(base, 0, 5 * (k + 1)), 5.0) for k in range(4)])
+    study = _study(tmp_path / "ties.db")
+    _promoted(study, 3, _flip(base, 0, 25))
+    _promoted(study, 2, _flip(base, 0, 40))
+    trials = _study(tmp_path / "ties.db").get_trials(deepcopy=False)
+    assert rung_gains(trials, study.user_attrs) == pytest.approx({1: 0.03})
+    learned = learned_accuracies(trials, study.user_attrs)
+    # Each promoted trial: its rung-1 accuracy less the mean gain. Their mean stays their rung-0 mean (83.5%), and
+    # the order is rung 1's: trial 2 first. Trials left at rung 0 keep their values, and the latency is never touched.
+    assert learned == pytest.approx({3: 0.85 - 0.03, 2: 0.88 - 0.03})
+    view = LearningView(study, learned)
+    seen = {t.number: t.values for t in view._get_trials(deepcopy=False, states=None, use_cache=False)}
+    assert seen == {0: pytest.approx([0.81, 5.0]), 1: pytest.approx([0.82, 5.0]), 2: [0.85, 5.0], 3: [0.82, 5.0]}
+    assert study.trials[2].values == pytest.approx([0.83, 5.0]), "the study's own values are untouched"
+
+
+def test_tpe_samples_where_the_higher_rung_says_not_where_rung_0_s_noise_did() -> None:
+    """Rung 0 ranks policies near x = 0.9 a little higher (noise); the longer fine-tune shows x = 0.1 is better."""
+    from optuna.distributions import FloatDistribution
+
+    from search.study.coordination import TrialSeededSampler
+    from tests.test_uncertainty import _policy
+
+    def proposals(promoted: bool) -> list[float]:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=TrialSeededSampler(0, 4))
+        for number in range(16):
+            x = 0.05 + 0.06 * number
+            attrs = {"policy": _policy(0.1), "fine_tuned": True, "feasible": True, "finetune": {"steps": 30}}
+            accuracy = 0.80 + 0.02 * x + (0.001 * (number % 3))
+            study.add_trial(
+                optuna.trial.create_trial(
+                    values=[accuracy, 5.0],
+                    params={"x": x},
+                    distributions={"x": FloatDistribution(0, 1)},
+                    user_attrs=attrs,
+                )
+            )
+            if promoted and number in (0, 1, 14, 15):  # the ends promoted: x near 0.1 gains 6 pp, near 0.9 none
+                gain = 0.06 if x < 0.5 else 0.0
+                study.set_user_attr(rung_key(number), [{"rung": 1, "steps": 300, "accuracy": accuracy + gain}])
+        out = []
+        for _ in range(12):
+            trial = study.ask()
+            out.append(trial.suggest_float("x", 0, 1))
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return out
+
+    raw, learned = proposals(False), proposals(True)
+    assert sum(learned) / len(learned) < 0.5 < sum(raw) / len(raw), (raw, learned)
 
 
 _CLAIMER = """
@@ -214,7 +269,9 @@ def test_reports_and_export_best_use_each_trials_highest_rung(tmp_path: Path) ->
         run_main("show", "--study", "ties", "--studies-dir", str(tmp_path), "--trial", "1", "--format", "json").stdout
     )
     assert one["highest_rung"] == 1 and [r["rung"] for r in one["rungs"]] == [0, 1]
-    assert one["values"][0] == pytest.approx(0.84), "the trial's own value (what TPE learns from) stays rung 0's"
+    assert one["values"][0] == pytest.approx(0.84), "the trial's own value stays rung 0's"
+    # The sampler learns rung 1 less the mean gain of the trials promoted there: trial 1 alone, so its rung-0 level.
+    assert one["sampler_learns"] == pytest.approx(0.84) and "sampler learns" in text and "0.8400: the highest" in text
 
 
 def test_trials_tied_at_the_same_rung_are_paired(tmp_path: Path) -> None:
@@ -277,6 +334,7 @@ def test_a_rung_the_database_could_not_record_is_left_for_a_rerun_not_marked_fai
     ended: list[str] = []
     claim = SimpleNamespace(
         lost=False,
+        held=lambda: True,
         failed=lambda message: ended.append("failed"),
         stopped=lambda: ended.append("stopped"),
         done=lambda: ended.append("done"),
@@ -300,6 +358,50 @@ def test_a_rung_the_database_could_not_record_is_left_for_a_rerun_not_marked_fai
     ended.clear()
     assert promotion._promote(study, trial, 1, None, None, claim, reporter) is None  # type: ignore[arg-type]
     assert ended == ["failed"]
+
+
+def test_a_worker_whose_promotion_was_taken_over_leaves_the_new_holders_weights_alone(
+    digits32, tmp_path: Path
+) -> None:
+    """A worker silent past the heartbeat limit (suspended, say) loses its claim to another worker; when it wakes
+    and finishes, it must not replace the rung's weights the new holder wrote (nor record the rung)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from search.progress import RecordingReporter
+    from search.study.promotion import _promote
+    from search.study.rungs import PromotionSettings
+    from search.study.trial_weights import save_weights, weights_path
+    from search.training.finetune import TrainSettings
+    from tests.test_uncertainty import _policy
+
+    path = tmp_path / "ties.db"
+    _make_study(path, [(0.1, [True] * 10, 5.0)])
+    storage = open_storage(f"sqlite:///{path}")
+    study = optuna.load_study(study_name="ties", storage=storage)
+    trial = study.trials[0]
+    trial.user_attrs["policy"] = _policy(0.1)  # pruned: a promotion fine-tunes it and saves its weights
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    folder = tmp_path / "weights"
+    save_weights(weights_path(folder, 0, 0), model, steps=2, arch_hash=None)
+    ctx = SimpleNamespace(baseline=model, data=digits32, finetune=TrainSettings(steps=0, batch_size=8, device="cpu"))
+    settings = PromotionSettings(rung_steps=(3,), fraction=1 / 3, folder=folder)
+
+    claim = claim_promotion(storage, study, 0, 1)
+    assert claim is not None and claim.held()
+    # Another worker took the claim over and wrote the rung's weights (its own fine-tune) while this one slept.
+    study.set_user_attr(claim_key(0, 1), {"host": "other", "pid": 1, "beat": time.time(), "token": "theirs"})
+    theirs = weights_path(folder, 0, 1)
+    save_weights(theirs, model, steps=3, arch_hash="theirs")
+    reporter = RecordingReporter()
+    assert _promote(study, trial, 1, ctx, settings, claim, reporter) is None  # type: ignore[arg-type]
+    assert not claim.held() and "another worker took over promoting trial 0" in reporter.warnings[0]
+    assert torch.load(theirs, weights_only=True)["arch_hash"] == "theirs", "the new holder's weights are untouched"
+    assert rung_key(0) not in study.user_attrs and read_claim(storage, study._study_id, claim_key(0, 1)) is not None
+    assert "theirs" in (read_claim(storage, study._study_id, claim_key(0, 1)) or ""), "their claim is left as is"
+    claim._end()
 
 
 def _open_claims(url: str) -> tuple[list[tuple[int, int]], dict]:

@@ -203,8 +203,9 @@ def _rung_line(r: Rung) -> str:
     return f"{r.accuracy:.4f}{interval} after {r.steps} fine-tune steps{took}"
 
 
-def show_trial(trial: Any, budget_ms: float, rungs: list[Rung] | None = None) -> Table:
-    """One trial as a two-column table: policy, measurements, phase times, channels (and each rung it reached)."""
+def show_trial(trial: Any, budget_ms: float, rungs: list[Rung] | None = None, learned: float | None = None) -> Table:
+    """One trial as a two-column table: policy, measurements, phase times, channels (and each rung it reached, with
+    ``learned``, the accuracy the sampler learns from where it is not the trial's own value)."""
     a = trial.user_attrs
     table = Table(title=f"Trial {trial.number}", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
@@ -221,6 +222,12 @@ def show_trial(trial: Any, budget_ms: float, rungs: list[Rung] | None = None) ->
         table.add_row("highest rung", f"{rungs[-1].rung}: the reports use its top-1 {_rung_line(rungs[-1])}")
         for r in rungs:
             table.add_row(f"rung {r.rung}", _rung_line(r))
+    if learned is not None:
+        table.add_row(
+            "sampler learns",
+            f"{learned:.4f}: the highest rung's top-1 less the mean gain of the trials fine-tuned to it, on rung 0's "
+            f"scale (the trial's own value stays rung 0's {trial.values[0]:.4f})",
+        )
     if a.get("accuracy_before") is not None:
         table.add_row("top-1 before fine-tune", f"{a['accuracy_before']:.4f}")
     table.add_row(

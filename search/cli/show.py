@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from search.study.fidelity import learned_accuracies
     from search.study.front import finished_trial
     from search.study.retry import retry_of
     from search.study.rungs import trial_rungs
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     attrs = dict(trial.user_attrs)
     history = attrs.pop("pruning_history", None)
     rungs = trial_rungs(trial, study.user_attrs)
+    learned = learned_accuracies(study.get_trials(deepcopy=False), study.user_attrs).get(trial.number)
     if args.format == "json":
         console.print_json(
             json.dumps(
@@ -42,10 +44,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     "retry_of": retry_of(trial),
                     "rungs": [r.to_dict() for r in rungs],
                     "highest_rung": rungs[-1].rung if rungs else None,
+                    "sampler_learns": learned if learned is not None else (trial.values or [None])[0],
                     "pruning_history_entries": len(history or []),
                 }
             )
         )
         return 0
-    console.print(show_trial(trial, float(study.user_attrs["budget_ms"]), rungs))
+    console.print(show_trial(trial, float(study.user_attrs["budget_ms"]), rungs, learned))
     return 0

@@ -30,6 +30,7 @@ __all__ = [
     "CLAIM_PREFIX",
     "SILENT_SECONDS",
     "Claim",
+    "ClaimLost",
     "claim_key",
     "claim_promotion",
     "read_claim",
@@ -97,6 +98,10 @@ def stale_reason(record: dict[str, Any], now: float | None = None) -> str | None
     return None
 
 
+class ClaimLost(Exception):
+    """Another worker took this promotion over while it ran: leave the rung (and its files) to that worker."""
+
+
 class Claim:
     """This worker's claim on one promotion: renews its heartbeat until :meth:`done` or :meth:`stopped`."""
 
@@ -133,6 +138,21 @@ class Claim:
         self._quit.set()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+    def held(self) -> bool:
+        """Whether this worker still holds the claim, read from the database now (not at the last heartbeat).
+
+        Checked before the rung's weights replace what is on disk: a worker that was silent too long (suspended,
+        say) and whose promotion another worker took over must not overwrite that worker's file. When the
+        database cannot be read, the claim counts as held: recording the rung will tell."""
+        with self._lock:
+            if self.lost:
+                return False
+            try:
+                self.lost = read_claim(self._storage, self._study_id, self.key) != self._text
+            except Exception:
+                return True
+            return not self.lost
 
     def done(self) -> None:
         """The promotion's rung is recorded: nobody takes this claim over again."""

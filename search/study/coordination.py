@@ -42,6 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.errors import UsageError
 from search.measuring.hardware import fingerprint_id
 from search.measuring.runtimes.registry import DEFAULT_RUNTIME
+from search.study.fidelity import LearningView, learned_accuracies
 from search.study.origin import is_enqueued
 from search.study.storage import HEARTBEAT_SECONDS
 
@@ -212,6 +213,9 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     TPE's ``constant_liar`` additionally steers it away from policies that are still running
     (GPSampler accounts for running trials on its own). ``kind`` is one of ``tpe``, ``gp`` (GPSampler)
     and ``random``; each honours the latency constraint every trial sets (``Trial.set_constraint``).
+
+    What it learns from is each trial's highest rung on rung 0's scale (:mod:`search.study.fidelity`),
+    read once per trial in :meth:`before_trial`: a promotion finished since counts from the next trial on.
     """
 
     def __init__(self, seed: int, n_startup_trials: int, kind: str = "tpe") -> None:
@@ -221,6 +225,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._n_startup_trials = n_startup_trials
         self.kind = kind
         self._tpe = self._make(0)
+        self._learned: dict[int, float] = {}
 
     def _make(self, number: int) -> optuna.samplers.BaseSampler:
         seed = _trial_seed(self._seed, number)
@@ -241,20 +246,26 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._tpe = self._make(trial.number)
+        finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        self._learned = learned_accuracies(finished, study.user_attrs) if self.kind != "random" else {}
         self._tpe.before_trial(study, trial)
 
+    def _view(self, study: optuna.Study) -> Any:
+        """``study`` with each promoted trial's accuracy as the sampler learns it (itself when none was promoted)."""
+        return LearningView(study, self._learned) if self._learned else study
+
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self._tpe.infer_relative_search_space(study, trial)
+        return self._tpe.infer_relative_search_space(self._view(study), trial)
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        return self._tpe.sample_relative(study, trial, search_space)
+        return self._tpe.sample_relative(self._view(study), trial, search_space)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
-        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+        return self._tpe.sample_independent(self._view(study), trial, param_name, param_distribution)
 
     def after_trial(
         self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None

@@ -10,9 +10,10 @@ rung's record goes into the study attribute ``rung:N`` before the claim is marke
 killed at any point loses no finished rung, and a rerun (or another worker) takes the claim over and
 does the rung again from the previous rung's weights.
 
-The trial's own values stay those of rung 0: every trial reached it, so the sampler compares like
-with like and never favours a policy for having been trained longer. The reports use each trial's
-highest rung (:func:`search.study.front.rows`).
+The trial's own values stay those of rung 0 (a finished trial's values cannot change); the sampler
+learns from the highest rung on rung 0's scale, so it never favours a policy for having been trained
+longer (:mod:`search.study.fidelity`). The reports use each trial's highest rung
+(:func:`search.study.front.rows`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from search.measuring.quantize import quantize_model
 from search.progress import Reporter
 from search.pruning.groups import replay
 from search.pruning.policy import Policy
-from search.study.claims import Claim, claim_promotion
+from search.study.claims import Claim, ClaimLost, claim_promotion
 from search.study.config import SearchConfig
 from search.study.coordination import worker_identity
 from search.study.rungs import PromotionSettings, promotable, rung_key, stored_rungs, trial_rungs
@@ -159,7 +161,10 @@ def _promote(
 ) -> dict[str, Any] | None:
     """Run the claimed promotion; None when it failed (recorded on the claim, not tried again)."""
     try:
-        record = _run(trial, rung, ctx, settings, reporter, stored_rungs(study.user_attrs, trial.number))
+        record = _run(trial, rung, ctx, settings, reporter, stored_rungs(study.user_attrs, trial.number), claim.held)
+    except ClaimLost:
+        reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
+        return None
     except Exception as exc:  # e.g. a weights file that cannot be read: the search goes on without this rung
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         claim.failed(message)
@@ -168,7 +173,7 @@ def _promote(
     except BaseException:  # Ctrl-C, a stop by the launcher: a rerun takes the claim over at once
         claim.stopped()
         raise
-    if claim.lost:  # silent too long: another worker took this promotion over and records it
+    if not claim.held():  # silent too long: another worker took this promotion over and records it
         reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
         return None
     try:
@@ -197,7 +202,11 @@ def _dashboard_note(study: optuna.Study, trial: FrozenTrial) -> None:
     for r in trial_rungs(trial, study.user_attrs):
         images = f" on {r.images} validation images" if r.images else ""
         lines.append(f"- rung {r.rung}: top-1 {r.accuracy:.4f}{images} after {r.steps} fine-tune steps")
-    lines += ["", "The reports use the highest rung; the trial's values (what TPE learns from) are rung 0's."]
+    lines += [
+        "",
+        "The reports use the highest rung; the trial's values are rung 0's. The sampler learns from the highest rung "
+        "less the mean gain of the trials fine-tuned to it (`cli.py show --trial N`).",
+    ]
     try:
         save_note(optuna.Trial(study, trial._trial_id), "\n".join(lines))
     except Exception:  # a note is a courtesy: never fail a finished promotion over it
@@ -211,9 +220,13 @@ def _run(
     settings: PromotionSettings,
     reporter: Reporter,
     earlier: list[dict[str, Any]] | None = None,
+    held: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune trial ``trial`` on from its previous rung to ``rung``'s total steps and score it on val (all of it,
     or the fixed subset ``settings.val_images`` names).
+
+    ``held`` says whether this worker still holds the promotion's claim; it is asked before the new weights
+    replace the rung's file, and :class:`ClaimLost` is raised when another worker took the promotion over.
 
     The unpruned model is never fine-tuned, so once it has been read on all of val it is not read again: the
     record of its previous rung stands for this one (rung 0's when the trial itself read every image).
@@ -245,6 +258,8 @@ def _run(
         seconds["finetune"] = result.seconds
         steps += result.steps
         target = weights_path(settings.folder, trial.number, rung)
+        if held is not None and not held():
+            raise ClaimLost(f"trial {trial.number}'s rung {rung}")
         save_weights(target, model, steps=steps, arch_hash=attrs.get("arch_hash"))
     size = len(ctx.data.split("val"))
     limit = subset_limit(size, settings.val_images)

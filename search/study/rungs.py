@@ -4,7 +4,8 @@ Rung 0 is the trial itself: the brief fine-tune (``--finetune-steps``) read on `
 A promoted trial's higher rungs are kept in the study user attribute ``rung:N`` (a list, one entry
 per rung above 0, in order): the total fine-tune steps behind it, the accuracy, the images it was
 read on with its Wilson interval and per-image record, and the seconds it took. The trial's own
-values (what the sampler learns from) stay those of rung 0, the fidelity every trial reached.
+values stay those of rung 0, the fidelity every trial reached; the sampler learns from the highest
+rung on rung 0's scale (:mod:`search.study.fidelity`).
 
 Torch-free: the reports read these records without loading a model.
 """
