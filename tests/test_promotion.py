@@ -360,9 +360,7 @@ def test_a_rung_the_database_could_not_record_is_left_for_a_rerun_not_marked_fai
     assert ended == ["failed"]
 
 
-def test_a_worker_whose_promotion_was_taken_over_leaves_the_new_holders_weights_alone(
-    digits32, tmp_path: Path
-) -> None:
+def test_a_worker_whose_promotion_was_taken_over_leaves_the_new_holders_weights_alone(digits32, tmp_path: Path) -> None:
     """A worker silent past the heartbeat limit (suspended, say) loses its claim to another worker; when it wakes
     and finishes, it must not replace the rung's weights the new holder wrote (nor record the rung)."""
     from types import SimpleNamespace
