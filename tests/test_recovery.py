@@ -137,7 +137,9 @@ def test_an_interrupted_iterative_export_resumes_after_its_finished_steps(
     assert [s["step"] for s in recorded["steps"]] == [1, 2] and recorded["steps"][0]["finished"]
     assert (partial / "prune-step-1.pt").exists()
     # Resumed with other settings, the weights would mix two recipes: refused in one line, nothing changed.
-    for other in (replace(settings, seed=1), replace(settings, prune_steps=1), replace(settings, feature_distill=1.0)):
+    others = [replace(settings, seed=1), replace(settings, prune_steps=1), replace(settings, feature_distill=1.0)]
+    others += [replace(settings, lr=0.1), replace(settings, train_dtype="fp32"), replace(settings, distill=0.0)]
+    for other in others:
         with pytest.raises(UsageError, match="resume it with the same settings"):
             export_trial(base, 3, other, tmp_path / "out", command="python cli.py export")
     assert json.loads((partial / iterative.SCHEDULE_FILE).read_text()) == recorded

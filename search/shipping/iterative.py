@@ -93,6 +93,10 @@ class Recovery:
             "feature_distill": settings.feature_distill,
             "quantization": settings.quantization,
             "qat_epochs": settings.qat_epochs if settings.quantization == "qat" else None,
+            "lr": settings.lr,
+            "distill": settings.distill,
+            "batch_size": settings.batch_size,
+            "train_dtype": settings.train_dtype,
         }
         self._distilled: dict[str, Any] | None = None
 
