@@ -180,3 +180,12 @@ def test_a_study_without_its_space_refuses_steps_plainly() -> None:
 def test_steps_split_the_fine_tune_evenly() -> None:
     assert iterative.split_steps(10, 3) == [3, 3, 4] and sum(iterative.split_steps(7, 7)) == 7
     assert step_targets({"a": 64, "b": 32}, {"a": 32, "b": 32}, 4) == [{"a": 56}, {"a": 48}, {"a": 40}, {"a": 32}]
+
+
+def test_the_card_says_feature_distillation_left_out_the_qat_steps() -> None:
+    from search.shipping.recovery_card import recovery_rows
+
+    distill = {"weight": 1.0, "stages": {"layer1": "layer1"}, "adapters": {"layer1": [32, 64]}}
+    assert "FP32 fine-tune only" not in recovery_rows({"feature_distill": distill})[0]
+    row = recovery_rows({"feature_distill": {**distill, "qat_steps_without": 120}})[0]
+    assert "weight 1 on the stage outputs layer1" in row and "the last 120 steps, QAT, distil logits alone" in row

@@ -154,6 +154,8 @@ def export_trial(
     if qat_steps:  # the schedule counts the FP32 steps and seconds (none when QAT is all of it); QAT's came after
         card["finetune"]["steps"] += qat_steps
         card["finetune"]["seconds"] = round(card["finetune"]["seconds"] + seconds["qat"], 1)
+        if card.get("feature_distill", {}).get("weight"):  # QAT trains on logit distillation alone
+            card["feature_distill"]["qat_steps_without"] = qat_steps
     card["runtime_files"] = runtime_record
     card["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     card["augmentation"] = base.data.transforms()  # what the fine-tune trained on, and how top-1 was scored

@@ -24,8 +24,10 @@ def recovery_rows(card: dict[str, Any]) -> list[str]:
     if distill and distill.get("weight"):
         stages = ", ".join(f"{stage} ({module})" for stage, module in distill["stages"].items())
         adapted = ", ".join(f"{name} {a[0]}→{a[1]}" for name, a in distill["adapters"].items()) or "none"
+        qat = distill.get("qat_steps_without")
+        during = f"; the FP32 fine-tune only (the last {qat} steps, QAT, distil logits alone)" if qat else ""
         rows.append(
             f"| feature distillation | weight {distill['weight']:g} on the stage outputs {stages}; "
-            f"1x1 adapters (training only, not exported): {adapted} |"
+            f"1x1 adapters (training only, not exported): {adapted}{during} |"
         )
     return rows
