@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import json
+import subprocess
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -107,7 +108,30 @@ def compute(study: optuna.Study, batch: int) -> dict[str, Any]:
         if top is not None and top.steps:
             steps += top.steps
             trained += 1
-    return {"train_images": steps * batch, "trained_trials": trained, "seconds": round(study_seconds(study), 1)}
+    return {
+        "train_images": steps * batch,
+        "trained_trials": trained,
+        "seconds": round(study_seconds(study), 1),
+        "revision": study.user_attrs.get("git_revision"),
+    }
+
+
+LEARNS_HIGHEST_RUNG = "761e3b7"
+"""The commit since which the sampler learns from each trial's highest rung on rung 0's scale (before: rung 0)."""
+
+
+def sampler_learned(revision: str | None) -> str:
+    """What the sampler of a search made at ``revision`` learned from, in words."""
+    if not revision:
+        return "unknown (the study records no revision)"
+    found = subprocess.run(
+        ["git", "merge-base", "--is-ancestor", LEARNS_HIGHEST_RUNG, revision], cwd=ROOT, capture_output=True
+    )
+    if found.returncode not in (0, 1):
+        return f"unknown (revision {revision[:7]} is not in this clone)"
+    if found.returncode == 0:
+        return f"each trial's highest rung on rung 0's scale (revision {revision[:7]})"
+    return f"rung 0 alone (revision {revision[:7]}, before {LEARNS_HIGHEST_RUNG})"
 
 
 def search_arm(bench: Bench, model: str, fraction: float, arm: str, extra: tuple[str, ...]) -> str:
@@ -291,6 +315,8 @@ def render(result: dict[str, Any]) -> str:
                 f"{c.get('seconds', '-')} |"
             )
         lines += ["", *(f"- {v}" for v in verdicts(t))]
+        searched = {a: sampler_learned(t["compute"][a].get("revision")) for a in ("b", "e") if a in t["compute"]}
+        lines += [f"- what {a}'s sampler learned from: {what}" for a, what in searched.items()]
     return "\n".join(lines)
 
 
