@@ -323,7 +323,17 @@ def main() -> None:
     parser.add_argument("--no-resnet", action="store_true")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--shared", default=str(allocation.SHARED), help="the shared CIFAR-10 material's folder")
+    parser.add_argument(
+        "--so-far",
+        action="store_true",
+        help="run nothing: write the exports finished so far (the results cache) as the BENCHMARKS.md section",
+    )
+    parser.add_argument("--note", default="", help="with --so-far: how the machine was shared while they ran")
     args = parser.parse_args()
+    if args.so_far:
+        cache = json.loads(MIRROR.read_text()) if MIRROR.is_file() else {}
+        write_section(SECTION, render_so_far(cache, fingerprint(1), args.note))
+        return
     allocation.DATA = Path(args.shared) / "data" / "cifar10"  # (a worktree elsewhere points at the same material)
     allocation.RESNET_WEIGHTS = Path(args.shared) / "models" / "cifar10_resnet18.pth"
     if not allocation.DATA.is_dir() or not allocation.RESNET_WEIGHTS.is_file():
@@ -409,6 +419,28 @@ def render(result: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join([*lines, "Targets of issue #26:", "", *(f"- {v}" for v in verdicts(result["tracks"]))])
+
+
+def render_so_far(cache: dict[str, Any], hardware: dict[str, Any], note: str = "") -> str:
+    """The exports finished so far, one line each (the full run's rows and verdicts replace this)."""
+    done = {k: v for k, v in cache.items() if k.startswith("export ") and "top1" in v}
+    refused = {k: v["error"] for k, v in cache.items() if k.startswith("export ") and "error" in v}
+    lines = [
+        f"**Partial** ({time.strftime('%Y-%m-%d')}): the full run has not finished; these are the exports done so "
+        f"far ({len(done)}), each one seed of a row, test top-1 on the 10,000 CIFAR-10 test images, fine-tune "
+        f"minutes on {cpu_label(hardware)}{f' ({note})' if note else ''}. The rows, their means and spreads, "
+        "the latencies and the issue's verdicts come with the full run.",
+        "",
+        "| export (study, trial, recipe K / W, seed, epochs) | top-1 | FP32 top-1 | fine-tune |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, r in sorted(done.items()):
+        fp32 = f"{100 * r['fp32_top1']:.2f}%" if r.get("int8_agreement") is not None else "-"
+        lines.append(
+            f"| {key.removeprefix('export ')} | {100 * r['top1']:.2f}% | {fp32} | {r['finetune_seconds'] / 60:.1f} min |"
+        )
+    lines += [f"| {key.removeprefix('export ')} | refused: {why} | | |" for key, why in sorted(refused.items())]
+    return "\n".join(lines)
 
 
 def verdicts(tracks: list[dict[str, Any]]) -> list[str]:
