@@ -13,7 +13,9 @@ shared ResNet-18 at 25% (the tracks, baselines and search settings of ``benchmar
   fine-tune as extra epochs (b's training images over the 45,000 training images);
 * e) and f): b with ``--sampler gp`` (Optuna's GPSampler) and ``--sampler random``, the same trials and promotion
   (``--samplers`` picks them; on the first ``--sampler-tracks`` tracks, by default MobileNetV2 at 25% only), so
-  the default sampler is chosen by measurement.
+  the default sampler is chosen by measurement;
+* g) (not an arm of the issue) b's pick with d's epochs: d beat b's pick at 2 epochs on MobileNetV2 at 25%,
+  so g tells whether the allocation still wins once both get the same long fine-tune (needs d).
 
 Each arm's pick (a: its recommendation; b and c: their recommendation at the highest rung each trial
 reached; d: the uniform trial) is exported with the same final fine-tune (``--epochs``, distillation 0.5,
@@ -84,6 +86,7 @@ ARMS = {
     "d": "uniform L1 at the budget, b's search compute added to its fine-tune",
     "e": "the search with promotion, GPSampler (--sampler gp)",
     "f": "the search with promotion, random sampling (--sampler random)",
+    "g": "b's pick with d's fine-tune epochs (not an arm of the issue: allocation against uniform at equal epochs)",
 }
 MIRROR = ROOT / "benchmarks" / "equal_compute_results.json"
 """A tracked copy of the results cache (:mod:`benchmarks.carry`), carried between machines."""
@@ -204,7 +207,11 @@ def export_track(bench: Bench, track: dict[str, Any], arms: str = "".join(ARMS))
         train_images = len(bench.data.train)
         extra = track["compute"]["b"]["train_images"] / train_images
         track["compute"]["d"] = {"extra_epochs": round(extra, 3), "train_images": track["compute"]["b"]["train_images"]}
-        track["rows"].append(final_row(bench, studies["b"], "d", uniform, epochs=round(plan.epochs + extra, 3)))
+        epochs = round(plan.epochs + extra, 3)
+        track["rows"].append(final_row(bench, studies["b"], "d", uniform, epochs=epochs))
+        b_pick = recommended([r for r in b_rows if r.feasible and r.accuracy is not None])
+        if "g" in arms and b_pick is not None:
+            track["rows"].append(final_row(bench, studies["b"], "g", b_pick, epochs=epochs))
     return track
 
 
@@ -214,7 +221,7 @@ def verdicts(track: dict[str, Any]) -> list[str]:
     b = done.get("b")
     if b is None:
         return ["b has no row: no verdict"]
-    best = max(done.values(), key=lambda r: r["mean"])
+    best = max((r for k, r in done.items() if k != "g"), key=lambda r: r["mean"])  # g is b's own pick
     noise = max(r["spread"] for r in done.values())
     gap = best["mean"] - b["mean"]
     out.append(
@@ -261,6 +268,12 @@ def verdicts(track: dict[str, Any]) -> list[str]:
                     f"b - {other}: {diff * 100:+.2f} pp (target +{need * 100:.1f} pp, beyond the spread "
                     f"{spread * 100:.2f} pp): {'met' if met else 'missed'}"
                 )
+    if "g" in done and "d" in done:
+        diff, spread = done["g"]["mean"] - done["d"]["mean"], max(done["g"]["spread"], done["d"]["spread"])
+        out.append(
+            f"at d's epochs, b's pick against uniform L1 (g - d): {diff * 100:+.2f} pp, "
+            f"{'beyond' if abs(diff) > spread else 'within'} the seed spread ({spread * 100:.2f} pp)"
+        )
     return out
 
 
@@ -350,8 +363,8 @@ def main() -> None:
     p.add_argument(
         "--arms",
         default="".join(ARMS),
-        help="the arms to export, e.g. abcef (default: all; d's fine-tune is the longest). The results show only "
-        "these, and the verdicts those they can",
+        help="the arms to export, e.g. abcef (default: all; d's and g's fine-tunes are the longest, and g needs d). "
+        "The results show only these, and the verdicts those they can",
     )
     p.add_argument(
         "--searches-only", action="store_true", help="run every arm's search (quiet machine) and stop before exports"
