@@ -43,16 +43,28 @@ def _trained(trial: FrozenTrial, study_attrs: Mapping[str, Any]) -> list[tuple[i
     return out
 
 
-def rung_gains(trials: Iterable[FrozenTrial], study_attrs: Mapping[str, Any]) -> dict[int, float]:
-    """Rung -> the mean accuracy gain from rung 0 to it over the trials fine-tuned there."""
+def _trained_by_trial(
+    trials: Iterable[FrozenTrial], study_attrs: Mapping[str, Any]
+) -> dict[int, list[tuple[int, float]]]:
+    """:func:`_trained` of every complete trial that ran its own policy (not a copy of an earlier result)."""
+    return {
+        t.number: _trained(t, study_attrs)
+        for t in trials
+        if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+    }
+
+
+def _mean_gains(trained: Mapping[int, list[tuple[int, float]]]) -> dict[int, float]:
     gains: dict[int, list[float]] = {}
-    for t in trials:
-        if t.state != TrialState.COMPLETE or "duplicate_of" in t.user_attrs:
-            continue
-        reached = _trained(t, study_attrs)
+    for reached in trained.values():
         for rung, accuracy in reached[1:]:
             gains.setdefault(rung, []).append(accuracy - reached[0][1])
     return {rung: sum(g) / len(g) for rung, g in gains.items()}
+
+
+def rung_gains(trials: Iterable[FrozenTrial], study_attrs: Mapping[str, Any]) -> dict[int, float]:
+    """Rung -> the mean accuracy gain from rung 0 to it over the trials fine-tuned there."""
+    return _mean_gains(_trained_by_trial(trials, study_attrs))
 
 
 def learned_accuracies(trials: Sequence[FrozenTrial], study_attrs: Mapping[str, Any]) -> dict[int, float]:
@@ -61,15 +73,9 @@ def learned_accuracies(trials: Sequence[FrozenTrial], study_attrs: Mapping[str, 
     Those are the trials fine-tuned above rung 0 (their highest such rung's accuracy less that rung's
     mean gain, :func:`rung_gains`) and the trials that copied one of their results (``duplicate_of``).
     """
-    gains = rung_gains(trials, study_attrs)
-    out: dict[int, float] = {}
-    for t in trials:
-        if t.state != TrialState.COMPLETE or "duplicate_of" in t.user_attrs:
-            continue
-        reached = _trained(t, study_attrs)
-        if len(reached) > 1:
-            rung, accuracy = reached[-1]
-            out[t.number] = accuracy - gains[rung]
+    trained = _trained_by_trial(trials, study_attrs)
+    gains = _mean_gains(trained)
+    out = {number: r[-1][1] - gains[r[-1][0]] for number, r in trained.items() if len(r) > 1}
     for t in trials:
         original = t.user_attrs.get("duplicate_of")
         if t.state == TrialState.COMPLETE and original in out:

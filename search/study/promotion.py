@@ -163,8 +163,7 @@ def _promote(
     try:
         record = _run(trial, rung, ctx, settings, reporter, stored_rungs(study.user_attrs, trial.number), claim.held)
     except ClaimLost:
-        reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
-        return None
+        return _left_to_its_new_holder(trial, rung, reporter)
     except Exception as exc:  # e.g. a weights file that cannot be read: the search goes on without this rung
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         claim.failed(message)
@@ -174,8 +173,7 @@ def _promote(
         claim.stopped()
         raise
     if not claim.held():  # silent too long: another worker took this promotion over and records it
-        reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
-        return None
+        return _left_to_its_new_holder(trial, rung, reporter)
     try:
         study.set_user_attr(rung_key(trial.number), [*stored_rungs(study.user_attrs, trial.number)[: rung - 1], record])
     except Exception as exc:  # the database, for a moment (busy, unreachable): not the promotion's fault
@@ -190,6 +188,10 @@ def _promote(
     _dashboard_note(study, trial)
     reporter.info(_line(trial, record, study))
     return record
+
+
+def _left_to_its_new_holder(trial: FrozenTrial, rung: int, reporter: Reporter) -> None:
+    reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
 
 
 def _dashboard_note(study: optuna.Study, trial: FrozenTrial) -> None:
