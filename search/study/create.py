@@ -356,6 +356,7 @@ def _recipes(
                     val_images=config.val_images,
                     device=config.device,
                     reporter=reporter,
+                    baseline_record=study.user_attrs.get(BASELINE_RECORD),
                 )
             tables.append(table)
             study.set_user_attr("latency_aware", table.to_dict())

@@ -6,9 +6,12 @@ uniform criterion) at its full level and, where that can inform the allocation, 
 :class:`~search.measuring.candidate.CandidateMeter` (interleaved with the unpruned model,
 drift-corrected, as every candidate, with fewer rounds: :data:`PROBE_TIMING`) and, after
 BatchNorm recalibration and no fine-tune, scored on at most :data:`PROBE_VAL_IMAGES` of the
-validation images the trials use. These numbers only rank where channels cost least; no trial's
-latency comes from them. The allocation itself is :mod:`search.pruning.latency_aware`; the study
-stores the tables (``latency_aware`` user attribute).
+validation images the trials use. Where the timed file is ONNX and the study trains on the CPU, a probe is
+scored by running that same file in ONNX Runtime (about twice as fast as PyTorch here, the same FP32
+arithmetic up to rounding), and the baseline's score on those images comes from the study's evaluation of
+the baseline (its first images, :func:`baseline_on_probe_images`) instead of a second read. These numbers
+only rank where channels cost least; no trial's latency or accuracy comes from them. The allocation itself
+is :mod:`search.pruning.latency_aware`; the study stores the tables (``latency_aware`` user attribute).
 """
 
 from __future__ import annotations
@@ -19,20 +22,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from search.measuring.candidate import CandidateMeter
 from search.measuring.hardware import OnThisMachine
+from search.measuring.runtimes.registry import get_runtime
 from search.progress import Reporter
 from search.pruning.channels import prune_copy
 from search.pruning.latency_aware import Probe, SensitivityTable, probe_stages, stage_fractions, tunable_stages
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
-from search.training.evaluate import top1
+from search.study.uncertainty import unpack_correct
+from search.training.evaluate import onnx_top1_correct, top1
 from search.training.finetune import recalibrate_batchnorm
 
-__all__ = ["PROBE_TIMING", "PROBE_VAL_IMAGES", "measure_sensitivity", "probe_meter", "probe_record_of"]
+__all__ = [
+    "PROBE_TIMING",
+    "PROBE_VAL_IMAGES",
+    "baseline_on_probe_images",
+    "measure_sensitivity",
+    "probe_meter",
+    "probe_record_of",
+    "scores_in_onnx_runtime",
+]
 
 PROBE_VAL_IMAGES = 1000
 """A probe's top-1 is read on at most this many validation images (a fixed subset): it ranks stages, whose
@@ -60,6 +74,24 @@ def probe_record_of(meter: CandidateMeter) -> Callable[[Policy], dict[str, Any]]
     return None if quick is meter else quick.record
 
 
+def scores_in_onnx_runtime(meter: CandidateMeter, device: str | torch.device) -> bool:
+    """Whether a probe is scored by running its timed file in ONNX Runtime: the file is ONNX (ONNX Runtime and
+    OpenVINO time ONNX; ExecuTorch a ``.pte``) and the study trains on the CPU (a GPU scores faster in PyTorch)."""
+    return get_runtime(meter.runtime).info.file_format == "onnx" and torch.device(device).type == "cpu"
+
+
+def baseline_on_probe_images(record: dict[str, Any] | None, limit: int) -> np.ndarray | None:
+    """The baseline's per-image correctness on the probes' ``limit`` images, from the study's evaluation of the
+    baseline (its ``baseline_record``), or None where that evaluation did not read them.
+
+    A read of a subset goes through the split in one fixed shuffled order (:func:`search.training.evaluate.top1`),
+    so the first ``limit`` images of a larger subset are the probes' images. A read of the whole split in its own
+    order (marked ``order``) is not."""
+    if not record or "order" in record or "per_image" not in record or record.get("images", 0) < limit:
+        return None
+    return np.asarray(unpack_correct(record["per_image"], record["images"])[:limit], dtype=bool)
+
+
 def measure_sensitivity(
     space: SearchSpace,
     baseline: nn.Module,
@@ -70,8 +102,12 @@ def measure_sensitivity(
     val_images: int | None,
     device: str | torch.device,
     reporter: Reporter,
+    baseline_record: dict[str, Any] | None = None,
 ) -> SensitivityTable:
-    """The per-stage latency and accuracy tables (``meter.baseline_ms`` must be set)."""
+    """The per-stage latency and accuracy tables (``meter.baseline_ms`` must be set).
+
+    ``baseline_record``: the study's evaluation of the baseline (per image), which spares a second read of the
+    probes' images where it covers them (:func:`baseline_on_probe_images`)."""
     if meter.baseline_ms is None:
         raise ValueError("the study's baseline latency is not known yet: call time_baseline first")
     started = time.perf_counter()
@@ -81,15 +117,24 @@ def measure_sensitivity(
     quick = probe_meter(meter)
     limit = min(val_images or len(data.val), PROBE_VAL_IMAGES, len(data.val))
     if limit != min(val_images or len(data.val), len(data.val)):  # the baseline on the probes' images too
-        baseline_accuracy = top1(baseline, data, "val", limit=limit, device=device)
+        known = baseline_on_probe_images(baseline_record, limit)
+        if known is not None:
+            baseline_accuracy = float(known.mean())
+        else:
+            baseline_accuracy = top1(baseline, data, "val", limit=limit, device=device)
+    in_onnx_runtime = scores_in_onnx_runtime(meter, device)
     with reporter.task("latency-aware tables: each stage pruned alone", 2 * len(stages)) as task:
 
         def probe(name: str, level: float) -> Probe:
             policy = space.allocated(stage_fractions(space, {name: level}), criterion, "fp32")
             model = prune_copy(baseline, policy, space, data).model
-            latency_ms = quick.time_model(model, "fp32").record["corrected_ms"]
             recalibrate_batchnorm(model, data, batches=bn_batches, seed=0, device=device)
-            accuracy = top1(model, data, "val", limit=limit, device=device)
+            timed = quick.candidate_onnx(model, "fp32")  # after recalibration: the file that is timed is scored
+            latency_ms = quick.record_of(quick.time_onnx(timed), "fp32")["corrected_ms"]
+            if in_onnx_runtime:
+                accuracy = float(onnx_top1_correct(timed, data, "val", limit=limit).mean())
+            else:
+                accuracy = top1(model, data, "val", limit=limit, device=device)
             task.advance(1, stage=name, level=level)
             return Probe(level, latency_ms, accuracy)
 
