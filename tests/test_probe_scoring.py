@@ -1,6 +1,6 @@
-"""The latency-aware tables' probes are scored by running the file that was timed in ONNX Runtime, and the
-baseline's score on the probes' images comes from the study's evaluation of the baseline: the tables are the
-same as PyTorch scoring gives, for less set-up time."""
+"""The latency-aware tables' probes are scored by running the file that was timed in ONNX Runtime, each read
+until its drop is known well enough to rank, and the baseline's reads of the probes' images come from the
+study's evaluation of the baseline: the tables are the same as PyTorch scoring gives, for less set-up time."""
 
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ def _tables(trained: torch.nn.Module, data, record=None) -> sensitivity.Sensitiv
         space,
         trained,
         meter,
-        baseline_accuracy=0.0,  # read again on the probes' images: limit below the split
         bn_batches=2,
         val_images=None,
         device="cpu",
@@ -63,23 +62,28 @@ def test_probes_are_scored_in_onnx_runtime_as_pytorch_scores_them(
     trained, digits32, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sensitivity, "PROBE_VAL_IMAGES", 120)  # below the split: the baseline is read again
-    calls = {"onnx": 0, "torch": 0}
-    real_onnx, real_torch = sensitivity.onnx_top1_correct, sensitivity.top1
+    monkeypatch.setattr(sensitivity, "PROBE_MIN_IMAGES", 40)  # a clear drop could stop early (read_drop's test)
+    calls = {"onnx": 0, "torch": 0, "baseline": 0}
+    real_onnx, real_torch, real_baseline = (
+        sensitivity.onnx_correct_batches,
+        sensitivity.top1_correct_batches,
+        sensitivity.top1_correct,
+    )
 
-    def counted_onnx(*args, **kwargs):
-        calls["onnx"] += 1
-        return real_onnx(*args, **kwargs)
+    def counted(kind, real):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return real(*args, **kwargs)
 
-    def counted_torch(*args, **kwargs):
-        calls["torch"] += 1
-        return real_torch(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(sensitivity, "onnx_top1_correct", counted_onnx)
-    monkeypatch.setattr(sensitivity, "top1", counted_torch)
+    monkeypatch.setattr(sensitivity, "onnx_correct_batches", counted("onnx", real_onnx))
+    monkeypatch.setattr(sensitivity, "top1_correct_batches", counted("torch", real_torch))
+    monkeypatch.setattr(sensitivity, "top1_correct", counted("baseline", real_baseline))
     assert sensitivity.scores_in_onnx_runtime(CandidateMeter(trained, digits32, timer=LocalTimer(FAST)), "cpu")
     in_ort = _tables(trained, digits32)
     probes = sum(len(p) for p in in_ort.stages.values())
-    assert calls == {"onnx": probes, "torch": 1}, "each probe scored in ONNX Runtime; the baseline read once"
+    assert calls == {"onnx": probes, "torch": 0, "baseline": 1}, "probes run in ONNX Runtime; the baseline once"
 
     monkeypatch.setattr(sensitivity, "scores_in_onnx_runtime", lambda meter, device: False)
     in_torch = _tables(trained, digits32)
@@ -90,9 +94,10 @@ def test_probes_are_scored_in_onnx_runtime_as_pytorch_scores_them(
         for a, b in zip(in_ort.stages[name], in_torch.stages[name], strict=True):
             assert a.level == b.level
             # the same recalibrated model on the same images: at most one image may round the other way
-            assert abs(a.accuracy - b.accuracy) <= 1 / 120 + 1e-9, (name, a, b)
-    drops = [p.accuracy for p in in_ort.stages["late"]]
-    assert min(drops) < in_ort.baseline_accuracy, "the scores are of pruned models, not of the baseline"
+            assert abs(a.accuracy - b.accuracy) <= 1 / 40 + 1e-9, (name, a, b)
+    every = [p for stage in in_ort.stages.values() for p in stage]
+    assert min(p.accuracy for p in every) < in_ort.baseline_accuracy, "the scores are of pruned models"
+    assert all(p.images is not None and 40 <= p.images <= 120 for p in every), every
 
 
 def test_the_baseline_on_the_probes_images_is_the_start_of_the_studys_evaluation(trained, digits32) -> None:
@@ -111,15 +116,48 @@ def test_tables_take_the_baselines_score_from_the_study_and_read_it_no_more(
 ) -> None:
     monkeypatch.setattr(sensitivity, "PROBE_VAL_IMAGES", 100)
     reads = {"torch": 0}
-    real_torch = sensitivity.top1
+    real_torch = sensitivity.top1_correct
 
     def counted_torch(*args, **kwargs):
         reads["torch"] += 1
         return real_torch(*args, **kwargs)
 
-    monkeypatch.setattr(sensitivity, "top1", counted_torch)
+    monkeypatch.setattr(sensitivity, "top1_correct", counted_torch)
     study_read = top1_correct(trained, digits32, "val", limit=200)
     table = _tables(trained, digits32, accuracy_record(study_read.tolist()))
     assert reads["torch"] == 0
     assert table.baseline_accuracy == pytest.approx(float(study_read[:100].mean()))
     assert table.baseline_accuracy == pytest.approx(evaluate.top1(trained, digits32, "val", limit=100))
+
+
+def _stream(correct: np.ndarray, batch: int, consumed: list[int]):
+    try:
+        for start in range(0, len(correct), batch):
+            consumed.append(start)
+            yield correct[start : start + batch]
+    finally:
+        consumed.append(-1)  # closed
+
+
+def test_a_clear_drop_stops_reading_early_and_a_small_one_reads_every_image() -> None:
+    rng = np.random.default_rng(0)
+    baseline = rng.random(1000) < 0.9  # 90% right
+    collapsed = baseline & (rng.random(1000) < 0.5)  # loses half of them: about 45 pp
+    consumed: list[int] = []
+    drop, images = sensitivity.read_drop(_stream(collapsed, 64, consumed), baseline)
+    assert images == 256, "the first batch past PROBE_MIN_IMAGES (250) already knows a 45 pp drop to 10%"
+    assert consumed[-1] == -1 and len(consumed) == 5, "the stream was closed, no further batch read"
+    assert drop == pytest.approx(float(baseline[:256].mean() - collapsed[:256].mean()))
+    assert 0.35 < drop < 0.55
+
+    slight = baseline & (rng.random(1000) < 0.99)  # about 1 pp: the drop's error exceeds 10% of it to the end
+    drop, images = sensitivity.read_drop(_stream(slight, 64, []), baseline)
+    assert images == 1000 and drop == pytest.approx(float(baseline.mean() - slight.mean()))
+
+    better = baseline | (rng.random(1000) < 0.5)  # a probe better than the baseline reads every image too
+    drop, images = sensitivity.read_drop(_stream(better, 64, []), baseline)
+    assert images == 1000 and drop < 0
+
+    longer = np.concatenate([collapsed, collapsed])  # a stream longer than the baseline's reads stops at its end
+    _, images = sensitivity.read_drop(_stream(longer, 300, []), baseline[:200])
+    assert images == 200

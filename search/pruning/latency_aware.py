@@ -63,7 +63,10 @@ class Probe:
     latency_ms: float
     """Drift-corrected latency (the budget's measure) of the model with only this stage pruned."""
     accuracy: float
-    """Top-1 on the validation subset after BatchNorm recalibration, no fine-tune."""
+    """Top-1 on the validation subset after BatchNorm recalibration, no fine-tune: the baseline's top-1 on that
+    subset less the drop read on its first :attr:`images` images, paired with the baseline's reads of them."""
+    images: int | None = None
+    """Images the probe was read on (None: the whole subset, as tables made before stopping early)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,11 @@ class SensitivityTable:
             "skipped": list(self.skipped),
             "val_images": self.val_images,
             "stages": {
-                name: [{"level": p.level, "latency_ms": p.latency_ms, "accuracy": p.accuracy} for p in probes]
+                name: [
+                    {"level": p.level, "latency_ms": p.latency_ms, "accuracy": p.accuracy}
+                    | ({} if p.images is None else {"images": p.images})
+                    for p in probes
+                ]
                 for name, probes in self.stages.items()
             },
         }

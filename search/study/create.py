@@ -35,7 +35,7 @@ from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler, mark_ready
 from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
-from search.study.sensitivity import measure_sensitivity, probe_record_of
+from search.study.sensitivity import PROBE_RELATIVE_ERROR, measure_sensitivity, probe_record_of
 from search.study.storage import HEARTBEAT_SECONDS, masked
 from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION
 from search.study.uncertainty import accuracy_record
@@ -170,8 +170,7 @@ def _finish(
 ) -> optuna.Study:
     """The creation steps after the provenance, each skipped when already recorded; then the study is ready."""
     if RECIPES not in steps_done(study):
-        accuracy = study.user_attrs["baseline_accuracy"]
-        recipes = _recipes(config, space, baseline, meter, reporter, study, accuracy, clock)
+        recipes = _recipes(config, space, baseline, meter, reporter, study, clock)
         _enqueue(study, space, recipes, config.budget_ms)
         record_step(study, RECIPES)
         labelled = sum(1 for r in recipes if r.label)
@@ -326,7 +325,6 @@ def _recipes(
     meter: CandidateMeter,
     reporter: Reporter,
     study: optuna.Study,
-    accuracy: float,
     clock: CreationClock,
 ) -> list[Recipe]:
     """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`).
@@ -351,7 +349,6 @@ def _recipes(
                     space,
                     baseline.model,
                     meter,
-                    baseline_accuracy=accuracy,
                     bn_batches=config.bn_batches,
                     val_images=config.val_images,
                     device=config.device,
@@ -361,10 +358,12 @@ def _recipes(
             tables.append(table)
             study.set_user_attr("latency_aware", table.to_dict())
             record_step(study, LATENCY_AWARE)
-            probes = sum(len(p) for p in table.stages.values())
+            probes = [p for stage in table.stages.values() for p in stage]
+            read = sum(p.images or table.val_images or 0 for p in probes)
             reporter.info(
-                f"Latency-aware tables: {probes} prunings of one stage each ({len(table.stages)} stages), timed and"
-                f" scored (BatchNorm recalibrated, no fine-tune, {table.val_images} images) in {table.seconds:.0f} s"
+                f"Latency-aware tables: {len(probes)} prunings of one stage each ({len(table.stages)} stages), timed"
+                f" and scored (BatchNorm recalibrated, no fine-tune, up to {table.val_images} images each, each read"
+                f" until its drop was known to {PROBE_RELATIVE_ERROR:.0%}: {read:,} in all) in {table.seconds:.0f} s"
                 + (f"; at the full level only: {'; '.join(table.skipped)}" if table.skipped else "")
             )
         return path_policies(space, tables[0], precision)

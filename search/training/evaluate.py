@@ -24,6 +24,7 @@ from search.training.finetune import on_device, to_device
 __all__ = [
     "Agreement",
     "compare_top1",
+    "onnx_correct_batches",
     "onnx_top1",
     "onnx_top1_correct",
     "reads_whole_split",
@@ -31,6 +32,7 @@ __all__ = [
     "top1",
     "top1_agreement",
     "top1_correct",
+    "top1_correct_batches",
 ]
 
 
@@ -104,6 +106,30 @@ def top1_correct(
     return torch.cat(hits).cpu().numpy().astype(bool)
 
 
+def top1_correct_batches(
+    model: nn.Module,
+    data: Dataset,
+    split: str = "val",
+    *,
+    batch_size: int = 64,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Iterator[np.ndarray]:
+    """:func:`top1_correct` batch by batch, the same images in the same order: a reader that has seen enough
+    closes the iterator and no further image is read (the model goes back where it was)."""
+    model.eval()
+    limit = subset_limit(len(getattr(data, split)), limit)
+    with on_device(device, model):
+        stream = data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit)
+        try:
+            for x, y in stream:
+                with torch.no_grad():  # per batch: grad mode is not left switched off between yields
+                    predicted = model(to_device(x, device)).argmax(dim=1).cpu()
+                yield (predicted == y).numpy()
+        finally:
+            stream.close()
+
+
 @dataclass(frozen=True)
 class Agreement:
     """Two ONNX models run on the same images: each one's top-1 and how often their top-1 agree."""
@@ -150,6 +176,21 @@ def onnx_top1_correct(
     if not hits:
         raise ValueError(f"split {split!r} is empty")
     return np.concatenate(hits).astype(bool)
+
+
+def onnx_correct_batches(
+    onnx_model: bytes,
+    data: Dataset,
+    split: str = "val",
+    *,
+    threads: int | None = None,
+    batch_size: int = 64,
+    limit: int | None = None,
+) -> Iterator[np.ndarray]:
+    """:func:`onnx_top1_correct` batch by batch, the same images in the same order: a reader that has seen enough
+    closes the iterator and no further image is read."""
+    for logits, labels in _logits([onnx_model], data, split, threads, batch_size, limit, None):
+        yield logits[0].argmax(axis=1) == labels
 
 
 def compare_top1(
