@@ -81,12 +81,14 @@ def test_probes_are_scored_in_onnx_runtime_as_pytorch_scores_them(
     monkeypatch.setattr(sensitivity, "top1_correct_batches", counted("torch", real_torch))
     monkeypatch.setattr(sensitivity, "top1_correct", counted("baseline", real_baseline))
     assert sensitivity.scores_in_onnx_runtime(CandidateMeter(trained, digits32, timer=LocalTimer(FAST)), "cpu")
+    monkeypatch.setattr(sensitivity, "scoring_engine", lambda meter, baseline, device: ("onnxruntime", {}))
     in_ort = _tables(trained, digits32)
     probes = sum(len(p) for p in in_ort.stages.values())
     assert calls == {"onnx": probes, "torch": 0, "baseline": 1}, "probes run in ONNX Runtime; the baseline once"
 
-    monkeypatch.setattr(sensitivity, "scores_in_onnx_runtime", lambda meter, device: False)
+    monkeypatch.setattr(sensitivity, "scoring_engine", lambda meter, baseline, device: ("pytorch", {}))
     in_torch = _tables(trained, digits32)
+    assert in_ort.scoring["engine"] == "onnxruntime" and in_torch.scoring["engine"] == "pytorch"
     assert in_torch.val_images == in_ort.val_images == 120
     assert in_torch.baseline_accuracy == in_ort.baseline_accuracy
     assert in_torch.stages.keys() == in_ort.stages.keys()
@@ -98,6 +100,16 @@ def test_probes_are_scored_in_onnx_runtime_as_pytorch_scores_them(
     every = [p for stage in in_ort.stages.values() for p in stage]
     assert min(p.accuracy for p in every) < in_ort.baseline_accuracy, "the scores are of pruned models"
     assert all(p.images is not None and 40 <= p.images <= 120 for p in every), every
+
+
+def test_the_engine_that_scores_the_probes_is_the_faster_one_measured_here(trained, digits32) -> None:
+    meter = CandidateMeter(trained, digits32, timer=LocalTimer(FAST))
+    engine, rates = sensitivity.scoring_engine(meter, trained, "cpu")
+    assert set(rates) == {"onnxruntime", "pytorch"} and all(ms > 0 for ms in rates.values())
+    assert engine == min(rates, key=rates.get)
+    assert sensitivity.scoring_engine(meter, trained, "cuda") == ("pytorch", {}), "a GPU scores in PyTorch"
+    table = sensitivity.SensitivityTable(1.0, 0.9, {}, scoring={"engine": engine, "ms_per_image": rates})
+    assert sensitivity.SensitivityTable.from_dict(table.to_dict()).scoring == table.scoring
 
 
 def test_the_baseline_on_the_probes_images_is_the_start_of_the_studys_evaluation(trained, digits32) -> None:

@@ -84,6 +84,9 @@ class SensitivityTable:
     """Stages probed at their full level only, and why (``"layer1: saves 1% at most"``)."""
     val_images: int | None = None
     """Validation images each probe's top-1 was read on (None: not recorded, older tables)."""
+    scoring: dict[str, Any] | None = None
+    """How the probes were scored: ``engine`` (``onnxruntime`` or ``pytorch``) and, where both were timed to
+    choose, each one's ``ms_per_image`` (None: older tables, scored in PyTorch)."""
 
     def saved_ms(self, stage: str, level: float) -> float:
         """Estimated milliseconds saved by pruning ``stage`` alone at ``level`` (interpolated between probes)."""
@@ -108,6 +111,7 @@ class SensitivityTable:
             "seconds": round(self.seconds, 1),
             "skipped": list(self.skipped),
             "val_images": self.val_images,
+            **({} if self.scoring is None else {"scoring": self.scoring}),
             "stages": {
                 name: [
                     {"level": p.level, "latency_ms": p.latency_ms, "accuracy": p.accuracy}
@@ -128,6 +132,7 @@ class SensitivityTable:
             seconds=float(data.get("seconds", 0.0)),
             skipped=tuple(data.get("skipped", ())),
             val_images=data.get("val_images"),
+            scoring=data.get("scoring"),
         )
 
 

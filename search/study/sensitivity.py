@@ -10,10 +10,12 @@ validation images the trials use. A probe reads those images in their fixed orde
 drop against the baseline, paired image by image, is known to :data:`PROBE_RELATIVE_ERROR` of itself (one
 standard error), after at least :data:`PROBE_MIN_IMAGES` (:func:`read_drop`): a stage that costs 20 pp is
 ranked as well on 250 images as on 1,000, one that costs 1 pp needs them all. Where the timed file is ONNX
-and the study trains on the CPU, a probe is scored by running that same file in ONNX Runtime (about twice as
-fast as PyTorch here, the same FP32 arithmetic up to rounding), and the baseline's reads of those images
-come from the study's evaluation of the baseline (its first images, :func:`baseline_on_probe_images`)
-instead of a second read. These numbers
+and the study trains on the CPU, the probes are scored by whichever reads the baseline's images faster here,
+measured at the start (:func:`scoring_engine`): running the timed file itself in ONNX Runtime (the same FP32
+arithmetic up to rounding; twice as fast as PyTorch on the CIFAR MobileNetV2 here, a third slower on the CIFAR
+ResNet-18, at batch 1) or the pruned model in PyTorch. The baseline's reads of the probes' images come from
+the study's evaluation of the baseline (its first images, :func:`baseline_on_probe_images`) instead of a
+second read. These numbers
 only rank where channels cost least; no trial's latency or accuracy comes from them. The allocation itself
 is :mod:`search.pruning.latency_aware`; the study stores the tables (``latency_aware`` user attribute).
 """
@@ -60,6 +62,7 @@ __all__ = [
     "probe_record_of",
     "read_drop",
     "scores_in_onnx_runtime",
+    "scoring_engine",
 ]
 
 PROBE_VAL_IMAGES = 1000
@@ -99,6 +102,36 @@ def scores_in_onnx_runtime(meter: CandidateMeter, device: str | torch.device) ->
     """Whether a probe is scored by running its timed file in ONNX Runtime: the file is ONNX (ONNX Runtime and
     OpenVINO time ONNX; ExecuTorch a ``.pte``) and the study trains on the CPU (a GPU scores faster in PyTorch)."""
     return get_runtime(meter.runtime).info.file_format == "onnx" and torch.device(device).type == "cpu"
+
+
+ENGINE_TEST_IMAGES = 32
+"""Images each engine reads, timed, to choose the faster one for the probes (after a warm-up read of a few)."""
+
+
+def scoring_engine(
+    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device
+) -> tuple[str, dict[str, float]]:
+    """``"onnxruntime"`` or ``"pytorch"``: which reads validation images faster for this model on this machine,
+    with each one's milliseconds per image. Both read the baseline on the same :data:`ENGINE_TEST_IMAGES` images,
+    after a warm-up read, as the probes would: ONNX Runtime its timed file (a new session each read), PyTorch
+    the model. Where ONNX Runtime cannot score (:func:`scores_in_onnx_runtime`), PyTorch, not measured."""
+    if not scores_in_onnx_runtime(meter, device):
+        return "pytorch", {}
+    data = meter.data
+    images = min(ENGINE_TEST_IMAGES, len(data.val))
+
+    def ms_per_image(read: Callable[[int], Iterator[np.ndarray]]) -> float:
+        for _ in read(min(4, images)):  # warm-up: first calls allocate and choose kernels
+            pass
+        started = time.perf_counter()
+        seen = sum(len(batch) for batch in read(images))
+        return 1000 * (time.perf_counter() - started) / max(seen, 1)
+
+    rates = {
+        "onnxruntime": ms_per_image(lambda n: onnx_correct_batches(meter.baseline_onnx, data, "val", limit=n)),
+        "pytorch": ms_per_image(lambda n: top1_correct_batches(baseline, data, "val", limit=n, device=device)),
+    }
+    return min(rates, key=lambda engine: rates[engine]), rates
 
 
 def baseline_on_probe_images(record: dict[str, Any] | None, limit: int, *, whole: bool = False) -> np.ndarray | None:
@@ -174,7 +207,7 @@ def measure_sensitivity(
     if on_baseline is None:  # the baseline image by image on the probes' images, once
         on_baseline = top1_correct(baseline, data, "val", limit=limit, device=device)
     baseline_accuracy = float(on_baseline.mean())
-    in_onnx_runtime = scores_in_onnx_runtime(meter, device)
+    engine, rates = scoring_engine(meter, baseline, device)
     with reporter.task("latency-aware tables: each stage pruned alone", 2 * len(stages)) as task:
 
         def probe(name: str, level: float) -> Probe:
@@ -185,7 +218,7 @@ def measure_sensitivity(
             latency_ms = quick.record_of(quick.time_onnx(timed), "fp32")["corrected_ms"]
             batches: Iterator[np.ndarray] = (
                 onnx_correct_batches(timed, data, "val", limit=limit)
-                if in_onnx_runtime
+                if engine == "onnxruntime"
                 else top1_correct_batches(model, data, "val", limit=limit, device=device)
             )
             drop, images = read_drop(batches, on_baseline)
@@ -203,4 +236,5 @@ def measure_sensitivity(
         seconds=time.perf_counter() - started,
         skipped=skipped,
         val_images=limit,
+        scoring={"engine": engine, "ms_per_image": {k: round(v, 3) for k, v in rates.items()}},
     )
