@@ -132,6 +132,14 @@ class Dataset:
         )
         yield from loader
 
+    def shuffled_order(self, split: str, count: int | None = None, *, seed: int = 0) -> torch.Tensor:
+        """The indices into ``split`` that :meth:`batches` serves, in order, when it shuffles with ``seed`` and
+        ``limit=count``: the first ``count`` of one fixed permutation (a smaller read is a prefix of a larger).
+        It draws that permutation as :meth:`batches` does (a test holds the two together)."""
+        size = len(self.split(split))
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(size, generator=generator)[: size if count is None else max(0, min(count, size))]
+
     def transforms(self) -> dict[str, Any]:
         """What :meth:`batches` does to the images, as plain values (recorded on studies and cards)."""
         stored = self.train.images.shape[-1]

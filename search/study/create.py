@@ -363,7 +363,8 @@ def _recipes(
             reporter.info(
                 f"Latency-aware tables: {len(probes)} prunings of one stage each ({len(table.stages)} stages), timed"
                 f" and scored (BatchNorm recalibrated, no fine-tune, up to {table.val_images} images each, each read"
-                f" until its drop was known to {PROBE_RELATIVE_ERROR:.0%}: {read:,} in all{_scored_in(table)}) in"
+                f" until its drop was known to {PROBE_RELATIVE_ERROR:.0%} or all were read: {read:,} in all"
+                f"{_scored_in(table)}) in"
                 f" {table.seconds:.0f} s"
                 + (f"; at the full level only: {'; '.join(table.skipped)}" if table.skipped else "")
             )
@@ -395,15 +396,15 @@ def _recipes(
 
 
 def _scored_in(table: SensitivityTable) -> str:
-    """``, in ONNX Runtime (0.6 ms an image; PyTorch 1.2)``: the engine that scored the probes, and why."""
+    """``, in ONNX Runtime (380 ms a probe; PyTorch 720)``: the engine that scored the probes, and why."""
     if not table.scoring:
         return ""
-    engine, rates = table.scoring["engine"], table.scoring.get("ms_per_image", {})
+    engine, costs = table.scoring["engine"], table.scoring.get("ms_per_probe", {})
     names = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
-    other = next((k for k in rates if k != engine), None)
-    if engine not in rates or other is None:
+    other = next((k for k in costs if k != engine), None)
+    if engine not in costs or other is None:
         return f", in {names.get(engine, engine)}"
-    return f", in {names[engine]} ({rates[engine]:.2f} ms an image; {names[other]} {rates[other]:.2f})"
+    return f", in {names[engine]} ({costs[engine]:.0f} ms a probe; {names[other]} {costs[other]:.0f})"
 
 
 def known_within_first(recipes: list[Recipe], budget_ms: float) -> list[Recipe]:

@@ -6,23 +6,23 @@ uniform criterion) at its full level and, where that can inform the allocation, 
 :class:`~search.measuring.candidate.CandidateMeter` (interleaved with the unpruned model,
 drift-corrected, as every candidate, with fewer rounds: :data:`PROBE_TIMING`) and, after
 BatchNorm recalibration and no fine-tune, scored on at most :data:`PROBE_VAL_IMAGES` of the
-validation images the trials use. A probe reads those images in their fixed order and stops once its
+validation images the trials use. A probe reads a fixed shuffled subset of those images and stops once its
 drop against the baseline, paired image by image, is known to :data:`PROBE_RELATIVE_ERROR` of itself (one
-standard error), after at least :data:`PROBE_MIN_IMAGES` (:func:`read_drop`): a stage that costs 20 pp is
-ranked as well on 250 images as on 1,000, one that costs 1 pp needs them all. Where the timed file is ONNX
-and the study trains on the CPU, the probes are scored by whichever reads the baseline's images faster here,
-measured at the start (:func:`scoring_engine`): running the timed file itself in ONNX Runtime (the same FP32
-arithmetic up to rounding; twice as fast as PyTorch on the CIFAR MobileNetV2 here, a third slower on the CIFAR
-ResNet-18, at batch 1) or the pruned model in PyTorch. The baseline's reads of the probes' images come from
-the study's evaluation of the baseline (its first images, :func:`baseline_on_probe_images`) instead of a
-second read. These numbers
-only rank where channels cost least; no trial's latency or accuracy comes from them. The allocation itself
-is :mod:`search.pruning.latency_aware`; the study stores the tables (``latency_aware`` user attribute).
+standard error), after at least :data:`PROBE_MIN_IMAGES` (:func:`read_drop`): a stage that costs 20 pp or more
+is ranked on a few hundred images as well as on 1,000, one that costs 1 pp needs them all (a probe that reads
+the whole split in its own order, where classes may come in turn, reads all of it). Where the timed file is
+ONNX and the study trains on the CPU, the probes are scored by whichever engine is cheaper here, measured at
+the start (:func:`scoring_engine`): the timed file itself in ONNX Runtime (the same FP32 arithmetic up to
+rounding; at batch 1 twice as fast as PyTorch on the CIFAR MobileNetV2 here, slower on the CIFAR ResNet-18
+and DenseNet-121) or the pruned model in PyTorch. The baseline's reads of the probes' images come from the
+study's evaluation of the baseline where that read them (:func:`baseline_on_probe_images`), else from one
+read of its own. These numbers only rank where channels cost least; no trial's latency or accuracy comes
+from them. The allocation itself is :mod:`search.pruning.latency_aware`; the study stores the tables
+(``latency_aware`` user attribute).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search.data.dataset import Dataset
 from search.measuring.candidate import CandidateMeter
 from search.measuring.hardware import OnThisMachine
 from search.measuring.runtimes.registry import get_runtime
@@ -42,7 +43,7 @@ from search.pruning.channels import prune_copy
 from search.pruning.latency_aware import Probe, SensitivityTable, probe_stages, stage_fractions, tunable_stages
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
-from search.study.uncertainty import unpack_correct
+from search.study.uncertainty import SPLIT_ORDER, unpack_correct
 from search.training.evaluate import (
     onnx_correct_batches,
     reads_whole_split,
@@ -104,68 +105,92 @@ def scores_in_onnx_runtime(meter: CandidateMeter, device: str | torch.device) ->
     return get_runtime(meter.runtime).info.file_format == "onnx" and torch.device(device).type == "cpu"
 
 
-ENGINE_TEST_IMAGES = 32
-"""Images each engine reads, timed, to choose the faster one for the probes (after a warm-up read of a few)."""
+ENGINE_TEST_IMAGES = (8, 40)
+"""Each engine reads the baseline on this many images, timed, after a warm-up read: the difference is its cost per
+image, the rest its cost per read (a session, moving the weights), to choose the cheaper one for the probes."""
 
 
 def scoring_engine(
-    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device
+    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device, images_per_probe: int | None = None
 ) -> tuple[str, dict[str, float]]:
-    """``"onnxruntime"`` or ``"pytorch"``: which reads validation images faster for this model on this machine,
-    with each one's milliseconds per image. Both read the baseline on the same :data:`ENGINE_TEST_IMAGES` images,
-    after a warm-up read, as the probes would: ONNX Runtime its timed file (a new session each read), PyTorch
-    the model. Where ONNX Runtime cannot score (:func:`scores_in_onnx_runtime`), PyTorch, not measured."""
+    """``"onnxruntime"`` or ``"pytorch"``: which scores a probe of ``images_per_probe`` validation images (the
+    split's size by default) in less time on this machine, with what each would take (ms). Both read the baseline,
+    as the probes would: ONNX Runtime its timed file (a new session each read), PyTorch the model; each on
+    :data:`ENGINE_TEST_IMAGES` images, timed after a warm-up read, gives its cost per image and per read. Where
+    ONNX Runtime cannot score (:func:`scores_in_onnx_runtime`), PyTorch, not measured."""
     if not scores_in_onnx_runtime(meter, device):
         return "pytorch", {}
     data = meter.data
-    images = min(ENGINE_TEST_IMAGES, len(data.val))
+    small, large = (min(n, len(data.val)) for n in ENGINE_TEST_IMAGES)
+    probe_images = min(images_per_probe or len(data.val), len(data.val))
 
-    def ms_per_image(read: Callable[[int], Iterator[np.ndarray]]) -> float:
-        for _ in read(min(4, images)):  # warm-up: first calls allocate and choose kernels
-            pass
-        started = time.perf_counter()
-        seen = sum(len(batch) for batch in read(images))
-        return 1000 * (time.perf_counter() - started) / max(seen, 1)
+    def ms_per_probe(read: Callable[[int], Iterator[np.ndarray]]) -> float:
+        def seconds(n: int) -> float:
+            started = time.perf_counter()
+            for _ in read(n):
+                pass
+            return time.perf_counter() - started
 
-    rates = {
-        "onnxruntime": ms_per_image(lambda n: onnx_correct_batches(meter.baseline_onnx, data, "val", limit=n)),
-        "pytorch": ms_per_image(lambda n: top1_correct_batches(baseline, data, "val", limit=n, device=device)),
+        seconds(min(4, small))  # warm-up: first calls allocate and choose kernels
+        at_small, at_large = seconds(small), seconds(large)
+        per_image = max(at_large - at_small, 0.0) / max(large - small, 1)
+        per_read = max(at_small - small * per_image, 0.0)
+        return 1000 * (per_read + per_image * probe_images)
+
+    costs = {
+        "onnxruntime": ms_per_probe(lambda n: onnx_correct_batches(meter.baseline_onnx, data, "val", limit=n)),
+        "pytorch": ms_per_probe(lambda n: top1_correct_batches(baseline, data, "val", limit=n, device=device)),
     }
-    return min(rates, key=lambda engine: rates[engine]), rates
+    return min(costs, key=lambda engine: costs[engine]), costs
 
 
-def baseline_on_probe_images(record: dict[str, Any] | None, limit: int, *, whole: bool = False) -> np.ndarray | None:
-    """The baseline's per-image correctness on the probes' ``limit`` images, from the study's evaluation of the
-    baseline (its ``baseline_record``), or None where that evaluation did not read them.
+def baseline_on_probe_images(record: dict[str, Any] | None, data: Dataset, limit: int) -> np.ndarray | None:
+    """The baseline's per-image correctness on the probes' ``limit`` validation images, in the order the probes read
+    them, from the study's evaluation of the baseline (its ``baseline_record``); None where that did not read them.
 
-    A read of a subset goes through the split in one fixed shuffled order (:func:`search.training.evaluate.top1`),
-    so the first ``limit`` images of a larger subset are the probes' images. ``whole``: the probes read the whole
-    split in its own order, as a record marked ``order`` of as many images did."""
-    if not record or "per_image" not in record or ("order" in record) != whole:
+    The probes read the first ``limit`` images of the split's fixed shuffled order
+    (:meth:`~search.data.dataset.Dataset.shuffled_order`), or the whole split in its own order where ``limit``
+    covers it (:func:`search.training.evaluate.subset_limit`). A record of a shuffled subset (no ``order``) holds
+    the first images of that same order; a record of the whole split in its own order (``order`` ``"split"``)
+    holds every image, taken in the probes' order. A record of the whole split without the mark is ambiguous
+    (older studies read it shuffled, some in its own order) and is not used."""
+    split_size = len(data.val)
+    if not record or "per_image" not in record:
         return None
-    images = int(record.get("images", 0))
-    if images < limit or (whole and images != limit):
-        return None
-    return np.asarray(unpack_correct(record["per_image"], images)[:limit], dtype=bool)
+    images, order = int(record.get("images", 0)), record.get("order")
+    if order == SPLIT_ORDER and images == split_size:
+        correct = np.asarray(unpack_correct(record["per_image"], images), dtype=bool)
+        return correct if reads_whole_split(data, limit) else correct[data.shuffled_order("val", limit).numpy()]
+    if order is None and limit <= images < split_size and not reads_whole_split(data, limit):
+        return np.asarray(unpack_correct(record["per_image"], images)[:limit], dtype=bool)
+    return None
 
 
-def read_drop(batches: Iterable[np.ndarray], baseline: np.ndarray) -> tuple[float, int]:
+def read_drop(
+    batches: Iterable[np.ndarray], baseline: np.ndarray, *, min_images: int | None = None
+) -> tuple[float, int]:
     """A probe's top-1 drop against the baseline and the images it was read on: ``batches`` (the probe's per-image
     correctness, in the order of ``baseline``'s) are read until the paired drop's standard error is at most
-    :data:`PROBE_RELATIVE_ERROR` of the drop, after :data:`PROBE_MIN_IMAGES` images at least, or to the end of
-    ``baseline``. The rest of ``batches`` is not read (closed)."""
+    :data:`PROBE_RELATIVE_ERROR` of the drop, after ``min_images`` (:data:`PROBE_MIN_IMAGES`) images at least, or
+    to the end of ``baseline``. The rest of ``batches`` is not read (closed, where it can be)."""
+    floor = PROBE_MIN_IMAGES if min_images is None else min_images
     hits: list[np.ndarray] = []
     seen = 0
-    with contextlib.closing(iter(batches)) as stream:  # type: ignore[type-var]
+    stream = iter(batches)
+    try:
         for batch in stream:
             hits.append(batch[: len(baseline) - seen])
             seen += len(hits[-1])
             if seen >= len(baseline):
                 break
-            if seen >= PROBE_MIN_IMAGES:
+            if seen >= floor:
                 drop, error = _paired_drop(baseline[:seen], np.concatenate(hits))
                 if drop > 0 and error <= PROBE_RELATIVE_ERROR * drop:
                     break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
     if seen == 0:
         raise ValueError("a probe read no images")
     drop, _ = _paired_drop(baseline[:seen], np.concatenate(hits))
@@ -203,11 +228,12 @@ def measure_sensitivity(
     criterion = space.uniform_criterion
     quick = probe_meter(meter)
     limit = min(val_images or len(data.val), PROBE_VAL_IMAGES, len(data.val))
-    on_baseline = baseline_on_probe_images(baseline_record, limit, whole=reads_whole_split(data, limit))
+    on_baseline = baseline_on_probe_images(baseline_record, data, limit)
+    in_split_order = reads_whole_split(data, limit)  # classes may come in turn: no stopping early
     if on_baseline is None:  # the baseline image by image on the probes' images, once
         on_baseline = top1_correct(baseline, data, "val", limit=limit, device=device)
     baseline_accuracy = float(on_baseline.mean())
-    engine, rates = scoring_engine(meter, baseline, device)
+    engine, costs = scoring_engine(meter, baseline, device, limit)
     with reporter.task("latency-aware tables: each stage pruned alone", 2 * len(stages)) as task:
 
         def probe(name: str, level: float) -> Probe:
@@ -221,7 +247,7 @@ def measure_sensitivity(
                 if engine == "onnxruntime"
                 else top1_correct_batches(model, data, "val", limit=limit, device=device)
             )
-            drop, images = read_drop(batches, on_baseline)
+            drop, images = read_drop(batches, on_baseline, min_images=limit if in_split_order else None)
             task.advance(1, stage=name, level=level)
             return Probe(level, latency_ms, baseline_accuracy - drop, images)
 
@@ -236,5 +262,5 @@ def measure_sensitivity(
         seconds=time.perf_counter() - started,
         skipped=skipped,
         val_images=limit,
-        scoring={"engine": engine, "ms_per_image": {k: round(v, 3) for k, v in rates.items()}},
+        scoring={"engine": engine, "ms_per_probe": {k: round(v, 1) for k, v in costs.items()}},
     )

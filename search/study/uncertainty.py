@@ -66,10 +66,10 @@ def unpack_correct(packed: str, images: int) -> list[bool]:
 
 
 SPLIT_ORDER = "split"
+"""``order`` of a record read on the whole validation split in its own order (a subset's record has none)."""
 SUBSET_ORDER = "subset"
 """``order`` of a promotion's record read on a fixed subset of the split (``--rung-val-images``): it pairs with the
 other promotions' reads of that subset, never with a whole-split record, which lacked the mark before it existed."""
-"""``order`` of a record read on the whole validation split in its own order (a subset's record has none)."""
 
 
 def accuracy_record(correct: Sequence[bool], *, whole_split: bool = False) -> dict[str, Any]:
