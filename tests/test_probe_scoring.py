@@ -13,6 +13,7 @@ from search.measuring.onnx_export import export_onnx
 from search.measuring.timing import LatencySettings
 from search.models.build import build_model
 from search.progress import RecordingReporter
+from search.pruning.latency_aware import Probe
 from search.pruning.space import parse_space
 from search.study import sensitivity
 from search.study.uncertainty import accuracy_record
@@ -116,6 +117,15 @@ def test_the_engine_that_scores_the_probes_is_the_cheaper_one_measured_here(trai
     assert sensitivity.scoring_engine(meter, trained, "cuda") == ("pytorch", {}), "a GPU scores in PyTorch"
     table = sensitivity.SensitivityTable(1.0, 0.9, {}, scoring={"engine": engine, "ms_per_probe": costs})
     assert sensitivity.SensitivityTable.from_dict(table.to_dict()).scoring == table.scoring
+
+
+def test_stored_tables_are_read_by_this_version_whatever_version_wrote_them() -> None:
+    probes = {"a": (Probe(0.5, 8.0, 0.85, 384), Probe(1.0, 6.0, 0.7))}
+    stored = sensitivity.SensitivityTable(10.0, 0.9, probes, val_images=1000).to_dict()
+    assert stored["stages"]["a"][1] == {"level": 1.0, "latency_ms": 6.0, "accuracy": 0.7}, "as older tables were"
+    assert sensitivity.SensitivityTable.from_dict(stored).stages == probes
+    stored["stages"]["a"][0]["added_later"] = 1  # a field of a later version: read without it
+    assert sensitivity.SensitivityTable.from_dict(stored).stages == probes
 
 
 def test_the_batches_a_probe_reads_are_the_images_and_order_of_a_whole_read(trained, digits32) -> None:

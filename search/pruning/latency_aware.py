@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from search.pruning.policy import Policy
@@ -127,7 +127,7 @@ class SensitivityTable:
         return cls(
             baseline_ms=float(data["baseline_ms"]),
             baseline_accuracy=float(data["baseline_accuracy"]),
-            stages={name: tuple(Probe(**p) for p in probes) for name, probes in data["stages"].items()},
+            stages={name: tuple(_probe(p) for p in probes) for name, probes in data["stages"].items()},
             criterion=str(data.get("criterion", "l1")),
             seconds=float(data.get("seconds", 0.0)),
             skipped=tuple(data.get("skipped", ())),
@@ -169,6 +169,12 @@ def probe_stages(
             continue
         probes[name] = (full[name],)
     return probes, tuple(skipped)
+
+
+def _probe(stored: dict[str, Any]) -> Probe:
+    """A stored probe; fields a later version added are left out, so that this version reads its tables too."""
+    known = {f.name for f in fields(Probe)}
+    return Probe(**{k: v for k, v in stored.items() if k in known})
 
 
 @dataclass(frozen=True)
