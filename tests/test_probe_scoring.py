@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from search.data.spec import DataSpec
 from search.measuring.candidate import CandidateMeter, LocalTimer
 from search.measuring.onnx_export import export_onnx
 from search.measuring.timing import LatencySettings
@@ -16,11 +17,14 @@ from search.progress import RecordingReporter
 from search.pruning.latency_aware import Probe
 from search.pruning.space import parse_space
 from search.study import sensitivity
+from search.study.config import SearchConfig
+from search.study.run import run_search
 from search.study.uncertainty import accuracy_record
 from search.training import evaluate
 from search.training.evaluate import (
     onnx_correct_batches,
     onnx_top1_correct,
+    read_top1_correct,
     top1_correct,
     top1_correct_batches,
 )
@@ -216,3 +220,56 @@ def test_a_clear_drop_stops_reading_early_and_a_small_one_reads_every_image() ->
     longer = np.concatenate([collapsed, collapsed])  # a stream longer than the baseline's reads stops at its end
     _, images = sensitivity.read_drop(_stream(longer, 300, []), baseline[:200])
     assert images == 200
+
+
+def test_both_engines_read_the_same_images_alike(trained, digits32) -> None:
+    in_torch = read_top1_correct(trained, digits32, "val", limit=200, engine="pytorch")
+    in_onnx = read_top1_correct(trained, digits32, "val", limit=200, engine="onnxruntime")
+    assert len(in_torch) == len(in_onnx) == 200
+    assert int((in_torch != in_onnx).sum()) <= 1, "the same FP32 model: at most one image rounds the other way"
+
+
+@pytest.mark.slow
+def test_a_study_reads_its_baseline_and_probes_with_the_engine_it_chose_and_its_trials_in_pytorch(
+    tmp_path, trained_weights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The baseline and the probes read in the engine the study chose at creation (here forced to ONNX Runtime),
+    which the study records and the creation log names; the trials read in PyTorch."""
+    costs = {"onnxruntime": 10.0, "pytorch": 20.0}
+    monkeypatch.setattr(sensitivity, "scoring_engine", lambda *a, **k: ("onnxruntime", costs))
+    reads = {"onnxruntime": 0}
+    real = evaluate.onnx_top1_correct
+
+    def in_onnx(*args, **kwargs):
+        reads["onnxruntime"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "onnx_top1_correct", in_onnx)
+    space = tmp_path / "tiny.toml"
+    space.write_text(SPACE)
+    config = SearchConfig(
+        budget_fraction=0.6,
+        model="resnet18",
+        weights=str(trained_weights),
+        data=DataSpec("digits", input_size=32),
+        space=str(space),
+        study="engine",
+        trials=3,
+        finetune_steps=2,
+        bn_batches=2,
+        val_images=64,
+        precisions=("fp32",),
+        studies_dir=str(tmp_path / "studies"),
+    )
+    reporter = RecordingReporter()
+    study = run_search(config, reporter).study
+    assert study.user_attrs["read_engine"] == {"engine": "onnxruntime", "ms_per_read": costs, "images": 64}
+    assert study.user_attrs["latency_aware"]["scoring"]["engine"] == "onnxruntime"
+    line = "The baseline and the tables read validation images in ONNX Runtime (64 images: 0.0 s; PyTorch 0.0 s);"
+    line += " trials in PyTorch"
+    assert line in reporter.infos, reporter.infos
+    assert reads["onnxruntime"] == 1, "the baseline, once; the trials read in PyTorch"
+    record = study.user_attrs["baseline_accuracy_record"]
+    assert record["images"] == 64 and study.user_attrs["baseline_accuracy"] == record["correct"] / 64
+    tuned = [t for t in study.trials if t.user_attrs.get("fine_tuned")]
+    assert tuned and all(t.user_attrs["accuracy_record"]["images"] == 64 for t in tuned)

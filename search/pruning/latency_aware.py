@@ -86,7 +86,7 @@ class SensitivityTable:
     """Validation images each probe's top-1 was read on (None: not recorded, older tables)."""
     scoring: dict[str, Any] | None = None
     """How the probes were scored: ``engine`` (``onnxruntime`` or ``pytorch``) and, where both were timed to
-    choose, what each would take to score a probe, ``ms_per_probe`` (None: older tables, scored in PyTorch)."""
+    choose, what a read of ``images`` validation images took each, ``ms_per_read`` (None: older tables, PyTorch)."""
 
     def saved_ms(self, stage: str, level: float) -> float:
         """Estimated milliseconds saved by pruning ``stage`` alone at ``level`` (interpolated between probes)."""

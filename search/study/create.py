@@ -35,12 +35,12 @@ from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler, mark_ready
 from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
-from search.study.sensitivity import PROBE_RELATIVE_ERROR, measure_sensitivity, probe_record_of
+from search.study.sensitivity import PROBE_RELATIVE_ERROR, measure_sensitivity, probe_record_of, read_engine
 from search.study.storage import HEARTBEAT_SECONDS, masked
-from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION
+from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION, READ_ENGINE
 from search.study.uncertainty import accuracy_record
 from search.training.baseline import Baseline
-from search.training.evaluate import reads_whole_split, top1_correct
+from search.training.evaluate import read_top1_correct, reads_whole_split
 
 __all__ = ["create_study", "fastest_reachable", "resumable", "resume_creation", "sampler"]
 
@@ -89,9 +89,13 @@ def create_study(
         with clock.phase("measure the fastest policy the space allows"):
             fastest_ms = fastest_reachable(space, meter, told)
         _check_budget(config, space, fastest_ms, base, told)
+        with clock.phase("choose the engine that reads the validation images"):
+            engine = read_engine(meter, baseline.model, config.device, config.val_images)
+        study.set_user_attr(READ_ENGINE, engine)
+        told.info(f"The baseline and the tables read validation images in {_engine_line(engine)}; trials in PyTorch")
         with clock.phase("evaluate the baseline"):
-            correct = top1_correct(
-                baseline.model, data, "val", limit=config.val_images, reporter=told, device=config.device
+            correct = read_top1_correct(
+                baseline.model, data, "val", limit=config.val_images, device=config.device, engine=engine["engine"]
             )
             accuracy = float(correct.mean())
         told.info(f"Baseline top-1 on {data.name} val: {accuracy:.4f}")
@@ -354,6 +358,7 @@ def _recipes(
                     device=config.device,
                     reporter=reporter,
                     baseline_record=study.user_attrs.get(BASELINE_RECORD),
+                    engine=study.user_attrs.get(READ_ENGINE),
                 )
             tables.append(table)
             study.set_user_attr("latency_aware", table.to_dict())
@@ -396,15 +401,25 @@ def _recipes(
 
 
 def _scored_in(table: SensitivityTable) -> str:
-    """``, in ONNX Runtime (380 ms a probe; PyTorch 720)``: the engine that scored the probes, and why."""
+    """``, in ONNX Runtime``: the engine that scored the probes."""
     if not table.scoring:
         return ""
-    engine, costs = table.scoring["engine"], table.scoring.get("ms_per_probe", {})
-    names = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
-    other = next((k for k in costs if k != engine), None)
-    if engine not in costs or other is None:
-        return f", in {names.get(engine, engine)}"
-    return f", in {names[engine]} ({costs[engine]:.0f} ms a probe; {names[other]} {costs[other]:.0f})"
+    return f", in {ENGINE_NAMES.get(table.scoring['engine'], table.scoring['engine'])}"
+
+
+ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
+
+
+def _engine_line(engine: dict[str, Any]) -> str:
+    """``ONNX Runtime (2,000 images: 1.4 s; PyTorch 2.7 s)``: the study's read engine, and why."""
+    name, costs = engine["engine"], engine.get("ms_per_read", {})
+    other = next((k for k in costs if k != name), None)
+    if name not in costs or other is None:
+        return ENGINE_NAMES.get(name, name)
+    return (
+        f"{ENGINE_NAMES[name]} ({engine['images']:,} images: {costs[name] / 1000:.1f} s;"
+        f" {ENGINE_NAMES[other]} {costs[other] / 1000:.1f} s)"
+    )
 
 
 def known_within_first(recipes: list[Recipe], budget_ms: float) -> list[Recipe]:

@@ -46,6 +46,7 @@ from search.pruning.space import SearchSpace
 from search.study.uncertainty import SPLIT_ORDER, unpack_correct
 from search.training.evaluate import (
     onnx_correct_batches,
+    read_top1_correct,
     reads_whole_split,
     top1_correct,
     top1_correct_batches,
@@ -62,6 +63,7 @@ __all__ = [
     "probe_meter",
     "probe_record_of",
     "read_drop",
+    "read_engine",
     "scores_in_onnx_runtime",
     "scoring_engine",
 ]
@@ -111,20 +113,21 @@ image, the rest its cost per read (a session, moving the weights), to choose the
 
 
 def scoring_engine(
-    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device, images_per_probe: int | None = None
+    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device, images: int | None = None
 ) -> tuple[str, dict[str, float]]:
-    """``"onnxruntime"`` or ``"pytorch"``: which scores a probe of ``images_per_probe`` validation images (the
-    split's size by default) in less time on this machine, with what each would take (ms). Both read the baseline,
-    as the probes would: ONNX Runtime its timed file (a new session each read), PyTorch the model; each on
+    """``"onnxruntime"`` or ``"pytorch"``: which reads ``images`` validation images (the split's size by default)
+    in less time on this machine, with what each would take (ms): the engine of the study's reads at creation, the
+    baseline's and the probes' (``read_engine``). Both read the baseline
+    (:func:`~search.training.evaluate.read_top1_correct`: in ONNX Runtime, exported anew for each read); each on
     :data:`ENGINE_TEST_IMAGES` images, timed after a warm-up read, gives its cost per image and per read. Where
     ONNX Runtime cannot score (:func:`scores_in_onnx_runtime`), PyTorch, not measured."""
     if not scores_in_onnx_runtime(meter, device):
         return "pytorch", {}
     data = meter.data
     small, large = (min(n, len(data.val)) for n in ENGINE_TEST_IMAGES)
-    probe_images = min(images_per_probe or len(data.val), len(data.val))
+    read_images = min(images or len(data.val), len(data.val))
 
-    def ms_per_probe(read: Callable[[int], Iterator[np.ndarray]]) -> float:
+    def ms_per_read(read: Callable[[int], Iterator[np.ndarray]]) -> float:
         def seconds(n: int) -> float:
             started = time.perf_counter()
             for _ in read(n):
@@ -135,13 +138,26 @@ def scoring_engine(
         at_small, at_large = seconds(small), seconds(large)
         per_image = max(at_large - at_small, 0.0) / max(large - small, 1)
         per_read = max(at_small - small * per_image, 0.0)
-        return 1000 * (per_read + per_image * probe_images)
+        return 1000 * (per_read + per_image * read_images)
 
-    costs = {
-        "onnxruntime": ms_per_probe(lambda n: onnx_correct_batches(meter.baseline_onnx, data, "val", limit=n)),
-        "pytorch": ms_per_probe(lambda n: top1_correct_batches(baseline, data, "val", limit=n, device=device)),
-    }
+    def reader(engine: str) -> Callable[[int], Iterator[np.ndarray]]:
+        return lambda n: iter([read_top1_correct(baseline, data, "val", limit=n, device=device, engine=engine)])
+
+    costs = {engine: ms_per_read(reader(engine)) for engine in ("onnxruntime", "pytorch")}
     return min(costs, key=lambda engine: costs[engine]), costs
+
+
+def read_engine(
+    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device, images: int | None = None
+) -> dict[str, Any]:
+    """:func:`scoring_engine` as a study records it (``read_engine``): the engine, and where both were timed, what
+    a read of ``images`` validation images took each (ms)."""
+    engine, costs = scoring_engine(meter, baseline, device, images)
+    record: dict[str, Any] = {"engine": engine}
+    if costs:
+        record["ms_per_read"] = {k: round(v, 1) for k, v in costs.items()}
+        record["images"] = min(images or len(meter.data.val), len(meter.data.val))
+    return record
 
 
 def baseline_on_probe_images(record: dict[str, Any] | None, data: Dataset, limit: int) -> np.ndarray | None:
@@ -215,11 +231,13 @@ def measure_sensitivity(
     device: str | torch.device,
     reporter: Reporter,
     baseline_record: dict[str, Any] | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> SensitivityTable:
     """The per-stage latency and accuracy tables (``meter.baseline_ms`` must be set).
 
     ``baseline_record``: the study's evaluation of the baseline (per image), which spares a second read of the
-    probes' images where it covers them (:func:`baseline_on_probe_images`)."""
+    probes' images where it covers them (:func:`baseline_on_probe_images`). ``engine``: the study's read engine as
+    :func:`read_engine` records it (measured here on the probes' images when not given)."""
     if meter.baseline_ms is None:
         raise ValueError("the study's baseline latency is not known yet: call time_baseline first")
     started = time.perf_counter()
@@ -233,7 +251,10 @@ def measure_sensitivity(
     if on_baseline is None:  # the baseline image by image on the probes' images, once
         on_baseline = top1_correct(baseline, data, "val", limit=limit, device=device)
     baseline_accuracy = float(on_baseline.mean())
-    engine, costs = scoring_engine(meter, baseline, device, limit)
+    scoring = dict(engine) if engine is not None else read_engine(meter, baseline, device, limit)
+    if not scores_in_onnx_runtime(meter, device):  # a study's engine, read by a worker that cannot use it
+        scoring["engine"] = "pytorch"
+    engine_name = scoring["engine"]
     with reporter.task("latency-aware tables: each stage pruned alone", 2 * len(stages)) as task:
 
         def probe(name: str, level: float) -> Probe:
@@ -244,7 +265,7 @@ def measure_sensitivity(
             latency_ms = quick.record_of(quick.time_onnx(timed), "fp32")["corrected_ms"]
             batches: Iterator[np.ndarray] = (
                 onnx_correct_batches(timed, data, "val", limit=limit)
-                if engine == "onnxruntime"
+                if engine_name == "onnxruntime"
                 else top1_correct_batches(model, data, "val", limit=limit, device=device)
             )
             drop, images = read_drop(batches, on_baseline, min_images=limit if in_split_order else None)
@@ -262,5 +283,5 @@ def measure_sensitivity(
         seconds=time.perf_counter() - started,
         skipped=skipped,
         val_images=limit,
-        scoring={"engine": engine, "ms_per_probe": {k: round(v, 1) for k, v in costs.items()}},
+        scoring=scoring,
     )

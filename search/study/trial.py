@@ -46,6 +46,10 @@ LATENCY_CONSTRAINT = "latency_over_budget_ms"
 """The Optuna constraint each trial sets: drift-corrected latency minus the budget."""
 
 BASELINE_RECORD = "baseline_accuracy_record"
+READ_ENGINE = "read_engine"
+"""Study attribute: the engine that read the validation split at creation, the baseline and the latency-aware
+tables' probes (:func:`search.study.sensitivity.read_engine`; studies made before it read in PyTorch). Trials
+read in PyTorch: on pruned models at tight budgets it was as fast as ONNX Runtime or faster."""
 """Study user attribute: the baseline's per-image record on the trials' validation images (read at creation)."""
 
 INFEASIBLE_ACCURACY = 0.0

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from search.data.dataset import Dataset
-from search.measuring.onnx_export import fixed_batch
+from search.measuring.onnx_export import export_onnx, fixed_batch
 from search.measuring.timing import open_session
 from search.progress import NullReporter, Reporter
 from search.training.finetune import on_device, to_device
@@ -27,6 +27,7 @@ __all__ = [
     "onnx_correct_batches",
     "onnx_top1",
     "onnx_top1_correct",
+    "read_top1_correct",
     "reads_whole_split",
     "subset_limit",
     "top1",
@@ -128,6 +129,26 @@ def top1_correct_batches(
                 yield (predicted == y).numpy()
         finally:
             stream.close()
+
+
+def read_top1_correct(
+    model: nn.Module,
+    data: Dataset,
+    split: str = "val",
+    *,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+    engine: str = "pytorch",
+) -> np.ndarray:
+    """:func:`top1_correct`, read by ``engine``: ``"pytorch"``, or ``"onnxruntime"``, where the model is exported to
+    ONNX (FP32, with a dynamic batch) and run in ONNX Runtime on the CPU, 64 images a run: the same images in the
+    same order, the same FP32 arithmetic up to rounding. A study reads its baseline and its tables' probes with
+    whichever it measured cheaper when it was created (:func:`search.study.sensitivity.scoring_engine`); on a GPU,
+    always PyTorch."""
+    if engine == "onnxruntime" and torch.device(device).type == "cpu":
+        onnx_model = export_onnx(model, data.example_input(), dynamic_batch=True)
+        return onnx_top1_correct(onnx_model, data, split, limit=limit)
+    return top1_correct(model, data, split, limit=limit, device=device)
 
 
 @dataclass(frozen=True)
