@@ -35,7 +35,7 @@ from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler, mark_ready
 from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
-from search.study.sensitivity import PROBE_RELATIVE_ERROR, measure_sensitivity, probe_record_of, read_engine
+from search.study.sensitivity import engine_line, measure_sensitivity, probe_record_of, read_engine, tables_line
 from search.study.storage import HEARTBEAT_SECONDS, masked
 from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION, READ_ENGINE
 from search.study.uncertainty import accuracy_record
@@ -92,7 +92,7 @@ def create_study(
         with clock.phase("choose the engine that reads the validation images"):
             engine = read_engine(meter, baseline.model, config.device, config.val_images)
         study.set_user_attr(READ_ENGINE, engine)
-        told.info(f"The baseline and the tables read validation images in {_engine_line(engine)}; trials in PyTorch")
+        told.info(f"The baseline and the tables read validation images in {engine_line(engine)}; trials in PyTorch")
         with clock.phase("evaluate the baseline"):
             correct = read_top1_correct(
                 baseline.model, data, "val", limit=config.val_images, device=config.device, engine=engine["engine"]
@@ -363,16 +363,7 @@ def _recipes(
             tables.append(table)
             study.set_user_attr("latency_aware", table.to_dict())
             record_step(study, LATENCY_AWARE)
-            probes = [p for stage in table.stages.values() for p in stage]
-            read = sum(p.images or table.val_images or 0 for p in probes)
-            reporter.info(
-                f"Latency-aware tables: {len(probes)} prunings of one stage each ({len(table.stages)} stages), timed"
-                f" and scored (BatchNorm recalibrated, no fine-tune, up to {table.val_images} images each, each read"
-                f" until its drop was known to {PROBE_RELATIVE_ERROR:.0%} or all were read: {read:,} in all"
-                f"{_scored_in(table)}) in"
-                f" {table.seconds:.0f} s"
-                + (f"; at the full level only: {'; '.join(table.skipped)}" if table.skipped else "")
-            )
+            reporter.info(tables_line(table))
         return path_policies(space, tables[0], precision)
 
     def record_of(policy: Policy) -> dict[str, Any]:
@@ -397,28 +388,6 @@ def _recipes(
         latency_aware_grid_of=latency_aware_grid_of,
         phase=clock.phase,
         probe_of=probe_of if quick is not None else None,  # a latency target keeps its own timing
-    )
-
-
-def _scored_in(table: SensitivityTable) -> str:
-    """``, in ONNX Runtime``: the engine that scored the probes."""
-    if not table.scoring:
-        return ""
-    return f", in {ENGINE_NAMES.get(table.scoring['engine'], table.scoring['engine'])}"
-
-
-ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
-
-
-def _engine_line(engine: dict[str, Any]) -> str:
-    """``ONNX Runtime (2,000 images: 1.4 s; PyTorch 2.7 s)``: the study's read engine, and why."""
-    name, costs = engine["engine"], engine.get("ms_per_read", {})
-    other = next((k for k in costs if k != name), None)
-    if name not in costs or other is None:
-        return ENGINE_NAMES.get(name, name)
-    return (
-        f"{ENGINE_NAMES[name]} ({engine['images']:,} images: {costs[name] / 1000:.1f} s;"
-        f" {ENGINE_NAMES[other]} {costs[other] / 1000:.1f} s)"
     )
 
 

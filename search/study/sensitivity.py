@@ -59,13 +59,16 @@ __all__ = [
     "PROBE_TIMING",
     "PROBE_VAL_IMAGES",
     "baseline_on_probe_images",
+    "engine_line",
     "measure_sensitivity",
     "probe_meter",
     "probe_record_of",
     "read_drop",
     "read_engine",
+    "scored_in",
     "scores_in_onnx_runtime",
     "scoring_engine",
+    "tables_line",
 ]
 
 PROBE_VAL_IMAGES = 1000
@@ -158,6 +161,41 @@ def read_engine(
         record["ms_per_read"] = {k: round(v, 1) for k, v in costs.items()}
         record["images"] = min(images or len(meter.data.val), len(meter.data.val))
     return record
+
+
+def tables_line(table: SensitivityTable) -> str:
+    """What the creation log says of the tables once measured: probes, images read, engine, seconds, skips."""
+    probes = [p for stage in table.stages.values() for p in stage]
+    read = sum(p.images or table.val_images or 0 for p in probes)
+    return (
+        f"Latency-aware tables: {len(probes)} prunings of one stage each ({len(table.stages)} stages), timed"
+        f" and scored (BatchNorm recalibrated, no fine-tune, up to {table.val_images} images each, each read"
+        f" until its drop was known to {PROBE_RELATIVE_ERROR:.0%} or all were read: {read:,} in all"
+        f"{scored_in(table)}) in {table.seconds:.0f} s"
+        + (f"; at the full level only: {'; '.join(table.skipped)}" if table.skipped else "")
+    )
+
+
+def scored_in(table: SensitivityTable) -> str:
+    """``, in ONNX Runtime``: the engine that scored the probes."""
+    if not table.scoring:
+        return ""
+    return f", in {ENGINE_NAMES.get(table.scoring['engine'], table.scoring['engine'])}"
+
+
+ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
+
+
+def engine_line(engine: dict[str, Any]) -> str:
+    """``ONNX Runtime (2,000 images: 1.4 s; PyTorch 2.7 s)``: the study's read engine, and why."""
+    name, costs = engine["engine"], engine.get("ms_per_read", {})
+    other = next((k for k in costs if k != name), None)
+    if name not in costs or other is None:
+        return ENGINE_NAMES.get(name, name)
+    return (
+        f"{ENGINE_NAMES[name]} ({engine['images']:,} images: {costs[name] / 1000:.1f} s;"
+        f" {ENGINE_NAMES[other]} {costs[other] / 1000:.1f} s)"
+    )
 
 
 def baseline_on_probe_images(record: dict[str, Any] | None, data: Dataset, limit: int) -> np.ndarray | None:
