@@ -28,22 +28,20 @@ from search.training.evaluate import (
     top1_correct,
     top1_correct_batches,
 )
-
-SPACE = """
-round_to = [8]
-ratio_step = 0.05
-uniform_ratios = []
-[stages.early]
-modules = ["conv1", "bn1", "layer1", "layer2"]
-stream = [0.0, 0.6]
-inner = [0.0, 0.8]
-[stages.late]
-modules = ["layer3", "layer4"]
-stream = [0.0, 0.6]
-inner = [0.0, 0.8]
-"""
+from tests.test_latency_aware import SPACE
 
 FAST = LatencySettings(threads=1, warmup=2, round_size=3, min_rounds=2, max_seconds=2)
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, module, name: str, counts: dict[str, int], key: str) -> None:
+    """Replace ``module.name`` by a wrapper that adds one to ``counts[key]`` per call."""
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[key] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
 
 
 @pytest.fixture()
@@ -75,22 +73,9 @@ def test_probes_are_scored_in_onnx_runtime_as_pytorch_scores_them(
     monkeypatch.setattr(sensitivity, "PROBE_VAL_IMAGES", 120)  # no study record given: the baseline is read once
     monkeypatch.setattr(sensitivity, "PROBE_MIN_IMAGES", 40)  # a clear drop could stop early (read_drop's test)
     calls = {"onnx": 0, "torch": 0, "baseline": 0}
-    real_onnx, real_torch, real_baseline = (
-        sensitivity.onnx_correct_batches,
-        sensitivity.top1_correct_batches,
-        sensitivity.top1_correct,
-    )
-
-    def counted(kind, real):
-        def call(*args, **kwargs):
-            calls[kind] += 1
-            return real(*args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(sensitivity, "onnx_correct_batches", counted("onnx", real_onnx))
-    monkeypatch.setattr(sensitivity, "top1_correct_batches", counted("torch", real_torch))
-    monkeypatch.setattr(sensitivity, "top1_correct", counted("baseline", real_baseline))
+    _count(monkeypatch, sensitivity, "onnx_correct_batches", calls, "onnx")
+    _count(monkeypatch, sensitivity, "top1_correct_batches", calls, "torch")
+    _count(monkeypatch, sensitivity, "top1_correct", calls, "baseline")
     assert sensitivity.scores_in_onnx_runtime(CandidateMeter(trained, digits32, timer=LocalTimer(FAST)), "cpu")
     monkeypatch.setattr(sensitivity, "scoring_engine", lambda meter, baseline, device, images: ("onnxruntime", {}))
     in_ort = _tables(trained, digits32)
@@ -171,13 +156,7 @@ def test_tables_take_the_baselines_score_from_the_study_and_read_it_no_more(
 ) -> None:
     monkeypatch.setattr(sensitivity, "PROBE_VAL_IMAGES", 100)
     reads = {"torch": 0}
-    real_torch = sensitivity.top1_correct
-
-    def counted_torch(*args, **kwargs):
-        reads["torch"] += 1
-        return real_torch(*args, **kwargs)
-
-    monkeypatch.setattr(sensitivity, "top1_correct", counted_torch)
+    _count(monkeypatch, sensitivity, "top1_correct", reads, "torch")
     study_read = top1_correct(trained, digits32, "val", limit=200)
     table = _tables(trained, digits32, accuracy_record(study_read.tolist()))
     assert reads["torch"] == 0
@@ -238,13 +217,7 @@ def test_a_study_reads_its_baseline_and_probes_with_the_engine_it_chose_and_its_
     costs = {"onnxruntime": 10.0, "pytorch": 20.0}
     monkeypatch.setattr(sensitivity, "scoring_engine", lambda *a, **k: ("onnxruntime", costs))
     reads = {"onnxruntime": 0}
-    real = evaluate.onnx_top1_correct
-
-    def in_onnx(*args, **kwargs):
-        reads["onnxruntime"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "onnx_top1_correct", in_onnx)
+    _count(monkeypatch, evaluate, "onnx_top1_correct", reads, "onnxruntime")
     space = tmp_path / "tiny.toml"
     space.write_text(SPACE)
     config = SearchConfig(

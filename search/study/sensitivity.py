@@ -112,7 +112,7 @@ def scores_in_onnx_runtime(meter: CandidateMeter, device: str | torch.device) ->
 
 ENGINE_TEST_IMAGES = (8, 40)
 """Each engine reads the baseline on this many images, timed, after a warm-up read: the difference is its cost per
-image, the rest its cost per read (a session, moving the weights), to choose the cheaper one for the probes."""
+image, the rest its cost per read (an export, a session, moving the weights), to choose the cheaper engine."""
 
 
 def scoring_engine(
@@ -130,11 +130,10 @@ def scoring_engine(
     small, large = (min(n, len(data.val)) for n in ENGINE_TEST_IMAGES)
     read_images = min(images or len(data.val), len(data.val))
 
-    def ms_per_read(read: Callable[[int], Iterator[np.ndarray]]) -> float:
+    def ms_per_read(engine: str) -> float:
         def seconds(n: int) -> float:
             started = time.perf_counter()
-            for _ in read(n):
-                pass
+            read_top1_correct(baseline, data, "val", limit=n, device=device, engine=engine)
             return time.perf_counter() - started
 
         seconds(min(4, small))  # warm-up: first calls allocate and choose kernels
@@ -143,10 +142,7 @@ def scoring_engine(
         per_read = max(at_small - small * per_image, 0.0)
         return 1000 * (per_read + per_image * read_images)
 
-    def reader(engine: str) -> Callable[[int], Iterator[np.ndarray]]:
-        return lambda n: iter([read_top1_correct(baseline, data, "val", limit=n, device=device, engine=engine)])
-
-    costs = {engine: ms_per_read(reader(engine)) for engine in ("onnxruntime", "pytorch")}
+    costs = {engine: ms_per_read(engine) for engine in ("onnxruntime", "pytorch")}
     return min(costs, key=lambda engine: costs[engine]), costs
 
 

@@ -190,10 +190,11 @@ def onnx_top1_correct(
     reporter: Reporter | None = None,
 ) -> np.ndarray:
     """Per image of ``split``, in the order :func:`onnx_top1` reads them: is the model's top-1 the true class."""
-    hits = [
-        logits[0].argmax(axis=1) == labels
-        for logits, labels in _logits([onnx_model], data, split, threads, batch_size, limit, reporter)
-    ]
+    hits = list(
+        onnx_correct_batches(
+            onnx_model, data, split, threads=threads, batch_size=batch_size, limit=limit, reporter=reporter
+        )
+    )
     if not hits:
         raise ValueError(f"split {split!r} is empty")
     return np.concatenate(hits).astype(bool)
@@ -207,10 +208,11 @@ def onnx_correct_batches(
     threads: int | None = None,
     batch_size: int = 64,
     limit: int | None = None,
+    reporter: Reporter | None = None,
 ) -> Iterator[np.ndarray]:
     """:func:`onnx_top1_correct` batch by batch, the same images in the same order: a reader that has seen enough
     closes the iterator and no further image is read."""
-    for logits, labels in _logits([onnx_model], data, split, threads, batch_size, limit, None):
+    for logits, labels in _logits([onnx_model], data, split, threads, batch_size, limit, reporter):
         yield logits[0].argmax(axis=1) == labels
 
 
