@@ -6,13 +6,21 @@ tracked files: :class:`ResultsCache` writes ``results.json`` and, beside it, a t
 new machine starts from; :func:`carry_study` keeps a copy of each search's SQLite database (small:
 the trials and their records, no weights) and puts it back where the working folder lost it, so the
 search resumes instead of starting over with other trials.
+
+Two runs of one benchmark may share a working folder, one per core (``--helper``): the cache
+merges what each writes, and :meth:`ResultsCache.claim` lets one run take a result the other is
+already computing and the other skip it, to wait for it only when it needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +49,46 @@ class ResultsCache:
                 log(f"{len(carried)} results carried over from {mirror.name}")
                 self.data.update(carried)
 
+    def refresh(self) -> None:
+        """Take in what another run sharing the working folder has written since."""
+        if self.path.exists():
+            self.data.update({k: v for k, v in json.loads(self.path.read_text()).items() if k not in self.data})
+
     def save(self) -> None:
-        """Write the cache, and its tracked mirror, each atomically."""
-        _write(self.path, json.dumps(self.data, indent=1))
-        if self.mirror is not None:
-            _write(self.mirror, json.dumps(self.data, indent=1) + "\n")
+        """Write the cache (merged with what another run wrote), and its tracked mirror, each atomically."""
+        with self._locked(self.path.with_suffix(".lock"), blocking=True):
+            self.refresh()
+            _write(self.path, json.dumps(self.data, indent=1))
+            if self.mirror is not None:
+                _write(self.mirror, json.dumps(self.data, indent=1) + "\n")
+
+    @contextlib.contextmanager
+    def claim(self, key: str, wait: bool) -> Iterator[bool]:
+        """Hold ``key`` while computing it: yields False (without waiting) while another run holds it.
+
+        With ``wait`` it waits for the other run instead, and then yields True: the caller looks
+        for the other run's result first (a run that died leaves none, and the caller computes it).
+        """
+        lock = self.path.parent / "claims" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".lock")
+        lock.parent.mkdir(exist_ok=True)
+        with self._locked(lock, blocking=wait) as held:
+            if held:
+                self.refresh()
+            yield held
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _locked(path: Path, blocking: bool) -> Iterator[bool]:
+        with open(path, "a") as handle:  # an flock dies with its process: a killed run frees its claims
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _write(path: Path, text: str) -> None:

@@ -126,14 +126,20 @@ class Bench:
         self.reused: list[str] = []
         self.quantization_flag = "--quantization" in _run(["export", "--help"]).stdout
 
-    def cached(self, key: str, compute: Any) -> Any:
-        if key in self.cache:
-            if key not in self.reused:
-                self.reused.append(key)
-                log(f"reused from an earlier run: {key}")
-            return self.cache[key]
-        self.cache[key] = compute()
-        self.store.save()
+    def cached(self, key: str, compute: Any, wait: bool = True) -> Any:
+        """The cached result of ``key``, or computed; None without ``wait`` while another run computes it."""
+        self.store.refresh()
+        if key not in self.cache:
+            with self.store.claim(key, wait) as held:
+                if not held:
+                    return None
+                if key not in self.cache:  # (unless the run that held it has just written it)
+                    self.cache[key] = compute()
+                    self.store.save()
+                    return self.cache[key]
+        if key not in self.reused:
+            self.reused.append(key)
+            log(f"reused from an earlier run: {key}")
         return self.cache[key]
 
     def int8_study(self, model: str) -> tuple[Path, str]:
@@ -153,7 +159,9 @@ class Bench:
         carry_study(studies, name, self.studies_mirror)
         return studies, name
 
-    def export(self, where: tuple[Path, str], number: int, recipe: Recipe, seed: int, epochs: float) -> dict[str, Any]:
+    def export(
+        self, where: tuple[Path, str], number: int, recipe: Recipe, seed: int, epochs: float, wait: bool = True
+    ) -> dict[str, Any] | None:
         studies, study = where
         key = f"export {study} {number} {recipe.key()} seed {seed} epochs {epochs:g}"
 
@@ -185,10 +193,19 @@ class Bench:
                 "fp32_onnx": str(folder / "model.onnx"),
             }
 
-        return self.cached(key, run)
+        return self.cached(key, run, wait)
+
+    def prefetch(
+        self, where: tuple[Path, str], number: int, recipes: list[Recipe], seeds: tuple, epochs: float
+    ) -> None:
+        """Export what no other run has taken yet, so that two runs sharing the work folder split the rows."""
+        for recipe in recipes:
+            for seed in seeds:
+                self.export(where, number, recipe, seed, epochs, wait=False)
 
     def row(self, where: tuple[Path, str], number: int, recipe: Recipe, seeds: tuple[int, ...], epochs: float) -> dict:
-        runs = [self.export(where, number, recipe, seed, epochs) for seed in seeds]
+        first = {seed: self.export(where, number, recipe, seed, epochs, wait=False) for seed in seeds}
+        runs = [got or self.export(where, number, recipe, seed, epochs) for seed, got in first.items()]
         failed = [r["error"] for r in runs if "error" in r]
         out: dict[str, Any] = {"row": recipe.label, "recipe": asdict(recipe), "epochs": epochs, "seeds": list(seeds)}
         if failed:
@@ -235,14 +252,22 @@ def mobilenet_track(bench: Bench) -> dict[str, Any]:
     candidates += [
         Recipe(f"feature distillation, --feature-distill {w:g}", feature_distill=w) for w in plan.feature_weights
     ]
+    bench.prefetch(where, number, candidates, plan.seeds, plan.epochs)
     result["rows"] = [today] + [bench.row(where, number, r, plan.seeds, plan.epochs) for r in candidates]
     best = best_combination(today, result["rows"][1:])
     result["best"] = asdict(best)
     if best.key() != TODAY.key() and best.key() not in {r.key() for r in candidates}:
         result["rows"].append(bench.row(where, number, best, plan.seeds, plan.epochs))
-    for recipe in (TODAY, best) if best.key() != TODAY.key() else (TODAY,):
-        result["rows"].append(bench.row(where, number, recipe, plan.long_seeds, plan.long_epochs))
     return result
+
+
+def long_rows(bench: Bench, track: dict[str, Any], best: Recipe) -> None:
+    """Today's export and the best combination at ``--long-epochs``: the last rows run (one seed each, the
+    longest exports), so that two runs sharing the work folder each take one."""
+    where, plan = (Path(track["studies"]), track["study"]), bench.plan
+    recipes = [TODAY, best] if best.key() != TODAY.key() else [TODAY]
+    bench.prefetch(where, track["trial"], recipes, plan.long_seeds, plan.long_epochs)
+    track["rows"] += [bench.row(where, track["trial"], r, plan.long_seeds, plan.long_epochs) for r in recipes]
 
 
 def int8_track(bench: Bench, best: Recipe) -> dict[str, Any]:
@@ -255,10 +280,12 @@ def int8_track(bench: Bench, best: Recipe) -> dict[str, Any]:
     chosen = recommended(rows(_study(where)))
     result["trial"], result["policy"] = chosen.number, chosen.policy.describe()
     result["studies"], result["study"] = str(where[0]), where[1]
+    recipes = []
     for mode in ("ptq", "qat"):
         qat_epochs = bench.plan.qat_epochs if mode == "qat" else None
-        recipe = replace(best, label=f"{mode.upper()}, {best.label}", quantization=mode, qat_epochs=qat_epochs)
-        result["rows"].append(bench.row(where, chosen.number, recipe, bench.plan.seeds, bench.plan.epochs))
+        recipes.append(replace(best, label=f"{mode.upper()}, {best.label}", quantization=mode, qat_epochs=qat_epochs))
+    bench.prefetch(where, chosen.number, recipes, bench.plan.seeds, bench.plan.epochs)
+    result["rows"] = [bench.row(where, chosen.number, r, bench.plan.seeds, bench.plan.epochs) for r in recipes]
     return result
 
 
@@ -268,6 +295,7 @@ def resnet_track(bench: Bench, best: Recipe) -> dict[str, Any]:
     result: dict[str, Any] = {"model": allocation.RESNET, "fraction": bench.plan.fraction, "trial": number}
     result["studies"], result["study"] = str(where[0]), where[1]
     recipes = [TODAY] + ([best] if best.key() != TODAY.key() else [])
+    bench.prefetch(where, number, recipes, bench.plan.seeds, bench.plan.epochs)
     result["rows"] = [bench.row(where, number, r, bench.plan.seeds, bench.plan.epochs) for r in recipes]
     return result
 
@@ -329,6 +357,17 @@ def main() -> None:
         help="run nothing: write the exports finished so far (the results cache) as the BENCHMARKS.md section",
     )
     parser.add_argument("--note", default="", help="with --so-far: how the machine was shared while they ran")
+    parser.add_argument(
+        "--helper",
+        action="store_true",
+        help="a second run beside the main one, sharing its work folder (one core each): it takes the exports "
+        "the main run has not taken, and stops before timing latency (which needs a quiet machine)",
+    )
+    parser.add_argument(
+        "--searches-only",
+        action="store_true",
+        help="run (or reuse) the searches and stop: they time latency, run them quiet",
+    )
     args = parser.parse_args()
     if args.so_far:
         cache = json.loads(MIRROR.read_text()) if MIRROR.is_file() else {}
@@ -361,12 +400,23 @@ def main() -> None:
     )
     bench = Bench(plan, work, studies, carry=carry)
     log(f"plan {plan}; export takes --quantization: {bench.quantization_flag}")
+    if args.searches_only:
+        searches = [_searched(bench, allocation.MOBILENET)] + (
+            [_searched(bench, allocation.RESNET)] if plan.resnet else []
+        )
+        searches += [bench.int8_study(allocation.MOBILENET)] if plan.int8 and bench.quantization_flag else []
+        log(f"searches ready: {', '.join(name for _, name in searches)}")
+        return
     tracks = [mobilenet_track(bench)]
     best = Recipe(**tracks[0]["best"])
     if plan.int8:
         tracks.append(int8_track(bench, best))
     if plan.resnet:
         tracks.append(resnet_track(bench, best))
+    long_rows(bench, tracks[0], best)
+    if args.helper:
+        log(f"helper done in {(time.perf_counter() - started) / 60:.1f} min: every export of the plan is cached")
+        return
     measure_latencies(bench, tracks)
     result = {
         "plan": asdict(plan),

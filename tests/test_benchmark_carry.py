@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from benchmarks.carry import ResultsCache, carry_study
 
@@ -51,3 +52,43 @@ def test_a_study_made_from_another_takes_its_settings_but_none_of_its_promotions
     }
     # b's claims copied into c, all marked done, kept c from ever promoting its trials of the same numbers
     assert study_settings(attrs) == {"budget_ms": 0.3, "baseline_latency_ms": 1.2}
+
+
+def _hold_claim(work: str, key: str, started: Any, release: Any) -> None:
+    cache = ResultsCache(Path(work))
+    with cache.claim(key, wait=False) as held:
+        assert held
+        started.set()
+        release.wait(30)
+        cache.data[key] = "computed by the other run"
+        cache.save()
+
+
+def test_two_runs_sharing_a_work_folder_split_the_work_and_keep_both_results(tmp_path: Path) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    started, release = context.Event(), context.Event()
+    other = context.Process(target=_hold_claim, args=(str(tmp_path), "export a", started, release))
+    other.start()
+    try:
+        assert started.wait(60)
+        cache = ResultsCache(tmp_path)
+        with cache.claim("export a", wait=False) as held:
+            assert not held  # the other run has it: this one moves on
+        with cache.claim("export b", wait=False) as held:
+            assert held
+            cache.data["export b"] = "computed here"
+            cache.save()
+        release.set()
+        with cache.claim("export a", wait=True) as held:  # waits for the other run, then sees its result
+            assert held and cache.data["export a"] == "computed by the other run"
+    finally:
+        release.set()
+        other.join(60)
+    assert other.exitcode == 0
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == {
+        "export a": "computed by the other run",
+        "export b": "computed here",
+    }  # neither save lost the other's
