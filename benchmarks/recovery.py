@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -490,7 +491,31 @@ def render_so_far(cache: dict[str, Any], hardware: dict[str, Any], note: str = "
             f"| {key.removeprefix('export ')} | {100 * r['top1']:.2f}% | {fp32} | {r['finetune_seconds'] / 60:.1f} min |"
         )
     lines += [f"| {key.removeprefix('export ')} | refused: {why} | | |" for key, why in sorted(refused.items())]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *rows_so_far(done)])
+
+
+def rows_so_far(done: dict[str, Any]) -> list[str]:
+    """The finished exports grouped into rows (one per study, recipe and epochs): mean, spread, and
+    the difference from today's export (K1 W0) of the same study and epochs, with both spreads."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for key, r in done.items():
+        got = re.fullmatch(r"export (\S+ \d+) (.+) seed \d+ epochs (\S+)", key)
+        if got:
+            groups.setdefault((got[1], got[2], got[3]), []).append(r["top1"])
+    lines = [
+        "Rows so far (seeds finished of each; spread = max - min; vs today's: the difference of the means):",
+        "",
+        "| study, trial | recipe K / W | epochs | seeds | top-1 | spread | vs today's export |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (study, recipe, epochs), tops in sorted(groups.items()):
+        today = groups.get((study, "K1 W0", epochs))
+        delta = f"{100 * (statistics.fmean(tops) - statistics.fmean(today)):+.2f} pp" if today else "-"
+        lines.append(
+            f"| {study} | {recipe} | {epochs} | {len(tops)} | {100 * statistics.fmean(tops):.2f}% | "
+            f"{100 * (max(tops) - min(tops)):.2f} pp | {delta} |"
+        )
+    return lines
 
 
 def verdicts(tracks: list[dict[str, Any]]) -> list[str]:
