@@ -92,3 +92,20 @@ def test_two_runs_sharing_a_work_folder_split_the_work_and_keep_both_results(tmp
         "export a": "computed by the other run",
         "export b": "computed here",
     }  # neither save lost the other's
+
+
+def test_the_partial_recovery_section_groups_the_seeds_into_rows_against_todays_export() -> None:
+    from benchmarks.recovery import rows_so_far
+
+    done = {
+        "export s-0.25x 26 K1 W0 seed 0 epochs 3": {"top1": 0.83},
+        "export s-0.25x 26 K1 W0 seed 1 epochs 3": {"top1": 0.82},
+        "export s-0.25x 26 K2 W0 seed 0 epochs 3": {"top1": 0.81},
+        "export s-0.25x 26 K1 W1 seed 0 epochs 10": {"top1": 0.86},  # no today's row at 10 epochs yet
+        "export s-int8 9 K1 W0 qat seed 0 epochs 3": {"top1": 0.80},
+    }
+    lines = rows_so_far(done)
+    assert "| s-0.25x 26 | K1 W0 | 3 | 2 | 82.50% | 1.00 pp | +0.00 pp |" in lines
+    assert "| s-0.25x 26 | K2 W0 | 3 | 1 | 81.00% | 0.00 pp | -1.50 pp |" in lines
+    assert "| s-0.25x 26 | K1 W1 | 10 | 1 | 86.00% | 0.00 pp | - |" in lines
+    assert "| s-int8 9 | K1 W0 qat | 3 | 1 | 80.00% | 0.00 pp | - |" in lines
