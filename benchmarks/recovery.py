@@ -93,7 +93,7 @@ class Plan:
     epochs: float = 3
     seeds: tuple[int, ...] = (0, 1)
     steps: tuple[int, ...] = (2, 4)
-    feature_weights: tuple[float, ...] = (1.0,)
+    feature_weights: tuple[float, ...] = (1.0, 3.0)
     long_epochs: float = 10
     long_seeds: tuple[int, ...] = (0,)
     qat_epochs: float = 1.0
