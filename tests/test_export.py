@@ -343,10 +343,12 @@ def test_a_qat_export_killed_during_qat_resumes_from_its_last_qat_epoch(
     assert whole["int8"]["qat"]["steps"] == per_epoch + 2
     save = finetune._save_state
     saved: list[int] = []
+    trained: list[float] = []
 
-    def dies_after_the_first_epoch(path, model, optimizer, scheduler, step, features=None):
-        save(path, model, optimizer, scheduler, step, features)
+    def dies_after_the_first_epoch(path, model, optimizer, scheduler, step, seconds, features=None):
+        save(path, model, optimizer, scheduler, step, seconds, features)
         saved.append(step)
+        trained.append(seconds)
         raise KeyboardInterrupt  # killed right after QAT's first epoch was saved
 
     monkeypatch.setattr(finetune, "_save_state", dies_after_the_first_epoch)
@@ -365,6 +367,7 @@ def test_a_qat_export_killed_during_qat_resumes_from_its_last_qat_epoch(
     monkeypatch.setattr("search.shipping.qat.train", counting)
     resumed = export_trial(base, number, settings, tmp_path / "again", command="")
     assert steps_run == [2], "QAT resumed after its first epoch: only its last 2 steps ran again"
+    assert resumed["int8"]["qat"]["train_seconds"] >= round(trained[0], 1) > 0, "the first epoch's seconds count"
     for key in ("top1", "top1_agreement_with_fp32"):
         assert resumed["int8"][key] == whole["int8"][key], key
     assert resumed["int8"]["qat"]["agreement_with_fake_quant"] == whole["int8"]["qat"]["agreement_with_fake_quant"]
@@ -506,7 +509,10 @@ def test_an_export_that_dies_after_its_fine_tune_resumes_from_the_epoch_it_kept(
     with pytest.raises(KeyboardInterrupt):
         export_trial(base, 2, longer, tmp_path / "again", command="python cli.py export")
     monkeypatch.setattr(export_module, "_export_and_check", real)
+    (state,) = tmp_path.glob("**/finetune-state.pt")
+    trained = torch.load(state, weights_only=True)["seconds"]
     resumed = export_trial(base, 2, longer, tmp_path / "again", command="python cli.py export")
+    assert resumed["finetune"]["seconds"] >= round(trained, 1) > 0, "the card counts the fine-tune before the kill"
     assert resumed["finetune"]["val_top1_by_epoch"] == whole["finetune"]["val_top1_by_epoch"], "the scores survive"
     assert resumed["finetune"]["kept_epoch"] == whole["finetune"]["kept_epoch"]
     assert resumed["accuracy"]["after_finetune"] == whole["accuracy"]["after_finetune"], "the same weights ship"

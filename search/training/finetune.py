@@ -63,6 +63,7 @@ class FinetuneResult:
     steps: int
     """Steps run by this call (fewer than asked when it resumed from a checkpoint)."""
     seconds: float
+    """Training seconds of the whole fine-tune: a resumed call adds those its checkpoint recorded."""
     images_per_second: float
     final_loss: float
 
@@ -206,7 +207,7 @@ def _train(
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    done = 0
+    done, before = 0, 0.0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -215,6 +216,7 @@ def _train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done = int(state["step"])
+        before = float(state.get("seconds", 0.0))  # (checkpoints older than this field: the seconds are lost)
     epoch_length = steps_per_epoch or settings.steps
     stream = _forever(data, settings.batch_size, settings.seed, first_epoch=done // epoch_length)
     start = time.perf_counter()
@@ -247,21 +249,24 @@ def _train(
                     model.train()
                 if checkpoint is not None and (epoch_ends or step + 1 == settings.steps):
                     # the last step too: a run that dies after its fine-tune (a partial last epoch) never redoes it
-                    _save_state(checkpoint, model, optimizer, scheduler, step + 1, features)
+                    seconds = before + time.perf_counter() - start
+                    _save_state(checkpoint, model, optimizer, scheduler, step + 1, seconds, features)
     finally:
         stream.close()  # loader workers stop before anything is timed
     model.eval()
     seconds = time.perf_counter() - start
-    return FinetuneResult(settings.steps - done, seconds, images / max(seconds, 1e-9), loss_value)
+    return FinetuneResult(settings.steps - done, before + seconds, images / max(seconds, 1e-9), loss_value)
 
 
-def _save_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, step: int, features: Any = None) -> None:
+def _save_state(
+    path: Path, model: nn.Module, optimizer: Any, scheduler: Any, step: int, seconds: float, features: Any = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if features is not None:
         state["features"] = features.state_dict()
-    torch.save({**state, "step": step}, partial)
+    torch.save({**state, "step": step, "seconds": seconds}, partial)
     os.replace(partial, path)
 
 
