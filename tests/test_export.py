@@ -502,7 +502,10 @@ def test_an_export_that_dies_after_its_fine_tune_resumes_from_the_epoch_it_kept(
     assert set(whole["finetune"]["val_top1_by_epoch"]) == {"0", "1", "2"}
     real = export_module._export_and_check
 
-    def dies(*args, **kwargs):  # killed after the fine-tune, while exporting and checking
+    tuned: dict[str, torch.Tensor] = {}
+
+    def dies(base, model, *args, **kwargs):  # killed after the fine-tune, while exporting and checking
+        tuned.update({k: v.clone() for k, v in model.state_dict().items()})
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_module, "_export_and_check", dies)
@@ -511,11 +514,16 @@ def test_an_export_that_dies_after_its_fine_tune_resumes_from_the_epoch_it_kept(
     monkeypatch.setattr(export_module, "_export_and_check", real)
     (state,) = tmp_path.glob("**/finetune-state.pt")
     trained = torch.load(state, weights_only=True)["seconds"]
+    (record,) = tmp_path.glob("**/best-epoch.json")
+    scored = {e: round(v, 4) for e, v in json.loads(record.read_text()).items()}
     resumed = export_trial(base, 2, longer, tmp_path / "again", command="python cli.py export")
     assert resumed["finetune"]["seconds"] >= round(trained, 1) > 0, "the card counts the fine-tune before the kill"
-    assert resumed["finetune"]["val_top1_by_epoch"] == whole["finetune"]["val_top1_by_epoch"], "the scores survive"
-    assert resumed["finetune"]["kept_epoch"] == whole["finetune"]["kept_epoch"]
-    assert resumed["accuracy"]["after_finetune"] == whole["accuracy"]["after_finetune"], "the same weights ship"
+    # Compared with what the killed run scored and kept (a second fine-tune with feature distillation, the
+    # default, is not bit-for-bit the first: "whole" can differ from it by an image of the small val split).
+    assert resumed["finetune"]["val_top1_by_epoch"] == scored, "the scores survive"
+    assert str(resumed["finetune"]["kept_epoch"]) == max(sorted(scored, key=int), key=lambda e: scored[e])
+    shipped = load_pruned(tmp_path / "again" / "model.pt").state_dict()
+    assert all(torch.equal(shipped[k], tuned[k]) for k in tuned), "the weights the killed run kept ship"
     assert not [p.name for p in (tmp_path / "again").iterdir() if p.name.startswith(("best-epoch", "finetune-state"))]
 
 

@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         default=EXPORT_DEFAULTS.feature_distill,
         help="weight of matching the space's stage outputs to the unpruned model's through 1x1 adapters "
-        f"(default: {EXPORT_DEFAULTS.feature_distill:g}, off)",
+        f"(default: {EXPORT_DEFAULTS.feature_distill:g}; 0 turns it off)",
     )
     parser.add_argument("--train-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     add_device_option(parser)
