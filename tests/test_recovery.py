@@ -20,6 +20,7 @@ from search.pruning.space import load_space
 from search.pruning.stepwise import check_prune_steps, prune_towards, step_targets
 from search.shipping.export import export_trial
 from search.shipping.rebuild import load_study_baseline, rebuild_pruned
+from search.shipping.settings import ExportSettings
 from search.training.feature_distill import FeatureDistiller, stage_outputs
 from search.training.finetune import TrainSettings, train
 from tests.conftest import ROOT, run_main
@@ -175,6 +176,30 @@ def test_a_study_without_its_space_refuses_steps_plainly() -> None:
 
     with pytest.raises(UsageError, match="does not store its search space"):
         iterative.study_space(SimpleNamespace(study_name="old", user_attrs={}))
+
+
+def test_the_default_feature_distillation_is_left_out_plainly_where_the_study_has_no_space() -> None:
+    from types import SimpleNamespace
+
+    from search.progress import NullReporter
+
+    class Lines(NullReporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def info(self, message: str) -> None:
+            self.lines.append(message)
+
+    old = SimpleNamespace(study_name="old", user_attrs={})
+    said = Lines()
+    assert iterative.feature_weight(ExportSettings(), old, said) == 0.0
+    assert said.lines == [
+        "Feature distillation left out: the study did not store its search space (made before that was kept)"
+    ]
+    asked = ExportSettings(feature_distill=3.0, feature_distill_asked=True)  # the flag given: study_space refuses
+    assert iterative.feature_weight(asked, old, Lines()) == 3.0
+    stored = SimpleNamespace(study_name="new", user_attrs={"space": {"text": "stages: []"}})
+    assert iterative.feature_weight(ExportSettings(), stored, said) == ExportSettings().feature_distill > 0
 
 
 def test_steps_split_the_fine_tune_evenly() -> None:

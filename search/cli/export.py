@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--feature-distill",
         type=non_negative_float,
-        default=EXPORT_DEFAULTS.feature_distill,
+        default=None,
         help="weight of matching the space's stage outputs to the unpruned model's through 1x1 adapters "
         f"(default: {EXPORT_DEFAULTS.feature_distill:g}; 0 turns it off)",
     )
@@ -137,7 +137,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         quantization=args.quantization,
         qat_epochs=args.qat_epochs,
         prune_steps=args.prune_steps,
-        feature_distill=args.feature_distill,
+        feature_distill=EXPORT_DEFAULTS.feature_distill if args.feature_distill is None else args.feature_distill,
+        feature_distill_asked=args.feature_distill is not None,
     )
     out = Path(args.out) if args.out else Path(args.studies_dir) / args.study / "export"
     command = "python cli.py " + " ".join(shlex.quote(a) for a in masked_command(sys.argv[1:]))  # no password

@@ -53,12 +53,28 @@ def split_steps(total: int, parts: int) -> list[int]:
 def study_space(study: optuna.Study) -> SearchSpace:
     """The space the study searched, from the text it stored."""
     stored = study.user_attrs.get("space")
-    if not isinstance(stored, dict) or not stored.get("text"):
+    if not _has_space(study):
         raise UsageError(
             f"study {study.study_name!r} does not store its search space (made before that was kept); "
             "use --prune-steps 1 and --feature-distill 0"
         )
     return parse_space(stored["text"], str(stored.get("path", "the study's space")))
+
+
+def _has_space(study: optuna.Study) -> bool:
+    stored = study.user_attrs.get("space")
+    return isinstance(stored, dict) and bool(stored.get("text"))
+
+
+def feature_weight(settings: ExportSettings, study: optuna.Study, reporter: Reporter) -> float:
+    """The feature distillation weight to train with: the default is left out (with a line saying so) for a
+    study that did not store its space; a weight the user asked for stays (and :func:`study_space` refuses)."""
+    if settings.feature_distill > 0 and not settings.feature_distill_asked and not _has_space(study):
+        reporter.info(
+            "Feature distillation left out: the study did not store its search space (made before that was kept)"
+        )
+        return 0.0
+    return settings.feature_distill
 
 
 class Recovery:
@@ -83,7 +99,8 @@ class Recovery:
         self.original = layer_channels(base.model)
         self.final = layer_channels(final)
         self.space: SearchSpace | None = None
-        if self.steps > 1 or settings.feature_distill > 0:
+        self.feature_distill = feature_weight(settings, base.study, reporter)
+        if self.steps > 1 or self.feature_distill > 0:
             self.space = study_space(base.study)
         check_prune_steps(self.steps, self.original, self.final)
         self._file = work / SCHEDULE_FILE
@@ -145,17 +162,20 @@ class Recovery:
 
     def distiller(self, model: nn.Module) -> FeatureDistiller | None:
         """Feature distillation of ``model`` from the baseline, or None when its weight is 0."""
-        if self.settings.feature_distill <= 0:
+        if self.feature_distill <= 0:
             return None
         assert self.space is not None
         example = self.base.data.example_input()
         where = stage_outputs(self.base.model, [(s.name, s.modules) for s in self.space.stages], example)
+        if not where and not self.settings.feature_distill_asked:
+            self.reporter.info("Feature distillation left out: no stage of the study's space ends in a feature map")
+            return None
         batch = next(
             self.base.data.batches(
                 "train", self.settings.batch_size, shuffle=True, augment=False, seed=self.settings.seed
             )
         )
-        features = FeatureDistiller(model, self.base.model, where, self.settings.feature_distill, batch)
+        features = FeatureDistiller(model, self.base.model, where, self.feature_distill, batch)
         self._distilled = features.describe()
         return features
 

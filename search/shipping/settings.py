@@ -54,6 +54,10 @@ class ExportSettings:
     :mod:`search.training.feature_distill`). The default is benchmarks/recovery.py's best: on
     MobileNetV2 at 25% of its latency, 3 epochs, weight 3 gave +1.15 pp over none (2 seeds each,
     spreads 0.29 and 0.39 pp), weight 1 +0.65 pp; fine-tunes of 21 min against 18-20 on one shared core."""
+    feature_distill_asked: bool = False
+    """The user chose ``feature_distill`` (the flag was given): where it cannot apply (a study that did not
+    store its space, a space with no stage ending in a feature map) that is an error; the default is left
+    out there instead, with a line saying so."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
