@@ -291,6 +291,8 @@ def test_a_grouped_family_searches_and_exports_end_to_end_with_its_module_names(
     folder = next(out.glob("trial-*"))
     card = json.loads((folder / "card.json").read_text())
     assert any(name.startswith("trunk_output.block") for name in card["policy"]["stages"])
+    distilled = card["feature_distill"]  # on by default: its adapters named by the dotted stages
+    assert distilled["weight"] > 0 and any(name.startswith("trunk_output.block") for name in distilled["stages"])
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
 

@@ -93,7 +93,7 @@ class FeatureDistiller(nn.Module):
             for stage in self.where:
                 s, t = self._seen["student"][stage], self._seen["teacher"][stage]
                 if s.shape[1] != t.shape[1]:
-                    self.adapters[stage] = _least_squares_adapter(s.float(), t.float())
+                    self.adapters[_key(stage)] = _least_squares_adapter(s.float(), t.float())
         self._clear()
 
     @property
@@ -102,10 +102,11 @@ class FeatureDistiller(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """What the card records: the weight, the stages and the module ending each, the adapted stages."""
+        adapted = {stage: self.adapters[_key(stage)] for stage in self.where if _key(stage) in self.adapters}
         return {
             "weight": self.weight,
             "stages": dict(self.where),
-            "adapters": {name: [a.in_channels, a.out_channels] for name, a in self.adapters.items()},
+            "adapters": {stage: [a.in_channels, a.out_channels] for stage, a in adapted.items()},
         }
 
     @contextmanager
@@ -135,8 +136,8 @@ class FeatureDistiller(nn.Module):
         terms = []
         for stage in self.where:
             s = student[stage]
-            if stage in self.adapters:
-                s = self.adapters[stage](s)
+            if _key(stage) in self.adapters:
+                s = self.adapters[_key(stage)](s)
             t = teacher[stage].detach().float()
             terms.append(((s.float() - t) ** 2).mean() / (t**2).mean().clamp_min(1e-8))
         self._clear()
@@ -144,6 +145,12 @@ class FeatureDistiller(nn.Module):
 
     def _clear(self) -> None:
         self._seen = {"student": {}, "teacher": {}}
+
+
+def _key(stage: str) -> str:
+    """The adapter's name in the ModuleDict (which refuses dots; a stage of a grouped family is
+    named like ``trunk_output.block3``)."""
+    return stage.replace(".", "__")
 
 
 def _least_squares_adapter(student: torch.Tensor, teacher: torch.Tensor) -> nn.Conv2d:
