@@ -266,6 +266,9 @@ def long_rows(bench: Bench, track: dict[str, Any], best: Recipe) -> None:
     """Today's export and the best combination at ``--long-epochs``: the last rows run (one seed each, the
     longest exports), so that two runs sharing the work folder each take one."""
     where, plan = (Path(track["studies"]), track["study"]), bench.plan
+    if plan.long_epochs <= 0:
+        track["long_note"] = "the longer rows were not run this time (`--long-epochs 0`)"
+        return
     recipes = [TODAY, best] if best.key() != TODAY.key() else [TODAY]
     bench.prefetch(where, track["trial"], recipes, plan.long_seeds, plan.long_epochs)
     track["rows"] += [bench.row(where, track["trial"], r, plan.long_seeds, plan.long_epochs) for r in recipes]
@@ -347,7 +350,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Plan.seeds))
     parser.add_argument("--steps", type=int, nargs="+", default=list(Plan.steps), help="values of --prune-steps")
     parser.add_argument("--feature-weights", type=float, nargs="+", default=list(Plan.feature_weights))
-    parser.add_argument("--long-epochs", type=float, default=Plan.long_epochs)
+    parser.add_argument(
+        "--long-epochs",
+        type=float,
+        default=Plan.long_epochs,
+        help="0: leave the longer rows out (say so in the section)",
+    )
     parser.add_argument("--long-seeds", type=int, nargs="+", default=list(Plan.long_seeds))
     parser.add_argument("--no-resnet", action="store_true")
     parser.add_argument("--no-int8", action="store_true")
@@ -468,7 +476,7 @@ def render(result: dict[str, Any]) -> str:
                 f"| {r['row']} | {r['epochs']:g} | {len(r['seeds'])} | {100 * r['mean']:.2f}% | "
                 f"{100 * r['spread']:.2f} pp | {delta} | {r['finetune_seconds'] / 60:.1f} min | {'; '.join(extra)} |"
             )
-        lines.append("")
+        lines += ["", f"({track['long_note']})", ""] if track.get("long_note") else [""]
     return "\n".join([*lines, "Targets of issue #26:", "", *(f"- {v}" for v in verdicts(result["tracks"]))])
 
 
@@ -555,6 +563,25 @@ def verdicts(tracks: list[dict[str, Any]]) -> list[str]:
             f"{name}: {best['row']} {100 * gain:+.2f} pp against today's export (seed spread {100 * spread:.2f} pp); "
             f"{'met' if met else 'missed'} ({goal})"
         )
+        out += lasting(name, first, scored)
+    return out
+
+
+def lasting(name: str, first: dict[str, Any], scored: list[dict[str, Any]]) -> list[str]:
+    """Whether the gain lasts: the rows at longer epochs, each against today's export at those epochs."""
+    out = []
+    for epochs in sorted({r["epochs"] for r in scored if r["epochs"] != first["epochs"]}):
+        longer = [r for r in scored if r["epochs"] == epochs]
+        today = next(
+            (r for r in longer if r["recipe"]["prune_steps"] == 1 and not r["recipe"]["feature_distill"]), None
+        )
+        for r in longer:
+            if today is not None and r is not today:
+                seeds = f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}"
+                out.append(
+                    f"{name} at {epochs:g} epochs: {r['row']} {100 * (r['mean'] - today['mean']):+.2f} pp against "
+                    f"today's export ({seeds}; {100 * today['mean']:.2f}% and {100 * r['mean']:.2f}%)"
+                )
     return out
 
 

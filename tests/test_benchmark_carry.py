@@ -109,3 +109,30 @@ def test_the_partial_recovery_section_groups_the_seeds_into_rows_against_todays_
     assert "| s-0.25x 26 | K2 W0 | 3 | 1 | 81.00% | 0.00 pp | -1.50 pp |" in lines
     assert "| s-0.25x 26 | K1 W1 | 10 | 1 | 86.00% | 0.00 pp | - |" in lines
     assert "| s-int8 9 | K1 W0 qat | 3 | 1 | 80.00% | 0.00 pp | - |" in lines
+
+
+def test_the_recovery_verdicts_judge_the_gain_at_equal_epochs_and_say_whether_it_lasts() -> None:
+    from benchmarks.recovery import verdicts
+
+    def row(label: str, k: int, w: float, epochs: float, tops: list[float]) -> dict[str, Any]:
+        recipe = {"prune_steps": k, "feature_distill": w, "quantization": None}
+        mean = sum(tops) / len(tops)
+        return {"row": label, "recipe": recipe, "epochs": epochs, "seeds": list(range(len(tops)))} | {
+            "mean": mean,
+            "spread": max(tops) - min(tops),
+        }
+
+    rows = [
+        row("today", 1, 0, 3, [0.830, 0.826]),
+        row("K2", 2, 0, 3, [0.816, 0.815]),
+        row("W3", 1, 3, 3, [0.841, 0.838]),
+        row("today", 1, 0, 10, [0.850]),
+        row("W3", 1, 3, 10, [0.856]),
+    ]
+    got = verdicts([{"model": "mobilenet_v2_cifar", "fraction": 0.25, "rows": rows}])
+    assert got[0].startswith("mobilenet_v2_cifar at 25%: W3 +1.15 pp") and "; met (" in got[0]
+    assert got[1] == (
+        "mobilenet_v2_cifar at 25% at 10 epochs: W3 +0.60 pp against today's export (1 seed; 85.00% and 85.60%)"
+    )
+    rows[2] = row("W3", 1, 3, 3, [0.836, 0.830])  # +0.5 pp: short of the 1 pp target
+    assert "; missed (" in verdicts([{"model": "mobilenet_v2_cifar", "fraction": 0.25, "rows": rows[:3]}])[0]

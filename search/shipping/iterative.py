@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,13 @@ class Recovery:
         if not where and not self.settings.feature_distill_asked:
             self.reporter.info("Feature distillation left out: no stage of the study's space ends in a feature map")
             return None
-        batch = next(
-            self.base.data.batches(
-                "train", self.settings.batch_size, shuffle=True, augment=False, seed=self.settings.seed
-            )
-        )
+        # One batch to size the adapters: limited to that batch (the same images, no loader workers started) and
+        # closed once read.
+        size = self.settings.batch_size
+        with closing(
+            self.base.data.batches("train", size, shuffle=True, augment=False, seed=self.settings.seed, limit=size)
+        ) as batches:
+            batch = next(batches)
         features = FeatureDistiller(model, self.base.model, where, self.feature_distill, batch)
         self._distilled = features.describe()
         return features
