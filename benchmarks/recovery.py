@@ -304,6 +304,10 @@ def resnet_track(bench: Bench, best: Recipe) -> dict[str, Any]:
     return result
 
 
+def _track(model: str, plan: Plan) -> dict[str, Any]:
+    return {"model": model, "fraction": plan.fraction, "rows": []}
+
+
 def _searched(bench: Bench, model: str) -> tuple[Path, str]:
     bench.alloc.search(model, bench.plan.fraction)  # its database carried as the allocation bench's mirror says
     return bench.alloc.studies, bench.alloc.study_name(model, bench.plan.fraction)
@@ -418,10 +422,15 @@ def main() -> None:
         return
     tracks = [mobilenet_track(bench)]
     best = Recipe(**tracks[0]["best"])
+    left_out = "not run this time (`{}`): its rows come with a run without that flag"
     if plan.int8:
         tracks.append(int8_track(bench, best))
+    else:
+        tracks.append({**_track(allocation.MOBILENET, plan), "precision": "int8", "note": left_out.format("--no-int8")})
     if plan.resnet:
         tracks.append(resnet_track(bench, best))
+    else:
+        tracks.append({**_track(allocation.RESNET, plan), "note": left_out.format("--no-resnet")})
     long_rows(bench, tracks[0], best)
     if args.helper:
         log(f"helper done in {(time.perf_counter() - started) / 60:.1f} min: every export of the plan is cached")
