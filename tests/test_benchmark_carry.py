@@ -136,3 +136,24 @@ def test_the_recovery_verdicts_judge_the_gain_at_equal_epochs_and_say_whether_it
     )
     rows[2] = row("W3", 1, 3, 3, [0.836, 0.830])  # +0.5 pp: short of the 1 pp target
     assert "; missed (" in verdicts([{"model": "mobilenet_v2_cifar", "fraction": 0.25, "rows": rows[:3]}])[0]
+
+
+def test_the_recovery_section_names_a_track_left_out_and_the_longer_rows_not_run() -> None:
+    from benchmarks.recovery import render
+
+    rows = [
+        {"row": "today", "recipe": {"prune_steps": 1, "feature_distill": 0, "quantization": None}, "epochs": 3}
+        | {"seeds": [0], "mean": 0.83, "spread": 0.0, "finetune_seconds": 600, "runs": [{"top1": 0.83}]}
+    ]
+    result = {
+        "date": "2026-12-06",
+        "git_revision": "abc",
+        "hardware": {"cpu": "x"},
+        "tracks": [
+            {"model": "m", "fraction": 0.25, "rows": rows, "long_note": "the longer rows were not run this time"},
+            {"model": "r", "fraction": 0.25, "rows": [], "note": "not run this time (`--no-resnet`)"},
+        ],
+    }
+    body = render(result)
+    assert "(the longer rows were not run this time)" in body
+    assert "**r at 25%**\n\nnot run this time (`--no-resnet`)" in body
