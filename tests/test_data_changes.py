@@ -21,7 +21,7 @@ from search.errors import UsageError
 from search.progress import RecordingReporter
 from search.study.config import SearchConfig
 from search.study.create import _warn_near_chance
-from search.study.settings import check_resumable, settings_that_must_match
+from search.study.settings import STUDY_FORMAT, check_resumable, settings_that_must_match
 
 
 @pytest.fixture()
@@ -134,6 +134,28 @@ def test_a_study_stored_before_the_content_hash_still_resumes(cache_root: Path, 
     for key in ("data_files", "mean", "std"):  # what an existing study's settings lack
         del stored[key]
     check_resumable(_study(stored), _settings(load_dataset(spec), config), config)
+
+
+def test_a_study_written_by_a_later_version_is_refused_in_one_line_and_one_before_the_format_resumes(
+    cache_root: Path, tmp_path: Path
+) -> None:
+    """A worker must not misread records a later version wrote (its study format, or settings it does not know)."""
+    root = tmp_path / "data"
+    _folder(root)
+    spec = DataSpec(f"imagefolder:{root}", input_size=16)
+    config = SearchConfig(budget_ms=10, data=spec, study="mine")
+    here = _settings(load_dataset(spec), config)
+    assert here["format"] == STUDY_FORMAT
+    later = {**here, "format": STUDY_FORMAT + 1}
+    with pytest.raises(UsageError) as refused:
+        check_resumable(_study(later), here, config)
+    said = str(refused.value)
+    assert "\n" not in said and f"study format {STUDY_FORMAT + 1}, this version reads up to {STUDY_FORMAT}" in said
+    assert "install the same version on every worker" in said
+    with pytest.raises(UsageError, match=r"settings this version does not know: warmup_steps"):
+        check_resumable(_study({**here, "warmup_steps": 5}), here, config)
+    before = {k: v for k, v in here.items() if k != "format"}  # a study made before the number existed
+    check_resumable(_study(before), here, config)
 
 
 @pytest.mark.parametrize(

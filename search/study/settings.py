@@ -23,6 +23,7 @@ from search.training.evaluate import subset_limit
 from search.training.finetune import TrainSettings
 
 __all__ = [
+    "STUDY_FORMAT",
     "check_resumable",
     "check_same_data",
     "check_same_device_kind",
@@ -31,6 +32,12 @@ __all__ = [
     "quantize_settings",
     "settings_that_must_match",
 ]
+
+
+STUDY_FORMAT = 1
+"""How this version records a study. Bump it when a stored record changes so that older code would misread it:
+a worker refuses a study of a later format (and one whose settings name what it does not know) rather than
+read it wrongly. Studies made before the number existed are format 0 and read as before."""
 
 
 def settings_that_must_match(
@@ -60,6 +67,7 @@ def settings_that_must_match(
         if config.rung_steps
         else None,
         "sampler": config.sampler,  # workers of one study propose policies the same way
+        "format": STUDY_FORMAT,  # checked apart: a later version reads an earlier format
     }
 
 
@@ -114,7 +122,10 @@ def check_resumable(study: optuna.Study, settings: dict[str, Any], config: Searc
             f"study {config.study_name!r} in {masked(config.storage_url)} was not made by this tool; "
             "pick another --study name"
         )
+    _check_format(stored, config)
     for key, value in settings.items():
+        if key == "format":
+            continue
         if key not in stored and key in _BEFORE and stored.get("rungs"):
             stored = {**stored, key: _BEFORE[key]}  # made before the setting existed: it did what it now names
         if key in stored and stored[key] != value:
@@ -123,6 +134,22 @@ def check_resumable(study: optuna.Study, settings: dict[str, Any], config: Searc
                 f"({_shown(key, stored[key])}, now {_shown(key, value)}){_DETAIL.get(key, '')}; "
                 "rerun with the same settings to resume, or pass --study NEW"
             )
+
+
+def _check_format(stored: dict[str, Any], config: SearchConfig) -> None:
+    """Refuse a study written by a later version of this tool (its format, or settings this one does not know)."""
+    found = stored.get("format", 0)
+    unknown = sorted(set(stored) - set(_FLAGS) - {"format"})
+    if (isinstance(found, int) and found > STUDY_FORMAT) or unknown:
+        what = (
+            f"study format {found}, this version reads up to {STUDY_FORMAT}"
+            if not unknown
+            else (f"it records settings this version does not know: {', '.join(unknown)}")
+        )
+        raise UsageError(
+            f"study {config.study_name!r} was written by a later version of prune-search ({what}); "
+            "install the same version on every worker (pip install -U in each one's environment)"
+        )
 
 
 _BEFORE = {"rung_val_images": None}
