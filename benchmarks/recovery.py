@@ -552,9 +552,17 @@ def verdicts(tracks: list[dict[str, Any]]) -> list[str]:
                 fp32 = statistics.fmean(run["fp32_top1"] for run in ptq["runs"])
                 ptq_loss, qat_loss = fp32 - ptq["mean"], fp32 - qat["mean"]
                 met = qat["mean"] >= ptq["mean"] and (ptq_loss <= 0.003 or qat_loss <= 0.003)
+                # Also seed by seed: a QAT run shares its PTQ twin's seed (initial data order and augmentation),
+                # though not its schedule (its FP32 epochs end earlier), which the seeds' spread can hide in means.
+                paired = [
+                    f"{100 * (q['top1'] - p['top1']):+.2f}"
+                    for q, p in zip(qat["runs"], ptq["runs"], strict=True)
+                    if "top1" in q and "top1" in p
+                ]
                 out.append(
                     f"{name}, INT8: PTQ {100 * ptq_loss:+.2f} pp and QAT {100 * qat_loss:+.2f} pp below the FP32 "
-                    f"export's top-1; {'met' if met else 'missed'} (QAT within 0.3 pp where PTQ loses more, never below PTQ)"
+                    f"export's top-1 (QAT - PTQ seed by seed: {', '.join(paired)} pp); "
+                    f"{'met' if met else 'missed'} (QAT within 0.3 pp where PTQ loses more, never below PTQ)"
                 )
             continue
         same = [r for r in scored[1:] if r["epochs"] == first["epochs"]]
