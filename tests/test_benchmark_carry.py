@@ -157,3 +157,24 @@ def test_the_recovery_section_names_a_track_left_out_and_the_longer_rows_not_run
     body = render(result)
     assert "(the longer rows were not run this time)" in body
     assert "**r at 25%**\n\nnot run this time (`--no-resnet`)" in body
+
+
+def test_the_int8_verdict_compares_qat_with_ptq_against_the_fp32_export_and_seed_by_seed() -> None:
+    from benchmarks.recovery import verdicts
+
+    def row(mode: str, tops: list[float], fp32: list[float]) -> dict[str, Any]:
+        runs = [{"top1": t, "fp32_top1": f} for t, f in zip(tops, fp32, strict=True)]
+        recipe = {"prune_steps": 1, "feature_distill": 3, "quantization": mode}
+        return {"row": mode, "recipe": recipe, "epochs": 3, "seeds": [0, 1], "runs": runs} | {
+            "mean": sum(tops) / 2,
+            "spread": max(tops) - min(tops),
+        }
+
+    track = {"model": "m", "fraction": 0.25, "precision": "int8"}
+    ptq = row("ptq", [0.8559, 0.8249], [0.8556, 0.8243])  # PTQ loses nothing: QAT need only not fall below it
+    got = verdicts([track | {"rows": [ptq, row("qat", [0.8570, 0.8240], [0.85, 0.82])]}])
+    assert got == [
+        "m at 25%, INT8: PTQ -0.05 pp and QAT -0.06 pp below the FP32 export's top-1 (QAT - PTQ seed by seed: "
+        "+0.11, -0.09 pp); met (QAT within 0.3 pp where PTQ loses more, never below PTQ)"
+    ]
+    assert "; missed" in verdicts([track | {"rows": [ptq, row("qat", [0.8530, 0.8240], [0.85, 0.82])]}])[0]
