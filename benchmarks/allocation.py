@@ -561,11 +561,8 @@ def measure_latencies(bench: Bench, tracks: list[dict[str, Any]]) -> None:
     log(f"measuring every row's latency side by side with its baseline ({FINAL_PASSES} passes)")
     # In a process of its own, as search, export and bench time (recovery.py's in-process passes once put a 0.43 ms
     # INT8 model at 0.63 ms, 0.276 of its baseline against 0.233 when isolated).
-    timer = IsolatedTimer(FINAL_TIMING)
-    try:
+    with IsolatedTimer(FINAL_TIMING) as timer:
         _passes(bench, tracks, timer)
-    finally:
-        timer.close()
 
 
 def _passes(bench: Bench, tracks: list[dict[str, Any]], timer: IsolatedTimer) -> None:

@@ -326,16 +326,13 @@ def measure_latencies(bench: Bench, tracks: list[dict[str, Any]]) -> None:
     """Each track's first FP32 export and every INT8 export, interleaved with the baseline, in passes."""
     # In a process of its own, as search, export and bench time: this process holds torch and PyTorch's threads,
     # and timed the 0.43 ms INT8 model at 0.63 ms (0.276 of the baseline, against bench's 0.43 ms) on 2026-12-06.
-    timer = IsolatedTimer(allocation.FINAL_TIMING)
     todo = []
     for track in tracks:
         for r in track["rows"]:
             if "runs" in r and (r["recipe"]["quantization"] or r is track["rows"][0]):
                 todo.append((track["model"], r, track))
-    try:
+    with IsolatedTimer(allocation.FINAL_TIMING) as timer:
         _measure(bench, timer, todo)
-    finally:
-        timer.close()
 
 
 def _measure(bench: Bench, timer: IsolatedTimer, todo: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
@@ -606,9 +603,7 @@ def lasting(name: str, first: dict[str, Any], scored: list[dict[str, Any]]) -> l
     out = []
     for epochs in sorted({r["epochs"] for r in scored if r["epochs"] != first["epochs"]}):
         longer = [r for r in scored if r["epochs"] == epochs]
-        today = next(
-            (r for r in longer if r["recipe"]["prune_steps"] == 1 and not r["recipe"]["feature_distill"]), None
-        )
+        today = next((r for r in longer if Recipe(**r["recipe"]).key() == TODAY.key()), None)
         for r in longer:
             if today is not None and r is not today:
                 seeds = f"{len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''}"

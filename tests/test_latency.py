@@ -103,21 +103,22 @@ def test_the_search_bench_and_export_time_in_a_process_that_does_nothing_else() 
     base = torchvision.models.resnet18(num_classes=10).eval()
     pruned = apply_policy(torchvision.models.resnet18(num_classes=10), space.uniform(0.7), space, X).model
     reference, candidate = export_onnx(base, X), export_onnx(pruned, X)
-    timer = IsolatedTimer(FAST)
-    try:
+    with IsolatedTimer(FAST) as timer:  # leaving the block stops the child
         first = timer.time(candidate, tuple(X.shape), reference=reference)
         child = timer._process._child
         assert child is not None and child.pid != os.getpid() and child.poll() is None
         assert first.ratio is not None and first.ratio < 0.6  # the same judgement as in-process timing
-        quick = timer.with_settings(LatencySettings(warmup=1, round_size=3, min_rounds=2, max_seconds=5))
+        # Two rounds of 7 and no more, whatever the machine's load: the count shows these settings reached the child.
+        quick = timer.with_settings(
+            LatencySettings(warmup=1, round_size=7, min_rounds=2, min_seconds=0.0, max_seconds=0.0)
+        )
         second = quick.time(candidate, tuple(X.shape), reference=reference)
         assert timer._process._child is child, "probes reuse the search's timing process"
-        assert second.runs < first.runs and quick.threads == timer.threads and quick.runtime == timer.runtime
+        assert second.runs == 14 and first.runs % FAST.round_size == 0
+        assert quick.threads == timer.threads and quick.runtime == timer.runtime
         with pytest.raises(RuntimeError, match="onnxruntime could not time the model"):
             timer.time(b"not a model", tuple(X.shape), reference=reference)
         assert timer.time(candidate, tuple(X.shape)).median_ms > 0, "the child keeps serving after a bad model"
-    finally:
-        timer.close()
     assert child.poll() is not None
 
 

@@ -91,11 +91,8 @@ def _measure(
     def once() -> Any:
         if timer is not None:
             return timer.time(onnx, shape, reference=reference)
-        fresh = IsolatedTimer(LatencySettings(threads=threads, runtime=name))
-        try:
+        with IsolatedTimer(LatencySettings(threads=threads, runtime=name)) as fresh:  # each repeat: a fresh process
             return fresh.time(onnx, shape, reference=reference)
-        finally:
-            fresh.close()  # the next repeat starts a fresh process
 
     timings = [once() for _ in range(repeat)]
     return shape, timings if repeat > 1 else timings[0]

@@ -66,6 +66,12 @@ class IsolatedTimer(OnThisMachine):
         """Stop the child (a later timing starts it again)."""
         self._process.stop()
 
+    def __enter__(self) -> IsolatedTimer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def time(
         self, onnx_model: bytes | str, input_shape: tuple[int, ...], *, reference: bytes | str | None = None
     ) -> Latency:
