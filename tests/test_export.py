@@ -516,7 +516,20 @@ def test_an_export_that_dies_after_its_fine_tune_resumes_from_the_epoch_it_kept(
     trained = torch.load(state, weights_only=True)["seconds"]
     (record,) = tmp_path.glob("**/best-epoch.json")
     scored = {e: round(v, 4) for e, v in json.loads(record.read_text()).items()}
+    real_card = export_module.card_record
+
+    def dies_in_the_card(*args, **kwargs):  # the last moment before the files move into place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "card_record", dies_in_the_card)
+    with pytest.raises(KeyboardInterrupt):
+        export_trial(base, 2, longer, tmp_path / "again", command="python cli.py export")
+    monkeypatch.setattr(export_module, "card_record", real_card)
+    assert state.exists() and record.exists(), "a run killed while writing its card keeps what resumes it"
     resumed = export_trial(base, 2, longer, tmp_path / "again", command="python cli.py export")
+    # Top-1 before the fine-tune is read on the recalibrated model, on a resume too (it was the baseline's
+    # BatchNorm statistics there: far below what the uninterrupted run reported).
+    assert resumed["accuracy"]["before_finetune"] == whole["accuracy"]["before_finetune"]
     assert resumed["finetune"]["seconds"] >= round(trained, 1) > 0, "the card counts the fine-tune before the kill"
     # Compared with what the killed run scored and kept (a second fine-tune with feature distillation, the
     # default, is not bit-for-bit the first: "whole" can differ from it by an image of the small val split).
@@ -525,6 +538,13 @@ def test_an_export_that_dies_after_its_fine_tune_resumes_from_the_epoch_it_kept(
     shipped = load_pruned(tmp_path / "again" / "model.pt").state_dict()
     assert all(torch.equal(shipped[k], tuned[k]) for k in tuned), "the weights the killed run kept ship"
     assert not [p.name for p in (tmp_path / "again").iterdir() if p.name.startswith(("best-epoch", "finetune-state"))]
+
+
+def test_epochs_0_ships_the_pruned_model_without_a_training_step(tiny: SearchConfig, tmp_path: Path) -> None:
+    untrained = replace(QUICK, steps=None, epochs=0)
+    card = export_trial(load_study_baseline(_study(tiny)), 2, untrained, tmp_path / "e", command="python cli.py export")
+    assert card["finetune"]["steps"] == 0 and card["finetune"]["val_top1_by_epoch"].keys() == {"0"}
+    assert card["accuracy"]["after_finetune"] == card["accuracy"]["before_finetune"], "the recalibrated model ships"
 
 
 @pytest.mark.slow

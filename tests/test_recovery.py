@@ -140,9 +140,13 @@ def test_an_interrupted_iterative_export_resumes_after_its_finished_steps(
     # Resumed with other settings, the weights would mix two recipes: refused in one line, nothing changed.
     others = [replace(settings, seed=1), replace(settings, prune_steps=1), replace(settings, feature_distill=1.0)]
     others += [replace(settings, lr=0.1), replace(settings, train_dtype="fp32"), replace(settings, distill=0.0)]
+    others += [replace(settings, test_images=20)]  # each epoch's score, which picks the kept one, read on others
     for other in others:
         with pytest.raises(UsageError, match="resume it with the same settings"):
             export_trial(base, 3, other, tmp_path / "out", command="python cli.py export")
+    # Another trial (or study) exported into the same folder would continue this one's weights.
+    with pytest.raises(UsageError, match=r"started with trial 3 \(now 2\).*resume it with the same settings"):
+        export_trial(base, 2, settings, tmp_path / "out", command="python cli.py export")
     assert json.loads((partial / iterative.SCHEDULE_FILE).read_text()) == recorded
 
     calls.clear()

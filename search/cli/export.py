@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from search.shipping.export import export_trial
     from search.shipping.qat import check_quantization
     from search.shipping.rebuild import load_study_baseline
-    from search.study.front import pick_best, recommendation, rows
+    from search.study.front import finished_trial, pick_best, recommendation, rows
     from search.study.urls import masked_command
 
     study, _ = study_of(args)
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         numbers = [found.pick.number] if found else list(dict.fromkeys(args.trial))
         for line in found.lines() if found else []:
             console.print(escape(line), soft_wrap=True)
-        for number in numbers:  # a mode a trial cannot take is refused before any trial is exported
+        for number in numbers:  # a missing trial, or a mode a trial cannot take, is refused before any export
+            finished_trial(study, number)
             check_quantization(study, number, settings)
         base = load_study_baseline(study, weights=args.weights, reporter=reporter)
         cards = []

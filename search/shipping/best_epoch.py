@@ -47,7 +47,9 @@ class BestEpoch:
             partial = self._weights.with_suffix(".partial")
             torch.save(model.state_dict(), partial)
             os.replace(partial, self._weights)
-        self._scores_file.write_text(json.dumps(self.scores))
+        partial = self._scores_file.with_name(self._scores_file.name + ".partial")  # a kill mid-write: the last record
+        partial.write_text(json.dumps(self.scores))
+        os.replace(partial, self._scores_file)
 
     def restore(self, model: nn.Module) -> int | None:
         """Load the best epoch's weights into ``model`` unless the last epoch is the best; returns the best epoch."""

@@ -144,10 +144,6 @@ def export_trial(
 
     save_pruned(work / "model.pt", model, base, trial)
     save_torchscript(work / "model.torchscript.pt", model, base.data)
-    (work / "finetune-state.pt").unlink(missing_ok=True)
-    (work / QAT_STATE).unlink(missing_ok=True)
-    BestEpoch(work, base.data).discard()
-    recovery.discard()
     seconds["total"] = time.perf_counter() - started
     card = card_record(base, trial, row, model, work, settings, split, baseline_top1, tuned, checked, measured, timer)
     recovery.annotate(card, round(tuned.result.seconds, 1))
@@ -163,6 +159,12 @@ def export_trial(
     card["command"] = command
     (work / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (work / "card.md").write_text(card_markdown(card))
+    # Only now: an export interrupted before this point (the card's MAC count, git, a full disk) resumes from
+    # its fine-tune's files instead of training again.
+    (work / "finetune-state.pt").unlink(missing_ok=True)
+    (work / QAT_STATE).unlink(missing_ok=True)
+    BestEpoch(work, base.data).discard()
+    recovery.discard()
     _move_into_place(work, out_dir)
     return card
 
@@ -243,7 +245,7 @@ def _finetune(
     unpruned: bool = False,
     recovery: Recovery | None = None,
 ) -> FineTuned:
-    """BatchNorm recalibration (unless resuming), top-1, whole epochs of fine-tuning, top-1 again.
+    """BatchNorm recalibration, top-1, whole epochs of fine-tuning (resumed from ``state``), top-1 again.
 
     A policy that prunes nothing keeps the baseline's weights unless ``settings.finetune_unpruned``.
     """
@@ -254,7 +256,7 @@ def _finetune(
             f"Trial {number} prunes nothing: it keeps the baseline's weights, not fine-tuned "
             "(pass --finetune-unpruned to fine-tune it anyway)"
         )
-    elif not state.exists():
+    else:  # on a resume too, so that top-1 before the fine-tune is the fresh run's (the checkpoint replaces the rest)
         recalibrate_batchnorm(model, data, batches=8, seed=settings.seed, device=settings.device)
     before = top1(model, data, split, limit=settings.test_images, reporter=reporter, device=settings.device)
     steps_per_epoch = _epoch_steps(base, settings)
@@ -306,9 +308,11 @@ def _epoch_steps(base: StudyBaseline, settings: ExportSettings) -> int:
 
 def _planned(base: StudyBaseline, settings: ExportSettings) -> int:
     """Optimizer steps of the whole fine-tune (over every pruning step)."""
-    return (
-        settings.steps if settings.steps is not None else max(1, round(settings.epochs * _epoch_steps(base, settings)))
-    )
+    if settings.steps is not None:
+        return settings.steps
+    if settings.epochs == 0:  # no fine-tune: the pruned model ships with its recalibrated BatchNorm statistics
+        return 0
+    return max(1, round(settings.epochs * _epoch_steps(base, settings)))
 
 
 def _export_and_check(

@@ -107,6 +107,11 @@ class Recovery:
         self._file = work / SCHEDULE_FILE
         self._record: dict[str, Any] = {"prune_steps": self.steps, "optimizer_steps": self.shares, "steps": []}
         self._record["settings"] = {  # what else decides the weights: a resume must not mix them
+            "study": base.study.study_name,  # another study's (or trial's) unfinished export in the same folder
+            "trial": trial.number,
+            "arch_hash": trial.user_attrs.get("arch_hash"),
+            "baseline_sha256": base.sha256,
+            "test_images": settings.test_images,  # the images every epoch's score (the kept epoch) is read on
             "seed": settings.seed,
             "feature_distill": settings.feature_distill,
             "quantization": settings.quantization,
