@@ -162,12 +162,16 @@ def test_a_claim_whose_worker_is_gone_is_taken_over_by_exactly_one(tmp_path: Pat
     study = optuna.load_study(study_name="ties", storage=storage)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    gone = {"host": os.uname().nodename, "pid": dead.pid, "beat": time.time()}
+    from search.study.claims import _namespace, _started
+
+    gone = {"host": os.uname().nodename, "ns": _namespace(), "pid": dead.pid, "beat": time.time()}
     study.set_user_attr(claim_key(3, 1), gone)  # what kill -9 leaves: a claim neither done nor stopped
     assert "is gone" in (stale_reason(gone) or "")
     assert stale_reason({**gone, "pid": os.getpid()}) is None, "a live worker's claim holds"
-    from search.study.claims import _started
-
+    # Another container with the same host name: its pid means nothing here, only its heartbeat does.
+    elsewhere = {**gone, "ns": "another boot or pid namespace"}
+    assert stale_reason(elsewhere) is None, "a worker in another container is not taken for gone"
+    assert "silent" in (stale_reason({**elsewhere, "beat": time.time() - SILENT_SECONDS - 1}) or "")
     assert stale_reason({**gone, "pid": os.getpid(), "started": _started(os.getpid())}) is None
     # A worker restarted in a new container is often the same pid (1) again: its predecessor's claim is not its own.
     reused = stale_reason({**gone, "pid": os.getpid(), "started": "1"}) or ""

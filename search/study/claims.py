@@ -69,6 +69,19 @@ def _started(pid: int) -> str | None:
         return None
 
 
+def _namespace() -> str | None:
+    """This process's boot and pid namespace, in which a pid names one process (None where /proc cannot say).
+
+    Workers in containers that share a host name (``--network host``, a fixed ``--hostname``) each number their
+    processes from 1: another container's pid says nothing about the worker, only its heartbeat does."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -85,7 +98,7 @@ def stale_reason(record: dict[str, Any], now: float | None = None) -> str | None
         return None
     if record.get("stopped"):
         return "its worker was stopped before it finished"
-    if record.get("host") == socket.gethostname():
+    if record.get("host") == socket.gethostname() and record.get("ns") == _namespace():
         pid = int(record.get("pid", -1))
         if not _alive(pid):
             return f"its worker (process {pid}) is gone"
@@ -131,7 +144,7 @@ class Claim:
             return True
 
     def _run(self) -> None:
-        while not self._quit.wait(BEAT_SECONDS):
+        while not self._quit.wait(BEAT_SECONDS) and not self.lost:  # a lost claim's beat ends with it
             self._update(beat=time.time())
 
     def _end(self) -> None:
@@ -183,6 +196,7 @@ def claim_promotion(storage: RDBStorage, study: optuna.Study, number: int, rung:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": _started(os.getpid()),
+        "ns": _namespace(),
         "token": uuid.uuid4().hex,
         "beat": time.time(),
         "every": BEAT_SECONDS,
