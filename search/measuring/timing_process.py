@@ -162,6 +162,7 @@ class TimingProcess:
     def _read(self, deadline: float) -> dict[str, Any]:
         """The child's next answer, or :class:`_Late` past ``deadline``."""
         assert self._child is not None and self._child.stdout is not None
+        allowed = deadline - time.monotonic()  # the limit the caller set: a timing's, or the start-up's
         fd = self._child.stdout.fileno()
         data = bytearray()
         while True:
@@ -170,7 +171,7 @@ class TimingProcess:
                 return frame
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise _Late(f"no answer within {self.max_seconds:g} s")
+                raise _Late(f"no answer within {allowed:.0f} s")
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise EOFError("the timing process ended")
