@@ -345,8 +345,8 @@ def test_a_qat_export_killed_during_qat_resumes_from_its_last_qat_epoch(
     saved: list[int] = []
     trained: list[float] = []
 
-    def dies_after_the_first_epoch(path, model, optimizer, scheduler, step, seconds, features=None):
-        save(path, model, optimizer, scheduler, step, seconds, features)
+    def dies_after_the_first_epoch(path, model, optimizer, scheduler, step, seconds, *rest):
+        save(path, model, optimizer, scheduler, step, seconds, *rest)
         saved.append(step)
         trained.append(seconds)
         raise KeyboardInterrupt  # killed right after QAT's first epoch was saved
@@ -531,6 +531,7 @@ def test_an_export_that_dies_after_its_fine_tune_resumes_from_the_epoch_it_kept(
     # BatchNorm statistics there: far below what the uninterrupted run reported).
     assert resumed["accuracy"]["before_finetune"] == whole["accuracy"]["before_finetune"]
     assert resumed["finetune"]["seconds"] >= round(trained, 1) > 0, "the card counts the fine-tune before the kill"
+    assert resumed["finetune"]["images_per_second"] > 0, "the rate of the runs before the resume, not 0"
     # Compared with what the killed run scored and kept (a second fine-tune with feature distillation, the
     # default, is not bit-for-bit the first: "whole" can differ from it by an image of the small val split).
     assert resumed["finetune"]["val_top1_by_epoch"] == scored, "the scores survive"

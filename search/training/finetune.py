@@ -207,7 +207,7 @@ def _train(
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    done, before = 0, 0.0
+    done, before, images_before = 0, 0.0, 0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -217,6 +217,7 @@ def _train(
         scheduler.load_state_dict(state["scheduler"])
         done = int(state["step"])
         before = float(state.get("seconds", 0.0))  # (checkpoints older than this field: the seconds are lost)
+        images_before = int(state.get("images", done * settings.batch_size))
     epoch_length = steps_per_epoch or settings.steps
     stream = _forever(data, settings.batch_size, settings.seed, first_epoch=done // epoch_length)
     start = time.perf_counter()
@@ -250,23 +251,32 @@ def _train(
                 if checkpoint is not None and (epoch_ends or step + 1 == settings.steps):
                     # the last step too: a run that dies after its fine-tune (a partial last epoch) never redoes it
                     seconds = before + time.perf_counter() - start
-                    _save_state(checkpoint, model, optimizer, scheduler, step + 1, seconds, features)
+                    trained = images_before + images
+                    _save_state(checkpoint, model, optimizer, scheduler, step + 1, seconds, trained, features)
     finally:
         stream.close()  # loader workers stop before anything is timed
     model.eval()
-    seconds = time.perf_counter() - start
-    return FinetuneResult(settings.steps - done, before + seconds, images / max(seconds, 1e-9), loss_value)
+    seconds = before + time.perf_counter() - start  # a resumed fine-tune counts the runs before it too
+    rate = (images_before + images) / seconds if images_before + images else 0.0
+    return FinetuneResult(settings.steps - done, seconds, rate, loss_value)
 
 
 def _save_state(
-    path: Path, model: nn.Module, optimizer: Any, scheduler: Any, step: int, seconds: float, features: Any = None
+    path: Path,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    seconds: float,
+    images: int,
+    features: Any = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if features is not None:
         state["features"] = features.state_dict()
-    torch.save({**state, "step": step, "seconds": seconds}, partial)
+    torch.save({**state, "step": step, "seconds": seconds, "images": images}, partial)
     os.replace(partial, path)
 
 
