@@ -283,7 +283,7 @@ def _finetune(
         steps_per_epoch=steps_per_epoch,
         checkpoint=state,
         after_epoch=None if skip else epochs.consider,
-        features=None if skip or recovery is None else recovery.distiller(model),
+        features=None if skip or recovery is None or not planned else recovery.distiller(model),  # 0 steps: none
     )
     kept = epochs.restore(model)
     if kept is not None and kept != max(epochs.scores):
