@@ -182,6 +182,33 @@ def test_a_password_given_as_a_query_parameter_is_masked_too() -> None:
     assert "s3cret-pw" not in " ".join(recorded) and recorded[0] == "export" and recorded[1] == "--storage"
 
 
+def test_the_dashboard_refuses_a_taken_or_impossible_port_in_one_line(tiny_study: dict[str, str]) -> None:
+    import socket
+
+    study = ["--studies-dir", tiny_study["studies"], "--study", "cli-tiny"]
+    assert_usage_error(run_main("dashboard", *study, "--port", "70000"), "--port must be 1..65535")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        assert_usage_error(run_main("dashboard", *study, "--port", port), f"127.0.0.1:{port} is in use")
+
+
+def test_a_postgresql_password_is_handed_to_a_child_through_pgpassword_only() -> None:
+    from search.study.urls import password_in_env
+
+    assert password_in_env("postgresql+psycopg2://u:s3cr%40t@h:5432/db") == (
+        "postgresql+psycopg2://u@h:5432/db",
+        {"PGPASSWORD": "s3cr@t"},
+    )
+    assert password_in_env("postgresql://u@h/db?password=pw&sslmode=require") == (
+        "postgresql://u@h/db?sslmode=require",
+        {"PGPASSWORD": "pw"},
+    )
+    assert password_in_env("postgresql://u@h/db?sslpassword=pw")[1] == {}, "no variable takes that one"
+    assert password_in_env("sqlite:///a.db") == ("sqlite:///a.db", {})
+
+
 def test_postgresql_without_a_driver_opens_with_the_installed_psycopg2() -> None:
     """SQLAlchemy 2.1 maps postgresql:// to psycopg (3); the postgres extra installs psycopg2."""
     result = run_main("pareto", "--study", "x", "--storage", "postgresql://prune:pw@127.0.0.1:9/prune")

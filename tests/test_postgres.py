@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -322,6 +323,26 @@ def test_a_storage_password_reaches_no_file_artifact_or_message_of_a_search_and_
     system = study._storage.get_study_system_attrs(study._study_id)  # the dashboard's artifact records
     stored = [study.user_attrs, system] + [[t.user_attrs, t.system_attrs] for t in study.trials]
     assert password not in json.dumps(stored, default=str), "nor in what the study stores"
+
+    # `dashboard` hands the password to optuna-dashboard through PGPASSWORD, not its command line (ps shows that).
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from search.cli import dashboard
+
+    parser = argparse.ArgumentParser()
+    dashboard.add_arguments(parser)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    where = ["--study", "secret", "--storage", url, "--studies-dir", str(studies)]
+    args = parser.parse_args([*where, "--port", str(port)])
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: started.update(argv=argv, env=env))
+    dashboard.run(args, Console(file=io.StringIO()))
+    assert password not in " ".join(started["argv"]) and started["env"]["PGPASSWORD"] == password
 
 
 def test_workers_on_postgresql_never_claim_the_same_promotion(postgres_url: str) -> None:

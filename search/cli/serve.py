@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 from rich.console import Console
 
 from search.cli.options import add_runtime_option, positive_float, positive_int
+from search.cli.ports import bind, check_port
 from search.errors import UsageError
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -95,8 +95,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from search.serving.guard import Guard, guarded_protocol
     from search.serving.models import load_export
 
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be 0..65535, got {args.port}")
+    check_port(args.port)
     if args.max_decode_total_mb < args.max_decode_mb:
         raise UsageError(
             f"--max-decode-total-mb ({args.max_decode_total_mb:g}) must be at least --max-decode-mb "
@@ -151,7 +150,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     app = create_app(models, limits, about=about)
     # Pillow warns of large images; the server refuses them itself (--max-megapixels), so one warning is noise.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    sock = _bind(args.host, args.port)
+    sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if not args.quiet:
         for m in models:
@@ -186,19 +185,3 @@ def run(args: argparse.Namespace, console: Console) -> int:
         pass
     console.print("serve stopped")
     return 0
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``, or a one-line error naming what is wrong."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        reason = "is in use" if exc.errno == 98 else f"cannot be used ({exc.strerror or exc})"
-        raise UsageError(f"{host}:{port} {reason}; pass another --port (or --host)") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock

@@ -22,6 +22,7 @@ __all__ = [
     "has_secret",
     "masked",
     "masked_command",
+    "password_in_env",
     "with_driver",
     "without_password",
     "without_secrets",
@@ -103,6 +104,24 @@ def without_secrets(url: str) -> str:
 def has_secret(url: str) -> bool:
     """Whether ``url`` carries a password (own place or query parameter)."""
     return without_secrets(url) != url
+
+
+def password_in_env(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without its PostgreSQL password, and the environment that hands it to libpq instead, for a command
+    this process starts (a command line is visible to every user through ``ps``); ``(url, {})`` where the URL
+    has no password or a secret libpq could not take from the environment."""
+    scheme = url.partition("://")[0].split("+")[0]
+    if scheme not in ("postgresql", "postgres") or not has_secret(url):
+        return url, {}
+    try:
+        own = _parse(url).password
+    except Exception:
+        return url, {}
+    query = [(k, v) for k, v in parse_qsl(url.partition("?")[2], keep_blank_values=True) if _SECRET_KEYS.search(k)]
+    if [k for k, _ in query if k != "password"]:  # sslpassword and the like: no environment variable takes them
+        return url, {}
+    password = str(own) if own is not None else query[0][1]
+    return without_secrets(url), {PASSWORD_ENV: password}
 
 
 def masked_command(argv: Sequence[str]) -> list[str]:
