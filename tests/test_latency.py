@@ -145,3 +145,40 @@ def test_bench_repeats_in_fresh_processes_and_reports_the_spread(tmp_path) -> No
     assert table.returncode == 0 and "median of 2 processes" in table.stdout and "spread" in table.stdout
     bad = run_cli(*args, "--repeat", "0")
     assert bad.returncode == 2 and "--repeat" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_times_an_open_image_size_only_at_the_size_asked_and_refuses_other_inputs(tmp_path) -> None:
+    """A model exported for several image sizes was timed at 1 x 1 pixel and reported as fast; a model with
+    two inputs ended in a traceback."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tests.conftest import run_main
+
+    def save(name: str, inputs: list, nodes: list, inits: list | None = None) -> str:
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        graph = helper.make_graph(nodes, name, inputs, [out], initializer=inits or [])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(4 * 3 * 3 * 3, np.float32))
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    image = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    sizes = save("sizes.onnx", [image], [conv], [weight])
+    refused = run_main("bench", sizes)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "leaves its input's height and width open" in refused.stderr and "--input-size" in refused.stderr
+    timed = run_main("bench", sizes, "--input-size", "24", "--format", "json")
+    assert timed.returncode == 0, timed.stderr
+    assert json.loads(timed.stdout)["input"] == [1, 3, 24, 24]
+
+    first = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    second = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, 8, 8])
+    two = save("two.onnx", [first, second], [helper.make_node("Add", ["x", "b"], ["y"])])
+    result = run_main("bench", two)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "one float image input" in result.stderr

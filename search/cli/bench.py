@@ -46,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time it this many times, each in a fresh timing process (on --target: that many requests), and "
         "report the median with the spread (default: 1)",
     )
+    parser.add_argument(
+        "--input-size",
+        type=positive_int,
+        help="the height and width to time a model at whose input size is left open (exported for several sizes)",
+    )
     parser.add_argument("--format", choices=["table", "json"], default="table")
     add_target_options(parser)
 
@@ -56,7 +61,13 @@ def runtime_of(path: str, runtime: str | None) -> str:
 
 
 def _measure(
-    onnx: str, reference: str | None, threads: int, timer: Any = None, runtime: str | None = None, repeat: int = 1
+    onnx: str,
+    reference: str | None,
+    threads: int,
+    timer: Any = None,
+    runtime: str | None = None,
+    repeat: int = 1,
+    input_size: int | None = None,
 ) -> tuple[tuple[int, ...], Any]:
     """The batch-1 input shape of ``onnx`` and its latency, timed interleaved with ``reference`` if given.
 
@@ -78,7 +89,7 @@ def _measure(
             dims = engine.input_shape(path)
         except Exception as exc:  # each runtime raises its own types for unreadable models
             raise UsageError(f"{path} is not a model {name} can load: {str(exc).splitlines()[0]}") from None
-        return tuple(1 if not isinstance(d, int) or d < 1 else d for d in dims)
+        return _fixed(path, dims, input_size)
 
     shape = shape_of(onnx)
     if reference and (reference_shape := shape_of(reference)) != shape:
@@ -94,8 +105,29 @@ def _measure(
         with IsolatedTimer(LatencySettings(threads=threads, runtime=name)) as fresh:  # each repeat: a fresh process
             return fresh.time(onnx, shape, reference=reference)
 
-    timings = [once() for _ in range(repeat)]
+    try:
+        timings = [once() for _ in range(repeat)]
+    except RuntimeError as exc:  # the runtime refused to run the file: the user's model, not this machine
+        if "could not time the model" not in str(exc):
+            raise
+        raise UsageError(f"{exc}; bench times a model with one float image input (N, C, H, W)") from None
     return shape, timings if repeat > 1 else timings[0]
+
+
+def _fixed(path: str, dims: list[int | str], input_size: int | None) -> tuple[int, ...]:
+    """The batch-1 shape to time ``path`` at: an open batch is 1, open height and width are ``input_size``."""
+
+    def is_open(d: int | str) -> bool:
+        return not isinstance(d, int) or d < 1
+
+    named = ", ".join(f"{i} ({d})" for i, d in enumerate(dims) if i > 0 and is_open(d))
+    if (len(dims) == 4 and is_open(dims[1])) or (len(dims) != 4 and named):
+        raise UsageError(f"{path} leaves input dimension(s) {named} open; export it with a fixed input shape")
+    if named and input_size is None:
+        raise UsageError(
+            f"{path} leaves its input's height and width open ({named}); pass --input-size N to time it at N x N"
+        )
+    return tuple(1 if i == 0 and is_open(d) else input_size if is_open(d) else d for i, d in enumerate(dims))
 
 
 def _spread(values: list[float]) -> float:
@@ -105,7 +137,9 @@ def _spread(values: list[float]) -> float:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     runtime = runtime_of(args.onnx, args.runtime)
-    shape, timed = _measure(args.onnx, args.reference, args.threads, target_timer(args), runtime, args.repeat)
+    shape, timed = _measure(
+        args.onnx, args.reference, args.threads, target_timer(args), runtime, args.repeat, args.input_size
+    )
     timings = timed if args.repeat > 1 else [timed]
     medians = [t.median_ms for t in timings]
     ratios = [t.ratio for t in timings if t.ratio is not None]
