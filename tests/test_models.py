@@ -128,6 +128,12 @@ def custom_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
         def not_a_model(num_classes=10):
             return "a string"
+
+        def needs_arg(n_classes):
+            return TinyNet(n_classes)
+
+        def fails(num_classes=10):
+            return TinyNet(num_classes, depth=3)
     """)
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -153,6 +159,19 @@ def test_bad_custom_factory_names_module_and_reason(custom_module: str) -> None:
         build_model("no_such_module_xyz:net", 3)
     with pytest.raises(UsageError, match=f"{custom_module}.*AttributeError"):
         build_model(f"{custom_module}:missing", 3)
+
+
+def test_a_factory_that_needs_arguments_fails_or_does_not_parse_is_one_line(
+    custom_module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(UsageError, match=r"needs_arg needs n_classes; give one that takes no arguments, or only"):
+        build_model(f"{custom_module}:needs_arg", 3)
+    with pytest.raises(UsageError, match=r"fails raised TypeError: .*depth.* \(at .*tiny_nets_\w+\.py:\d+\)"):
+        build_model(f"{custom_module}:fails", 3)
+    (tmp_path / "broken_nets_x1.py").write_text("def net(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError, match=r"SyntaxError at .*broken_nets_x1\.py:1"):
+        build_model("broken_nets_x1:net", 3)
 
 
 def test_imagenet_refused_for_custom_and_small_input_models(custom_module: str) -> None:

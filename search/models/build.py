@@ -148,10 +148,16 @@ _SMALL_INPUT_FORMS: dict[str, Callable[[nn.Module, int], None]] = {
 def _build_custom(name: str, num_classes: int) -> nn.Module:
     """Import ``package.module:function`` and call it to get the model."""
     factory = _import_factory(name)
-    if _accepts_num_classes(factory):
-        model = factory(num_classes=num_classes)
-    else:
-        model = factory()
+    takes = _accepts_num_classes(factory)
+    needed = _required_arguments(factory, takes)
+    if needed:
+        raise UsageError(
+            f"model factory {name} needs {', '.join(needed)}; give one that takes no arguments, or only num_classes="
+        )
+    try:
+        model = factory(num_classes=num_classes) if takes else factory()
+    except Exception as error:  # the user's code: where it failed, in one line
+        raise UsageError(f"model factory {name} raised {type(error).__name__}: {error}{_where(error)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -169,6 +175,15 @@ def _import_factory(name: str) -> Callable[..., Any]:
             f"cannot import module {module_name!r} for model {name}: "
             f"{type(error).__name__}: {error}{_import_hint(module_name, error)}"
         ) from error
+    except SyntaxError as error:
+        raise UsageError(
+            f"cannot import module {module_name!r} for model {name}: SyntaxError at {error.filename}:{error.lineno}: "
+            f"{error.msg}"
+        ) from None
+    except Exception as error:  # the module's own code failed while it was imported
+        raise UsageError(
+            f"cannot import module {module_name!r} for model {name}: {type(error).__name__}: {error}{_where(error)}"
+        ) from None
     for attr in attr_path.split("."):
         try:
             target = getattr(target, attr)
@@ -188,6 +203,26 @@ def _import_hint(module_name: str, error: ImportError) -> str:
     if isinstance(error, ModuleNotFoundError) and error.name == module_name.split(".")[0]:
         return " (is its directory on PYTHONPATH?)"
     return ""
+
+
+def _where(error: BaseException) -> str:
+    """`` (at file:line)`` of the innermost frame the error passed through."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
+
+
+def _required_arguments(factory: Callable[..., Any], takes_num_classes: bool) -> list[str]:
+    """The parameters ``factory`` requires beyond ``num_classes`` (which the call passes when it takes it)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    passed = {"num_classes"} if takes_num_classes else set()
+    required = [p for p in parameters if p.kind in plain and p.default is inspect.Parameter.empty]
+    return [p.name for p in required if p.name not in passed]
 
 
 def _accepts_num_classes(factory: Callable[..., Any]) -> bool:
