@@ -194,6 +194,13 @@ def test_the_dashboard_refuses_a_taken_or_impossible_port_in_one_line(tiny_study
         assert_usage_error(run_main("dashboard", *study, "--port", port), f"127.0.0.1:{port} is in use")
 
 
+def test_a_study_this_tool_did_not_make_is_named_so_by_pareto_show_and_export(tmp_path: Path) -> None:
+    optuna.create_study(study_name="plain", storage=f"sqlite:///{tmp_path}/plain.db", directions=["maximize"])
+    where = ["--study", "plain", "--studies-dir", str(tmp_path)]
+    for command in (["pareto"], ["show", "--trial", "0"], ["export", "--trial", "0"]):
+        assert_usage_error(run_main(*command, *where), "'plain'", "was not made by this tool's search")
+
+
 def test_a_postgresql_password_is_handed_to_a_child_through_pgpassword_only() -> None:
     from search.study.urls import password_in_env
 

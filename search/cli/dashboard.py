@@ -30,7 +30,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from search.study.urls import has_secret, password_in_env
 
     check_port(args.port, lowest=1)
-    study, url = study_of(args)
+    study, url = study_of(args, ours=False)
     exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).with_name("optuna-dashboard"))
     if not Path(exe).exists():
         raise UsageError("optuna-dashboard is not installed; pip install optuna-dashboard")

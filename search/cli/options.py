@@ -189,14 +189,27 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def study_of(args: argparse.Namespace) -> tuple[Any, str]:
-    """The study that ``--study`` names (in ``--storage``, or its SQLite file in ``--studies-dir``) and its URL."""
+def study_of(args: argparse.Namespace, ours: bool = True) -> tuple[Any, str]:
+    """The study that ``--study`` names (in ``--storage``, or its SQLite file in ``--studies-dir``) and its URL.
+
+    With ``ours``, one this tool's search made and has finished setting up (``pareto``, ``show`` and ``export``
+    read what it records); the dashboard shows any study."""
+    from search.study.creator import CREATOR_ATTR
     from search.study.storage import open_study
+    from search.study.urls import masked
 
     if not args.study:
         raise UsageError(f"{args.command} needs --study NAME (the name search printed, e.g. resnet18-digits-30ms)")
     url = args.storage or f"sqlite:///{Path(args.studies_dir) / args.study}.db"
-    return open_study(args.study, url), url
+    study = open_study(args.study, url)
+    if ours and "settings" not in study.user_attrs:
+        if CREATOR_ATTR in study.user_attrs:
+            raise UsageError(f"study {args.study!r} is still being set up by its search; try again once it runs trials")
+        raise UsageError(
+            f"study {args.study!r} in {masked(url)} was not made by this tool's search; `{args.command}` reads what "
+            "`cli.py search` records (`cli.py dashboard` shows any study)"
+        )
+    return study, url
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
