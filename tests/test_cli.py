@@ -194,6 +194,19 @@ def test_the_dashboard_refuses_a_taken_or_impossible_port_in_one_line(tiny_study
         assert_usage_error(run_main("dashboard", *study, "--port", port), f"127.0.0.1:{port} is in use")
 
 
+def test_export_refuses_a_taken_folder_of_its_second_trial_before_training_the_first(
+    tiny_study: dict[str, str], tmp_path: Path
+) -> None:
+    study = optuna.load_study(study_name="cli-tiny", storage=f"sqlite:///{tiny_study['studies']}/cli-tiny.db")
+    first, second = [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][:2]
+    (tmp_path / f"trial-{second}").mkdir(parents=True)
+    (tmp_path / f"trial-{second}" / "notes.txt").write_text("mine")
+    where = ["--study", "cli-tiny", "--studies-dir", tiny_study["studies"], "--out", str(tmp_path)]
+    result = run_main("export", *where, "--trial", str(first), "--trial", str(second))
+    assert_usage_error(result, f"trial-{second} exists and is not an export")
+    assert not (tmp_path / f"trial-{first}").exists() and not list(tmp_path.glob(".trial-*")), "nothing trained"
+
+
 def test_a_study_this_tool_did_not_make_is_named_so_by_pareto_show_and_export(tmp_path: Path) -> None:
     optuna.create_study(study_name="plain", storage=f"sqlite:///{tmp_path}/plain.db", directions=["maximize"])
     where = ["--study", "plain", "--studies-dir", str(tmp_path)]

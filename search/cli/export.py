@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from search.measuring.runtimes.registry import study_runtime
     from search.shipping.card import attach_artifacts
-    from search.shipping.export import export_trial
+    from search.shipping.export import check_out_dir, export_trial
     from search.shipping.qat import check_quantization
     from search.shipping.rebuild import load_study_baseline
     from search.study.front import finished_trial, pick_best, recommendation, rows
@@ -149,9 +149,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         numbers = [found.pick.number] if found else list(dict.fromkeys(args.trial))
         for line in found.lines() if found else []:
             console.print(escape(line), soft_wrap=True)
-        for number in numbers:  # a missing trial, or a mode a trial cannot take, is refused before any export
+        for number in numbers:  # a missing trial, a mode it cannot take, a taken folder: refused before any export
             finished_trial(study, number)
             check_quantization(study, number, settings)
+            check_out_dir(out / f"trial-{number}", args.force)
         base = load_study_baseline(study, weights=args.weights, reporter=reporter)
         cards = []
         for number in numbers:

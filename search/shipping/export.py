@@ -200,10 +200,7 @@ def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> Path:
     A finished export in ``out_dir`` is replaced only with ``force``, and only once the new one has
     passed every check; a failed export leaves nothing in ``out_dir`` a user could take for a verified one.
     """
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        if (out_dir / "card.json").exists():
-            raise UsageError(f"{out_dir} already holds an export; pass --force to replace it or --out elsewhere")
-        raise UsageError(f"{out_dir} exists and is not an export; pass --force or --out elsewhere")
+    check_out_dir(out_dir, force)
     work = _partial(out_dir)
     if any((work / name).exists() for name in ("finetune-state.pt", QAT_STATE, SCHEDULE_FILE)):
         reporter.info(f"Resuming the unfinished export in {work}")
@@ -211,6 +208,16 @@ def _prepare(out_dir: Path, force: bool, reporter: Reporter) -> Path:
         shutil.rmtree(work)  # what a failed export left: nothing in it passed its checks
     work.mkdir(parents=True, exist_ok=True)
     return work
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse, before any work, an ``out_dir`` that holds something unless ``force``."""
+    if out_dir.is_file():
+        raise UsageError(f"{out_dir} is a file; pass --out a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        if (out_dir / "card.json").exists():
+            raise UsageError(f"{out_dir} already holds an export; pass --force to replace it or --out elsewhere")
+        raise UsageError(f"{out_dir} exists and is not an export; pass --force or --out elsewhere")
 
 
 def _partial(out_dir: Path) -> Path:
