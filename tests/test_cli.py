@@ -114,6 +114,9 @@ def test_bad_data_inputs(tiny_study: dict[str, str], tmp_path: Path) -> None:
     assert_usage_error(_bad(tiny_study, "--data", f"imagefolder:{broken}"), "could be decoded")
     assert_usage_error(_bad(tiny_study, "--data", "mnist"), "mnist")
     assert_usage_error(_bad(tiny_study, "--mean", "0.5,0.5,0.5"), "different --mean", "now 0.5,0.5,0.5")
+    for option, value, why in (("--mean", "inf,0,0", "finite"), ("--std", "0.2,0,0.2", "above 0")):
+        result = _bad(tiny_study, option, value)  # a NaN loss, or a division by zero, once training began
+        assert result.returncode == 2 and option in result.stderr and why in result.stderr, result.stderr
     assert_usage_error(_bad(tiny_study, "--input-size", "40"), "different --input-size (32, now 40)")
 
 

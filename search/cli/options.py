@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,9 +113,17 @@ def triple(text: str) -> tuple[float, float, float]:
         values = tuple(float(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be three comma-separated numbers, got {text!r}") from None
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers, got {text!r}")
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"must be three comma-separated finite numbers, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def positive_triple(text: str) -> tuple[float, float, float]:
+    """:func:`triple` of numbers above 0 (a normalisation std divides by them)."""
+    values = triple(text)
+    if min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"must be three numbers above 0, got {text!r}")
+    return values
 
 
 def cpus(text: str) -> tuple[int, ...]:

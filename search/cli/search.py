@@ -28,6 +28,7 @@ from search.cli.options import (
     open_fraction,
     positive_float,
     positive_int,
+    positive_triple,
     precisions,
     speed_fraction,
     step_counts,
@@ -88,7 +89,7 @@ def _add_budget_model_and_data(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--input-size", type=positive_int, help="input resolution (default: per dataset)")
     parser.add_argument("--mean", type=triple, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: per dataset)")
-    parser.add_argument("--std", type=triple, help="normalisation std (default: per dataset)")
+    parser.add_argument("--std", type=positive_triple, help="normalisation std (default: per dataset)")
     parser.add_argument(
         "--space", help="search-space file (default: spaces/<model>.toml where one ships, else derived from the model)"
     )
