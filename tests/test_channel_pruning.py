@@ -92,6 +92,18 @@ def test_a_space_for_another_model_is_a_usage_error() -> None:
         apply_policy(_resnet18(), space.uniform(0.2), space, X[:1])
 
 
+def test_a_mistyped_module_beside_good_ones_is_a_usage_error_with_the_near_name(tmp_path) -> None:
+    text = (
+        open("spaces/resnet18.toml")
+        .read()
+        .replace('modules = ["conv1", "bn1", "layer1"]', 'modules = ["conv9", "bn1", "layer1"]')
+    )
+    (tmp_path / "typo.toml").write_text(text)
+    space = load_space(str(tmp_path / "typo.toml"))
+    with pytest.raises(UsageError, match="names module 'conv9', which the model does not have \\(did you mean 'conv1'"):
+        apply_policy(_resnet18(), space.uniform(0.2), space, X[:1])
+
+
 @pytest.mark.parametrize("criterion", ["l1", "random"])
 def test_pruning_history_rebuilds_exactly_the_same_model(criterion: str) -> None:
     from search.shipping.rebuild import replay_history as _replay

@@ -14,6 +14,7 @@ never touched.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -277,13 +278,21 @@ def _stage_of(layers: list[tuple[str, nn.Module]], stages: tuple[StageSpace, ...
 
 
 def _check_stages_match(space: SearchSpace, names: Iterable[str]) -> None:
-    names = list(names)
+    names = [n for n in names if n]
     for stage in space.stages:
-        if not any(_in_stage(n, stage) for n in names if n):
+        if not any(_in_stage(n, stage) for n in names):
             raise UsageError(
                 f"stage {stage.name!r} of space {space.path} matches no module of the model "
                 f"(prefixes {list(stage.modules)}); use a space written for this model (--space)"
             )
+        for prefix in stage.modules:  # one mistyped prefix beside good ones would leave its modules unpruned
+            if prefix and not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                near = difflib.get_close_matches(prefix, [n for n in names if "." not in n], n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise UsageError(
+                    f"stage {stage.name!r} of space {space.path} names module {prefix!r}, which the model does not "
+                    f"have{hint}; fix its modules list"
+                )
 
 
 def _is_depthwise(module: nn.Module) -> bool:
