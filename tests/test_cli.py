@@ -215,6 +215,10 @@ def test_a_study_this_tool_did_not_make_is_named_so_by_pareto_show_and_export(tm
     where = ["--study", "plain", "--studies-dir", str(tmp_path)]
     for command in (["pareto"], ["show", "--trial", "0"], ["export", "--trial", "0"]):
         assert_usage_error(run_main(*command, *where), "'plain'", "was not made by this tool's search")
+    for name in ("x?y#z", "../up", ".hidden"):  # its database would be another file than the name says
+        result = run_main("search", "--budget-ms", "30", "--study", name, "--studies-dir", str(tmp_path))
+        assert result.returncode == 2 and "cannot name a study" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.db"], "nothing written for them"
 
 
 def test_a_postgresql_password_is_handed_to_a_child_through_pgpassword_only() -> None:

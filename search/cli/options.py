@@ -169,9 +169,21 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def study_name(text: str) -> str:
+    """A study name, which also names its SQLite file and folders: no path separators or URL characters."""
+    bad = sorted({c for c in text if c in '/\\?#%:*"<>|' or not c.isprintable()})
+    if not text.strip() or text.startswith(".") or bad:
+        shown = f" ({' '.join(repr(c) for c in bad)})" if bad else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r} cannot name a study{shown}: it names a file and folders too; use letters, digits, '-', '_' "
+            "and '.' (not first)"
+        )
+    return text
+
+
 def add_study_options(parser: argparse.ArgumentParser) -> None:
     """Which study, where it is stored, and how much to print: every command but ``bench``."""
-    parser.add_argument("--study", help="study name (default: <model>-<data>-<budget>ms)")
+    parser.add_argument("--study", type=study_name, help="study name (default: <model>-<data>-<budget>ms)")
     parser.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: sqlite:///studies/<study>.db)")
     parser.add_argument("--studies-dir", default="studies", help="folder for study databases, caches and plots")
     parser.add_argument("-v", "--verbose", action="store_true", help="show more detail")
