@@ -254,6 +254,13 @@ def test_pareto_that_cannot_write_its_plot_still_answers_and_says_so(tiny_study:
     assert "Export the recommended model:" in result.stdout and "Traceback" not in result.stderr
 
 
+def test_pareto_writes_its_plot_where_it_says(tiny_study: dict[str, str], tmp_path: Path) -> None:
+    where = ["pareto", "--study", "cli-tiny", "--studies-dir", tiny_study["studies"], "--plot"]
+    for given, written in ((tmp_path, tmp_path / "pareto.png"), (tmp_path / "front", tmp_path / "front.png")):
+        result = run_main(*where, str(given))
+        assert result.returncode == 0 and f"Plot: {written}" in result.stdout and written.is_file(), result.stdout
+
+
 @pytest.mark.slow
 def test_show_of_a_retried_trial_names_the_trial_it_retried(tiny_study: dict[str, str], tmp_path: Path) -> None:
     shutil.copy(Path(tiny_study["studies"]) / "cli-tiny.db", tmp_path / "cli-tiny.db")

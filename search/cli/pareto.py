@@ -100,6 +100,10 @@ def print_front(
         if hint:
             console.print(f"[yellow]{escape(hint)}[/]")
     target = plot_path or studies_dir / name / "pareto.png"
+    if target.is_dir():  # a folder: the plot goes in it
+        target = target / "pareto.png"
+    elif not target.suffix:  # matplotlib would add .png itself, and the line below name another file
+        target = target.with_suffix(".png")
     try:
         runtime = get_runtime(study_runtime(study)).info.label
         plot = plot_front(

@@ -316,6 +316,8 @@ def recommended(all_rows: list[Row]) -> Row | None:
 def finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     """Trial ``number`` if it completed, with a one-line error otherwise."""
     trials = study.get_trials(deepcopy=False)
+    if not trials:
+        raise UsageError(f"study {study.study_name!r} has no trials yet; run its search first")
     if not 0 <= number < len(trials):
         raise UsageError(f"study {study.study_name!r} has no trial {number} (it has trials 0..{len(trials) - 1})")
     trial = trials[number]
