@@ -167,6 +167,7 @@ def test_bad_recovery_flags_are_one_line_errors(tiny) -> None:  # noqa: F811
         (["--prune-steps", "0"], "a positive whole number"),
         (["--prune-steps", "1000"], "more than the channels allow"),
         (["--feature-distill", "-1"], "a number >= 0"),
+        (["--qat-epochs", "2"], "--qat-epochs goes with --quantization qat"),  # it would be ignored
     ]:
         bad = run_main(*common, *extra)
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

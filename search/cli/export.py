@@ -93,7 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--qat-epochs",
         type=positive_float,
-        default=EXPORT_DEFAULTS.qat_epochs,
         help=f"with --quantization qat: how many of --epochs (the last) train with fake quantization "
         f"(default: {EXPORT_DEFAULTS.qat_epochs:g})",
     )
@@ -123,6 +122,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"study {args.study!r} was timed in {runtime}, so its export ships and times {runtime} files; "
             f"omit --runtime, or search a study with --runtime {args.runtime}"
         )
+    if args.qat_epochs is not None and args.quantization != "qat":
+        raise UsageError("--qat-epochs goes with --quantization qat (PTQ quantizes after the fine-tune)")
     timer = target_timer(args)
     settings = ExportSettings(
         epochs=args.epochs,
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         finetune_unpruned=args.finetune_unpruned,
         quantization=args.quantization,
-        qat_epochs=args.qat_epochs,
+        qat_epochs=EXPORT_DEFAULTS.qat_epochs if args.qat_epochs is None else args.qat_epochs,
         prune_steps=args.prune_steps,
         feature_distill=EXPORT_DEFAULTS.feature_distill if args.feature_distill is None else args.feature_distill,
         feature_distill_asked=args.feature_distill is not None,
