@@ -289,6 +289,13 @@ def test_whole_pickled_model_is_refused(tmp_path: Path) -> None:
         load_weights(build_model("resnet18", 10), path, model_name="resnet18")
 
 
+def test_an_exports_torchscript_file_given_as_weights_names_the_file_to_pass(tmp_path: Path) -> None:
+    scripted = torch.jit.trace(build_model("resnet18_cifar", 10).eval(), torch.randn(1, 3, 32, 32))
+    torch.jit.save(scripted, str(tmp_path / "model.torchscript.pt"))
+    with pytest.raises(UsageError, match=r"TorchScript program .*not a state_dict; pass .*model\.pt"):
+        load_weights(build_model("resnet18_cifar", 10), str(tmp_path / "model.torchscript.pt"), model_name="x")
+
+
 # --------------------------------------------------------------------------- imagenet
 
 

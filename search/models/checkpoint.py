@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -117,14 +118,32 @@ def _existing_file(source: str) -> Path:
 
 def _torch_load(path: Path, source: str) -> Any:
     """``torch.load(weights_only=True)`` with failures explained in one line."""
+    if _is_torchscript(path):
+        raise UsageError(
+            f"weights {source} are a TorchScript program (torch.jit.save), not a state_dict; pass the state_dict "
+            "(an export's model.pt, or torch.save(model.state_dict(), path))"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings about the file: the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only load failed" in str(error).lower():
             raise UsageError(_not_weights_only_message(source, str(error))) from error
         raise UsageError(_unreadable_message(source, error)) from error
     except Exception as error:  # whatever a damaged or foreign file makes torch.load raise
         raise UsageError(_unreadable_message(source, error)) from error
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl`` and code)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _not_weights_only_message(source: str, detail: str) -> str:
