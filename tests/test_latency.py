@@ -182,3 +182,17 @@ def test_bench_times_an_open_image_size_only_at_the_size_asked_and_refuses_other
     result = run_main("bench", two)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "one float image input" in result.stderr
+
+
+def test_bench_names_a_missing_openvino_weights_file_and_the_line_of_an_error_that_says_why(tmp_path) -> None:
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
+    from tests.conftest import run_main
+
+    (tmp_path / "model.xml").write_text("<net>not a model</net>")
+    result = run_main("bench", str(tmp_path / "model.xml"))
+    assert result.returncode == 2 and f"{tmp_path / 'model.bin'} is missing" in result.stderr, result.stderr
+    (tmp_path / "model.bin").write_bytes(b"")
+    result = run_main("bench", str(tmp_path / "model.xml"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("error:"))
+    assert "openvino can load: " in line and not line.rstrip().endswith(":"), "not just OpenVINO's source file"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,13 @@ def _measure(
     def shape_of(path: str) -> tuple[int, ...]:
         if not Path(path).is_file():
             raise UsageError(f"model file {path} does not exist")
+        if Path(path).suffix.lower() == ".xml" and not Path(path).with_suffix(".bin").is_file():
+            weights = Path(path).with_suffix(".bin")
+            raise UsageError(f"{path} is an OpenVINO IR without its weights: {weights} is missing")
         try:
             dims = engine.input_shape(path)
         except Exception as exc:  # each runtime raises its own types for unreadable models
-            raise UsageError(f"{path} is not a model {name} can load: {str(exc).splitlines()[0]}") from None
+            raise UsageError(f"{path} is not a model {name} can load: {_reason(exc)}") from None
         return _fixed(path, dims, input_size)
 
     shape = shape_of(onnx)
@@ -112,6 +116,13 @@ def _measure(
             raise
         raise UsageError(f"{exc}; bench times a model with one float image input (N, C, H, W)") from None
     return shape, timings if repeat > 1 else timings[0]
+
+
+def _reason(exc: Exception) -> str:
+    """The line of a runtime's error that says what is wrong (OpenVINO's first names only its own source file)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    told = [line for line in lines if not re.match(r"^(Exception from )?src/\S+:\d+:?$", line)]
+    return (told or lines or [type(exc).__name__])[0]
 
 
 def _fixed(path: str, dims: list[int | str], input_size: int | None) -> tuple[int, ...]:
