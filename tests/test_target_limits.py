@@ -299,3 +299,16 @@ def test_oversized_headers_are_refused_in_json(plain: Target) -> None:
         assert answer.startswith(b"HTTP/1.1 " + status) and b"application/json" in answer, answer[:200]
         assert "error" in json.loads(answer.split(b"\r\n\r\n", 1)[1])
     _serving(plain)
+
+
+def test_each_bad_option_of_the_target_is_named_with_its_value() -> None:
+    import argparse
+
+    from search.latency_service.options import argument_problem
+    from search.latency_service.service import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert argument_problem(parser.parse_args([])) is None
+    problem = argument_problem(parser.parse_args(["--port", "70000", "--max-memory-mb", "100"])) or ""
+    assert problem == "--port must be 0..65535, got 70000; --max-memory-mb must be >= 512, got 100", problem

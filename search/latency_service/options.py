@@ -69,10 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the service's options (one line), or None."""
-    if args.threads < 1 or args.max_upload_mb <= 0 or not 0 <= args.port <= 65535:
-        return "--threads must be >= 1, --max-upload-mb > 0 and --port 0..65535"
-    if args.max_memory_mb < 512 or args.max_timing_s <= 0 or args.request_timeout_s <= 0:
-        return "--max-memory-mb must be >= 512, --max-timing-s and --request-timeout-s > 0"
+    checks = [
+        (args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (args.max_upload_mb > 0, f"--max-upload-mb must be > 0, got {args.max_upload_mb:g}"),
+        (0 <= args.port <= 65535, f"--port must be 0..65535, got {args.port}"),
+        (args.max_memory_mb >= 512, f"--max-memory-mb must be >= 512, got {args.max_memory_mb}"),
+        (args.max_timing_s > 0, f"--max-timing-s must be > 0, got {args.max_timing_s:g}"),
+        (args.request_timeout_s > 0, f"--request-timeout-s must be > 0, got {args.request_timeout_s:g}"),
+    ]
+    wrong = [message for ok, message in checks if not ok]
+    if wrong:
+        return "; ".join(wrong)
     if bool(args.tls_cert) != bool(args.tls_key):
         return "--tls-cert and --tls-key go together"
     from search.errors import UsageError
