@@ -219,6 +219,13 @@ def test_a_study_this_tool_did_not_make_is_named_so_by_pareto_show_and_export(tm
         result = run_main("search", "--budget-ms", "30", "--study", name, "--studies-dir", str(tmp_path))
         assert result.returncode == 2 and "cannot name a study" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.db"], "nothing written for them"
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mine.db") as db:  # a user's own database, not a study's
+        db.execute("CREATE TABLE notes (text)")
+    assert_usage_error(run_main("pareto", "--study", "mine", "--studies-dir", str(tmp_path)), "not an Optuna study")
+    with sqlite3.connect(tmp_path / "mine.db") as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)], "Optuna added no tables"
 
 
 def test_a_postgresql_password_is_handed_to_a_child_through_pgpassword_only() -> None:

@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import optuna
@@ -93,10 +93,24 @@ def open_study(name: str, url: str) -> optuna.Study:
     """An existing study, or a one-line error saying what was looked for where."""
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         raise UsageError(f"no study database at {masked(url)}; check --study, --studies-dir and --storage")
+    if url.startswith("sqlite:///") and not _holds_studies(Path(url[len("sqlite:///") :])):
+        raise UsageError(f"{url[len('sqlite:///') :]} is not an Optuna study database; check --study and --studies-dir")
     study = load_existing(open_storage(url), name)
     if study is None:
         raise UsageError(f"no study named {name!r} in {masked(url)}; check --study and --storage")
     return study
+
+
+def _holds_studies(path: Path) -> bool:
+    """Whether the SQLite file has Optuna's tables, read without writing (opening it as storage would add them)."""
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone()
+            return found is not None
+    except sqlite3.Error:
+        return False
 
 
 SCHEMA_LOCK_KEY = 0x70727365  # "prse": the PostgreSQL advisory lock every worker takes to create the schema
