@@ -370,3 +370,22 @@ def test_every_form_of_the_schema_race_is_retried(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(storage_module, "RDBStorage", racing([denied]))
     with pytest.raises(UsageError, match="password authentication failed"):
         open_storage(f"sqlite:///{tmp_path / 'b.db'}")
+
+
+def test_a_worker_whose_trial_another_marked_stale_goes_on_without_a_traceback(tmp_path: Path) -> None:
+    """Its heartbeat was late (the database away for a moment): another worker failed its trial and queued the
+    policy again. Optuna then raised out of optimize ("Cannot tell a FAIL trial"), ending this worker."""
+    from search.study.retry import optimize_one
+
+    url = f"sqlite:///{tmp_path}/stale.db"
+    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize"])
+
+    def failed_meanwhile(trial: optuna.Trial) -> tuple[float, float]:
+        other = optuna.load_study(study_name="s", storage=url)  # the other worker, through the database
+        other._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        trial.set_user_attr("accuracy", 0.9)  # what the run records next: refused, the trial is finished
+        return 0.9, 1.0
+
+    mine: list = []
+    assert optimize_one(study, failed_meanwhile, mine) is False and mine == []
+    assert optimize_one(study, lambda trial: (0.8, 2.0), mine) is True and mine[0].values == [0.8, 2.0]

@@ -32,6 +32,7 @@ __all__ = [
     "RETRY_OF",
     "RetryStaleTrial",
     "failure_reason",
+    "optimize_one",
     "retried_as",
     "retries_first",
     "retry_of",
@@ -123,3 +124,26 @@ def failure_reason(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> str:
             "and not retried again"
         )
     return "failed (no error recorded)"
+
+
+def optimize_one(study: optuna.Study, objective: Any, mine: list[optuna.trial.FrozenTrial]) -> bool:
+    """One trial through ``study.optimize`` (the storage heartbeat), appended to ``mine`` when it ends here.
+
+    False when another worker marked the trial failed while it ran (its heartbeat was late: a database that
+    was away for a moment, a suspended worker): it was queued again there, and this worker goes on.
+    """
+    try:
+        study.optimize(
+            objective,
+            n_trials=1,
+            catch=(Exception,),
+            gc_after_trial=False,
+            callbacks=[lambda _study, trial: mine.append(trial)],
+        )
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    except ValueError as exc:  # Optuna telling the trial FAIL, as another worker already did
+        if not str(exc).startswith("Cannot tell a"):
+            raise
+        return False
+    return True

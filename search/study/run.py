@@ -50,7 +50,7 @@ from search.study.creation_clock import CreationClock
 from search.study.creator import wait_until_ready
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
 from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_line, promotion_settings
-from search.study.retry import RETRY_OF, retries_first
+from search.study.retry import RETRY_OF, optimize_one, retries_first
 from search.study.settings import (
     check_resumable,
     check_same_data,
@@ -323,7 +323,8 @@ def _run_trials(
             raise
         except Exception as exc:  # recorded on the trial; optuna marks it FAIL and the study goes on
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            trial.set_user_attr("error", message)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker failed it
+                trial.set_user_attr("error", message)
             reporter.warn(f"trial {trial.number} failed: {message}")
             raise
         return outcome.accuracy, outcome.latency_ms
@@ -346,18 +347,13 @@ def _run_trials(
                     reporter.phase(f"waiting for {step[1].running} trial(s) running on other workers")
                     time.sleep(2.0)
                 else:
-                    study.optimize(
-                        objective,
-                        n_trials=1,
-                        catch=(Exception,),
-                        gc_after_trial=False,
-                        callbacks=[lambda _study, trial: mine.append(trial)],
-                    )
                     ran += 1
+                    if not optimize_one(study, objective, mine):
+                        reporter.warn(
+                            "another worker marked this worker's trial as stale while it ran; its policy is retried"
+                        )
             except KeyboardInterrupt:
                 return ran, True, None
-            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it: its heartbeat was late
-                reporter.warn("another worker marked this worker's trial as stale while it ran; its policy is retried")
             if lost:
                 return ran, True, str(lost[0])
             if mine and mine[0].state == TrialState.COMPLETE:
