@@ -389,3 +389,28 @@ def test_a_worker_whose_trial_another_marked_stale_goes_on_without_a_traceback(t
     mine: list = []
     assert optimize_one(study, failed_meanwhile, mine) is False and mine == []
     assert optimize_one(study, lambda trial: (0.8, 2.0), mine) is True and mine[0].values == [0.8, 2.0]
+
+
+def test_a_baseline_fetched_from_another_machines_study_keeps_the_one_trained_here(
+    tmp_path: Path, digits32, trained_weights: Path
+) -> None:
+    """Joining a PostgreSQL study whose baseline has the same cache name replaced the file a local study was
+    made with: that study could no longer be resumed or exported. The local one is now kept and still found."""
+    import shutil
+
+    from search.models.build import build_model
+    from search.models.checkpoint import file_sha256, save_checkpoint
+    from search.training.baseline import baseline_cache_path, kept_baseline_path, prepare_baseline
+
+    cache = tmp_path / "cache"
+    path = baseline_cache_path(cache, "resnet18", digits32, 1, 0)
+    path.parent.mkdir(parents=True)
+    save_checkpoint(path, build_model("resnet18", 10), model_name="resnet18", num_classes=10, meta={"epochs": 1})
+    local = file_sha256(path)
+    shutil.copy(path, kept_baseline_path(path, local))  # what adopt_baseline does before putting the other in
+    shutil.copy(trained_weights, path)  # the other machine's baseline, now in the cache's place
+    common = {"cache_dir": cache, "epochs": 1, "seed": 0}
+    resumed = prepare_baseline("resnet18", None, digits32, **common, sha256=local)
+    assert resumed.sha256 == local and resumed.weights == str(kept_baseline_path(path, local))
+    joined = prepare_baseline("resnet18", None, digits32, **common, sha256=file_sha256(path))
+    assert joined.weights == str(path), "the study that fetched its baseline uses the cache's file"

@@ -30,7 +30,7 @@ from search.models.checkpoint import file_sha256
 from search.progress import NullReporter, Reporter
 from search.study.config import SearchConfig
 from search.study.storage import load_existing
-from search.training.baseline import Baseline, baseline_cache_path
+from search.training.baseline import Baseline, baseline_cache_path, kept_baseline_path
 
 __all__ = ["BASELINE_FILE_ATTR", "adopt_baseline", "fetch_file", "publish_baseline", "store_file"]
 
@@ -138,6 +138,11 @@ def adopt_baseline(
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         temporary.write_bytes(content)
+        if path.exists():  # another study's baseline (trained here): kept beside it, where its resume looks
+            kept = kept_baseline_path(path, file_sha256(path))
+            if not kept.exists():
+                os.replace(path, kept)
+                reporter.info(f"Baseline: kept the one trained here before as {kept} (its studies still use it)")
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

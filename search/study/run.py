@@ -149,6 +149,7 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
             seed=config.seed,
             reporter=reporter,
             device=config.device,
+            sha256=None if existing is None else (existing.user_attrs.get("settings") or {}).get("baseline_sha256"),
         )
     hardware = timer.fingerprint()
     train_device = device_record(torch.device(config.device))

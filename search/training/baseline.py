@@ -17,7 +17,7 @@ from torch import nn
 
 from search.data.dataset import Dataset
 from search.models.build import build_model
-from search.models.checkpoint import save_checkpoint
+from search.models.checkpoint import file_sha256, save_checkpoint
 from search.models.weights import load_weights
 from search.progress import NullReporter, Reporter
 from search.training.finetune import TrainSettings, train
@@ -41,6 +41,11 @@ def baseline_cache_path(cache_dir: Path, model_name: str, data: Dataset, epochs:
     return cache_dir / f"baseline-{safe}-{data.name}-{data.fingerprint}-e{epochs}-s{seed}.pt"
 
 
+def kept_baseline_path(path: Path, sha256: str) -> Path:
+    """Where a cached baseline goes when a study from another machine puts its own in ``path``."""
+    return path.with_name(f"{path.stem}-{sha256[:12]}{path.suffix}")
+
+
 def prepare_baseline(
     model_name: str,
     weights: str | None,
@@ -51,8 +56,12 @@ def prepare_baseline(
     seed: int = 0,
     reporter: Reporter | None = None,
     device: str = "cpu",
+    sha256: str | None = None,
 ) -> Baseline:
-    """Build the baseline model with the given weights, or train (or reuse) one here."""
+    """Build the baseline model with the given weights, or train (or reuse) one here.
+
+    ``sha256``: the baseline a resumed study was made with, used from where :func:`kept_baseline_path` put it
+    when the cache's file has since been replaced by another study's."""
     reporter = reporter or NullReporter()
     with torch.random.fork_rng():  # the same seed gives the same initial weights, so the same baseline
         torch.manual_seed(seed)
@@ -62,6 +71,12 @@ def prepare_baseline(
         model.eval()
         return Baseline(model, model_name, weights, loaded.sha256, trained_here=False)
     path = baseline_cache_path(cache_dir, model_name, data, epochs, seed)
+    if (
+        sha256 is not None
+        and kept_baseline_path(path, sha256).exists()
+        and (not path.exists() or file_sha256(path) != sha256)
+    ):
+        path = kept_baseline_path(path, sha256)
     if path.exists():
         loaded = load_weights(model, str(path), model_name=model_name)
         reporter.info(f"Baseline: reusing {path} (trained earlier on this data)")
