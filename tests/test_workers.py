@@ -414,3 +414,21 @@ def test_a_baseline_fetched_from_another_machines_study_keeps_the_one_trained_he
     assert resumed.sha256 == local and resumed.weights == str(kept_baseline_path(path, local))
     joined = prepare_baseline("resnet18", None, digits32, **common, sha256=file_sha256(path))
     assert joined.weights == str(path), "the study that fetched its baseline uses the cache's file"
+
+
+def test_a_repeated_policy_copies_the_result_but_not_where_the_first_came_from(tmp_path: Path) -> None:
+    from search.progress import NullReporter
+    from search.study.trial import _copy_outcome
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/d.db", directions=["maximize", "minimize"])
+    first = study.ask()
+    attrs = {"recipe": "uniform 0.35 l1", "worker": {"host": "a", "pid": 1}, "accuracy": {"top1": 0.9}}
+    for key, value in {**attrs, "budget_violation_ms": -1.0, "feasible": True}.items():
+        first.set_user_attr(key, value)
+    study.tell(first, [0.9, 3.0])
+    again = study.ask()
+    again.set_user_attr("worker", {"host": "b", "pid": 2})
+    outcome = _copy_outcome(again, study.trials[0], NullReporter())
+    got = study.trials[1].user_attrs
+    assert outcome.accuracy == 0.9 and got["accuracy"] == {"top1": 0.9} and got["duplicate_of"] == 0
+    assert "recipe" not in got and got["worker"] == {"host": "b", "pid": 2}, got

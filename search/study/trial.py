@@ -24,7 +24,7 @@ from search.pruning.budget_fit import fit_to_budget
 from search.pruning.channels import prune_copy
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
-from search.study.origin import LATENCY_AT_CREATION, is_enqueued
+from search.study.origin import ENQUEUED_ATTRS, LATENCY_AT_CREATION, is_enqueued
 from search.study.rungs import PromotionSettings
 from search.study.sensitivity import probe_record_of
 from search.study.trial_weights import save_weights, weights_path
@@ -305,7 +305,9 @@ def _same_policy(trial: optuna.Trial, policy: Policy) -> optuna.trial.FrozenTria
 
 
 def _copy_outcome(trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, reporter: Reporter) -> TrialOutcome:
-    skip = {"policy", "policy_key", "hardware"}
+    # The result is copied; who ran this trial and where its policy came from are its own (a sampled policy equal
+    # to a recipe is not that recipe: it would count as enqueued, and be credited to the other trial's worker).
+    skip = {"policy", "policy_key", "hardware", "worker", "budget_fit", "retry_of", *ENQUEUED_ATTRS}
     for key, value in earlier.user_attrs.items():
         if key not in skip:
             trial.set_user_attr(key, value)
