@@ -432,3 +432,10 @@ def test_a_repeated_policy_copies_the_result_but_not_where_the_first_came_from(t
     got = study.trials[1].user_attrs
     assert outcome.accuracy == 0.9 and got["accuracy"] == {"top1": 0.9} and got["duplicate_of"] == 0
     assert "recipe" not in got and got["worker"] == {"host": "b", "pid": 2}, got
+
+
+def test_an_abbreviated_workers_option_is_refused_not_passed_on_to_each_worker(tmp_path: Path) -> None:
+    from tests.conftest import run_main
+
+    result = run_main("search", "--budget-ms", "30", "--worker", "2", "--studies-dir", str(tmp_path))
+    assert result.returncode == 2 and "unrecognized arguments: --worker 2" in result.stderr, result.stderr

@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.HELP))
+        # No abbreviations: --workers passes the command line on to its workers without itself, which an
+        # abbreviation (--worker 2) would slip past, each worker launching workers again.
+        command.add_arguments(sub.add_parser(name, help=command.HELP, allow_abbrev=False))
     return parser
 
 
