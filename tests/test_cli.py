@@ -243,6 +243,20 @@ def test_a_postgresql_password_is_handed_to_a_child_through_pgpassword_only() ->
     assert password_in_env("sqlite:///a.db") == ("sqlite:///a.db", {})
 
 
+def test_a_password_with_an_unencoded_at_sign_is_masked_whole() -> None:
+    """Parsers split ``//u:s3cret@pw@host`` at its first '@': 'pw@host' reached the message as the host."""
+    from search.study.urls import masked, password_in_env, without_password, without_secrets
+
+    url = "postgresql+psycopg2://prune:s3cret@pw@127.0.0.1:9/prune"
+    assert masked(url) == "postgresql+psycopg2://prune:***@127.0.0.1:9/prune"
+    assert without_secrets(url) == "postgresql+psycopg2://prune@127.0.0.1:9/prune"
+    assert password_in_env(url)[1] == {"PGPASSWORD": "s3cret@pw"}
+    said = without_password('could not translate host name "pw@127.0.0.1" to address', url)
+    assert "s3cret" not in said and "pw@" not in said and "address" in said, said
+    result = run_main("pareto", "--study", "x", "--storage", url)
+    assert result.returncode == 2 and "s3cret" not in result.stderr and "pw@" not in result.stderr, result.stderr
+
+
 def test_postgresql_without_a_driver_opens_with_the_installed_psycopg2() -> None:
     """SQLAlchemy 2.1 maps postgresql:// to psycopg (3); the postgres extra installs psycopg2."""
     result = run_main("pareto", "--study", "x", "--storage", "postgresql://prune:pw@127.0.0.1:9/prune")

@@ -65,8 +65,21 @@ def _mask_query(url: str, replacement: str | None) -> str:
     return f"{base}?{urlencode(kept, safe='*/:')}" if kept else base
 
 
+def _unencoded_password(url: str) -> str | None:
+    """A password holding an unencoded ``@`` (``//user:p@ss@host``), which parsers split at its first ``@``: the
+    host is what follows the last ``@``. None when the URL has no such password."""
+    netloc = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    userinfo = netloc.rpartition("@")[0]
+    if "@" not in userinfo or ":" not in userinfo:
+        return None
+    return userinfo.partition(":")[2]
+
+
 def masked(url: str) -> str:
     """``url`` with its password (in its own place or as a query parameter) replaced by ``***``."""
+    raw = _unencoded_password(url)
+    if raw is not None:
+        return _mask_query(url.replace(f":{raw}@", f":{MASK}@", 1), MASK)
     try:
         parsed = _parse(url)
     except Exception:  # not a URL SQLAlchemy can parse: hide whatever stands between ':' and '@'
@@ -79,12 +92,18 @@ def without_password(text: str, url: str) -> str:
     """``text`` (an error from a driver) with the URL's secrets, wherever they appear in it, masked."""
     text = text.replace(url, masked(url))
     secrets = _secret_query(url)
-    try:
-        password = _parse(url).password
-    except Exception:
-        password = None
-    if password:
-        secrets.append(str(password))
+    raw = _unencoded_password(url)
+    if raw is not None:  # and its pieces before an '@': a driver names "ss@host" as the host it could not find
+        text = text.replace(raw, MASK)
+        for piece in raw.split("@")[1:]:
+            text = text.replace(f"{piece}@", f"{MASK}@") if piece else text
+    else:
+        try:
+            password = _parse(url).password
+        except Exception:
+            password = None
+        if password:
+            secrets.append(str(password))
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
@@ -92,6 +111,9 @@ def without_password(text: str, url: str) -> str:
 
 def without_secrets(url: str) -> str:
     """``url`` with no password at all (libpq then reads :data:`PASSWORD_ENV`): for a command to paste."""
+    raw = _unencoded_password(url)
+    if raw is not None:
+        return _mask_query(url.replace(f":{raw}@", "@", 1), None)
     try:
         parsed = _parse(url)
     except Exception:
@@ -114,7 +136,7 @@ def password_in_env(url: str) -> tuple[str, dict[str, str]]:
     if scheme not in ("postgresql", "postgres") or not has_secret(url):
         return url, {}
     try:
-        own = _parse(url).password
+        own = _unencoded_password(url) or _parse(url).password
     except Exception:
         return url, {}
     query = [(k, v) for k, v in parse_qsl(url.partition("?")[2], keep_blank_values=True) if _SECRET_KEYS.search(k)]
