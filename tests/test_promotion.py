@@ -669,3 +669,21 @@ def test_a_read_of_at_least_the_whole_split_is_in_the_splits_own_order(digits32)
     assert np.array_equal(full, past)
     subset = top1_correct(model, digits32, "val", limit=len(digits32.split("val")) - 1)
     assert len(subset) == len(full) - 1
+
+
+def test_weights_that_do_not_fit_on_the_disk_leave_no_partial_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from torch import nn
+
+    from search.study import trial_weights
+
+    def full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trial_weights.torch, "save", full)
+    path = trial_weights.weights_path(tmp_path, 3, 0)
+    with pytest.raises(OSError, match="No space"):
+        trial_weights.save_weights(path, nn.Linear(2, 2), steps=1, arch_hash=None)
+    assert list(path.parent.iterdir()) == [], "nothing half-written stays in the trial's folder"

@@ -192,7 +192,13 @@ def _finetune_and_score(
     seconds["finetune"] = result.seconds
     if ctx.promotion is not None:  # what a promotion to rung 1 continues from (FP32, before any quantization)
         path = weights_path(ctx.promotion.folder, trial.number, 0)
-        save_weights(path, model, steps=result.steps, arch_hash=trial.user_attrs.get("arch_hash"))
+        try:
+            save_weights(path, model, steps=result.steps, arch_hash=trial.user_attrs.get("arch_hash"))
+        except OSError as exc:  # a full disk: the trial keeps its result; only its promotion needs the file
+            reporter.warn(
+                f"trial {trial.number}'s weights could not be saved ({exc.strerror or exc}): it keeps its "
+                "result but cannot be promoted"
+            )
     trial.set_user_attr(
         "finetune",
         {

@@ -28,8 +28,11 @@ def save_weights(path: Path, model: nn.Module, *, steps: int, arch_hash: str | N
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     partial = path.with_name(path.name + f".{os.getpid()}.partial")
-    torch.save({"state_dict": state, "steps": steps, "arch_hash": arch_hash}, partial)
-    os.replace(partial, path)
+    try:
+        torch.save({"state_dict": state, "steps": steps, "arch_hash": arch_hash}, partial)
+        os.replace(partial, path)
+    finally:  # a full disk: no half-written file left in the trial's folder
+        partial.unlink(missing_ok=True)
 
 
 def load_weights_into(model: nn.Module, path: Path, arch_hash: str | None = None) -> dict[str, Any]:
