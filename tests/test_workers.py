@@ -439,3 +439,21 @@ def test_an_abbreviated_workers_option_is_refused_not_passed_on_to_each_worker(t
 
     result = run_main("search", "--budget-ms", "30", "--worker", "2", "--studies-dir", str(tmp_path))
     assert result.returncode == 2 and "unrecognized arguments: --worker 2" in result.stderr, result.stderr
+
+
+def test_the_launcher_stops_its_workers_on_sigterm_as_on_ctrl_c() -> None:
+    """`timeout ... search --workers 4`, a kill or a closed terminal reached the launcher alone (the workers run in
+    sessions of their own): it died and left them searching. Inside the launch, those signals are Ctrl-C."""
+    import signal
+
+    from search.study.workers import interrupt_on_stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    restore = interrupt_on_stop_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs between bytecodes: at once
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGHUP) is not None

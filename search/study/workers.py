@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -231,6 +232,7 @@ def run_local_workers(
         gpu = f", {devices[i - 1]}" if devices[i - 1] else ""
         reporter.info(f"  worker {i}: {describe_cpus(share)}{gpu}, log {logs / f'worker-{i}.log'}")
     result = LaunchResult(workers=[])
+    restore = interrupt_on_stop_signals()  # kill, timeout, a closed terminal: the workers stop as on Ctrl-C
     try:
         first = _start(argv, 1, shares[0], logs / "worker-1.log", devices[0])
         result.workers.append(first)
@@ -254,9 +256,30 @@ def run_local_workers(
                 w.process.kill()
                 w.process.wait()
     finally:
+        restore()
         for w in result.workers:
             w.handle.close()
     return result
+
+
+def interrupt_on_stop_signals() -> Callable[[], None]:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt (in the main thread); returns what puts the handlers back.
+
+    The workers run in sessions of their own, so only the launcher hears these: without this it died and left
+    them searching unattended."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _study_ready(storage: Any, name: str) -> bool:
