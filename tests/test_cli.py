@@ -331,3 +331,16 @@ def test_paths_that_cannot_be_written_are_one_line_errors(tiny_study: dict[str, 
         ["export", *studies, "--best", "--epochs", "0", "--out", "/proc/nodir/out"],
     ):
         assert_usage_error(run_main(*args))
+
+
+def test_a_study_database_that_fails_mid_run_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlalchemy.exc
+
+    from search.cli import main as main_module
+
+    def full(args, console):
+        raise sqlalchemy.exc.OperationalError("INSERT ...", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(main_module.COMMANDS["pareto"], "run", full)
+    result = run_main("pareto", "--study", "x")
+    assert_usage_error(result, "the study's database failed", "database or disk is full", "run the same command")

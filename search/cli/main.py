@@ -12,12 +12,14 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
+import sqlalchemy.exc
 from rich.console import Console
 from rich.text import Text
 
 from search.cli import bench, dashboard, export, models, pareto, search, serve, show, space, target
 from search.cli.options import EXIT_INTERRUPTED, EXIT_USAGE
 from search.errors import UsageError
+from search.study.urls import without_password
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -80,6 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]Interrupted.[/] Nothing was lost: run the same command again to resume the study.")
         return EXIT_INTERRUPTED
+    except sqlalchemy.exc.OperationalError as exc:  # the study's database mid-run: full, gone away, locked
+        reason = str(exc.orig if exc.orig is not None else exc).splitlines()[0]
+        storage = getattr(args, "storage", None)
+        reason = without_password(reason, storage) if storage else reason
+        message = (
+            f"the study's database failed ({type(exc.orig or exc).__name__}: {reason}); what was recorded stays: "
+            "fix it (disk space, the server) and run the same command again"
+        )
+        err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+        return EXIT_USAGE
     except OSError as exc:  # a path given on the command line that cannot be made, read or written
         where = f" {exc.filename}" if exc.filename else ""
         reason = exc.strerror or str(exc)
