@@ -131,6 +131,8 @@ def test_the_study_and_its_trials_record_the_device_and_a_resume_on_another_kind
     )
     study = run_search(config).study
     assert study.user_attrs["train_device"]["kind"] == "cpu" and study.user_attrs["train_device"]["name"]
+    here = study.user_attrs["train_device"]["precision"]  # auto: bf16 on CPUs that have it, else fp32
+    assert here == precision(torch.device("cpu"), config.train_dtype).name
     assert study.user_attrs["augmentation"]["train"].startswith("random crop 16 with reflect padding 2")
     assert study.trials[0].user_attrs["train_device"] == study.user_attrs["train_device"]
     base = load_study_baseline(study)
@@ -149,3 +151,7 @@ def test_the_study_and_its_trials_record_the_device_and_a_resume_on_another_kind
         states=(optuna.trial.TrialState.COMPLETE,)
     )
     assert resumed.ran == 0 and len(finished) == 1, "allowed, it resumes (and the study already has its trial)"
+    other = "bf16" if here == "fp32" else "fp32"  # made with another --train-dtype
+    study.set_user_attr("train_device", {"kind": "cpu", "device": "cpu", "name": "a CPU", "precision": other})
+    with pytest.raises(UsageError, match=rf"fine-tunes in {other}, this run in {here}.*--train-dtype {other}"):
+        run_search(config)

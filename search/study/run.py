@@ -153,6 +153,7 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
         )
     hardware = timer.fingerprint()
     train_device = device_record(torch.device(config.device))
+    train_device["precision"] = precision(torch.device(config.device), config.train_dtype).name  # bf16 ranks apart
     settings = settings_that_must_match(config, data, space, baseline)
     with clock.phase("export the baseline to ONNX"):
         meter = CandidateMeter(baseline.model, data, space=space, timer=timer, quantize=quantize_settings(config))

@@ -189,7 +189,15 @@ def finetune_settings(config: SearchConfig) -> TrainSettings:
 def check_same_device_kind(study: optuna.Study, record: dict[str, Any], config: SearchConfig) -> None:
     """Refuse to add trials fine-tuned on another kind of device (numerics differ) unless the user allows it."""
     stored = study.user_attrs.get("train_device")
-    if stored is None or stored.get("kind") == record["kind"] or config.allow_mixed_devices:
+    if stored is None or config.allow_mixed_devices:
+        return
+    was, now = stored.get("precision"), record.get("precision")
+    if stored.get("kind") == record["kind"] and was is not None and now is not None and was != now:
+        raise UsageError(
+            f"study {config.study_name!r} fine-tunes in {was}, this run in {now}; their accuracies are not quite "
+            f"comparable: pass --train-dtype {was}, or --allow-mixed-devices to mix them in one study"
+        )
+    if stored.get("kind") == record["kind"]:
         return
     raise UsageError(
         f"study {config.study_name!r} fine-tunes on {stored['kind']} ({stored.get('name')}), this run on "
