@@ -231,3 +231,30 @@ def test_a_rerun_with_other_data_is_refused_before_a_baseline_is_trained_for_it(
     with pytest.raises(UsageError, match=r"different --mean \(0\.3057,0\.3057,0\.3057, now 0\.5,0\.5,0\.5\)"):
         run_search(other)
     assert not (tmp_path / "studies" / "cache").exists()  # no baseline was trained for the other data
+
+
+def test_an_entry_another_process_still_reads_is_not_removed_under_it(cache_root: Path, tmp_path: Path) -> None:
+    """A search's loader workers open the decoded images by path: removing the entry of the old files while it
+    runs failed every later trial with FileNotFoundError. The entry goes once no process reads it."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    _folder(root)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", f"from search.data.loading import load_dataset; from search.data.spec import DataSpec; "
+         f"load_dataset(DataSpec('imagefolder:{root}', input_size=16)); print('read', flush=True); input()"],
+        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "read"
+        (old,) = _entries(cache_root)
+        _replace_in_place(root / "val" / "cat" / "0.bmp", (255, 255, 255))
+        load_dataset(DataSpec(f"imagefolder:{root}", input_size=16))
+        assert old in _entries(cache_root) and len(_entries(cache_root)) == 2, "kept while the other reads it"
+    finally:
+        reader.communicate("\n", timeout=60)
+    _replace_in_place(root / "val" / "cat" / "0.bmp", (1, 2, 3))
+    load_dataset(DataSpec(f"imagefolder:{root}", input_size=16))
+    assert len(_entries(cache_root)) == 1, "once nobody reads them, the old entries go"

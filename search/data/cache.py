@@ -128,8 +128,8 @@ def _write(base: Path, decode: Callable[[BinaryIO], Layout], source: Any) -> Non
 def _remove_stale(base: Path, source: Any) -> None:
     """Remove the entries of ``source`` other than ``base``: images of files that have changed since.
 
-    An entry another process is decoding right now (its lock held) is left alone. A run still reading
-    a removed entry keeps the file it has open.
+    An entry another process is decoding right now (its lock held) is left alone, and so is one a running
+    process reads (its readers' lock held, :func:`_hold`): its loader workers open the file by its path.
     """
     if source is None:
         return
@@ -143,13 +143,18 @@ def _remove_stale(base: Path, source: Any) -> None:
             continue
         other = meta.with_suffix("")
         lock = other.with_name(other.name + ".lock")
+        own = _HELD.pop(other, None)  # this process moves on to the new entry (its open file stays readable)
+        if own is not None:
+            own.close()
         try:
-            with open(lock, "a+b") as handle:
+            with open(lock, "a+b") as handle, open(_readers(other), "a+b") as readers:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(readers.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 for path in (meta, other.with_suffix(".bin")):
                     path.unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
-        except OSError:  # being written by another process, or not ours to remove
+            _readers(other).unlink(missing_ok=True)
+        except OSError:  # being written or read by another process, or not ours to remove
             continue
 
 
@@ -173,4 +178,29 @@ def _open(base: Path) -> tuple[dict[str, Split], Layout] | None:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    _hold(base)
     return splits, layout
+
+
+_HELD: dict[Path, Any] = {}
+"""The readers' lock of every entry this process reads, held (shared) while the process lives."""
+
+
+def _readers(base: Path) -> Path:
+    return base.with_name(base.name + ".readers")
+
+
+def _hold(base: Path) -> None:
+    """Mark ``base`` as read by this process (and the loader workers it starts, which reopen it by path)."""
+    if base in _HELD:
+        return
+    try:
+        handle = open(_readers(base), "a+b")  # held open on purpose, for the process's life
+    except OSError:  # a read-only cache folder: nobody removes anything from it either
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+    except OSError:
+        handle.close()
+        return
+    _HELD[base] = handle
