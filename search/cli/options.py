@@ -223,7 +223,7 @@ def study_of(args: argparse.Namespace, ours: bool = True) -> tuple[Any, str]:
         raise UsageError(f"{args.command} needs --study NAME (the name search printed, e.g. resnet18-digits-30ms)")
     url = args.storage or f"sqlite:///{Path(args.studies_dir) / args.study}.db"
     study = open_study(args.study, url)
-    if ours and "settings" not in study.user_attrs:
+    if ours and not {"settings", "budget_ms"} & set(study.user_attrs):
         if CREATOR_ATTR in study.user_attrs:
             raise UsageError(f"study {args.study!r} is still being set up by its search; try again once it runs trials")
         raise UsageError(
