@@ -75,6 +75,18 @@ def _unencoded_password(url: str) -> str | None:
     return userinfo.partition(":")[2]
 
 
+def _own_password(url: str) -> str | None:
+    """The password in the URL's own place (an unencoded ``@`` in it included), or None."""
+    raw = _unencoded_password(url)
+    if raw is not None:
+        return raw
+    try:
+        password = _parse(url).password
+    except Exception:
+        return None
+    return None if password is None else str(password)
+
+
 def masked(url: str) -> str:
     """``url`` with its password (in its own place or as a query parameter) replaced by ``***``."""
     raw = _unencoded_password(url)
@@ -92,20 +104,14 @@ def without_password(text: str, url: str) -> str:
     """``text`` (an error from a driver) with the URL's secrets, wherever they appear in it, masked."""
     text = text.replace(url, masked(url))
     secrets = _secret_query(url)
-    raw = _unencoded_password(url)
-    if raw is not None:  # and its pieces before an '@': a driver names "ss@host" as the host it could not find
-        text = text.replace(raw, MASK)
-        for piece in raw.split("@")[1:]:
-            text = text.replace(f"{piece}@", f"{MASK}@") if piece else text
-    else:
-        try:
-            password = _parse(url).password
-        except Exception:
-            password = None
-        if password:
-            secrets.append(str(password))
+    password = _own_password(url)
+    if password:
+        secrets.append(password)
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
+    for piece in (password or "").split("@")[1:]:  # a driver names "ss@host" (of "p@ss@host") as the host
+        if piece:
+            text = text.replace(f"{piece}@", f"{MASK}@")
     return text
 
 
@@ -135,14 +141,11 @@ def password_in_env(url: str) -> tuple[str, dict[str, str]]:
     scheme = url.partition("://")[0].split("+")[0]
     if scheme not in ("postgresql", "postgres") or not has_secret(url):
         return url, {}
-    try:
-        own = _unencoded_password(url) or _parse(url).password
-    except Exception:
-        return url, {}
+    own = _own_password(url)
     query = [(k, v) for k, v in parse_qsl(url.partition("?")[2], keep_blank_values=True) if _SECRET_KEYS.search(k)]
     if [k for k, _ in query if k != "password"]:  # sslpassword and the like: no environment variable takes them
         return url, {}
-    password = str(own) if own is not None else query[0][1]
+    password = own if own is not None else query[0][1]
     return without_secrets(url), {PASSWORD_ENV: password}
 
 
