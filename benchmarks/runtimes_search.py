@@ -45,13 +45,15 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / ".runtimes"
 FULL = {  # the models searched in every runtime, in turn (each cached on its own)
     "mobilenet_v2_cifar": {"model": "mobilenet_v2_cifar", "size": 32, "trials": 8, "steps": 10, "exports": 3,
-                           "fraction": 0.5, "baseline_epochs": 3, "export_epochs": 1},
+                           "fraction": 0.5, "baseline_epochs": 3, "export_epochs": 1, "confirm": 3},
     # a 12 ms baseline: the shipped files' latencies read against a smaller run-to-run spread than sub-ms models
     "resnet18_cifar": {"model": "resnet18_cifar", "size": 32, "trials": 6, "steps": 10, "exports": 2,
-                       "fraction": 0.5, "baseline_epochs": 3, "export_epochs": 1, "pruned_fp32": True},
+                       "fraction": 0.5, "baseline_epochs": 3, "export_epochs": 1, "pruned_fp32": True, "confirm": 3},
 }  # fmt: skip
+"""``confirm``: the search's --confirm-repeats (its front timed again in fresh processes; entries without it, from
+before that existed, are kept under ``<model>@one-timing`` and rendered beside the new ones)."""
 QUICK = {"model": "resnet18_cifar", "size": 32, "trials": 3, "steps": 2, "exports": 1, "fraction": 0.5,
-         "baseline_epochs": 2, "export_epochs": 0.5}  # fmt: skip
+         "baseline_epochs": 2, "export_epochs": 0.5, "confirm": 2}  # fmt: skip
 TARGET = 0.03
 BENCHES = 3
 """Benches of each shipped file, in fresh processes: their mean is compared, their spread is the noise."""
@@ -79,6 +81,7 @@ def _search(runtime: str, sizes: dict[str, Any], studies: Path) -> dict[str, Any
         "--budget-fraction", str(sizes["fraction"]), "--runtime", runtime, "--seed", "0",
         "--trials", str(sizes["trials"]), "--finetune-steps", str(sizes["steps"]), "--baseline-epochs", str(sizes["baseline_epochs"]),
         "--no-promotion", "--studies-dir", str(studies), "--study", name, "-q",
+        "--confirm-repeats", str(sizes.get("confirm", 0)),
     )  # fmt: skip
     seconds = time.perf_counter() - started
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
@@ -88,7 +91,7 @@ def _search(runtime: str, sizes: dict[str, Any], studies: Path) -> dict[str, Any
 
     def row(r: Any) -> dict[str, Any]:
         return {"trial": r.number, "ms": round(r.latency_ms, 4), "ratio": round(r.ratio, 5), "accuracy": r.accuracy,
-                "policy": r.policy.to_dict()}  # fmt: skip
+                "policy": r.policy.to_dict(), "repeats": list(r.latency_repeats)}  # fmt: skip
 
     return {
         "study": name,
@@ -125,7 +128,7 @@ def _best_pruned_fp32(result: dict[str, Any], studies: Path) -> dict[str, Any] |
         return None
     r = max(found, key=lambda r: r.accuracy or 0.0)
     return {"trial": r.number, "ms": round(r.latency_ms, 4), "ratio": round(r.ratio, 5), "accuracy": r.accuracy,
-            "policy": r.policy.to_dict()}  # fmt: skip
+            "policy": r.policy.to_dict(), "repeats": list(r.latency_repeats)}  # fmt: skip
 
 
 def _export_and_bench(
@@ -178,7 +181,8 @@ def _export_and_bench(
         difference = measured["ratio"] / member["ratio"] - 1  # the mean of the two benches
         checks.append({
             "trial": member["trial"], "precision": precision, "file": str(candidates[0].relative_to(ROOT)),
-            "search_ratio": member["ratio"], "bench_ratio": round(measured["ratio"], 5),
+            "search_ratio": member["ratio"], "search_repeats": member.get("repeats", []),
+            "bench_ratio": round(measured["ratio"], 5),
             "bench_ratios": [round(b["ratio"], 5) for b in benches],
             "bench_ms": round(measured["median_ms"], 4), "difference": round(difference, 4),
             "within_target": abs(difference) <= TARGET,
@@ -221,7 +225,11 @@ def run_all(runtimes: list[str], quick: bool, cache: dict[str, Any], save: Any) 
         cache[QUICK["model"]] = run_searches(runtimes, QUICK, WORK / "quick", cache.get(QUICK["model"], {}), save)
         return cache
     for model, sizes in FULL.items():
+        if model in cache and cache[model].get("settings", {}).get("confirm") != sizes.get("confirm"):
+            cache[f"{model}@one-timing"] = cache.pop(model)  # from before the front was timed again: kept, not reused
         studies = WORK / ("studies" if model == "mobilenet_v2_cifar" else f"studies-{model}")
+        if sizes.get("confirm"):
+            studies = studies.with_name(studies.name + "-confirm")
         cache[model] = run_searches(runtimes, sizes, studies, cache.setdefault(model, {}), save)
         save()
     return cache
@@ -266,7 +274,13 @@ def render(cache: dict[str, Any], runtimes: list[str]) -> str:
     lines = [
         f"A short search in each runtime ({sizes['model']} on digits at {sizes['size']} px, budget "
         f"{sizes['fraction']:g} of each runtime's own baseline, {sizes['trials']} trials of {sizes['steps']} steps, "
-        "seed 0, no promotion), its front exported and the shipped files timed with `bench --runtime`"
+        "seed 0, no promotion"
+        + (
+            f"; its front timed again in {sizes['confirm']} fresh processes, `--confirm-repeats {sizes['confirm']}`"
+            if sizes.get("confirm")
+            else "; one timing per trial, before `--confirm-repeats` existed"
+        )
+        + "), its front exported and the shipped files timed with `bench --runtime`"
         + (
             f" (every timing at least {cache['min_timing_s']:g} s"
             + (", each in a timing process of its own" if cache.get("isolated") else "")
@@ -296,7 +310,8 @@ def render(cache: dict[str, Any], runtimes: list[str]) -> str:
             if c.get("exported") is False:
                 lines.append(f"| {r} | {c['trial']} | - | - | not exported: {c['reason']} | - |")
                 continue
-            lines.append(f"| {r} | {c['trial']} | {c['precision']} | {c['search_ratio']:.3f} | {c['bench_ratio']:.3f} ("
+            again = f" (x{len(c['search_repeats'])})" if c.get("search_repeats") else ""
+            lines.append(f"| {r} | {c['trial']} | {c['precision']} | {c['search_ratio']:.3f}{again} | {c['bench_ratio']:.3f} ("
                          f"{', '.join(f'{b:.3f}' for b in c.get('bench_ratios', []))}) "
                          f"| {c['difference']:+.1%}{'' if c['within_target'] else ' (over 3%)'} |")  # fmt: skip
     lines.append("")

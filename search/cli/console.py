@@ -154,6 +154,8 @@ def front_table(
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in shown:
         mark = "[green]meets[/]" if r.latency_ms <= budget_ms else "[red]over[/]"
+        if r.at_edge:
+            mark = "[yellow]edge[/]"
         label = r.recipe or r.policy.describe()
         number = f"{r.number}"
         if recommended is not None and r.number == recommended.number:
@@ -163,7 +165,7 @@ def front_table(
             _with_interval(r),
             _rung_cell(r),
             _percent(r.accuracy_before),
-            f"{r.latency_ms:.2f}",
+            f"{r.latency_ms:.2f}" + (f" x{len(r.latency_repeats)}" if r.latency_repeats else ""),
             f"{r.ratio:.0%}",
             f"{r.p90_ms:.2f}",
             f"{r.macs / 1e6:.0f}",
@@ -181,6 +183,12 @@ def front_table(
             "; rung: where the top-1 comes from, R/steps (0: the brief fine-tune; higher: promoted, "
             "fine-tuned on and read on more validation images: all, or --rung-val-images of them)"
         )
+    if any(r.latency_repeats for r in shown):
+        table.caption = (table.caption + "; " if table.caption else "") + (
+            "xN: the median of N more timings, each in a fresh process; edge: within the budget by that median, "
+            "not in every one of them"
+        )
+    if table.caption:
         table.caption_justify = "left"
     return table
 
@@ -203,9 +211,16 @@ def _rung_line(r: Rung) -> str:
     return f"{r.accuracy:.4f}{interval} after {r.steps} fine-tune steps{took}"
 
 
-def show_trial(trial: Any, budget_ms: float, rungs: list[Rung] | None = None, learned: float | None = None) -> Table:
+def show_trial(
+    trial: Any,
+    budget_ms: float,
+    rungs: list[Rung] | None = None,
+    learned: float | None = None,
+    again: dict[str, Any] | None = None,
+) -> Table:
     """One trial as a two-column table: policy, measurements, phase times, channels (and each rung it reached, with
-    ``learned``, the accuracy the sampler learns from where it is not the trial's own value)."""
+    ``learned``, the accuracy the sampler learns from where it is not the trial's own value, and ``again``, its
+    latency timed again in fresh processes)."""
     a = trial.user_attrs
     table = Table(title=f"Trial {trial.number}", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
@@ -237,6 +252,14 @@ def show_trial(trial: Any, budget_ms: float, rungs: list[Rung] | None = None, le
         f"({lat.get('baseline_median_ms', 0):.3f} ms), {lat.get('threads', 1)} thread(s)"
         + (f", reused from trial {lat['reused_from_trial']}" if "reused_from_trial" in lat else ""),
     )
+    if again:
+        ratios = again["ratios"]
+        verdict = "over the budget" if again["corrected_ms"] > budget_ms else "within the budget"
+        table.add_row(
+            "timed again",
+            f"{again['corrected_ms']:.3f} ms, {again['ratio']:.3f} of the baseline: the median of {len(ratios)} "
+            f"timings, each in a fresh process ({min(ratios):.3f}-{max(ratios):.3f}), {verdict}; the reports use it",
+        )
     table.add_row("MACs / params", f"{a.get('macs', 0) / 1e6:.1f} M / {a.get('params', 0) / 1e6:.3f} M")
     seconds = a.get("seconds", {})
     table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "-")

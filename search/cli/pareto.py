@@ -19,7 +19,7 @@ from search.cli.plot import plot_front
 from search.measuring.runtimes.registry import get_runtime, study_runtime
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace, parse_space
-from search.study.front import pareto_front, recommendation, rows
+from search.study.front import Row, pareto_front, recommendation, rows
 from search.study.urls import PASSWORD_ENV, has_secret, without_secrets
 
 __all__ = ["HELP", "add_arguments", "limits_hint", "print_front", "run"]
@@ -86,12 +86,19 @@ def print_front(
             tied=bool(found and found.tied),
         )
     )
-    if best is None:
+    dropped = sorted((r for r in all_rows if r.over_when_timed_again), key=lambda r: r.number)
+    if best is None and dropped:
+        listed = ", ".join(f"{r.number} ({r.ratio:.3f} of the baseline)" for r in dropped)
+        console.print(
+            f"[red]No policy stays within the budget when timed again:[/] trials {listed} measured over it by the "
+            "median of fresh timings. Run more trials (--trials) for candidates further below the budget, or loosen it."
+        )
+    elif best is None:
         console.print("[red]No policy within the budget yet.[/] Run more trials (--trials) or widen the space.")
     else:
         console.print(
             f"Recommended: trial {best.number}, top-1 {best.accuracy:.2%}{_margin(best.margin)} at "
-            f"{best.latency_ms:.2f} ms ({best.ratio:.0%} of the baseline; top-1 from {best.source()}): "
+            f"{best.latency_ms:.2f} ms ({best.ratio:.0%} of the baseline{_repeats(best)}; top-1 from {best.source()}): "
             f"{best.policy.describe()}"
         )
         for line in found.lines() if found else []:
@@ -129,6 +136,11 @@ def print_front(
                 f"(the URL's password is left out: set {PASSWORD_ENV} to it, or keep it in ~/.pgpass, "
                 "and PostgreSQL's client reads it from there)"
             )
+
+
+def _repeats(r: Row) -> str:
+    n = len(r.latency_repeats)
+    return f", the median of {n} timings in fresh processes" if n else ""
 
 
 def _margin(margin: float | None) -> str:

@@ -111,6 +111,14 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
     )
     add_runtime_option(parser, "the runtime every latency is measured in, recorded on the study (default: onnxruntime)")
     parser.add_argument(
+        "--confirm-repeats",
+        type=non_negative_int,
+        metavar="N",
+        help="once the trials are done, time each trial on the front within the budget N more times, each in a "
+        "fresh process, and judge it by their median; one that lands over the budget is not recommended "
+        "(default: 3; 0: the search's one timing)",
+    )
+    parser.add_argument(
         "--finetune-steps",
         type=non_negative_int,
         default=DEFAULTS.finetune_steps,
@@ -282,6 +290,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         rung_val_images=args.rung_val_images,
         sampler=args.sampler,
         trial_weights=args.trial_weights,
+        confirm_repeats=args.confirm_repeats,
     )
 
 

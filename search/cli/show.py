@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from search.study.confirm import confirmed_record
     from search.study.fidelity import learned_accuracies
     from search.study.front import finished_trial
     from search.study.retry import retry_of
@@ -46,9 +47,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
                     "highest_rung": rungs[-1].rung if rungs else None,
                     "sampler_learns": learned if learned is not None else (trial.values or [None])[0],
                     "pruning_history_entries": len(history or []),
+                    "timed_again": confirmed_record(study.user_attrs, trial.number),
                 }
             )
         )
         return 0
-    console.print(show_trial(trial, float(study.user_attrs["budget_ms"]), rungs, learned))
+    again = confirmed_record(study.user_attrs, trial.number)
+    console.print(show_trial(trial, float(study.user_attrs["budget_ms"]), rungs, learned, again))
     return 0

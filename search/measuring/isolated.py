@@ -62,6 +62,11 @@ class IsolatedTimer(OnThisMachine):
         """The same child process, timing with other rounds (threads and runtime stay)."""
         return IsolatedTimer(dataclasses.replace(settings, threads=self.threads, runtime=self.runtime), self._process)
 
+    @property
+    def pid(self) -> int | None:
+        """The child process that times (None until the first timing, and after :meth:`close`)."""
+        return self._process.pid
+
     def close(self) -> None:
         """Stop the child (a later timing starts it again)."""
         self._process.stop()

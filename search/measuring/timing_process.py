@@ -79,6 +79,11 @@ class TimingProcess:
         if not ready.get("ready"):
             raise RuntimeError(f"the timing process did not start: {ready.get('error') or ready}")
 
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (None when none runs)."""
+        return self._child.pid if self._child is not None and self._child.poll() is None else None
+
     def stop(self) -> int | None:
         """Kill the child; its exit status."""
         child, self._child = self._child, None

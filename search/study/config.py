@@ -104,6 +104,10 @@ class SearchConfig:
     trial_weights: str | None = None
     """Folder for each trial's fine-tuned weights, which promotions continue from; None:
     ``<studies_dir>/<study>/trial-weights``. Workers on several hosts need a path they all see."""
+    confirm_repeats: int | None = None
+    """Once the trials are done, time each trial on the front within the budget this many more times, each in a
+    fresh process, and judge it by their median (:mod:`search.study.confirm`); 0: the search's one timing;
+    None: :func:`search.study.confirm.default_repeats` (3)."""
     studies_dir: str = "studies"
     heartbeat_seconds: int | None = None
     """Heartbeat interval of a new study (a trial silent for twice this is failed and retried once);
@@ -124,6 +128,8 @@ class SearchConfig:
             steps = (self.finetune_steps, *self.rungs)
             if any(b <= a for a, b in itertools.pairwise(steps)):
                 raise ValueError("rungs must be increasing step counts, each above finetune_steps")
+        if self.confirm_repeats is not None and self.confirm_repeats < 0:
+            raise ValueError("confirm_repeats must be >= 0")
         if not 0 < self.promote_fraction < 1:
             raise ValueError("promote_fraction must be in (0, 1)")
         if self.sampler not in SAMPLERS:

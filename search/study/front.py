@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from search.errors import UsageError
 from search.pruning.policy import Policy
+from search.study.confirm import confirmed_record
 from search.study.retry import failure_reason
 from search.study.rungs import highest_rung
 from search.study.uncertainty import ALPHA, mcnemar_p, paired_counts, unpack_correct, wilson
@@ -59,6 +60,15 @@ class Row:
     """How :attr:`per_image`'s images are ordered (:attr:`search.study.rungs.Rung.order`): only one order pairs."""
     steps: int | None = None
     """Fine-tune steps behind :attr:`accuracy` (None: not fine-tuned)."""
+    latency_repeats: tuple[float, ...] = ()
+    """The ratios of the repeats that timed the trial again in fresh processes (:mod:`search.study.confirm`);
+    :attr:`latency_ms` and :attr:`ratio` are then their median. Empty: the search's one timing."""
+    at_edge: bool = False
+    """Timed again, the repeats fell on both sides of the budget: it meets it by the median, not every time."""
+    over_when_timed_again: bool = False
+    """Within the budget by the search's timing, over it by the median of the repeats: no longer a candidate."""
+    budget_ms: float | None = None
+    """The study's budget."""
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -109,6 +119,8 @@ class Row:
             "rung": self.rung,
             "finetune_steps": self.steps,
             "accuracy_interval": list(self.interval) if self.interval else None,
+            "latency_repeats": list(self.latency_repeats) or None,
+            "latency_at_budget_edge": self.at_edge,
             "policy": self.policy.to_dict(),
         }
 
@@ -117,22 +129,32 @@ def rows(study: optuna.Study) -> list[Row]:
     """Every completed trial of the study, in trial order, each at the highest rung it reached."""
     result = []
     study_attrs = study.user_attrs
+    budget_ms = study_attrs.get("budget_ms")
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
         top = highest_rung(t, study_attrs)  # None: over the budget, never evaluated
+        latency_ms, ratio = float(t.values[1]), float(a["latency"]["ratio"])
+        p90_ms = float(a["latency"]["p90_ms"]) * float(a["latency"]["corrected_ms"]) / float(a["latency"]["median_ms"])
+        feasible = bool(a.get("feasible"))
+        again = confirmed_record(study_attrs, t.number) if feasible else None
+        edge = over = False
+        if again is not None and budget_ms is not None:
+            p90_ms *= float(again["corrected_ms"]) / latency_ms
+            latency_ms, ratio = float(again["corrected_ms"]), float(again["ratio"])
+            over = latency_ms > float(budget_ms)
+            edge = not over and max(again["ratios"]) * latency_ms / ratio > float(budget_ms)
+            feasible = not over
         result.append(
             Row(
                 number=t.number,
                 accuracy=None if top is None else top.accuracy,
                 accuracy_before=a.get("accuracy_before"),
-                latency_ms=float(t.values[1]),
-                ratio=float(a["latency"]["ratio"]),
-                p90_ms=float(a["latency"]["p90_ms"])
-                * float(a["latency"]["corrected_ms"])
-                / float(a["latency"]["median_ms"]),
+                latency_ms=latency_ms,
+                ratio=ratio,
+                p90_ms=p90_ms,
                 macs=int(a.get("macs", 0)),
                 params=int(a.get("params", 0)),
-                feasible=bool(a.get("feasible")),
+                feasible=feasible,
                 recipe=a.get("recipe"),
                 policy=Policy.from_dict(a["policy"]),
                 images=None if top is None else top.images,
@@ -140,6 +162,10 @@ def rows(study: optuna.Study) -> list[Row]:
                 rung=0 if top is None else top.rung,
                 order=None if top is None else top.order,
                 steps=None if top is None or not (a.get("fine_tuned") or top.rung) else top.steps,
+                latency_repeats=tuple(again["ratios"]) if again is not None else (),
+                at_edge=edge,
+                over_when_timed_again=over,
+                budget_ms=None if budget_ms is None else float(budget_ms),
             )
         )
     return result
@@ -222,6 +248,8 @@ class Recommendation:
     not_compared: list[Row] = field(default_factory=list)
     """Trials on the front read at another rung than :attr:`top` (a shorter or longer fine-tune): their top-1
     measures another thing, so they are neither tied with it nor separable from it, and never the pick."""
+    over_when_timed_again: list[Row] = field(default_factory=list)
+    """Trials the search timed within the budget that the repeats put over it (:mod:`search.study.confirm`)."""
 
     @property
     def candidates(self) -> list[Row]:
@@ -230,7 +258,29 @@ class Recommendation:
 
     def lines(self) -> list[str]:
         """What the recommendation says about ties, for the reports (empty when nothing can be told)."""
-        return self._tie_lines() + self._not_compared_line()
+        return self._tie_lines() + self._not_compared_line() + self._latency_lines()
+
+    def _latency_lines(self) -> list[str]:
+        out = []
+        pick = self.pick
+        if pick.at_edge:
+            low, high = min(pick.latency_repeats), max(pick.latency_repeats)
+            budget = _budget_ratio(pick)
+            out.append(
+                f"At the budget's edge: trial {pick.number}, timed again in {len(pick.latency_repeats)} fresh "
+                f"processes, ran {low:.3f}-{high:.3f} of the baseline (median {pick.ratio:.3f}; budget "
+                f"{budget:.3f}): it meets the budget by the median, not in every timing. Time it on the device with "
+                "`bench --repeat 5`, or take a faster trial from the front."
+            )
+        if self.over_when_timed_again:
+            listed = ", ".join(
+                f"{r.number} ({r.ratio:.3f})" for r in sorted(self.over_when_timed_again, key=lambda r: r.number)
+            )
+            out.append(
+                f"Over the budget when timed again (median of fresh processes, of the baseline): trials {listed}; "
+                "the search's one timing had put them within it, so they are not recommended."
+            )
+        return out
 
     def _not_compared_line(self) -> list[str]:
         if not self.not_compared:
@@ -271,7 +321,15 @@ class Recommendation:
             "tied": [r.number for r in self.candidates] if self.tied else [],
             "separable_from_runner_up": None if self.runner_up is None else self.runner_up.other.number,
             "not_compared": sorted(r.number for r in self.not_compared),
+            "latency_repeats": list(self.pick.latency_repeats) or None,
+            "at_budget_edge": self.pick.at_edge,
+            "over_when_timed_again": sorted(r.number for r in self.over_when_timed_again),
         }
+
+
+def _budget_ratio(r: Row) -> float:
+    """The study's budget as a fraction of the baseline's latency (0 when the row does not know it)."""
+    return r.budget_ms * r.ratio / r.latency_ms if r.budget_ms and r.latency_ms else 0.0
 
 
 def _with_margin(r: Row) -> str:
@@ -299,7 +357,8 @@ def recommendation(all_rows: list[Row]) -> Recommendation | None:
     pick = min([top, *(v.other for v in tied)], key=lambda r: (r.latency_ms, -r.accuracy, r.number))  # type: ignore
     runner_up = verdicts[0] if verdicts and not tied and verdicts[0] is not None else None
     not_compared = [r for r in ranked[1:] if not _same_fidelity(top, r)]
-    return Recommendation(pick=pick, top=top, tied=tied, runner_up=runner_up, not_compared=not_compared)
+    over = [r for r in all_rows if r.over_when_timed_again and r.accuracy is not None]
+    return Recommendation(pick, top, tied, runner_up, not_compared, over)
 
 
 def _same_fidelity(a: Row, b: Row) -> bool:
@@ -338,8 +397,9 @@ def pick_best(study: optuna.Study) -> int:
         budget = float(study.user_attrs["budget_ms"])
         nearest = sorted(all_rows, key=lambda r: r.latency_ms)[:3]
         listed = ", ".join(f"trial {r.number} at {r.latency_ms:.2f} ms" for r in nearest) or "none"
+        again = " when timed again" if any(r.over_when_timed_again for r in all_rows) else ""
         raise UsageError(
-            f"no trial of study {study.study_name!r} is within its {budget:g} ms budget (fastest: {listed}); "
+            f"no trial of study {study.study_name!r} is within its {budget:g} ms budget{again} (fastest: {listed}); "
             f"run more trials or export one with --trial N"
         )
     return best.number

@@ -36,6 +36,7 @@ from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.baseline_store import adopt_baseline
 from search.study.config import SearchConfig
+from search.study.confirm import confirm_front, default_repeats
 from search.study.coordination import (
     OVER_BUDGET_FACTOR,
     check_same_hardware,
@@ -93,6 +94,8 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     reporter = reporter or NullReporter()
     check_model_name(config.model)  # before any data is loaded
     config = replace(config, device=str(resolve(config.device)))  # auto -> cpu or cuda:0; a bad one is refused
+    if config.confirm_repeats is None:  # a bad PRUNE_SEARCH_CONFIRM_REPEATS is refused before any work
+        config = replace(config, confirm_repeats=default_repeats())
     precision(torch.device(config.device), config.train_dtype)  # fp16 without a GPU is refused before any work
     if timer is None:
         require_runtime(config.runtime)  # a missing package is one line naming it, before any work
@@ -365,8 +368,11 @@ def _run_trials(
             shown = done
     try:  # the promotions the last trials made due (or a killed worker left), until none is
         promote_all(study, ctx, reporter, None if config.timeout is None else started + config.timeout)
+        confirm_front(study, ctx.meter, reporter, config.confirm_repeats or 0)  # the front's latencies, timed again
     except KeyboardInterrupt:
         return ran, True, None
+    except TargetLost as exc:
+        return ran, True, str(exc)
     now = study_progress(study)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if waiting and now.finished >= config.trials:
