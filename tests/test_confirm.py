@@ -23,7 +23,7 @@ def _policy(strength: float) -> dict:
     return Policy(stages=stages).to_dict()
 
 
-def _study(path: Path, trials: list[tuple[float, float]]) -> optuna.Study:
+def _study(path: Path, trials: list[tuple[float, float]], arch: list[str] | None = None) -> optuna.Study:
     """A study stored as a search stores it: (top-1, latency ms) per fine-tuned trial, budget 10 ms of 12."""
     study = optuna.create_study(study_name="edge", storage=f"sqlite:///{path}", directions=["maximize", "minimize"])
     for key, value in {"budget_ms": BUDGET_MS, "baseline_latency_ms": BASELINE_MS, "baseline_accuracy": 0.9}.items():
@@ -36,6 +36,7 @@ def _study(path: Path, trials: list[tuple[float, float]]) -> optuna.Study:
             "fine_tuned": True,
             "pruning_history": [],
             "accuracy": accuracy,
+            "arch_hash": arch[number] if arch else f"arch-{number}",
         }
         study.add_trial(optuna.trial.create_trial(values=[accuracy, ms], user_attrs=attrs, params={}, distributions={}))
     return study
@@ -77,7 +78,7 @@ def test_a_pick_timed_over_the_budget_again_is_dropped_and_one_at_the_edge_is_fl
 
     out = run_main("pareto", "--study", "edge", "--storage", f"sqlite:///{db}", "--studies-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert "Recommended: trial 1" in out.stdout and "the median of 3 timings in fresh processes" in out.stdout
+    assert "Recommended: trial 1" in out.stdout and "the median of 3 more timings" in out.stdout
     assert "9.80 x3" in out.stdout and "edge" in out.stdout
     assert "At the budget's edge" in out.stdout and "Over the budget when timed again" in out.stdout
     shown = run_main("show", "--study", "edge", "--storage", f"sqlite:///{db}", "--trial", "0", "--format", "json")
@@ -144,3 +145,73 @@ def test_a_bad_repeats_setting_is_one_line_before_any_work(monkeypatch: pytest.M
     assert "Traceback" not in out.stderr and not list(tmp_path.iterdir()), "nothing made"
     bad = run_main("search", "--budget-ms", "3", "--confirm-repeats", "-1", "--studies-dir", str(tmp_path))
     assert bad.returncode == 2 and "--confirm-repeats" in bad.stderr
+
+
+class _NoTiming:
+    """A meter for studies whose front needs no new timing: any timing fails the test (or, with ``error``, the
+    runtime refuses the file as ExecuTorch's lowering or a latency target can)."""
+
+    baseline_ms = BASELINE_MS
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls = 0
+
+    def candidate_onnx(self, model: object, precision: str) -> bytes:
+        self.calls += 1
+        raise self.error or AssertionError("timed a model that needed no timing")
+
+    @property
+    def baseline(self) -> object:
+        import torch
+
+        return torch.nn.Identity()
+
+    @property
+    def data(self) -> object:
+        import types
+
+        import torch
+
+        return types.SimpleNamespace(example_input=lambda: torch.zeros(1, 3, 8, 8))
+
+
+def test_the_same_model_is_timed_again_once_and_a_refused_timing_keeps_the_search_s(tmp_path: Path) -> None:
+    from search.errors import UsageError
+    from search.progress import RecordingReporter
+    from search.study.confirm import confirm_front
+
+    # the same shape pruned by two criteria: one model to time, two accuracies
+    study = _study(tmp_path / "dup.db", [(0.90, 9.9), (0.92, 9.9)], arch=["same", "same"])
+    _timed_again(study, 0, [9.5, 9.6, 9.7])
+    study.set_user_attr(f"{CONFIRM_PREFIX}0", {**study.user_attrs[f"{CONFIRM_PREFIX}0"], "arch_hash": "same",
+                                              "precision": "fp32"})  # fmt: skip
+    reporter = RecordingReporter()
+    assert confirm_front(study, _NoTiming(), reporter, 3) == 1  # type: ignore[arg-type]
+    again = study.user_attrs[f"{CONFIRM_PREFIX}1"]
+    assert again["reused_from_trial"] == 0 and again["ratios"] == study.user_attrs[f"{CONFIRM_PREFIX}0"]["ratios"]
+    assert "reused from trial 0 (the same model)" in reporter.infos[0]
+
+    other = _study(tmp_path / "refused.db", [(0.90, 9.9), (0.85, 9.0)], arch=["", ""])
+    refusing = _NoTiming(UsageError("ExecuTorch cannot lower this model"))
+    reporter = RecordingReporter()
+    assert confirm_front(other, refusing, reporter, 3) == 0  # type: ignore[arg-type]
+    assert refusing.calls == 2, "each front trial tried once, then the loop ends"
+    assert all("keeps the search's timing" in w for w in reporter.warnings) and len(reporter.warnings) == 2
+    found = recommendation(rows(other))
+    assert found is not None and found.pick.number == 0 and not found.pick.latency_repeats
+
+
+def test_a_trial_over_the_budget_when_timed_again_is_not_promoted(tmp_path: Path) -> None:
+    from search.study.rungs import promotable
+
+    study = _study(tmp_path / "promote.db", [(0.90, 9.9), (0.85, 9.0), (0.80, 8.0)])
+    before = promotable(study.trials, study.user_attrs, [300], 0.34)
+    assert before == [(0, 1)]
+    _timed_again(study, 0, [10.1, 10.4, 10.3])
+    assert promotable(study.trials, study.user_attrs, [300], 0.5) == [(1, 1)]
+
+
+def test_confirm_repeats_out_of_range_is_refused(tmp_path: Path) -> None:
+    out = run_main("search", "--budget-ms", "3", "--confirm-repeats", "21", "--studies-dir", str(tmp_path))
+    assert out.returncode == 2 and "a whole number from 0 to 20" in out.stderr

@@ -185,8 +185,8 @@ def front_table(
         )
     if any(r.latency_repeats for r in shown):
         table.caption = (table.caption + "; " if table.caption else "") + (
-            "xN: the median of N more timings, each in a fresh process; edge: within the budget by that median, "
-            "not in every one of them"
+            "xN: the median of N more timings, each in a fresh process (on a latency target: N requests); edge: "
+            "within the budget by that median, not in every one of them"
         )
     if table.caption:
         table.caption_justify = "left"
@@ -255,10 +255,12 @@ def show_trial(
     if again:
         ratios = again["ratios"]
         verdict = "over the budget" if again["corrected_ms"] > budget_ms else "within the budget"
+        each = ", ".join(f"{r:.3f}" for r in ratios)
+        where = "each in a fresh process" if again.get("fresh_processes", True) else "each a request to the target"
         table.add_row(
             "timed again",
             f"{again['corrected_ms']:.3f} ms, {again['ratio']:.3f} of the baseline: the median of {len(ratios)} "
-            f"timings, each in a fresh process ({min(ratios):.3f}-{max(ratios):.3f}), {verdict}; the reports use it",
+            f"timings, {where} ({each}), {verdict}; the reports use it",
         )
     table.add_row("MACs / params", f"{a.get('macs', 0) / 1e6:.1f} M / {a.get('params', 0) / 1e6:.3f} M")
     seconds = a.get("seconds", {})

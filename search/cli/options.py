@@ -39,6 +39,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "precisions",
+    "repeats_count",
     "speed_fraction",
     "step_counts",
     "study_of",
@@ -71,6 +72,7 @@ def _number(kind: type, ok: Callable[[float], bool], meaning: str) -> Callable[[
 positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 positive_int = _number(int, lambda v: v >= 1, "a positive whole number")
 non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+repeats_count = _number(int, lambda v: 0 <= v <= 20, "a whole number from 0 to 20")
 non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 open_fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number between 0 and 1, e.g. 0.333 for the top third")

@@ -140,7 +140,7 @@ def print_front(
 
 def _repeats(r: Row) -> str:
     n = len(r.latency_repeats)
-    return f", the median of {n} timings in fresh processes" if n else ""
+    return f", the median of {n} more timings" if n else ""
 
 
 def _margin(margin: float | None) -> str:

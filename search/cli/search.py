@@ -30,6 +30,7 @@ from search.cli.options import (
     positive_int,
     positive_triple,
     precisions,
+    repeats_count,
     speed_fraction,
     step_counts,
     target_timer,
@@ -112,7 +113,7 @@ def _add_trial_options(parser: argparse.ArgumentParser) -> None:
     add_runtime_option(parser, "the runtime every latency is measured in, recorded on the study (default: onnxruntime)")
     parser.add_argument(
         "--confirm-repeats",
-        type=non_negative_int,
+        type=repeats_count,
         metavar="N",
         help="once the trials are done, time each trial on the front within the budget N more times, each in a "
         "fresh process, and judge it by their median; one that lands over the budget is not recommended "

@@ -60,10 +60,11 @@ def confirmed_record(study_attrs: dict[str, Any], number: int) -> dict[str, Any]
 
 
 def time_again(meter: CandidateMeter, trial: optuna.trial.FrozenTrial, repeats: int) -> dict[str, Any]:
-    """Trial ``trial``'s model timed ``repeats`` times, each in a fresh timing process, against the unpruned one.
+    """Trial ``trial``'s model timed ``repeats`` times against the unpruned one: each repeat in a fresh timing
+    process here; on a latency target, each a request to it (its own timing process, started once).
 
     The model is rebuilt from the trial's pruning history (checked against the architecture it measured)
-    and exported as the search timed it (quantized for INT8). On a latency target each repeat is a request.
+    and exported as the search timed it (quantized for INT8).
     """
     from search.measuring.isolated import IsolatedTimer
     from search.pruning.channels import architecture_hash
@@ -83,31 +84,63 @@ def time_again(meter: CandidateMeter, trial: optuna.trial.FrozenTrial, repeats: 
     model.eval()
     started = time.perf_counter()
     onnx_model = meter.candidate_onnx(model, policy.precision)
-    timings, processes = [], []
+    ratios: list[float] = []
+    medians: list[float] = []
+    processes: list[int | None] = []
+    runs = 0
     isolated = meter.timer if isinstance(meter.timer, IsolatedTimer) else None
-    for _ in range(repeats):
+    try:
+        for _ in range(repeats):
+            if isolated is not None:
+                isolated.close()  # the next timing starts a fresh process
+            timed = meter.time_onnx(onnx_model)
+            if timed.ratio is None:
+                raise RuntimeError("a timing came back without its interleaved baseline")
+            ratios.append(float(timed.ratio))
+            medians.append(round(timed.median_ms, 4))
+            runs += timed.runs
+            if isolated is not None:
+                processes.append(isolated.pid)
+    finally:
         if isolated is not None:
-            isolated.close()  # the next timing starts a fresh process
-        timings.append(meter.time_onnx(onnx_model))
-        if isolated is not None:
-            processes.append(isolated.pid)
-    if isolated is not None:
-        isolated.close()
-    ratios = [float(t.ratio) for t in timings if t.ratio is not None]
+            isolated.close()  # no timing child left behind, whatever happened
     ratio = statistics.median(ratios)
     return {
         "ratios": [round(r, 5) for r in ratios],
         "ratio": round(ratio, 5),
         "corrected_ms": round(ratio * meter.baseline_ms, 4),
-        "median_ms": [round(t.median_ms, 4) for t in timings],
+        "median_ms": medians,
         "searched_ratio": float(attrs["latency"]["ratio"]),
         "precision": policy.precision,
-        "runs": sum(t.runs for t in timings),
+        "arch_hash": attrs.get("arch_hash"),
+        "runs": runs,
+        "fresh_processes": isolated is not None,
         "processes": processes,
         "measured_on": meter.timer.where,
         "runtime": meter.runtime,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def how_timed(record: dict[str, Any]) -> str:
+    """``3 fresh processes`` (here), or ``3 requests to the latency target`` (a record from a target)."""
+    n = len(record.get("ratios", []))
+    if record.get("fresh_processes", True):
+        return f"{n} fresh processes"
+    return f"{n} requests to the latency target"
+
+
+def _same_model(study_attrs: dict[str, Any], trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    """A record of another trial with the same architecture and precision (a repeated policy): reused, so identical
+    models never get different verdicts."""
+    arch, precision = trial.user_attrs.get("arch_hash"), Policy.from_dict(trial.user_attrs["policy"]).precision
+    if not arch:
+        return None
+    for key, record in study_attrs.items():
+        if key.startswith(CONFIRM_PREFIX) and isinstance(record, dict) and record.get("ratios"):
+            if record.get("arch_hash") == arch and record.get("precision") == precision:
+                return {**record, "reused_from_trial": int(key[len(CONFIRM_PREFIX) :])}
+    return None
 
 
 def confirm_front(
@@ -116,8 +149,10 @@ def confirm_front(
     """Time every unconfirmed trial on the front within the budget again, until the front is all confirmed
     (or ``deadline``, a ``time.monotonic()`` value, passes); how many trials were.
 
-    A trial is timed again once: the loop ends because each pass confirms at least one trial or stops.
+    A trial is timed again once (a record with fewer repeats than ``repeats`` is timed again); one that cannot
+    be is warned about and keeps its timing, so the loop ends: each pass records a trial or sets one aside.
     """
+    from search.latency_service.client import TargetLost
     from search.study.front import pareto_front, rows
 
     if repeats < 1:
@@ -126,35 +161,68 @@ def confirm_front(
     done = 0
     failed: set[int] = set()
     while deadline is None or time.monotonic() < deadline:
-        todo = [r for r in pareto_front(rows(study)) if not r.latency_repeats and r.number not in failed]
+        todo = [r for r in pareto_front(rows(study)) if len(r.latency_repeats) < repeats and r.number not in failed]
         if not todo:
             break
         row = todo[-1]  # the slowest first: the most accurate, nearest the budget
-        reporter.phase(f"time trial {row.number} again ({repeats} fresh processes)")
         trial = study.get_trials(deepcopy=False)[row.number]
-        try:
-            record = time_again(meter, trial, repeats)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            failed.add(row.number)
-            reporter.warn(f"could not time trial {row.number} again: {str(exc).splitlines()[0]}; it keeps its timing")
-            continue
+        record = _same_model(study.user_attrs, trial)
+        if record is None or len(record["ratios"]) < repeats:
+            reporter.phase(f"time trial {row.number} again ({repeats} repeats)")
+            try:
+                record = time_again(meter, trial, repeats)
+            except (KeyboardInterrupt, TargetLost):
+                raise
+            except Exception as exc:  # e.g. a runtime or a target refusing the file: the search's result stands
+                failed.add(row.number)
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                reporter.warn(f"could not time trial {row.number} again: {message}; it keeps the search's timing")
+                continue
         study.set_user_attr(f"{CONFIRM_PREFIX}{row.number}", record)
+        _dashboard_note(study, trial, record, budget_ms)
         done += 1
         reporter.info(_line(row.number, record, meter.baseline_ms or 0.0, budget_ms))
     return done
 
 
+def _verdict(record: dict[str, Any], baseline_ms: float, budget_ms: float) -> str:
+    budget = budget_ms / baseline_ms if baseline_ms else 0.0
+    if record["corrected_ms"] > budget_ms:
+        return f"over the budget ({budget:.3f}): no longer a candidate"
+    if max(record["ratios"]) * baseline_ms > budget_ms:
+        return f"within the budget ({budget:.3f}) by the median, but not in every repeat"
+    return f"within the budget ({budget:.3f}) in every repeat"
+
+
 def _line(number: int, record: dict[str, Any], baseline_ms: float, budget_ms: float) -> str:
     ratios = record["ratios"]
-    budget = budget_ms / baseline_ms if baseline_ms else 0.0
-    low, high = min(ratios), max(ratios)
-    if record["corrected_ms"] > budget_ms:
-        verdict = f"over the budget ({budget:.3f}): no longer a candidate"
-    elif high * baseline_ms > budget_ms:
-        verdict = f"within the budget ({budget:.3f}) by the median, but not in every repeat"
-    else:
-        verdict = f"within the budget ({budget:.3f}) in every repeat"
-    return (
-        f"Trial {number} timed again in {len(ratios)} fresh processes: {record['ratio']:.3f} of the baseline "
-        f"(median; {low:.3f}-{high:.3f}; the search's timing {record['searched_ratio']:.3f}), {verdict}"
+    reused = (
+        f", reused from trial {record['reused_from_trial']} (the same model)" if "reused_from_trial" in record else ""
     )
+    return (
+        f"Trial {number} timed again in {how_timed(record)}: {record['ratio']:.3f} of the baseline "
+        f"(median; {min(ratios):.3f}-{max(ratios):.3f}; the search's timing {record['searched_ratio']:.3f}{reused}), "
+        f"{_verdict(record, baseline_ms, budget_ms)}"
+    )
+
+
+def _dashboard_note(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, record: dict[str, Any], budget_ms: float
+) -> None:
+    """Say in optuna-dashboard's note of the trial what the reports now use (its values stay the first timing's)."""
+    try:
+        import optuna as _optuna
+        from optuna_dashboard import save_note
+    except ImportError:  # the dashboard is optional: the record is in the study's user attributes anyway
+        return
+    baseline_ms = float(study.user_attrs.get("baseline_latency_ms") or 0.0)
+    each = ", ".join(f"{r:.3f}" for r in record["ratios"])
+    text = (
+        f"## Trial {trial.number}: latency timed again\n\n{record['corrected_ms']:.3f} ms, "
+        f"{record['ratio']:.3f} of the baseline, the median of {how_timed(record)} ({each}): "
+        f"{_verdict(record, baseline_ms, budget_ms)}. The reports use it; the trial's values stay the search's timing."
+    )
+    try:
+        save_note(_optuna.Trial(study, trial._trial_id), text)
+    except Exception:  # a note is a courtesy: never fail over it
+        pass

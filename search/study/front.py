@@ -162,7 +162,7 @@ def rows(study: optuna.Study) -> list[Row]:
                 rung=0 if top is None else top.rung,
                 order=None if top is None else top.order,
                 steps=None if top is None or not (a.get("fine_tuned") or top.rung) else top.steps,
-                latency_repeats=tuple(again["ratios"]) if again is not None else (),
+                latency_repeats=tuple(again["ratios"]) if again is not None and budget_ms is not None else (),
                 at_edge=edge,
                 over_when_timed_again=over,
                 budget_ms=None if budget_ms is None else float(budget_ms),
@@ -267,17 +267,22 @@ class Recommendation:
             low, high = min(pick.latency_repeats), max(pick.latency_repeats)
             budget = _budget_ratio(pick)
             out.append(
-                f"At the budget's edge: trial {pick.number}, timed again in {len(pick.latency_repeats)} fresh "
-                f"processes, ran {low:.3f}-{high:.3f} of the baseline (median {pick.ratio:.3f}; budget "
-                f"{budget:.3f}): it meets the budget by the median, not in every timing. Time it on the device with "
+                f"At the budget's edge: trial {pick.number}, timed again {len(pick.latency_repeats)} times, ran "
+                f"{low:.3f}-{high:.3f} of the baseline (median {pick.ratio:.3f}; budget {budget:.3f}): it meets the "
+                "budget by the median, not in every timing. Time it on the device with "
                 "`bench --repeat 5`, or take a faster trial from the front."
+            )
+        if not pick.latency_repeats and any(r.latency_repeats for r in self.candidates + self.over_when_timed_again):
+            out.append(
+                f"Trial {pick.number} was not timed again (the run stopped first, or its timing failed): its latency "
+                "is the search's one timing. Rerun the search command to time it again."
             )
         if self.over_when_timed_again:
             listed = ", ".join(
                 f"{r.number} ({r.ratio:.3f})" for r in sorted(self.over_when_timed_again, key=lambda r: r.number)
             )
             out.append(
-                f"Over the budget when timed again (median of fresh processes, of the baseline): trials {listed}; "
+                f"Over the budget when timed again (the median of the repeats, of the baseline): trials {listed}; "
                 "the search's one timing had put them within it, so they are not recommended."
             )
         return out

@@ -164,9 +164,13 @@ def promotable(
     if not rung_steps:
         return []
     by_rung: dict[int, list[tuple[float, float, int, int]]] = {}
+    budget_ms = study_attrs.get("budget_ms")
     for t in trials:
         if not _eligible(t):
             continue
+        again = study_attrs.get(f"confirmed:{t.number}")  # search.study.confirm's record, when it was timed again
+        if isinstance(again, dict) and budget_ms is not None and float(again.get("corrected_ms", 0)) > budget_ms:
+            continue  # over the budget when timed again: no longer a candidate, not worth a longer fine-tune
         reached = trial_rungs(t, study_attrs)
         for r in reached:
             latency = float(t.values[1]) if t.values and len(t.values) > 1 else math.inf
