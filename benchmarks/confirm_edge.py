@@ -123,6 +123,10 @@ def run_one(name: str, source: Path, repeats: int, finals: dict[tuple[str, int],
     }
 
 
+def _top1(pick: dict[str, Any]) -> str:
+    return f"{pick['accuracy']:.1%}" if pick.get("accuracy") is not None else "-"
+
+
 def render(results: list[dict[str, Any]], repeats: int) -> str:
     lines = [
         f"`benchmarks/confirm_edge.py` on {cpu_model()}, {time.strftime('%Y-%m-%d')}: each equal-compute study at 25% "
@@ -130,8 +134,8 @@ def render(results: list[dict[str, Any]], repeats: int) -> str:
         "within the budget, each repeat in a fresh timing process, interleaved with the baseline; 1 thread). Ratios "
         "are of the baseline; the budget is 0.25 of the study's baseline.",
         "",
-        "| arm | pick before | its search timing | its final passes (equal compute) | timed again (median; each) "
-        "| pick after | at the edge | over when timed again | trials timed again, s |",
+        "| arm | pick before (val top-1) | its search timing | its final passes (equal compute) | timed again "
+        "(median; each) | pick after (val top-1, ratio) | at the edge | over when timed again | trials timed again, s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
@@ -139,8 +143,9 @@ def render(results: list[dict[str, Any]], repeats: int) -> str:
         reps = ", ".join(f"{x:.3f}" for x in again.get("repeats", []))
         final = f"{r['before_final_passes']:.3f}" if r.get("before_final_passes") else "-"
         lines.append(
-            f"| {r['arm']} | trial {before.get('trial')} | {before.get('ratio', 0):.3f} | {final} "
-            f"| {again.get('ratio', 0):.3f} ({reps}) | trial {after.get('trial')} ({after.get('ratio', 0):.3f}) "
+            f"| {r['arm']} | trial {before.get('trial')} ({_top1(before)}) | {before.get('ratio', 0):.3f} | {final} "
+            f"| {again.get('ratio', 0):.3f} ({reps}) | trial {after.get('trial')} ({_top1(after)}, "
+            f"{after.get('ratio', 0):.3f}) "
             f"| {'yes' if r['after_at_edge'] else 'no'} | {', '.join(map(str, r['over_when_timed_again'])) or '-'} "
             f"| {r['timed_again']}, {r['seconds']:.0f} |"
         )

@@ -42,7 +42,7 @@ def _study(path: Path, trials: list[tuple[float, float]], arch: list[str] | None
     return study
 
 
-def _timed_again(study: optuna.Study, number: int, ms: list[float]) -> None:
+def _timed_again(study: optuna.Study, number: int, ms: list[float], baseline_now: float = BASELINE_MS) -> None:
     ratios = [m / BASELINE_MS for m in ms]
     median = sorted(ratios)[len(ratios) // 2]
     record = {
@@ -50,6 +50,7 @@ def _timed_again(study: optuna.Study, number: int, ms: list[float]) -> None:
         "ratio": median,
         "corrected_ms": median * BASELINE_MS,
         "searched_ratio": study.trials[number].user_attrs["latency"]["ratio"],
+        "baseline_median_ms": [baseline_now] * len(ms),
     }
     study.set_user_attr(f"{CONFIRM_PREFIX}{number}", record)
 
@@ -215,3 +216,13 @@ def test_a_trial_over_the_budget_when_timed_again_is_not_promoted(tmp_path: Path
 def test_confirm_repeats_out_of_range_is_refused(tmp_path: Path) -> None:
     out = run_main("search", "--budget-ms", "3", "--confirm-repeats", "21", "--studies-dir", str(tmp_path))
     assert out.returncode == 2 and "a whole number from 0 to 20" in out.stderr
+
+
+def test_a_machine_whose_state_changed_since_the_study_began_is_named(tmp_path: Path) -> None:
+    study = _study(tmp_path / "drift.db", [(0.90, 9.9), (0.85, 9.0)])
+    _timed_again(study, 0, [9.5, 9.6, 9.7], baseline_now=12.6)  # 5% slower: within what timing moves
+    assert not any("this machine's state changed" in line for line in recommendation(rows(study)).lines())  # type: ignore[union-attr]
+    _timed_again(study, 0, [10.4, 10.6, 10.7], baseline_now=15.0)  # 25% slower, and the pick went over with it
+    lines = "\n".join(recommendation(rows(study)).lines())  # type: ignore[union-attr]
+    assert "The unpruned model timed 25% slower when the front was timed again (15.00 ms)" in lines
+    assert "than when the study was created (12.00 ms)" in lines and "trials 0 (0.883)" in lines

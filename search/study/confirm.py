@@ -33,8 +33,17 @@ if TYPE_CHECKING:  # the reports read confirmation records without loading the t
     import optuna
 
     from search.measuring.candidate import CandidateMeter
+    from search.study.front import Row
 
-__all__ = ["CONFIRM_PREFIX", "REPEATS_ENV", "confirm_front", "confirmed_record", "default_repeats", "time_again"]
+__all__ = [
+    "CONFIRM_PREFIX",
+    "REPEATS_ENV",
+    "confirm_front",
+    "confirmed_record",
+    "default_repeats",
+    "latency_lines",
+    "time_again",
+]
 
 CONFIRM_PREFIX = "confirmed:"
 """Study attribute ``confirmed:N``: trial N's latency timed again (:func:`time_again`)."""
@@ -86,6 +95,7 @@ def time_again(meter: CandidateMeter, trial: optuna.trial.FrozenTrial, repeats: 
     onnx_model = meter.candidate_onnx(model, policy.precision)
     ratios: list[float] = []
     medians: list[float] = []
+    references: list[float] = []
     processes: list[int | None] = []
     runs = 0
     isolated = meter.timer if isinstance(meter.timer, IsolatedTimer) else None
@@ -98,6 +108,7 @@ def time_again(meter: CandidateMeter, trial: optuna.trial.FrozenTrial, repeats: 
                 raise RuntimeError("a timing came back without its interleaved baseline")
             ratios.append(float(timed.ratio))
             medians.append(round(timed.median_ms, 4))
+            references.append(round(float(timed.reference_median_ms or 0.0), 4))
             runs += timed.runs
             if isolated is not None:
                 processes.append(isolated.pid)
@@ -110,6 +121,7 @@ def time_again(meter: CandidateMeter, trial: optuna.trial.FrozenTrial, repeats: 
         "ratio": round(ratio, 5),
         "corrected_ms": round(ratio * meter.baseline_ms, 4),
         "median_ms": medians,
+        "baseline_median_ms": references,
         "searched_ratio": float(attrs["latency"]["ratio"]),
         "precision": policy.precision,
         "arch_hash": attrs.get("arch_hash"),
@@ -226,3 +238,60 @@ def _dashboard_note(
         save_note(_optuna.Trial(study, trial._trial_id), text)
     except Exception:  # a note is a courtesy: never fail over it
         pass
+
+
+DRIFT_WARNING = 0.15
+"""How far the unpruned model's time may move between the study's creation and the repeats before the reports say so."""
+
+
+def latency_lines(pick: Row, candidates: list[Row], over: list[Row]) -> list[str]:
+    """What the recommendation says about its latencies timed again: the pick at the budget's edge, a pick not
+    timed again, a machine whose state changed since the study began, the trials the repeats put over the budget."""
+    out = []
+    if pick.at_edge:
+        low, high = min(pick.latency_repeats), max(pick.latency_repeats)
+        out.append(
+            f"At the budget's edge: trial {pick.number}, timed again {len(pick.latency_repeats)} times, ran "
+            f"{low:.3f}-{high:.3f} of the baseline (median {pick.ratio:.3f}; budget {_budget_ratio(pick):.3f}): it "
+            "meets the budget by the median, not in every timing. Time it on the device with `bench --repeat 5`, or "
+            "take a faster trial from the front."
+        )
+    if not pick.latency_repeats and any(r.latency_repeats for r in candidates + over):
+        out.append(
+            f"Trial {pick.number} was not timed again (the run stopped first, or its timing failed): its latency "
+            "is the search's one timing. Rerun the search command to time it again."
+        )
+    drift = _machine_drift([*candidates, *over, pick])
+    if drift is not None:
+        out.append(drift)
+    if over:
+        listed = ", ".join(f"{r.number} ({r.ratio:.3f})" for r in sorted(over, key=lambda r: r.number))
+        out.append(
+            f"Over the budget when timed again (the median of the repeats, of the baseline): trials {listed}; "
+            "the search's one timing had put them within it, so they are not recommended."
+        )
+    return out
+
+
+def _machine_drift(timed: list[Row]) -> str | None:
+    """A line when the unpruned model timed far from the study's baseline while the front was timed again: the
+    machine's state changed, and sub-millisecond candidates' ratios move with it (BENCHMARKS.md "Front timed
+    again")."""
+    now = [r.baseline_now_ms for r in timed if r.baseline_now_ms and r.ratio]
+    if not now:
+        return None
+    then = timed[0].latency_ms / timed[0].ratio
+    moved = statistics.median(now) / then - 1
+    if abs(moved) <= DRIFT_WARNING:
+        return None
+    return (
+        f"The unpruned model timed {abs(moved):.0%} {'slower' if moved > 0 else 'faster'} when the front was timed "
+        f"again ({statistics.median(now):.2f} ms) than when the study was created ({then:.2f} ms): this machine's "
+        "state changed since, and the ratios of small models move with it. Read the budget against a baseline timed "
+        "now, or rerun the search in one sitting."
+    )
+
+
+def _budget_ratio(r: Row) -> float:
+    """The study's budget as a fraction of the baseline's latency (0 when the row does not know it)."""
+    return r.budget_ms * r.ratio / r.latency_ms if r.budget_ms and r.latency_ms else 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ from optuna.trial import TrialState
 
 from search.errors import UsageError
 from search.pruning.policy import Policy
-from search.study.confirm import confirmed_record
+from search.study.confirm import confirmed_record, latency_lines
 from search.study.retry import failure_reason
 from search.study.rungs import highest_rung
 from search.study.uncertainty import ALPHA, mcnemar_p, paired_counts, unpack_correct, wilson
@@ -69,6 +70,8 @@ class Row:
     """Within the budget by the search's timing, over it by the median of the repeats: no longer a candidate."""
     budget_ms: float | None = None
     """The study's budget."""
+    baseline_now_ms: float | None = None
+    """Timed again: the unpruned model's median in those repeats (the study's baseline was timed at creation)."""
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -166,9 +169,15 @@ def rows(study: optuna.Study) -> list[Row]:
                 at_edge=edge,
                 over_when_timed_again=over,
                 budget_ms=None if budget_ms is None else float(budget_ms),
+                baseline_now_ms=_baseline_now(again),
             )
         )
     return result
+
+
+def _baseline_now(again: dict[str, Any] | None) -> float | None:
+    values = [float(v) for v in (again or {}).get("baseline_median_ms") or [] if v]
+    return statistics.median(values) if values else None
 
 
 def pareto_front(all_rows: list[Row], *, feasible_only: bool = True) -> list[Row]:
@@ -261,31 +270,7 @@ class Recommendation:
         return self._tie_lines() + self._not_compared_line() + self._latency_lines()
 
     def _latency_lines(self) -> list[str]:
-        out = []
-        pick = self.pick
-        if pick.at_edge:
-            low, high = min(pick.latency_repeats), max(pick.latency_repeats)
-            budget = _budget_ratio(pick)
-            out.append(
-                f"At the budget's edge: trial {pick.number}, timed again {len(pick.latency_repeats)} times, ran "
-                f"{low:.3f}-{high:.3f} of the baseline (median {pick.ratio:.3f}; budget {budget:.3f}): it meets the "
-                "budget by the median, not in every timing. Time it on the device with "
-                "`bench --repeat 5`, or take a faster trial from the front."
-            )
-        if not pick.latency_repeats and any(r.latency_repeats for r in self.candidates + self.over_when_timed_again):
-            out.append(
-                f"Trial {pick.number} was not timed again (the run stopped first, or its timing failed): its latency "
-                "is the search's one timing. Rerun the search command to time it again."
-            )
-        if self.over_when_timed_again:
-            listed = ", ".join(
-                f"{r.number} ({r.ratio:.3f})" for r in sorted(self.over_when_timed_again, key=lambda r: r.number)
-            )
-            out.append(
-                f"Over the budget when timed again (the median of the repeats, of the baseline): trials {listed}; "
-                "the search's one timing had put them within it, so they are not recommended."
-            )
-        return out
+        return latency_lines(self.pick, self.candidates, self.over_when_timed_again)
 
     def _not_compared_line(self) -> list[str]:
         if not self.not_compared:
@@ -330,11 +315,6 @@ class Recommendation:
             "at_budget_edge": self.pick.at_edge,
             "over_when_timed_again": sorted(r.number for r in self.over_when_timed_again),
         }
-
-
-def _budget_ratio(r: Row) -> float:
-    """The study's budget as a fraction of the baseline's latency (0 when the row does not know it)."""
-    return r.budget_ms * r.ratio / r.latency_ms if r.budget_ms and r.latency_ms else 0.0
 
 
 def _with_margin(r: Row) -> str:
