@@ -21,6 +21,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from search.pruning.policy import Policy
+from search.study.confirm import confirmed_record
 from search.study.uncertainty import SPLIT_ORDER
 
 __all__ = [
@@ -168,8 +169,8 @@ def promotable(
     for t in trials:
         if not _eligible(t):
             continue
-        again = study_attrs.get(f"confirmed:{t.number}")  # search.study.confirm's record, when it was timed again
-        if isinstance(again, dict) and budget_ms is not None and float(again.get("corrected_ms", 0)) > budget_ms:
+        again = confirmed_record(dict(study_attrs), t.number)  # when it was timed again
+        if again is not None and budget_ms is not None and float(again["corrected_ms"]) > budget_ms:
             continue  # over the budget when timed again: no longer a candidate, not worth a longer fine-tune
         reached = trial_rungs(t, study_attrs)
         for r in reached:
