@@ -333,6 +333,29 @@ def test_paths_that_cannot_be_written_are_one_line_errors(tiny_study: dict[str, 
         assert_usage_error(run_main(*args))
 
 
+def test_a_studies_dir_that_is_a_file_is_named_so(tmp_path: Path) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder")
+    for args in (
+        ["search", "--budget-ms", "30", "--studies-dir", str(afile)],
+        ["search", "--budget-ms", "30", "--studies-dir", f"{afile}/studies"],
+        ["pareto", "--study", "x", "--studies-dir", str(afile)],
+        ["show", "--trial", "0", "--study", "x", "--studies-dir", str(afile)],
+    ):
+        assert_usage_error(run_main(*args), f"{afile} is a file, not a folder")
+    assert afile.read_text() == "not a folder"
+
+
+def test_a_refused_search_leaves_no_database_or_empty_folder(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    for args, words in (
+        (["--weights", str(tmp_path / "missing.pth")], "does not exist"),
+        (["--data", str(tmp_path / "nowhere")], "unknown data source"),
+    ):
+        assert_usage_error(run_main("search", "--budget-ms", "30", "--studies-dir", str(studies), *args), words)
+        assert not studies.exists() or not any(studies.iterdir()), sorted(studies.rglob("*"))
+
+
 def test_a_study_database_that_fails_mid_run_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlalchemy.exc
 

@@ -329,6 +329,10 @@ def test_older_cards_and_wrong_folders_are_one_line_errors(exported: dict[str, P
         ([str(tmp_path / "missing")], "is not a folder"),
         ([str(tmp_path)], "has no card.json"),
         ([str(exported["pruned"]), "--weights", "w.pth"], "--storage and --weights go with --baseline"),
+        (
+            [str(exported["pruned"]), "--baseline", "--studies-dir", str(tmp_path / "elsewhere")],
+            "--baseline reads the study the exports name (tiny); pass --studies-dir (or --storage)",
+        ),
     ]:
         done = run_main("serve", *args)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr

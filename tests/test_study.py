@@ -283,3 +283,37 @@ def test_a_trial_killed_mid_fine_tune_is_retried_in_its_place_and_the_study_ends
     shown = run_main("show", "--study", "tiny", "--studies-dir", config.studies_dir, "--trial", "2")
     assert shown.returncode == 2
     assert f"trial 2 was killed (no heartbeat) and retried as trial {retry.number}" in shown.stderr, shown.stderr
+
+
+def test_a_failed_heartbeat_write_does_not_silence_the_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna's heartbeat thread ends at its first exception; a database blip must not make a running trial stale."""
+    import threading
+
+    from optuna.storages import RDBStorage
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    from search.study.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_seconds=1)
+    study = optuna.create_study(study_name="beat", storage=storage)
+    trial = study.ask()
+    real = RDBStorage.record_heartbeat
+    beats: list[str] = []
+
+    def flaky(self: RDBStorage, trial_id: int) -> None:
+        if not beats:
+            beats.append("failed")
+            raise RuntimeError("database unreachable for a moment")
+        beats.append("beat")
+        real(self, trial_id)
+
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", flaky)
+    errors: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    thread = HeartbeatThread(trial._trial_id, storage)
+    thread.start()
+    time.sleep(2.5)
+    thread.join()
+    assert not errors, errors
+    assert beats[0] == "failed" and beats.count("beat") >= 2, beats
+    assert storage._get_stale_trial_ids(study._study_id) == [], "the trial is not stale"

@@ -45,7 +45,11 @@ def baseline_model(
             f"--baseline needs exports of one study; these come from {', '.join(studies) or 'no study'}: "
             "serve each study's exports separately"
         )
-    study = open_study(studies[0], storage or default_storage_url(studies_dir, studies[0]))
+    hint = (
+        f"--baseline reads the study the exports name ({studies[0]}); "
+        "pass --studies-dir (or --storage) where that study lives"
+    )
+    study = open_study(studies[0], storage or default_storage_url(studies_dir, studies[0]), hint=hint)
     reporter.phase(f"baseline of study {studies[0]}: load and export to ONNX")
     base = load_study_baseline(study, weights=weights, reporter=reporter)
     sha = exports[0].card.get("baseline", {}).get("sha256")

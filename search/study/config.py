@@ -141,7 +141,7 @@ class SearchConfig:
     def study_name(self) -> str:
         if self.study:
             return self.study
-        data = self.data.source.split(":", 1)[0]
+        data = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.data.source.split(":", 1)[0]).strip("_.") or "data"
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
         budget = f"{self.budget_ms:g}ms" if self.budget_ms is not None else f"{self.budget_fraction:g}x"
         return f"{model}-{data}-{budget}"

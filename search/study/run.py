@@ -62,6 +62,7 @@ from search.study.settings import (
 )
 from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
 from search.study.trial import BASELINE_RECORD, TrialContext, run_trial
+from search.study.trial_weights import first_missing, remove_unused
 from search.training.baseline import Baseline, prepare_baseline
 from search.training.device import device_record, loader_plan, precision, resolve
 
@@ -112,25 +113,26 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
         )
     new_file = new_sqlite_file(config.storage_url)
     storage = open_storage(config.storage_url, config.heartbeat_seconds or HEARTBEAT_SECONDS)
+    promotion = promotion_settings(config)
+    made_from = first_missing(promotion.folder) if promotion is not None else None
     try:
         return _search(config, storage, reporter, timer)
-    except BaseException:
-        if new_file is not None:  # a refused or interrupted first run leaves no empty database behind
-            discard_if_empty(storage, new_file)
+    except BaseException:  # a refused or interrupted first run leaves no empty database or folders behind
+        discard_if_empty(storage, new_file)
+        remove_unused(promotion.folder if promotion is not None else None, made_from)
         raise
 
 
 def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer: Timer) -> SearchResult:
     """:func:`run_search` once the storage is open."""
     promotion = promotion_settings(config)
-    made = promotion is not None and not promotion.folder.exists()
+    made = first_missing(promotion.folder) if promotion is not None else None
     if promotion is not None:  # its folder is made (or refused) before any work
         prepare_promotion(promotion, config.finetune_steps)
     data, space, fresh = _data_and_space(config, reporter)
     config = config.with_default_rungs(len(data.split("train")))
-    if made and promotion_settings(config) is None:  # the default rung was cut away: leave no empty folder
-        with contextlib.suppress(OSError):
-            promotion.folder.rmdir()
+    if promotion is not None and promotion_settings(config) is None:  # the default rung was cut away
+        remove_unused(promotion.folder, made)
     reporter.info(promotion_line(config, promotion_settings(config), len(data.split("val"))))
     clock = CreationClock(reporter)  # what this run spends before its first trial, phase by phase
     existing = load_existing(storage, config.study_name)

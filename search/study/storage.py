@@ -44,6 +44,7 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBSto
         raise UsageError(f"storage {masked(url)!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/name.db")
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
+        _check_folder(path, url)
         if str(path) and path.parent and not path.parent.exists():
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +71,10 @@ def new_sqlite_file(url: str) -> Path | None:
     return None if not str(path) or path.exists() else path
 
 
-def discard_if_empty(storage: RDBStorage, path: Path) -> None:
+def discard_if_empty(storage: RDBStorage, path: Path | None) -> None:
     """Remove the SQLite file at ``path`` that opening ``storage`` created, if no study was stored in it."""
+    if path is None:  # the storage was there before, or is no SQLite file
+        return
     try:
         if optuna.get_all_study_summaries(storage, include_best_trial=False):
             return
@@ -89,15 +92,33 @@ def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def open_study(name: str, url: str) -> optuna.Study:
-    """An existing study, or a one-line error saying what was looked for where."""
+def _check_folder(path: Path, url: str) -> None:
+    """A one-line error when a folder on the SQLite file's path is a file (``--studies-dir`` naming a file)."""
+    for folder in [path.parent, *path.parent.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                raise UsageError(
+                    f"{folder} is a file, not a folder, so it cannot hold storage {masked(url)!r}; "
+                    "pass a folder as --studies-dir (it is created if missing) or a SQLAlchemy URL as --storage"
+                )
+            return
+
+
+def open_study(name: str, url: str, hint: str | None = None) -> optuna.Study:
+    """An existing study, or a one-line error saying what was looked for where.
+
+    ``hint`` replaces the error's advice (by default: which of --study, --studies-dir, --storage to check), for
+    commands that take the study's name from elsewhere (``serve --baseline`` reads it from the exports)."""
+    if url.startswith("sqlite:///"):
+        _check_folder(Path(url[len("sqlite:///") :]), url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-        raise UsageError(f"no study database at {masked(url)}; check --study, --studies-dir and --storage")
+        raise UsageError(f"no study database at {masked(url)}; {hint or 'check --study, --studies-dir and --storage'}")
     if url.startswith("sqlite:///") and not _holds_studies(Path(url[len("sqlite:///") :])):
-        raise UsageError(f"{url[len('sqlite:///') :]} is not an Optuna study database; check --study and --studies-dir")
+        path = url[len("sqlite:///") :]
+        raise UsageError(f"{path} is not an Optuna study database; {hint or 'check --study and --studies-dir'}")
     study = load_existing(open_storage(url), name)
     if study is None:
-        raise UsageError(f"no study named {name!r} in {masked(url)}; check --study and --storage")
+        raise UsageError(f"no study named {name!r} in {masked(url)}; {hint or 'check --study and --storage'}")
     return study
 
 
@@ -122,6 +143,21 @@ _RACE_MARKS = ("already exists", "duplicate", "database is locked")
 ``OperationalError``; MySQL error 1050), or held the file while doing so."""
 
 
+class _SteadyHeartbeat(RDBStorage):
+    """RDBStorage whose trial heartbeat survives a failed write.
+
+    Optuna records a running trial's heartbeat from a thread that ends at the first exception, so one
+    moment of an unreachable or busy database would silence the trial for good; after the grace period
+    another worker marks it failed while it still runs, and its fine-tune is lost. Here a failed beat is
+    skipped and the next one tries again (the grace period is two beats)."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception:  # the database, for a moment: the next beat tries again
+            pass
+
+
 def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
     """RDBStorage, its schema created by one worker at a time (workers may open a fresh database together).
 
@@ -136,7 +172,7 @@ def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
             with _schema_lock(url):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return RDBStorage(
+                    return _SteadyHeartbeat(
                         url,
                         engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
                         heartbeat_interval=heartbeat_seconds,
