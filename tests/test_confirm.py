@@ -226,3 +226,68 @@ def test_a_machine_whose_state_changed_since_the_study_began_is_named(tmp_path: 
     lines = "\n".join(recommendation(rows(study)).lines())  # type: ignore[union-attr]
     assert "The unpruned model timed 25% slower when the front was timed again (15.00 ms)" in lines
     assert "than when the study was created (12.00 ms)" in lines and "trials 0 (0.883)" in lines
+
+
+def test_the_dashboard_note_keeps_the_rungs_when_the_latency_is_timed_again(tmp_path: Path) -> None:
+    """optuna-dashboard keeps one note per trial and each save replaces it: both records must stay in it."""
+    from search.study.notes import refresh_note
+    from search.study.rungs import rung_key
+
+    study = _study(tmp_path / "s.db", [(0.80, 9.0)])
+    trial = study.trials[0]
+    study.set_user_attr(rung_key(0), [{"rung": 1, "steps": 300, "accuracy": 0.8312, "images": 5000}])
+    refresh_note(study, trial)  # as a promotion does
+    _timed_again(study, 0, [9.2, 9.9, 10.3])
+    refresh_note(study, trial)  # as the confirmation does
+
+    notes = study._storage.get_study_system_attrs(study._study_id)
+    text = "".join(str(v) for k, v in sorted(notes.items()) if "note_str" in k)
+    assert "rung 1: top-1 0.8312 on 5000 validation images after 300 fine-tune steps" in text
+    assert "latency timed again" in text and "0.825 of the baseline" in text
+
+
+def test_two_workers_time_each_front_trial_once_and_both_end_with_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on one study claim each trial before timing it again; one whose trials are all claimed waits."""
+    import threading
+    import time
+
+    import search.study.confirm as confirm_module
+    from search.progress import RecordingReporter
+    from search.study.confirm import TIMING_CLAIM_PREFIX, confirm_front
+
+    path = tmp_path / "workers.db"
+    _study(path, [(0.90, 9.9), (0.85, 9.0), (0.80, 8.0)])
+    timed: list[tuple[str, int]] = []
+
+    def slow_timing(meter: object, trial: optuna.trial.FrozenTrial, repeats: int) -> dict:
+        timed.append((threading.current_thread().name, trial.number))
+        time.sleep(0.6)
+        ms = trial.user_attrs["latency"]["corrected_ms"]
+        ratios = [ms / BASELINE_MS] * repeats
+        return {"ratios": ratios, "ratio": ratios[0], "corrected_ms": ms, "searched_ratio": ratios[0],
+                "baseline_median_ms": [BASELINE_MS] * repeats, "processes": [], "fresh_processes": True}  # fmt: skip
+
+    monkeypatch.setattr(confirm_module, "time_again", slow_timing)
+    monkeypatch.setattr(confirm_module, "WAIT_SECONDS", 0.1)
+    counts: dict[str, int] = {}
+
+    def worker(name: str) -> None:  # each worker opens the study as a process of its own would
+        study = optuna.load_study(study_name="edge", storage=f"sqlite:///{path}")
+        counts[name] = confirm_front(study, _NoTiming(), RecordingReporter(), 3)  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=worker, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(n for _, n in timed) == [0, 1, 2], f"each trial timed once in all: {timed}"
+    assert sum(counts.values()) == 3 and set(counts) == {"a", "b"}, counts
+    assert len({w for w, _ in timed}) == 2, "both workers timed"
+    study = optuna.load_study(study_name="edge", storage=f"sqlite:///{path}")
+    front = pareto_front(rows(study))
+    assert [len(r.latency_repeats) for r in front] == [3, 3, 3]
+    claims = {k: v for k, v in study.user_attrs.items() if k.startswith(TIMING_CLAIM_PREFIX)}
+    assert sorted(claims) == [f"{TIMING_CLAIM_PREFIX}{n}:3" for n in range(3)]
+    assert all(c["done"] for c in claims.values())

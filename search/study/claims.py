@@ -1,5 +1,8 @@
 """Exactly one worker promotes a trial to a rung: a claim row in the study, kept alive by a heartbeat.
 
+The same claims keep two workers from timing one trial again at once (:mod:`search.study.confirm`,
+``timing-again:N:REPEATS``); any key can be claimed through :func:`claim`.
+
 A promotion is claimed by inserting the study user attribute ``promotion:N:R`` (trial N to rung
 R). Optuna's schema makes ``(study_id, key)`` unique, so of several workers inserting the same
 claim at once exactly one succeeds, on SQLite and PostgreSQL alike. The claim holds its worker's
@@ -31,8 +34,10 @@ __all__ = [
     "SILENT_SECONDS",
     "Claim",
     "ClaimLost",
+    "claim",
     "claim_key",
     "claim_promotion",
+    "rdb_storage",
     "read_claim",
     "stale_reason",
 ]
@@ -45,6 +50,12 @@ SILENT_SECONDS = 120.0
 
 def claim_key(number: int, rung: int) -> str:
     return f"{CLAIM_PREFIX}{number}:{rung}"
+
+
+def rdb_storage(study: optuna.Study) -> RDBStorage:
+    """The RDB storage under ``study`` (optuna wraps it in a cache), where claims are rows."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage)
 
 
 def read_claim(storage: RDBStorage, study_id: int, key: str) -> str | None:
@@ -126,7 +137,7 @@ class Claim:
         self.lost = False
         self._lock = threading.Lock()
         self._quit = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="promotion-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="claim-heartbeat", daemon=True)
         self._thread.start()
 
     def _update(self, **changes: Any) -> bool:
@@ -185,7 +196,11 @@ class Claim:
 
 def claim_promotion(storage: RDBStorage, study: optuna.Study, number: int, rung: int) -> Claim | None:
     """Claim promoting trial ``number`` to ``rung``: a :class:`Claim`, or None when another worker holds it."""
-    key = claim_key(number, rung)
+    return claim(storage, study, claim_key(number, rung))
+
+
+def claim(storage: RDBStorage, study: optuna.Study, key: str) -> Claim | None:
+    """Claim the work named ``key``: a :class:`Claim`, or None when another worker holds it (or finished it)."""
     old = read_claim(storage, study._study_id, key)
     why = None
     if old is not None:

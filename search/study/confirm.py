@@ -20,6 +20,7 @@ the sampler and the dashboard see) stay the first timing's: a finished trial's v
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
 import time
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # the reports read confirmation records without loading the t
     import optuna
 
     from search.measuring.candidate import CandidateMeter
+    from search.study.claims import Claim
     from search.study.front import Row
 
 __all__ = [
@@ -41,12 +43,16 @@ __all__ = [
     "confirm_front",
     "confirmed_record",
     "default_repeats",
+    "how_timed",
     "latency_lines",
     "time_again",
+    "verdict",
 ]
 
 CONFIRM_PREFIX = "confirmed:"
 """Study attribute ``confirmed:N``: trial N's latency timed again (:func:`time_again`)."""
+TIMING_CLAIM_PREFIX = "timing-again:"
+"""Study attribute ``timing-again:N:REPEATS``: the claim of the worker timing trial N again."""
 DEFAULT_REPEATS = 3
 REPEATS_ENV = "PRUNE_SEARCH_CONFIRM_REPEATS"
 """Sets the default of ``--confirm-repeats`` (the test suite sets 0; its own tests pass the option)."""
@@ -159,45 +165,86 @@ def confirm_front(
     study: optuna.Study, meter: CandidateMeter, reporter: Reporter, repeats: int, deadline: float | None = None
 ) -> int:
     """Time every unconfirmed trial on the front within the budget again, until the front is all confirmed
-    (or ``deadline``, a ``time.monotonic()`` value, passes); how many trials were.
+    (or ``deadline``, a ``time.monotonic()`` value, passes); how many trials this worker timed.
 
     A trial is timed again once (a record with fewer repeats than ``repeats`` is timed again); one that cannot
     be is warned about and keeps its timing, so the loop ends: each pass records a trial or sets one aside.
+    Workers on one study claim each trial (``timing-again:N:REPEATS``, :mod:`search.study.claims`), so no two
+    time it at once; a worker whose every remaining trial is claimed waits for those records (a silent
+    claim is taken over, as a promotion's is).
     """
-    from search.latency_service.client import TargetLost
+    from search.study.claims import claim, rdb_storage
     from search.study.front import pareto_front, rows
 
     if repeats < 1:
         return 0
-    budget_ms = float(study.user_attrs["budget_ms"])
     done = 0
     failed: set[int] = set()
     while deadline is None or time.monotonic() < deadline:
         todo = [r for r in pareto_front(rows(study)) if len(r.latency_repeats) < repeats and r.number not in failed]
         if not todo:
             break
-        row = todo[-1]  # the slowest first: the most accurate, nearest the budget
-        trial = study.get_trials(deepcopy=False)[row.number]
-        record = _same_model(study.user_attrs, trial)
-        if record is None or len(record["ratios"]) < repeats:
-            reporter.phase(f"time trial {row.number} again ({repeats} repeats)")
-            try:
-                record = time_again(meter, trial, repeats)
-            except (KeyboardInterrupt, TargetLost):
-                raise
-            except Exception as exc:  # e.g. a runtime or a target refusing the file: the search's result stands
+        for row in reversed(todo):  # the slowest first: the most accurate, nearest the budget
+            key = f"{TIMING_CLAIM_PREFIX}{row.number}:{repeats}"
+            held = claim(rdb_storage(study), study, key)
+            if held is not None:
+                break
+            if _finished_elsewhere(study, key):  # timed, or failed, by another worker: nothing more will come
                 failed.add(row.number)
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                reporter.warn(f"could not time trial {row.number} again: {message}; it keeps the search's timing")
-                continue
-        study.set_user_attr(f"{CONFIRM_PREFIX}{row.number}", record)
-        _dashboard_note(study, trial, record, budget_ms)
-        done += 1
-        reporter.info(_line(row.number, record, meter.baseline_ms or 0.0, budget_ms))
+        else:  # every trial left is being timed by another worker: wait for its records
+            time.sleep(WAIT_SECONDS)
+            continue
+        if held.taken_over:
+            reporter.info(f"Taking over timing trial {row.number} again: {held.taken_over}")
+        if _confirm_one(study, row.number, meter, reporter, repeats, held):
+            done += 1
+        else:
+            failed.add(row.number)
     return done
 
 
-def _verdict(record: dict[str, Any], baseline_ms: float, budget_ms: float) -> str:
+WAIT_SECONDS = 2.0
+"""How often a worker looks for the records of trials another worker is timing again."""
+
+
+def _finished_elsewhere(study: optuna.Study, key: str) -> bool:
+    from search.study.claims import rdb_storage, read_claim
+
+    text = read_claim(rdb_storage(study), study._study_id, key)
+    return text is not None and bool(json.loads(text).get("done"))
+
+
+def _confirm_one(
+    study: optuna.Study, number: int, meter: CandidateMeter, reporter: Reporter, repeats: int, held: Claim
+) -> bool:
+    """Time trial ``number`` again under this worker's claim and record it; False when it could not be."""
+    from search.latency_service.client import TargetLost
+    from search.study.notes import refresh_note
+
+    trial = study.get_trials(deepcopy=False)[number]
+    try:
+        record = _same_model(study.user_attrs, trial)
+        if record is None or len(record["ratios"]) < repeats:
+            reporter.phase(f"time trial {number} again ({repeats} repeats)")
+            record = time_again(meter, trial, repeats)
+        if not held.held():  # silent too long, and another worker took it over: its record stands
+            return False
+        study.set_user_attr(f"{CONFIRM_PREFIX}{number}", record)
+    except (KeyboardInterrupt, TargetLost):
+        held.stopped()  # a rerun, or another worker, takes it over at once
+        raise
+    except Exception as exc:  # e.g. a runtime or a target refusing the file: the search's result stands
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        held.failed(message)  # not tried again by any worker: it would meet the same refusal
+        reporter.warn(f"could not time trial {number} again: {message}; it keeps the search's timing")
+        return False
+    held.done()
+    refresh_note(study, trial)
+    reporter.info(_line(number, record, meter.baseline_ms or 0.0, float(study.user_attrs["budget_ms"])))
+    return True
+
+
+def verdict(record: dict[str, Any], baseline_ms: float, budget_ms: float) -> str:
     budget = budget_ms / baseline_ms if baseline_ms else 0.0
     if record["corrected_ms"] > budget_ms:
         return f"over the budget ({budget:.3f}): no longer a candidate"
@@ -214,30 +261,8 @@ def _line(number: int, record: dict[str, Any], baseline_ms: float, budget_ms: fl
     return (
         f"Trial {number} timed again in {how_timed(record)}: {record['ratio']:.3f} of the baseline "
         f"(median; {min(ratios):.3f}-{max(ratios):.3f}; the search's timing {record['searched_ratio']:.3f}{reused}), "
-        f"{_verdict(record, baseline_ms, budget_ms)}"
+        f"{verdict(record, baseline_ms, budget_ms)}"
     )
-
-
-def _dashboard_note(
-    study: optuna.Study, trial: optuna.trial.FrozenTrial, record: dict[str, Any], budget_ms: float
-) -> None:
-    """Say in optuna-dashboard's note of the trial what the reports now use (its values stay the first timing's)."""
-    try:
-        import optuna as _optuna
-        from optuna_dashboard import save_note
-    except ImportError:  # the dashboard is optional: the record is in the study's user attributes anyway
-        return
-    baseline_ms = float(study.user_attrs.get("baseline_latency_ms") or 0.0)
-    each = ", ".join(f"{r:.3f}" for r in record["ratios"])
-    text = (
-        f"## Trial {trial.number}: latency timed again\n\n{record['corrected_ms']:.3f} ms, "
-        f"{record['ratio']:.3f} of the baseline, the median of {how_timed(record)} ({each}): "
-        f"{_verdict(record, baseline_ms, budget_ms)}. The reports use it; the trial's values stay the search's timing."
-    )
-    try:
-        save_note(_optuna.Trial(study, trial._trial_id), text)
-    except Exception:  # a note is a courtesy: never fail over it
-        pass
 
 
 DRIFT_WARNING = 0.15

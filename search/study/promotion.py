@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -35,9 +34,10 @@ from search.measuring.quantize import quantize_model
 from search.progress import Reporter
 from search.pruning.groups import replay
 from search.pruning.policy import Policy
-from search.study.claims import Claim, ClaimLost, claim_promotion
+from search.study.claims import Claim, ClaimLost, claim_promotion, rdb_storage
 from search.study.config import SearchConfig
 from search.study.coordination import worker_identity
+from search.study.notes import refresh_note
 from search.study.rungs import PromotionSettings, promotable, rung_key, stored_rungs, trial_rungs
 from search.study.trial import TrialContext
 from search.study.trial_weights import file_sha256, load_weights_into, save_weights, weights_path
@@ -103,11 +103,6 @@ def promotion_line(config: SearchConfig, settings: PromotionSettings | None, val
     )
 
 
-def _rdb(study: optuna.Study) -> RDBStorage:
-    storage = study._storage
-    return getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a cache
-
-
 def _can_continue(trial: FrozenTrial, rung: int, settings: PromotionSettings) -> bool:
     """This worker sees the weights the trial's previous rung left (none are needed for the unpruned model)."""
     if Policy.from_dict(trial.user_attrs["policy"]).is_unpruned:
@@ -126,7 +121,7 @@ def promote_next(study: optuna.Study, ctx: TrialContext, reporter: Reporter) -> 
         trial = by_number[number]
         if not _can_continue(trial, rung, settings):
             continue
-        claim = claim_promotion(_rdb(study), study, number, rung)
+        claim = claim_promotion(rdb_storage(study), study, number, rung)
         if claim is None:
             continue
         if len(stored_rungs(study.user_attrs, number)) >= rung:  # finished by a worker that died before 'done'
@@ -185,34 +180,13 @@ def _promote(
         claim.stopped()
         raise
     claim.done()
-    _dashboard_note(study, trial)
+    refresh_note(study, trial)
     reporter.info(_line(trial, record, study))
     return record
 
 
 def _left_to_its_new_holder(trial: FrozenTrial, rung: int, reporter: Reporter) -> None:
     reporter.warn(f"another worker took over promoting trial {trial.number} to rung {rung}; leaving it to it")
-
-
-def _dashboard_note(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Say in optuna-dashboard's note of the trial which rung the reports use (its values stay rung 0's)."""
-    try:
-        from optuna_dashboard import save_note
-    except ImportError:  # the dashboard is optional: the rungs are in the study's user attributes anyway
-        return
-    lines = [f"## Trial {trial.number}: rungs", ""]
-    for r in trial_rungs(trial, study.user_attrs):
-        images = f" on {r.images} validation images" if r.images else ""
-        lines.append(f"- rung {r.rung}: top-1 {r.accuracy:.4f}{images} after {r.steps} fine-tune steps")
-    lines += [
-        "",
-        "The reports use the highest rung; the trial's values are rung 0's. The sampler learns from the highest rung "
-        "less the mean gain of the trials fine-tuned to it (`cli.py show --trial N`).",
-    ]
-    try:
-        save_note(optuna.Trial(study, trial._trial_id), "\n".join(lines))
-    except Exception:  # a note is a courtesy: never fail a finished promotion over it
-        pass
 
 
 def _run(
