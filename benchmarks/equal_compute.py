@@ -31,6 +31,7 @@ worse than the best arm by more than the spread.
     python benchmarks/equal_compute.py > benchmarks/equal_compute.log 2>&1   # the full run: many hours here
     python benchmarks/equal_compute.py --quick                                # a smoke run in minutes
     python benchmarks/equal_compute.py --searches-only   # only the searches, which time latency (a quiet machine)
+    python benchmarks/equal_compute.py --exports-only    # the exports too (they only train), no latency passes
 
 Every search runs before any export: the searches time latency and need the machine to themselves, while the
 exports only train and may share it (with another benchmark's training, say).
@@ -367,6 +368,12 @@ def main() -> None:
         "The results show only these, and the verdicts those they can",
     )
     p.add_argument(
+        "--exports-only",
+        action="store_true",
+        help="run the searches (cached) and the exports, and stop before the latency passes (which need a quiet "
+        "machine) and before writing the section",
+    )
+    p.add_argument(
         "--searches-only", action="store_true", help="run every arm's search (quiet machine) and stop before exports"
     )
     p.add_argument("--render", action="store_true", help="only rewrite the section from benchmarks/equal_compute.json")
@@ -396,6 +403,9 @@ def main() -> None:
         log("--searches-only: every search is done; the exports and the latency passes are the next run's")
         return
     tracks = [export_track(bench, t, args.arms) for t in tracks]
+    if args.exports_only:
+        log("--exports-only: the exports are cached; the latency passes and the section are the next run's")
+        return
     for t in tracks:  # an export finished on an earlier machine left its results but not its file
         for r in t["rows"]:
             if "onnx" in r:
