@@ -196,3 +196,16 @@ def test_bench_names_a_missing_openvino_weights_file_and_the_line_of_an_error_th
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     line = next(x for x in result.stderr.splitlines() if x.startswith("error:"))
     assert "openvino can load: " in line and not line.rstrip().endswith(":"), "not just OpenVINO's source file"
+
+
+def test_an_xml_that_is_no_openvino_ir_is_one_line_without_openvino_s_log_noise(tmp_path, capfd) -> None:
+    """OpenVINO tries every frontend on such a file, and TensorFlow's writes C++ log lines straight to fd 2."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
+    from tests.conftest import run_main
+
+    (tmp_path / "model.xml").write_text("<junk")
+    (tmp_path / "model.bin").write_bytes(b"")
+    result = run_main("bench", str(tmp_path / "model.xml"))
+    assert result.returncode == 2 and "not an OpenVINO IR (no <net> element)" in result.stderr, result.stderr
+    written = capfd.readouterr().err
+    assert "E0000" not in written and "absl" not in written, written

@@ -59,8 +59,18 @@ def _hide_telemetry() -> None:
 def read_model(model: bytes | str | Path) -> Any:
     """An ONNX model's bytes, or an ONNX or IR (``.xml`` beside its ``.bin``) file, as an ``openvino.Model``."""
     ov = import_openvino()
-
+    if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
+        _check_ir(Path(model))
     return ov.Core().read_model(model if isinstance(model, bytes) else str(model))
+
+
+def _check_ir(path: Path) -> None:
+    """Refuse an ``.xml`` that is no IR before OpenVINO reads it: it would try each of its frontends in turn, and
+    TensorFlow's prints C++ log lines for each (absl noise) before the error."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if b"<net " not in head and b"<net>" not in head:
+        raise ValueError("its XML is not an OpenVINO IR (no <net> element)")
 
 
 def compile_model(model: Any, threads: int) -> Any:
