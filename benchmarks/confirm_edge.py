@@ -96,10 +96,7 @@ def run_one(name: str, source: Path, repeats: int, finals: dict[tuple[str, int],
         base.model,
         base.data,
         timer=IsolatedTimer(LatencySettings(threads=base.threads, runtime=config.get("runtime", "onnxruntime"))),
-        quantize=QuantizeSettings(
-            calibration_method=config.get("calibration_method", "minmax"),
-            calibration_images=int(config.get("calibration_images", 256)),
-        ),
+        quantize=QuantizeSettings.from_dict(config),  # the study's calibration settings, as its search used
         baseline_ms=float(attrs["baseline_latency_ms"]),
     )
     started = time.perf_counter()
