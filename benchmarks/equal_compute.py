@@ -404,6 +404,12 @@ def main() -> None:
         return
     tracks = [export_track(bench, t, args.arms) for t in tracks]
     if args.exports_only:
+        for t in tracks:
+            for r in t["rows"]:
+                if "mean" in r:
+                    tops = ", ".join(f"{100 * x:.2f}" for x in r["top1"])
+                    log(f"{t['model']} at {t['fraction']:g}: {r['row']}: test top-1 {100 * r['mean']:.2f}% "
+                        f"(seeds {tops}; spread {100 * r['spread']:.2f} pp)")  # fmt: skip
         log("--exports-only: the exports are cached; the latency passes and the section are the next run's")
         return
     for t in tracks:  # an export finished on an earlier machine left its results but not its file
