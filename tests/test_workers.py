@@ -347,7 +347,7 @@ def test_every_form_of_the_schema_race_is_retried(tmp_path: Path, monkeypatch: p
 
     from search.study import storage as storage_module
 
-    real = storage_module.RDBStorage
+    real = storage_module._SteadyHeartbeat  # the RDBStorage it opens
     raised: list[str] = []
 
     def racing(errors: list[Exception]):
@@ -363,11 +363,11 @@ def test_every_form_of_the_schema_race_is_retried(tmp_path: Path, monkeypatch: p
         "CREATE TABLE studies", {}, Exception('relation "studies" already exists')
     )
     exists = sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
-    monkeypatch.setattr(storage_module, "RDBStorage", racing([duplicate, exists]))
+    monkeypatch.setattr(storage_module, "_SteadyHeartbeat", racing([duplicate, exists]))
     assert open_storage(f"sqlite:///{tmp_path / 'a.db'}") is not None
     assert len(raised) == 2, "both forms of the race were retried"
     denied = sqlalchemy.exc.OperationalError("connect", {}, Exception('password authentication failed for "x"'))
-    monkeypatch.setattr(storage_module, "RDBStorage", racing([denied]))
+    monkeypatch.setattr(storage_module, "_SteadyHeartbeat", racing([denied]))
     with pytest.raises(UsageError, match="password authentication failed"):
         open_storage(f"sqlite:///{tmp_path / 'b.db'}")
 
