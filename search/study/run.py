@@ -112,9 +112,9 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
             f"pass --threads {timer.threads} or start the target with --threads {config.threads}"
         )
     new_file = new_sqlite_file(config.storage_url)
-    storage = open_storage(config.storage_url, config.heartbeat_seconds or HEARTBEAT_SECONDS)
     promotion = promotion_settings(config)
-    made_from = first_missing(promotion.folder) if promotion is not None else None
+    made_from = first_missing(promotion.folder) if promotion is not None else None  # before the storage's folder
+    storage = open_storage(config.storage_url, config.heartbeat_seconds or HEARTBEAT_SECONDS)
     try:
         return _search(config, storage, reporter, timer)
     except BaseException:  # a refused or interrupted first run leaves no empty database or folders behind

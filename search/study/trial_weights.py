@@ -73,7 +73,9 @@ def remove_unused(folder: Path | None, made_from: Path | None) -> None:
     for path in [folder, *folder.parents]:
         try:
             path.rmdir()  # only an empty folder goes
-        except OSError:
+        except FileNotFoundError:  # not made yet (the run stopped before it), or made by no one: its parent next
+            pass
+        except OSError:  # not empty: it holds something this run did not make, or weights
             return
         if path == made_from:
             return
