@@ -351,6 +351,7 @@ def test_a_refused_search_leaves_no_database_or_empty_folder(tmp_path: Path) -> 
     for args, words in (
         (["--weights", str(tmp_path / "missing.pth")], "does not exist"),
         (["--data", str(tmp_path / "nowhere")], "unknown data source"),
+        (["--no-promotion", "--weights", str(tmp_path / "missing.pth")], "does not exist"),
     ):
         assert_usage_error(run_main("search", "--budget-ms", "30", "--studies-dir", str(studies), *args), words)
         assert not studies.exists(), sorted(studies.rglob("*"))

@@ -291,3 +291,40 @@ def test_two_workers_time_each_front_trial_once_and_both_end_with_every_record(
     claims = {k: v for k, v in study.user_attrs.items() if k.startswith(TIMING_CLAIM_PREFIX)}
     assert sorted(claims) == [f"{TIMING_CLAIM_PREFIX}{n}:3" for n in range(3)]
     assert all(c["done"] for c in claims.values())
+
+
+def test_a_timing_that_failed_is_tried_again_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure releases the trial's claim: this run goes on without it, a rerun (or another worker) retries."""
+    import search.study.confirm as confirm_module
+    from search.progress import RecordingReporter
+    from search.study.confirm import confirm_front
+
+    study = _study(tmp_path / "retry.db", [(0.90, 9.9)])
+    calls: list[int] = []
+
+    def flaky(meter: object, trial: optuna.trial.FrozenTrial, repeats: int) -> dict:
+        calls.append(trial.number)
+        if len(calls) == 1:
+            raise RuntimeError("the timing child crashed")
+        return {"ratios": [0.8] * repeats, "ratio": 0.8, "corrected_ms": 9.6, "searched_ratio": 0.825,
+                "baseline_median_ms": [BASELINE_MS] * repeats, "processes": [], "fresh_processes": True}  # fmt: skip
+
+    monkeypatch.setattr(confirm_module, "time_again", flaky)
+    first = RecordingReporter()
+    assert confirm_front(study, _NoTiming(), first, 3) == 0  # type: ignore[arg-type]
+    assert "the timing child crashed" in first.warnings[0] and calls == [0]
+    again = RecordingReporter()
+    assert confirm_front(study, _NoTiming(), again, 3) == 1  # type: ignore[arg-type]
+    assert calls == [0, 0] and study.user_attrs[f"{CONFIRM_PREFIX}0"]["ratios"] == [0.8, 0.8, 0.8]
+    assert not again.warnings
+
+    # a record of more repeats, written by a worker with a larger --confirm-repeats while this one timed, stays
+    other = _study(tmp_path / "race.db", [(0.90, 9.9)])
+
+    def raced(meter: object, trial: optuna.trial.FrozenTrial, repeats: int) -> dict:
+        _timed_again(other, 0, [9.1, 9.2, 9.3, 9.4, 9.5])
+        return flaky(meter, trial, repeats)
+
+    monkeypatch.setattr(confirm_module, "time_again", raced)
+    confirm_front(other, _NoTiming(), RecordingReporter(), 3)  # type: ignore[arg-type]
+    assert len(other.user_attrs[f"{CONFIRM_PREFIX}0"]["ratios"]) == 5

@@ -179,26 +179,30 @@ def confirm_front(
     if repeats < 1:
         return 0
     done = 0
-    failed: set[int] = set()
+    failed: set[int] = set()  # this worker's: each trial is tried once a run; another worker, or a rerun, may retry
     while deadline is None or time.monotonic() < deadline:
         todo = [r for r in pareto_front(rows(study)) if len(r.latency_repeats) < repeats and r.number not in failed]
         if not todo:
             break
+        held, waiting = None, False
         for row in reversed(todo):  # the slowest first: the most accurate, nearest the budget
             key = f"{TIMING_CLAIM_PREFIX}{row.number}:{repeats}"
             held = claim(rdb_storage(study), study, key)
             if held is not None:
                 break
-            if _finished_elsewhere(study, key):  # timed, or failed, by another worker: nothing more will come
+            if _finished_elsewhere(study, key):  # recorded by another worker since ``todo`` was read
                 failed.add(row.number)
-        else:  # every trial left is being timed by another worker: wait for its records
-            time.sleep(WAIT_SECONDS)
+            else:
+                waiting = True
+        if held is None:  # every trial left is timed by another worker: wait for its records
+            if waiting:
+                time.sleep(WAIT_SECONDS)
             continue
         if held.taken_over:
             reporter.info(f"Taking over timing trial {row.number} again: {held.taken_over}")
-        if _confirm_one(study, row.number, meter, reporter, repeats, held):
-            done += 1
-        else:
+        outcome = _confirm_one(study, row.number, meter, reporter, repeats, held)
+        done += outcome == "timed"
+        if outcome == "failed":
             failed.add(row.number)
     return done
 
@@ -216,32 +220,43 @@ def _finished_elsewhere(study: optuna.Study, key: str) -> bool:
 
 def _confirm_one(
     study: optuna.Study, number: int, meter: CandidateMeter, reporter: Reporter, repeats: int, held: Claim
-) -> bool:
-    """Time trial ``number`` again under this worker's claim and record it; False when it could not be."""
+) -> str:
+    """Time trial ``number`` again under this worker's claim and record it: "timed"; "failed" (warned; the claim is
+    released, so another worker or a rerun may try again); "elsewhere" (another worker took the claim over, or
+    had recorded it already: its record stands)."""
     from search.latency_service.client import TargetLost
     from search.study.notes import refresh_note
 
-    trial = study.get_trials(deepcopy=False)[number]
     try:
+        trial = study.get_trials(deepcopy=False)[number]
+        own = confirmed_record(study.user_attrs, number)
+        if own is not None and len(own["ratios"]) >= repeats:  # its last holder recorded it, then died
+            held.done()
+            return "elsewhere"
         record = _same_model(study.user_attrs, trial)
         if record is None or len(record["ratios"]) < repeats:
             reporter.phase(f"time trial {number} again ({repeats} repeats)")
             record = time_again(meter, trial, repeats)
         if not held.held():  # silent too long, and another worker took it over: its record stands
-            return False
-        study.set_user_attr(f"{CONFIRM_PREFIX}{number}", record)
-    except (KeyboardInterrupt, TargetLost):
+            return "elsewhere"
+        own = confirmed_record(study.user_attrs, number)
+        if own is None or len(own["ratios"]) < len(record["ratios"]):  # never replace a record of more repeats
+            study.set_user_attr(f"{CONFIRM_PREFIX}{number}", record)
+    except TargetLost:
         held.stopped()  # a rerun, or another worker, takes it over at once
         raise
     except Exception as exc:  # e.g. a runtime or a target refusing the file: the search's result stands
+        held.stopped()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        held.failed(message)  # not tried again by any worker: it would meet the same refusal
         reporter.warn(f"could not time trial {number} again: {message}; it keeps the search's timing")
-        return False
+        return "failed"
+    except BaseException:  # Ctrl-C: no claim is left beating
+        held.stopped()
+        raise
     held.done()
     refresh_note(study, trial)
     reporter.info(_line(number, record, meter.baseline_ms or 0.0, float(study.user_attrs["budget_ms"])))
-    return True
+    return "timed"
 
 
 def verdict(record: dict[str, Any], baseline_ms: float, budget_ms: float) -> str:

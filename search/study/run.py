@@ -49,6 +49,7 @@ from search.study.coordination import progress as study_progress
 from search.study.create import create_study, resumable, resume_creation, sampler
 from search.study.creation_clock import CreationClock
 from search.study.creator import wait_until_ready
+from search.study.folders import first_missing, remove_unused
 from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
 from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_line, promotion_settings
 from search.study.retry import RETRY_OF, optimize_one, retries_first
@@ -62,7 +63,6 @@ from search.study.settings import (
 )
 from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
 from search.study.trial import BASELINE_RECORD, TrialContext, run_trial
-from search.study.trial_weights import first_missing, remove_unused
 from search.training.baseline import Baseline, prepare_baseline
 from search.training.device import device_record, loader_plan, precision, resolve
 
@@ -118,8 +118,8 @@ def run_search(config: SearchConfig, reporter: Reporter | None = None, *, timer:
     try:
         return _search(config, storage, reporter, timer)
     except BaseException:  # a refused or interrupted first run leaves no empty database or folders behind
-        discard_if_empty(storage, new_file)
         remove_unused(promotion.folder if promotion is not None else None, made_from)
+        discard_if_empty(storage, new_file)
         raise
 
 

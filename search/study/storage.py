@@ -9,16 +9,19 @@ import warnings
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 from optuna.storages import RDBStorage
 
 from search.errors import UsageError
+from search.study.folders import first_missing, remove_unused
 from search.study.retry import RetryStaleTrial
 from search.study.urls import masked, with_driver
 from search.study.urls import without_password as _without_password
 
 __all__ = [
+    "NewFile",
     "default_storage_url",
     "discard_if_empty",
     "load_existing",
@@ -63,17 +66,24 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> RDBSto
         raise UsageError(f"cannot open storage {masked(url)!r}: {_without_password(reason, url)}") from None
 
 
-def new_sqlite_file(url: str) -> Path | None:
+class NewFile(NamedTuple):
+    """A SQLite file that opening the storage will create, and the outermost of its folders that it will too."""
+
+    path: Path
+    made_from: Path | None
+
+
+def new_sqlite_file(url: str) -> NewFile | None:
     """The SQLite file ``url`` names when it does not exist yet (opening the storage will create it), else None."""
     if not url.startswith("sqlite:///"):
         return None
     path = Path(url[len("sqlite:///") :])
-    return None if not str(path) or path.exists() else path
+    return None if not str(path) or path.exists() else NewFile(path, first_missing(path.parent))
 
 
-def discard_if_empty(storage: RDBStorage, path: Path | None) -> None:
-    """Remove the SQLite file at ``path`` that opening ``storage`` created, if no study was stored in it."""
-    if path is None:  # the storage was there before, or is no SQLite file
+def discard_if_empty(storage: RDBStorage, new: NewFile | None) -> None:
+    """Remove the SQLite file that opening ``storage`` created, and the folders made for it, if no study was stored."""
+    if new is None:  # the storage was there before, or is no SQLite file
         return
     try:
         if optuna.get_all_study_summaries(storage, include_best_trial=False):
@@ -81,7 +91,8 @@ def discard_if_empty(storage: RDBStorage, path: Path | None) -> None:
         storage.engine.dispose()
     except Exception:  # the file is unreadable or locked: keep it rather than lose anything
         return
-    path.unlink(missing_ok=True)
+    new.path.unlink(missing_ok=True)
+    remove_unused(new.path.parent, new.made_from)
 
 
 def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
@@ -149,13 +160,19 @@ class _SteadyHeartbeat(RDBStorage):
     Optuna records a running trial's heartbeat from a thread that ends at the first exception, so one
     moment of an unreachable or busy database would silence the trial for good; after the grace period
     another worker marks it failed while it still runs, and its fine-tune is lost. Here a failed beat is
-    skipped and the next one tries again (the grace period is two beats)."""
+    tried again after 1 s and 3 s more, then left to the next beat (the grace period is two beats)."""
+
+    RETRY_SECONDS = (1.0, 3.0)
 
     def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            super().record_heartbeat(trial_id)
-        except Exception:  # the database, for a moment: the next beat tries again
-            pass
+        for wait in (*self.RETRY_SECONDS, None):
+            try:
+                super().record_heartbeat(trial_id)
+                return
+            except Exception:  # the database, for a moment
+                if wait is None:
+                    return  # the next beat tries again
+                time.sleep(wait)
 
 
 def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["file_sha256", "first_missing", "load_weights_into", "remove_unused", "save_weights", "weights_path"]
+__all__ = ["file_sha256", "load_weights_into", "save_weights", "weights_path"]
 
 
 def weights_path(folder: Path, number: int, rung: int) -> Path:
@@ -53,29 +53,3 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
-
-
-def first_missing(folder: Path) -> Path | None:
-    """The outermost folder on ``folder``'s path that does not exist yet (what making it creates), or None."""
-    missing = None
-    for path in [folder, *folder.parents]:
-        if path.exists():
-            return missing
-        missing = path
-    return missing
-
-
-def remove_unused(folder: Path | None, made_from: Path | None) -> None:
-    """Remove ``folder`` and its parents up to ``made_from`` where they are empty: a run that made them and was
-    refused or stopped before any weights were saved leaves no empty folders behind."""
-    if folder is None or made_from is None:
-        return
-    for path in [folder, *folder.parents]:
-        try:
-            path.rmdir()  # only an empty folder goes
-        except FileNotFoundError:  # not made yet (the run stopped before it), or made by no one: its parent next
-            pass
-        except OSError:  # not empty: it holds something this run did not make, or weights
-            return
-        if path == made_from:
-            return
