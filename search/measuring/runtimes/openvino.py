@@ -9,6 +9,7 @@ OpenVINO is imported with its usage telemetry off (:func:`import_openvino`).
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def _check_ir(path: Path) -> None:
     TensorFlow's prints C++ log lines for each (absl noise) before the error."""
     with open(path, "rb") as handle:
         head = handle.read(1 << 16)
-    if b"<net " not in head and b"<net>" not in head:
+    if not re.search(rb"<net[\s>]", head):
         raise ValueError("its XML is not an OpenVINO IR (no <net> element)")
 
 
