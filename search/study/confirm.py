@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from search.errors import UsageError
@@ -68,7 +69,7 @@ def default_repeats() -> int:
     return int(raw)
 
 
-def confirmed_record(study_attrs: dict[str, Any], number: int) -> dict[str, Any] | None:
+def confirmed_record(study_attrs: Mapping[str, Any], number: int) -> dict[str, Any] | None:
     """Trial ``number``'s confirmation record, if it was timed again."""
     record = study_attrs.get(f"{CONFIRM_PREFIX}{number}")
     return record if isinstance(record, dict) and record.get("ratios") else None

@@ -169,7 +169,7 @@ def promotable(
     for t in trials:
         if not _eligible(t):
             continue
-        again = confirmed_record(dict(study_attrs), t.number)  # when it was timed again
+        again = confirmed_record(study_attrs, t.number)  # when it was timed again
         if again is not None and budget_ms is not None and float(again["corrected_ms"]) > budget_ms:
             continue  # over the budget when timed again: no longer a candidate, not worth a longer fine-tune
         reached = trial_rungs(t, study_attrs)

@@ -105,14 +105,13 @@ def load_existing(storage: RDBStorage, name: str) -> optuna.Study | None:
 
 def _check_folder(path: Path, url: str) -> None:
     """A one-line error when a folder on the SQLite file's path is a file (``--studies-dir`` naming a file)."""
-    for folder in [path.parent, *path.parent.parents]:
-        if folder.exists():
-            if not folder.is_dir():
-                raise UsageError(
-                    f"{folder} is a file, not a folder, so it cannot hold storage {masked(url)!r}; "
-                    "pass a folder as --studies-dir (it is created if missing) or a SQLAlchemy URL as --storage"
-                )
-            return
+    missing = first_missing(path.parent)
+    existing = path.parent if missing is None else missing.parent  # the innermost folder on the path that exists
+    if not existing.is_dir():
+        raise UsageError(
+            f"{existing} is a file, not a folder, so it cannot hold storage {masked(url)!r}; "
+            "pass a folder as --studies-dir (it is created if missing) or a SQLAlchemy URL as --storage"
+        )
 
 
 def open_study(name: str, url: str, hint: str | None = None) -> optuna.Study:
