@@ -13,19 +13,42 @@ from optuna.trial import FrozenTrial
 __all__ = ["refresh_note"]
 
 
-def refresh_note(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Save trial's note from its rung and confirmation records; never fails (a note is a courtesy)."""
+def refresh_note(study: optuna.Study, trial: FrozenTrial, tries: int = 3) -> None:
+    """Save trial's note from its rung and confirmation records; never fails (a note is a courtesy).
+
+    Two workers can each add a record and save the note at once, the later save from a read that missed the
+    other's record: so after saving, the records are read again and the note saved again until it says all of
+    them (records are only ever added, so the last save to read them back ends with every section).
+    """
     try:
         from optuna_dashboard import save_note
     except ImportError:  # the dashboard is optional: the records are in the study's user attributes anyway
         return
     try:
-        attrs = study.user_attrs
-        sections = [s for s in (_rungs(attrs, trial), _latency(attrs, trial)) if s]
-        if sections:
-            save_note(optuna.Trial(study, trial._trial_id), "\n\n".join(sections))
+        for _ in range(tries):
+            text = _compose(study.user_attrs, trial)
+            saved = _saved_note(study, trial)
+            if not text or text == saved:
+                return
+            save_note(optuna.Trial(study, trial._trial_id), text)
+            if saved is None:  # the saved note cannot be read back (another optuna-dashboard): one save
+                return
     except Exception:  # the database, for a moment: the records stand, only the note is late
         pass
+
+
+def _compose(attrs: dict, trial: FrozenTrial) -> str:
+    return "\n\n".join(s for s in (_rungs(attrs, trial), _latency(attrs, trial)) if s)
+
+
+def _saved_note(study: optuna.Study, trial: FrozenTrial) -> str | None:
+    """The note optuna-dashboard holds for trial now ("" if none), or None where it cannot be read."""
+    try:
+        from optuna_dashboard._note import get_note_from_system_attrs
+    except ImportError:
+        return None
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    return str(get_note_from_system_attrs(system_attrs, trial._trial_id)["body"])
 
 
 def _rungs(attrs: dict, trial: FrozenTrial) -> str | None:
