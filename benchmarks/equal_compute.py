@@ -338,7 +338,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run in minutes (numbers meaningless)")
     p.add_argument("--work", default=str(ROOT / "benchmarks" / ".equal-compute"), help="working folder (resumable)")
-    p.add_argument("--mobilenet-budgets", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--mobilenet-budgets", type=float, nargs="*", default=[0.25, 0.5])
     p.add_argument("--resnet-budgets", type=float, nargs="*", default=[0.25])
     p.add_argument("--trials", type=int, default=30, help="trials per search (arms a and b)")
     p.add_argument("--trial-steps", type=int, default=30, help="brief fine-tune steps per trial")

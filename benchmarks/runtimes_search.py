@@ -250,6 +250,7 @@ def run_searches(
     if "settings" not in cache:  # a fresh entry: its timings have today's floor (older entries had none)
         cache["min_timing_s"] = default_min_seconds()
         cache["isolated"] = True  # the search, export and bench time in a child process (search/measuring/isolated.py)
+        cache["started"] = time.strftime("%Y-%m-%d %H:%M")
     cache.setdefault("settings", sizes)
     for runtime in runtimes:
         entry = cache.setdefault(runtime, {})
@@ -272,7 +273,8 @@ def run_searches(
 def render(cache: dict[str, Any], runtimes: list[str]) -> str:
     sizes = cache["settings"]
     lines = [
-        f"A short search in each runtime ({sizes['model']} on digits at {sizes['size']} px, budget "
+        (f"**{cache['label']}.** " if cache.get("label") else "")
+        + f"A short search in each runtime ({sizes['model']} on digits at {sizes['size']} px, budget "
         f"{sizes['fraction']:g} of each runtime's own baseline, {sizes['trials']} trials of {sizes['steps']} steps, "
         "seed 0, no promotion"
         + (
