@@ -344,7 +344,6 @@ def test_a_note_saved_over_by_a_worker_that_missed_a_record_is_saved_again_whole
 ) -> None:
     """Promotion saves the note from a read taken before another worker's timing record and note landed."""
     import optuna_dashboard
-    from optuna_dashboard._note import get_note_from_system_attrs
 
     from search.study.notes import refresh_note
     from search.study.rungs import rung_key
@@ -364,8 +363,7 @@ def test_a_note_saved_over_by_a_worker_that_missed_a_record_is_saved_again_whole
 
     monkeypatch.setattr(optuna_dashboard, "save_note", save_late)
     refresh_note(study, trial)
-    attrs = study._storage.get_study_system_attrs(study._study_id)
-    note = str(get_note_from_system_attrs(attrs, trial._trial_id)["body"])
+    note = optuna_dashboard.get_note(optuna.Trial(study, trial._trial_id))
     assert "rung 1: top-1 0.8312" in note and "0.825 of the baseline" in note, note
     assert len(saves) == 2, "saved again once, then the note said every record"
     refresh_note(study, trial)

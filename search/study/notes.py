@@ -13,7 +13,11 @@ from optuna.trial import FrozenTrial
 __all__ = ["refresh_note"]
 
 
-def refresh_note(study: optuna.Study, trial: FrozenTrial, tries: int = 3) -> None:
+_SAVES = 3
+"""At most this many saves of one note a call: each is followed by reading the records again."""
+
+
+def refresh_note(study: optuna.Study, trial: FrozenTrial) -> None:
     """Save trial's note from its rung and confirmation records; never fails (a note is a courtesy).
 
     Two workers can each add a record and save the note at once, the later save from a read that missed the
@@ -21,34 +25,19 @@ def refresh_note(study: optuna.Study, trial: FrozenTrial, tries: int = 3) -> Non
     them (records are only ever added, so the last save to read them back ends with every section).
     """
     try:
-        from optuna_dashboard import save_note
+        from optuna_dashboard import get_note, save_note
     except ImportError:  # the dashboard is optional: the records are in the study's user attributes anyway
         return
     try:
-        for _ in range(tries):
-            text = _compose(study.user_attrs, trial)
-            saved = _saved_note(study, trial)
-            if not text or text == saved:
+        handle = optuna.Trial(study, trial._trial_id)
+        for _ in range(_SAVES):
+            attrs = study.user_attrs  # read again each time: another worker may have added a record
+            text = "\n\n".join(s for s in (_rungs(attrs, trial), _latency(attrs, trial)) if s)
+            if not text or text == get_note(handle):
                 return
-            save_note(optuna.Trial(study, trial._trial_id), text)
-            if saved is None:  # the saved note cannot be read back (another optuna-dashboard): one save
-                return
+            save_note(handle, text)
     except Exception:  # the database, for a moment: the records stand, only the note is late
         pass
-
-
-def _compose(attrs: dict, trial: FrozenTrial) -> str:
-    return "\n\n".join(s for s in (_rungs(attrs, trial), _latency(attrs, trial)) if s)
-
-
-def _saved_note(study: optuna.Study, trial: FrozenTrial) -> str | None:
-    """The note optuna-dashboard holds for trial now ("" if none), or None where it cannot be read."""
-    try:
-        from optuna_dashboard._note import get_note_from_system_attrs
-    except ImportError:
-        return None
-    system_attrs = study._storage.get_study_system_attrs(study._study_id)
-    return str(get_note_from_system_attrs(system_attrs, trial._trial_id)["body"])
 
 
 def _rungs(attrs: dict, trial: FrozenTrial) -> str | None:
