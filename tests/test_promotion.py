@@ -67,6 +67,48 @@ def test_asha_promotes_the_best_third_of_each_rung_once(tmp_path: Path) -> None:
     assert reached[1].seconds == 4.0
 
 
+def test_while_trials_still_run_only_the_best_sixth_so_far_is_promoted_then_the_whole_third(tmp_path: Path) -> None:
+    base = [i < 400 for i in range(IMAGES)]  # 80%
+    # Twelve fine-tuned trials within the budget, each 1 pp above the one before (80%..91%).
+    _make_study(tmp_path / "ties.db", [(0.05 * k, _flip(base, 0, 5 * k), 5.0) for k in range(12)])
+    study = _study(tmp_path / "ties.db")
+    completed = study.get_trials(deepcopy=False)
+    # While trials still run, only floor(12 / 6) = 2 are due, the two best so far; once every trial has finished,
+    # the whole top third (floor(12 / 3) = 4).
+    assert promotable(completed, study.user_attrs, (60,), 1 / 3, final=False) == [(11, 1), (10, 1)]
+    assert promotable(completed, study.user_attrs, (60,), 1 / 3, final=True) == [(11, 1), (10, 1), (9, 1), (8, 1)]
+    # Plain asynchronous ASHA would promote each trial that ranked in the top third of those finished before it:
+    # here, finishing best-last, that is every trial from the third on (10 of 12). The eager share promotes
+    # trials 5 to 11 in turn, 7 of them, never the early ones the later ones beat at once.
+    plain: set[int] = set()
+    promoted: set[int] = set()
+    for finished in range(1, 13):
+        seen = completed[:finished]
+        plain |= {n for n, _ in promotable(seen, study.user_attrs, (60,), 1 / 3, final=True)}
+        promoted |= {n for n, _ in promotable(seen, study.user_attrs, (60,), 1 / 3, final=finished == 12)}
+    assert sorted(plain) == list(range(2, 12))
+    assert sorted(promoted) == [5, 6, 7, 8, 9, 10, 11]
+
+
+def test_the_whole_top_fraction_is_due_only_once_every_trial_of_the_study_has_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.study import promotion as promotion_module
+
+    base = [i < 400 for i in range(IMAGES)]
+    _make_study(tmp_path / "ties.db", [(0.1 * k, _flip(base, 0, 5 * k), 5.0) for k in range(6)])
+    study = _study(tmp_path / "ties.db")
+    assert promotion_module._all_finished(study, 6), "six of six finished"
+    assert not promotion_module._all_finished(study, 8), "two trials still to run"
+    study.ask()  # a trial running on another worker: its result may yet rank among the promotions
+    assert not promotion_module._all_finished(study, 6)
+    asked: list[bool] = []
+    monkeypatch.setattr(promotion_module, "promote_next", lambda *a, final=False: asked.append(final))
+    promotion_module.promote_all(study, None, None, None, 6)  # type: ignore[arg-type]
+    promotion_module.promote_all(study, None, None, None, None)  # type: ignore[arg-type]
+    assert asked == [False, True]
+
+
 def test_the_sampler_learns_each_trials_highest_rung_without_favouring_the_longer_fine_tune(tmp_path: Path) -> None:
     base = [i < 400 for i in range(IMAGES)]  # 80%
     # Four trials at rung 0 (81%, 82%, 83%, 84%); the two best were promoted: trial 3 gained 1 pp, trial 2 5 pp.

@@ -36,9 +36,9 @@ from search.pruning.groups import replay
 from search.pruning.policy import Policy
 from search.study.claims import Claim, ClaimLost, claim_promotion, rdb_storage
 from search.study.config import SearchConfig
-from search.study.coordination import worker_identity
+from search.study.coordination import progress, worker_identity
 from search.study.notes import refresh_note
-from search.study.rungs import PromotionSettings, promotable, rung_key, stored_rungs, trial_rungs
+from search.study.rungs import EAGER_SHARE, PromotionSettings, promotable, rung_key, stored_rungs, trial_rungs
 from search.study.trial import TrialContext
 from search.study.trial_weights import file_sha256, load_weights_into, save_weights, weights_path
 from search.study.uncertainty import SPLIT_ORDER, SUBSET_ORDER, accuracy_record
@@ -73,7 +73,8 @@ def prepare_promotion(settings: PromotionSettings, finetune_steps: int, val_spli
     rungs = ", ".join(f"rung {i} at {steps}" for i, steps in enumerate(settings.rung_steps, 1))
     return (
         f"Promotion: the best {settings.fraction:.0%} of the trials at each rung are fine-tuned on from their "
-        f"weights and read on {_images_read(settings.val_images, val_split)} (rung 0 at {finetune_steps} steps, "
+        f"weights (while trials still run, the best {settings.fraction * EAGER_SHARE:.0%} so far) and read on "
+        f"{_images_read(settings.val_images, val_split)} (rung 0 at {finetune_steps} steps, "
         f"{rungs}; weights in {settings.folder}); --no-promotion turns it off"
     )
 
@@ -110,14 +111,21 @@ def _can_continue(trial: FrozenTrial, rung: int, settings: PromotionSettings) ->
     return weights_path(settings.folder, trial.number, rung - 1).is_file()
 
 
-def promote_next(study: optuna.Study, ctx: TrialContext, reporter: Reporter) -> dict[str, Any] | None:
-    """Promote one trial that ASHA says is due and nobody else is promoting; its new rung's record, or None."""
+def promote_next(
+    study: optuna.Study, ctx: TrialContext, reporter: Reporter, final: bool = False
+) -> dict[str, Any] | None:
+    """Promote one trial that ASHA says is due and nobody else is promoting; its new rung's record, or None.
+
+    ``final``: every trial of the study has finished, so the whole top fraction is due (before, only the best
+    :data:`~search.study.rungs.EAGER_SHARE` of it).
+    """
     settings = ctx.promotion
     if settings is None:
         return None
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     by_number = {t.number: t for t in trials}
-    for number, rung in promotable(trials, study.user_attrs, settings.rung_steps, settings.fraction):
+    due = promotable(trials, study.user_attrs, settings.rung_steps, settings.fraction, final=final)
+    for number, rung in due:
         trial = by_number[number]
         if not _can_continue(trial, rung, settings):
             continue
@@ -135,14 +143,30 @@ def promote_next(study: optuna.Study, ctx: TrialContext, reporter: Reporter) -> 
     return None
 
 
-def promote_all(study: optuna.Study, ctx: TrialContext, reporter: Reporter, deadline: float | None = None) -> int:
-    """Promote until nothing is due (or ``deadline``, a ``time.monotonic()`` value, passes); how many were."""
+def promote_all(
+    study: optuna.Study,
+    ctx: TrialContext,
+    reporter: Reporter,
+    deadline: float | None = None,
+    trials: int | None = None,
+) -> int:
+    """Promote until nothing is due (or ``deadline``, a ``time.monotonic()`` value, passes); how many were.
+
+    ``trials``: the study's ``--trials``; the whole top fraction is due once that many have finished and none is
+    running on another worker (None: now).
+    """
     done = 0
     while deadline is None or time.monotonic() < deadline:
-        if promote_next(study, ctx, reporter) is None:
+        if promote_next(study, ctx, reporter, final=trials is None or _all_finished(study, trials)) is None:
             break
         done += 1
     return done
+
+
+def _all_finished(study: optuna.Study, trials: int) -> bool:
+    """Every trial of the study has finished: no more results will come to rank the promotions among."""
+    now = progress(study)
+    return (now.finished >= trials or now.gave_up(trials)) and now.running == 0
 
 
 def _promote(

@@ -369,8 +369,8 @@ def _run_trials(
             progress.advance(done - shown)
             shown = done
     try:  # the promotions the last trials made due (or a killed worker left), until none is
-        promote_all(study, ctx, reporter, None if config.timeout is None else started + config.timeout)
         deadline = None if config.timeout is None else started + config.timeout
+        promote_all(study, ctx, reporter, deadline, config.trials)
         confirm_front(study, ctx.meter, reporter, config.confirm_repeats or 0, deadline)  # the front, timed again
     except KeyboardInterrupt:
         return ran, True, None
