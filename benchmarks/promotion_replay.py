@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 STUDIES = HERE / "equal_compute" / "studies"
 SEARCHES = HERE / "searches"
 """Arm a's studies (no promotion), for the ratio of each search's time to today's search."""
+RUNS = HERE / "promotion_rule" / "studies"
+"""Real searches of one model and budget, the same day: without promotion (``-a2``) and with the eager share (``-b2``)."""
 OUT = HERE / "promotion_replay.json"
 RULES: dict[str, dict[str, Any]] = {
     "plain ASHA": {"share": 1.0},
@@ -147,6 +149,32 @@ def replay_study(db: Path) -> dict[str, Any]:
     return out
 
 
+def real_runs() -> list[dict[str, Any]]:
+    """The real searches in :data:`RUNS`: each one's time, training and pick (what replay cannot show)."""
+    out = []
+    for db in sorted(RUNS.glob("*.db")):
+        study = _open(db)
+        real = {t.number: stored_rungs(study.user_attrs, t.number) for t in study.get_trials(deepcopy=False)}
+        found = recommendation(rows(study))
+        pick = None if found is None else found.pick
+        out.append(
+            {
+                "study": study.study_name,
+                "revision": study.user_attrs.get("git_revision"),
+                "search_seconds": round(study_seconds(study), 1),
+                "creation_seconds": study.user_attrs.get("creation_seconds"),
+                "eligible_trials": len(promotable(study.get_trials(deepcopy=False), {}, (1,), 1.0)),
+                "promoted": sorted(n for n, r in real.items() if r),
+                "promotion_seconds": round(_seconds([r for rs in real.values() for r in rs]), 1),
+                "pick": None if pick is None else pick.number,
+                "pick_rung": None if pick is None else pick.rung,
+                "pick_accuracy": None if pick is None else pick.accuracy,
+                "tied": [] if found is None else [v.other.number for v in found.tied],
+            }
+        )
+    return out
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| study | rule | promoted | promotion s | search s | x today | pick (rung-1 top-1) | vs the study's pick |",
@@ -163,14 +191,33 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def real_table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| study | set-up s | promoted | promotion s | search s | pick | tied with the most accurate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        setup = (r["creation_seconds"] or {}).get("total", "-")
+        pick = "-" if r["pick"] is None else f"trial {r['pick']} ({r['pick_accuracy']:.2%}, rung {r['pick_rung']})"
+        tied = ", ".join(str(n) for n in r["tied"]) or "-"
+        lines.append(
+            f"| {r['study']} | {setup} | {len(r['promoted'])} of {r['eligible_trials']} | {r['promotion_seconds']:.0f} "
+            f"| {r['search_seconds']:.0f} | {pick} | {tied} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results = [replay_study(db) for db in sorted(STUDIES.glob("*.db"))]
     results = [r for r in results if r["promoted_in_the_study"]]
     for r in results:  # plain ASHA replayed must give what the search did, or the replay measures nothing
         assert r["rules"]["plain ASHA"]["promotions"] == r["promoted_in_the_study"], r["study"]
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    runs = real_runs()
+    OUT.write_text(json.dumps({"replayed": results, "real_runs": runs}, indent=1) + "\n")
     print(table(results))
+    print()
+    print(real_table(runs))
     return 0
 
 
