@@ -9,7 +9,8 @@ before each next trial as ``search`` does, under each rule:
 - ``eager share 1/2``: while trials still run, the best half of that fraction; the whole fraction once every
   trial has finished (the search now, :data:`search.study.rungs.EAGER_SHARE`);
 - ``at the end only``: nothing while trials run, the top fraction after the last (synchronous halving);
-- ``cap at planned/3``: plain ASHA, stopped once a third of the planned trials are promoted.
+- ``cap at planned/3``: plain ASHA, stopped once a third of the planned trials are promoted;
+- ``a quarter, eager share``: the eager share with ``--promote-fraction 0.25`` instead of the third.
 
 Every rule's promotions are a subset of plain ASHA's (each asks for the top of the same rankings at the same
 moments, or less), so each rung-1 result a rule needs is in the study, and the rule's pick is read by the
@@ -54,6 +55,7 @@ RULES: dict[str, dict[str, Any]] = {
     "eager share 1/2": {"share": rungs.EAGER_SHARE},
     "at the end only": {"share": 0.0},
     "cap at planned/3": {"share": 1.0, "cap": True},
+    "a quarter, eager share": {"share": rungs.EAGER_SHARE, "fraction": 0.25},
 }
 
 
@@ -64,10 +66,14 @@ def _open(db: Path) -> optuna.Study:
     return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
 
 
-def _replay(study: optuna.Study, real: dict[int, list[dict]], share: float, cap: int | None) -> list[int]:
-    """The trials ``share`` promotes, in order, when the study's trials finish as they did."""
+def _replay(
+    study: optuna.Study, real: dict[int, list[dict]], share: float, cap: int | None, fraction: float | None = None
+) -> list[int]:
+    """The trials ``share`` promotes, in order, when the study's trials finish as they did (``fraction``: another
+    ``--promote-fraction`` than the study's, no larger)."""
     config = study.user_attrs["config"]
-    steps, fraction = tuple(config["rungs"]), float(config["promote_fraction"])
+    steps = tuple(config["rungs"])
+    fraction = float(config["promote_fraction"]) if fraction is None else fraction
     finished = sorted(
         study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.datetime_complete
     )
@@ -129,7 +135,7 @@ def replay_study(db: Path) -> dict[str, Any]:
     }
     for label, rule in RULES.items():
         cap = math.floor(planned * float(study.user_attrs["config"]["promote_fraction"])) if rule.get("cap") else None
-        promoted = _replay(study, real, rule["share"], cap)
+        promoted = _replay(study, real, rule["share"], cap, rule.get("fraction"))
         found = _pick(study, real, promoted)
         pick = found.pick
         dropped = _seconds([r for n, rs in real.items() if n not in promoted for r in rs])
