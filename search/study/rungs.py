@@ -59,7 +59,7 @@ EAGER_SHARE = 0.5
 """While the study still has trials to run, only the best ``fraction * EAGER_SHARE`` of the trials finished so far
 are promoted (the top sixth at the default third); the rest of the top ``fraction`` wait for the study's last trial.
 Plain asynchronous ASHA ranks each trial among the few finished so far, and later trials keep displacing earlier
-ones: on the equal-compute benchmark's studies it promoted 12 of 26 trials (ResNet-18 CIFAR at 25%) and 14 of 25
+ones: on the equal-compute benchmark's studies it promoted 12 of 26 trials (ResNet-18 CIFAR at 25%) and 14 of 26
 (MobileNetV2, GPSampler) where the top third at the end was 8. Replaying those studies (BENCHMARKS.md, "Promotion
 while the study runs"), half the share while trials run promoted 8 and 9, with the same pick or one tied with it."""
 
