@@ -77,7 +77,7 @@ from search.pruning.latency_aware import tunable_stages  # noqa: E402
 from search.study.claims import CLAIM_PREFIX  # noqa: E402
 from search.study.front import Row, recommended, rows  # noqa: E402
 from search.study.origin import LATENCY_AT_CREATION  # noqa: E402
-from search.study.rungs import RUNG_PREFIX  # noqa: E402
+from search.study.rungs import RUNG_PREFIX, stored_rungs  # noqa: E402
 from search.training.evaluate import top1  # noqa: E402
 from search.training.finetune import TrainSettings, train  # noqa: E402
 
@@ -410,8 +410,6 @@ def study_seconds(study: optuna.Study) -> float:
 
     (The cached search time of a run that trained the MobileNetV2 baseline first included that training.)
     """
-    from search.study.rungs import stored_rungs
-
     created = datetime.datetime.strptime(study.user_attrs["created"], "%Y-%m-%dT%H:%M:%S%z")
     trials = study.get_trials(deepcopy=False)
     ends = [t.datetime_complete.astimezone().timestamp() for t in trials if t.datetime_complete is not None]

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allocation import study_seconds
 
-from search.study import rungs
+from search.study.confirm import TIMING_CLAIM_PREFIX
 from search.study.front import compare, recommendation, rows
-from search.study.rungs import promotable, rung_key, stored_rungs
+from search.study.rungs import RUNG_PREFIX, promotable, rung_key, stored_rungs
 
 HERE = Path(__file__).resolve().parent
 STUDIES = HERE / "equal_compute" / "studies"
@@ -51,26 +51,41 @@ RUNS = HERE / "promotion_rule" / "studies"
 """Real searches of one model and budget, the same day: without promotion (``-a2``) and with the eager share (``-b2``)."""
 OUT = HERE / "promotion_replay.json"
 RULES: dict[str, dict[str, Any]] = {
-    "plain ASHA": {"share": 1.0},
-    "eager share 1/2": {"share": rungs.EAGER_SHARE},
-    "at the end only": {"share": 0.0},
-    "cap at planned/3": {"share": 1.0, "cap": True},
-    "a quarter, eager share": {"share": rungs.EAGER_SHARE, "fraction": 0.25},
+    # while: what is due while trials still run: the whole fraction, the eager share of it, or nothing
+    "plain ASHA": {"while": "whole"},
+    "eager share 1/2": {"while": "eager"},
+    "at the end only": {"while": "none"},
+    "cap at planned/3": {"while": "whole", "cap": True},
+    "a quarter, eager share": {"while": "eager", "fraction": 0.25},
 }
+_COPIES = tempfile.TemporaryDirectory(prefix="promotion-replay-")  # removed when the interpreter exits
 
 
 def _open(db: Path) -> optuna.Study:
-    copy = Path(tempfile.mkdtemp()) / db.name  # the replay rewrites rung records: never in the committed file
+    copy = (
+        Path(tempfile.mkdtemp(dir=_COPIES.name)) / db.name
+    )  # the replay rewrites rung records: never the committed file
     shutil.copy(db, copy)
     url = f"sqlite:///{copy}"
     return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
 
 
+def _records(study: optuna.Study) -> dict[int, list[dict]]:
+    """Each promoted trial's rung records, as the study stored them."""
+    found = {t.number: stored_rungs(study.user_attrs, t.number) for t in study.get_trials(deepcopy=False)}
+    return {n: r for n, r in found.items() if r}
+
+
+def _eligible(study: optuna.Study) -> int:
+    """Trials a promotion may take (complete, within the budget, not a copy): all of them, at a fraction of 1."""
+    return len(promotable(study.get_trials(deepcopy=False), {}, (1,), 1.0))
+
+
 def _replay(
-    study: optuna.Study, real: dict[int, list[dict]], share: float, cap: int | None, fraction: float | None = None
+    study: optuna.Study, real: dict[int, list[dict]], during: str, cap: int | None, fraction: float | None = None
 ) -> list[int]:
-    """The trials ``share`` promotes, in order, when the study's trials finish as they did (``fraction``: another
-    ``--promote-fraction`` than the study's, no larger)."""
+    """The trials a rule promotes, in order, when the study's trials finish as they did. ``during``: what is due
+    while trials still run (``RULES``); ``fraction``: another ``--promote-fraction`` than the study's, no larger."""
     config = study.user_attrs["config"]
     steps = tuple(config["rungs"])
     fraction = float(config["promote_fraction"]) if fraction is None else fraction
@@ -78,23 +93,21 @@ def _replay(
         study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.datetime_complete
     )
     # What the search saw while it ran: no rung records yet, and no front timed again (that comes after).
-    attrs = {k: v for k, v in study.user_attrs.items() if not k.startswith((rungs.RUNG_PREFIX, "timing-again"))}
+    attrs = {k: v for k, v in study.user_attrs.items() if not k.startswith((RUNG_PREFIX, TIMING_CLAIM_PREFIX))}
     promoted: list[int] = []
-    saved = rungs.EAGER_SHARE
-    rungs.EAGER_SHARE = share
-    try:
-        for count in range(len(finished) + 1):
-            final = count == len(finished)
-            while cap is None or len(promoted) < cap:
-                due = [n for n, _ in promotable(finished[:count], attrs, steps, fraction, final=final)]
-                missing = [n for n in due if not real.get(n)]
-                assert not missing, f"rule promotes {missing}, which plain ASHA did not: not a subset"
-                if not due:
-                    break
-                promoted.append(due[0])
-                attrs[rung_key(due[0])] = real[due[0]]
-    finally:
-        rungs.EAGER_SHARE = saved
+    for count in range(len(finished) + 1):
+        last = count == len(finished)
+        if not last and during == "none":
+            continue
+        while cap is None or len(promoted) < cap:
+            final = last or during == "whole"
+            due = [n for n, _ in promotable(finished[:count], attrs, steps, fraction, final=final)]
+            missing = [n for n in due if not real.get(n)]
+            assert not missing, f"rule promotes {missing}, which plain ASHA did not: not a subset"
+            if not due:
+                break
+            promoted.append(due[0])
+            attrs[rung_key(due[0])] = real[due[0]]
     return promoted
 
 
@@ -117,12 +130,11 @@ def _today(name: str) -> float | None:
 
 def replay_study(db: Path) -> dict[str, Any]:
     study = _open(db)
-    real = {t.number: stored_rungs(study.user_attrs, t.number) for t in study.get_trials(deepcopy=False)}
-    real = {n: r for n, r in real.items() if r}
+    real = _records(study)
     wall = study_seconds(study)
     today = _today(study.study_name)
     planned = int(study.user_attrs["config"]["trials"])
-    eligible = len(promotable(study.get_trials(deepcopy=False), {}, (1,), 1.0))
+    eligible = _eligible(study)
     actual = _pick(study, real, list(real)).pick
     out: dict[str, Any] = {
         "study": study.study_name,
@@ -135,7 +147,7 @@ def replay_study(db: Path) -> dict[str, Any]:
     }
     for label, rule in RULES.items():
         cap = math.floor(planned * float(study.user_attrs["config"]["promote_fraction"])) if rule.get("cap") else None
-        promoted = _replay(study, real, rule["share"], cap, rule.get("fraction"))
+        promoted = _replay(study, real, rule["while"], cap, rule.get("fraction"))
         found = _pick(study, real, promoted)
         pick = found.pick
         dropped = _seconds([r for n, rs in real.items() if n not in promoted for r in rs])
@@ -160,7 +172,7 @@ def real_runs() -> list[dict[str, Any]]:
     out = []
     for db in sorted(RUNS.glob("*.db")):
         study = _open(db)
-        real = {t.number: stored_rungs(study.user_attrs, t.number) for t in study.get_trials(deepcopy=False)}
+        real = _records(study)
         found = recommendation(rows(study))
         pick = None if found is None else found.pick
         out.append(
@@ -169,8 +181,8 @@ def real_runs() -> list[dict[str, Any]]:
                 "revision": study.user_attrs.get("git_revision"),
                 "search_seconds": round(study_seconds(study), 1),
                 "creation_seconds": study.user_attrs.get("creation_seconds"),
-                "eligible_trials": len(promotable(study.get_trials(deepcopy=False), {}, (1,), 1.0)),
-                "promoted": sorted(n for n, r in real.items() if r),
+                "eligible_trials": _eligible(study),
+                "promoted": sorted(real),
                 "promotion_seconds": round(_seconds([r for rs in real.values() for r in rs]), 1),
                 "pick": None if pick is None else pick.number,
                 "pick_rung": None if pick is None else pick.rung,

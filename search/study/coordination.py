@@ -138,6 +138,10 @@ class StudyProgress:
     retries_waiting: int = 0
     """Waiting trials that retry a trial whose worker went silent: owed work, run even past the target."""
 
+    def done(self, target: int) -> bool:
+        """Whether the study needs no more trials: ``target`` finished, or the sampler gave up."""
+        return self.finished >= target or self.gave_up(target)
+
     def gave_up(self, target: int) -> bool:
         """Whether the sampler has proposed so many policies over the budget that the study should stop."""
         return self.over_budget >= OVER_BUDGET_FACTOR * target
@@ -189,7 +193,7 @@ def next_step(study: optuna.Study, target: int) -> tuple[Literal["run", "wait", 
     now = progress(study)
     if now.retries_waiting and not now.gave_up(target):
         return "run", now
-    if now.finished >= target or now.gave_up(target):
+    if now.done(target):
         return "done", now
     if now.finished + now.running >= target:
         return "wait", now

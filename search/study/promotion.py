@@ -166,7 +166,7 @@ def promote_all(
 def _all_finished(study: optuna.Study, trials: int) -> bool:
     """Every trial of the study has finished: no more results will come to rank the promotions among."""
     now = progress(study)
-    return (now.finished >= trials or now.gave_up(trials)) and now.running == 0
+    return now.done(trials) and now.running == 0
 
 
 def _promote(
