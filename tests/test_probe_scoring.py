@@ -77,12 +77,12 @@ def test_probes_are_scored_in_onnx_runtime_as_pytorch_scores_them(
     _count(monkeypatch, sensitivity, "top1_correct_batches", calls, "torch")
     _count(monkeypatch, sensitivity, "top1_correct", calls, "baseline")
     assert sensitivity.scores_in_onnx_runtime(CandidateMeter(trained, digits32, timer=LocalTimer(FAST)), "cpu")
-    monkeypatch.setattr(sensitivity, "scoring_engine", lambda meter, baseline, device, images: ("onnxruntime", {}))
+    monkeypatch.setattr(sensitivity, "scoring_engine", lambda meter, baseline, device, images, **k: ("onnxruntime", {}))
     in_ort = _tables(trained, digits32)
     probes = sum(len(p) for p in in_ort.stages.values())
     assert calls == {"onnx": probes, "torch": 0, "baseline": 1}, "probes run in ONNX Runtime; the baseline once"
 
-    monkeypatch.setattr(sensitivity, "scoring_engine", lambda meter, baseline, device, images: ("pytorch", {}))
+    monkeypatch.setattr(sensitivity, "scoring_engine", lambda meter, baseline, device, images, **k: ("pytorch", {}))
     in_torch = _tables(trained, digits32)
     assert in_ort.scoring["engine"] == "onnxruntime" and in_torch.scoring["engine"] == "pytorch"
     assert in_torch.val_images == in_ort.val_images == 120
@@ -106,6 +106,81 @@ def test_the_engine_that_scores_the_probes_is_the_cheaper_one_measured_here(trai
     assert sensitivity.scoring_engine(meter, trained, "cuda") == ("pytorch", {}), "a GPU scores in PyTorch"
     table = sensitivity.SensitivityTable(1.0, 0.9, {}, scoring={"engine": engine, "ms_per_probe": costs})
     assert sensitivity.SensitivityTable.from_dict(table.to_dict()).scoring == table.scoring
+
+
+def test_where_the_study_trains_in_bf16_the_probes_may_read_in_bf16_and_the_baseline_stays_fp32(
+    trained, digits32, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meter = CandidateMeter(trained, digits32, timer=LocalTimer(FAST))
+    engine, costs = sensitivity.scoring_engine(meter, trained, "cpu", 200, bf16=True)
+    assert set(costs) == {"onnxruntime", "pytorch", sensitivity.BF16_PROBES} and all(ms > 0 for ms in costs.values())
+    assert engine in ("onnxruntime", "pytorch"), "the baseline's reported top-1 is never read in bf16"
+    assert engine == min(("onnxruntime", "pytorch"), key=costs.get)
+
+    cheap_bf16 = {"onnxruntime": 30.0, "pytorch": 20.0, sensitivity.BF16_PROBES: 10.0}
+    monkeypatch.setattr(sensitivity, "scoring_engine", lambda *a, **k: ("pytorch", cheap_bf16))
+    record = sensitivity.read_engine(meter, trained, "cpu", 200, bf16=True)
+    assert record == {"engine": "pytorch", "ms_per_read": cheap_bf16, "images": 200, "probes": "pytorch-bf16"}
+    line = sensitivity.engine_line(record)
+    assert line == (
+        "The baseline reads validation images in PyTorch (200 images: 0.0 s; ONNX Runtime 0.0 s;"
+        " PyTorch under bf16 autocast 0.0 s); the tables' probes in PyTorch under bf16 autocast; trials in PyTorch"
+    ), line
+    monkeypatch.setattr(sensitivity, "supports_bf16", lambda: True)
+    assert sensitivity.probes_engine(record, meter, "cpu") == sensitivity.BF16_PROBES
+    monkeypatch.setattr(sensitivity, "supports_bf16", lambda: False)  # a worker on a CPU without native bf16
+    assert sensitivity.probes_engine(record, meter, "cpu") == "pytorch"
+    assert sensitivity.probes_engine({"engine": "onnxruntime"}, meter, "cuda") == "pytorch"
+
+
+def test_bf16_probes_give_the_fp32_tables_within_rounding_and_pair_with_a_bf16_read_of_the_baseline(
+    trained, digits32, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sensitivity, "PROBE_VAL_IMAGES", 120)
+    monkeypatch.setattr(sensitivity, "supports_bf16", lambda: True)
+    space = parse_space(SPACE, "two stages").with_precisions(("fp32",))
+    meter = CandidateMeter(trained, digits32, space=space, timer=LocalTimer(FAST))
+    meter.baseline_ms = meter.time_baseline().median_ms
+    record = accuracy_record(top1_correct(trained, digits32, "val", limit=200).tolist())  # the study's FP32 read
+    autocasts: list[object] = []
+    real = sensitivity.top1_correct
+
+    def baseline_read(*args, **kwargs):
+        autocasts.append(kwargs.get("autocast"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "top1_correct", baseline_read)
+    recalibrated_in_bf16: list[bool] = []
+    real_recalibration = sensitivity.recalibrate_batchnorm
+
+    def recalibration(*args, **kwargs):
+        recalibrated_in_bf16.append(torch.is_autocast_enabled("cpu"))
+        return real_recalibration(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "recalibrate_batchnorm", recalibration)
+
+    def tables(engine: dict) -> sensitivity.SensitivityTable:
+        return sensitivity.measure_sensitivity(
+            space, trained, meter, bn_batches=2, val_images=None, device="cpu", reporter=RecordingReporter(),
+            baseline_record=record, engine=engine,
+        )  # fmt: skip
+
+    fp32 = tables({"engine": "pytorch"})
+    assert autocasts == [], "FP32 probes pair with the study's own read of the baseline"
+    assert recalibrated_in_bf16 and not any(recalibrated_in_bf16)
+    recalibrated_in_bf16.clear()
+    bf16 = tables({"engine": "pytorch", "probes": sensitivity.BF16_PROBES})
+    assert autocasts == [torch.bfloat16], "bf16 probes pair with one bf16 read of the baseline on their images"
+    assert recalibrated_in_bf16 and all(recalibrated_in_bf16), "and recalibrate their BatchNorms in bf16"
+    assert bf16.scoring["probes"] == sensitivity.BF16_PROBES
+    assert sensitivity.scored_in(bf16) == ", in PyTorch under bf16 autocast"
+    # a small model near chance on digits: bf16 flips a few of its close calls (the benchmark measures real ones)
+    assert abs(bf16.baseline_accuracy - fp32.baseline_accuracy) <= 3 / 120 + 1e-9
+    for name in fp32.stages:
+        for a, b in zip(fp32.stages[name], bf16.stages[name], strict=True):
+            assert a.level == b.level and a.latency_ms > 0 and b.latency_ms > 0
+            drop_a, drop_b = fp32.baseline_accuracy - a.accuracy, bf16.baseline_accuracy - b.accuracy
+            assert abs(drop_a - drop_b) <= 6 / 120 + 1e-9, (name, drop_a, drop_b)
 
 
 def test_stored_tables_are_read_by_this_version_whatever_version_wrote_them() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from search.data.dataset import Dataset
 from search.errors import UsageError
@@ -40,6 +41,7 @@ from search.study.storage import HEARTBEAT_SECONDS, masked
 from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION, READ_ENGINE
 from search.study.uncertainty import accuracy_record
 from search.training.baseline import Baseline
+from search.training.device import precision
 from search.training.evaluate import read_top1_correct, reads_whole_split
 
 __all__ = ["create_study", "fastest_reachable", "resumable", "resume_creation", "sampler"]
@@ -90,9 +92,10 @@ def create_study(
             fastest_ms = fastest_reachable(space, meter, told)
         _check_budget(config, space, fastest_ms, base, told)
         with clock.phase("choose the engine that reads the validation images"):
-            engine = read_engine(meter, baseline.model, config.device, config.val_images)
+            bf16 = precision(torch.device(config.device), config.train_dtype).name == "bf16"
+            engine = read_engine(meter, baseline.model, config.device, config.val_images, bf16=bf16)
         study.set_user_attr(READ_ENGINE, engine)
-        told.info(f"The baseline and the tables read validation images in {engine_line(engine)}; trials in PyTorch")
+        told.info(engine_line(engine))
         with clock.phase("evaluate the baseline"):
             correct = read_top1_correct(
                 baseline.model, data, "val", limit=config.val_images, device=config.device, engine=engine["engine"]

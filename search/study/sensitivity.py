@@ -14,7 +14,9 @@ the whole split in its own order, where classes may come in turn, reads all of i
 ONNX and the study trains on the CPU, the probes are scored by whichever engine is cheaper here, measured at
 the start (:func:`scoring_engine`): the timed file itself in ONNX Runtime (the same FP32 arithmetic up to
 rounding; at batch 1 twice as fast as PyTorch on the CIFAR MobileNetV2 here, slower on the CIFAR ResNet-18
-and DenseNet-121) or the pruned model in PyTorch. The baseline's reads of the probes' images come from the
+and DenseNet-121) or the pruned model in PyTorch; where the study trains in bf16 on the CPU (native bf16), also
+PyTorch under bf16 autocast (:data:`BF16_PROBES`): their BatchNorm recalibration too, and they pair with a bf16
+read of the baseline. The baseline's reads of the probes' images come from the
 study's evaluation of the baseline where that read them (:func:`baseline_on_probe_images`), else from one
 read of its own. These numbers only rank where channels cost least; no trial's latency or accuracy comes
 from them. The allocation itself is :mod:`search.pruning.latency_aware`; the study stores the tables
@@ -36,7 +38,7 @@ from torch import nn
 
 from search.data.dataset import Dataset
 from search.measuring.candidate import CandidateMeter
-from search.measuring.hardware import OnThisMachine
+from search.measuring.hardware import OnThisMachine, supports_bf16
 from search.measuring.runtimes.registry import get_runtime
 from search.progress import Reporter
 from search.pruning.channels import prune_copy
@@ -45,6 +47,7 @@ from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.uncertainty import SPLIT_ORDER, unpack_correct
 from search.training.evaluate import (
+    arithmetic,
     onnx_correct_batches,
     read_top1_correct,
     reads_whole_split,
@@ -54,6 +57,7 @@ from search.training.evaluate import (
 from search.training.finetune import recalibrate_batchnorm
 
 __all__ = [
+    "BF16_PROBES",
     "PROBE_MIN_IMAGES",
     "PROBE_RELATIVE_ERROR",
     "PROBE_TIMING",
@@ -63,6 +67,7 @@ __all__ = [
     "measure_sensitivity",
     "probe_meter",
     "probe_record_of",
+    "probes_engine",
     "read_drop",
     "read_engine",
     "scored_in",
@@ -114,17 +119,34 @@ ENGINE_TEST_IMAGES = (8, 40)
 """Each engine reads the baseline on this many images, timed, after a warm-up read: the difference is its cost per
 image, the rest its cost per read (an export, a session, moving the weights), to choose the cheaper engine."""
 
+BF16_PROBES = "pytorch-bf16"
+"""The probes' engine where the study trains in bf16 on the CPU and that reads cheapest: PyTorch under bf16
+autocast, the trials' fine-tuning arithmetic, for their BatchNorm recalibration and their reads. A CPU with native
+bf16 (AVX-512 BF16, AMX) runs the CIFAR ResNet-18 about twice as fast so; BENCHMARKS "Latency-aware tables: reading
+the probes" measured the drops and allocations it gives against FP32 (the same allocations at 25% and 50% on the
+CIFAR ResNet-18 and MobileNetV2). Only the probes: the baseline's reported top-1 and every trial's stay FP32."""
+
 
 def scoring_engine(
-    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device, images: int | None = None
+    meter: CandidateMeter,
+    baseline: nn.Module,
+    device: str | torch.device,
+    images: int | None = None,
+    *,
+    bf16: bool = False,
 ) -> tuple[str, dict[str, float]]:
     """``"onnxruntime"`` or ``"pytorch"``: which reads ``images`` validation images (the split's size by default)
     in less time on this machine, with what each would take (ms): the engine of the study's reads at creation, the
     baseline's and the probes' (``read_engine``). Both read the baseline
     (:func:`~search.training.evaluate.read_top1_correct`: in ONNX Runtime, exported anew for each read); each on
     :data:`ENGINE_TEST_IMAGES` images, timed after a warm-up read, gives its cost per image and per read. Where
-    ONNX Runtime cannot score (:func:`scores_in_onnx_runtime`), PyTorch, not measured."""
-    if not scores_in_onnx_runtime(meter, device):
+    ONNX Runtime cannot score (:func:`scores_in_onnx_runtime`), PyTorch, not measured. ``bf16`` (the study trains
+    in bf16 on the CPU): :data:`BF16_PROBES` is timed as well, for the probes (:func:`read_engine`); it is never
+    the answer, which reads the baseline's reported top-1 in FP32."""
+    engines = ["onnxruntime", "pytorch"] if scores_in_onnx_runtime(meter, device) else []
+    if bf16 and torch.device(device).type == "cpu":
+        engines = (engines or ["pytorch"]) + [BF16_PROBES]
+    if not engines:
         return "pytorch", {}
     data = meter.data
     small, large = (min(n, len(data.val)) for n in ENGINE_TEST_IMAGES)
@@ -142,21 +164,42 @@ def scoring_engine(
         per_read = max(at_small - small * per_image, 0.0)
         return 1000 * (per_read + per_image * read_images)
 
-    costs = {engine: ms_per_read(engine) for engine in ("onnxruntime", "pytorch")}
-    return min(costs, key=lambda engine: costs[engine]), costs
+    costs = {engine: ms_per_read(engine) for engine in engines}
+    fp32 = [engine for engine in costs if engine != BF16_PROBES]
+    return min(fp32, key=lambda engine: costs[engine]), costs
 
 
 def read_engine(
-    meter: CandidateMeter, baseline: nn.Module, device: str | torch.device, images: int | None = None
+    meter: CandidateMeter,
+    baseline: nn.Module,
+    device: str | torch.device,
+    images: int | None = None,
+    *,
+    bf16: bool = False,
 ) -> dict[str, Any]:
-    """:func:`scoring_engine` as a study records it (``read_engine``): the engine, and where both were timed, what
-    a read of ``images`` validation images took each (ms)."""
-    engine, costs = scoring_engine(meter, baseline, device, images)
+    """:func:`scoring_engine` as a study records it (``read_engine``): the engine, and where engines were timed,
+    what a read of ``images`` validation images took each (ms) and, where that differs from the engine, the
+    probes' engine (``probes``: the cheapest timed, :data:`BF16_PROBES` included where ``bf16``)."""
+    engine, costs = scoring_engine(meter, baseline, device, images, bf16=bf16)
     record: dict[str, Any] = {"engine": engine}
     if costs:
         record["ms_per_read"] = {k: round(v, 1) for k, v in costs.items()}
         record["images"] = min(images or len(meter.data.val), len(meter.data.val))
+        cheapest = min(costs, key=lambda name: costs[name])
+        if cheapest != engine:
+            record["probes"] = cheapest
     return record
+
+
+def probes_engine(scoring: dict[str, Any], meter: CandidateMeter, device: str | torch.device) -> str:
+    """The engine the probes read in, from the study's ``read_engine`` record, where this worker can use it
+    (a study's creation resumed on another machine may not: then PyTorch in FP32)."""
+    engine = str(scoring.get("probes", scoring["engine"]))
+    if engine == "onnxruntime" and not scores_in_onnx_runtime(meter, device):
+        return "pytorch"
+    if engine == BF16_PROBES and not (torch.device(device).type == "cpu" and supports_bf16()):
+        return "pytorch"
+    return engine
 
 
 def tables_line(table: SensitivityTable) -> str:
@@ -176,21 +219,36 @@ def scored_in(table: SensitivityTable) -> str:
     """``, in ONNX Runtime``: the engine that scored the probes."""
     if not table.scoring:
         return ""
-    return f", in {ENGINE_NAMES.get(table.scoring['engine'], table.scoring['engine'])}"
+    engine = str(table.scoring.get("probes", table.scoring["engine"]))
+    return f", in {ENGINE_NAMES.get(engine, engine)}"
 
 
-ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
+ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch", BF16_PROBES: "PyTorch under bf16 autocast"}
 
 
 def engine_line(engine: dict[str, Any]) -> str:
-    """``ONNX Runtime (2,000 images: 1.4 s; PyTorch 2.7 s)``: the study's read engine, and why."""
+    """What reads the validation images at creation, and why: ``The baseline and the tables read validation images in
+    ONNX Runtime (2,000 images: 1.4 s; PyTorch 2.7 s); trials in PyTorch``, or, where the probes read in another
+    engine, ``The baseline reads ... in PyTorch (...); the tables' probes in PyTorch under bf16 autocast (...)``."""
     name, costs = engine["engine"], engine.get("ms_per_read", {})
-    other = next((k for k in costs if k != name), None)
-    if name not in costs or other is None:
-        return ENGINE_NAMES.get(name, name)
+    probes = engine.get("probes", name)
+
+    def timed(engine_name: str) -> str:
+        return f"{ENGINE_NAMES.get(engine_name, engine_name)} {costs[engine_name] / 1000:.1f} s"
+
+    if name not in costs or len(costs) < 2:
+        said = ENGINE_NAMES.get(name, name)
+    else:
+        said = (
+            f"{ENGINE_NAMES[name]} ({engine['images']:,} images: "
+            + "; ".join([f"{costs[name] / 1000:.1f} s"] + [timed(k) for k in costs if k != name])
+            + ")"
+        )
+    if probes == name:
+        return f"The baseline and the tables read validation images in {said}; trials in PyTorch"
     return (
-        f"{ENGINE_NAMES[name]} ({engine['images']:,} images: {costs[name] / 1000:.1f} s;"
-        f" {ENGINE_NAMES[other]} {costs[other] / 1000:.1f} s)"
+        f"The baseline reads validation images in {said}; the tables' probes in {ENGINE_NAMES.get(probes, probes)};"
+        " trials in PyTorch"
     )
 
 
@@ -217,12 +275,16 @@ def baseline_on_probe_images(record: dict[str, Any] | None, data: Dataset, limit
 
 
 def read_drop(
-    batches: Iterable[np.ndarray], baseline: np.ndarray, *, min_images: int | None = None
+    batches: Iterable[np.ndarray],
+    baseline: np.ndarray,
+    *,
+    min_images: int | None = None,
+    relative_error: float = PROBE_RELATIVE_ERROR,
 ) -> tuple[float, int]:
     """A probe's top-1 drop against the baseline and the images it was read on: ``batches`` (the probe's per-image
     correctness, in the order of ``baseline``'s) are read until the paired drop's standard error is at most
-    :data:`PROBE_RELATIVE_ERROR` of the drop, after ``min_images`` (:data:`PROBE_MIN_IMAGES`) images at least, or
-    to the end of ``baseline``. The rest of ``batches`` is not read (closed, where it can be)."""
+    ``relative_error`` (:data:`PROBE_RELATIVE_ERROR`) of the drop, after ``min_images`` (:data:`PROBE_MIN_IMAGES`)
+    images at least, or to the end of ``baseline``. The rest of ``batches`` is not read (closed, where it can be)."""
     floor = PROBE_MIN_IMAGES if min_images is None else min_images
     hits: list[np.ndarray] = []
     seen = 0
@@ -235,7 +297,7 @@ def read_drop(
                 break
             if seen >= floor:
                 drop, error = _paired_drop(baseline[:seen], np.concatenate(hits))
-                if drop > 0 and error <= PROBE_RELATIVE_ERROR * drop:
+                if drop > 0 and error <= relative_error * drop:
                     break
     finally:
         close = getattr(stream, "close", None)
@@ -282,25 +344,26 @@ def measure_sensitivity(
     limit = min(val_images or len(data.val), PROBE_VAL_IMAGES, len(data.val))
     on_baseline = baseline_on_probe_images(baseline_record, data, limit)
     in_split_order = reads_whole_split(data, limit)  # classes may come in turn: no stopping early
-    if on_baseline is None:  # the baseline image by image on the probes' images, once
-        on_baseline = top1_correct(baseline, data, "val", limit=limit, device=device)
-    baseline_accuracy = float(on_baseline.mean())
     scoring = dict(engine) if engine is not None else read_engine(meter, baseline, device, limit)
-    if not scores_in_onnx_runtime(meter, device):  # a study's engine, read by a worker that cannot use it
-        scoring["engine"] = "pytorch"
-    engine_name = scoring["engine"]
+    engine_name = probes_engine(scoring, meter, device)
+    scoring["probes" if "probes" in scoring else "engine"] = engine_name
+    autocast = torch.bfloat16 if engine_name == BF16_PROBES else None
+    if on_baseline is None or autocast is not None:  # the baseline image by image on the probes' images, once
+        on_baseline = top1_correct(baseline, data, "val", limit=limit, device=device, autocast=autocast)
+    baseline_accuracy = float(on_baseline.mean())
     with reporter.task("latency-aware tables: each stage pruned alone", 2 * len(stages)) as task:
 
         def probe(name: str, level: float) -> Probe:
             policy = space.allocated(stage_fractions(space, {name: level}), criterion, "fp32")
             model = prune_copy(baseline, policy, space, data).model
-            recalibrate_batchnorm(model, data, batches=bn_batches, seed=0, device=device)
+            with arithmetic(device, autocast):  # bf16 probes: their BatchNorm statistics too (BENCHMARKS)
+                recalibrate_batchnorm(model, data, batches=bn_batches, seed=0, device=device)
             timed = quick.candidate_onnx(model, "fp32")  # after recalibration: the file that is timed is scored
             latency_ms = quick.record_of(quick.time_onnx(timed), "fp32")["corrected_ms"]
             batches: Iterator[np.ndarray] = (
                 onnx_correct_batches(timed, data, "val", limit=limit)
                 if engine_name == "onnxruntime"
-                else top1_correct_batches(model, data, "val", limit=limit, device=device)
+                else top1_correct_batches(model, data, "val", limit=limit, device=device, autocast=autocast)
             )
             drop, images = read_drop(batches, on_baseline, min_images=limit if in_split_order else None)
             task.advance(1, stage=name, level=level)

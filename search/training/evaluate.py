@@ -23,6 +23,7 @@ from search.training.finetune import on_device, to_device
 
 __all__ = [
     "Agreement",
+    "arithmetic",
     "compare_top1",
     "onnx_correct_batches",
     "onnx_top1",
@@ -81,8 +82,11 @@ def top1_correct(
     limit: int | None = None,
     reporter: Reporter | None = None,
     device: str | torch.device = "cpu",
+    autocast: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Per image of ``split`` (in the fixed evaluation order of :func:`top1`): is its highest logit the true class."""
+    """Per image of ``split`` (in the fixed evaluation order of :func:`top1`): is its highest logit the true class.
+
+    ``autocast``: run the model under autocast to this dtype (bf16: :func:`top1_correct_batches`); FP32 otherwise."""
     reporter = reporter or NullReporter()
     model.eval()
     total = len(getattr(data, split))
@@ -96,7 +100,8 @@ def top1_correct(
         try:
             with reporter.task(f"top-1 on {split}", total) as task:
                 for x, y in stream:
-                    logits = model(to_device(x, device))
+                    with arithmetic(device, autocast):
+                        logits = model(to_device(x, device))
                     hits.append(logits.argmax(dim=1) == y.to(device, non_blocking=True))  # no sync
                     seen += len(y)
                     task.advance(len(y))
@@ -115,20 +120,30 @@ def top1_correct_batches(
     batch_size: int = 64,
     limit: int | None = None,
     device: str | torch.device = "cpu",
+    autocast: torch.dtype | None = None,
 ) -> Iterator[np.ndarray]:
     """:func:`top1_correct` batch by batch, the same images in the same order: a reader that has seen enough
-    closes the iterator and no further image is read (the model goes back where it was)."""
+    closes the iterator and no further image is read (the model goes back where it was).
+
+    ``autocast``: under autocast to this dtype, e.g. bf16, which a CPU with native bf16 runs about twice as fast
+    (the latency-aware tables' probes, :mod:`search.study.sensitivity`); FP32 otherwise."""
     model.eval()
     limit = subset_limit(len(getattr(data, split)), limit)
     with on_device(device, model):
         stream = data.batches(split, batch_size, shuffle=limit is not None, augment=False, limit=limit)
         try:
             for x, y in stream:
-                with torch.no_grad():  # per batch: grad mode is not left switched off between yields
+                with torch.no_grad(), arithmetic(device, autocast):  # per batch, not left on between yields
                     predicted = model(to_device(x, device)).argmax(dim=1).cpu()
                 yield (predicted == y).numpy()
         finally:
             stream.close()
+
+
+def arithmetic(device: str | torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device``'s kind, or a disabled one (FP32) where ``dtype`` is None."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def read_top1_correct(
@@ -142,13 +157,14 @@ def read_top1_correct(
 ) -> np.ndarray:
     """:func:`top1_correct`, read by ``engine``: ``"pytorch"``, or ``"onnxruntime"``, where the model is exported to
     ONNX (FP32, with a dynamic batch) and run in ONNX Runtime on the CPU, 64 images a run: the same images in the
-    same order, the same FP32 arithmetic up to rounding. A study reads its baseline and its tables' probes with
-    whichever it measured cheaper when it was created (:func:`search.study.sensitivity.scoring_engine`); on a GPU,
-    always PyTorch."""
+    same order, the same FP32 arithmetic up to rounding; or ``"pytorch-bf16"``, PyTorch under bf16 autocast. A
+    study reads its baseline and its tables' probes with whichever it measured cheaper when it was created
+    (:func:`search.study.sensitivity.scoring_engine`; bf16 only for the probes); on a GPU, always PyTorch."""
     if engine == "onnxruntime" and torch.device(device).type == "cpu":
         onnx_model = export_onnx(model, data.example_input(), dynamic_batch=True)
         return onnx_top1_correct(onnx_model, data, split, limit=limit)
-    return top1_correct(model, data, split, limit=limit, device=device)
+    autocast = torch.bfloat16 if engine == "pytorch-bf16" else None
+    return top1_correct(model, data, split, limit=limit, device=device, autocast=autocast)
 
 
 @dataclass(frozen=True)
