@@ -48,8 +48,9 @@ LATENCY_CONSTRAINT = "latency_over_budget_ms"
 BASELINE_RECORD = "baseline_accuracy_record"
 READ_ENGINE = "read_engine"
 """Study attribute: the engine that read the validation split at creation, the baseline and the latency-aware
-tables' probes (:func:`search.study.sensitivity.read_engine`; studies made before it read in PyTorch). Trials
-read in PyTorch: on pruned models at tight budgets it was as fast as ONNX Runtime or faster."""
+tables' probes, and ``probes`` where these read in another (PyTorch under bf16 autocast; the baseline stays FP32)
+(:func:`search.study.sensitivity.read_engine`; studies made before it read in PyTorch). Trials read in PyTorch:
+on pruned models at tight budgets it was as fast as ONNX Runtime or faster."""
 """Study user attribute: the baseline's per-image record on the trials' validation images (read at creation)."""
 
 INFEASIBLE_ACCURACY = 0.0
