@@ -12,7 +12,7 @@ budget) are compared with the reference: every probe read in FP32 on all 1,000 i
 reference's own allocation with the probes' second timing: a rule whose allocations move less than that
 changes nothing the latency probes did not already change.
 
-    nice python benchmarks/probe_reads.py            # ~5 min per model on 2 cores; cached in benchmarks/.probe-reads
+    nice python benchmarks/probe_reads.py            # ~5 min per model on 2 cores; cached in benchmarks/probe_reads
     python benchmarks/probe_reads.py --render        # rewrite the section from probe_reads.json
 """
 
@@ -61,7 +61,8 @@ MODELS = {
     "resnet18_cifar": SHARED / "models" / "cifar10_resnet18.pth",
     "mobilenet_v2_cifar": ROOT / "benchmarks" / "allocation" / "mobilenet_v2_cifar-15ep.pth",
 }
-WORK = ROOT / "benchmarks" / ".probe-reads"
+WORK = ROOT / "benchmarks" / "probe_reads"
+"""Every probe's per-image reads and timings, committed (small): a later rule is replayed without measuring again."""
 RESULT = ROOT / "benchmarks" / "probe_reads.json"
 BN_BATCHES = 8
 BATCH = 64
