@@ -54,7 +54,7 @@ from search.pruning.latency_aware import (  # noqa: E402
 from search.study.sensitivity import PROBE_VAL_IMAGES, probe_meter, read_drop  # noqa: E402
 from search.study.uncertainty import pack_correct, unpack_correct  # noqa: E402
 from search.training.evaluate import top1_correct  # noqa: E402
-from search.training.finetune import recalibrate_batchnorm  # noqa: E402
+from search.training.finetune import arithmetic, recalibrate_batchnorm  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 MODELS = {
@@ -150,7 +150,7 @@ def measure(model_name: str, data: Any) -> dict[str, Any]:
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             model = prune_copy(baseline, policy, space, data).model
             started = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with arithmetic("cpu", dtype):
                 recalibrate_batchnorm(model, data, batches=BN_BATCHES, seed=0)
             seconds[name] = round(time.perf_counter() - started, 3)
         correct, read_seconds = timed_read(model, data, torch.bfloat16)
@@ -221,8 +221,8 @@ def analyse(cache: dict[str, Any]) -> dict[str, Any]:
     reference = replay(cache, "fp32", None, 0)
     floor = replay(cache, "fp32", None, 1)
     rows = {}
-    for name, (arithmetic, error) in RULES.items():
-        got = replay(cache, arithmetic, error, 0)
+    for name, (reads, error) in RULES.items():
+        got = replay(cache, reads, error, 0)
         got["steps_from_reference"] = {
             f: steps_apart(got["allocations"][f], reference["allocations"][f]) for f in reference["allocations"]
         }

@@ -44,6 +44,18 @@ def _count(monkeypatch: pytest.MonkeyPatch, module, name: str, counts: dict[str,
     monkeypatch.setattr(module, name, counted)
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, module, name: str, seen) -> list:
+    """Replace ``module.name`` by a wrapper that records ``seen(*args, **kwargs)`` of each call; the records."""
+    real, records = getattr(module, name), []
+
+    def spied(*args, **kwargs):
+        records.append(seen(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spied)
+    return records
+
+
 @pytest.fixture()
 def trained(trained_weights) -> torch.nn.Module:
     model = build_model("resnet18", 10)
@@ -142,22 +154,10 @@ def test_bf16_probes_give_the_fp32_tables_within_rounding_and_pair_with_a_bf16_r
     meter = CandidateMeter(trained, digits32, space=space, timer=LocalTimer(FAST))
     meter.baseline_ms = meter.time_baseline().median_ms
     record = accuracy_record(top1_correct(trained, digits32, "val", limit=200).tolist())  # the study's FP32 read
-    autocasts: list[object] = []
-    real = sensitivity.top1_correct
-
-    def baseline_read(*args, **kwargs):
-        autocasts.append(kwargs.get("autocast"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sensitivity, "top1_correct", baseline_read)
-    recalibrated_in_bf16: list[bool] = []
-    real_recalibration = sensitivity.recalibrate_batchnorm
-
-    def recalibration(*args, **kwargs):
-        recalibrated_in_bf16.append(torch.is_autocast_enabled("cpu"))
-        return real_recalibration(*args, **kwargs)
-
-    monkeypatch.setattr(sensitivity, "recalibrate_batchnorm", recalibration)
+    autocasts = _spy(monkeypatch, sensitivity, "top1_correct", lambda *a, **k: k.get("autocast"))
+    recalibrated_in_bf16 = _spy(
+        monkeypatch, sensitivity, "recalibrate_batchnorm", lambda *a, **k: torch.is_autocast_enabled("cpu")
+    )
 
     def tables(engine: dict) -> sensitivity.SensitivityTable:
         return sensitivity.measure_sensitivity(

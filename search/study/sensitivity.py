@@ -48,7 +48,7 @@ from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.uncertainty import SPLIT_ORDER, unpack_correct
 from search.training.evaluate import (
-    arithmetic,
+    BF16_ENGINE,
     onnx_correct_batches,
     onnx_top1_correct,
     read_top1_correct,
@@ -56,7 +56,7 @@ from search.training.evaluate import (
     top1_correct,
     top1_correct_batches,
 )
-from search.training.finetune import recalibrate_batchnorm
+from search.training.finetune import arithmetic, recalibrate_batchnorm
 
 __all__ = [
     "BF16_PROBES",
@@ -123,7 +123,7 @@ image, the rest its cost per read (a session, moving the weights), to choose the
 export, the rest of its cost per read, is timed apart, once: inside the difference, its run-to-run variation alone
 moved the estimate for 2,000 images by seconds (3.5 s to 8.6 s for a read that took 3.5 s)."""
 
-BF16_PROBES = "pytorch-bf16"
+BF16_PROBES = BF16_ENGINE
 """The probes' engine where the study trains in bf16 on the CPU and that reads cheapest: PyTorch under bf16
 autocast, the trials' fine-tuning arithmetic, for their BatchNorm recalibration and their reads. A CPU with native
 bf16 (AVX-512 BF16, AMX) runs the CIFAR ResNet-18 about twice as fast so; BENCHMARKS "Latency-aware tables: reading
@@ -355,13 +355,14 @@ def measure_sensitivity(
     criterion = space.uniform_criterion
     quick = probe_meter(meter)
     limit = min(val_images or len(data.val), PROBE_VAL_IMAGES, len(data.val))
-    on_baseline = baseline_on_probe_images(baseline_record, data, limit)
     in_split_order = reads_whole_split(data, limit)  # classes may come in turn: no stopping early
     scoring = dict(engine) if engine is not None else read_engine(meter, baseline, device, limit)
     engine_name = probes_engine(scoring, meter, device)
     scoring["probes" if "probes" in scoring else "engine"] = engine_name
     autocast = torch.bfloat16 if engine_name == BF16_PROBES else None
-    if on_baseline is None or autocast is not None:  # the baseline image by image on the probes' images, once
+    # the baseline image by image on the probes' images: from the study's FP32 read, else once (bf16 probes: in bf16)
+    on_baseline = None if autocast is not None else baseline_on_probe_images(baseline_record, data, limit)
+    if on_baseline is None:
         on_baseline = top1_correct(baseline, data, "val", limit=limit, device=device, autocast=autocast)
     baseline_accuracy = float(on_baseline.mean())
     with reporter.task("latency-aware tables: each stage pruned alone", 2 * len(stages)) as task:

@@ -19,11 +19,11 @@ from search.data.dataset import Dataset
 from search.measuring.onnx_export import export_onnx, fixed_batch
 from search.measuring.timing import open_session
 from search.progress import NullReporter, Reporter
-from search.training.finetune import on_device, to_device
+from search.training.finetune import arithmetic, on_device, to_device
 
 __all__ = [
+    "BF16_ENGINE",
     "Agreement",
-    "arithmetic",
     "compare_top1",
     "onnx_correct_batches",
     "onnx_top1",
@@ -36,6 +36,10 @@ __all__ = [
     "top1_correct",
     "top1_correct_batches",
 ]
+
+
+BF16_ENGINE = "pytorch-bf16"
+"""The engine name of a read in PyTorch under bf16 autocast (:func:`read_top1_correct`)."""
 
 
 def subset_limit(size: int, limit: int | None) -> int | None:
@@ -140,12 +144,6 @@ def top1_correct_batches(
             stream.close()
 
 
-def arithmetic(device: str | torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to ``dtype`` on ``device``'s kind, or a disabled one (FP32) where ``dtype`` is None."""
-    kind = torch.device(device).type
-    return torch.autocast(kind, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 def read_top1_correct(
     model: nn.Module,
     data: Dataset,
@@ -163,7 +161,7 @@ def read_top1_correct(
     if engine == "onnxruntime" and torch.device(device).type == "cpu":
         onnx_model = export_onnx(model, data.example_input(), dynamic_batch=True)
         return onnx_top1_correct(onnx_model, data, split, limit=limit)
-    autocast = torch.bfloat16 if engine == "pytorch-bf16" else None
+    autocast = torch.bfloat16 if engine == BF16_ENGINE else None
     return top1_correct(model, data, split, limit=limit, device=device, autocast=autocast)
 
 

@@ -28,7 +28,16 @@ from search.data.dataset import Dataset
 from search.progress import NullReporter, Reporter
 from search.training.device import precision
 
-__all__ = ["FinetuneResult", "TrainSettings", "device_of", "on_device", "recalibrate_batchnorm", "to_device", "train"]
+__all__ = [
+    "FinetuneResult",
+    "TrainSettings",
+    "arithmetic",
+    "device_of",
+    "on_device",
+    "recalibrate_batchnorm",
+    "to_device",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,12 @@ def on_device(device: str | torch.device, *models: nn.Module | None) -> Iterator
             m.to(home)
 
 
+def arithmetic(device: str | torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device``'s kind (a training step's mixed precision, the probes' bf16 reads), or a
+    disabled one (FP32) where ``dtype`` is None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     """A batch on ``device`` in channels_last (asynchronously from pinned memory)."""
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -229,7 +244,7 @@ def _train(
             for step in range(done, settings.steps):
                 x, y = next(stream)
                 x, y = to_device(x, device), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=mixed.dtype or torch.bfloat16, enabled=mixed.dtype is not None):
+                with arithmetic(device, mixed.dtype):
                     logits = model(x)
                     loss = _loss(logits, y, x, teacher, settings)
                     if features is not None:
