@@ -10,7 +10,10 @@ before each next trial as ``search`` does, under each rule:
   trial has finished (the search now, :data:`search.study.rungs.EAGER_SHARE`);
 - ``at the end only``: nothing while trials run, the top fraction after the last (synchronous halving);
 - ``cap at planned/3``: plain ASHA, stopped once a third of the planned trials are promoted;
-- ``a quarter, eager share``: the eager share with ``--promote-fraction 0.25`` instead of the third.
+- ``a quarter, eager share``: the eager share with ``--promote-fraction 0.25`` instead of the third;
+- ``a quarter, at least 2``: that, and at least two of a rung once every trial has finished
+  (:data:`search.study.rungs.FEWEST_PROMOTED`; the search's default since 2026-12-07). The other rules have no
+  minimum, as the searches they replay had none.
 
 Every rule's promotions are a subset of plain ASHA's (each asks for the top of the same rankings at the same
 moments, or less), so each rung-1 result a rule needs is in the study, and the rule's pick is read by the
@@ -41,7 +44,7 @@ from allocation import study_seconds
 
 from search.study.confirm import TIMING_CLAIM_PREFIX
 from search.study.front import compare, recommendation, rows
-from search.study.rungs import RUNG_PREFIX, promotable, rung_key, stored_rungs
+from search.study.rungs import FEWEST_PROMOTED, RUNG_PREFIX, promotable, rung_key, stored_rungs
 
 HERE = Path(__file__).resolve().parent
 STUDIES = HERE / "equal_compute" / "studies"
@@ -57,6 +60,7 @@ RULES: dict[str, dict[str, Any]] = {
     "at the end only": {"while": "none"},
     "cap at planned/3": {"while": "whole", "cap": True},
     "a quarter, eager share": {"while": "eager", "fraction": 0.25},
+    "a quarter, at least 2": {"while": "eager", "fraction": 0.25, "fewest": FEWEST_PROMOTED},
 }
 _COPIES = tempfile.TemporaryDirectory(prefix="promotion-replay-")  # removed when the interpreter exits
 
@@ -78,14 +82,20 @@ def _records(study: optuna.Study) -> dict[int, list[dict]]:
 
 def _eligible(study: optuna.Study) -> int:
     """Trials a promotion may take (complete, within the budget, not a copy): all of them, at a fraction of 1."""
-    return len(promotable(study.get_trials(deepcopy=False), {}, (1,), 1.0))
+    return len(promotable(study.get_trials(deepcopy=False), {}, (1,), 1.0, fewest=0))
 
 
 def _replay(
-    study: optuna.Study, real: dict[int, list[dict]], during: str, cap: int | None, fraction: float | None = None
+    study: optuna.Study,
+    real: dict[int, list[dict]],
+    during: str,
+    cap: int | None,
+    fraction: float | None = None,
+    fewest: int = 0,
 ) -> list[int]:
     """The trials a rule promotes, in order, when the study's trials finish as they did. ``during``: what is due
-    while trials still run (``RULES``); ``fraction``: another ``--promote-fraction`` than the study's, no larger."""
+    while trials still run (``RULES``); ``fraction``: another ``--promote-fraction`` than the study's, no larger;
+    ``fewest``: how many of a rung go on at least, once every trial has finished."""
     config = study.user_attrs["config"]
     steps = tuple(config["rungs"])
     fraction = float(config["promote_fraction"]) if fraction is None else fraction
@@ -101,7 +111,7 @@ def _replay(
             continue
         while cap is None or len(promoted) < cap:
             final = last or during == "whole"
-            due = [n for n, _ in promotable(finished[:count], attrs, steps, fraction, final=final)]
+            due = [n for n, _ in promotable(finished[:count], attrs, steps, fraction, final=final, fewest=fewest)]
             missing = [n for n in due if not real.get(n)]
             assert not missing, f"rule promotes {missing}, which plain ASHA did not: not a subset"
             if not due:
@@ -147,7 +157,7 @@ def replay_study(db: Path) -> dict[str, Any]:
     }
     for label, rule in RULES.items():
         cap = math.floor(planned * float(study.user_attrs["config"]["promote_fraction"])) if rule.get("cap") else None
-        promoted = _replay(study, real, rule["while"], cap, rule.get("fraction"))
+        promoted = _replay(study, real, rule["while"], cap, rule.get("fraction"), rule.get("fewest", 0))
         found = _pick(study, real, promoted)
         pick = found.pick
         dropped = _seconds([r for n, rs in real.items() if n not in promoted for r in rs])

@@ -203,10 +203,11 @@ def test_a_trial_over_the_budget_when_timed_again_is_not_promoted(tmp_path: Path
     from search.study.rungs import promotable
 
     study = _study(tmp_path / "promote.db", [(0.90, 9.9), (0.85, 9.0), (0.80, 8.0)])
-    before = promotable(study.trials, study.user_attrs, [300], 0.34)
+    before = promotable(study.trials, study.user_attrs, [300], 0.34, fewest=0)
     assert before == [(0, 1)]
     _timed_again(study, 0, [10.1, 10.4, 10.3])
-    assert promotable(study.trials, study.user_attrs, [300], 0.5) == [(1, 1)]
+    assert promotable(study.trials, study.user_attrs, [300], 0.5, fewest=0) == [(1, 1)]
+    assert promotable(study.trials, study.user_attrs, [300], 0.25) == [(1, 1), (2, 1)], "two left: both go on"
 
 
 def test_confirm_repeats_0_is_the_one_timing_of_the_search(tmp_path: Path) -> None:

@@ -60,8 +60,10 @@ def test_asha_promotes_the_best_third_of_each_rung_once(tmp_path: Path) -> None:
     _promoted(study, 3, _flip(base, 0, 10))
     study = _study(tmp_path / "ties.db")
     completed = study.get_trials(deepcopy=False)
-    # Rung 1 now holds 3 trials: its best (trial 5) goes on to rung 2, highest rung first.
-    assert promotable(completed, study.user_attrs, (60, 180), 1 / 3) == [(5, 2)]
+    # Rung 1 now holds 3 trials: floor(3 / 3) = 1, but at least two go on, so rung 2 has a comparison: its best
+    # two (trials 5 and 4) go on to rung 2, highest rung first. While trials still run there is no minimum.
+    assert promotable(completed, study.user_attrs, (60, 180), 1 / 3) == [(5, 2), (4, 2)]
+    assert promotable(completed, study.user_attrs, (60, 180), 1 / 3, final=False) == []
     reached = trial_rungs(completed[5], study.user_attrs)
     assert [(r.rung, r.steps, r.images) for r in reached] == [(0, 0, IMAGES), (1, 60, IMAGES)]
     assert reached[1].seconds == 4.0
@@ -84,10 +86,25 @@ def test_while_trials_still_run_only_the_best_sixth_so_far_is_promoted_then_the_
     promoted: set[int] = set()
     for finished in range(1, 13):
         seen = completed[:finished]
-        plain |= {n for n, _ in promotable(seen, study.user_attrs, (60,), 1 / 3, final=True)}
+        plain |= {n for n, _ in promotable(seen, study.user_attrs, (60,), 1 / 3, final=True, fewest=0)}
         promoted |= {n for n, _ in promotable(seen, study.user_attrs, (60,), 1 / 3, final=finished == 12)}
     assert sorted(plain) == list(range(2, 12))
     assert sorted(promoted) == [5, 6, 7, 8, 9, 10, 11]
+
+
+def test_at_least_two_of_a_rung_go_on_once_the_study_has_finished_so_the_top_rung_has_a_comparison(
+    tmp_path: Path,
+) -> None:
+    base = [i < 400 for i in range(IMAGES)]  # 80%
+    # Six fine-tuned trials within the budget (80%..85%), one over it: a quarter of six is one.
+    trials = [(0.1 * k, _flip(base, 0, 5 * k), 5.0 + k * 0.1) for k in range(6)] + [(0.9, None, 20.0)]
+    _make_study(tmp_path / "ties.db", trials)
+    completed = _study(tmp_path / "ties.db").get_trials(deepcopy=False)
+    attrs = _study(tmp_path / "ties.db").user_attrs
+    assert promotable(completed, attrs, (60,), 1 / 4) == [(5, 1), (4, 1)], "at least two once every trial finished"
+    assert promotable(completed, attrs, (60,), 1 / 4, fewest=0) == [(5, 1)], "the fraction alone: one"
+    assert promotable(completed, attrs, (60,), 1 / 4, final=False) == [], "no minimum while trials still run"
+    assert len(promotable(completed[:1], attrs, (60,), 1 / 4)) == 0, "one trial within the budget: nothing to rank"
 
 
 def test_the_whole_top_fraction_is_due_only_once_every_trial_of_the_study_has_finished(
@@ -239,7 +256,7 @@ def _parse(*flags: str) -> argparse.Namespace:
 def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
     default = _config(_parse())
     assert (default.finetune_steps, default.finetune_batch) == (30, 64), "the signal benchmark's screen"
-    assert default.rung_steps == (300,) and default.promote_fraction == pytest.approx(1 / 3)
+    assert default.rung_steps == (300,) and default.promote_fraction == pytest.approx(1 / 4)
     # The default rung is fitted to the training split: at most one epoch, none where that is rung 0 already.
     assert default.with_default_rungs(45_000).rung_steps == (300,), "CIFAR-10's training split: 300 steps"
     assert default.with_default_rungs(5_000).rung_steps == (79,), "one epoch of 5,000 images at batch 64"

@@ -215,7 +215,8 @@ def _add_promotion_options(parser: argparse.ArgumentParser) -> None:
         "--promote-fraction",
         type=open_fraction,
         default=DEFAULTS.promote_fraction,
-        help="the best this fraction of the trials at a rung go on to the next (default: 0.333, the top third)",
+        help="the best this fraction of the trials at a rung go on to the next, and at least 2 once every trial "
+        "has finished (default: 0.25, the top quarter)",
     )
     parser.add_argument(
         "--trial-weights",

@@ -26,6 +26,7 @@ from search.study.uncertainty import SPLIT_ORDER
 
 __all__ = [
     "EAGER_SHARE",
+    "FEWEST_PROMOTED",
     "RUNG_PREFIX",
     "PromotionSettings",
     "Rung",
@@ -57,11 +58,17 @@ class PromotionSettings:
 
 EAGER_SHARE = 0.5
 """While the study still has trials to run, only the best ``fraction * EAGER_SHARE`` of the trials finished so far
-are promoted (the top sixth at the default third); the rest of the top ``fraction`` wait for the study's last trial.
+are promoted (the top eighth at the default quarter); the rest of the top ``fraction`` wait for the study's last trial.
 Plain asynchronous ASHA ranks each trial among the few finished so far, and later trials keep displacing earlier
 ones: on the equal-compute benchmark's studies it promoted 12 of 26 trials (ResNet-18 CIFAR at 25%) and 14 of 26
 (MobileNetV2, GPSampler) where the top third at the end was 8. Replaying those studies (BENCHMARKS.md, "Promotion
 while the study runs"), half the share while trials run promoted 8 and 9, with the same pick or one tied with it."""
+
+
+FEWEST_PROMOTED = 2
+"""Once every trial has finished, at least this many of a rung's trials go on to the next (where it has that many),
+however small the fraction: a top rung holding one trial would have nothing to compare it with, and the
+recommendation's tie rule nothing to say. With the default quarter it binds below 12 trials at a rung."""
 
 
 def rung_key(number: int) -> str:
@@ -169,14 +176,17 @@ def promotable(
     fraction: float,
     *,
     final: bool = True,
+    fewest: int = FEWEST_PROMOTED,
 ) -> list[tuple[int, int]]:
     """``(trial number, rung it would go to)`` for every trial ASHA promotes now, highest rung first.
 
     At each rung ``r`` below the top, the trials with a result there are ranked by it (the faster
     on equal accuracy); the best ``floor(n * fraction)`` of the ``n`` that reached ``r`` go on to
-    ``r + 1`` unless they already did. ``rung_steps`` are the total steps of rungs 1, 2, ...
+    ``r + 1`` unless they already did, and at least ``fewest`` (:data:`FEWEST_PROMOTED`) of them where ``n`` is
+    that many.
+    ``rung_steps`` are the total steps of rungs 1, 2, ...
     ``final``: whether every trial of the study has finished; before that, only the best
-    ``floor(n * fraction * EAGER_SHARE)`` are promoted (:data:`EAGER_SHARE`).
+    ``floor(n * fraction * EAGER_SHARE)`` are promoted (:data:`EAGER_SHARE`), with no minimum.
     Whether one is already being promoted is for the caller (the claims) to tell.
     """
     if not rung_steps:
@@ -200,5 +210,7 @@ def promotable(
             continue
         ranked = sorted(by_rung[rung])
         keep = math.floor(len(ranked) * share + 1e-9)
+        if final and len(ranked) >= fewest:
+            keep = max(keep, fewest)
         out += [(number, rung + 1) for _, _, number, top in ranked[:keep] if top == rung]
     return out
