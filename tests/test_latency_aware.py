@@ -17,6 +17,7 @@ from search.pruning.latency_aware import (
     Probe,
     SensitivityTable,
     allocation_path,
+    estimated_fraction,
     path_policies,
 )
 from search.pruning.space import parse_space
@@ -161,3 +162,26 @@ def test_a_new_study_enqueues_the_latency_aware_recipe_labelled_and_stores_its_t
     shown = run_main("pareto", "--study", "la", "--studies-dir", config.studies_dir, "--format", "json")
     assert shown.returncode == 0, shown.stderr
     assert label in [r["recipe"] for r in json.loads(shown.stdout)["recipes"]]
+
+
+def test_the_tables_estimate_any_policy_from_each_stages_place_in_its_ranges() -> None:
+    space = parse_space(SPACE, "tiny")
+    table = SensitivityTable(
+        baseline_ms=10.0,
+        baseline_accuracy=0.9,
+        stages={
+            "early": tuple(Probe(level, 10.0 - 4.0 * level, 0.9) for level in PROBE_LEVELS),
+            "late": tuple(Probe(level, 10.0 - 2.0 * level, 0.9) for level in PROBE_LEVELS),
+        },
+    )
+    assert estimated_fraction(table, space, space.unpruned()) == pytest.approx(1.0)
+    # Every stage at its full level: 4 + 2 ms of 10 saved.
+    full = space.allocated({"early": (0.6, 0.8), "late": (0.6, 0.8)}, "l1")
+    assert estimated_fraction(table, space, full) == pytest.approx(0.4, abs=0.02)
+    # Half of early's stream range and none of its inner (level 0.25): 1 ms saved; late untouched.
+    assert estimated_fraction(table, space, space.allocated({"early": (0.3, 0.0)}, "l1")) == pytest.approx(
+        0.9, abs=0.02
+    )
+    # The path's own points get the estimate the path gave them.
+    for estimate, policy in path_policies(space, table, "fp32"):
+        assert estimated_fraction(table, space, policy) == pytest.approx(estimate, abs=0.03)

@@ -130,6 +130,36 @@ def test_start_up_samples_near_the_budget_use_most_of_it_and_vary_the_anchor() -
     assert near_budget(space, [], 0.5, ratio_of, seed=1) == []
 
 
+def test_the_tables_estimate_spares_measuring_start_up_draws_far_from_the_budget() -> None:
+    from search.pruning.recipes import ESTIMATE_MARGIN, NEAR_BUDGET_FLOOR, near_budget
+
+    space = load_space(SPACES_DIR / "resnet18.toml")
+    anchor = space.uniform(0.4)
+    low, high = NEAR_BUDGET_FLOOR * 0.5 * (1 - ESTIMATE_MARGIN), 0.5 * (1 + ESTIMATE_MARGIN)
+
+    def mean_ratio(policy):
+        return sum(s.stream + s.inner for s in policy.stages.values()) / (2 * len(policy.stages))
+
+    def run(estimate):
+        calls: list[float] = []
+
+        def ratio_of(policy):  # latency falling with the mean prune ratio; the anchor's was measured before
+            if policy != anchor:
+                calls.append(mean_ratio(policy))
+            return 1.0 - 1.2 * mean_ratio(policy)
+
+        return near_budget(space, [anchor], 0.5, ratio_of, seed=3, estimate=estimate), calls
+
+    plain, plain_calls = run(None)
+    # An estimate right up to a constant factor (which the anchor's own measurement calibrates away).
+    filtered, filtered_calls = run(lambda policy: 0.7 * (1.0 - 1.2 * mean_ratio(policy)))
+    assert any(not low <= 1.0 - 1.2 * c <= high for c in plain_calls), "without it some are measured far off"
+    assert len(filtered) >= len(plain) and len(filtered_calls) < len(plain_calls)
+    assert all(low <= 1.0 - 1.2 * c <= high for c in filtered_calls), "only draws near the band are measured"
+    # No estimate for the anchor (the tables were not measured): the plain search, draw for draw.
+    assert run(lambda policy: None) == (plain, plain_calls)
+
+
 def test_a_recommendation_at_the_top_of_most_ranges_asks_to_widen_the_space() -> None:
     from types import SimpleNamespace
 

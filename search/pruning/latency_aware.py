@@ -35,6 +35,7 @@ __all__ = [
     "Probe",
     "SensitivityTable",
     "allocation_path",
+    "estimated_fraction",
     "path_policies",
     "probe_stages",
     "stage_fractions",
@@ -260,3 +261,25 @@ def path_policies(
         policy = space.allocated(stage_fractions(space, point.levels), table.criterion, precision)
         grid.append((point.estimated_ms / table.baseline_ms, policy))
     return grid
+
+
+def estimated_fraction(table: SensitivityTable, space: SearchSpace, policy: Policy) -> float:
+    """The tables' latency estimate for any policy of the space, as a fraction of the baseline's.
+
+    Each stage's level is read back from its ratios (the mean of its stream's and inner's places in their
+    ranges) and the stages' savings are added as if independent, as the allocation path does: rough (rounding,
+    criteria and precision are ignored), so it only chooses what to measure.
+    """
+    saved = 0.0
+    for stage in space.stages:
+        choice = policy.stages.get(stage.name)
+        if choice is None or not table.stages.get(stage.name):
+            continue
+        places = [
+            (value - ratios.low) / (ratios.high - ratios.low)
+            for value, ratios in ((choice.stream, stage.stream), (choice.inner, stage.inner))
+            if not ratios.fixed
+        ]
+        if places:
+            saved += table.saved_ms(stage.name, max(0.0, sum(places) / len(places)))
+    return max(table.baseline_ms - saved, 0.0) / table.baseline_ms

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import random
+import statistics
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "bracket_search",
     "budget_matched",
     "distinct",
+    "estimate_scale",
     "global_grid",
     "near_budget",
     "study_recipes",
@@ -67,6 +69,12 @@ NEAR_BUDGET_SPREAD = 0.2
 
 NEAR_BUDGET_FLOOR = 0.8
 """A start-up sample must use at least this fraction of the budget (a much faster one wastes accuracy)."""
+
+NEAR_BUDGET_DRAWS = 64
+"""With the tables' estimate to filter by, at most this many candidates are drawn (only the plausible measured)."""
+
+ESTIMATE_MARGIN = 0.1
+"""How far (relative) outside the band the tables' scaled estimate of a draw may be and still be measured."""
 
 
 def uniform_grid(space: SearchSpace, precision: str) -> list[tuple[float, Policy]]:
@@ -208,6 +216,7 @@ def study_recipes(
     latency_aware_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
     phase: Callable[[str], AbstractContextManager[object]] | None = None,
     probe_of: Callable[[Policy], dict[str, Any]] | None = None,
+    estimate_of: Callable[[Policy], float | None] | None = None,
 ) -> list[Recipe]:
     """The policies a new study runs first, in order: recipes, then start-up samples near the budget.
 
@@ -221,7 +230,9 @@ def study_recipes(
     fraction), if wanted. ``phase(name)`` times each bisection and the start-up samples (a context
     manager, :meth:`search.study.creation_clock.CreationClock.phase`). ``probe_of`` gives a quick latency
     record (fewer rounds) that the bisections and the start-up samples search with; without it they
-    use ``record_of`` throughout.
+    use ``record_of`` throughout. ``estimate_of`` gives the latency-aware tables' rough latency fraction of a
+    policy (None before they are measured), which spares the start-up samples' measurements of draws far from
+    the budget (:func:`near_budget`).
     """
     timed = phase or (lambda name: nullcontext())
     recipes = [Recipe("unpruned", space.unpruned())] + [
@@ -275,7 +286,7 @@ def study_recipes(
     reporter.phase("sample start-up policies near the budget")
     anchors = [r.policy for r in recipes + matched if r.label and r.label.endswith("at the budget")]
     with timed("start-up samples near the budget"):
-        nearby = near_budget(space, anchors, budget_ms / baseline_ms, measured.rough, seed)
+        nearby = near_budget(space, anchors, budget_ms / baseline_ms, measured.rough, seed, estimate_of)
     how = "probed" if probe_of is not None else "measured"
     reporter.info(
         f"{len(nearby)} start-up policies {how} between {NEAR_BUDGET_FLOOR:.0%} and 100% of the budget; enqueued"
@@ -323,7 +334,12 @@ class Measured:
 
 
 def near_budget(
-    space: SearchSpace, anchors: list[Policy], fraction: float, ratio_of: Callable[[Policy], float], seed: int
+    space: SearchSpace,
+    anchors: list[Policy],
+    fraction: float,
+    ratio_of: Callable[[Policy], float],
+    seed: int,
+    estimate: Callable[[Policy], float | None] | None = None,
 ) -> list[Policy]:
     """Start-up policies that use most of the latency budget (``fraction`` of the baseline) without exceeding it.
 
@@ -331,14 +347,21 @@ def near_budget(
     baseline, 11 of 12 in one study), and a trial over the budget teaches the sampler little.
     These are the ``anchors`` (the budget-matched recipes) with every stage's ratios redrawn within
     ``NEAR_BUDGET_SPREAD`` and criteria and rounding redrawn, kept when their measured latency
-    lands between ``NEAR_BUDGET_FLOOR`` of the budget and the budget.
+    lands between ``NEAR_BUDGET_FLOOR`` of the budget and the budget. At most ``NEAR_BUDGET_ATTEMPTS``
+    are measured. With ``estimate`` (the latency-aware tables' rough latency fraction of a policy,
+    :func:`search.pruning.latency_aware.estimated_fraction`), each draw's estimate, scaled by how far
+    the anchors' estimates were from their measurements (:func:`estimate_scale`), must land within
+    ``ESTIMATE_MARGIN`` of that band to be measured at all; up to ``NEAR_BUDGET_DRAWS`` are drawn.
     """
     rng = random.Random(seed)
     criteria = {s.name: [c for c in s.criteria if c != "random"] or list(s.criteria) for s in space.stages}
+    scale = estimate_scale(anchors, ratio_of, estimate)  # the anchors were measured: no probe
+    low, high = NEAR_BUDGET_FLOOR * fraction * (1 - ESTIMATE_MARGIN), fraction * (1 + ESTIMATE_MARGIN)
     found: list[Policy] = []
     tried: set[str] = set()
-    for attempt in range(NEAR_BUDGET_ATTEMPTS if anchors else 0):
-        if len(found) == NEAR_BUDGET_SAMPLES:
+    measured = 0
+    for attempt in range((NEAR_BUDGET_ATTEMPTS if scale is None else NEAR_BUDGET_DRAWS) if anchors else 0):
+        if len(found) == NEAR_BUDGET_SAMPLES or measured == NEAR_BUDGET_ATTEMPTS:
             break
         anchor = anchors[attempt % len(anchors)]
         fractions = {
@@ -349,9 +372,26 @@ def near_budget(
         if policy.is_unpruned or policy.key() in tried or any(policy.key() == a.key() for a in anchors):
             continue
         tried.add(policy.key())
+        if scale is not None and not low <= (estimate(policy) or 0.0) * scale <= high:  # type: ignore[misc]
+            continue  # the tables put it far outside the band: not worth a measurement
+        measured += 1
         if NEAR_BUDGET_FLOOR * fraction <= ratio_of(policy) <= fraction:
             found.append(policy)
     return found
+
+
+def estimate_scale(
+    anchors: list[Policy], ratio_of: Callable[[Policy], float], estimate: Callable[[Policy], float | None] | None
+) -> float | None:
+    """The median, over the anchors, of measured latency over the tables' estimate (None: nothing to filter with).
+
+    The median, not each anchor's own: one anchor's estimate can be far off where the others' are not (in one
+    study the latency-aware recipe was measured at 1.47x its estimate, the other two at 0.99 and 1.02).
+    """
+    guesses = [estimate(a) for a in anchors] if estimate is not None and anchors else []
+    if not guesses or any(g is None or g <= 0 for g in guesses):
+        return None
+    return statistics.median(ratio_of(a) / float(g) for a, g in zip(anchors, guesses, strict=True))  # type: ignore[arg-type]
 
 
 def _nearby(rng: random.Random, ratio: float) -> float:

@@ -27,7 +27,7 @@ from search.measuring.hardware import git_revision, package_versions
 from search.measuring.int8_check import Int8Check, choose_precisions
 from search.measuring.timing import Latency
 from search.progress import Reporter
-from search.pruning.latency_aware import SensitivityTable, path_policies
+from search.pruning.latency_aware import SensitivityTable, estimated_fraction, path_policies
 from search.pruning.policy import Policy
 from search.pruning.recipes import Recipe, global_grid, study_recipes
 from search.pruning.space import SearchSpace
@@ -334,10 +334,8 @@ def _recipes(
     study: optuna.Study,
     clock: CreationClock,
 ) -> list[Recipe]:
-    """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`).
-
-    The latency-aware recipe's tables are measured once, when first needed, and stored on the study.
-    """
+    """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`); the
+    latency-aware recipe's tables are measured once, when first needed, and stored on the study."""
     assert config.budget_ms is not None and meter.baseline_ms is not None
     tables: list[SensitivityTable] = []
 
@@ -391,6 +389,7 @@ def _recipes(
         latency_aware_grid_of=latency_aware_grid_of,
         phase=clock.phase,
         probe_of=probe_of if quick is not None else None,  # a latency target keeps its own timing
+        estimate_of=lambda policy: estimated_fraction(tables[0], space, policy) if tables else None,
     )
 
 
