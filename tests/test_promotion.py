@@ -286,6 +286,26 @@ def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.db")), "nothing was started"
 
 
+def test_a_study_made_with_the_third_says_how_to_resume_it_under_the_quarter(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from search.errors import UsageError
+    from search.study.settings import check_resumable, settings_that_must_match
+
+    def settings(config):
+        data = SimpleNamespace(input_size=32, mean=[0.5], std=[0.5], content_sha256="h", fingerprint="f")
+        data.split = lambda name: range(5000)
+        return settings_that_must_match(config, data, SimpleNamespace(text="space"), SimpleNamespace(sha256="abc"))
+
+    weights = ("--trial-weights", str(tmp_path))
+    old = _config(_parse("--promote-fraction", "0.333333", *weights))
+    study = SimpleNamespace(user_attrs={"settings": settings(old)})
+    now = _config(_parse(*weights))
+    with pytest.raises(UsageError, match=r"different --promote-fraction \(0\.333333, now 0\.25\)"):
+        check_resumable(study, settings(now), now)
+    check_resumable(study, settings(old), old)  # the flag the message names resumes it
+
+
 def test_reports_and_export_best_use_each_trials_highest_rung(tmp_path: Path) -> None:
     base = [i < 430 for i in range(IMAGES)]
     _make_study(
