@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import torch
@@ -68,8 +69,10 @@ def check(db: Path) -> dict | None:
     measured = {p["trial"]: p["measured"] for p in points}
     estimates = {p["trial"]: p["estimated"] for p in points}
     scale = estimate_scale(
-        [a["trial"] for a in anchors], lambda n: measured[n], lambda n: estimates[n]
-    )  # the product's scale, over the anchors' numbers
+        [SimpleNamespace(number=a["trial"], precision="fp32") for a in anchors],  # FP32 trials only, as read
+        lambda a: measured[a.number],
+        lambda a: estimates[a.number],
+    ).get("fp32")  # the product's scale, over the anchors' numbers
     fraction = float(attrs["budget_ms"]) / baseline_ms
     band = (NEAR_BUDGET_FLOOR * fraction, fraction)
     others = [p for p in points if p not in anchors and 0.5 * fraction <= p["measured"] <= 1.5 * fraction]

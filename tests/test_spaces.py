@@ -160,6 +160,17 @@ def test_the_tables_estimate_spares_measuring_start_up_draws_far_from_the_budget
     assert run(lambda policy: None) == (plain, plain_calls)
 
 
+def test_int8_anchors_calibrate_the_estimate_of_int8_draws_only() -> None:
+    from search.pruning.recipes import estimate_scale
+
+    space = load_space(SPACES_DIR / "resnet18.toml").with_precisions(["fp32", "int8"])
+    anchors = [space.uniform(0.4), space.uniform(0.5), space.uniform(0.3, precision="int8")]
+    measured = {a.key(): m for a, m in zip(anchors, (0.30, 0.33, 0.15), strict=True)}  # INT8 runs faster
+    scale = estimate_scale(anchors, lambda a: measured[a.key()], lambda a: 0.3)  # the FP32 tables' estimate
+    assert scale == pytest.approx({"fp32": 1.05, "int8": 0.5})
+    assert estimate_scale(anchors, lambda a: measured[a.key()], lambda a: None) == {}, "no tables: no filter"
+
+
 def test_a_recommendation_at_the_top_of_most_ranges_asks_to_widen_the_space() -> None:
     from types import SimpleNamespace
 

@@ -360,7 +360,7 @@ def near_budget(
     found: list[Policy] = []
     tried: set[str] = set()
     measured = 0
-    for attempt in range((NEAR_BUDGET_ATTEMPTS if scale is None else NEAR_BUDGET_DRAWS) if anchors else 0):
+    for attempt in range((NEAR_BUDGET_DRAWS if scale else NEAR_BUDGET_ATTEMPTS) if anchors else 0):
         if len(found) == NEAR_BUDGET_SAMPLES or measured == NEAR_BUDGET_ATTEMPTS:
             break
         anchor = anchors[attempt % len(anchors)]
@@ -372,7 +372,7 @@ def near_budget(
         if policy.is_unpruned or policy.key() in tried or any(policy.key() == a.key() for a in anchors):
             continue
         tried.add(policy.key())
-        if scale is not None and not low <= (estimate(policy) or 0.0) * scale <= high:  # type: ignore[misc]
+        if scale and not low <= (estimate(policy) or 0.0) * scale[anchor.precision] <= high:  # type: ignore[misc]
             continue  # the tables put it far outside the band: not worth a measurement
         measured += 1
         if NEAR_BUDGET_FLOOR * fraction <= ratio_of(policy) <= fraction:
@@ -382,16 +382,20 @@ def near_budget(
 
 def estimate_scale(
     anchors: list[Policy], ratio_of: Callable[[Policy], float], estimate: Callable[[Policy], float | None] | None
-) -> float | None:
-    """The median, over the anchors, of measured latency over the tables' estimate (None: nothing to filter with).
+) -> dict[str, float]:
+    """Per precision, the median over its anchors of measured latency over the tables' estimate (empty: nothing
+    to filter with). The tables were timed in FP32, so an INT8 anchor calibrates INT8 draws only.
 
     The median, not each anchor's own: one anchor's estimate can be far off where the others' are not (in one
     study the latency-aware recipe was measured at 1.47x its estimate, the other two at 0.99 and 1.02).
     """
-    guesses = [estimate(a) for a in anchors] if estimate is not None and anchors else []
+    guesses = [estimate(a) for a in anchors] if estimate is not None else []
     if not guesses or any(g is None or g <= 0 for g in guesses):
-        return None
-    return statistics.median(ratio_of(a) / float(g) for a, g in zip(anchors, guesses, strict=True))  # type: ignore[arg-type]
+        return {}
+    ratios: dict[str, list[float]] = {}
+    for anchor, guess in zip(anchors, guesses, strict=True):
+        ratios.setdefault(anchor.precision, []).append(ratio_of(anchor) / float(guess))  # type: ignore[arg-type]
+    return {precision: statistics.median(found) for precision, found in ratios.items()}
 
 
 def _nearby(rng: random.Random, ratio: float) -> float:
