@@ -256,7 +256,7 @@ def _parse(*flags: str) -> argparse.Namespace:
 def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
     default = _config(_parse())
     assert (default.finetune_steps, default.finetune_batch) == (30, 64), "the signal benchmark's screen"
-    assert default.rung_steps == (300,) and default.promote_fraction == pytest.approx(1 / 4)
+    assert default.rung_steps == (300,) and default.promoted_fraction == pytest.approx(1 / 4)
     # The default rung is fitted to the training split: at most one epoch, none where that is rung 0 already.
     assert default.with_default_rungs(45_000).rung_steps == (300,), "CIFAR-10's training split: 300 steps"
     assert default.with_default_rungs(5_000).rung_steps == (79,), "one epoch of 5,000 images at batch 64"
@@ -286,11 +286,11 @@ def test_flags_set_the_rungs_or_turn_promotion_off(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.db")), "nothing was started"
 
 
-def test_a_study_made_with_the_third_says_how_to_resume_it_under_the_quarter(tmp_path: Path) -> None:
+def test_a_study_made_with_the_third_resumes_with_it_unless_another_fraction_is_given(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from search.errors import UsageError
-    from search.study.settings import check_resumable, settings_that_must_match
+    from search.study.settings import check_resumable, settings_that_must_match, with_study_fraction
 
     def settings(config):
         data = SimpleNamespace(input_size=32, mean=[0.5], std=[0.5], content_sha256="h", fingerprint="f")
@@ -298,12 +298,17 @@ def test_a_study_made_with_the_third_says_how_to_resume_it_under_the_quarter(tmp
         return settings_that_must_match(config, data, SimpleNamespace(text="space"), SimpleNamespace(sha256="abc"))
 
     weights = ("--trial-weights", str(tmp_path))
-    old = _config(_parse("--promote-fraction", "0.333333", *weights))
+    old = with_study_fraction(_config(_parse("--promote-fraction", "0.333333", *weights)), None)
     study = SimpleNamespace(user_attrs={"settings": settings(old)})
-    now = _config(_parse(*weights))
+    resumed = with_study_fraction(_config(_parse(*weights)), study)  # no flag: the study's own third
+    assert resumed.promoted_fraction == pytest.approx(0.333333)
+    check_resumable(study, settings(resumed), resumed)
+    assert promotion_settings(resumed).fraction == pytest.approx(0.333333)  # type: ignore[union-attr]
+    new = with_study_fraction(_config(_parse(*weights)), None)  # a new study: the quarter
+    assert new.promoted_fraction == pytest.approx(1 / 4) and settings(new)["promote_fraction"] == 0.25
+    told = with_study_fraction(_config(_parse("--promote-fraction", "0.25", *weights)), study)
     with pytest.raises(UsageError, match=r"different --promote-fraction \(0\.333333, now 0\.25\)"):
-        check_resumable(study, settings(now), now)
-    check_resumable(study, settings(old), old)  # the flag the message names resumes it
+        check_resumable(study, settings(told), told)  # a fraction given explicitly is the user's, and is checked
 
 
 def test_reports_and_export_best_use_each_trials_highest_rung(tmp_path: Path) -> None:

@@ -214,9 +214,8 @@ def _add_promotion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--promote-fraction",
         type=open_fraction,
-        default=DEFAULTS.promote_fraction,
         help="the best this fraction of the trials at a rung go on to the next, and at least 2 once every trial "
-        "has finished (default: 0.25, the top quarter)",
+        "has finished (default: 0.25, the top quarter; a resumed study keeps its own)",
     )
     parser.add_argument(
         "--trial-weights",

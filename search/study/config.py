@@ -11,7 +11,7 @@ from typing import Any
 
 from search.data.spec import DataSpec
 
-__all__ = ["PROMOTION_FACTOR", "RUNG_VAL_IMAGES", "SAMPLERS", "SearchConfig"]
+__all__ = ["PROMOTE_FRACTION", "PROMOTION_FACTOR", "RUNG_VAL_IMAGES", "SAMPLERS", "SearchConfig"]
 
 SAMPLERS = ("tpe", "gp", "random")
 """``--sampler``: Optuna's multi-objective TPE, its Gaussian-process sampler (GPSampler) or random sampling."""
@@ -20,6 +20,11 @@ PROMOTION_FACTOR = 10
 """Without ``--rungs``, the one promoted rung fine-tunes this many times ``--finetune-steps`` in total (300 steps
 at the default 30), at most one epoch of the training split: the rungs the signal benchmark chose (BENCHMARKS.md,
 "Signal"), where a whole epoch ranked candidates no better than 300 steps."""
+
+PROMOTE_FRACTION = 1 / 4
+"""Without ``--promote-fraction``, a new study promotes the best quarter of each rung (a resumed one keeps its own):
+on the equal-compute studies a third took a 30-trial search to 2.03-2.18x the time of one without promotion, and a
+quarter kept every pick or one tied with it (BENCHMARKS.md "Promotion while the study runs")."""
 
 RUNG_VAL_IMAGES = 10_000
 """Without ``--rung-val-images``, a promotion reads at most this many validation images (the whole split when it
@@ -97,11 +102,10 @@ class SearchConfig:
     """Validation images each promotion reads: the whole split when it has no more, else a fixed subset of this
     many (the same for every trial, so rung records pair image by image); None: always the whole split. Never
     fewer than ``val_images`` (rung 0's)."""
-    promote_fraction: float = 1 / 4
+    promote_fraction: float | None = None
     """The best this fraction of the trials at a rung are promoted to the next (ASHA's 1/eta), and at least
-    :data:`search.study.rungs.FEWEST_PROMOTED` of them once the study has finished. A quarter, not a third: on
-    the equal-compute studies a third took a 30-trial search to 2.03-2.18x the time of one without promotion, and
-    a quarter kept every pick or one tied with it (BENCHMARKS.md "Promotion while the study runs")."""
+    :data:`search.study.rungs.FEWEST_PROMOTED` of them once the study has finished; None: the study's own when
+    resuming one, else :data:`PROMOTE_FRACTION` (read it as :attr:`promoted_fraction`)."""
     sampler: str = "tpe"
     """How the policies after the recipes are proposed: one of :data:`SAMPLERS` (``--sampler``)."""
     trial_weights: str | None = None
@@ -133,7 +137,7 @@ class SearchConfig:
                 raise ValueError("rungs must be increasing step counts, each above finetune_steps")
         if self.confirm_repeats is not None and self.confirm_repeats < 0:
             raise ValueError("confirm_repeats must be >= 0")
-        if not 0 < self.promote_fraction < 1:
+        if self.promote_fraction is not None and not 0 < self.promote_fraction < 1:
             raise ValueError("promote_fraction must be in (0, 1)")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
@@ -157,6 +161,11 @@ class SearchConfig:
         if self.rungs is not None:
             return tuple(self.rungs)
         return (PROMOTION_FACTOR * self.finetune_steps,) if self.finetune_steps > 0 else ()
+
+    @property
+    def promoted_fraction(self) -> float:
+        """The promoted fraction of each rung: ``promote_fraction``, or :data:`PROMOTE_FRACTION` when unset."""
+        return PROMOTE_FRACTION if self.promote_fraction is None else self.promote_fraction
 
     @property
     def promotion_val_images(self) -> int | None:

@@ -57,7 +57,7 @@ def promotion_settings(config: SearchConfig) -> PromotionSettings | None:
     if not config.trial_weights:
         folder = folder / "trial-weights"
     return PromotionSettings(
-        rung_steps=steps, fraction=config.promote_fraction, folder=folder, val_images=config.promotion_val_images
+        rung_steps=steps, fraction=config.promoted_fraction, folder=folder, val_images=config.promotion_val_images
     )
 
 

@@ -32,7 +32,6 @@ from search.measuring.timing import LatencySettings
 from search.models.build import build_model, check_model_name
 from search.progress import NullReporter, Reporter
 from search.pruning.auto_space import space_for
-from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 from search.study.baseline_store import adopt_baseline
 from search.study.config import SearchConfig
@@ -50,7 +49,7 @@ from search.study.create import create_study, resumable, resume_creation, sample
 from search.study.creation_clock import CreationClock
 from search.study.creator import wait_until_ready
 from search.study.folders import first_missing, remove_unused
-from search.study.origin import ENQUEUED_ATTRS, is_enqueued, origin
+from search.study.origin import ENQUEUED_ATTRS
 from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_line, promotion_settings
 from search.study.retry import RETRY_OF, optimize_one, retries_first
 from search.study.settings import (
@@ -60,9 +59,11 @@ from search.study.settings import (
     finetune_settings,
     quantize_settings,
     settings_that_must_match,
+    with_study_fraction,
 )
 from search.study.storage import HEARTBEAT_SECONDS, discard_if_empty, load_existing, new_sqlite_file, open_storage
 from search.study.trial import BASELINE_RECORD, TrialContext, run_trial
+from search.study.trial_line import trial_line
 from search.training.baseline import Baseline, prepare_baseline
 from search.training.device import device_record, loader_plan, precision, resolve
 
@@ -133,9 +134,10 @@ def _search(config: SearchConfig, storage: RDBStorage, reporter: Reporter, timer
     config = config.with_default_rungs(len(data.split("train")))
     if promotion is not None and promotion_settings(config) is None:  # the default rung was cut away
         remove_unused(promotion.folder, made)
+    existing = load_existing(storage, config.study_name)
+    config = with_study_fraction(config, existing)  # a resumed study keeps its own unless told otherwise
     reporter.info(promotion_line(config, promotion_settings(config), len(data.split("val"))))
     clock = CreationClock(reporter)  # what this run spends before its first trial, phase by phase
-    existing = load_existing(storage, config.study_name)
     if existing is None:  # refuse what a trial would crash on, before training
         with clock.phase("check that the model can be pruned and exported"):
             check_searchable(config.model, fresh, space, data.example_input())
@@ -364,7 +366,7 @@ def _run_trials(
             if lost:
                 return ran, True, str(lost[0])
             if mine and mine[0].state == TrialState.COMPLETE:
-                reporter.info(_trial_line(mine[0]))
+                reporter.info(trial_line(mine[0]))
             done = min(_finished(study), config.trials)
             progress.advance(done - shown)
             shown = done
@@ -394,27 +396,3 @@ def _run_trials(
             f"with {now.finished} of {config.trials} trials; narrow the space's ranges towards the budget (--space)"
         )
     return ran, False, None
-
-
-def _trial_line(t: optuna.trial.FrozenTrial) -> str:
-    number = t.number
-    attrs = t.user_attrs
-    latency = attrs["latency"]
-    status = "within budget" if attrs["feasible"] else "over budget, not fine-tuned"
-    if not attrs["feasible"] and not is_enqueued(attrs):
-        status += ", not counted"
-    evaluated = attrs.get("fine_tuned") or Policy.from_dict(attrs["policy"]).is_unpruned
-    accuracy = f"top-1 {attrs['accuracy']:.4f}" if evaluated else "top-1 -"
-    if attrs.get("fine_tuned"):
-        accuracy += f" (before fine-tune {attrs['accuracy_before']:.4f})"
-    if attrs.get("precision") == "int8":  # accuracy run in ONNX Runtime; before/after fine-tune are FP32
-        accuracy = f"INT8 {accuracy}" if evaluated else "INT8, top-1 -"
-        if "accuracy_fp32" in attrs:
-            accuracy = accuracy[:-1] + f", FP32 after {attrs['accuracy_fp32']:.4f})"
-    label = origin(attrs)
-    recipe = f" [{label}]" if label else ""
-    took = sum(attrs.get("seconds", {}).values())
-    return (
-        f"Trial {number}{recipe}: {latency['corrected_ms']:.2f} ms ({latency['ratio']:.0%} of baseline), "
-        f"{accuracy}, {status}, {took:.0f} s"
-    )

@@ -8,6 +8,7 @@ precision is refused with the flag that differs.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -31,6 +32,7 @@ __all__ = [
     "finetune_settings",
     "quantize_settings",
     "settings_that_must_match",
+    "with_study_fraction",
 ]
 
 
@@ -61,7 +63,7 @@ def settings_that_must_match(
         "calibration_method": config.calibration_method,
         "calibration_images": config.calibration_images,
         "rungs": list(config.rung_steps),  # a trial's rung-r accuracy means the same steps in every run
-        "promote_fraction": round(config.promote_fraction, 6) if config.rung_steps else None,
+        "promote_fraction": round(config.promoted_fraction, 6) if config.rung_steps else None,
         # what a promotion reads: the same images in every run, or rung records stop pairing (None: all of val)
         "rung_val_images": subset_limit(len(data.split("val")), config.promotion_val_images)
         if config.rung_steps
@@ -168,6 +170,18 @@ def _shown(key: str, value: Any) -> str:
     if key in ("mean", "std") and isinstance(value, list):
         return ",".join(f"{v:g}" for v in value)
     return repr(value)
+
+
+def with_study_fraction(config: SearchConfig, study: optuna.Study | None) -> SearchConfig:
+    """``config`` with the promoted fraction fixed: as given, else the resumed study's own, else the default.
+
+    So a study made under another default (a third, before the quarter) resumes as it began without a flag;
+    a ``--promote-fraction`` given explicitly that differs from the study's is refused as any setting is.
+    """
+    if config.promote_fraction is not None:
+        return config
+    stored = ((study.user_attrs.get("settings") or {}) if study is not None else {}).get("promote_fraction")
+    return replace(config, promote_fraction=stored if stored is not None else config.promoted_fraction)
 
 
 def quantize_settings(config: SearchConfig) -> QuantizeSettings:
