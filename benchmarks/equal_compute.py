@@ -117,6 +117,7 @@ def compute(study: optuna.Study, batch: int) -> dict[str, Any]:
         "trained_trials": trained,
         "seconds": round(study_seconds(study), 1),
         "revision": study.user_attrs.get("git_revision"),
+        "promote_fraction": (study.user_attrs.get("settings") or {}).get("promote_fraction"),  # None: no promotion
     }
 
 
@@ -304,8 +305,8 @@ def render(result: dict[str, Any]) -> str:
     plan = result["plan"]
     lines = [
         f"`benchmarks/equal_compute.py` on {cpu_label(result['hardware'])}, {result['date']}: {plan['trials']} "
-        f"trials per search ({plan['trial_steps']} brief steps of batch {plan['trial_batch']}, default promotion "
-        f"in b and c), every pick exported with {plan['epochs']:g} epochs (d: more, see its row) and seeds "
+        f"trials per search ({plan['trial_steps']} brief steps of batch {plan['trial_batch']}, the default promotion "
+        f"of their day in b and c, see each track), every pick exported with {plan['epochs']:g} epochs (d: more, see its row) and seeds "
         f"{', '.join(map(str, plan['seeds']))}, test top-1 on 10,000 images (sampling error about ±0.7 pp at "
         "85%); latencies timed at the end, interleaved with the baseline. Numbers: `benchmarks/equal_compute.json`."
     ]
@@ -331,7 +332,19 @@ def render(result: dict[str, Any]) -> str:
         lines += ["", *(f"- {v}" for v in verdicts(t))]
         searched = {a: sampler_learned(t["compute"][a].get("revision")) for a in ("b", "e") if a in t["compute"]}
         lines += [f"- what {a}'s sampler learned from: {what}" for a, what in searched.items()]
+        rules = {a: c["promote_fraction"] for a, c in t["compute"].items() if c.get("promote_fraction")}
+        if rules:
+            lines.append(
+                "- promotion each study ran (the fraction of a rung promoted; the default is now a quarter): "
+                + ", ".join(f"{a} {fraction_words(v)}" for a, v in sorted(rules.items()))
+            )
     return "\n".join(lines)
+
+
+def fraction_words(fraction: float) -> str:
+    """``the top third (0.333)``: a promoted fraction as the README names it."""
+    names = {0.333333: "the top third", 0.25: "the top quarter", 0.5: "the top half"}
+    return f"{names.get(round(fraction, 6), 'the top')} ({fraction:.3g})"
 
 
 def main() -> None:
