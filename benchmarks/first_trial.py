@@ -6,7 +6,9 @@ phase took, from the moment the data is ready (``creation_seconds``, :mod:`searc
 This runs ``cli.py search`` as a user would, on the built-in digits at 32 px (so it needs nothing on disk),
 one trial, FP32 pruning alone and one baseline epoch, for a CIFAR-style ResNet-18, MobileNetV2 and
 torchvision's DenseNet-121, and reports the set-up before the first trial phase by phase, with the
-command's wall time and the baseline's training beside it.
+command's wall time and the baseline's training beside it. Where ``../shared`` holds CIFAR-10 and the trained
+ResNet-18, two CIFAR-10 rows follow (the issue's case: trained baselines, 2,000 validation images, the
+allocation benchmark's trial settings, 25% of the baseline); without it they are skipped, saying so.
 
     python benchmarks/first_trial.py            # writes benchmarks/first_trial.json and its BENCHMARKS.md section
     python benchmarks/first_trial.py --quick    # one model, prints its JSON
@@ -30,7 +32,7 @@ from typing import Any
 
 import optuna
 
-from benchmarks.allocation import ROOT, log
+from benchmarks.allocation import DATA, MEAN, ROOT, STD, log
 from benchmarks.sections import write_section
 from search.measuring.hardware import fingerprint, git_revision, package_versions
 from search.study.creation_clock import CREATION_SECONDS
@@ -39,16 +41,38 @@ OUT = Path(__file__).resolve().parent / "first_trial.json"
 WORK = Path(__file__).resolve().parent / ".first-trial"
 MODELS = ("resnet18_cifar", "mobilenet_v2_cifar", "densenet121")
 AIM_S = 60.0
+CIFAR_WEIGHTS = {
+    "resnet18_cifar": ROOT.parent / "shared" / "models" / "cifar10_resnet18.pth",
+    "mobilenet_v2_cifar": ROOT / "benchmarks" / "allocation" / "mobilenet_v2_cifar-15ep.pth",
+}
+"""The CIFAR-10 rows' trained baselines: the shared ResNet-18, and the allocation benchmark's MobileNetV2 (tracked)."""
+CIFAR_FLAGS = (
+    "--budget-fraction", "0.25", "--input-size", "32", "--mean", MEAN, "--std", STD, "--finetune-steps", "30",
+    "--finetune-batch", "64", "--bn-batches", "8", "--val-images", "2000", "--fit-budget", "--distill", "0.5",
+)  # fmt: skip
+"""The CIFAR-10 rows' search: the allocation and equal-compute benchmarks' settings (section "Time to the first
+trial: CIFAR-10 (by hand)")."""
 
 
-def run_one(model: str) -> dict[str, Any]:
-    folder = WORK / model
+def cifar_missing() -> str | None:
+    """Why the CIFAR-10 rows cannot run here, or None."""
+    missing = [str(p) for p in (DATA, *CIFAR_WEIGHTS.values()) if not p.exists()]
+    return f"not found: {', '.join(missing)}" if missing else None
+
+
+def run_one(model: str, cifar: bool = False) -> dict[str, Any]:
+    folder = WORK / (f"{model}-cifar10" if cifar else model)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     storage = f"sqlite:///{folder / 'study.db'}"
+    data: tuple[str, ...] = (
+        ("--data", f"imagefolder:{DATA}", "--weights", str(CIFAR_WEIGHTS[model]), *CIFAR_FLAGS)
+        if cifar
+        else ("--budget-fraction", "0.5", "--data", "digits", "--input-size", "32", "--baseline-epochs", "1")
+    )
     command = [
-        sys.executable, "cli.py", "search", "--budget-fraction", "0.5", "--model", model, "--data", "digits",
-        "--input-size", "32", "--trials", "1", "--precision", "fp32", "--baseline-epochs", "1",
+        sys.executable, "cli.py", "search", "--model", model, *data, "--trials", "1", "--precision", "fp32",
+        "--no-promotion", "--confirm-repeats", "0",
         "--storage", storage, "--study", "first", "--studies-dir", str(folder), "-q",
     ]  # fmt: skip
     log("$ " + " ".join(command[1:]))
@@ -62,6 +86,7 @@ def run_one(model: str) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     row = {
         "model": model,
+        "data": "CIFAR-10 (shared), trained weights, 25%" if cifar else "digits, 1 baseline epoch, 50%",
         "wall_seconds": round(wall, 1),
         "creation_total_s": creation.get("total"),
         "phases": creation.get("phases", {}),
@@ -77,12 +102,15 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"`benchmarks/first_trial.py` on {result['cpu']} ({result['date']}; {result['note']}): "
         "`cli.py search --budget-fraction 0.5 --data digits --input-size 32 --trials 1 --precision fp32 "
-        "--baseline-epochs 1`, the set-up from the data being ready to the first trial (the study's "
+        "--baseline-epochs 1` (digits rows) and, where `../shared` has CIFAR-10, `cli.py search --data "
+        "imagefolder:../shared/data/cifar10 --weights W " + " ".join(CIFAR_FLAGS) + " --trials 1 --precision fp32` "
+        "with the shared ResNet-18 and the allocation benchmark's MobileNetV2 as W (CIFAR-10 rows), each with "
+        "`--no-promotion --confirm-repeats 0`: the set-up from the data being ready to the first trial (the study's "
         f"`creation_seconds`), against the aim of {AIM_S:.0f} s.",
         "",
-        "| model | set-up before the first trial | without the baseline's training | costliest phases (s; latency "
-        "measurements, of them quick probes) | whole command | before |",
-        "|---|---|---|---|---|---|",
+        "| model | data | set-up before the first trial | without the baseline's training | costliest phases (s; "
+        "latency measurements, of them quick probes) | whole command | before |",
+        "|---|---|---|---|---|---|---|",
     ]
     earlier = (result.get("history") or [{}])[-1]
     for row in result["rows"]:
@@ -95,14 +123,15 @@ def render(result: dict[str, Any]) -> str:
             return f" ({row['measurements'][name]}" + (f", {probes[name]}" if probes.get(name) else "") + ")"
 
         costly = "; ".join(f"{name} {seconds:.1f}{counted(name)}" for name, seconds in phases)
-        before = (earlier.get("totals") or {}).get(row["model"])
+        before = (earlier.get("totals") or {}).get(_key(row))
         was = f"{before} s at {earlier['git_revision'][:7]}" if before is not None else "-"
         total = row["creation_total_s"]
         mark = "within" if total is not None and total <= AIM_S else "over"
         trained = row["phases"].get("baseline (load, or train)", 0.0)
         rest = f"{total - trained:.1f} s" if total is not None else "-"
         lines.append(
-            f"| {row['model']} | {total} s ({mark} {AIM_S:.0f} s) | {rest} | {costly} | {row['wall_seconds']} s | {was} |"
+            f"| {row['model']} | {row.get('data', 'digits')} | {total} s ({mark} {AIM_S:.0f} s) | {rest} | {costly} | "
+            f"{row['wall_seconds']} s | {was} |"
         )
     lines += ["", WHY]
     return "\n".join(lines)
@@ -126,8 +155,13 @@ def _totals(result: dict[str, Any]) -> dict[str, Any]:
         "date": result["date"],
         "git_revision": result["git_revision"],
         "note": result["note"],
-        "totals": {row["model"]: row["creation_total_s"] for row in result["rows"]},
+        "totals": {_key(row): row["creation_total_s"] for row in result["rows"]},
     }
+
+
+def _key(row: dict[str, Any]) -> str:
+    """A row's name in ``history``: the model, with ``-cifar10`` for a CIFAR-10 row (digits rows keep the bare name)."""
+    return row["model"] + ("-cifar10" if row.get("data", "digits").startswith("CIFAR") else "")
 
 
 def main() -> None:
@@ -141,6 +175,11 @@ def main() -> None:
         return
     hw = fingerprint(1)
     rows = [run_one(m) for m in (MODELS[:1] if args.quick else MODELS)]
+    skipped = cifar_missing()
+    if skipped is None and not args.quick:
+        rows += [run_one(m, cifar=True) for m in CIFAR_WEIGHTS]
+    elif skipped is not None:
+        log(f"the CIFAR-10 rows are skipped: {skipped}")
     result = {
         "cpu": f"{hw['cpu']} ({', '.join(hw.get('cpu_flags', []))}; {hw['logical_cpus']} logical CPUs)",
         "date": time.strftime("%Y-%m-%d"),
