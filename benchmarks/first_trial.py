@@ -32,7 +32,7 @@ from typing import Any
 
 import optuna
 
-from benchmarks.allocation import DATA, MEAN, ROOT, STD, log
+from benchmarks.allocation import DATA, MEAN, RESNET_WEIGHTS, ROOT, STD, log
 from benchmarks.sections import write_section
 from search.measuring.hardware import fingerprint, git_revision, package_versions
 from search.study.creation_clock import CREATION_SECONDS
@@ -42,7 +42,7 @@ WORK = Path(__file__).resolve().parent / ".first-trial"
 MODELS = ("resnet18_cifar", "mobilenet_v2_cifar", "densenet121")
 AIM_S = 60.0
 CIFAR_WEIGHTS = {
-    "resnet18_cifar": ROOT.parent / "shared" / "models" / "cifar10_resnet18.pth",
+    "resnet18_cifar": RESNET_WEIGHTS,
     "mobilenet_v2_cifar": ROOT / "benchmarks" / "allocation" / "mobilenet_v2_cifar-15ep.pth",
 }
 """The CIFAR-10 rows' trained baselines: the shared ResNet-18, and the allocation benchmark's MobileNetV2 (tracked)."""
