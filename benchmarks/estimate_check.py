@@ -2,7 +2,7 @@
 
 The start-up samples near the budget are measured only where the tables' estimate, scaled by how far the estimate
 of their anchor (a recipe at the budget) was from its measurement, lands near the band they must fall in
-(:func:`search.pruning.recipes.near_budget`). This reads committed studies: for every trial with a measured
+(:func:`search.pruning.near_budget.near_budget`). This reads committed studies: for every trial with a measured
 latency, the tables' estimate (:func:`search.pruning.latency_aware.estimated_fraction`) against the drift-corrected
 measurement, raw and scaled by the study's latency-aware recipe (the anchor whose estimate the tables made).
 
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from search.models.build import build_model
 from search.pruning.auto_space import space_for
 from search.pruning.latency_aware import SensitivityTable, estimated_fraction
+from search.pruning.near_budget import ESTIMATE_MARGIN, NEAR_BUDGET_FLOOR, estimate_scale
 from search.pruning.policy import Policy
-from search.pruning.recipes import ESTIMATE_MARGIN, NEAR_BUDGET_FLOOR, estimate_scale
 
 HERE = Path(__file__).resolve().parent
 STUDIES = [

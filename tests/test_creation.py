@@ -16,6 +16,7 @@ from search.data.spec import DataSpec
 from search.progress import RecordingReporter
 from search.study import create as create_module
 from search.study import creator
+from search.study import later_setup as later_module
 from search.study.config import SearchConfig
 from search.study.coordination import mark_ready
 from search.study.creator import CreatorHeartbeat, claim, is_ready, read_record, wait_until_ready
@@ -127,37 +128,51 @@ def config(tmp_path: Path, trained_weights: Path) -> SearchConfig:
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_creation_is_finished_by_the_rerun_at_once(
+def test_ctrl_c_during_creation_and_after_the_first_trial_is_finished_by_the_reruns(
     config: SearchConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Interrupted once the latency-aware tables were stored: the rerun takes creation over without waiting,
-    keeps the tables, enqueues the recipes and searches a complete study."""
+    """Interrupted during creation (after the baseline was recorded): the rerun takes creation over without
+    waiting. Interrupted again once the set-up left for after the first trial had stored its latency-aware tables:
+    the next rerun takes that step over, keeps the tables, enqueues the latency-aware recipe and goes on."""
     measured = {"n": 0}
-    real_measure, real_paths = create_module.measure_sensitivity, create_module.path_policies
+    real_grid = create_module.global_grid
+    real_measure, real_paths = later_module.measure_sensitivity, later_module.path_policies
+
+    def stopped_once(module, name, real):
+        def stop(*args, **kwargs):
+            monkeypatch.setattr(module, name, real)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, name, stop)
 
     def counted(*args, **kwargs):
         measured["n"] += 1
         return real_measure(*args, **kwargs)
 
-    def interrupted(*args, **kwargs):
-        monkeypatch.setattr(create_module, "path_policies", real_paths)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(create_module, "measure_sensitivity", counted)
-    monkeypatch.setattr(create_module, "path_policies", interrupted)
+    stopped_once(create_module, "global_grid", real_grid)
     with pytest.raises(KeyboardInterrupt):
         run_search(config)
     half = optuna.load_study(study_name="c9", storage=config.storage_url)
-    assert "latency_aware" in half.user_attrs and not half.trials and not is_ready(half)
+    assert not half.trials and not is_ready(half)
 
     reporter = RecordingReporter()
+    monkeypatch.setattr(later_module, "measure_sensitivity", counted)
+    stopped_once(later_module, "path_policies", real_paths)
     result = run_search(config, reporter)
+    assert result.interrupted and result.ran == 1
     assert not [line for line in reporter.infos if line.startswith("Waiting for")], "taken over without waiting"
     assert any("was stopped before it finished: this worker takes over" in line for line in reporter.infos)
     assert any(line.startswith("Finishing the creation of study 'c9'") for line in reporter.infos), reporter.infos
+    half = optuna.load_study(study_name="c9", storage=config.storage_url)
+    assert "latency_aware" in half.user_attrs and is_ready(half)
+    assert not any((t.user_attrs.get("recipe") or "").startswith("latency-aware") for t in half.trials)
+
+    reporter = RecordingReporter()
+    result = run_search(config, reporter)
+    assert any(line.startswith("Finishing the set-up after the first trial: ") for line in reporter.infos)
+    assert "Latency-aware tables: kept from before" in reporter.infos
     assert measured["n"] == 1, "the tables measured before Ctrl-C were kept"
     study = result.study
-    assert is_ready(study)
     labels = [t.user_attrs.get("recipe") for t in study.trials]
     assert "unpruned" in labels and any(label and label.startswith("latency-aware") for label in labels), labels
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2

@@ -114,7 +114,7 @@ def test_path_policies_are_the_spaces_policies_pruning_the_cheap_stage_more() ->
 
 
 @pytest.mark.slow
-def test_a_new_study_enqueues_the_latency_aware_recipe_labelled_and_stores_its_tables(
+def test_a_new_study_enqueues_the_latency_aware_recipe_after_its_first_trial_and_stores_its_tables(
     tmp_path: Path, trained_weights: Path
 ) -> None:
     space = tmp_path / "tiny.toml"
@@ -126,7 +126,7 @@ def test_a_new_study_enqueues_the_latency_aware_recipe_labelled_and_stores_its_t
         data=DataSpec("digits", input_size=32),
         space=str(space),
         study="la",
-        trials=4,  # unpruned, uniform, global and latency-aware at the budget
+        trials=4,  # uniform and global at the budget, then latency-aware at the budget, a start-up sample
         finetune_steps=2,
         bn_batches=2,
         val_images=64,
@@ -145,14 +145,24 @@ def test_a_new_study_enqueues_the_latency_aware_recipe_labelled_and_stores_its_t
     assert early[-1]["latency_ms"] < tables["baseline_ms"], "pruning a stage fully makes the model faster"
     count = sum(len(levels) for levels in probed.values())
     assert any(line.startswith(f"Latency-aware tables: {count} prunings") and " s" in line for line in reporter.infos)
-    phases = study.user_attrs["creation_seconds"]["phases"]
-    assert phases["latency-aware tables"] > 0 and "latency-aware recipe's bisection" in phases, phases
-    assert any(line.startswith("Set-up before the first trial: ") for line in reporter.infos)
-    assert any(line.startswith("Latency-aware meets the budget") for line in reporter.infos), reporter.infos
+    before = study.user_attrs["creation_seconds"]["phases"]
+    assert "latency-aware tables" not in before and "uniform recipe's bisection" in before, before
+    after = study.user_attrs["setup_after_first_trial_seconds"]["phases"]
+    assert after["latency-aware tables"] > 0 and "latency-aware recipe's bisection" in after, after
+    assert "start-up samples near the budget" in after, after
+    lines = reporter.infos
+    assert any(line.startswith("Set-up before the first trial: ") for line in lines)
+    assert any(line.startswith("Set-up after the first trial: ") for line in lines)
+    first_trial = next(i for i, line in enumerate(lines) if line.startswith(("Trial 0 ", "Trial 0:")))
+    tables_said = next(i for i, line in enumerate(lines) if line.startswith("Latency-aware tables: "))
+    assert first_trial < tables_said, "the first trial does not wait for the tables"
+    assert any(line.startswith("Latency-aware meets the budget") for line in lines), lines
 
     label = "latency-aware l1 at the budget"
     (trial,) = [t for t in study.trials if t.user_attrs.get("recipe") == label]
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["fine_tuned"]
+    (unpruned,) = [t for t in study.trials if t.user_attrs.get("recipe") == "unpruned"]  # over the budget
+    assert unpruned.datetime_start is None or trial.datetime_start < unpruned.datetime_start, "enqueued later, ran first"
     assert trial.user_attrs["latency"]["measured_at"] == "study creation"
     assert trial.values[1] <= result.budget_ms
     assert label in {r.recipe for r in rows(study)}

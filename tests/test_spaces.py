@@ -110,7 +110,7 @@ def test_budget_matched_uniform_finds_the_least_pruned_ratio_within_the_budget()
 
 
 def test_start_up_samples_near_the_budget_use_most_of_it_and_vary_the_anchor() -> None:
-    from search.pruning.recipes import NEAR_BUDGET_ATTEMPTS, NEAR_BUDGET_FLOOR, near_budget
+    from search.pruning.near_budget import NEAR_BUDGET_ATTEMPTS, NEAR_BUDGET_FLOOR, near_budget
 
     space = load_space(SPACES_DIR / "resnet18.toml")
     anchor = space.uniform(0.4)
@@ -131,7 +131,7 @@ def test_start_up_samples_near_the_budget_use_most_of_it_and_vary_the_anchor() -
 
 
 def test_the_tables_estimate_spares_measuring_start_up_draws_far_from_the_budget() -> None:
-    from search.pruning.recipes import ESTIMATE_MARGIN, NEAR_BUDGET_FLOOR, near_budget
+    from search.pruning.near_budget import ESTIMATE_MARGIN, NEAR_BUDGET_FLOOR, near_budget
 
     space = load_space(SPACES_DIR / "resnet18.toml")
     anchor = space.uniform(0.4)
@@ -161,7 +161,7 @@ def test_the_tables_estimate_spares_measuring_start_up_draws_far_from_the_budget
 
 
 def test_int8_anchors_calibrate_the_estimate_of_int8_draws_only() -> None:
-    from search.pruning.recipes import estimate_scale
+    from search.pruning.near_budget import estimate_scale
 
     space = load_space(SPACES_DIR / "resnet18.toml").with_precisions(["fp32", "int8"])
     anchors = [space.uniform(0.4), space.uniform(0.5), space.uniform(0.3, precision="int8")]

@@ -9,7 +9,7 @@ step, in any one stage, that loses the least estimated accuracy per millisecond 
 the stages' savings and losses as if they were independent. The steps form a path from the
 unpruned model to the most pruned one; the first point whose estimated latency meets the budget
 is the allocation, and the study then measures points of the path for real and picks, by
-bisection, the least pruned one that meets the budget (:func:`search.pruning.recipes.study_recipes`).
+bisection, the least pruned one that meets the budget (:func:`search.pruning.recipes.later_recipes`).
 
 A stage's "level" is a fraction of its ratio ranges in the space: level 0.5 of a stage with
 ``stream = [0, 0.6]`` and ``inner = [0, 0.8]`` removes 30% of its stream and 40% of its inner channels.

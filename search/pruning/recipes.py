@@ -5,10 +5,12 @@
 * per precision, the uniform ratio that just meets the budget, and torch-pruning's global
   magnitude allocation that just meets it, each found by bisection on measured latency: the
   recipes an engineer would tune by hand, so a search can only be judged by what it finds beyond
-  them; and the latency-aware allocation (:mod:`search.pruning.latency_aware`), its strength
-  found the same way;
-* then a few start-up samples near the budget (:func:`near_budget`), in place of the sampler's
-  random start-up policies, which mostly miss a tight budget.
+  them (:func:`first_recipes`);
+* once the study's first trial has run (:func:`later_recipes`, :mod:`search.study.later_setup`): the
+  latency-aware allocation (:mod:`search.pruning.latency_aware`), its strength found the same way,
+  then a few start-up samples near the budget (:func:`search.pruning.near_budget.near_budget`), in
+  place of the sampler's random start-up policies, which mostly miss a tight budget. They need the
+  latency-aware tables, the costliest part of setting a study up, so the first trial does not wait for them.
 
 Where the study gives a quick probe timing (fewer rounds, no floor), the bisections and the
 start-up samples search with it, and only a bisection's answer is timed in full (stepping on to the
@@ -20,8 +22,6 @@ a start-up sample chosen by a probe carries none, and its trial times it in full
 from __future__ import annotations
 
 import copy
-import random
-import statistics
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from torch import nn
 
 from search.progress import Reporter
 from search.pruning.channels import global_magnitude_allocation
+from search.pruning.near_budget import NEAR_BUDGET_FLOOR, near_budget
 from search.pruning.policy import Policy
 from search.pruning.space import SearchSpace
 
@@ -41,10 +42,10 @@ __all__ = [
     "bracket_search",
     "budget_matched",
     "distinct",
-    "estimate_scale",
+    "first_recipes",
+    "fixed_recipes",
     "global_grid",
-    "near_budget",
-    "study_recipes",
+    "later_recipes",
     "uniform_grid",
 ]
 
@@ -56,25 +57,6 @@ class Recipe:
     policy: Policy
     latency: dict[str, Any] | None = None
     """Its latency record (with ``arch_hash``) when the study measured it to choose it."""
-
-
-NEAR_BUDGET_SAMPLES = 3
-"""Start-up policies a new study draws around the budget-matched recipes (in place of TPE's random ones)."""
-
-NEAR_BUDGET_ATTEMPTS = 8
-"""At most this many candidates are measured to find them."""
-
-NEAR_BUDGET_SPREAD = 0.2
-"""How far (in prune ratio) a start-up sample's stage ratios stray from its recipe's."""
-
-NEAR_BUDGET_FLOOR = 0.8
-"""A start-up sample must use at least this fraction of the budget (a much faster one wastes accuracy)."""
-
-NEAR_BUDGET_DRAWS = 64
-"""With the tables' estimate to filter by, at most this many candidates are drawn (only the plausible measured)."""
-
-ESTIMATE_MARGIN = 0.1
-"""How far (relative) outside the band the tables' scaled estimate of a draw may be and still be measured."""
 
 
 def uniform_grid(space: SearchSpace, precision: str) -> list[tuple[float, Policy]]:
@@ -205,45 +187,96 @@ def bracket_search(estimates: list[float], fraction: float, ratio: Callable[[int
     return high
 
 
-def study_recipes(
-    space: SearchSpace,
-    budget_ms: float,
-    baseline_ms: float,
-    record_of: Callable[[Policy], dict[str, Any]],
-    reporter: Reporter,
-    global_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
-    seed: int = 0,
-    latency_aware_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
-    phase: Callable[[str], AbstractContextManager[object]] | None = None,
-    probe_of: Callable[[Policy], dict[str, Any]] | None = None,
-    estimate_of: Callable[[Policy], float | None] | None = None,
-) -> list[Recipe]:
-    """The policies a new study runs first, in order: recipes, then start-up samples near the budget.
-
-    ``record_of`` measures a policy's latency record
-    (:meth:`search.measuring.candidate.CandidateMeter.record`); what was chosen by measurement (the
-    budget-matched recipes, the samples near the budget) carries the record that chose it, for its
-    trial to reuse. ``global_grid_of(precision)`` gives the global
-    magnitude grid (:func:`global_grid`), if wanted; ``seed`` fixes the samples near the budget;
-    ``latency_aware_grid_of(precision)`` gives the latency-aware allocation path
-    (:func:`search.pruning.latency_aware.path_policies`, each policy with its estimated latency
-    fraction), if wanted. ``phase(name)`` times each bisection and the start-up samples (a context
-    manager, :meth:`search.study.creation_clock.CreationClock.phase`). ``probe_of`` gives a quick latency
-    record (fewer rounds) that the bisections and the start-up samples search with; without it they
-    use ``record_of`` throughout. ``estimate_of`` gives the latency-aware tables' rough latency fraction of a
-    policy (None before they are measured), which spares the start-up samples' measurements of draws far from
-    the budget (:func:`near_budget`).
-    """
-    timed = phase or (lambda name: nullcontext())
+def fixed_recipes(space: SearchSpace) -> list[Recipe]:
+    """The unpruned model, uniform pruning at the space's fixed ratios, and (searching INT8) the unpruned INT8 model."""
     recipes = [Recipe("unpruned", space.unpruned())] + [
         Recipe(f"uniform {r:g} {space.uniform_criterion}", space.uniform(r)) for r in space.uniform_ratios
     ]
     if set(space.precisions) == {"fp32", "int8"}:  # what "just quantize" gives, beside the FP32 baseline
         recipes.append(Recipe("unpruned int8", space.unpruned("int8")))
-    if baseline_ms <= budget_ms:
+    return recipes
+
+
+def first_recipes(
+    space: SearchSpace,
+    budget_ms: float,
+    measured: Measured,
+    reporter: Reporter,
+    global_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
+    phase: Callable[[str], AbstractContextManager[object]] | None = None,
+) -> list[Recipe]:
+    """The recipes a new study runs first, in order: :func:`fixed_recipes`, then per precision the uniform ratio
+    and (with ``global_grid_of``, :func:`global_grid`) the global magnitude allocation that just meet the budget.
+
+    ``measured`` (:class:`Measured`) times each policy once: what was chosen by measurement carries the record
+    that chose it, for its trial to reuse. ``phase(name)`` times each bisection (a context manager,
+    :meth:`search.study.creation_clock.CreationClock.phase`). These need neither the latency-aware tables nor
+    the start-up samples, which :func:`later_recipes` adds once the first trial has run.
+    """
+    recipes = fixed_recipes(space)
+    grids = lambda precision: [  # noqa: E731
+        ("uniform", space.uniform_criterion, uniform_grid(space, precision)),
+        *([("global", "l2", global_grid_of(precision))] if global_grid_of is not None else []),
+    ]
+    return _matched(space, budget_ms, measured, reporter, recipes, grids, phase)
+
+
+def later_recipes(
+    space: SearchSpace,
+    budget_ms: float,
+    measured: Measured,
+    reporter: Reporter,
+    anchors: list[Policy],
+    seed: int = 0,
+    latency_aware_grid_of: Callable[[str], list[tuple[float, Policy]]] | None = None,
+    phase: Callable[[str], AbstractContextManager[object]] | None = None,
+    estimate_of: Callable[[Policy], float | None] | None = None,
+) -> list[Recipe]:
+    """What a study enqueues once its first trial has run: the latency-aware allocation that just meets the
+    budget, then a few start-up samples near the budget (:func:`search.pruning.near_budget.near_budget`).
+
+    ``anchors`` are the budget-matched recipes enqueued before (their records should be in ``measured``);
+    ``latency_aware_grid_of(precision)`` gives the latency-aware allocation path
+    (:func:`search.pruning.latency_aware.path_policies`, each policy with its estimated latency fraction), if
+    wanted; ``estimate_of`` gives the latency-aware tables' rough latency fraction of a policy (None before
+    they are measured), which spares the start-up samples' measurements of draws far from the budget.
+    """
+    timed = phase or (lambda name: nullcontext())
+    if measured.baseline_ms <= budget_ms:
+        return []
+    grids = lambda precision: (  # noqa: E731
+        [("latency-aware", space.uniform_criterion, distinct(space, latency_aware_grid_of(precision)))]
+        if latency_aware_grid_of is not None
+        else []
+    )
+    matched = _matched(space, budget_ms, measured, reporter, [], grids, phase)
+    reporter.phase("sample start-up policies near the budget")
+    anchors = anchors + [r.policy for r in matched]
+    with timed("start-up samples near the budget"):
+        nearby = near_budget(space, anchors, budget_ms / measured.baseline_ms, measured.rough, seed, estimate_of)
+    how = "probed" if measured.probing else "measured"
+    reporter.info(
+        f"{len(nearby)} start-up policies {how} between {NEAR_BUDGET_FLOOR:.0%} and 100% of the budget; enqueued"
+    )
+    return matched + [Recipe(None, p, measured.full(p)) for p in nearby]
+
+
+def _matched(
+    space: SearchSpace,
+    budget_ms: float,
+    measured: Measured,
+    reporter: Reporter,
+    recipes: list[Recipe],
+    grids_of: Callable[[str], list[tuple[str, str, list[tuple[float, Policy]]]]],
+    phase: Callable[[str], AbstractContextManager[object]] | None,
+) -> list[Recipe]:
+    """``recipes`` and, per precision, each grid's policy that just meets the budget (by bisection on measured
+    latency); the unpruned INT8 recipe, where quantizing alone meets the budget, carries its measurement."""
+    timed = phase or (lambda name: nullcontext())
+    fraction = budget_ms / measured.baseline_ms
+    if fraction >= 1:
         return recipes
     reporter.phase("find the recipes that just meet the budget")
-    measured = Measured(record_of, baseline_ms, probe_of)
     matched: list[Recipe] = []
     for precision in space.precisions:
         suffix = " int8" if precision == "int8" else ""
@@ -251,23 +284,18 @@ def study_recipes(
         if precision != "fp32":
             with timed(f"unpruned{suffix} timed against the budget"):
                 measured.ratio(unpruned)
-        if precision != "fp32" and measured.ratio(unpruned) <= budget_ms / baseline_ms:
-            # Quantizing alone meets the budget: "unpruned int8" is the recipe, judged by this measurement.
-            recipes = [
-                Recipe(r.label, r.policy, measured.record(unpruned)) if r.policy == unpruned else r for r in recipes
-            ]
-            reporter.info(f"Unpruned{suffix} meets the budget ({measured.ratio(unpruned):.0%} of the baseline)")
-            continue
-        grids = [("uniform", space.uniform_criterion, uniform_grid(space, precision))]
-        if global_grid_of is not None:
-            grids.append(("global", "l2", global_grid_of(precision)))
-        if latency_aware_grid_of is not None:
-            grids.append(("latency-aware", space.uniform_criterion, distinct(space, latency_aware_grid_of(precision))))
-        for kind, criterion, grid in grids:
+            if measured.ratio(unpruned) <= fraction:
+                # Quantizing alone meets the budget: "unpruned int8" is the recipe, judged by this measurement.
+                recipes = [
+                    Recipe(r.label, r.policy, measured.record(unpruned)) if r.policy == unpruned else r for r in recipes
+                ]
+                reporter.info(f"Unpruned{suffix} meets the budget ({measured.ratio(unpruned):.0%} of the baseline)")
+                continue
+        for kind, criterion, grid in grids_of(precision):
             # Where to start measuring: the tables' estimates, or (1 - r)^2, the MACs a ratio r leaves.
             estimates = [r if kind == "latency-aware" else (1 - r) ** 2 for r, _ in grid]
             with timed(f"{kind} recipe's bisection{suffix}"):
-                found = budget_matched(grid, budget_ms / baseline_ms, measured.rough, estimates, measured.ratio)
+                found = budget_matched(grid, fraction, measured.rough, estimates, measured.ratio)
             if found is None:
                 continue
             r, policy, ratio = found
@@ -283,15 +311,7 @@ def study_recipes(
                 recipes = [recipe if r.policy == policy else r for r in recipes]
             else:
                 matched.append(recipe)
-    reporter.phase("sample start-up policies near the budget")
-    anchors = [r.policy for r in recipes + matched if r.label and r.label.endswith("at the budget")]
-    with timed("start-up samples near the budget"):
-        nearby = near_budget(space, anchors, budget_ms / baseline_ms, measured.rough, seed, estimate_of)
-    how = "probed" if probe_of is not None else "measured"
-    reporter.info(
-        f"{len(nearby)} start-up policies {how} between {NEAR_BUDGET_FLOOR:.0%} and 100% of the budget; enqueued"
-    )
-    return recipes + matched + [Recipe(None, p, measured.full(p)) for p in nearby]
+    return recipes + matched
 
 
 class Measured:
@@ -302,12 +322,19 @@ class Measured:
         record_of: Callable[[Policy], dict[str, Any]],
         baseline_ms: float,
         probe_of: Callable[[Policy], dict[str, Any]] | None = None,
+        known: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self._record_of = record_of
         self._probe_of = probe_of
-        self._baseline_ms = baseline_ms
-        self._records: dict[str, dict[str, Any]] = {}
+        self.baseline_ms = baseline_ms
+        self._records: dict[str, dict[str, Any]] = dict(known or {})
+        """Full records by policy key (``known``: those measured before, e.g. the enqueued recipes')."""
         self._probes: dict[str, dict[str, Any]] = {}
+
+    @property
+    def probing(self) -> bool:
+        """Whether searches use quick probes (only their answers are timed in full)."""
+        return self._probe_of is not None
 
     def record(self, policy: Policy) -> dict[str, Any]:
         """``policy``'s full latency record (measured now if it was not before)."""
@@ -321,7 +348,7 @@ class Measured:
 
     def ratio(self, policy: Policy) -> float:
         """The drift-corrected latency over the study's baseline: exactly the trial's budget test."""
-        return self.record(policy)["corrected_ms"] / self._baseline_ms
+        return self.record(policy)["corrected_ms"] / self.baseline_ms
 
     def rough(self, policy: Policy) -> float:
         """The latency ratio a quick probe gives (the full one where measured already, or without probes)."""
@@ -330,73 +357,4 @@ class Measured:
             return self.ratio(policy)
         if key not in self._probes:
             self._probes[key] = self._probe_of(policy)
-        return self._probes[key]["corrected_ms"] / self._baseline_ms
-
-
-def near_budget(
-    space: SearchSpace,
-    anchors: list[Policy],
-    fraction: float,
-    ratio_of: Callable[[Policy], float],
-    seed: int,
-    estimate: Callable[[Policy], float | None] | None = None,
-) -> list[Policy]:
-    """Start-up policies that use most of the latency budget (``fraction`` of the baseline) without exceeding it.
-
-    Random start-up policies drawn from the whole space mostly miss a tight budget (at 25% of the
-    baseline, 11 of 12 in one study), and a trial over the budget teaches the sampler little.
-    These are the ``anchors`` (the budget-matched recipes) with every stage's ratios redrawn within
-    ``NEAR_BUDGET_SPREAD`` and criteria and rounding redrawn, kept when their measured latency
-    lands between ``NEAR_BUDGET_FLOOR`` of the budget and the budget. At most ``NEAR_BUDGET_ATTEMPTS``
-    are measured. With ``estimate`` (the latency-aware tables' rough latency fraction of a policy,
-    :func:`search.pruning.latency_aware.estimated_fraction`), each draw's estimate, scaled by how far
-    the anchors' estimates were from their measurements (:func:`estimate_scale`), must land within
-    ``ESTIMATE_MARGIN`` of that band to be measured at all; up to ``NEAR_BUDGET_DRAWS`` are drawn.
-    """
-    rng = random.Random(seed)
-    criteria = {s.name: [c for c in s.criteria if c != "random"] or list(s.criteria) for s in space.stages}
-    scale = estimate_scale(anchors, ratio_of, estimate)  # the anchors were measured: no probe
-    low, high = NEAR_BUDGET_FLOOR * fraction * (1 - ESTIMATE_MARGIN), fraction * (1 + ESTIMATE_MARGIN)
-    found: list[Policy] = []
-    tried: set[str] = set()
-    measured = 0
-    for attempt in range((NEAR_BUDGET_DRAWS if scale else NEAR_BUDGET_ATTEMPTS) if anchors else 0):
-        if len(found) == NEAR_BUDGET_SAMPLES or measured == NEAR_BUDGET_ATTEMPTS:
-            break
-        anchor = anchors[attempt % len(anchors)]
-        fractions = {
-            name: (_nearby(rng, choice.stream), _nearby(rng, choice.inner)) for name, choice in anchor.stages.items()
-        }
-        chosen = {s.name: rng.choice(criteria[s.name]) for s in space.stages}
-        policy = space.allocated(fractions, chosen, anchor.precision, rng.choice(space.round_to))
-        if policy.is_unpruned or policy.key() in tried or any(policy.key() == a.key() for a in anchors):
-            continue
-        tried.add(policy.key())
-        if scale and not low <= (estimate(policy) or 0.0) * scale[anchor.precision] <= high:  # type: ignore[misc]
-            continue  # the tables put it far outside the band: not worth a measurement
-        measured += 1
-        if NEAR_BUDGET_FLOOR * fraction <= ratio_of(policy) <= fraction:
-            found.append(policy)
-    return found
-
-
-def estimate_scale(
-    anchors: list[Policy], ratio_of: Callable[[Policy], float], estimate: Callable[[Policy], float | None] | None
-) -> dict[str, float]:
-    """Per precision, the median over its anchors of measured latency over the tables' estimate (empty: nothing
-    to filter with). The tables were timed in FP32, so an INT8 anchor calibrates INT8 draws only.
-
-    The median, not each anchor's own: one anchor's estimate can be far off where the others' are not (in one
-    study the latency-aware recipe was measured at 1.47x its estimate, the other two at 0.99 and 1.02).
-    """
-    guesses = [estimate(a) for a in anchors] if estimate is not None else []
-    if not guesses or any(g is None or g <= 0 for g in guesses):
-        return {}
-    ratios: dict[str, list[float]] = {}
-    for anchor, guess in zip(anchors, guesses, strict=True):
-        ratios.setdefault(anchor.precision, []).append(ratio_of(anchor) / float(guess))  # type: ignore[arg-type]
-    return {precision: statistics.median(found) for precision, found in ratios.items()}
-
-
-def _nearby(rng: random.Random, ratio: float) -> float:
-    return max(0.0, ratio + rng.uniform(-NEAR_BUDGET_SPREAD, NEAR_BUDGET_SPREAD))
+        return self._probes[key]["corrected_ms"] / self.baseline_ms

@@ -27,18 +27,19 @@ from search.measuring.hardware import git_revision, package_versions
 from search.measuring.int8_check import Int8Check, choose_precisions
 from search.measuring.timing import Latency
 from search.progress import Reporter
-from search.pruning.latency_aware import SensitivityTable, estimated_fraction, path_policies
 from search.pruning.policy import Policy
-from search.pruning.recipes import Recipe, global_grid, study_recipes
+from search.pruning.recipes import Measured, Recipe, first_recipes, global_grid
 from search.pruning.space import SearchSpace
 from search.study.baseline_store import publish_baseline
 from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler, mark_ready
 from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
-from search.study.sensitivity import engine_line, measure_sensitivity, probe_record_of, read_engine, tables_line
+from search.study.enqueue import enqueue_recipes
+from search.study.later_setup import DEFERRED
+from search.study.sensitivity import engine_line, probe_record_of, read_engine
 from search.study.storage import HEARTBEAT_SECONDS, masked
-from search.study.trial import BASELINE_RECORD, LATENCY_AT_CREATION, READ_ENGINE
+from search.study.trial import BASELINE_RECORD, READ_ENGINE
 from search.study.uncertainty import accuracy_record
 from search.training.baseline import Baseline
 from search.training.device import precision
@@ -120,7 +121,6 @@ def create_study(
 
 PROVENANCE = "baseline measured and settings recorded"
 RECIPES = "recipes enqueued"
-LATENCY_AWARE = "latency-aware tables measured"
 BASELINE_STORED = "baseline stored"
 
 
@@ -177,13 +177,15 @@ def _finish(
 ) -> optuna.Study:
     """The creation steps after the provenance, each skipped when already recorded; then the study is ready."""
     if RECIPES not in steps_done(study):
-        recipes = _recipes(config, space, baseline, meter, reporter, study, clock)
-        _enqueue(study, space, recipes, config.budget_ms)
+        recipes = _recipes(config, space, baseline, meter, reporter, clock)
+        enqueue_recipes(study, space, recipes, config.budget_ms)
+        if meter.baseline_ms > config.budget_ms:  # the latency-aware recipe and the start-up samples: after a trial
+            study.set_user_attr(DEFERRED, True)
         record_step(study, RECIPES)
         labelled = sum(1 for r in recipes if r.label)
         reporter.info(
-            f"Created study {config.study_name!r} in {masked(config.storage_url)}; enqueued {labelled} recipes"
-            f" and {len(recipes) - labelled} start-up policies near the budget"
+            f"Created study {config.study_name!r} in {masked(config.storage_url)}; enqueued {labelled} recipes (the"
+            " latency-aware recipe and the start-up policies near the budget follow once the first trial has run)"
         )
     if BASELINE_STORED not in steps_done(study):
         with clock.phase("store the baseline with the study"):
@@ -331,41 +333,15 @@ def _recipes(
     baseline: Baseline,
     meter: CandidateMeter,
     reporter: Reporter,
-    study: optuna.Study,
     clock: CreationClock,
 ) -> list[Recipe]:
-    """The recipes and start-up samples near the budget (:func:`search.pruning.recipes.study_recipes`); the
-    latency-aware recipe's tables are measured once, when first needed, and stored on the study."""
+    """The recipes a new study runs first (:func:`search.pruning.recipes.first_recipes`); the latency-aware
+    recipe and the start-up samples wait until a trial has run (:mod:`search.study.later_setup`)."""
     assert config.budget_ms is not None and meter.baseline_ms is not None
-    tables: list[SensitivityTable] = []
 
     def global_grid_of(precision: str) -> list[tuple[float, Policy]]:
         with clock.phase("global magnitude allocations"):
             return global_grid(space, baseline.model, meter.data.example_input(), precision)
-
-    def latency_aware_grid_of(precision: str) -> list[tuple[float, Policy]]:
-        if not tables and LATENCY_AWARE in steps_done(study):  # measured before creation was interrupted
-            tables.append(SensitivityTable.from_dict(study.user_attrs["latency_aware"]))
-            reporter.info("Latency-aware tables: kept from before")
-        if not tables:
-            with clock.phase("latency-aware tables"):
-                reporter.phase("measure each stage pruned alone (latency-aware recipe)")
-                table = measure_sensitivity(
-                    space,
-                    baseline.model,
-                    meter,
-                    bn_batches=config.bn_batches,
-                    val_images=config.val_images,
-                    device=config.device,
-                    reporter=reporter,
-                    baseline_record=study.user_attrs.get(BASELINE_RECORD),
-                    engine=study.user_attrs.get(READ_ENGINE),
-                )
-            tables.append(table)
-            study.set_user_attr("latency_aware", table.to_dict())
-            record_step(study, LATENCY_AWARE)
-            reporter.info(tables_line(table))
-        return path_policies(space, tables[0], precision)
 
     def record_of(policy: Policy) -> dict[str, Any]:
         clock.count()  # each phase's line says how many latency measurements it took
@@ -378,38 +354,9 @@ def _recipes(
         clock.count(probe=True)
         return quick(policy)
 
-    return study_recipes(
-        space,
-        config.budget_ms,
-        meter.baseline_ms,
-        record_of,
-        reporter,
-        global_grid_of,
-        seed=config.seed,
-        latency_aware_grid_of=latency_aware_grid_of,
-        phase=clock.phase,
-        probe_of=probe_of if quick is not None else None,  # a latency target keeps its own timing
-        estimate_of=lambda policy: estimated_fraction(tables[0], space, policy) if tables else None,
-    )
-
-
-def known_within_first(recipes: list[Recipe], budget_ms: float) -> list[Recipe]:
-    """The recipes measured within the budget when they were chosen first, then the rest in their order.
-
-    The unpruned model and the fixed recipes are often over the budget and count towards ``--trials``:
-    run first, they used up a short search, which then ended with no policy within the budget."""
-    within = [r for r in recipes if r.label and r.latency is not None and r.latency["corrected_ms"] <= budget_ms]
-    return within + [r for r in recipes if not any(r is w for w in within)]
-
-
-def _enqueue(study: optuna.Study, space: SearchSpace, recipes: list[Recipe], budget_ms: float) -> None:
-    """Enqueue each recipe, labelled, with the latency record that chose it (its trial reuses it); those known
-    to meet the budget first (:func:`known_within_first`)."""
-    for recipe in known_within_first(recipes, budget_ms):
-        attrs: dict[str, Any] = {"recipe": recipe.label} if recipe.label else {"start": "near the budget"}
-        if recipe.latency is not None:
-            attrs[LATENCY_AT_CREATION] = recipe.latency
-        study.enqueue_trial(space.params_for(recipe.policy), user_attrs=attrs, skip_if_exists=True)
+    # a latency target keeps its own timing: no probes there
+    measured = Measured(record_of, meter.baseline_ms, probe_of if quick is not None else None)
+    return first_recipes(space, config.budget_ms, measured, reporter, global_grid_of, phase=clock.phase)
 
 
 def sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:

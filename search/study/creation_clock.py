@@ -1,7 +1,8 @@
 """What setting a study up spends before its first trial, phase by phase.
 
 Creating a study comes before any trial and can take minutes (the baseline, its latency, the
-latency-aware tables, the recipes' bisections, the start-up samples). A :class:`CreationClock`
+recipes' bisections; the latency-aware tables and what needs them come after the first trial,
+:mod:`search.study.later_setup`, timed by a clock of their own). A :class:`CreationClock`
 times each phase from the moment the data is ready: it says a plain line when a phase ends (with
 its seconds and the time so far), a line every :data:`LINE_EVERY_S` while a long phase runs (so a
 log shows where the time goes while it goes), and keeps the seconds on the study as the user
@@ -36,8 +37,14 @@ LINE_EVERY_S = 30.0
 class CreationClock:
     """Times the phases before the first trial; :meth:`attach` keeps them on the study being created."""
 
-    def __init__(self, reporter: Reporter, *, every: float = LINE_EVERY_S) -> None:
+    def __init__(
+        self, reporter: Reporter, *, every: float = LINE_EVERY_S, attr: str = CREATION_SECONDS, when: str = ""
+    ) -> None:
         self.reporter = reporter
+        self.attr = attr
+        """The study user attribute the phases are kept in."""
+        self.when = when
+        """Said in each phase's line ("after the first trial"); empty for the set-up before it."""
         self.seconds: dict[str, float] = {}
         self.measurements: dict[str, int] = {}
         """Latency measurements counted in each phase (:meth:`count`)."""
@@ -62,7 +69,7 @@ class CreationClock:
     def attach(self, study: optuna.Study) -> None:
         """Record the phases on ``study`` from now on (with those a stopped creation recorded before)."""
         self._study = study
-        stored = study.user_attrs.get(CREATION_SECONDS) or {}
+        stored = study.user_attrs.get(self.attr) or {}
         self._kept = {k: float(v) for k, v in (stored.get("phases") or {}).items()}
         self._kept_counts = {k: int(v) for k, v in (stored.get("measurements") or {}).items()}
         self._kept_probes = {k: int(v) for k, v in (stored.get("probes") or {}).items()}
@@ -87,8 +94,14 @@ class CreationClock:
             said = f", {counted} latency measurement{'s' if counted != 1 else ''}" if counted else ""
             if counted and self.probes.get(name):
                 said += f" ({self.probes[name]} of them quick probes)"
-            self.reporter.info(f"Setup: {name}, {took:.1f} s{said} ({self.elapsed:.0f} s since the data was ready)")
+            self.reporter.info(f"{self._head()}: {name}, {took:.1f} s{said} ({self._since()})")
             self._store()
+
+    def _head(self) -> str:
+        return f"Setup {self.when}" if self.when else "Setup"
+
+    def _since(self) -> str:
+        return f"{self.elapsed:.0f} s so far" if self.when else f"{self.elapsed:.0f} s since the data was ready"
 
     def count(self, *, probe: bool = False) -> None:
         """One more latency measurement in the current phase (``probe``: a quick one, fewer rounds)."""
@@ -134,7 +147,7 @@ class CreationClock:
         if self._study is None:
             return
         try:
-            self._study.set_user_attr(CREATION_SECONDS, self.to_dict())
+            self._study.set_user_attr(self.attr, self.to_dict())
         except Exception:  # what the phases cost is worth a line, never a failed creation
             pass
 
@@ -154,14 +167,13 @@ class CreationClock:
             running = time.monotonic() - started
             if running - said.get(f"{name}@{started}", 0.0) >= self._every:
                 said[f"{name}@{started}"] = running
-                self.reporter.info(
-                    f"Setup: {name}, running for {running:.0f} s ({self.elapsed:.0f} s since the data was ready)"
-                )
+                self.reporter.info(f"{self._head()}: {name}, running for {running:.0f} s ({self._since()})")
 
 
-def creation_line(study: optuna.Study) -> str | None:
-    """One line on what setting ``study`` up cost before its first trial, phase by phase (None if not recorded)."""
-    stored = study.user_attrs.get(CREATION_SECONDS)
+def creation_line(study: optuna.Study, *, attr: str = CREATION_SECONDS, when: str = "") -> str | None:
+    """One line on what setting ``study`` up cost before its first trial, phase by phase (None if not recorded);
+    with ``attr`` and ``when`` ("after the first trial"), what the set-up it left for later cost."""
+    stored = study.user_attrs.get(attr)
     if not stored or not stored.get("phases"):
         return None
     phases = sorted(stored["phases"].items(), key=lambda item: -float(item[1]))
@@ -174,4 +186,7 @@ def creation_line(study: optuna.Study) -> str | None:
         return f" ({counts[name]} measured" + (f", {probes[name]} by quick probe)" if probes.get(name) else ")")
 
     shown = ", ".join(f"{name} {float(seconds):.1f} s{measured(name)}" for name, seconds in phases)
-    return f"Set-up before the first trial: {float(stored.get('total', 0.0)):.0f} s since the data was ready ({shown})"
+    total = float(stored.get("total", 0.0))
+    if when:
+        return f"Set-up {when}: {total:.0f} s ({shown})"
+    return f"Set-up before the first trial: {total:.0f} s since the data was ready ({shown})"

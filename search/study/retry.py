@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.study.origin import ENQUEUED_ATTRS
+from search.study.origin import ENQUEUED_ATTRS, LATENCY_AT_CREATION
 
 __all__ = [
     "MAX_RETRIES",
@@ -72,19 +72,32 @@ class RetryStaleTrial:
 
 
 def retries_first(study: optuna.Study) -> None:
-    """Make ``study`` start a waiting retry (of a killed or interrupted trial) before any other waiting trial.
+    """Make ``study`` start a waiting retry (of a killed or interrupted trial) before any other waiting trial, then
+    a waiting recipe measured within the budget when it was chosen, then the oldest waiting trial.
 
     Optuna's ``Study.ask`` (which ``optimize`` calls) takes the first waiting trial it can claim;
     this puts retries at the head of that line, claimed the same way (a storage update that only
-    one worker wins).
+    one worker wins). The recipes known to meet the budget come next: the latency-aware one is
+    enqueued once the first trial has run (:mod:`search.study.later_setup`), behind the fixed recipes
+    that are often over the budget and would otherwise run first.
     """
     storage = study._storage
     take_oldest = study._pop_waiting_trial_id
 
+    def first_in_line(trial: FrozenTrial, budget_ms: float | None) -> int | None:
+        if "failed_trial" in trial.system_attrs or RETRY_OF in trial.user_attrs:
+            return 0
+        chosen = trial.user_attrs.get(LATENCY_AT_CREATION)
+        if budget_ms is not None and trial.user_attrs.get("recipe") and chosen and chosen["corrected_ms"] <= budget_ms:
+            return 1
+        return None
+
     def pop_retry_first() -> int | None:
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if "failed_trial" not in trial.system_attrs and RETRY_OF not in trial.user_attrs:
-                continue
+        budget_ms = study.user_attrs.get("budget_ms")
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        ranks = {trial.number: first_in_line(trial, budget_ms) for trial in waiting}
+        ahead = sorted((t for t in waiting if ranks[t.number] is not None), key=lambda t: (ranks[t.number], t.number))
+        for trial in ahead:
             try:
                 if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
                     return trial._trial_id

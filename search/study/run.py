@@ -49,6 +49,7 @@ from search.study.create import create_study, resumable, resume_creation, sample
 from search.study.creation_clock import CreationClock
 from search.study.creator import wait_until_ready
 from search.study.folders import first_missing, remove_unused
+from search.study.later_setup import finish_later_setup
 from search.study.origin import ENQUEUED_ATTRS
 from search.study.promotion import prepare_promotion, promote_all, promote_next, promotion_line, promotion_settings
 from search.study.retry import RETRY_OF, optimize_one, retries_first
@@ -350,6 +351,8 @@ def _run_trials(
                 break
             mine.clear()
             try:
+                if finish_later_setup(study, ctx, config, reporter):  # what creation left until a trial had run
+                    continue
                 if promote_next(study, ctx, reporter) is not None:  # ASHA: a due promotion before a new trial
                     continue
                 if step[0] == "wait":
@@ -363,6 +366,8 @@ def _run_trials(
                         )
             except KeyboardInterrupt:
                 return ran, True, None
+            except TargetLost as exc:  # while the set-up after the first trial timed a policy
+                return ran, True, str(exc)
             if lost:
                 return ran, True, str(lost[0])
             if mine and mine[0].state == TrialState.COMPLETE:
