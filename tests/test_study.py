@@ -55,7 +55,8 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
     budget = result.budget_ms
     assert budget == pytest.approx(0.8 * study.user_attrs["baseline_latency_ms"], rel=1e-3)
     assert study.user_attrs["budget_ms"] == budget
-    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    # In the order they ran (the latency-aware recipe is enqueued after the first trial, numbered after the rest).
+    trials = sorted(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.datetime_start)
     assert len(trials) == 6
     # What creation measured within the budget runs first; then the unpruned model and the fixed recipes.
     labels = [t.user_attrs["recipe"] for t in trials]
