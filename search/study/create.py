@@ -28,16 +28,17 @@ from search.measuring.int8_check import Int8Check, choose_precisions
 from search.measuring.timing import Latency
 from search.progress import Reporter
 from search.pruning.policy import Policy
-from search.pruning.recipes import Measured, Recipe, first_recipes, global_grid
+from search.pruning.recipes import Recipe, first_recipes, global_grid
 from search.pruning.space import SearchSpace
 from search.study.baseline_store import publish_baseline
+from search.study.clocked import clocked_measured
 from search.study.config import SearchConfig
 from search.study.coordination import TrialSeededSampler, mark_ready
 from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import CreatorHeartbeat, claim, creating, record_step, steps_done
 from search.study.enqueue import enqueue_recipes
 from search.study.later_setup import DEFERRED
-from search.study.sensitivity import engine_line, probe_record_of, read_engine
+from search.study.sensitivity import engine_line, read_engine
 from search.study.storage import HEARTBEAT_SECONDS, masked
 from search.study.trial import BASELINE_RECORD, READ_ENGINE
 from search.study.uncertainty import accuracy_record
@@ -343,19 +344,7 @@ def _recipes(
         with clock.phase("global magnitude allocations"):
             return global_grid(space, baseline.model, meter.data.example_input(), precision)
 
-    def record_of(policy: Policy) -> dict[str, Any]:
-        clock.count()  # each phase's line says how many latency measurements it took
-        return meter.record(policy)
-
-    quick = probe_record_of(meter)
-
-    def probe_of(policy: Policy) -> dict[str, Any]:
-        assert quick is not None
-        clock.count(probe=True)
-        return quick(policy)
-
-    # a latency target keeps its own timing: no probes there
-    measured = Measured(record_of, meter.baseline_ms, probe_of if quick is not None else None)
+    measured = clocked_measured(meter, clock)
     return first_recipes(space, config.budget_ms, measured, reporter, global_grid_of, phase=clock.phase)
 
 

@@ -23,14 +23,15 @@ from optuna.trial import TrialState
 from search.progress import Reporter
 from search.pruning.latency_aware import SensitivityTable, estimated_fraction, path_policies
 from search.pruning.policy import Policy
-from search.pruning.recipes import Measured, later_recipes
+from search.pruning.recipes import Recipe, later_recipes
 from search.study.claims import claim, rdb_storage
+from search.study.clocked import clocked_measured
 from search.study.config import SearchConfig
 from search.study.creation_clock import CreationClock, creation_line
 from search.study.creator import record_step, steps_done
 from search.study.enqueue import enqueue_recipes
 from search.study.origin import LATENCY_AT_CREATION
-from search.study.sensitivity import measure_sensitivity, probe_record_of, tables_line
+from search.study.sensitivity import measure_sensitivity, tables_line
 from search.study.trial import BASELINE_RECORD, READ_ENGINE, TrialContext
 
 __all__ = ["CLAIM_KEY", "DEFERRED", "LATENCY_AWARE", "LATER", "LATER_SECONDS", "due", "finish_later_setup"]
@@ -98,7 +99,7 @@ def _fresh(study: optuna.Study) -> optuna.Study:
 
 def _later(
     study: optuna.Study, ctx: TrialContext, config: SearchConfig, reporter: Reporter, clock: CreationClock
-) -> list[Any]:
+) -> list[Recipe]:
     """The latency-aware recipe and the start-up samples (:func:`search.pruning.recipes.later_recipes`)."""
     meter, space = ctx.meter, ctx.space
     assert meter.baseline_ms is not None
@@ -129,18 +130,7 @@ def _later(
             reporter.info(tables_line(table))
         return path_policies(space, tables[0], precision)
 
-    def record_of(policy: Policy) -> dict[str, Any]:
-        clock.count()  # each phase's line says how many latency measurements it took
-        return meter.record(policy)
-
-    quick = probe_record_of(meter)
-
-    def probe_of(policy: Policy) -> dict[str, Any]:
-        assert quick is not None
-        clock.count(probe=True)
-        return quick(policy)
-
-    measured = Measured(record_of, meter.baseline_ms, probe_of if quick is not None else None, known=known)
+    measured = clocked_measured(meter, clock, known)
     return later_recipes(
         space,
         ctx.budget_ms,
