@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -21,7 +22,9 @@ from search.pruning.latency_aware import (
     path_policies,
 )
 from search.pruning.space import parse_space
+from search.study import later_setup as later_module
 from search.study.config import SearchConfig
+from search.study.coordination import progress
 from search.study.front import rows
 from search.study.run import run_search
 from tests.conftest import run_main
@@ -113,13 +116,10 @@ def test_path_policies_are_the_spaces_policies_pruning_the_cheap_stage_more() ->
     assert grid[-1][1].stages["early"].inner == 0.8 and grid[-1][1].stages["late"].stream == 0.6
 
 
-@pytest.mark.slow
-def test_a_new_study_enqueues_the_latency_aware_recipe_after_its_first_trial_and_stores_its_tables(
-    tmp_path: Path, trained_weights: Path
-) -> None:
+def _tiny(tmp_path: Path, trained_weights: Path) -> SearchConfig:
     space = tmp_path / "tiny.toml"
     space.write_text(SPACE)
-    config = SearchConfig(
+    return SearchConfig(
         budget_fraction=0.6,
         model="resnet18",
         weights=str(trained_weights),
@@ -133,6 +133,13 @@ def test_a_new_study_enqueues_the_latency_aware_recipe_after_its_first_trial_and
         precisions=("fp32",),
         studies_dir=str(tmp_path / "studies"),
     )
+
+
+@pytest.mark.slow
+def test_a_new_study_enqueues_the_latency_aware_recipe_after_its_first_trial_and_stores_its_tables(
+    tmp_path: Path, trained_weights: Path
+) -> None:
+    config = _tiny(tmp_path, trained_weights)
     reporter = RecordingReporter()
     result = run_search(config, reporter)
     study = result.study
@@ -164,7 +171,7 @@ def test_a_new_study_enqueues_the_latency_aware_recipe_after_its_first_trial_and
     (unpruned,) = [t for t in study.trials if t.user_attrs.get("recipe") == "unpruned"]  # over the budget
     ran_first = unpruned.datetime_start is None or trial.datetime_start < unpruned.datetime_start
     assert ran_first, "enqueued after the unpruned recipe, it still runs before it"
-    assert trial.user_attrs["latency"]["measured_at"] == "study creation"
+    assert trial.user_attrs["latency"]["measured_at"] == "the set-up after the first trial"
     assert trial.values[1] <= result.budget_ms
     assert label in {r.recipe for r in rows(study)}
     starts = [t for t in study.trials if t.user_attrs.get("start") == "near the budget"]
@@ -173,6 +180,30 @@ def test_a_new_study_enqueues_the_latency_aware_recipe_after_its_first_trial_and
     shown = run_main("pareto", "--study", "la", "--studies-dir", config.studies_dir, "--format", "json")
     assert shown.returncode == 0, shown.stderr
     assert label in [r["recipe"] for r in json.loads(shown.stdout)["recipes"]]
+
+
+@pytest.mark.slow
+def test_a_failed_set_up_after_the_first_trial_is_said_once_and_the_search_goes_on(
+    tmp_path: Path, trained_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("the tables could not be measured")
+
+    monkeypatch.setattr(later_module, "measure_sensitivity", broken)
+    config = replace(_tiny(tmp_path, trained_weights), trials=3)
+    reporter = RecordingReporter()
+    result = run_search(config, reporter)
+    assert not result.interrupted
+    (warning,) = [w for w in reporter.warnings if "set-up after the first trial failed" in w]
+    assert "RuntimeError: the tables could not be measured" in warning and "\n" not in warning
+    assert progress(result.study).finished == 3, "the search went on with the recipes it had and the sampler"
+
+    monkeypatch.undo()
+    reporter = RecordingReporter()
+    result = run_search(replace(config, trials=4), reporter)
+    assert not [w for w in reporter.warnings if "set-up after the first trial" in w], "not tried again every run"
+    assert not any(line.startswith("Latency-aware tables") for line in reporter.infos)
+    assert progress(result.study).finished == 4 and result.ran >= 1
 
 
 def test_the_tables_estimate_any_policy_from_each_stages_place_in_its_ranges() -> None:

@@ -60,7 +60,12 @@ def test_study_records_recipes_trials_and_resumes(config: SearchConfig) -> None:
     assert len(trials) == 6
     # What creation measured within the budget runs first; then the unpruned model and the fixed recipes.
     labels = [t.user_attrs["recipe"] for t in trials]
-    known = [t for t in trials if t.user_attrs.get("recipe") and "latency_at_creation" in t.user_attrs]
+    chosen = [t.user_attrs.get("latency_at_creation") for t in trials]
+    known = [
+        t
+        for t, c in zip(trials, chosen, strict=True)
+        if t.user_attrs.get("recipe") and c and c["corrected_ms"] <= budget
+    ]
     assert known and trials[: len(known)] == known, labels
     assert all(t.user_attrs["feasible"] for t in known)
     assert trials[len(known)].user_attrs["recipe"] == "unpruned"

@@ -23,11 +23,14 @@ def known_within_first(recipes: list[Recipe], budget_ms: float) -> list[Recipe]:
     return within + [r for r in recipes if not any(r is w for w in within)]
 
 
-def enqueue_recipes(study: optuna.Study, space: SearchSpace, recipes: list[Recipe], budget_ms: float) -> None:
-    """Enqueue each recipe, labelled, with the latency record that chose it (its trial reuses it); those known
-    to meet the budget first (:func:`known_within_first`)."""
+def enqueue_recipes(
+    study: optuna.Study, space: SearchSpace, recipes: list[Recipe], budget_ms: float, chosen_at: str | None = None
+) -> None:
+    """Enqueue each recipe, labelled, with the latency record that chose it (its trial reuses it, saying where it
+    was measured: ``chosen_at``, else "study creation"); those known to meet the budget first
+    (:func:`known_within_first`)."""
     for recipe in known_within_first(recipes, budget_ms):
         attrs: dict[str, Any] = {"recipe": recipe.label} if recipe.label else {"start": "near the budget"}
         if recipe.latency is not None:
-            attrs[LATENCY_AT_CREATION] = recipe.latency
+            attrs[LATENCY_AT_CREATION] = {**recipe.latency, **({"chosen_at": chosen_at} if chosen_at else {})}
         study.enqueue_trial(space.params_for(recipe.policy), user_attrs=attrs, skip_if_exists=True)

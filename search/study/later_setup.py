@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from search.latency_service.client import TargetLost
 from search.progress import Reporter
 from search.pruning.latency_aware import SensitivityTable, estimated_fraction, path_policies
 from search.pruning.policy import Policy
@@ -48,6 +49,8 @@ LATENCY_AWARE = "latency-aware tables measured"
 CLAIM_KEY = "setup:later"
 """The claim (a study user attribute, :mod:`search.study.claims`) of the worker doing it."""
 
+WHEN = "after the first trial"
+
 LATER_SECONDS = "setup_after_first_trial_seconds"
 """Study user attribute: its phases' seconds, as :data:`search.study.creation_clock.CREATION_SECONDS`."""
 
@@ -61,40 +64,50 @@ def due(study: optuna.Study) -> bool:
 
 
 def finish_later_setup(study: optuna.Study, ctx: TrialContext, config: SearchConfig, reporter: Reporter) -> bool:
-    """Do the step if it is due and this worker claims it; whether it did (raises KeyboardInterrupt, claim released)."""
+    """Do the step if it is due and this worker claims it; whether it did.
+
+    Ctrl-C (or a lost latency target) releases the claim for the next run and propagates. Any other error is
+    said in one line and recorded on the claim, which is then not taken again: the search goes on with the
+    recipes it has and the sampler, rather than failing each rerun before its first trial."""
     if not due(study):
         return False
     held = claim(rdb_storage(study), study, CLAIM_KEY)
-    if held is None:  # another worker does it (or did it a moment ago)
+    if held is None:  # another worker does it (or did it, or it failed for good)
         return False
     try:
-        if LATER in steps_done(_fresh(study)):
+        if LATER in steps_done(study):  # done by another worker between the check above and the claim
             held.done()
             return False
         if held.taken_over:
             reporter.info(f"Finishing the set-up after the first trial: {held.taken_over}")
-        clock = CreationClock(reporter, attr=LATER_SECONDS, when="after the first trial")
+        clock = CreationClock(reporter, attr=LATER_SECONDS, when=WHEN)
         clock.attach(study)
         try:
             recipes = _later(study, ctx, config, reporter, clock)
-            enqueue_recipes(study, ctx.space, recipes, ctx.budget_ms)
+            if not held.held():  # silent too long, and taken over: that worker enqueues them
+                reporter.warn("another worker took over the set-up after the first trial; leaving it to that one")
+                return False
+            enqueue_recipes(study, ctx.space, recipes, ctx.budget_ms, chosen_at=f"the set-up {WHEN}")
             record_step(study, LATER)
             clock.settle()
         finally:
             clock.stop()
-    except BaseException:
+    except (KeyboardInterrupt, TargetLost):
         held.stopped()
         raise
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        held.failed(message)
+        reporter.warn(
+            f"the set-up after the first trial failed ({message}); the search goes on without the latency-aware "
+            "recipe and the start-up samples near the budget"
+        )
+        return False
     held.done()
-    line = creation_line(study, attr=LATER_SECONDS, when="after the first trial")
+    line = creation_line(study, attr=LATER_SECONDS, when=WHEN)
     if line:
         reporter.info(line)
     return True
-
-
-def _fresh(study: optuna.Study) -> optuna.Study:
-    """``study`` with its attributes read again (another worker may have finished the step meanwhile)."""
-    return optuna.load_study(study_name=study.study_name, storage=study._storage)
 
 
 def _later(
@@ -103,7 +116,7 @@ def _later(
     """The latency-aware recipe and the start-up samples (:func:`search.pruning.recipes.later_recipes`)."""
     meter, space = ctx.meter, ctx.space
     assert meter.baseline_ms is not None
-    anchors, known = _enqueued(study, ctx)
+    anchors, known, labels = _enqueued(study, ctx)
     tables: list[SensitivityTable] = []
 
     def latency_aware_grid_of(precision: str) -> list[tuple[float, Policy]]:
@@ -131,7 +144,7 @@ def _later(
         return path_policies(space, tables[0], precision)
 
     measured = clocked_measured(meter, clock, known)
-    return later_recipes(
+    found = later_recipes(
         space,
         ctx.budget_ms,
         measured,
@@ -142,21 +155,29 @@ def _later(
         phase=clock.phase,
         estimate_of=lambda policy: estimated_fraction(tables[0], space, policy) if tables else None,
     )
+    for recipe in found:  # enqueueing it again would be skipped: say so, not "enqueued" alone
+        if recipe.label and recipe.policy.key() in labels:
+            reporter.info(f"The {recipe.label} recipe is the policy of {labels[recipe.policy.key()]!r}, queued already")
+    return found
 
 
-def _enqueued(study: optuna.Study, ctx: TrialContext) -> tuple[list[Policy], dict[str, dict[str, Any]]]:
-    """The budget-matched recipes creation enqueued (the start-up samples' anchors) and every latency record
-    creation measured to choose a recipe, by policy key (not measured again)."""
+def _enqueued(study: optuna.Study, ctx: TrialContext) -> tuple[list[Policy], dict[str, dict[str, Any]], dict[str, str]]:
+    """The budget-matched recipes creation enqueued (the start-up samples' anchors), every latency record creation
+    measured to choose a recipe (not measured again), and each recipe's label, the last two by policy key."""
     anchors: list[Policy] = []
     known: dict[str, dict[str, Any]] = {}
+    labels: dict[str, str] = {}
     for trial in study.get_trials(deepcopy=False):
         label = trial.user_attrs.get("recipe")
         if not label:
             continue
-        params = trial.params or trial.system_attrs.get("fixed_params") or {}  # a waiting trial's are Optuna's "fixed"
+        # As enqueued: a running trial's params fill in one suggestion at a time.
+        params = trial.system_attrs.get("fixed_params") or trial.params
         policy = ctx.space.suggest(optuna.trial.FixedTrial(params))
-        if label.endswith("at the budget") and all(policy.key() != a.key() for a in anchors):
-            anchors.append(policy)
+        new = policy.key() not in labels
+        labels.setdefault(policy.key(), label)
+        if new and label.endswith("at the budget") and not label.startswith("latency-aware"):
+            anchors.append(policy)  # the latency-aware recipe is found again (a rerun after a kill) and added then
         if trial.user_attrs.get(LATENCY_AT_CREATION) is not None:
             known[policy.key()] = trial.user_attrs[LATENCY_AT_CREATION]
-    return anchors, known
+    return anchors, known, labels

@@ -280,7 +280,8 @@ def _latency(
 
 def _known(trial: optuna.Trial, fitted: dict[str, Any] | None) -> Iterator[Known]:
     """Latency records this trial may reuse, in order of preference (earlier trials read only if needed)."""
-    for chosen, where in ((trial.user_attrs.get(LATENCY_AT_CREATION), "study creation"), (fitted, "budget fit")):
+    created = trial.user_attrs.get(LATENCY_AT_CREATION)
+    for chosen, where in ((created, (created or {}).get("chosen_at", "study creation")), (fitted, "budget fit")):
         if chosen:
             yield Known(chosen.get("arch_hash"), chosen.get("precision", "fp32"), chosen, {"measured_at": where})
     for other in _completed(trial):
