@@ -324,9 +324,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
 def _print_creation(console: Console, study: object) -> None:
     """What setting the study up cost before its first trial, and after it, phase by phase (where recorded)."""
     from search.study.creation_clock import creation_line
-    from search.study.later_setup import LATER_SECONDS
+    from search.study.later_setup import LATER_SECONDS, WHEN
 
-    for line in (creation_line(study), creation_line(study, attr=LATER_SECONDS, when="after the first trial")):  # type: ignore[arg-type]
+    for line in (creation_line(study), creation_line(study, attr=LATER_SECONDS, when=WHEN)):  # type: ignore[arg-type]
         if line:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
 

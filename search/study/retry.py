@@ -92,8 +92,12 @@ def retries_first(study: optuna.Study) -> None:
             return 1
         return None
 
+    budget: list[float] = []  # read once: it never changes, and the study's attributes hold the large tables
+
     def pop_retry_first() -> int | None:
-        budget_ms = study.user_attrs.get("budget_ms")
+        if not budget and "budget_ms" in (attrs := study.user_attrs):
+            budget.append(float(attrs["budget_ms"]))
+        budget_ms = budget[0] if budget else None
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         ranks = {trial.number: first_in_line(trial, budget_ms) for trial in waiting}
         ahead = sorted((t for t in waiting if ranks[t.number] is not None), key=lambda t: (ranks[t.number], t.number))
